@@ -1,0 +1,42 @@
+# InferGrid front door. Targets wrap the scripts in tools/, stack/ and Bazel; they do not duplicate them.
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+export PATH := $(VENV)/bin:$(PATH)
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+BAZEL ?= bazel
+BAZEL_FLAGS ?=
+
+.PHONY: help setup gen test test-py test-bazel lint fmt clean
+
+help:  ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup:  ## install system packages, the pinned virtualenv and generated code (idempotent)
+	@tools/setup.sh
+
+gen: setup  ## regenerate protobuf/gRPC code into build/gen
+	@$(PY) protos/generate.py --out build/gen
+
+test: setup  ## run every test: pytest (unit + real servers) and bazel test //...
+	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-bazel
+
+test-py: setup  ## pytest only
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-bazel: setup  ## bazel test //... (offline)
+	$(BAZEL) test $(BAZEL_FLAGS) //...
+
+lint: setup  ## ruff + mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: setup  ## ruff format + autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:  ## remove generated code and Bazel outputs (keeps the virtualenv and stack state)
+	rm -rf build
+	-$(BAZEL) clean 2>/dev/null

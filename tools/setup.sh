@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Idempotent developer/CI setup: system packages, the pinned virtualenv, generated code.
+# Safe to run again; each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+
+log() { printf '[setup] %s\n' "$*"; }
+
+apt_install() {
+  # apt_install CMD PACKAGE...: installs PACKAGEs when CMD is missing.
+  local cmd=$1; shift
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "[setup] '$cmd' is missing; run: sudo apt-get install -y $*" >&2; exit 1
+  fi
+  if [ ! -f /var/lib/apt/lists/.infergrid-updated ] || [ -z "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v lock)" ]; then
+    log "apt-get update"; apt-get update -qq && touch /var/lib/apt/lists/.infergrid-updated
+  fi
+  log "apt-get install $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# 1. System packages. Bazel: Debian's bazel-bootstrap (4.2.3, WORKSPACE mode, offline).
+apt_install bazel bazel-bootstrap
+
+# 2. Virtualenv with the locked dependencies (reinstalled only when the lock changes).
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.requirements.sha256"
+want=$(sha256sum requirements.lock | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing requirements.lock into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -r requirements.lock
+  echo "$want" > "$stamp"
+fi
+
+# 3. Import paths: the repository root (libs, services) and the generated code.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+printf '%s\n%s\n' "$ROOT" "$ROOT/build/gen" > "$site/infergrid.pth"
+
+# 4. Generated protobuf/gRPC code and the Envoy descriptor set.
+"$VENV/bin/python" protos/generate.py --out build/gen
+log "ready: $VENV"
