@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
+# The import roots outside Bazel: the repository (libs, services, stack) and the generated code.
+export PYTHONPATH := $(CURDIR):$(CURDIR)/build/gen
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BAZEL ?= bazel

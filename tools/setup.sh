@@ -40,10 +40,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# 3. Import paths: the repository root (libs, services) and the generated code.
-site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-printf '%s\n%s\n' "$ROOT" "$ROOT/build/gen" > "$site/infergrid.pth"
-
-# 4. Generated protobuf/gRPC code and the Envoy descriptor set.
+# 3. Generated protobuf/gRPC code and the Envoy descriptor set.
 "$VENV/bin/python" protos/generate.py --out build/gen
 log "ready: $VENV"
