@@ -18,7 +18,7 @@ PROTO_ROOT = Path(__file__).resolve().parent
 
 def _googleapis_include() -> str:
     """Returns the site-packages dir holding google/api/*.proto (googleapis-common-protos)."""
-    import google.api  # noqa: PLC0415 - located at run time on purpose
+    import google.api
 
     for entry in google.api.__path__:
         candidate = Path(entry).parent.parent
@@ -29,7 +29,7 @@ def _googleapis_include() -> str:
 
 def _protobuf_include() -> str:
     """Returns the dir holding google/protobuf/*.proto shipped with grpcio-tools."""
-    import grpc_tools  # noqa: PLC0415
+    import grpc_tools
 
     return str(Path(grpc_tools.__file__).parent / "_proto")
 
@@ -41,7 +41,7 @@ def all_protos(root: Path = PROTO_ROOT) -> list[str]:
 
 def generate(out_dir: Path, protos: list[str] | None = None, root: Path = PROTO_ROOT) -> None:
     """Runs protoc once for all protos, writing _pb2/_pb2_grpc/.pyi and descriptors.pb."""
-    from grpc_tools import protoc  # noqa: PLC0415
+    from grpc_tools import protoc
 
     protos = protos or all_protos(root)
     out_dir.mkdir(parents=True, exist_ok=True)

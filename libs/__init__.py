@@ -1,0 +1,1 @@
+"""Shared code for InferGrid services: bootstrap, config, telemetry, resilience, errors."""

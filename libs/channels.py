@@ -1,0 +1,34 @@
+"""Outbound gRPC channels: one way to dial a dependency, with its retry policy and tracing."""
+
+from __future__ import annotations
+
+import grpc
+
+from libs.resilience import DependencyPolicy, grpc_service_config
+from libs.telemetry import Telemetry
+
+
+def dial(
+    target: str,
+    service: str,
+    policy: DependencyPolicy,
+    *,
+    telemetry: Telemetry | None = None,
+    max_message_bytes: int = 64 * 1024 * 1024,
+) -> grpc.aio.Channel:
+    """Opens an insecure aio channel to `target` for `service` (a full gRPC service name).
+
+    The channel carries the dependency's retry policy and retry budget as a gRPC
+    service config (pass `timeout=` on each call; see `remaining_timeout`), keepalives, and OpenTelemetry's client interceptors when
+    tracing is on (they propagate `traceparent`).
+    """
+    options = [
+        ("grpc.service_config", grpc_service_config(service, policy)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+    interceptors = telemetry.client_interceptors() if telemetry is not None else []
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)

@@ -1,0 +1,148 @@
+"""Typed configuration read once from environment variables into frozen dataclasses.
+
+A service declares one frozen dataclass; `load_config` fills each field from
+`<PREFIX><FIELD_NAME>` (upper-cased), converting to the field's type, and fails
+naming the variable when a value is malformed or a required one is missing.
+Nested dataclass fields are read with the same prefix (they group settings, they
+do not namespace them). Secrets come from files: a field marked `secret()` may be
+given as `<VAR>_FILE=/path`, and `redacted()` hides its value for logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+def secret(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """Declares a secret field: readable from `<VAR>_FILE`, never printed by `redacted()`."""
+    metadata = {**kwargs.pop("metadata", {}), "secret": True}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def env_var(name: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """Declares a field read from an explicitly named variable instead of `<PREFIX><FIELD>`."""
+    metadata = {**kwargs.pop("metadata", {}), "env": name}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _convert(variable: str, raw: str, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if raw == "":
+            return None
+        return _convert(variable, raw, args[0])
+    if kind is str:
+        return raw
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(variable, f"{raw!r} is not a boolean (use true/false)")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(variable, f"{raw!r} is not an integer") from None
+    if kind is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(variable, f"{raw!r} is not a number") from None
+    if kind is Path:
+        if not raw.strip():
+            raise ConfigError(variable, "is empty; expected a path")
+        return Path(raw.strip())
+    if origin is tuple:
+        (item,) = typing.get_args(kind)[:1]
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        return tuple(_convert(variable, p, item) for p in parts)
+    raise TypeError(f"unsupported config field type {kind!r} for {variable}")
+
+
+def _read_secret_file(variable: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read secret file {path!r}: {exc.strerror}") from None
+
+
+def load_config(cls: type[T], environ: Mapping[str, str], prefix: str) -> T:
+    """Builds `cls` from `environ`.
+
+    Args:
+        cls: A (frozen) dataclass type whose fields are typed and defaulted.
+        environ: The environment to read, e.g. `os.environ` (a parameter, so tests pass a dict).
+        prefix: The variable prefix, e.g. "INFERGRID_FEATURES_".
+
+    Returns:
+        The filled dataclass.
+
+    Raises:
+        ConfigError: A value is malformed or a required value is missing; names the variable.
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            values[field.name] = load_config(kind, environ, prefix)  # type: ignore[arg-type]
+            continue
+        variable = field.metadata.get("env", f"{prefix}{field.name.upper()}")
+        raw = environ.get(variable)
+        if raw is None and field.metadata.get("secret") and f"{variable}_FILE" in environ:
+            raw = _read_secret_file(f"{variable}_FILE", environ[f"{variable}_FILE"])
+        if raw is None:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(variable, "is required but not set")
+            continue
+        values[field.name] = _convert(variable, raw, kind)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # __post_init__ validation
+        raise ConfigError(prefix + "*", str(exc)) from None
+
+
+def redacted(config: Any) -> dict[str, Any]:
+    """Returns the config as a dict for logging, with secret fields replaced by '***'."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            out[field.name] = redacted(value)
+        elif field.metadata.get("secret"):
+            out[field.name] = _REDACTED if value else ""
+        else:
+            out[field.name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def load_config_or_exit(cls: type[T], environ: Mapping[str, str], prefix: str) -> T:
+    """`load_config` for `__main__`: on a bad value prints the problem and exits with status 2."""
+    try:
+        return load_config(cls, environ, prefix)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,101 @@
+"""Typed errors that carry their gRPC status code; the server bootstrap turns them into aborts."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """A failure with a known gRPC status. The message is sent to the caller: no secrets in it."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def grpc_status_code(self) -> grpc.StatusCode:
+        """Returns the gRPC status code the caller sees."""
+        return self.code
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed; the message names the field and what is wrong with it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    """A named thing (model, view, record) does not exist; the message names it."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServiceError):
+    """The request is valid but conflicts with the current state (e.g. a type change)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(ServiceError):
+    """Load was shed or a rate limit was hit; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    """A dependency is down or the circuit is open; a retry may help."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(ServiceError):
+    code = grpc.StatusCode.INTERNAL
+
+
+# Status codes that say nothing about the health of the dependency that returned them:
+# they must not trip a circuit breaker and must not be retried.
+CLIENT_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+def status_code_of(exc: BaseException) -> grpc.StatusCode | None:
+    """Returns the gRPC status an exception stands for: ours, a grpc.RpcError's, or None."""
+    if isinstance(exc, ServiceError):
+        return exc.code
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code()
+        return code if isinstance(code, grpc.StatusCode) else None
+    return None
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """True when the exception blames the request, not the dependency that answered it."""
+    return status_code_of(exc) in CLIENT_ERROR_CODES

@@ -1,0 +1,186 @@
+"""The server interceptor every service runs: typed errors to gRPC status, and per-method metrics.
+
+One wrapper per call does both jobs, so the per-call cost is paid once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from libs.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+# Names follow go-grpc-prometheus, which dashboards and the Prometheus adapter already know.
+GRPC_STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_service", "grpc_method"]
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_LATENCY = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from receiving an RPC to its status.",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+GRPC_IN_FLIGHT = Gauge(
+    "grpc_server_in_flight", "RPCs being handled now.", ["grpc_service"], multiprocess_mode="livesum"
+)
+
+# Outbound failures whose status is worth passing on as is; anything else becomes INTERNAL.
+_PASS_THROUGH = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+class _MethodMetrics:
+    """Pre-bound metric children for one method (label lookups are the expensive part)."""
+
+    __slots__ = ("_handled", "in_flight", "latency", "method", "service", "started")
+
+    def __init__(self, full_method: str) -> None:
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        self.service, self.method = service, method
+        self.started = GRPC_STARTED.labels(service, method)
+        self.latency = GRPC_LATENCY.labels(service, method)
+        self.in_flight = GRPC_IN_FLIGHT.labels(service)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = GRPC_HANDLED.labels(self.service, self.method, code.name)
+        return child
+
+
+def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return default
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    """Aborts the call with the status `exc` stands for; always raises."""
+    if isinstance(exc, ServiceError):
+        await context.abort(exc.code, exc.message)
+    if isinstance(exc, TimeoutError):
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for a dependency")
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _PASS_THROUGH:
+        await context.abort(exc.code(), f"dependency call failed: {exc.details()}")
+    log.error("unhandled error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to statuses (unknown ones to INTERNAL, logged once) and records metrics."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, _MethodMetrics] = {}
+
+    def _metrics_for(self, method: str) -> _MethodMetrics:
+        m = self._metrics.get(method)
+        if m is None:
+            m = self._metrics[method] = _MethodMetrics(method)
+        return m
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        metrics = self._metrics_for(method)
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metrics), **kwargs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method, metrics), **kwargs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metrics), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method, metrics), **kwargs
+        )
+
+    @staticmethod
+    def _wrap_unary(behavior: Callable[..., Any], method: str, metrics: _MethodMetrics) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metrics.started.inc()
+            metrics.in_flight.inc()
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                code = _final_code(context, grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                try:
+                    await _abort_for(exc, context, method)
+                finally:
+                    code = _final_code(context, grpc.StatusCode.INTERNAL)
+            finally:
+                metrics.in_flight.dec()
+                metrics.latency.observe(time.perf_counter() - start)
+                metrics.handled(code).inc()
+
+        return wrapper
+
+    @staticmethod
+    def _wrap_stream(
+        behavior: Callable[..., Any], method: str, metrics: _MethodMetrics
+    ) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            metrics.started.inc()
+            metrics.in_flight.inc()
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a coroutine that writes with context.write()
+                    await result
+            except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                code = _final_code(context, grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                try:
+                    await _abort_for(exc, context, method)
+                finally:
+                    code = _final_code(context, grpc.StatusCode.INTERNAL)
+            finally:
+                metrics.in_flight.dec()
+                metrics.latency.observe(time.perf_counter() - start)
+                metrics.handled(code).inc()
+
+        return wrapper

@@ -1,0 +1,299 @@
+"""The one gRPC server bootstrap: health, reflection, interceptors, readiness, graceful drain, workers.
+
+A service builds its servicers and hands them to `build_server`; its `__main__`
+calls `serve`, which runs the server until SIGTERM/SIGINT and then drains:
+health flips to NOT_SERVING (load balancers stop sending), in-flight calls
+finish within the grace period, and the process exits. With `workers > 1` the
+process becomes a supervisor of that many worker processes sharing one port
+through SO_REUSEPORT (grpc's multiprocessing pattern), each with its own event
+loop, and serves their aggregated Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from libs.interceptors import ServerInterceptor
+from libs.telemetry import PROMETHEUS_MULTIPROC_ENV, Telemetry, TelemetryConfig, setup_telemetry
+
+log = logging.getLogger(__name__)
+
+WORKER_ENV = "INFERGRID_WORKER_INDEX"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings every gRPC service has; read with the service's own prefix."""
+
+    # Bind address: loopback locally, 0.0.0.0 in a pod.
+    host: str = "127.0.0.1"
+    # 0 picks a free port (tests); a fixed port is required when workers > 1.
+    port: int = 0
+    # Worker processes sharing the port via SO_REUSEPORT; 1 runs in this process.
+    workers: int = 1
+    # After SIGTERM: seconds of NOT_SERVING while still answering, so balancers move away.
+    drain_seconds: float = 5.0
+    # Then: seconds in-flight calls get to finish before they are cancelled.
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Calls beyond this many concurrent ones are rejected with RESOURCE_EXHAUSTED; 0: no limit.
+    max_concurrent_rpcs: int = 0
+    # How often backend readiness is re-checked for the health status.
+    readiness_interval_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("a fixed port is required when workers > 1 (workers share it)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    """A servicer to serve: its full service name and the generated `add_..._to_server` call."""
+
+    name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class Server:
+    """A built (not yet started) server, its port and its health state."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    service_names: tuple[str, ...]
+    readiness: ReadinessCheck | None = None
+    readiness_interval: float = 2.0
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _readiness_task: asyncio.Task[None] | None = None
+    _stopping: bool = False
+
+    async def start(self) -> None:
+        """Starts serving; health turns SERVING once readiness passes (at once without a check)."""
+        await self.grpc_server.start()
+        if self.readiness is None:
+            await self._set_all(_SERVING)
+        else:
+            self._readiness_task = asyncio.create_task(self._watch_readiness(), name="readiness")
+
+    async def _set_all(self, status: int) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def _watch_readiness(self) -> None:
+        assert self.readiness is not None
+        current: int | None = None
+        while not self._stopping:
+            try:
+                ok = await asyncio.wait_for(self.readiness(), timeout=max(self.readiness_interval, 1.0))
+            except Exception as exc:  # a failing check means not ready, never a dead watcher
+                log.warning("readiness check failed: %s", exc)
+                ok = False
+            status = _SERVING if ok else _NOT_SERVING
+            if status != current and not self._stopping:
+                await self._set_all(status)
+                log.info("health %s", "SERVING" if ok else "NOT_SERVING")
+                current = status
+            await asyncio.sleep(self.readiness_interval)
+
+    async def stop(self, drain_seconds: float, grace_seconds: float) -> None:
+        """Drains: NOT_SERVING for `drain_seconds` while answering, then stops with a grace period."""
+        self._stopping = True
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness_task
+        await self.health.enter_graceful_shutdown()
+        log.info("draining: NOT_SERVING for %.1fs, then %.1fs grace", drain_seconds, grace_seconds)
+        if drain_seconds > 0:
+            await asyncio.sleep(drain_seconds)
+        await self.grpc_server.stop(grace_seconds)
+        for hook in self.on_stop:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+
+
+def build_server(
+    config: ServerConfig,
+    services: Sequence[GrpcService],
+    *,
+    telemetry: Telemetry | None = None,
+    readiness: ReadinessCheck | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+) -> Server:
+    """Creates a grpc.aio server with the services, health, reflection and the standard interceptors.
+
+    Args:
+        config: Bind address, limits and shutdown timings.
+        services: The service's own servicers.
+        telemetry: Adds OpenTelemetry's server interceptor when tracing is on.
+        readiness: Checked every `readiness_interval_seconds`; health is SERVING only while it passes.
+        interceptors: Extra interceptors, run after tracing and error mapping.
+
+    Returns:
+        The server, bound but not started, with the port it bound.
+    """
+    chain: list[grpc.aio.ServerInterceptor] = []
+    if telemetry is not None:
+        chain.extend(telemetry.server_interceptors())
+    chain.append(ServerInterceptor())
+    chain.extend(interceptors)
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+        # Let clients keep idle connections alive through Envoy and balancers.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+    server = grpc.aio.server(
+        interceptors=chain,
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+    )
+    for service in services:
+        service.register(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = tuple(s.name for s in services)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    port = server.add_insecure_port(f"{host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    return Server(
+        grpc_server=server,
+        port=port,
+        health=health,
+        service_names=names,
+        readiness=readiness,
+        readiness_interval=config.readiness_interval_seconds,
+    )
+
+
+ServerFactory = Callable[[Telemetry], Awaitable[Server]]
+
+
+async def run_until_signal(server: Server, config: ServerConfig, name: str) -> None:
+    """Starts `server`, waits for SIGTERM or SIGINT, then drains and stops it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    log.info("%s serving on %s:%d", name, config.host, server.port, extra={"port": server.port})
+    await stop.wait()
+    log.info("%s received a stop signal", name)
+    await server.stop(config.drain_seconds, config.grace_seconds)
+    log.info("%s stopped", name)
+
+
+def serve(
+    name: str,
+    config: ServerConfig,
+    telemetry_config: TelemetryConfig,
+    factory: ServerFactory,
+    environ: Mapping[str, str],
+) -> None:
+    """Runs a service: in this process, or as a supervisor of `config.workers` worker processes.
+
+    Args:
+        name: The service name (logs, traces, metrics).
+        config: The server settings.
+        telemetry_config: Logging, tracing and metrics settings.
+        factory: Builds the server (and its dependencies) inside the running event loop.
+        environ: The process environment, used to tell a worker from its supervisor.
+    """
+    is_worker = WORKER_ENV in environ
+    if config.workers > 1 and not is_worker:
+        telemetry = setup_telemetry(name, telemetry_config, serve_metrics=False)
+        _supervise_workers(name, config, telemetry_config, environ)
+        return
+    telemetry = setup_telemetry(name, telemetry_config, serve_metrics=not is_worker)
+
+    async def _main() -> None:
+        server = await factory(telemetry)
+        await run_until_signal(server, config, name)
+
+    try:
+        asyncio.run(_main())
+    finally:
+        telemetry.shutdown()
+
+
+def _supervise_workers(
+    name: str, config: ServerConfig, telemetry_config: TelemetryConfig, environ: Mapping[str, str]
+) -> None:
+    """Starts worker copies of this command, restarts crashed ones, forwards SIGTERM/SIGINT."""
+    from libs.telemetry import start_metrics_server
+
+    metrics_dir = tempfile.mkdtemp(prefix=f"infergrid-{name}-metrics-")
+    env = dict(environ)
+    env[PROMETHEUS_MULTIPROC_ENV] = metrics_dir
+    os.environ[PROMETHEUS_MULTIPROC_ENV] = metrics_dir
+    if telemetry_config.metrics_port:
+        start_metrics_server(telemetry_config.metrics_port, telemetry_config.metrics_host)
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    stopping = False
+
+    def _spawn(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, env={**env, WORKER_ENV: str(index)})
+
+    workers = {i: _spawn(i) for i in range(config.workers)}
+    log.info("%s supervising %d workers on port %d", name, config.workers, config.port)
+
+    def _forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    deadline: float | None = None
+    while True:
+        alive = {i: p for i, p in workers.items() if p.poll() is None}
+        if stopping:
+            deadline = deadline or time.monotonic() + config.drain_seconds + config.grace_seconds + 5
+            if not alive:
+                break
+            if time.monotonic() > deadline:
+                for proc in alive.values():
+                    proc.kill()
+        else:
+            for i, proc in workers.items():
+                if proc.poll() is not None:
+                    log.error("worker %d exited with %s; restarting it", i, proc.returncode)
+                    time.sleep(0.5)
+                    workers[i] = _spawn(i)
+        time.sleep(0.2)
+    log.info("%s workers stopped", name)

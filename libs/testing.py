@@ -1,0 +1,116 @@
+"""Helpers for tests of services built on the shared bootstrap (real channels, real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A port that was free on loopback a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "", timeout: float = 2.0) -> int:
+    """The grpc.health.v1 status of `service` ("" is the whole server)."""
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=timeout
+    )
+    return int(reply.status)
+
+
+async def reflected_services(channel: grpc.aio.Channel) -> set[str]:
+    """The service names the server lists through reflection."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def _requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    async for reply in stub.ServerReflectionInfo(_requests()):
+        return {s.name for s in reply.list_services_response.service}
+    return set()
+
+
+def spawn_module(module: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Runs `python -m module` from the repository root with the generated code importable."""
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **env}
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=REPO_ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def wait_serving(
+    port: int, service: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0
+) -> None:
+    """Waits until health reports SERVING for `service` on loopback `port`.
+
+    Raises:
+        AssertionError: The process exited first, or the time ran out.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"server exited early with {proc.returncode}: {err}")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                if (
+                    await health_status(channel, service, timeout=0.5)
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{service} on port {port} never became SERVING")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Kills `proc` if it is still running and reaps it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=timeout)
+
+
+async def assert_serves(host_port: str, service: str) -> None:
+    """Asserts the server at `host_port` reports SERVING for `service` and lists it by reflection."""
+    async with grpc.aio.insecure_channel(host_port) as channel:
+        for name in ("", service):
+            status = await health_status(channel, name)
+            assert status == health_pb2.HealthCheckResponse.SERVING, f"health of {name!r} is {status}"
+        names = await reflected_services(channel)
+    assert service in names, f"{service} not listed by reflection: {sorted(names)}"
+    assert "grpc.health.v1.Health" in names
+
+
+def assert_bad_config_exits(module: str, variable: str, value: str) -> None:
+    """Asserts `python -m module` with `variable=value` exits non-zero naming the variable."""
+    proc = spawn_module(module, {variable: value})
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 2, f"exit status {proc.returncode}, stderr: {err.decode()}"
+    assert variable in err.decode(), err.decode()
+    assert repr(value) in err.decode(), err.decode()

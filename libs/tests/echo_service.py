@@ -1,0 +1,60 @@
+"""A small test service on the shared bootstrap: FeatureService.GetFeatureView behaves as the name says.
+
+`python -m libs.tests.echo_service` runs it with ECHO_* settings, for lifecycle tests in a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from infergrid.features.v1 import features_pb2, features_pb2_grpc
+from libs.config import load_config_or_exit
+from libs.errors import InvalidArgument, NotFound, Unavailable
+from libs.server import GrpcService, Server, ServerConfig, build_server, serve
+from libs.telemetry import Telemetry, TelemetryConfig
+
+SERVICE = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+
+
+class EchoServicer(features_pb2_grpc.FeatureServiceServicer):
+    """`slow:<s>` sleeps, `invalid`/`missing`/`down` raise typed errors, `boom` a bug, `pid` says who."""
+
+    async def GetFeatureView(  # noqa: N802 - gRPC method name
+        self, request: features_pb2.GetFeatureViewRequest, context: object
+    ) -> features_pb2.FeatureView:
+        name = request.name
+        if name.startswith("slow:"):
+            await asyncio.sleep(float(name.split(":", 1)[1]))
+        elif name == "invalid":
+            raise InvalidArgument("name: must not be 'invalid'")
+        elif name == "missing":
+            raise NotFound("feature view 'missing' not found")
+        elif name == "down":
+            raise Unavailable("backend down")
+        elif name == "boom":
+            raise RuntimeError("a bug with a secret=hunter2 in it")
+        return features_pb2.FeatureView(name=name, description=str(os.getpid()))
+
+
+def build(config: ServerConfig, telemetry: Telemetry | None = None) -> Server:
+    servicer = EchoServicer()
+    return build_server(
+        config,
+        [GrpcService(SERVICE, lambda s: features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, s))],
+        telemetry=telemetry,
+    )
+
+
+def main() -> None:
+    config = load_config_or_exit(ServerConfig, os.environ, "ECHO_")
+    telemetry_config = load_config_or_exit(TelemetryConfig, os.environ, "ECHO_")
+
+    async def factory(telemetry: Telemetry) -> Server:
+        return build(config, telemetry)
+
+    serve("echo", config, telemetry_config, factory, os.environ)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The bootstrap over real gRPC channels: status mapping, health, reflection, metrics, drain, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
+from infergrid.features.v1 import features_pb2, features_pb2_grpc
+from libs.server import Server, ServerConfig
+from libs.testing import free_port, reflected_services, spawn_module, stop_process, wait_serving
+from libs.tests.echo_service import SERVICE, build
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[Server, features_pb2_grpc.FeatureServiceStub]]:
+    server = build(ServerConfig(port=0, drain_seconds=0, grace_seconds=0.5))
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield server, features_pb2_grpc.FeatureServiceStub(channel)
+    await server.stop(0, 0.5)
+
+
+async def _code_of(stub: features_pb2_grpc.FeatureServiceStub, name: str) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name=name))
+    return err.value.code(), err.value.details() or ""
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "message"),
+    [
+        ("invalid", grpc.StatusCode.INVALID_ARGUMENT, "name: must not be 'invalid'"),
+        ("missing", grpc.StatusCode.NOT_FOUND, "feature view 'missing' not found"),
+        ("down", grpc.StatusCode.UNAVAILABLE, "backend down"),
+        ("boom", grpc.StatusCode.INTERNAL, "internal error"),
+    ],
+)
+async def test_typed_errors_become_statuses(echo: tuple[Server, object], name: str, code, message) -> None:  # type: ignore[no-untyped-def]
+    _, stub = echo
+    got_code, details = await _code_of(stub, name)  # type: ignore[arg-type]
+    assert got_code == code
+    assert details == message
+    assert "hunter2" not in details
+
+
+async def test_unknown_error_is_logged_once_with_traceback(
+    echo: tuple[Server, features_pb2_grpc.FeatureServiceStub], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, stub = echo
+    await _code_of(stub, "boom")
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None and "GetFeatureView" in errors[0].getMessage()
+
+
+async def test_metrics_count_calls_by_code(echo: tuple[Server, features_pb2_grpc.FeatureServiceStub]) -> None:
+    _, stub = echo
+    labels = {"grpc_service": SERVICE, "grpc_method": "GetFeatureView"}
+
+    def handled(code: str) -> float:
+        return REGISTRY.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code}) or 0.0
+
+    ok_before, bad_before = handled("OK"), handled("INVALID_ARGUMENT")
+    await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="v"))
+    await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="v"))
+    await _code_of(stub, "invalid")
+    assert handled("OK") == ok_before + 2
+    assert handled("INVALID_ARGUMENT") == bad_before + 1
+    assert (REGISTRY.get_sample_value("grpc_server_handling_seconds_count", labels) or 0) >= 3
+
+
+async def test_health_and_reflection(echo: tuple[Server, features_pb2_grpc.FeatureServiceStub]) -> None:
+    server, _ = echo
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", SERVICE):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        names = await reflected_services(channel)
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+async def test_readiness_gates_serving() -> None:
+    ready = asyncio.Event()
+
+    async def check() -> bool:
+        return ready.is_set()
+
+    server = build(ServerConfig(port=0, readiness_interval_seconds=0.05))
+    server.readiness = check
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await asyncio.sleep(0.2)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            ready.set()
+            await asyncio.sleep(0.2)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(0, 0.5)
+
+
+def _spawn_echo(port: int, **env: str) -> subprocess.Popen[bytes]:
+    return spawn_module("libs.tests.echo_service", {"ECHO_PORT": str(port), **env})
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_not_serving_while_in_flight_call_completes() -> None:
+    port = free_port()
+    proc = _spawn_echo(port, ECHO_DRAIN_SECONDS="1.5", ECHO_GRACE_SECONDS="5", ECHO_LOG_JSON="true")
+    try:
+        await wait_serving(port, SERVICE, proc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = features_pb2_grpc.FeatureServiceStub(channel)
+            in_flight = asyncio.ensure_future(
+                stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="slow:2.5"))
+            )
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE)
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            view = await in_flight
+            assert view.name == "slow:2.5"
+        assert proc.wait(timeout=15) == 0
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert '"message": "echo received a stop signal"' in stderr
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.slow
+async def test_workers_share_one_port() -> None:
+    port = free_port()
+    proc = _spawn_echo(port, ECHO_WORKERS="2", ECHO_DRAIN_SECONDS="0", ECHO_GRACE_SECONDS="1")
+    try:
+        await wait_serving(port, SERVICE, proc)
+        pids: set[str] = set()
+        deadline = time.monotonic() + 20
+        # SO_REUSEPORT spreads new connections over the workers' sockets by hash.
+        while len(pids) < 2 and time.monotonic() < deadline:
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as channel:
+                view = await features_pb2_grpc.FeatureServiceStub(channel).GetFeatureView(
+                    features_pb2.GetFeatureViewRequest(name="pid"), timeout=2
+                )
+                pids.add(view.description)
+        assert len(pids) == 2, f"only saw worker pids {pids}"
+        assert str(proc.pid) not in pids  # the supervisor serves nothing itself
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        stop_process(proc)

@@ -1,0 +1,1 @@
+"""InferGrid services: one package per deployable."""

@@ -1,0 +1,1 @@
+"""InferGrid features service: the online feature store (FeatureService)."""

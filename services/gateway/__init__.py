@@ -1,0 +1,1 @@
+"""InferGrid gateway service: the public PredictionService (behind Envoy)."""

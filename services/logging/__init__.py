@@ -1,0 +1,1 @@
+"""InferGrid logging service: the inference-log consumer and query API (InferenceLogService)."""
