@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
+ENVOY_EXTRA_PROTOS = ("google/rpc/status.proto",)
 
 
 def _googleapis_include() -> str:
@@ -40,26 +41,27 @@ def all_protos(root: Path = PROTO_ROOT) -> list[str]:
 
 
 def generate(out_dir: Path, protos: list[str] | None = None, root: Path = PROTO_ROOT) -> None:
-    """Runs protoc once for all protos, writing _pb2/_pb2_grpc/.pyi and descriptors.pb."""
+    """Runs protoc over all protos, writing _pb2/_pb2_grpc/.pyi files and descriptors.pb."""
     from grpc_tools import protoc
 
     protos = protos or all_protos(root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        "grpc_tools.protoc",
-        f"-I{root}",
-        f"-I{_googleapis_include()}",
-        f"-I{_protobuf_include()}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
+    includes = [f"-I{root}", f"-I{_googleapis_include()}", f"-I{_protobuf_include()}"]
+    code = [f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}"]
+    if protoc.main(["grpc_tools.protoc", *includes, *code, *protos]) != 0:
+        raise SystemExit("protoc failed")
+    # The descriptor set for Envoy also carries google/rpc/status.proto, which the
+    # transcoder's convert_grpc_status needs; no Python is generated for it (the
+    # googleapis-common-protos package already provides google.rpc).
+    descriptor_args = [
         "--include_imports",
         "--include_source_info",
         f"--descriptor_set_out={out_dir / 'descriptors.pb'}",
         *protos,
+        *ENVOY_EXTRA_PROTOS,
     ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    if protoc.main(["grpc_tools.protoc", *includes, *descriptor_args]) != 0:
+        raise SystemExit("protoc failed writing the descriptor set")
     # Packages need __init__.py for mypy and for tools that do not use namespace packages.
     for proto in protos:
         pkg = (out_dir / proto).parent
