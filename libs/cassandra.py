@@ -1,0 +1,153 @@
+"""Cassandra access shared by the services: one session per process, prepared statements, asyncio calls.
+
+The DataStax driver runs its own I/O thread (libev); `AsyncCassandra.execute`
+bridges its ResponseFuture into the running asyncio loop, bounded by a
+semaphore so a burst cannot queue unbounded work in the driver. Statements are
+always prepared (never string-built CQL), the load-balancing policy is
+token-aware over the local data center, and consistency levels are configured
+per read and write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cassandra import ConsistencyLevel
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import PreparedStatement
+
+from libs.config import secret
+
+log = logging.getLogger(__name__)
+
+_IDENTIFIER = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]{0,47}$")
+
+
+@dataclass(frozen=True)
+class CassandraConfig:
+    """Where Cassandra is and how to talk to it; read with the service's prefix + CASSANDRA_*."""
+
+    cassandra_contact_points: tuple[str, ...] = ("127.0.0.1",)
+    cassandra_port: int = 9042
+    cassandra_keyspace: str = "infergrid"
+    cassandra_local_dc: str = "datacenter1"
+    # CQL replication map used when the keyspace is created: SimpleStrategy locally,
+    # NetworkTopologyStrategy ({'class': 'NetworkTopologyStrategy', 'dc1': 3}) in clusters.
+    cassandra_replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    cassandra_read_consistency: str = "LOCAL_ONE"
+    cassandra_write_consistency: str = "LOCAL_QUORUM"
+    cassandra_request_timeout_s: float = 2.0
+    cassandra_connect_timeout_s: float = 10.0
+    # Concurrent requests one process keeps in flight; more wait their turn.
+    cassandra_max_in_flight: int = 128
+    cassandra_username: str = ""
+    cassandra_password: str = secret("")
+
+    def __post_init__(self) -> None:
+        if not _IDENTIFIER.match(self.cassandra_keyspace):
+            raise ValueError(f"cassandra_keyspace {self.cassandra_keyspace!r} is not a valid CQL identifier")
+        for name in ("cassandra_read_consistency", "cassandra_write_consistency"):
+            if getattr(self, name).upper() not in ConsistencyLevel.name_to_value:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a consistency level")
+
+
+def consistency(name: str) -> int:
+    """The driver's consistency level constant for a name such as 'LOCAL_QUORUM'."""
+    return int(ConsistencyLevel.name_to_value[name.upper()])
+
+
+def connect(config: CassandraConfig, *, create_keyspace: bool = True) -> Session:
+    """Opens a session (blocking; call at start-up), creating the keyspace when asked.
+
+    Returns:
+        A session bound to the keyspace.
+    """
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=config.cassandra_local_dc)),
+        consistency_level=consistency(config.cassandra_read_consistency),
+        request_timeout=config.cassandra_request_timeout_s,
+    )
+    auth = None
+    if config.cassandra_username:
+        auth = PlainTextAuthProvider(config.cassandra_username, config.cassandra_password)
+    cluster = Cluster(
+        contact_points=list(config.cassandra_contact_points),
+        port=config.cassandra_port,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        protocol_version=5,
+        auth_provider=auth,
+        connect_timeout=config.cassandra_connect_timeout_s,
+    )
+    session = cluster.connect()
+    if create_keyspace:
+        # Identifiers cannot be bound as parameters; the keyspace name is validated above.
+        session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {config.cassandra_keyspace} "
+            f"WITH replication = {config.cassandra_replication}"
+        )
+    session.set_keyspace(config.cassandra_keyspace)
+    return session
+
+
+class AsyncCassandra:
+    """Prepared statements executed from asyncio with bounded concurrency."""
+
+    def __init__(self, session: Session, config: CassandraConfig) -> None:
+        self.session = session
+        self._read_cl = consistency(config.cassandra_read_consistency)
+        self._write_cl = consistency(config.cassandra_write_consistency)
+        self._timeout = config.cassandra_request_timeout_s
+        self._slots = asyncio.Semaphore(config.cassandra_max_in_flight)
+
+    def prepare(self, cql: str, *, write: bool = False) -> PreparedStatement:
+        """Prepares `cql` (blocking; do it at start-up) with the read or write consistency level."""
+        statement = self.session.prepare(cql)
+        statement.consistency_level = self._write_cl if write else self._read_cl
+        return statement
+
+    async def execute(self, statement: PreparedStatement, params: Sequence[Any] = ()) -> list[Any]:
+        """Runs one prepared statement and returns all its rows."""
+        async with self._slots:
+            future: ResponseFuture = self.session.execute_async(statement, params, timeout=self._timeout)
+            return await _wrap(future)
+
+    async def execute_many(
+        self, statement: PreparedStatement, params_list: Iterable[Sequence[Any]]
+    ) -> list[list[Any]]:
+        """Runs a prepared statement once per parameter tuple, concurrently (bounded); results in order."""
+        return list(await asyncio.gather(*(self.execute(statement, p) for p in params_list)))
+
+
+def _wrap(future: ResponseFuture) -> asyncio.Future[list[Any]]:
+    """An asyncio future completed, from the driver's thread, with every row of `future`."""
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[list[Any]] = loop.create_future()
+    rows: list[Any] = []
+
+    def _done(page: list[Any]) -> None:
+        rows.extend(page)
+        if future.has_more_pages:
+            future.start_fetching_next_page()
+        else:
+            loop.call_soon_threadsafe(_set_result, rows)
+
+    def _set_result(value: list[Any]) -> None:
+        if not result.done():
+            result.set_result(value)
+
+    def _failed(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(_set_exception, exc)
+
+    def _set_exception(exc: BaseException) -> None:
+        if not result.done():
+            result.set_exception(exc)
+
+    future.add_callbacks(_done, _failed)
+    return result

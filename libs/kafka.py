@@ -1,0 +1,59 @@
+"""Kafka settings shared by producers and consumers, and W3C trace context in record headers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry.propagate import extract, inject
+
+from libs.config import secret
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where Kafka is; read with the service's prefix + KAFKA_*."""
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_client_id: str = "infergrid"
+    # PLAINTEXT locally; SASL_SSL against a managed cluster.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = secret("")
+
+    def client_conf(self) -> dict[str, Any]:
+        """The librdkafka settings every client needs (connection and security)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "client.id": self.kafka_client_id,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username
+            conf["sasl.password"] = self.kafka_sasl_password
+        return conf
+
+
+def trace_headers(extra: dict[str, str] | None = None) -> list[tuple[str, bytes]]:
+    """Record headers carrying the current trace context (`traceparent`, `tracestate`) plus `extra`."""
+    carrier: dict[str, str] = dict(extra or {})
+    inject(carrier)
+    return [(key, value.encode()) for key, value in carrier.items()]
+
+
+def context_from_headers(headers: Sequence[tuple[str, bytes | None]] | None) -> otel_context.Context:
+    """The trace context a producer put in a record's headers (an empty one when there is none)."""
+    carrier = {key: value.decode(errors="replace") for key, value in headers or () if value is not None}
+    return extract(carrier)
+
+
+def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    """The value of header `name`, decoded, or None."""
+    for key, value in headers or ():
+        if key == name and value is not None:
+            return value.decode(errors="replace")
+    return None
