@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from libs.config import load_config_or_exit, redacted
 from libs.server import Server, serve
@@ -14,6 +15,13 @@ from services.inference.server import create_server
 
 def main() -> None:
     config = load_config_or_exit(InferenceConfig, os.environ, ENV_PREFIX)
+    repository = config.models.model_repository
+    if repository is not None and not repository.is_dir():
+        print(
+            f"configuration error: {ENV_PREFIX}MODEL_REPOSITORY: {str(repository)!r} is not a directory",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
     async def factory(telemetry: Telemetry) -> Server:
         logging.getLogger(__name__).info("config", extra={"config": redacted(config)})

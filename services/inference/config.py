@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
@@ -21,8 +22,37 @@ class InferenceTelemetryConfig(TelemetryConfig):
 
 
 @dataclass(frozen=True)
+class ModelServingConfig:
+    """The model repository and the defaults of its models (INFERGRID_INFERENCE_<FIELD>)."""
+
+    # Folder of `<model>/config.pbtxt` + `<model>/<version>/model.onnx`; unset: no models.
+    model_repository: Path | None = None
+    # Models loaded at start-up (comma-separated); empty: every model folder.
+    startup_models: tuple[str, ...] = ()
+    # Queue bound per model version when its config leaves max_queue_size at 0.
+    max_queue_size: int = 1024
+    # One inference per version while loading, before it serves.
+    warmup: bool = True
+    # ServerReady (and gRPC health) only while every start-up model is ready; else once loading ended.
+    strict_readiness: bool = False
+    # ONNX Runtime threads per session; 1 suits small models (thread hand-off costs more than it saves).
+    ort_intra_op_threads: int = 1
+    ort_inter_op_threads: int = 1
+    # TensorRT engine plan cache; unset: <system temp>/infergrid-trt-plans.
+    tensorrt_cache_dir: Path | None = None
+    tensorrt_fp16: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
+        if self.ort_intra_op_threads < 0 or self.ort_inter_op_threads < 0:
+            raise ValueError("ONNX Runtime thread counts must be >= 0 (0: ONNX Runtime's default)")
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     """Everything the inference service reads at start-up."""
 
     server: InferenceServerConfig = field(default_factory=InferenceServerConfig)
     telemetry: InferenceTelemetryConfig = field(default_factory=InferenceTelemetryConfig)
+    models: ModelServingConfig = field(default_factory=ModelServingConfig)

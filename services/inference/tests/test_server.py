@@ -1,10 +1,65 @@
-"""The inference server on the shared bootstrap: SERVING, listed by reflection; a bad config value exits."""
+"""The inference server over a real gRPC channel with our generated stubs: every RPC, datatypes, errors."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import struct
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from libs.server import Server
 from libs.testing import assert_bad_config_exits, assert_serves
-from services.inference.config import InferenceConfig, InferenceServerConfig
+from services.inference.backends import BackendOptions, LoadedModel, create_backends
+from services.inference.config import InferenceConfig, InferenceServerConfig, ModelServingConfig
+from services.inference.model_config import ModelSpec
 from services.inference.server import SERVICE_NAME, create_server
+
+
+def _config(repo: Path | None, **models: object) -> InferenceConfig:
+    return InferenceConfig(
+        server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
+        models=ModelServingConfig(model_repository=repo, **models),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+async def served_channel(model_repo: Path) -> AsyncIterator[grpc.aio.Channel]:
+    server = await create_server(_config(model_repo))
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield channel
+    await server.stop(0, 0.5)
+
+
+@pytest.fixture
+def served(served_channel: grpc.aio.Channel) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(served_channel)
+
+
+def _fraud_request(x: np.ndarray, version: str = "", **kw: object) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(
+        model_name="fraud",
+        model_version=version,
+        id="req-1",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="features", datatype="FP32", shape=list(x.shape))],
+        raw_input_contents=[x.astype(np.float32).tobytes()],
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def _error(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call  # type: ignore[misc]
+    return err.value.code(), err.value.details() or ""
 
 
 async def test_serves_health_and_reflection() -> None:
@@ -18,3 +73,434 @@ async def test_serves_health_and_reflection() -> None:
 
 def test_malformed_port_exits_naming_the_variable() -> None:
     assert_bad_config_exits("services.inference", "INFERGRID_INFERENCE_PORT", "not-a-port")
+
+
+def test_missing_repository_folder_exits_naming_the_variable() -> None:
+    assert_bad_config_exits(
+        "services.inference", "INFERGRID_INFERENCE_MODEL_REPOSITORY", "/nonexistent/models"
+    )
+
+
+async def test_health_metadata_and_config(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    assert (await served.ServerLive(pb.ServerLiveRequest())).live
+    assert (await served.ServerReady(pb.ServerReadyRequest())).ready
+    assert (await served.ModelReady(pb.ModelReadyRequest(name="fraud", version="1"))).ready
+    assert not (await served.ModelReady(pb.ModelReadyRequest(name="broken"))).ready
+    assert not (await served.ModelReady(pb.ModelReadyRequest(name="fraud", version="3"))).ready
+    meta = await served.ServerMetadata(pb.ServerMetadataRequest())
+    assert "statistics" in meta.extensions and "model_repository" in meta.extensions
+    model = await served.ModelMetadata(pb.ModelMetadataRequest(name="fraud"))
+    assert list(model.versions) == ["1", "2"] and model.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("features", "FP32", [-1, 32])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.outputs] == [
+        ("fraud_probability", "FP32", [-1, 1])
+    ]
+    config = (await served.ModelConfig(pb.ModelConfigRequest(name="fraud"))).config
+    assert config.name == "fraud" and config.max_batch_size == 256 and config.backend == "onnxruntime"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 200
+    assert list(config.input[0].dims) == [32]
+
+
+async def test_infer_raw_and_typed_contents_match_onnxruntime(
+    served: pb_grpc.GRPCInferenceServiceStub, model_repo: Path
+) -> None:
+    x = np.random.default_rng(3).normal(40, 25, (6, 32)).astype(np.float32)
+    for version in ("1", "2"):
+        expected = ort.InferenceSession(str(model_repo / "fraud" / version / "model.onnx")).run(
+            None, {"features": x}
+        )[0]
+        reply = await served.ModelInfer(_fraud_request(x, version))
+        assert reply.model_name == "fraud" and reply.model_version == version and reply.id == "req-1"
+        assert reply.outputs[0].name == "fraud_probability" and list(reply.outputs[0].shape) == [6, 1]
+        got = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(6, 1)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    typed = pb.ModelInferRequest(
+        model_name="fraud",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="features", datatype="FP32", shape=[6, 32],
+                contents=pb.InferTensorContents(fp32_contents=x.reshape(-1).tolist()),
+            )
+        ],
+    )  # fmt: skip
+    reply = await served.ModelInfer(typed)
+    expected = ort.InferenceSession(str(model_repo / "fraud" / "2" / "model.onnx")).run(
+        None, {"features": x}
+    )[0]
+    np.testing.assert_allclose(
+        np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(6, 1), expected, rtol=1e-5
+    )
+
+
+def _bytes_raw(items: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(i)) + i for i in items)
+
+
+TYPED_CASES: Mapping[str, tuple[str, np.ndarray]] = {
+    "in_fp32": ("FP32", np.array([[1.5, -2, 3]], np.float32)),
+    "in_fp16": ("FP16", np.array([[0.5, 1, -8]], np.float16)),
+    "in_int32": ("INT32", np.array([[1, -2, 2**31 - 1]], np.int32)),
+    "in_int64": ("INT64", np.array([[2**40, -1, 7]], np.int64)),
+    "in_bool": ("BOOL", np.array([[True, False, True]])),
+    "in_bytes": ("BYTES", np.array([[b"a", b"", b"\xc3\xa9t\xc3\xa9"]], dtype=object)),
+}
+
+
+async def test_every_datatype_round_trips_raw(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="types")
+    for name, (datatype, array) in TYPED_CASES.items():
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(
+            _bytes_raw(array.reshape(-1)) if datatype == "BYTES" else array.tobytes()
+        )
+    request.outputs.add(name="out_bytes")
+    request.outputs.add(name="out_int64")
+    request.outputs.add(name="out_fp16")
+    request.outputs.add(name="out_bool")
+    reply = await served.ModelInfer(request)
+    assert [o.name for o in reply.outputs] == ["out_bytes", "out_int64", "out_fp16", "out_bool"]
+    assert [o.datatype for o in reply.outputs] == ["BYTES", "INT64", "FP16", "BOOL"]
+    assert reply.raw_output_contents[0] == _bytes_raw(TYPED_CASES["in_bytes"][1].reshape(-1))
+    np.testing.assert_array_equal(
+        np.frombuffer(reply.raw_output_contents[1], "<i8").reshape(1, 3), TYPED_CASES["in_int64"][1]
+    )
+    np.testing.assert_array_equal(
+        np.frombuffer(reply.raw_output_contents[2], "<f2").reshape(1, 3), TYPED_CASES["in_fp16"][1]
+    )
+    np.testing.assert_array_equal(
+        np.frombuffer(reply.raw_output_contents[3], "?").reshape(1, 3), TYPED_CASES["in_bool"][1]
+    )
+
+
+async def test_every_datatype_round_trips_typed_contents(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="types")
+    fields = {
+        "FP32": "fp32_contents",
+        "INT32": "int_contents",
+        "INT64": "int64_contents",
+        "BOOL": "bool_contents",
+        "BYTES": "bytes_contents",
+    }
+    for name, (datatype, array) in TYPED_CASES.items():
+        if datatype == "FP16":
+            request.inputs.add(name=name, datatype=datatype, shape=[1, 3])
+            continue
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        getattr(tensor.contents, fields[datatype]).extend(array.reshape(-1).tolist())
+    code, details = await _error(served.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'in_fp16' of model 'types': FP16 data must be sent in raw_input_contents" in details
+    del request.inputs[1]
+    request.inputs.add(name="in_fp16", datatype="FP16", shape=[1, 3])
+    request.raw_input_contents.extend([])  # typed only: FP16 cannot be sent this way, so drop the input
+    del request.inputs[-1]
+    code, details = await _error(served.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "missing input(s) ['in_fp16']" in details
+
+
+async def test_model_without_batching_takes_any_shape(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    for shape in ((2, 5), (1, 1), (4, 3)):
+        x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+        request = pb.ModelInferRequest(model_name="double", raw_input_contents=[x.tobytes()])
+        request.inputs.add(name="x", datatype="FP32", shape=list(shape))
+        reply = await served.ModelInfer(request)
+        np.testing.assert_array_equal(
+            np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(shape), x * 2
+        )
+
+
+def _with(request: pb.ModelInferRequest, change: object) -> pb.ModelInferRequest:
+    copy = pb.ModelInferRequest()
+    copy.CopyFrom(request)
+    change(copy)  # type: ignore[operator]
+    return copy
+
+
+_GOOD = _fraud_request(np.ones((1, 32), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (_with(_GOOD, lambda r: setattr(r, "model_name", "nope")), "NOT_FOUND", "model 'nope' is not found"),
+        (
+            _with(_GOOD, lambda r: setattr(r, "model_version", "9")),
+            "NOT_FOUND",
+            "model 'fraud' version '9' is not found; ready versions: [1, 2]",
+        ),
+        (
+            _with(_GOOD, lambda r: setattr(r, "model_name", "broken")),
+            "NOT_FOUND",
+            "model 'broken' is not ready",
+        ),
+        (
+            _with(_GOOD, lambda r: setattr(r.inputs[0], "datatype", "FP64")),
+            "INVALID_ARGUMENT",
+            "input 'features' of model 'fraud': datatype FP64 given, expected FP32",
+        ),
+        (
+            _with(_GOOD, lambda r: r.inputs[0].shape.__setitem__(1, 31)),
+            "INVALID_ARGUMENT",
+            "input 'features' of model 'fraud': shape [1, 31] given, expected [-1, 32]",
+        ),
+        (
+            _with(_GOOD, lambda r: r.inputs[0].shape.pop()),
+            "INVALID_ARGUMENT",
+            "shape [1] given, expected [-1, 32]",
+        ),
+        (
+            _with(_GOOD, lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 124)),
+            "INVALID_ARGUMENT",
+            "input 'features' of model 'fraud': 124 bytes of raw data given, expected 128 (32 x FP32 for shape [1, 32])",
+        ),
+        (
+            _with(_GOOD, lambda r: (r.inputs.pop(), r.raw_input_contents.pop())),
+            "INVALID_ARGUMENT",
+            "model 'fraud': missing input(s) ['features']",
+        ),
+        (
+            _with(_GOOD, lambda r: setattr(r.inputs[0], "name", "feats")),
+            "INVALID_ARGUMENT",
+            "unexpected input 'feats' for model 'fraud'; expected inputs: ['features']",
+        ),
+        (
+            _with(
+                _GOOD,
+                lambda r: (
+                    r.inputs.add().CopyFrom(r.inputs[0]),
+                    r.raw_input_contents.append(r.raw_input_contents[0]),
+                ),
+            ),
+            "INVALID_ARGUMENT",
+            "input 'features' of model 'fraud' is given more than once",
+        ),
+        (
+            _with(_GOOD, lambda r: r.raw_input_contents.append(b"x")),
+            "INVALID_ARGUMENT",
+            "2 raw_input_contents given for 1 inputs",
+        ),
+        (
+            _with(
+                _GOOD,
+                lambda r: (
+                    r.inputs[0].shape.__setitem__(0, 300),
+                    r.raw_input_contents.__setitem__(0, b"\0" * 300 * 128),
+                ),
+            ),
+            "INVALID_ARGUMENT",
+            "batch size 300 given, expected 1..256",
+        ),
+        (
+            _with(
+                _GOOD,
+                lambda r: (r.inputs[0].shape.__setitem__(0, 0), r.raw_input_contents.__setitem__(0, b"")),
+            ),
+            "INVALID_ARGUMENT",
+            "batch size 0 given, expected 1..256",
+        ),
+        (
+            _with(_GOOD, lambda r: r.outputs.add(name="score")),
+            "INVALID_ARGUMENT",
+            "unexpected output 'score' requested from model 'fraud'",
+        ),
+        (
+            _with(
+                _GOOD,
+                lambda r: (r.raw_input_contents.pop(), r.inputs[0].contents.fp32_contents.extend([1.0] * 31)),
+            ),
+            "INVALID_ARGUMENT",
+            "31 values given in contents.fp32_contents, expected 32 for shape [1, 32]",
+        ),
+    ],
+)
+async def test_bad_requests_get_the_right_status_and_message(
+    served: pb_grpc.GRPCInferenceServiceStub, request_: pb.ModelInferRequest, code: str, message: str
+) -> None:
+    got, details = await _error(served.ModelInfer(request_))
+    assert got == getattr(grpc.StatusCode, code), details
+    assert message in details
+
+
+async def test_malformed_bytes_tensor_is_invalid_argument(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="types")
+    for name, (datatype, array) in TYPED_CASES.items():
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(b"\xff\x00\x00\x00ab" if datatype == "BYTES" else array.tobytes())
+    code, details = await _error(served.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'in_bytes' of model 'types': BYTES data for shape [1, 3]" in details
+
+
+async def test_garbage_on_the_wire_never_takes_the_server_down(
+    served: pb_grpc.GRPCInferenceServiceStub, served_channel: grpc.aio.Channel
+) -> None:
+    raw = served_channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256)) * 10):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await raw(garbage)
+    assert (await served.ServerLive(pb.ServerLiveRequest())).live
+    await served.ModelInfer(_GOOD)
+
+
+async def test_unsupported_extensions_are_unimplemented(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    code, details = await _error(served.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "shared memory" in details
+
+
+async def test_stream_infer_answers_each_request_and_reports_errors_in_band(
+    served: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    requests = [_fraud_request(np.full((1, 32), i, np.float32), "1") for i in range(5)]
+    for i, r in enumerate(requests):
+        r.id = f"s{i}"
+    requests[2].model_name = "nope"
+
+    async def _requests() -> AsyncIterator[pb.ModelInferRequest]:
+        for r in requests:
+            yield r
+
+    replies = [r async for r in served.ModelStreamInfer(_requests())]
+    assert sorted(r.infer_response.id for r in replies) == [f"s{i}" for i in range(5)]
+    errors = {r.infer_response.id: r.error_message for r in replies if r.error_message}
+    assert errors == {"s2": "model 'nope' is not found"}
+    ok = [r for r in replies if not r.error_message]
+    assert all(len(r.infer_response.raw_output_contents[0]) == 4 for r in ok)
+
+
+async def test_statistics_count_requests_and_batches(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    before = (
+        await served.ModelStatistics(pb.ModelStatisticsRequest(name="double", version="1"))
+    ).model_stats[0]
+    x = np.ones((2, 2), np.float32)
+    request = pb.ModelInferRequest(model_name="double", raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 2])
+    for _ in range(3):
+        await served.ModelInfer(request)
+    stats = (await served.ModelStatistics(pb.ModelStatisticsRequest(name="double"))).model_stats
+    assert [(s.name, s.version) for s in stats] == [("double", "1")]
+    s = stats[0]
+    assert s.inference_stats.success.count == before.inference_stats.success.count + 3
+    assert s.execution_count == before.execution_count + 3
+    assert s.inference_stats.queue.count >= 3 and s.inference_stats.compute_infer.ns > 0
+    assert s.last_inference > 0
+    every = (await served.ModelStatistics(pb.ModelStatisticsRequest())).model_stats
+    assert {(m.name, m.version) for m in every} >= {("fraud", "1"), ("fraud", "2"), ("types", "1")}
+    code, _ = await _error(served.ModelStatistics(pb.ModelStatisticsRequest(name="nope")))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_repository_index_load_and_unload(fresh_repo: Path) -> None:
+    server = await create_server(_config(fresh_repo, startup_models=("double", "broken")))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            index = {m.name: m for m in (await stub.RepositoryIndex(pb.RepositoryIndexRequest())).models}
+            assert index["double"].state == "READY" and index["double"].version == "1"
+            assert (
+                index["broken"].state == "UNAVAILABLE"
+                and "ONNX Runtime cannot load" in index["broken"].reason
+            )
+            assert index["fraud"].state == ""  # on disk, not loaded
+            ready = [
+                m.name for m in (await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
+            ]
+            assert ready == ["double"]
+            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="fraud"))
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="fraud", version="2"))).ready
+            config = {"name": "fraud", "max_batch_size": 256, "version_policy": {"specific": {"versions": [1]}},
+                      "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [32]}],
+                      "output": [{"name": "fraud_probability", "data_type": "TYPE_FP32", "dims": [1]}]}  # fmt: skip
+            await stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(
+                    model_name="fraud",
+                    parameters={"config": pb.ModelRepositoryParameter(string_param=json.dumps(config))},
+                )
+            )
+            meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="fraud"))
+            assert list(meta.versions) == ["1"]
+            await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="fraud"))
+            assert not (await stub.ModelReady(pb.ModelReadyRequest(name="fraud"))).ready
+            code, details = await _error(stub.ModelInfer(_GOOD))
+            assert code == grpc.StatusCode.NOT_FOUND and "model 'fraud' is not ready" in details
+            code, details = await _error(
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="ghost"))
+            )
+            assert code == grpc.StatusCode.NOT_FOUND and "'ghost'" in details
+            code, details = await _error(
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="broken"))
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "failed to load model 'broken'" in details
+            code, details = await _error(
+                stub.RepositoryModelLoad(
+                    pb.RepositoryModelLoadRequest(
+                        model_name="double",
+                        parameters={"config": pb.ModelRepositoryParameter(string_param="{nope")},
+                    )
+                )
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "parameter 'config'" in details
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="double"))).ready
+    finally:
+        await server.stop(0, 0.5)
+
+
+class _SlowModel:
+    def __init__(self, inner: LoadedModel, delay: float) -> None:
+        self._inner, self._delay, self.calls = inner, delay, 0
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        self.calls += 1
+        if self.calls > 1:  # not the warm-up
+            time.sleep(self._delay)
+        return self._inner.run(inputs, output_names)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _SlowBackend:
+    name = "onnxruntime"
+
+    def __init__(self, delay: float) -> None:
+        self._real = create_backends(BackendOptions())["onnxruntime"]
+        self._delay = delay
+
+    def signature(self, model_path: Path):  # type: ignore[no-untyped-def]
+        return self._real.signature(model_path)
+
+    def load(self, model_path: Path, spec: ModelSpec) -> LoadedModel:
+        return _SlowModel(self._real.load(model_path, spec), self._delay)
+
+
+async def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceeded(model_repo: Path) -> None:
+    server: Server = await create_server(
+        _config(model_repo, startup_models=("double",), max_queue_size=2),
+        backends={"onnxruntime": _SlowBackend(0.2)},  # type: ignore[dict-item]
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            x = np.ones((1, 1), np.float32)
+            request = pb.ModelInferRequest(model_name="double", raw_input_contents=[x.tobytes()])
+            request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+            calls = [stub.ModelInfer(request) for _ in range(6)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results]
+            assert codes.count("OK") >= 3  # one executing + two queued
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+            shed = next(r for r in results if isinstance(r, grpc.aio.AioRpcError))
+            assert "model 'double' version 1: queue is full (2 requests waiting)" in (shed.details() or "")
+            # A request whose timeout (µs, Triton's `timeout` parameter) passes while queued.
+            blocker = asyncio.ensure_future(stub.ModelInfer(request))
+            await asyncio.sleep(0.05)
+            late = pb.ModelInferRequest()
+            late.CopyFrom(request)
+            late.parameters["timeout"].int64_param = 20_000
+            code, details = await _error(stub.ModelInfer(late))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "timed out" in details
+            await blocker
+            assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+    finally:
+        await server.stop(0, 1.0)

@@ -1,0 +1,373 @@
+"""The model repository: `<root>/<model>/<version>/model.onnx` + `<root>/<model>/config.pbtxt`.
+
+Loads models at start-up and on request, unloads them, and answers which
+versions serve. Each version gets its own backend instance and batcher. A
+(re)load builds the new versions first, swaps them in atomically, then drains
+and frees the old ones, so requests keep flowing through a reload. A model or
+version that fails to load records why (RepositoryIndex shows it) and the
+others keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference import model_config_pb2 as mc
+from services.inference.backends import LoadedModel, ModelBackend
+from services.inference.batcher import BatcherSettings, DynamicBatcher
+from services.inference.errors import BackendUnavailable, ModelLoadError, ModelNotFound
+from services.inference.metrics import VersionMetrics
+from services.inference.model_config import (
+    ModelSpec,
+    TensorSpec,
+    complete_config,
+    read_config,
+    spec_from_config,
+)
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+LOADING = "LOADING"
+UNLOADING = "UNLOADING"
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """Server-wide defaults of the repository."""
+
+    # Queue bound for models whose config leaves max_queue_size at 0.
+    max_queue_size: int = 1024
+    # Run one inference per version while loading, before it serves.
+    warmup: bool = True
+    # Models to load at start-up; empty: every model folder.
+    startup_models: tuple[str, ...] = ()
+
+
+@dataclass
+class ServingVersion:
+    """A loaded version: what a request needs, precomputed for the hot path."""
+
+    model: str
+    version: int
+    spec: ModelSpec
+    loaded: LoadedModel
+    batcher: DynamicBatcher
+    metrics: VersionMetrics
+    version_str: str = ""
+    inputs: dict[str, TensorSpec] = field(default_factory=dict)
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+    output_index: dict[str, int] = field(default_factory=dict)
+    # Set when the configured backend was unavailable and the fallback serves instead.
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        self.version_str = str(self.version)
+        self.inputs = {t.name: t for t in self.spec.inputs}
+        self.outputs = {t.name: t for t in self.spec.outputs}
+        self.output_index = {t.name: i for i, t in enumerate(self.spec.outputs)}
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One RepositoryIndex row."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+def _numeric_versions(model_dir: Path) -> list[int]:
+    """Version folders: numeric names not starting with 0 (as Triton)."""
+    versions = []
+    for child in model_dir.iterdir():
+        if child.is_dir() and child.name.isdigit() and not child.name.startswith("0"):
+            versions.append(int(child.name))
+    return sorted(versions)
+
+
+def warmup_inputs(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Zero (or empty-bytes) inputs with batch size 1 and every dynamic dimension 1."""
+    inputs: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        if tensor.optional:
+            continue
+        shape = tuple(1 if d < 0 else d for d in tensor.shape(spec.batched))
+        if tensor.datatype.name == "BYTES":
+            inputs[tensor.name] = np.full(shape, b"", dtype=object)
+        else:
+            inputs[tensor.name] = np.zeros(shape, dtype=tensor.datatype.numpy)
+    return inputs
+
+
+class ModelRepository:
+    """Loaded models and their states; the single owner of backends' loaded instances."""
+
+    def __init__(
+        self, root: Path | None, backends: Mapping[str, ModelBackend], settings: RepositorySettings
+    ) -> None:
+        self._root = root
+        self._backends = backends
+        self._settings = settings
+        # name -> {"1": version, "2": ..., "": the latest}; replaced whole on change (readers never lock).
+        self._serving: dict[str, dict[str, ServingVersion]] = {}
+        self._states: dict[str, dict[int, tuple[str, str]]] = {}
+        self._model_errors: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.started = False
+
+    # --- look-ups (hot path) ---
+
+    def get(self, name: str, version: str = "") -> ServingVersion:
+        """The serving version `version` of `name` ("" = the latest ready one).
+
+        Raises:
+            ModelNotFound: Unknown model, or the version is not ready; names both.
+        """
+        versions = self._serving.get(name)
+        if versions is None:
+            if name in self._states or name in self._model_errors:
+                raise ModelNotFound(f"model '{name}' is not ready (see RepositoryIndex for why)")
+            raise ModelNotFound(f"model '{name}' is not found")
+        serving = versions.get(version)
+        if serving is None:
+            ready = sorted(v.version for k, v in versions.items() if k)
+            raise ModelNotFound(f"model '{name}' version '{version}' is not found; ready versions: {ready}")
+        return serving
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        versions = self._serving.get(name)
+        return versions is not None and version in versions
+
+    def ready_versions(self, name: str) -> list[int]:
+        return sorted(v.version for k, v in self._serving.get(name, {}).items() if k)
+
+    def serving(self) -> list[ServingVersion]:
+        """Every serving version, by model name then version."""
+        out: list[ServingVersion] = []
+        for name in sorted(self._serving):
+            out.extend(v for k, v in sorted(self._serving[name].items(), key=lambda kv: kv[1].version) if k)
+        return out
+
+    def models_on_disk(self) -> list[str]:
+        if self._root is None or not self._root.is_dir():
+            return []
+        return sorted(p.name for p in self._root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model on disk or known, with each version's state and, when not ready, why."""
+        entries: list[IndexEntry] = []
+        for name in sorted(set(self.models_on_disk()) | set(self._states) | set(self._model_errors)):
+            states = self._states.get(name, {})
+            if name in self._model_errors and not any(s == READY for s, _ in states.values()):
+                if not ready_only:
+                    entries.append(IndexEntry(name, "", UNAVAILABLE, self._model_errors[name]))
+                continue
+            if not states:
+                if not ready_only:
+                    entries.append(IndexEntry(name, "", "", ""))
+                continue
+            for version in sorted(states):
+                state, reason = states[version]
+                if ready_only and state != READY:
+                    continue
+                entries.append(IndexEntry(name, str(version), state, reason))
+        return entries
+
+    # --- loading ---
+
+    async def load_startup(self) -> None:
+        """Loads the start-up models concurrently; a failure is recorded and logged, never raised."""
+        names = list(self._settings.startup_models) or self.models_on_disk()
+        results = await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("model %s failed to load: %s", name, result)
+        self.started = True
+
+    async def load(self, name: str, config: mc.ModelConfig | None = None) -> None:
+        """Loads (or reloads) every version of `name` its version policy selects.
+
+        Args:
+            name: The model folder name.
+            config: A config to use instead of the folder's config.pbtxt (RepositoryModelLoad's
+                `config` parameter).
+
+        Raises:
+            ModelNotFound: No such model folder.
+            ModelLoadError: The config is bad or a version failed to load; says why.
+        """
+        if (
+            self._root is None
+            or not name
+            or "/" in name
+            or name.startswith(".")
+            or not (self._root / name).is_dir()
+        ):
+            raise ModelNotFound(f"model '{name}' is not in the model repository")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            await self._load_locked(name, self._root / name, config)
+
+    async def _load_locked(self, name: str, model_dir: Path, override: mc.ModelConfig | None) -> None:
+        try:
+            spec = await asyncio.to_thread(self._read_spec, name, model_dir, override)
+            versions = spec.version_policy.select(_numeric_versions(model_dir))
+            if not versions:
+                raise ModelLoadError(
+                    f"model '{name}': no version folder matches the version policy "
+                    f"({spec.version_policy.kind}); found {_numeric_versions(model_dir)}"
+                )
+        except ModelLoadError as exc:
+            self._model_errors[name] = exc.message
+            raise
+        self._model_errors.pop(name, None)
+        states = self._states.setdefault(name, {})
+        for version in versions:
+            if states.get(version, ("", ""))[0] != READY:
+                states[version] = (LOADING, "")
+        results = await asyncio.gather(
+            *(asyncio.to_thread(self._load_version, spec, model_dir, v) for v in versions),
+            return_exceptions=True,
+        )
+        fresh: dict[str, ServingVersion] = {}
+        failures: list[str] = []
+        for version, result in zip(versions, results, strict=True):
+            if isinstance(result, BaseException):
+                reason = (
+                    result.message
+                    if isinstance(result, ModelLoadError)
+                    else f"{type(result).__name__}: {result}"
+                )
+                if not isinstance(result, ModelLoadError):
+                    log.error("model %s version %d failed to load", name, version, exc_info=result)
+                failures.append(f"version {version}: {reason}")
+                states[version] = (UNAVAILABLE, reason)
+                continue
+            used_spec, loaded, note = result
+            serving = self._serve(used_spec, version, loaded, note)
+            fresh[str(version)] = serving
+        old = self._serving.get(name, {})
+        if fresh:
+            latest = max(fresh.values(), key=lambda s: s.version)
+            fresh[""] = latest
+            self._serving = {**self._serving, name: fresh}
+            for key, serving in fresh.items():
+                if key:
+                    states[serving.version] = (READY, serving.note)
+                    serving.metrics.ready.set(1)
+        # Versions served before drain out: replaced by a fresh instance or no longer selected.
+        # When nothing loaded, the old versions keep serving (a failed reload changes nothing).
+        if fresh:
+            retired = [v for k, v in old.items() if k]
+            await self._retire(name, retired, keep={s.version for k, s in fresh.items() if k})
+        if failures:
+            raise ModelLoadError(f"failed to load model '{name}': " + "; ".join(failures))
+        log.info(
+            "model %s loaded", name, extra={"model": name, "versions": sorted(int(k) for k in fresh if k)}
+        )
+
+    def _read_spec(self, name: str, model_dir: Path, override: mc.ModelConfig | None) -> ModelSpec:
+        config = mc.ModelConfig()
+        config.CopyFrom(override if override is not None else read_config(model_dir))
+        if not config.input or not config.output:
+            versions = _numeric_versions(model_dir)
+            backend = self._backends.get(config.backend or "onnxruntime") or self._backends["onnxruntime"]
+            filename = config.default_model_filename or "model.onnx"
+            candidates = [model_dir / str(v) / filename for v in reversed(versions)]
+            path = next((p for p in candidates if p.is_file()), None)
+            if path is None:
+                raise ModelLoadError(
+                    f"model '{name}': the config lists no inputs/outputs and no {filename} was found"
+                )
+            inputs, outputs = backend.signature(path)
+            complete_config(config, inputs, outputs)
+        return spec_from_config(config, name)
+
+    def _load_version(
+        self, spec: ModelSpec, model_dir: Path, version: int
+    ) -> tuple[ModelSpec, LoadedModel, str]:
+        """Runs on a worker thread: loads one version with its backend (or the fallback) and warms it up."""
+        path = model_dir / str(version) / spec.model_filename
+        if not path.is_file():
+            raise ModelLoadError(f"{spec.model_filename} not found in {path.parent}")
+        note = ""
+        try:
+            loaded = self._backends[spec.backend].load(path, spec)
+        except BackendUnavailable as exc:
+            if not spec.fallback_backend or spec.fallback_backend == spec.backend:
+                raise
+            note = f"{exc.message}; serving with fallback backend {spec.fallback_backend}"
+            log.warning("model %s version %d: %s", spec.name, version, note)
+            spec = spec.with_backend(spec.fallback_backend)
+            loaded = self._backends[spec.backend].load(path, spec)
+        if self._settings.warmup:
+            try:
+                loaded.run(warmup_inputs(spec), [t.name for t in spec.outputs])
+            except Exception as exc:
+                loaded.close()
+                raise ModelLoadError(f"warm-up inference failed: {type(exc).__name__}: {exc}") from None
+        return spec, loaded, note
+
+    def _serve(self, spec: ModelSpec, version: int, loaded: LoadedModel, note: str) -> ServingVersion:
+        metrics = VersionMetrics(spec.name, version)
+        batching = spec.batching
+        settings = BatcherSettings(
+            model=spec.name,
+            version=version,
+            dynamic=batching.dynamic,
+            max_batch_size=max(batching.max_batch_size, 1),
+            max_queue_delay_us=batching.max_queue_delay_us,
+            preferred_batch_sizes=batching.preferred_batch_sizes,
+            max_queue_size=batching.max_queue_size or self._settings.max_queue_size,
+            variable_shapes=any(d < 0 for t in spec.inputs for d in t.dims),
+            instances=spec.instance_count,
+        )
+        batcher = DynamicBatcher(settings, loaded, [t.name for t in spec.outputs], metrics)
+        batcher.start()
+        return ServingVersion(spec.name, version, spec, loaded, batcher, metrics, note=note)
+
+    async def _retire(self, name: str, retired: Sequence[ServingVersion], keep: set[int]) -> None:
+        states = self._states.setdefault(name, {})
+        for serving in retired:
+            if serving.version not in keep:
+                states[serving.version] = (UNLOADING, "")
+        await asyncio.gather(*(self._close(s) for s in retired))
+        for serving in retired:
+            if serving.version not in keep:
+                states[serving.version] = (UNAVAILABLE, "unloaded")
+                serving.metrics.ready.set(0)
+
+    @staticmethod
+    async def _close(serving: ServingVersion) -> None:
+        await serving.batcher.close()
+        await asyncio.to_thread(serving.loaded.close)
+
+    async def unload(self, name: str) -> None:
+        """Stops serving every version of `name`; queued and running requests finish first.
+
+        Raises:
+            ModelNotFound: The model is neither loaded nor known.
+        """
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if name not in self._serving and name not in self._states and name not in self._model_errors:
+                raise ModelNotFound(f"model '{name}' is not found")
+            old = self._serving.get(name, {})
+            self._serving = {k: v for k, v in self._serving.items() if k != name}
+            self._model_errors.pop(name, None)
+            await self._retire(name, [v for k, v in old.items() if k], keep=set())
+            log.info("model %s unloaded", name)
+
+    async def close(self) -> None:
+        """Unloads everything (server shutdown)."""
+        for name in list(self._serving):
+            await self.unload(name)
