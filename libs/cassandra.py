@@ -131,8 +131,9 @@ def _wrap(future: ResponseFuture) -> asyncio.Future[list[Any]]:
     result: asyncio.Future[list[Any]] = loop.create_future()
     rows: list[Any] = []
 
-    def _done(page: list[Any]) -> None:
-        rows.extend(page)
+    def _done(page: list[Any] | None) -> None:
+        if page:  # None for statements without rows (INSERT, UPDATE)
+            rows.extend(page)
         if future.has_more_pages:
             future.start_fetching_next_page()
         else:

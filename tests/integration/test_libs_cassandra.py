@@ -1,0 +1,51 @@
+"""libs.cassandra against a real Cassandra: keyspace creation, prepared statements from asyncio, paging."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from libs.cassandra import AsyncCassandra, CassandraConfig, connect
+
+pytestmark = pytest.mark.integration
+
+
+def _config(cassandra_server, keyspace: str) -> CassandraConfig:  # type: ignore[no-untyped-def]
+    return CassandraConfig(
+        cassandra_contact_points=tuple(cassandra_server.contact_points),
+        cassandra_port=cassandra_server.port,
+        cassandra_keyspace=keyspace,
+        cassandra_write_consistency="ONE",
+    )
+
+
+async def test_prepared_writes_and_reads_from_asyncio(cassandra_server) -> None:  # type: ignore[no-untyped-def]
+    keyspace = f"libs_{uuid.uuid4().hex[:8]}"
+    session = connect(_config(cassandra_server, keyspace))
+    try:
+        session.execute("CREATE TABLE IF NOT EXISTS kv (k text PRIMARY KEY, v int)")
+        db = AsyncCassandra(session, _config(cassandra_server, keyspace))
+        insert = db.prepare("INSERT INTO kv (k, v) VALUES (?, ?)", write=True)
+        select = db.prepare("SELECT v FROM kv WHERE k = ?")
+        await db.execute_many(insert, [(f"k{i}", i) for i in range(300)])
+        rows = await db.execute_many(select, [("k7",), ("k299",), ("nope",)])
+        assert [[r.v for r in page] for page in rows] == [[7], [299], []]
+        # A statement with more rows than one page still returns them all.
+        select_all = db.prepare("SELECT k FROM kv")
+        select_all.fetch_size = 50
+        assert len(await db.execute(select_all)) == 300
+        # Values are bound, never spliced into CQL: a crafted string is just data.
+        crafted = "x'); DROP TABLE kv; --"
+        await db.execute(insert, (crafted, 1))
+        assert [r.v for r in await db.execute(select, (crafted,))] == [1]
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        session.cluster.shutdown()
+
+
+def test_config_rejects_unsafe_keyspace_and_unknown_consistency() -> None:
+    with pytest.raises(ValueError, match="not a valid CQL identifier"):
+        CassandraConfig(cassandra_keyspace="x; DROP KEYSPACE system")
+    with pytest.raises(ValueError, match="not a consistency level"):
+        CassandraConfig(cassandra_read_consistency="MOSTLY")
