@@ -1,0 +1,242 @@
+"""The inference-log producer's spool (frames, torn tails, checksums, locking) and its spill/re-send loop.
+
+Kafka here is librdkafka's in-process mock cluster (`test.mock.num.brokers`) or an address nobody
+listens on; the tests against a real broker are in tests/integration/logging/.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from infergrid.logging.v1 import logging_pb2
+from libs.inference_log import (
+    MAGIC,
+    SCHEMA_VERSION_HEADER,
+    InferenceLogConfig,
+    InferenceLogProducer,
+    ReadReport,
+    Spool,
+    SpoolLockedError,
+    decode_message,
+    encode_message,
+    frame,
+    read_frames,
+)
+from libs.kafka import KafkaConfig
+from libs.testing import free_port
+
+
+def _record(i: int) -> logging_pb2.InferenceLogRecord:
+    record = logging_pb2.InferenceLogRecord(
+        schema_version=logging_pb2.SCHEMA_VERSION_1,
+        request_id=f"req-{i:06d}",
+        model="fraud",
+        model_version="1",
+        latency_us=100 + i,
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+        span_id="b7ad6b7169203331",
+    )
+    record.request_time.FromMicroseconds(1_780_000_000_000_000 + i)
+    record.entities["user"] = f"u{i}"
+    return record
+
+
+def test_message_encoding_round_trips_key_headers_and_value() -> None:
+    headers = [("traceparent", b"00-abc-def-01"), ("empty", b"")]
+    message = decode_message(encode_message(b"key", b"\x00value\xff", headers))
+    assert message.key == b"key"
+    assert message.value == b"\x00value\xff"
+    assert message.headers == headers
+
+
+def test_frames_survive_a_torn_tail() -> None:
+    data = frame(b"one") + frame(b"two") + frame(b"three")[:-2]
+    report = ReadReport()
+    assert list(read_frames(data, report)) == [b"one", b"two"]
+    assert report.frames == 2
+    assert report.skipped_bytes > 0
+
+
+def test_a_damaged_frame_is_skipped_and_the_next_ones_are_read() -> None:
+    damaged = bytearray(frame(b"payload-two"))
+    damaged[-1] ^= 0xFF  # flip bits in the payload: the checksum no longer matches
+    data = frame(b"one") + bytes(damaged) + frame(b"three")
+    assert list(read_frames(data)) == [b"one", b"three"]
+
+
+def test_a_damaged_length_does_not_swallow_the_following_frames() -> None:
+    damaged = bytearray(frame(b"payload-two"))
+    damaged[4:8] = (10_000_000).to_bytes(4, "little")
+    data = frame(b"one") + bytes(damaged) + frame(b"three") + b"garbage" + MAGIC
+    assert list(read_frames(data)) == [b"one", b"three"]
+
+
+def test_spool_appends_seals_and_reads_back_after_a_torn_write(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync="always")
+    for i in range(3):
+        spool.append(f"k{i}".encode(), f"v{i}".encode(), [("h", b"x")])
+    spool.close()
+    (segment,) = sorted(tmp_path.glob("segment-*.spool"))
+    with segment.open("ab") as handle:  # a crash in the middle of the next write
+        handle.write(frame(encode_message(b"k3", b"v3", []))[:9])
+
+    reopened = Spool(tmp_path)
+    reopened.append(b"k4", b"v4", [])  # goes to a new segment: old ones are never appended to
+    assert reopened.sealed_segments() == [segment]
+    report = ReadReport()
+    assert [m.value for m in reopened.read(segment, report)] == [b"v0", b"v1", b"v2"]
+    assert report.skipped_bytes == 9
+    reopened.seal()
+    assert len(reopened.sealed_segments()) == 2
+    reopened.close()
+
+
+def test_spool_folder_is_locked_by_one_process(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolLockedError):
+        Spool(tmp_path)
+    spool.close()
+    Spool(tmp_path).close()
+
+
+def test_spool_rolls_segments_by_size(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=100)
+    for i in range(10):
+        spool.append(b"k", b"x" * 60, [("n", str(i).encode())])
+    spool.seal()
+    segments = spool.sealed_segments()
+    assert len(segments) == 5
+    values = [m.headers[0][1] for s in segments for m in spool.read(s)]
+    assert values == [str(i).encode() for i in range(10)]
+    spool.close()
+
+
+def _config(tmp_path: Path, **overrides: object) -> InferenceLogConfig:
+    settings: dict[str, object] = {
+        "inference_log_topic": "inference-log-test",
+        "inference_log_spool_dir": tmp_path / "spool",
+        "inference_log_delivery_timeout_ms": 1500,
+        "inference_log_resend_interval_s": 0.2,
+        "inference_log_linger_ms": 1.0,
+    }
+    settings.update(overrides)
+    return InferenceLogConfig(**settings)  # type: ignore[arg-type]
+
+
+def _wait(predicate: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def _mock_cluster() -> tuple[Producer, str]:
+    """A librdkafka mock cluster kept alive by the returned producer, and its bootstrap address."""
+    holder = Producer({"test.mock.num.brokers": 1})
+    brokers = holder.list_topics(timeout=5).brokers
+    (broker,) = brokers.values()
+    return holder, f"{broker.host}:{broker.port}"
+
+
+def _consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list[bytes]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test", "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    seen: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(seen) < expected and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is None:
+                    seen.append(msg.value())
+    finally:
+        consumer.close()
+    return seen
+
+
+def test_publishes_with_key_and_headers_to_kafka(tmp_path: Path) -> None:
+    holder, bootstrap = _mock_cluster()
+    producer = InferenceLogProducer(_config(tmp_path), KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    producer.start()
+    for i in range(50):
+        producer.publish(_record(i))
+    assert producer.flush(10) == 0
+    producer.close()
+    assert producer.stats().sent == 50
+    assert producer.stats().spooled == 0
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "h", "auto.offset.reset": "earliest"})
+    consumer.subscribe(["inference-log-test"])
+    message = None
+    deadline = time.monotonic() + 20
+    while message is None and time.monotonic() < deadline:
+        candidate = consumer.poll(0.5)
+        if candidate is not None and candidate.error() is None:
+            message = candidate
+    consumer.close()
+    assert message is not None
+    record = logging_pb2.InferenceLogRecord.FromString(message.value())
+    assert message.key() == record.request_id.encode()
+    headers = dict(message.headers())
+    assert headers[SCHEMA_VERSION_HEADER] == b"1"
+    assert headers["traceparent"] == f"00-{record.trace_id}-{record.span_id}-01".encode()
+    del holder
+
+
+def test_unreachable_kafka_spools_then_a_new_process_resends_everything(tmp_path: Path) -> None:
+    dead = KafkaConfig(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    producer = InferenceLogProducer(_config(tmp_path), dead)
+    producer.start()
+    for i in range(200):
+        producer.publish(_record(i))
+    _wait(lambda: producer.stats().spooled == 200)
+    producer.close(timeout=0.5)
+    assert producer.stats().failed == 0
+    assert producer.stats().sent == 0
+
+    holder, bootstrap = _mock_cluster()
+    restarted = InferenceLogProducer(_config(tmp_path), KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    restarted.start()
+    _wait(lambda: restarted.stats().resent == 200)
+    assert restarted.drain_spool(10)
+    restarted.close()
+    values = _consume_all(bootstrap, "inference-log-test", 200)
+    ids = {logging_pb2.InferenceLogRecord.FromString(v).request_id for v in values}
+    assert ids == {f"req-{i:06d}" for i in range(200)}
+    assert not list((tmp_path / "spool").glob("segment-*.spool"))
+    del holder
+
+
+def test_a_full_queue_spills_to_the_spool_without_blocking(tmp_path: Path) -> None:
+    dead = KafkaConfig(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    producer = InferenceLogProducer(_config(tmp_path, inference_log_queue_max_messages=10), dead)
+    for i in range(100):
+        producer.publish(_record(i))
+    assert producer.stats().spooled == 90  # queued: 10; the rest went straight to disk
+    producer.close(timeout=0.1)
+    assert producer.stats().spooled == 100  # close spools what is still queued
+
+
+def test_a_full_disk_counts_failed_and_logs_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = KafkaConfig(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    producer = InferenceLogProducer(_config(tmp_path, inference_log_queue_max_messages=1), dead)
+
+    def _no_space(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", _no_space)
+    producer.publish(_record(0))  # queued
+    producer.publish(_record(1))  # queue full -> spool -> disk full
+    monkeypatch.undo()
+    assert producer.stats().failed == 1
+    assert any(r.levelname == "ERROR" and "LOST" in r.getMessage() for r in caplog.records)
+    producer.close(timeout=0.1)
