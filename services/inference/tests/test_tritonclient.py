@@ -1,0 +1,107 @@
+"""The unmodified tritonclient against the real server process: metadata, inference, errors, batching, reloads.
+
+The server runs as `python -m services.inference` on a temporary repository; the
+client side runs in another subprocess (triton_client.py), because tritonclient
+and our generated `inference` modules cannot share a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from libs.testing import free_port, spawn_module, stop_process, wait_serving
+from services.inference.tests.models import write_repository
+
+CLIENT = Path(__file__).resolve().parent / "triton_client.py"
+SERVICE = "inference.GRPCInferenceService"
+SCENARIOS = (
+    "metadata_and_config_match_the_repository",
+    "infer_matches_onnxruntime_on_the_same_file",
+    "every_datatype_round_trips",
+    "errors_have_the_right_status_and_message",
+    "concurrent_clients_get_their_own_results_in_batches",
+    "stream_infer_answers_each_request",
+    "statistics_and_repository_index",
+    "load_and_unload_versions_while_traffic_flows",
+)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
+    repo = write_repository(tmp_path_factory.mktemp("triton-models"))
+    port, metrics_port = free_port(), free_port()
+    proc = spawn_module(
+        "services.inference",
+        {
+            "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
+            "INFERGRID_INFERENCE_PORT": str(port),
+            "INFERGRID_INFERENCE_METRICS_PORT": str(metrics_port),
+            "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
+            "INFERGRID_INFERENCE_GRACE_SECONDS": "1",
+        },
+    )
+    try:
+        asyncio.run(wait_serving(port, SERVICE, proc, timeout=60))
+        yield proc, port, metrics_port, repo
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def results(server: tuple[subprocess.Popen[bytes], int, int, Path]) -> dict[str, str]:
+    _proc, port, metrics_port, repo = server
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(CLIENT),
+            "check",
+            f"127.0.0.1:{port}",
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            str(repo),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, f"tritonclient side crashed:\n{run.stdout}\n{run.stderr}"
+    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_tritonclient_scenario(results: dict[str, str], name: str) -> None:
+    assert name in results, f"scenario {name} did not run: {sorted(results)}"
+    assert results[name] == "ok", results[name]
+
+
+def test_every_scenario_is_listed(results: dict[str, str]) -> None:
+    assert sorted(results) == sorted(SCENARIOS)
+
+
+def test_garbage_and_abandoned_calls_leave_the_server_running(
+    server: tuple[subprocess.Popen[bytes], int, int, Path], results: dict[str, str]
+) -> None:
+    proc, port, _, _ = server
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+        for garbage in (b"\xff" * 7, b"\x0a\x05fraud\x2a\xff\xff", bytes(range(256)) * 50):
+            with pytest.raises(grpc.RpcError):
+                infer(garbage, timeout=5)
+        # Calls the client gives up on mid-flight (deadline far below one round trip).
+        for _ in range(20):
+            with contextlib.suppress(grpc.RpcError):
+                infer(b"\x0a\x05fraud", timeout=0.0001)
+        live = channel.unary_unary(f"/{SERVICE}/ServerLive")
+        assert live(b"", timeout=5) == b"\x08\x01"  # ServerLiveResponse{live: true}
+    assert proc.poll() is None
