@@ -42,3 +42,22 @@ fmt: setup  ## ruff format + autofix
 clean:  ## remove generated code and Bazel outputs (keeps the virtualenv and stack state)
 	rm -rf build
 	-$(BAZEL) clean 2>/dev/null
+
+# Local stack (stack/): real Redis, Cassandra, Kafka, Jaeger and Envoy on loopback; state in .state/.
+# Name components to act on some only, e.g. `make up COMPONENTS="redis kafka"`.
+.PHONY: up down status logs clean-state
+
+up: setup  ## install what is missing, start the local stack, wait until it answers
+	$(PY) -m stack up $(COMPONENTS)
+
+down: setup  ## stop the local stack (TERM, then KILL after a timeout)
+	$(PY) -m stack down $(COMPONENTS)
+
+status: setup  ## one table: component, pid, port, health, uptime
+	@$(PY) -m stack status $(COMPONENTS)
+
+logs: setup  ## the last lines of each server's log
+	@$(PY) -m stack logs $(COMPONENTS)
+
+clean-state: setup  ## stop the stack and delete its data and logs (keeps the install cache)
+	$(PY) -m stack clean-state $(COMPONENTS)

@@ -1,0 +1,1 @@
+"""The local stack: installs, starts, supervises and stops the real servers InferGrid runs against."""

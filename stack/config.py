@@ -1,0 +1,109 @@
+"""The stack's configuration: one frozen dataclass read once from the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stack.errors import ConfigError
+from stack.ports import DEFAULT_PORTS, port_env_var
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Every server the stack starts listens on loopback only.
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Where the stack keeps its state and caches, and which ports its servers use.
+
+    Attributes:
+        state_dir: Data directories, logs and pid files (INFERGRID_STATE_DIR, default `<repo>/.state`).
+        cache_dir: Installed jars and binaries, shared by every clone
+            (INFERGRID_CACHE_DIR, default `~/.cache/infergrid`).
+        ports: Port per name; defaults in `stack.ports.DEFAULT_PORTS`, each overridden by
+            INFERGRID_<NAME>_PORT (e.g. INFERGRID_REDIS_PORT, INFERGRID_ENVOY_ADMIN_PORT).
+        java_home: The OpenJDK 17 to run Cassandra and Kafka on (INFERGRID_JAVA_HOME); found under
+            /usr/lib/jvm (and installed with apt when missing) when unset.
+        repo_root: The checkout whose `deploy/local` holds the servers' configuration files.
+        host: The address every server binds; loopback only.
+    """
+
+    state_dir: Path
+    cache_dir: Path
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    java_home: Path | None = None
+    repo_root: Path = REPO_ROOT
+    host: str = LOOPBACK
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> StackConfig:
+        """Builds the config from environment variables (pass `os.environ`).
+
+        Raises:
+            ConfigError: a variable holds a malformed value; the message names it.
+        """
+        state_dir = Path(env.get("INFERGRID_STATE_DIR") or REPO_ROOT / ".state")
+        cache_dir = Path(env.get("INFERGRID_CACHE_DIR") or Path.home() / ".cache" / "infergrid")
+        ports = dict(DEFAULT_PORTS)
+        for key, value in env.items():
+            if key.startswith("INFERGRID_") and key.endswith("_PORT"):
+                name = key[len("INFERGRID_") : -len("_PORT")].lower()
+                ports[name] = _parse_port(key, value)
+        java_home = env.get("INFERGRID_JAVA_HOME")
+        return cls(
+            state_dir=state_dir.absolute(),
+            cache_dir=cache_dir.absolute(),
+            ports=ports,
+            java_home=Path(java_home) if java_home else None,
+        )
+
+    def port(self, name: str) -> int:
+        """Returns the port called `name` (see `stack.ports.DEFAULT_PORTS`)."""
+        try:
+            return self.ports[name]
+        except KeyError:
+            raise ConfigError(f"no port named {name!r}; set {port_env_var(name)}") from None
+
+    def with_ports(self, ports: Mapping[str, int]) -> StackConfig:
+        """Returns a copy whose ports are updated from `ports`."""
+        return dataclasses.replace(self, ports={**self.ports, **ports})
+
+    def to_env(self) -> dict[str, str]:
+        """Returns the environment variables that reproduce this config in another process."""
+        env = {
+            "INFERGRID_STATE_DIR": str(self.state_dir),
+            "INFERGRID_CACHE_DIR": str(self.cache_dir),
+            **{port_env_var(name): str(port) for name, port in self.ports.items()},
+        }
+        if self.java_home is not None:
+            env["INFERGRID_JAVA_HOME"] = str(self.java_home)
+        return env
+
+    @property
+    def deploy_dir(self) -> Path:
+        """The checked-in configuration files of the servers."""
+        return self.repo_root / "deploy" / "local"
+
+    @property
+    def log_dir(self) -> Path:
+        """One log file per component."""
+        return self.state_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        """One pid file per running component."""
+        return self.state_dir / "run"
+
+
+def _parse_port(variable: str, value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ConfigError(f"{variable}={value!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{variable}={port} is outside 1..65535")
+    return port
