@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from libs.cassandra import CassandraConfig
+from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -21,8 +23,75 @@ class FeaturesTelemetryConfig(TelemetryConfig):
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """The Redis read-through cache in front of Cassandra."""
+
+    # Off: every read goes to Cassandra.
+    cache_enabled: bool = True
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Upper bound on how long an entity's values stay cached; a view's TTL lowers it.
+    cache_ttl_s: float = 300.0
+    # How long "this entity has no values" is remembered (writes invalidate it at once).
+    cache_negative_ttl_s: float = 30.0
+    cache_key_prefix: str = "ifs:"
+    # Per Redis command; a slow or absent Redis is a cache miss, never an error.
+    cache_timeout_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.cache_ttl_s <= 0 or self.cache_negative_ttl_s <= 0:
+            raise ValueError("cache_ttl_s and cache_negative_ttl_s must be positive")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How the online store uses Cassandra (connection settings are in CassandraConfig)."""
+
+    # Entities read per `IN (...)` query; a request for more is split into concurrent queries.
+    store_read_chunk: int = 100
+    # Values older than their view's TTL stay stored this long (served as EXPIRED), then Cassandra drops them.
+    store_expired_retention_s: int = 86_400
+    # Circuit breaker: open after this many consecutive failures, probe again after reset_s.
+    store_breaker_failures: int = 5
+    store_breaker_reset_s: float = 2.0
+    # Attempts per Cassandra call (1: no retry); retries are budgeted.
+    store_max_attempts: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.store_read_chunk <= 1000:
+            raise ValueError(f"store_read_chunk must be 1..1000, got {self.store_read_chunk}")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request size limits: larger requests are refused with INVALID_ARGUMENT."""
+
+    max_entities_per_request: int = 1000
+    max_features_per_request: int = 1000
+    max_rows_per_write: int = 10_000
+    # How often feature views are re-read from Cassandra (changes applied through other replicas).
+    registry_refresh_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The streaming ingestion consumer (`python -m services.features.ingest_stream`)."""
+
+    stream_topic: str = "infergrid.features.updates"
+    stream_dead_letter_topic: str = "infergrid.features.updates.dlq"
+    stream_group_id: str = "infergrid-features-ingest"
+    stream_batch_size: int = 500
+    stream_poll_timeout_s: float = 0.5
+
+
+@dataclass(frozen=True)
 class FeaturesConfig:
     """Everything the features service reads at start-up."""
 
     server: FeaturesServerConfig = field(default_factory=FeaturesServerConfig)
     telemetry: FeaturesTelemetryConfig = field(default_factory=FeaturesTelemetryConfig)
+    cassandra: CassandraConfig = field(default_factory=CassandraConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)

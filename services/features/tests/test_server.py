@@ -1,20 +1,349 @@
-"""The features server on the shared bootstrap: SERVING, listed by reflection; a bad config value exits."""
+"""FeatureService over a real gRPC channel, with in-memory fakes of the store, view store and cache."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from infergrid.features.v1 import features_pb2 as pb
+from infergrid.features.v1 import features_pb2_grpc
 from libs.testing import assert_bad_config_exits, assert_serves
-from services.features.config import FeaturesConfig, FeaturesServerConfig
+from services.features.config import FeaturesConfig, FeaturesServerConfig, LimitsConfig
 from services.features.server import SERVICE_NAME, create_server
+from services.features.tests.fakes import InMemoryCache, InMemoryOnlineStore, InMemoryViewStore
+from services.features.tests.views import ALL_TYPES, VT, V, string_keys, typed_row, typed_view
+
+OK = pb.FEATURE_STATUS_PRESENT
+NOT_FOUND = pb.FEATURE_STATUS_NOT_FOUND
+EXPIRED = pb.FEATURE_STATUS_EXPIRED
 
 
-async def test_serves_health_and_reflection() -> None:
-    server = await create_server(FeaturesConfig(server=FeaturesServerConfig(port=0)))
+@dataclass
+class Harness:
+    stub: features_pb2_grpc.FeatureServiceStub
+    store: InMemoryOnlineStore
+    cache: InMemoryCache
+    port: int
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    store, cache = InMemoryOnlineStore(), InMemoryCache()
+    config = FeaturesConfig(
+        server=FeaturesServerConfig(port=0), limits=LimitsConfig(max_entities_per_request=50)
+    )
+    server = await create_server(config, store=store, view_store=InMemoryViewStore(), cache=cache)
     await server.start()
     try:
-        await assert_serves(f"127.0.0.1:{server.port}", SERVICE_NAME)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield Harness(features_pb2_grpc.FeatureServiceStub(channel), store, cache, server.port)
     finally:
         await server.stop(0, 0.5)
 
 
+async def test_serves_health_and_reflection(harness: Harness) -> None:
+    await assert_serves(f"127.0.0.1:{harness.port}", SERVICE_NAME)
+
+
 def test_malformed_port_exits_naming_the_variable() -> None:
     assert_bad_config_exits("services.features", "INFERGRID_FEATURES_PORT", "not-a-port")
+
+
+async def _code(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code()
+
+
+async def test_round_trips_every_type(harness: Harness) -> None:
+    reply = await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    assert reply.created and reply.feature_view.revision == 1
+    written = await harness.stub.WriteFeatures(
+        pb.WriteFeaturesRequest(feature_view="typed", rows=[typed_row("a", ts_s=1_700_000_000.25)])
+    )
+    assert written.rows_written == 1
+    refs = [f"typed:{n}" for n in ALL_TYPES]
+    got = await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=refs, entities={"id": string_keys("a", "missing", "a")})
+    )
+    assert list(got.feature_names) == refs
+    assert not got.possibly_stale
+    for (name, (_, value)), vector in zip(ALL_TYPES.items(), got.results, strict=True):
+        assert list(vector.statuses) == [OK, NOT_FOUND, OK], name
+        assert vector.values[0] == value and vector.values[2] == value, name
+        assert vector.values[1] == V()
+        assert vector.event_timestamps[0].ToNanoseconds() == 1_700_000_000_250_000_000
+    # The second read is answered by the cache, identically.
+    reads = harness.store.reads
+    again = await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=refs, entities={"id": string_keys("a", "missing", "a")})
+    )
+    assert again == got
+    assert harness.store.reads == reads
+
+
+async def test_write_is_visible_through_the_cache(harness: Harness) -> None:
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    request = pb.GetOnlineFeaturesRequest(features=["typed:f_int64"], entities={"id": string_keys("b")})
+    first = await harness.stub.GetOnlineFeatures(request)
+    assert list(first.results[0].statuses) == [NOT_FOUND]  # now negatively cached
+    await harness.stub.WriteFeatures(
+        pb.WriteFeaturesRequest(
+            feature_view="typed",
+            rows=[
+                pb.FeatureRow(entity_key={"id": V(string_value="b")}, values={"f_int64": V(int64_value=7)})
+            ],
+        )
+    )
+    second = await harness.stub.GetOnlineFeatures(request)
+    assert list(second.results[0].statuses) == [OK]
+    assert second.results[0].values[0].int64_value == 7
+
+
+async def test_expired_value_is_reported_expired(harness: Harness) -> None:
+    await harness.stub.ApplyFeatureView(
+        pb.ApplyFeatureViewRequest(feature_view=typed_view("short", ttl_s=60))
+    )
+    await harness.stub.WriteFeatures(
+        pb.WriteFeaturesRequest(
+            feature_view="short", rows=[typed_row("old", ts_s=time.time() - 3600), typed_row("new")]
+        )
+    )
+    got = await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=["short:f_float"], entities={"id": string_keys("old", "new")})
+    )
+    assert list(got.results[0].statuses) == [EXPIRED, OK]
+    assert got.results[0].values[0] == V()
+    assert got.results[0].values[1].float_value == 1.5
+
+
+async def test_evolution_adds_features_and_refuses_type_and_key_changes(harness: Harness) -> None:
+    view = typed_view()
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[typed_row("a")]))
+    # Cached before the view grows.
+    await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("a")})
+    )
+    view.features.add(name="added", type=VT.VALUE_TYPE_INT64)
+    reply = await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    assert not reply.created and reply.feature_view.revision == 2
+    assert [f.name for f in reply.feature_view.features][-1] == "added"
+    got = await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(
+            features=["typed:added", "typed:f_float"], entities={"id": string_keys("a")}
+        )
+    )
+    assert list(got.results[0].statuses) == [NOT_FOUND]
+    assert list(got.results[1].statuses) == [OK]
+    # Same definition again: nothing changes.
+    same = await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    assert same.feature_view.revision == 2
+
+    retyped = pb.FeatureView()
+    retyped.CopyFrom(view)
+    retyped.features[0].type = VT.VALUE_TYPE_STRING
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=retyped))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'f_float' is FLOAT and cannot become STRING" in (info.value.details() or "")
+
+    rekeyed = typed_view(key_type=VT.VALUE_TYPE_INT64)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=rekeyed))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "entity key cannot change" in (info.value.details() or "")
+
+
+async def test_get_and_list_views(harness: Harness) -> None:
+    for name in ("b_view", "a_view", "c_view"):
+        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view(name)))
+    got = await harness.stub.GetFeatureView(pb.GetFeatureViewRequest(name="a_view"))
+    assert got.owner == "tests" and got.created_time.seconds > 0
+    page = await harness.stub.ListFeatureViews(pb.ListFeatureViewsRequest(page_size=2))
+    assert [v.name for v in page.feature_views] == ["a_view", "b_view"] and page.next_page_token
+    rest = await harness.stub.ListFeatureViews(
+        pb.ListFeatureViewsRequest(page_size=2, page_token=page.next_page_token)
+    )
+    assert [v.name for v in rest.feature_views] == ["c_view"] and not rest.next_page_token
+    assert (
+        await _code(harness.stub.GetFeatureView(pb.GetFeatureViewRequest(name="nope")))
+        == grpc.StatusCode.NOT_FOUND
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (
+            pb.GetOnlineFeaturesRequest(features=["nope:x"], entities={"id": string_keys("a")}),
+            "NOT_FOUND",
+            "'nope'",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(features=["typed:nope"], entities={"id": string_keys("a")}),
+            "NOT_FOUND",
+            "'nope'",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(features=[], entities={"id": string_keys("a")}),
+            "INVALID_ARGUMENT",
+            "features",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(features=["typed"], entities={"id": string_keys("a")}),
+            "INVALID_ARGUMENT",
+            "'view:feature'",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={}),
+            "INVALID_ARGUMENT",
+            "entities",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys()}),
+            "INVALID_ARGUMENT",
+            "no rows",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(
+                features=["typed:f_float"], entities={"id": string_keys(*map(str, range(51)))}
+            ),
+            "INVALID_ARGUMENT",
+            "at most 50",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(
+                features=["typed:f_float"],
+                entities={"id": string_keys("a", "b"), "other": string_keys("x", "y")},
+            ),
+            "INVALID_ARGUMENT",
+            "'other' is not a key column",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(
+                features=["typed:f_float"],
+                entities={"id": string_keys("a").__class__(values=[V(string_value="a"), V(int64_value=3)])},
+            ),
+            "INVALID_ARGUMENT",
+            "entities['id'][1]: expected STRING, got INT64",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(
+                features=["typed'; DROP TABLE feature_values; --:x"], entities={"id": string_keys("a")}
+            ),
+            "NOT_FOUND",
+            "DROP TABLE",
+        ),
+        (
+            pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("x" * 2000)}),
+            "INVALID_ARGUMENT",
+            "at most 1024",
+        ),
+    ],
+)
+async def test_bad_reads_name_the_problem(
+    harness: Harness, request_: pb.GetOnlineFeaturesRequest, code: str, words: str
+) -> None:
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    if code == "OK":
+        await harness.stub.GetOnlineFeatures(request_)
+        return
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.GetOnlineFeatures(request_)
+    assert info.value.code().name == code, info.value.details()
+    assert words in (info.value.details() or "")
+
+
+async def test_crafted_entity_keys_are_data(harness: Harness) -> None:
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    crafted = "a' OR '1'='1"
+    got = await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys(crafted)})
+    )
+    assert list(got.results[0].statuses) == [NOT_FOUND]
+
+
+@pytest.mark.parametrize(
+    ("row", "code", "words"),
+    [
+        (
+            pb.FeatureRow(entity_key={"id": V(string_value="a")}, values={"nope": V(float_value=1)}),
+            "NOT_FOUND",
+            "'nope'",
+        ),
+        (
+            pb.FeatureRow(entity_key={"id": V(int64_value=1)}, values={"f_float": V(float_value=1)}),
+            "INVALID_ARGUMENT",
+            "expected STRING, got INT64",
+        ),
+        (
+            pb.FeatureRow(entity_key={"id": V(string_value="a")}, values={"f_float": V(string_value="1")}),
+            "INVALID_ARGUMENT",
+            "rows[0].values['f_float']: expected FLOAT, got STRING",
+        ),
+        (
+            pb.FeatureRow(entity_key={}, values={"f_float": V(float_value=1)}),
+            "INVALID_ARGUMENT",
+            "'id' is missing",
+        ),
+        (
+            pb.FeatureRow(entity_key={"id": V(string_value="a")}, values={}),
+            "INVALID_ARGUMENT",
+            "at least one feature",
+        ),
+    ],
+)
+async def test_bad_writes_name_the_problem(
+    harness: Harness, row: pb.FeatureRow, code: str, words: str
+) -> None:
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[row]))
+    assert info.value.code().name == code, info.value.details()
+    assert words in (info.value.details() or "")
+
+
+async def test_bad_views_are_refused(harness: Harness) -> None:
+    bad = typed_view("x; DROP KEYSPACE infergrid")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=bad))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "feature_view.name" in (info.value.details() or "")
+    float_key = typed_view(key_type=VT.VALUE_TYPE_FLOAT)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=float_key))
+    assert "must be STRING, INT64 or BYTES" in (info.value.details() or "")
+
+
+async def test_store_down_serves_cache_as_possibly_stale_and_fails_misses_fast(harness: Harness) -> None:
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[typed_row("hot")]))
+    hot = pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("hot")})
+    assert not (await harness.stub.GetOnlineFeatures(hot)).possibly_stale
+    harness.store.down = True
+    cold = pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("cold")})
+    for _ in range(8):
+        started = time.perf_counter()
+        assert await _code(harness.stub.GetOnlineFeatures(cold)) == grpc.StatusCode.UNAVAILABLE
+        assert time.perf_counter() - started < 1.0
+    served = await harness.stub.GetOnlineFeatures(hot)
+    assert served.possibly_stale and list(served.results[0].statuses) == [OK]
+    harness.store.down = False
+    # Recovery: the breaker half-opens after its reset time and the next miss closes it.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            got = await harness.stub.GetOnlineFeatures(cold)
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+    assert list(got.results[0].statuses) == [NOT_FOUND]
+    assert not (await harness.stub.GetOnlineFeatures(hot)).possibly_stale

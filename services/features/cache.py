@@ -1,0 +1,169 @@
+"""The read-through cache in Redis: one key per entity per view holding its whole record.
+
+A batch is read with one MGET (one round trip for every entity of every view in
+a request) and filled with one pipelined round of SETs. Entities with no values
+are cached too (a short "negative" entry), so repeated look-ups of unknown ids do
+not reach Cassandra. Writes delete the keys they touch, so the next read sees
+them. Redis being slow or down is a cache miss, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import redis.asyncio as redis
+from prometheus_client import Counter
+
+from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
+from libs.telemetry import tracer
+from services.features import codec
+from services.features.codec import CorruptPayload, Record
+from services.features.config import CacheConfig
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+CACHE_LOOKUPS = Counter(
+    "infergrid_features_cache_lookups_total",
+    "Entity look-ups in the cache by result (hit, negative hit, miss, error).",
+    ["result"],
+)
+_HIT = CACHE_LOOKUPS.labels("hit")
+_NEGATIVE = CACHE_LOOKUPS.labels("negative")
+_MISS = CACHE_LOOKUPS.labels("miss")
+_ERROR = CACHE_LOOKUPS.labels("error")
+
+
+class _Absent:
+    """The cache knows the entity has no values."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+# A cache answer per key: a Record, ABSENT, or None (not cached).
+CacheEntry = Record | _Absent | None
+
+
+class FeatureCache(Protocol):
+    """Entity records keyed by (view, entity key)."""
+
+    enabled: bool
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[CacheEntry]:
+        """One entry per key, in order."""
+        ...
+
+    async def put_many(self, items: Sequence[tuple[bytes, Record | None]], ttls_s: Sequence[float]) -> None:
+        """Caches records (None: the entity has no values) with per-item TTLs."""
+        ...
+
+    async def invalidate(self, keys: Sequence[bytes]) -> None:
+        """Forgets the keys, so the next read goes to the store."""
+        ...
+
+
+def cache_key(prefix: bytes, view: str, entity_key: bytes) -> bytes:
+    """The Redis key of an entity of a view (view names cannot contain ':')."""
+    return prefix + view.encode() + b":" + entity_key
+
+
+class NoCache:
+    """The cache turned off: every look-up misses."""
+
+    enabled = False
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[CacheEntry]:
+        return [None] * len(keys)
+
+    async def put_many(self, items: Sequence[tuple[bytes, Record | None]], ttls_s: Sequence[float]) -> None:
+        return None
+
+    async def invalidate(self, keys: Sequence[bytes]) -> None:
+        return None
+
+
+class RedisCache:
+    """FeatureCache on Redis (redis-py asyncio), behind a circuit breaker."""
+
+    enabled = True
+
+    def __init__(self, config: CacheConfig, client: redis.Redis | None = None) -> None:
+        self._client = client or redis.Redis.from_url(
+            config.redis_url,
+            socket_timeout=config.cache_timeout_s,
+            socket_connect_timeout=config.cache_timeout_s,
+            max_connections=64,
+        )
+        self._redis = Dependency(
+            "redis",
+            DependencyPolicy(
+                timeout_s=config.cache_timeout_s,
+                retry=RetryPolicy(max_attempts=1),
+                breaker=BreakerPolicy(failure_threshold=3, reset_timeout_s=2.0),
+            ),
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[CacheEntry]:
+        with _tracer.start_as_current_span("redis MGET") as span:
+            span.set_attribute("db.system", "redis")
+            span.set_attribute("infergrid.keys", len(keys))
+            try:
+                payloads = await self._redis.call(self._client.mget, keys)
+            except Exception as exc:
+                _ERROR.inc(len(keys))
+                log.debug("cache read failed: %s", exc)
+                return [None] * len(keys)
+        out: list[CacheEntry] = []
+        hits = negatives = 0
+        for payload in payloads:
+            if not isinstance(payload, bytes):
+                out.append(None)
+                continue
+            try:
+                record = codec.decode_record(payload)
+            except CorruptPayload:
+                out.append(None)
+                continue
+            if record is None:
+                negatives += 1
+                out.append(ABSENT)
+            else:
+                hits += 1
+                out.append(record)
+        _HIT.inc(hits)
+        _NEGATIVE.inc(negatives)
+        _MISS.inc(len(keys) - hits - negatives)
+        return out
+
+    async def put_many(self, items: Sequence[tuple[bytes, Record | None]], ttls_s: Sequence[float]) -> None:
+        if not items:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for (key, record), ttl in zip(items, ttls_s, strict=True):
+            pipe.set(key, codec.encode_record(record), px=max(1, int(ttl * 1000)))
+        with _tracer.start_as_current_span("redis SET") as span:
+            span.set_attribute("db.system", "redis")
+            span.set_attribute("infergrid.keys", len(items))
+            try:
+                await self._redis.call(pipe.execute)
+            except Exception as exc:
+                log.debug("cache fill failed: %s", exc)
+
+    async def invalidate(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            return
+        with _tracer.start_as_current_span("redis DEL") as span:
+            span.set_attribute("db.system", "redis")
+            span.set_attribute("infergrid.keys", len(keys))
+            try:
+                await self._redis.call(self._client.delete, *keys)
+            except Exception as exc:
+                # The values stay cached until their TTL: say so loudly.
+                log.warning("cache invalidation of %d keys failed: %s", len(keys), exc)

@@ -1,0 +1,286 @@
+"""Encodings of feature values: typed Values, entity keys, stored cells, cache records and wire frames.
+
+Values are kept as serialized `infergrid.types.v1.Value` bytes end to end: written
+by clients, stored in Cassandra, cached in Redis and copied into responses without
+being parsed again. A response is assembled from pre-framed protobuf fields (see
+`response.py`), so its per-value cost is one list append.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from infergrid.types.v1 import value_pb2
+
+VT = value_pb2.ValueType
+Value = value_pb2.Value
+
+# The `Value.kind` oneof field that holds each type.
+ONEOF_BY_TYPE: dict[int, str] = {
+    VT.VALUE_TYPE_FLOAT: "float_value",
+    VT.VALUE_TYPE_DOUBLE: "double_value",
+    VT.VALUE_TYPE_INT64: "int64_value",
+    VT.VALUE_TYPE_STRING: "string_value",
+    VT.VALUE_TYPE_BYTES: "bytes_value",
+    VT.VALUE_TYPE_BOOL: "bool_value",
+    VT.VALUE_TYPE_FLOAT_LIST: "float_list_value",
+    VT.VALUE_TYPE_DOUBLE_LIST: "double_list_value",
+    VT.VALUE_TYPE_INT64_LIST: "int64_list_value",
+    VT.VALUE_TYPE_STRING_LIST: "string_list_value",
+}
+# Types an entity key column may have.
+KEY_TYPES = frozenset({VT.VALUE_TYPE_STRING, VT.VALUE_TYPE_INT64, VT.VALUE_TYPE_BYTES})
+
+# An event time that marks "no value stored" in a record.
+MISSING = -(2**63)
+# `values` entry (field 1) and `event_timestamps` entry (field 3) of a FeatureVector with no value.
+EMPTY_VALUE_FRAME = b"\x0a\x00"
+EMPTY_TS_FRAME = b"\x1a\x00"
+_INT64_MAX = 2**63 - 1
+_U64 = 2**64 - 1
+_EVENT = struct.Struct(">q")
+_CACHE_VERSION = 1
+NEGATIVE_PAYLOAD = b"\x00"
+
+
+def type_name(value_type: int) -> str:
+    """'FLOAT' for VALUE_TYPE_FLOAT."""
+    try:
+        return VT.Name(value_type).removeprefix("VALUE_TYPE_")
+    except ValueError:
+        return str(value_type)
+
+
+def kind_name(value: Value) -> str:
+    """The type a Value holds, as named by `type_name`, or 'null'."""
+    kind = value.WhichOneof("kind")
+    return kind.removesuffix("_value").upper() if kind else "null"
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of an int64 (negative numbers take ten bytes, as protobuf does)."""
+    n &= _U64
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def frame(tag: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: one-byte `tag`, length, payload."""
+    return bytes((tag,)) + varint(len(payload)) + payload
+
+
+def value_frame(raw_value: bytes) -> bytes:
+    """`FeatureVector.values` entry (field 1) holding a serialized Value."""
+    return b"\x0a" + varint(len(raw_value)) + raw_value
+
+
+@lru_cache(maxsize=65_536)
+def ts_frame(event_us: int) -> bytes:
+    """`FeatureVector.event_timestamps` entry (field 3): a Timestamp for `event_us` microseconds."""
+    seconds, micros = divmod(event_us, 1_000_000)
+    body = b""
+    if seconds:
+        body += b"\x08" + varint(seconds)
+    if micros:
+        body += b"\x10" + varint(micros * 1000)
+    return b"\x1a" + varint(len(body)) + body
+
+
+# Entity keys.
+
+
+def key_part(value: Value, value_type: int) -> bytes | None:
+    """The bytes of one key column value, or None when the Value does not hold `value_type`."""
+    kind = value.WhichOneof("kind")
+    if value_type == VT.VALUE_TYPE_STRING:
+        return value.string_value.encode() if kind == "string_value" else None
+    if value_type == VT.VALUE_TYPE_INT64:
+        return _EVENT.pack(value.int64_value) if kind == "int64_value" else None
+    if value_type == VT.VALUE_TYPE_BYTES:
+        return value.bytes_value if kind == "bytes_value" else None
+    return None
+
+
+def join_key(parts: Sequence[bytes]) -> bytes:
+    """One entity key from its column parts (a single column is its bytes as they are)."""
+    if len(parts) == 1:
+        return parts[0]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+# Stored cells: 8-byte big-endian event time (µs since the epoch) + serialized Value.
+
+
+def cell(event_us: int, raw_value: bytes) -> bytes:
+    """The stored form of one feature value."""
+    return _EVENT.pack(event_us) + raw_value
+
+
+def parse_cell(blob: bytes) -> tuple[int, bytes]:
+    """(event time µs, serialized Value) of a stored cell."""
+    return _EVENT.unpack_from(blob)[0], blob[8:]
+
+
+class Record:
+    """One entity's values in a view, positional: index i is the view's i-th feature.
+
+    Features are only ever appended to a view, so an index keeps its meaning; a
+    record made before a feature was added is simply shorter.
+    """
+
+    __slots__ = ("complete", "events", "frames", "min_event", "ts_frames")
+
+    def __init__(self, events: Sequence[int], frames: Sequence[bytes]) -> None:
+        self.events = tuple(events)
+        self.frames = tuple(frames)
+        self.ts_frames = tuple(EMPTY_TS_FRAME if e == MISSING else ts_frame(e) for e in self.events)
+        present = [e for e in self.events if e != MISSING]
+        self.complete = len(present) == len(self.events)
+        self.min_event = min(present) if present else MISSING
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and (self.events, self.frames) == (other.events, other.frames)
+
+    def __hash__(self) -> int:
+        return hash((self.events, self.frames))
+
+    def __repr__(self) -> str:
+        return f"Record(events={self.events!r}, frames={self.frames!r})"
+
+    @classmethod
+    def from_cells(cls, feature_names: Sequence[str], cells: dict[str, bytes] | Any) -> Record:
+        """A record from a stored row's `{feature: cell}` map, in the view's feature order."""
+        events: list[int] = []
+        frames: list[bytes] = []
+        for name in feature_names:
+            blob = cells.get(name)
+            if blob is None:
+                events.append(MISSING)
+                frames.append(EMPTY_VALUE_FRAME)
+            else:
+                events.append(_EVENT.unpack_from(blob)[0])
+                frames.append(value_frame(blob[8:]))
+        return cls(events, frames)
+
+
+_STRUCTS: dict[int, tuple[struct.Struct, struct.Struct]] = {}
+
+
+def _structs(n: int) -> tuple[struct.Struct, struct.Struct]:
+    pair = _STRUCTS.get(n)
+    if pair is None:
+        pair = _STRUCTS[n] = (struct.Struct(f"<{n}q"), struct.Struct(f"<{n}I"))
+    return pair
+
+
+def encode_record(record: Record | None) -> bytes:
+    """The cache payload of a record; `None` (no values stored) is the negative entry."""
+    if record is None:
+        return NEGATIVE_PAYLOAD
+    n = len(record.events)
+    events_s, lens_s = _structs(n)
+    return b"".join(
+        (
+            struct.pack("<BH", _CACHE_VERSION, n),
+            events_s.pack(*record.events),
+            lens_s.pack(*(len(f) for f in record.frames)),
+            *record.frames,
+        )
+    )
+
+
+class CorruptPayload(ValueError):
+    """A cache payload that this version cannot read; treated as a miss."""
+
+
+def decode_record(payload: bytes) -> Record | None:
+    """The record of a cache payload; None for the negative entry.
+
+    Raises:
+        CorruptPayload: The payload is truncated or of an unknown version.
+    """
+    if payload == NEGATIVE_PAYLOAD:
+        return None
+    try:
+        version, n = struct.unpack_from("<BH", payload)
+        if version != _CACHE_VERSION:
+            raise CorruptPayload(f"cache record version {version}")
+        events_s, lens_s = _structs(n)
+        events = events_s.unpack_from(payload, 3)
+        offset = 3 + events_s.size
+        lens = lens_s.unpack_from(payload, offset)
+        offset += lens_s.size
+    except struct.error as exc:
+        raise CorruptPayload(str(exc)) from None
+    frames = []
+    for length in lens:
+        frames.append(payload[offset : offset + length])
+        offset += length
+    if offset != len(payload):
+        raise CorruptPayload("cache record length mismatch")
+    return Record(events, frames)
+
+
+# Python objects -> Values (batch and streaming ingestion, demo data).
+
+
+def to_value(value_type: int, obj: Any) -> Value:
+    """A Value of `value_type` holding `obj` (a Python or Arrow-converted object).
+
+    Raises:
+        ValueError: `obj` cannot be represented as that type (the message says why).
+    """
+    if obj is None:
+        raise ValueError("is null")
+    if value_type in (VT.VALUE_TYPE_FLOAT, VT.VALUE_TYPE_DOUBLE):
+        if isinstance(obj, bool) or not isinstance(obj, int | float):
+            raise ValueError(f"{obj!r} is not a number")
+        if value_type == VT.VALUE_TYPE_FLOAT:
+            return Value(float_value=float(obj))
+        return Value(double_value=float(obj))
+    if value_type == VT.VALUE_TYPE_INT64:
+        if isinstance(obj, float) and obj.is_integer():
+            obj = int(obj)
+        if isinstance(obj, bool) or not isinstance(obj, int) or not -(2**63) <= obj <= _INT64_MAX:
+            raise ValueError(f"{obj!r} is not a 64-bit integer")
+        return Value(int64_value=obj)
+    if value_type == VT.VALUE_TYPE_STRING:
+        if not isinstance(obj, str):
+            raise ValueError(f"{obj!r} is not a string")
+        return Value(string_value=obj)
+    if value_type == VT.VALUE_TYPE_BYTES:
+        if not isinstance(obj, bytes | bytearray):
+            raise ValueError(f"{obj!r} is not bytes")
+        return Value(bytes_value=bytes(obj))
+    if value_type == VT.VALUE_TYPE_BOOL:
+        if not isinstance(obj, bool | int) or obj not in (0, 1):
+            raise ValueError(f"{obj!r} is not a boolean")
+        return Value(bool_value=bool(obj))
+    if value_type in (VT.VALUE_TYPE_FLOAT_LIST, VT.VALUE_TYPE_DOUBLE_LIST):
+        items = list(obj)
+        if any(isinstance(x, bool) or not isinstance(x, int | float) for x in items):
+            raise ValueError(f"{obj!r} is not a list of numbers")
+        if value_type == VT.VALUE_TYPE_FLOAT_LIST:
+            return Value(float_list_value=value_pb2.FloatList(values=items))
+        return Value(double_list_value=value_pb2.DoubleList(values=items))
+    if value_type == VT.VALUE_TYPE_INT64_LIST:
+        items = list(obj)
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in items):
+            raise ValueError(f"{obj!r} is not a list of integers")
+        return Value(int64_list_value=value_pb2.Int64List(values=items))
+    if value_type == VT.VALUE_TYPE_STRING_LIST:
+        items = list(obj)
+        if any(not isinstance(x, str) for x in items):
+            raise ValueError(f"{obj!r} is not a list of strings")
+        return Value(string_list_value=value_pb2.StringList(values=items))
+    raise ValueError(f"unsupported type {type_name(value_type)}")

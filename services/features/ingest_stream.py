@@ -1,0 +1,236 @@
+"""Streaming ingestion: a Kafka consumer that upserts feature updates (`python -m services.features.ingest_stream`).
+
+Each record's value is a `WriteFeaturesRequest`, serialized protobuf or its JSON
+form (`{"featureView": "user", "rows": [{"entityKey": {"user_id": {"stringValue":
+"u1"}}, "values": {"txn_count_1h": {"floatValue": 2}}, "eventTimestamp":
+"2026-01-01T00:00:00Z"}]}`). A batch of records is decoded and validated; the good
+rows are written to the store (the newest event time wins, so replays are
+harmless), the bad records go to the dead-letter topic with an `error` header,
+and only then are the offsets committed. While the store is down the batch is
+retried with backoff and nothing is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter
+
+from infergrid.features.v1 import features_pb2
+from libs.config import load_config_or_exit
+from libs.errors import DeadlineExceeded, ServiceError, Unavailable
+from libs.telemetry import setup_telemetry, tracer
+from services.features.config import ENV_PREFIX, FeaturesConfig, StreamConfig
+from services.features.online import OnlineFeatures, RowInput
+from services.features.registry import View
+from services.features.store import WriteRow
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+RECORDS = Counter(
+    "infergrid_features_stream_records_total", "Feature update records consumed, by outcome.", ["outcome"]
+)
+_WRITTEN = RECORDS.labels("written")
+_DEAD = RECORDS.labels("dead_letter")
+
+
+class Message(Protocol):
+    """The part of confluent_kafka.Message the ingestor uses."""
+
+    def value(self) -> bytes | None: ...
+    def key(self) -> bytes | None: ...
+    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def error(self) -> Any: ...
+
+
+@dataclass
+class BatchOutcome:
+    written_rows: int = 0
+    dead_lettered: int = 0
+
+
+def decode(payload: bytes | None) -> features_pb2.WriteFeaturesRequest:
+    """A WriteFeaturesRequest from protobuf bytes or its JSON form.
+
+    Raises:
+        ValueError: The payload is neither (the message says why).
+    """
+    if not payload:
+        raise ValueError("empty record")
+    request = features_pb2.WriteFeaturesRequest()
+    try:
+        if payload.lstrip()[:1] == b"{":
+            json_format.Parse(payload.decode(), request)
+        else:
+            request.ParseFromString(payload)
+    except (DecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a WriteFeaturesRequest: {str(exc)[:300]}") from None
+    if not request.feature_view:
+        raise ValueError("feature_view is empty")
+    return request
+
+
+class StreamIngestor:
+    """Consumes feature updates in batches: write, dead-letter, then commit."""
+
+    def __init__(self, online: OnlineFeatures, consumer: Any, producer: Any, config: StreamConfig) -> None:
+        self._online = online
+        self._consumer = consumer
+        self._producer = producer
+        self._config = config
+
+    def _prepare(self, message: Message) -> tuple[View, list[WriteRow]]:
+        request = decode(message.value())
+        view = self._online.registry.get(request.feature_view)
+        rows = [
+            RowInput(
+                row.entity_key,
+                row.values,
+                row.event_timestamp.ToMicroseconds() if row.HasField("event_timestamp") else None,
+            )
+            for row in request.rows
+        ]
+        return view, self._online.prepare_rows(view, rows)
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        headers = list(message.headers() or [])
+        headers += [
+            ("error", reason.encode()),
+            ("source.topic", (message.topic() or "").encode()),
+            ("source.partition", str(message.partition()).encode()),
+            ("source.offset", str(message.offset()).encode()),
+        ]
+        self._producer.produce(
+            self._config.stream_dead_letter_topic, value=message.value(), key=message.key(), headers=headers
+        )
+        _DEAD.inc()
+        log.warning(
+            "record %s/%s/%s dead-lettered: %s",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            reason,
+        )
+
+    async def process(self, messages: Sequence[Message], stop: asyncio.Event | None = None) -> BatchOutcome:
+        """Writes the good records of a batch and dead-letters the bad ones (offsets are not touched)."""
+        outcome = BatchOutcome()
+        by_view: dict[str, tuple[View, list[WriteRow]]] = {}
+        with _tracer.start_as_current_span("ingest batch") as span:
+            span.set_attribute("messaging.batch.message_count", len(messages))
+            try:
+                await self._online.registry.refresh_if_older(5.0)
+            except ServiceError as exc:
+                log.warning("feature views could not be re-read: %s", exc)
+            for message in messages:
+                if message.error() is not None:
+                    log.warning("consumer error: %s", message.error())
+                    continue
+                try:
+                    view, rows = self._prepare(message)
+                except (ValueError, ServiceError) as exc:
+                    self._dead_letter(message, str(getattr(exc, "message", exc)))
+                    outcome.dead_lettered += 1
+                    continue
+                by_view.setdefault(view.name, (view, []))[1].extend(rows)
+            for view, rows in by_view.values():
+                await self._write_until_done(view, rows, stop)
+                outcome.written_rows += len(rows)
+            _WRITTEN.inc(outcome.written_rows)
+            if outcome.dead_lettered:
+                await asyncio.to_thread(self._producer.flush, 30)
+        return outcome
+
+    async def _write_until_done(self, view: View, rows: list[WriteRow], stop: asyncio.Event | None) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._online.write(view, rows)
+                return
+            except (Unavailable, DeadlineExceeded) as exc:
+                if stop is not None and stop.is_set():
+                    raise
+                log.warning("store unavailable, retrying the batch in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consumes until `stop` is set; commits each batch after its writes."""
+        self._consumer.subscribe([self._config.stream_topic])
+        log.info("consuming %s as %s", self._config.stream_topic, self._config.stream_group_id)
+        while not stop.is_set():
+            messages = await asyncio.to_thread(
+                self._consumer.consume, self._config.stream_batch_size, self._config.stream_poll_timeout_s
+            )
+            if not messages:
+                continue
+            try:
+                await self.process(messages, stop)
+            except (Unavailable, DeadlineExceeded):
+                break  # stopping while the store is down: leave the batch uncommitted
+            await asyncio.to_thread(self._consumer.commit, asynchronous=False)
+
+
+def consumer_conf(config: FeaturesConfig) -> dict[str, Any]:
+    """librdkafka settings of the ingestion consumer: manual commits, start from the oldest record."""
+    return {
+        **config.kafka.client_conf(),
+        "group.id": config.stream.stream_group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+    }
+
+
+async def _main(config: FeaturesConfig) -> None:
+    from confluent_kafka import Consumer, Producer
+
+    from services.features.cache import NoCache, RedisCache
+    from services.features.registry import Registry
+    from services.features.store import open_backend
+
+    backend = await asyncio.to_thread(open_backend, config.cassandra, config.store)
+    cache = RedisCache(config.cache) if config.cache.cache_enabled else NoCache()
+    registry = Registry(backend.views)
+    await registry.refresh()
+    online = OnlineFeatures(registry, cache, config.limits, config.store, config.cache)
+    online.store = backend.store
+    consumer = Consumer(consumer_conf(config))
+    producer = Producer({**config.kafka.client_conf(), "enable.idempotence": True})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await StreamIngestor(online, consumer, producer, config.stream).run(stop)
+    finally:
+        consumer.close()
+        producer.flush(10)
+        if isinstance(cache, RedisCache):
+            await cache.close()
+        backend.shutdown()
+
+
+def main() -> None:
+    config = load_config_or_exit(FeaturesConfig, os.environ, ENV_PREFIX)
+    telemetry = setup_telemetry("features-ingest", config.telemetry, serve_metrics=False)
+    try:
+        asyncio.run(_main(config))
+    finally:
+        telemetry.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The online store: the latest feature values per entity, in Cassandra.
+
+Data model: one table for all views, one partition (and one row) per entity per
+view. The row's `cells` map holds every feature of the entity: feature name →
+8-byte event time + serialized Value. Writes are `UPDATE ... USING TTL ? AND
+TIMESTAMP ? SET cells = cells + ?`: they touch only the features they carry,
+each cell expires by itself, and the event time is the cell's write timestamp,
+so the newest event wins whatever order updates arrive in and rewriting the
+same data is a no-op. One `SELECT ... WHERE view = ? AND entity_key IN ?` reads
+a chunk of entities in one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple, Protocol, TypeVar
+
+from cassandra import DriverException, RequestExecutionException
+from cassandra.cluster import NoHostAvailable, Session
+from prometheus_client import Counter, Histogram
+
+from infergrid.features.v1 import features_pb2
+from libs.cassandra import AsyncCassandra, CassandraConfig, connect
+from libs.telemetry import tracer
+from services.features.codec import Record
+from services.features.config import StoreConfig
+from services.features.errors import StoreUnavailable
+from services.features.registry import View
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+T = TypeVar("T")
+
+CASSANDRA_SECONDS = Histogram(
+    "infergrid_features_cassandra_seconds",
+    "Latency of Cassandra calls made by the online store.",
+    ["op"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+ROWS_READ = Counter("infergrid_features_rows_read_total", "Entity rows read from Cassandra.", ["view"])
+ROWS_WRITTEN = Counter("infergrid_features_rows_written_total", "Entity rows written to Cassandra.", ["view"])
+
+# Cassandra refuses TTLs above 20 years.
+_MAX_TTL_S = 630_720_000
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS feature_values (
+        view text,
+        entity_key blob,
+        cells map<text, blob>,
+        PRIMARY KEY ((view, entity_key))
+    ) WITH compaction = {'class': 'SizeTieredCompactionStrategy'}""",
+    """CREATE TABLE IF NOT EXISTS feature_views (
+        name text PRIMARY KEY,
+        spec blob,
+        revision bigint
+    )""",
+)
+
+
+class WriteRow(NamedTuple):
+    """One entity's new values: feature name → cell (see codec.cell), all observed at `event_us`."""
+
+    key: bytes
+    cells: dict[str, bytes]
+    event_us: int
+
+
+class OnlineStore(Protocol):
+    """Latest values per entity and view."""
+
+    async def read(self, view: View, keys: Sequence[bytes]) -> dict[bytes, Record]:
+        """The records of the entities that have values; absent keys have none."""
+        ...
+
+    async def write(self, view: View, rows: Sequence[WriteRow]) -> None:
+        """Upserts the rows' values (the newest event time wins per feature)."""
+        ...
+
+    async def ping(self) -> None:
+        """Returns when the store answers; raises StoreUnavailable otherwise."""
+        ...
+
+
+def cassandra_ttl(view_ttl_us: int, event_us: int, now_us: int, retention_s: int) -> int:
+    """Seconds Cassandra keeps a value: until the view's TTL passes, plus `retention_s` (0: forever).
+
+    Values are kept a while after they expire so that reads can say EXPIRED
+    rather than NOT_FOUND; a value older than its TTL is never served as present.
+    """
+    if view_ttl_us <= 0:
+        return 0
+    remaining_s = (event_us + view_ttl_us - now_us) // 1_000_000
+    return max(1, min(_MAX_TTL_S, max(0, remaining_s) + retention_s))
+
+
+async def _unavailable_on_driver_error(op: str, call: Awaitable[T]) -> T:
+    started = time.perf_counter()
+    try:
+        return await call
+    except (NoHostAvailable, RequestExecutionException, DriverException, OSError) as exc:
+        raise StoreUnavailable(f"Cassandra {op} failed: {type(exc).__name__}") from exc
+    finally:
+        CASSANDRA_SECONDS.labels(op).observe(time.perf_counter() - started)
+
+
+class CassandraOnlineStore:
+    """The OnlineStore on Cassandra (prepared statements, bounded async execution, token-aware)."""
+
+    def __init__(
+        self, db: AsyncCassandra, config: StoreConfig, clock: Callable[[], float] = time.time
+    ) -> None:
+        """Prepares the statements (blocking: call at start-up, off the event loop)."""
+        self._db = db
+        self._chunk = config.store_read_chunk
+        self._retention_s = config.store_expired_retention_s
+        self._clock = clock
+        self._read = db.prepare(
+            "SELECT entity_key, cells FROM feature_values WHERE view = ? AND entity_key IN ?"
+        )
+        self._write = db.prepare(
+            "UPDATE feature_values USING TTL ? AND TIMESTAMP ? SET cells = cells + ? "
+            "WHERE view = ? AND entity_key = ?",
+            write=True,
+        )
+        self._ping = db.prepare("SELECT release_version FROM system.local")
+
+    async def read(self, view: View, keys: Sequence[bytes]) -> dict[bytes, Record]:
+        chunks = [list(keys[i : i + self._chunk]) for i in range(0, len(keys), self._chunk)]
+        with _tracer.start_as_current_span("cassandra read") as span:
+            span.set_attribute("db.system", "cassandra")
+            span.set_attribute("infergrid.feature_view", view.name)
+            span.set_attribute("infergrid.entities", len(keys))
+            results = await _unavailable_on_driver_error(
+                "read", asyncio.gather(*(self._db.execute(self._read, (view.name, c)) for c in chunks))
+            )
+        names = view.feature_names
+        out: dict[bytes, Record] = {}
+        for rows in results:
+            for row in rows:
+                if row.cells:
+                    out[row.entity_key] = Record.from_cells(names, row.cells)
+        ROWS_READ.labels(view.name).inc(len(out))
+        return out
+
+    async def write(self, view: View, rows: Sequence[WriteRow]) -> None:
+        now_us = int(self._clock() * 1_000_000)
+        params = [
+            (
+                cassandra_ttl(view.ttl_us, row.event_us, now_us, self._retention_s),
+                row.event_us,
+                row.cells,
+                view.name,
+                row.key,
+            )
+            for row in rows
+        ]
+        with _tracer.start_as_current_span("cassandra write") as span:
+            span.set_attribute("db.system", "cassandra")
+            span.set_attribute("infergrid.feature_view", view.name)
+            span.set_attribute("infergrid.entities", len(rows))
+            await _unavailable_on_driver_error("write", self._db.execute_many(self._write, params))
+        ROWS_WRITTEN.labels(view.name).inc(len(rows))
+
+    async def ping(self) -> None:
+        await _unavailable_on_driver_error("ping", self._db.execute(self._ping))
+
+
+class CassandraViewStore:
+    """The registry's ViewStore on Cassandra; changes are lightweight transactions on the revision."""
+
+    def __init__(self, db: AsyncCassandra) -> None:
+        """Prepares the statements (blocking)."""
+        self._db = db
+        self._all = db.prepare("SELECT spec FROM feature_views")
+        self._create = db.prepare(
+            "INSERT INTO feature_views (name, spec, revision) VALUES (?, ?, ?) IF NOT EXISTS", write=True
+        )
+        self._update = db.prepare(
+            "UPDATE feature_views SET spec = ?, revision = ? WHERE name = ? IF revision = ?", write=True
+        )
+
+    async def load_all(self) -> list[features_pb2.FeatureView]:
+        rows = await _unavailable_on_driver_error("views", self._db.execute(self._all))
+        return [features_pb2.FeatureView.FromString(row.spec) for row in rows]
+
+    async def create(self, view: features_pb2.FeatureView) -> bool:
+        rows = await _unavailable_on_driver_error(
+            "views", self._db.execute(self._create, (view.name, view.SerializeToString(), view.revision))
+        )
+        return bool(rows[0][0])
+
+    async def update(self, view: features_pb2.FeatureView, expected_revision: int) -> bool:
+        rows = await _unavailable_on_driver_error(
+            "views",
+            self._db.execute(
+                self._update, (view.SerializeToString(), view.revision, view.name, expected_revision)
+            ),
+        )
+        return bool(rows[0][0])
+
+
+class CassandraBackend(NamedTuple):
+    """An open Cassandra session with the store and the view store on it."""
+
+    session: Session
+    store: CassandraOnlineStore
+    views: CassandraViewStore
+
+    def shutdown(self) -> None:
+        self.session.cluster.shutdown()
+
+
+def open_backend(cassandra: CassandraConfig, store: StoreConfig) -> CassandraBackend:
+    """Connects, creates the keyspace and tables if missing, and prepares statements (blocking).
+
+    Raises:
+        NoHostAvailable: Cassandra cannot be reached.
+    """
+    session = connect(cassandra)
+    try:
+        for ddl in SCHEMA:
+            session.execute(ddl, timeout=30)
+        db = AsyncCassandra(session, cassandra)
+        return CassandraBackend(session, CassandraOnlineStore(db, store), CassandraViewStore(db))
+    except BaseException:
+        session.cluster.shutdown()
+        raise
