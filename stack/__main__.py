@@ -52,10 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_status(status(config, args.components)))
         elif args.command == "logs":
             paths = [component.log_path for component in select(config, args.components)]
+            for path in paths:
+                print(f"==> {path} <==\n{tail_lines(path, args.lines)}\n", flush=True)
             if args.follow:
                 follow(paths)
-            for path in paths:
-                print(f"==> {path} <==\n{tail_lines(path, args.lines)}\n")
         elif args.command == "clean-state":
             clean_state(config, args.components, sys.stdout)
         elif args.command == "install":

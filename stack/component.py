@@ -18,7 +18,7 @@ from stack.ports import find_port_holder, is_port_free, port_env_var
 from stack.process import ProcessRecord, spawn, terminate, wait_for_exit
 from stack.progress import Progress
 
-READY_POLL_S = 0.5
+READY_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
