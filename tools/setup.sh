@@ -37,6 +37,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing requirements.lock into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q -r requirements.lock
+  # xds-protos ships an old copy of opentelemetry/proto/* that overwrites opentelemetry-proto's
+  # (breaking the OTLP exporter); put the locked opentelemetry-proto back on top.
+  "$VENV/bin/pip" install -q --no-deps --force-reinstall "$(grep -i '^opentelemetry-proto==' requirements.lock)"
+  "$VENV/bin/python" -c 'import opentelemetry.exporter.otlp.proto.grpc.trace_exporter, envoy.service.discovery.v3.ads_pb2_grpc' \
+    || { echo "[setup] the virtualenv cannot import the OTLP exporter and the xDS stubs together" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 
