@@ -6,7 +6,7 @@ view. The row's `cells` map holds every feature of the entity: feature name →
 TIMESTAMP ? SET cells = cells + ?`: they touch only the features they carry,
 each cell expires by itself, and the event time is the cell's write timestamp,
 so the newest event wins whatever order updates arrive in and rewriting the
-same data is a no-op. One `SELECT ... WHERE view = ? AND entity_key IN ?` reads
+same data is a no-op. One `SELECT ... WHERE view_name = ? AND entity_key IN ?` reads
 a chunk of entities in one round trip.
 """
 
@@ -48,10 +48,10 @@ _MAX_TTL_S = 630_720_000
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS feature_values (
-        view text,
+        view_name text,
         entity_key blob,
         cells map<text, blob>,
-        PRIMARY KEY ((view, entity_key))
+        PRIMARY KEY ((view_name, entity_key))
     ) WITH compaction = {'class': 'SizeTieredCompactionStrategy'}""",
     """CREATE TABLE IF NOT EXISTS feature_views (
         name text PRIMARY KEY,
@@ -119,11 +119,11 @@ class CassandraOnlineStore:
         self._retention_s = config.store_expired_retention_s
         self._clock = clock
         self._read = db.prepare(
-            "SELECT entity_key, cells FROM feature_values WHERE view = ? AND entity_key IN ?"
+            "SELECT entity_key, cells FROM feature_values WHERE view_name = ? AND entity_key IN ?"
         )
         self._write = db.prepare(
             "UPDATE feature_values USING TTL ? AND TIMESTAMP ? SET cells = cells + ? "
-            "WHERE view = ? AND entity_key = ?",
+            "WHERE view_name = ? AND entity_key = ?",
             write=True,
         )
         self._ping = db.prepare("SELECT release_version FROM system.local")

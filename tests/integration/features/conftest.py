@@ -1,0 +1,53 @@
+"""Fixtures of the features integration tests: a FeaturesConfig on the session's Cassandra and Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from infergrid.features.v1 import features_pb2_grpc
+from libs.cassandra import CassandraConfig
+from libs.testing import wait_serving
+from services.features.config import CacheConfig, FeaturesConfig, FeaturesServerConfig, LimitsConfig
+from services.features.server import SERVICE_NAME, create_server
+from stack.cassandra import Cassandra
+from stack.redis import Redis
+
+
+@pytest.fixture(scope="session")
+def features_config(cassandra_server: Cassandra, redis_server: Redis) -> FeaturesConfig:
+    """The service config for this session: its own keyspace and cache prefix."""
+    return FeaturesConfig(
+        server=FeaturesServerConfig(port=0, readiness_interval_seconds=0.5),
+        cassandra=CassandraConfig(
+            cassandra_contact_points=tuple(cassandra_server.contact_points),
+            cassandra_port=cassandra_server.port,
+            cassandra_keyspace=f"features_it_{os.getpid()}",
+            cassandra_request_timeout_s=2.0,
+        ),
+        cache=CacheConfig(redis_url=redis_server.url, cache_key_prefix=f"it{os.getpid()}:"),
+        limits=LimitsConfig(max_entities_per_request=1000),
+    )
+
+
+@pytest.fixture(scope="session")
+async def features_stub(
+    features_config: FeaturesConfig,
+) -> AsyncIterator[features_pb2_grpc.FeatureServiceStub]:
+    """A features server on the real Cassandra and Redis, SERVING, and a stub to it."""
+    server = await create_server(features_config)
+    await server.start()
+    try:
+        await wait_serving(server.port, SERVICE_NAME, timeout=60)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield features_pb2_grpc.FeatureServiceStub(channel)
+    finally:
+        await server.stop(0, 1.0)
+
+
+def without_cache(config: FeaturesConfig) -> FeaturesConfig:
+    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, cache_enabled=False))
