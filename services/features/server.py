@@ -216,6 +216,7 @@ async def create_server(
         connector = _Connector(config, online, deferred)
 
     loaded = False
+    probe: asyncio.Task[bool] | None = None
 
     async def readiness() -> bool:
         nonlocal loaded
@@ -230,8 +231,11 @@ async def create_server(
                 await registry.refresh_if_older(config.limits.registry_refresh_s)
         except Exception as exc:
             log.warning("feature views could not be re-read: %s", exc)
-        if not online.store_ok:
-            await online.check_store()
+        # Probe the store in the background, so that reads answered from the cache alone are marked
+        # possibly stale while it is down, and the breaker's state does not decide what readiness says.
+        nonlocal probe
+        if probe is None or probe.done():
+            probe = asyncio.create_task(online.check_store(), name="cassandra-probe")
         # Once connected the service stays SERVING when Cassandra goes away: cached values are still served.
         return loaded
 
@@ -244,6 +248,8 @@ async def create_server(
     )
 
     async def _close() -> None:
+        if probe is not None:
+            probe.cancel()
         await online.drain()
         if isinstance(cache, RedisCache):
             await cache.close()

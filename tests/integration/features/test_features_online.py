@@ -227,8 +227,6 @@ CRAFTED = "x'); DROP TABLE feature_values; --"
 )
 async def test_bad_input_is_refused_naming_the_problem(
     features_stub: Stub,
-    cassandra_server: Cassandra,
-    features_config: FeaturesConfig,
     build,
     code: str,
     words: str,
