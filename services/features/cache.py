@@ -108,7 +108,10 @@ class RedisCache:
         )
 
     async def close(self) -> None:
-        await self._client.aclose()
+        try:
+            await self._client.aclose()
+        except (redis.RedisError, OSError) as exc:
+            log.debug("closing the Redis client: %s", exc)
 
     async def get_many(self, keys: Sequence[bytes]) -> list[CacheEntry]:
         with _tracer.start_as_current_span("redis MGET") as span:

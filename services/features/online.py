@@ -362,15 +362,20 @@ class OnlineFeatures:
             out.append(WriteRow(codec.join_key(parts), cells, event_us))
         return out
 
-    async def write(self, view: View, rows: Sequence[WriteRow]) -> None:
+    async def write(self, view: View, rows: Sequence[WriteRow], *, timeout_s: float | None = None) -> None:
         """Writes encoded rows to the store, then drops their cache entries.
+
+        Args:
+            view: The view the rows belong to.
+            rows: Encoded rows (see `prepare_rows`).
+            timeout_s: For the whole call; the store's request timeout when None (batch jobs pass more).
 
         Raises:
             Unavailable: The store cannot be reached (nothing is acknowledged).
         """
         store = self._store()
         try:
-            await self._cassandra.call(store.write, view, rows)
+            await self._cassandra.call(store.write, view, rows, timeout=timeout_s)
         except (Unavailable, DeadlineExceeded):
             self.store_ok = False
             raise
