@@ -268,7 +268,7 @@ output [
   {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ 1 ] }}
 ]
 dynamic_batching {{
-  max_queue_delay_microseconds: 200
+  max_queue_delay_microseconds: 1000
   default_queue_policy {{ max_queue_size: 4096 }}
 }}
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]

