@@ -143,3 +143,11 @@ def test_profile_shapes_cover_the_dynamic_batch() -> None:
     assert profile_shapes([-1, 32], True, 256, 64, 16) == ([1, 32], [64, 32], [256, 32])
     assert profile_shapes([-1, -1, 8], True, 8, 64, 16) == ([1, 1, 8], [8, 16, 8], [8, 16, 8])
     assert profile_shapes([-1, 4], False, 0, 1, 16) == ([1, 4], [16, 4], [16, 4])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_gpu_check_says_why_it_cannot_run_here(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.inference import gpu_check
+
+    assert gpu_check.main(["--seconds", "0.01"]) == 3
+    assert "GPU check not run: TensorRT backend unavailable" in capsys.readouterr().err

@@ -215,3 +215,36 @@ async def test_two_instances_run_batches_in_parallel() -> None:
     assert len(model.batches) == 4
     assert model.max_running == 2
     await batcher.close()
+
+
+async def test_traced_requests_get_queue_compute_and_batch_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.inference import batcher as batcher_module
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    monkeypatch.setattr(batcher_module, "_tracer", tracer)
+    batcher = _batcher(FakeModel(), max_queue_delay_us=1000)
+
+    async def _traced(i: int) -> None:
+        with tracer.start_as_current_span(f"request-{i}"):
+            await batcher.infer(_rows(i), 1)
+
+    await asyncio.gather(*(_traced(i) for i in range(3)))
+    await batcher.close()
+    spans = exporter.get_finished_spans()
+    by_name: dict[str, list] = {}  # type: ignore[type-arg]
+    for span in spans:
+        by_name.setdefault(span.name.split("-")[0], []).append(span)
+    requests = {s.context.span_id for s in by_name["request"]}
+    assert len(by_name["inference.queue"]) == 3 and len(by_name["inference.compute"]) == 3
+    assert {s.parent.span_id for s in by_name["inference.queue"]} == requests
+    assert {s.parent.span_id for s in by_name["inference.compute"]} == requests
+    (batch,) = by_name["inference.batch"]
+    assert batch.attributes["inference.batch.rows"] == 3
+    assert {link.context.span_id for link in batch.links} == requests
