@@ -21,7 +21,7 @@ from cassandra import ConsistencyLevel
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement
+from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from libs.config import secret
 
@@ -123,6 +123,24 @@ class AsyncCassandra:
     ) -> list[list[Any]]:
         """Runs a prepared statement once per parameter tuple, concurrently (bounded); results in order."""
         return list(await asyncio.gather(*(self.execute(statement, p) for p in params_list)))
+
+    async def execute_batch(
+        self, statements: Sequence[tuple[PreparedStatement, Sequence[Any]]], *, logged: bool = False
+    ) -> None:
+        """Runs prepared statements as one batch at the write consistency level.
+
+        UNLOGGED (the default) is for statements of one partition, or of partitions on one replica set:
+        one round trip instead of many, without the batch log's cost. LOGGED makes a multi-partition
+        batch all-or-nothing.
+        """
+        batch = BatchStatement(
+            batch_type=BatchType.LOGGED if logged else BatchType.UNLOGGED,
+            consistency_level=self._write_cl,
+        )
+        for statement, params in statements:
+            batch.add(statement, params)
+        async with self._slots:
+            await _wrap(self.session.execute_async(batch, timeout=self._timeout))
 
 
 def _wrap(future: ResponseFuture) -> asyncio.Future[list[Any]]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from libs.cassandra import CassandraConfig
+from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -21,8 +24,49 @@ class LoggingTelemetryConfig(TelemetryConfig):
 
 
 @dataclass(frozen=True)
+class LoggingKafkaConfig(KafkaConfig):
+    kafka_client_id: str = "infergrid-logging"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The consumer: topics, batching, the data lake and its roll policy."""
+
+    # False: serve the query API only (no consumer).
+    consume: bool = True
+    topic: str = "infergrid.inference-log.v1"
+    dead_letter_topic: str = "infergrid.inference-log.v1.dlq"
+    consumer_group: str = "infergrid-logging"
+    # Create the topics at start-up when missing (local stack); clusters manage topics elsewhere.
+    create_topics: bool = True
+    topic_partitions: int = 6
+    topic_replication: int = 1
+    # Records per consumer batch, and how long a batch waits to fill.
+    batch_max_records: int = 5000
+    batch_wait_seconds: float = 0.2
+    lake_dir: Path = Path(".state/logging/lake")
+    # The lake's buffer is written to files (and offsets committed) at this size or age.
+    lake_roll_bytes: int = 64 * 1024 * 1024
+    lake_roll_seconds: float = 30.0
+    # Cassandra rows expire after this many seconds; 0 keeps them.
+    record_ttl_seconds: int = 0
+    # Kafka: the group drops a consumer that does not poll for this long (ms).
+    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.batch_max_records < 1:
+            raise ValueError(f"batch_max_records must be at least 1, got {self.batch_max_records}")
+        if self.topic == self.dead_letter_topic:
+            raise ValueError("dead_letter_topic must differ from topic")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Everything the logging service reads at start-up."""
 
     server: LoggingServerConfig = field(default_factory=LoggingServerConfig)
     telemetry: LoggingTelemetryConfig = field(default_factory=LoggingTelemetryConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    kafka: LoggingKafkaConfig = field(default_factory=LoggingKafkaConfig)
+    cassandra: CassandraConfig = field(default_factory=CassandraConfig)

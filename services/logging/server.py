@@ -1,27 +1,142 @@
-"""The logging gRPC server: the inference-log consumer and query API (InferenceLogService).
-
-Skeleton: the service is wired into the shared bootstrap (health, reflection,
-interceptors, drain); its RPCs answer UNIMPLEMENTED until the logging issue lands.
-"""
+"""The logging gRPC server: InferenceLogService over the record store, plus the consumer pipeline."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
+from libs.cassandra import AsyncCassandra, connect
+from libs.errors import InvalidArgument, NotFound
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
 from services.logging.config import LoggingConfig
+from services.logging.lake import ParquetLake
+from services.logging.paging import decode_token, encode_token, query_fingerprint
+from services.logging.pipeline import LogPipeline, PipelineStats, ensure_topics
+from services.logging.store import CassandraLogStore, LogStore, RecordQuery, create_schema
+from services.logging.validation import MAX_REQUEST_ID_CHARS
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = logging_pb2.DESCRIPTOR.services_by_name["InferenceLogService"].full_name
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def _micros(ts: Timestamp) -> int:
+    return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
 
 
 class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
-    """Translates InferenceLogService protos to the domain; every RPC is UNIMPLEMENTED for now."""
+    """Translates InferenceLogService protos to the store and the pipeline's counters."""
+
+    def __init__(self, store: LogStore, stats: PipelineStats) -> None:
+        self._store = store
+        self._stats = stats
+
+    async def GetRecord(  # noqa: N802 - gRPC method names
+        self, request: logging_pb2.GetRecordRequest, context: grpc.aio.ServicerContext
+    ) -> logging_pb2.InferenceLogRecord:
+        if not request.request_id:
+            raise InvalidArgument("request_id: required")
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
+        payload = await self._store.get(request.request_id)
+        if payload is None:
+            raise NotFound(f"no inference-log record for request_id {request.request_id!r}")
+        return logging_pb2.InferenceLogRecord.FromString(payload)
+
+    async def QueryRecords(  # noqa: N802 - gRPC method names
+        self, request: logging_pb2.QueryRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> logging_pb2.QueryRecordsResponse:
+        if not request.model:
+            raise InvalidArgument("model: required")
+        if not request.HasField("start_time") or not request.HasField("end_time"):
+            raise InvalidArgument("start_time and end_time: both required")
+        start_us, end_us = _micros(request.start_time), _micros(request.end_time)
+        if end_us <= start_us:
+            raise InvalidArgument("end_time: must be after start_time")
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size: must be 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})")
+        fingerprint = query_fingerprint(request.model, request.model_version, start_us, end_us)
+        cursor = decode_token(request.page_token, fingerprint) if request.page_token else None
+        page = await self._store.query(
+            RecordQuery(
+                model=request.model,
+                model_version=request.model_version,
+                start_us=start_us,
+                end_us=end_us,
+                page_size=request.page_size or DEFAULT_PAGE_SIZE,
+                cursor=cursor,
+            )
+        )
+        return logging_pb2.QueryRecordsResponse(
+            records=[logging_pb2.InferenceLogRecord.FromString(p) for p in page.payloads],
+            next_page_token=encode_token(page.next_cursor, fingerprint) if page.next_cursor else "",
+        )
+
+    async def GetStats(  # noqa: N802 - gRPC method names
+        self, request: logging_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> logging_pb2.GetStatsResponse:
+        by_model = dict(self._stats.records_by_model)
+        if request.model:
+            by_model = {request.model: by_model.get(request.model, 0)}
+        return logging_pb2.GetStatsResponse(
+            records_by_model=by_model,
+            records_total=self._stats.records_total,
+            dead_lettered_total=self._stats.dead_lettered_total,
+            consumer_lag=self._stats.consumer_lag,
+        )
 
 
-async def create_server(config: LoggingConfig, telemetry: Telemetry | None = None) -> Server:
-    """Builds the logging server (bound, not started)."""
-    servicer = InferenceLogServiceServicer()
-    return build_server(
+async def _cassandra_store(config: LoggingConfig) -> CassandraLogStore:
+    """Connects, creates the tables and prepares the statements (blocking work off the loop)."""
+    loop = asyncio.get_running_loop()
+    session = await loop.run_in_executor(None, connect, config.cassandra)
+    cassandra = AsyncCassandra(session, config.cassandra)
+    await loop.run_in_executor(None, create_schema, cassandra)
+    return await loop.run_in_executor(
+        None, lambda: CassandraLogStore(cassandra, ttl_s=config.pipeline.record_ttl_seconds)
+    )
+
+
+async def create_server(
+    config: LoggingConfig, telemetry: Telemetry | None = None, *, store: LogStore | None = None
+) -> Server:
+    """Builds the logging server (bound, not started) and, unless `pipeline.consume` is off, its consumer.
+
+    Args:
+        config: The service configuration.
+        telemetry: Tracing and metrics set up by `__main__` (the consumer traces records when tracing is on).
+        store: The record store; by default Cassandra, connected and its tables created here.
+    """
+    if store is None:
+        store = await _cassandra_store(config)
+    pipeline: LogPipeline | None = None
+    stats = PipelineStats()
+    pc = config.pipeline
+    if pc.consume:
+        await asyncio.get_running_loop().run_in_executor(None, ensure_topics, config.kafka, pc)
+        lake = ParquetLake(
+            pc.lake_dir, pc.topic, roll_bytes=pc.lake_roll_bytes, roll_seconds=pc.lake_roll_seconds
+        )
+        pipeline = LogPipeline(
+            pc, config.kafka, store, lake, trace_records=telemetry is not None and telemetry.tracing
+        )
+        stats = pipeline.stats
+    servicer = InferenceLogServiceServicer(store, stats)
+    checked_store = store
+
+    async def _ready() -> bool:
+        if pipeline is not None and not pipeline.running:
+            return False
+        return await checked_store.ready()
+
+    server = build_server(
         config.server,
         [
             GrpcService(
@@ -30,4 +145,9 @@ async def create_server(config: LoggingConfig, telemetry: Telemetry | None = Non
             )
         ],
         telemetry=telemetry,
+        readiness=_ready,
     )
+    if pipeline is not None:
+        pipeline.start()
+        server.on_stop.append(pipeline.stop)
+    return server

@@ -1,14 +1,61 @@
-"""The logging server on the shared bootstrap: SERVING, listed by reflection; a bad config value exits."""
+"""InferenceLogService over a real gRPC channel, on an in-memory store: look-ups, paging, stats, errors."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs.testing import assert_bad_config_exits, assert_serves
-from services.logging.config import LoggingConfig, LoggingServerConfig
+from services.logging.config import LoggingConfig, LoggingServerConfig, PipelineConfig
 from services.logging.server import SERVICE_NAME, create_server
+from services.logging.store import StoredRecord
+from services.logging.tests.fakes import MemoryLogStore
+
+BASE_US = 1_780_000_000_000_000
+HOUR_US = 3_600_000_000
+
+
+def _record(i: int, *, model: str = "fraud", version: str = "1", time_us: int | None = None) -> StoredRecord:
+    proto = logging_pb2.InferenceLogRecord(
+        schema_version=logging_pb2.SCHEMA_VERSION_1,
+        request_id=f"req-{i:04d}",
+        model=model,
+        model_version=version,
+    )
+    proto.request_time.FromMicroseconds(time_us if time_us is not None else BASE_US + i * 600_000_000)
+    proto.outputs["score"].float_value = 0.25
+    return StoredRecord(
+        proto.request_id, model, version, proto.request_time.ToMicroseconds(), proto.SerializeToString()
+    )
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[logging_pb2_grpc.InferenceLogServiceStub]:
+    store = MemoryLogStore()
+    # 30 records of fraud every 10 minutes (5 hours), alternating versions; 3 of another model.
+    await store.write([_record(i, version=str(1 + i % 2)) for i in range(30)])
+    await store.write([_record(100 + i, model="churn") for i in range(3)])
+    config = LoggingConfig(server=LoggingServerConfig(port=0), pipeline=PipelineConfig(consume=False))
+    server = await create_server(config, store=store)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield logging_pb2_grpc.InferenceLogServiceStub(channel)
+    await server.stop(0, 0.5)
+
+
+def _range(start_us: int, end_us: int, **kwargs: object) -> logging_pb2.QueryRecordsRequest:
+    request = logging_pb2.QueryRecordsRequest(model="fraud", **kwargs)  # type: ignore[arg-type]
+    request.start_time.FromMicroseconds(start_us)
+    request.end_time.FromMicroseconds(end_us)
+    return request
 
 
 async def test_serves_health_and_reflection() -> None:
-    server = await create_server(LoggingConfig(server=LoggingServerConfig(port=0)))
+    config = LoggingConfig(server=LoggingServerConfig(port=0), pipeline=PipelineConfig(consume=False))
+    server = await create_server(config, store=MemoryLogStore())
     await server.start()
     try:
         await assert_serves(f"127.0.0.1:{server.port}", SERVICE_NAME)
@@ -18,3 +65,84 @@ async def test_serves_health_and_reflection() -> None:
 
 def test_malformed_port_exits_naming_the_variable() -> None:
     assert_bad_config_exits("services.logging", "INFERGRID_LOGGING_PORT", "not-a-port")
+
+
+async def test_get_record_by_request_id(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
+    record = await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="req-0007"))
+    assert record.model == "fraud"
+    assert record.outputs["score"].float_value == 0.25
+
+
+async def test_unknown_request_id_is_not_found_naming_it(
+    stub: logging_pb2_grpc.InferenceLogServiceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="nope"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in (error.value.details() or "")
+
+
+async def test_empty_request_id_is_invalid(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.GetRecord(logging_pb2.GetRecordRequest())
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in (error.value.details() or "")
+
+
+async def test_query_pages_through_a_range_oldest_first(
+    stub: logging_pb2_grpc.InferenceLogServiceStub,
+) -> None:
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        reply = await stub.QueryRecords(_range(BASE_US, BASE_US + 5 * HOUR_US, page_size=7, page_token=token))
+        seen.extend(r.request_id for r in reply.records)
+        pages += 1
+        token = reply.next_page_token
+        if not token:
+            break
+    assert seen == [f"req-{i:04d}" for i in range(30)]
+    assert pages >= 5
+
+
+async def test_query_filters_by_version_and_range(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
+    reply = await stub.QueryRecords(
+        _range(BASE_US + HOUR_US, BASE_US + 2 * HOUR_US, model_version="2", page_size=100)
+    )
+    assert [r.request_id for r in reply.records] == [f"req-{i:04d}" for i in range(6, 12) if i % 2 == 1]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        (logging_pb2.QueryRecordsRequest(), "model"),
+        (logging_pb2.QueryRecordsRequest(model="fraud"), "start_time"),
+        (_range(BASE_US, BASE_US), "end_time"),
+        (_range(BASE_US, BASE_US + 1, page_size=100_000), "page_size"),
+        (_range(BASE_US, BASE_US + 1, page_token="%%%not-a-token"), "page_token"),
+    ],
+)
+async def test_bad_queries_are_invalid_naming_the_field(
+    stub: logging_pb2_grpc.InferenceLogServiceStub, query: logging_pb2.QueryRecordsRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.QueryRecords(query)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (error.value.details() or "")
+
+
+async def test_a_token_of_another_query_is_refused(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
+    first = await stub.QueryRecords(_range(BASE_US, BASE_US + 5 * HOUR_US, page_size=2))
+    assert first.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.QueryRecords(
+            _range(BASE_US, BASE_US + 4 * HOUR_US, page_size=2, page_token=first.next_page_token)
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_stats_without_a_consumer_are_zero(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
+    stats = await stub.GetStats(logging_pb2.GetStatsRequest(model="fraud"))
+    assert stats.records_total == 0
+    assert dict(stats.records_by_model) == {"fraud": 0}

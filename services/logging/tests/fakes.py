@@ -1,0 +1,54 @@
+"""An in-memory LogStore with the Cassandra store's ordering and paging semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.logging.paging import Cursor
+from services.logging.store import RecordPage, RecordQuery, StoredRecord, hour_of
+
+
+class MemoryLogStore:
+    """Records by request id; queries walk (hour, time, request id) order like the by-model table."""
+
+    def __init__(self, *, max_reads: int = 200) -> None:
+        self.records: dict[str, StoredRecord] = {}
+        self.writes = 0
+        self.max_reads = max_reads
+
+    async def write(self, records: Sequence[StoredRecord]) -> None:
+        self.writes += 1
+        for r in records:
+            self.records[r.request_id] = r
+
+    async def get(self, request_id: str) -> bytes | None:
+        record = self.records.get(request_id)
+        return record.payload if record else None
+
+    async def query(self, query: RecordQuery) -> RecordPage:
+        rows = sorted(
+            (r for r in self.records.values() if r.model == query.model),
+            key=lambda r: (r.request_time_us, r.request_id),
+        )
+        cursor = query.cursor or Cursor(hour=hour_of(query.start_us))
+        out: list[bytes] = []
+        last: tuple[int, str] | None = None
+        for r in rows:
+            if (
+                not query.start_us <= r.request_time_us < query.end_us
+                or hour_of(r.request_time_us) < cursor.hour
+            ):
+                continue
+            key = (r.request_time_us, r.request_id)
+            if cursor.after_time_us is not None and key <= (cursor.after_time_us, cursor.after_request_id):
+                continue
+            if len(out) == query.page_size:
+                assert last is not None
+                return RecordPage(out, Cursor(hour_of(last[0]), last[0], last[1]))
+            last = key
+            if not query.model_version or r.model_version == query.model_version:
+                out.append(r.payload)
+        return RecordPage(out, None)
+
+    async def ready(self) -> bool:
+        return True
