@@ -29,6 +29,7 @@ import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from libs.errors import ServiceError
 from libs.telemetry import tracer
 from services.inference.backends import LoadedModel
 from services.inference.errors import BackendError, ModelUnavailable, QueueFull, RequestTimeout
@@ -90,13 +91,14 @@ class _Job:
 class _Batch:
     """One executed batch and what happened to it (filled on the scheduler thread)."""
 
-    __slots__ = ("error", "expired", "jobs", "outputs", "start_ns", "start_wall", "timings")
+    __slots__ = ("errors", "expired", "jobs", "outputs", "start_ns", "start_wall", "timings")
 
     def __init__(self, jobs: list[_Job], expired: list[_Job]) -> None:
         self.jobs = jobs
         self.expired = expired
         self.outputs: list[list[np.ndarray]] = []
-        self.error: BaseException | None = None
+        # Per job when the batch failed: its own error, or None if it succeeded when run alone.
+        self.errors: list[BaseException | None] | None = None
         self.start_ns = _perf_ns()
         self.start_wall = time.time_ns()
         self.timings = (0, 0, 0)
@@ -207,14 +209,28 @@ class DynamicBatcher:
                 try:
                     batch.outputs, batch.timings = self._compute(batch.jobs)
                 except Exception as exc:  # the thread must outlive any one bad batch
-                    log.exception("%s: batch of %d requests failed", self._label, len(batch.jobs))
-                    batch.error = exc
+                    self._isolate(batch, exc)
             loop = self._loop
             assert loop is not None
             try:
                 loop.call_soon_threadsafe(self._complete, batch)
             except RuntimeError:  # the loop is closed (process exit)
                 return
+
+    def _isolate(self, batch: _Batch, exc: Exception) -> None:
+        """After a failed batch, runs its requests one by one so one bad request fails alone."""
+        if len(batch.jobs) == 1:
+            batch.errors = [exc]
+            return
+        batch.outputs, batch.errors = [], []
+        for job in batch.jobs:
+            try:
+                outputs, _ = self._compute([job])
+                batch.outputs.append(outputs[0])
+                batch.errors.append(None)
+            except Exception as single:
+                batch.outputs.append([])
+                batch.errors.append(single)
 
     def _next_batch(self) -> _Batch | None:
         """Waits (holding `_cond`) for the next batch; None when closing and nothing is left."""
@@ -308,26 +324,31 @@ class DynamicBatcher:
             waited = batch.start_ns - job.enqueued_ns
             metrics.queue_seconds.observe(waited / 1e9)
             stats.queue.add(waited)
-        if batch.error is not None:
-            exc = batch.error
-            error = BackendError(f"{self._label} failed to execute: {type(exc).__name__}: {exc}")
-            for job in jobs:
-                metrics.failed("backend", now - job.enqueued_ns)
-                if not job.future.done():
-                    job.future.set_exception(error)
-        else:
-            rows = sum(job.rows for job in jobs)
-            input_ns, infer_ns, output_ns = batch.timings
-            metrics.compute.observe((input_ns + infer_ns + output_ns) / 1e9)
-            metrics.batch_size.observe(rows)
-            metrics.rows.inc(rows)
-            stats.record_batch(rows, len(jobs), input_ns, infer_ns, output_ns)
-            for job, result in zip(jobs, batch.outputs, strict=True):
-                elapsed = now - job.enqueued_ns
+        ok_rows = 0
+        for i, job in enumerate(jobs):
+            elapsed = now - job.enqueued_ns
+            error = batch.errors[i] if batch.errors is not None else None
+            if error is None:
+                ok_rows += job.rows
                 metrics.request_seconds.observe(elapsed / 1e9)
                 stats.success.add(elapsed)
                 if not job.future.done():
-                    job.future.set_result(result)
+                    job.future.set_result(batch.outputs[i])
+                continue
+            if isinstance(error, ServiceError):  # the request's own fault (e.g. bytes a backend refuses)
+                metrics.failed("invalid", elapsed)
+            else:
+                log.error("%s: request failed in the backend", self._label, exc_info=error)
+                metrics.failed("backend", elapsed)
+                error = BackendError(f"{self._label} failed to execute: {type(error).__name__}: {error}")
+            if not job.future.done():
+                job.future.set_exception(error)
+        if ok_rows:
+            input_ns, infer_ns, output_ns = batch.timings
+            metrics.compute.observe((input_ns + infer_ns + output_ns) / 1e9)
+            metrics.batch_size.observe(ok_rows)
+            metrics.rows.inc(ok_rows)
+            stats.record_batch(ok_rows, len(jobs), input_ns, infer_ns, output_ns)
         if any(job.trace_ctx is not None for job in jobs):
             self._record_spans(batch)
 
@@ -347,9 +368,10 @@ class DynamicBatcher:
                 "inference.batch.rows": sum(job.rows for job in batch.jobs),
             },
         )
-        if batch.error is not None:
-            batch_span.record_exception(batch.error)
-            batch_span.set_status(trace.Status(trace.StatusCode.ERROR))
+        for error in batch.errors or ():
+            if error is not None:
+                batch_span.record_exception(error)
+                batch_span.set_status(trace.Status(trace.StatusCode.ERROR))
         batch_link = [trace.Link(batch_span.get_span_context())]
         for job in traced:
             _tracer.start_span("inference.queue", context=job.trace_ctx, start_time=job.wall_ns).end(

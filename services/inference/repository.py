@@ -122,7 +122,12 @@ class ModelRepository:
         self._states: dict[str, dict[int, tuple[str, str]]] = {}
         self._model_errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._startup_names: tuple[str, ...] = ()
         self.started = False
+
+    def startup_models_ready(self) -> bool:
+        """True when every start-up model has a serving version."""
+        return all(name in self._serving for name in self._startup_names)
 
     # --- look-ups (hot path) ---
 
@@ -187,6 +192,7 @@ class ModelRepository:
     async def load_startup(self) -> None:
         """Loads the start-up models concurrently; a failure is recorded and logged, never raised."""
         names = list(self._settings.startup_models) or self.models_on_disk()
+        self._startup_names = tuple(names)
         results = await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):

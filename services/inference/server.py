@@ -75,12 +75,10 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         self._strict = strict_readiness
 
     def ready(self) -> bool:
-        """Server readiness: start-up loading finished (and, when strict, no model failed)."""
+        """Server readiness: start-up loading finished (and, when strict, every start-up model serves)."""
         if not self._repo.started:
             return False
-        if self._strict:
-            return all(entry.state == "READY" for entry in self._repo.index() if entry.state)
-        return True
+        return self._repo.startup_models_ready() if self._strict else True
 
     # --- health and metadata ---
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from services.inference.backends import BackendOptions, LoadedModel, Signature
 from services.inference.datatypes import BY_ONNX
-from services.inference.errors import ModelConfigError, ModelLoadError
+from services.inference.errors import InvalidInput, ModelConfigError, ModelLoadError
 from services.inference.model_config import ONNXRUNTIME, ModelSpec, TensorSpec
 
 _STRING = "tensor(string)"
@@ -85,10 +85,16 @@ class OnnxRuntimeModel:
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         feed = dict(inputs)
         for name in self._string_inputs:
-            if name in feed:  # ORT wants str elements; protocol BYTES carry bytes
-                feed[name] = np.array(
-                    [v.decode("utf-8", "surrogateescape") for v in feed[name].reshape(-1)], dtype=object
-                ).reshape(feed[name].shape)
+            if name in feed:  # ORT wants str elements (it stores them as UTF-8); protocol BYTES carry bytes
+                array = feed[name]
+                try:
+                    decoded = [v.decode("utf-8") if isinstance(v, bytes) else v for v in array.reshape(-1)]
+                except UnicodeDecodeError as exc:
+                    raise InvalidInput(
+                        f"input '{name}': BYTES element is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                        "ONNX Runtime string tensors hold UTF-8 text"
+                    ) from None
+                feed[name] = np.array(decoded, dtype=object).reshape(array.shape)
         results = self._session.run(list(output_names), feed)
         return [np.asarray(r) for r in results]
 

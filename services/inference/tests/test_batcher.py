@@ -40,6 +40,8 @@ class FakeModel:
         if self.fail:
             raise RuntimeError("kernel exploded")
         x = inputs["x"]
+        if np.any(x == -1):
+            raise ValueError("poison row")
         self.batches.append(len(x))
         return [x * 10, np.full((len(x), 1), len(self.batches), dtype=np.int64)]
 
@@ -194,6 +196,18 @@ async def test_backend_failure_fails_every_request_of_the_batch_and_the_next_bat
     model.fail = False
     y, _ = await batcher.infer(_rows(1), 1)
     assert y[0, 0] == 10
+    await batcher.close()
+
+
+async def test_one_bad_request_fails_alone_and_its_batch_mates_succeed() -> None:
+    model = FakeModel()
+    batcher = _batcher(model, max_queue_delay_us=50_000, max_batch_size=4)
+    results = await asyncio.gather(
+        *(batcher.infer(_rows(v), 1) for v in (1, -1, 3, 4)), return_exceptions=True
+    )
+    assert isinstance(results[1], BackendError) and "poison row" in str(results[1])
+    assert [float(r[0][0, 0]) for i, r in enumerate(results) if i != 1] == [10, 30, 40]  # type: ignore[index]
+    assert batcher._metrics.stats.inference_count == 3
     await batcher.close()
 
 

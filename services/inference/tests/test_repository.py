@@ -30,6 +30,7 @@ async def test_startup_loads_every_model_and_records_why_some_failed(model_repo:
     await repo.load_startup()
     try:
         assert repo.started
+        assert not repo.startup_models_ready()  # broken and trt_only did not load
         assert repo.ready_versions("fraud") == [1, 2]
         assert repo.get("fraud").version == 2  # "" is the latest
         assert repo.get("fraud", "1").version == 1
@@ -93,6 +94,7 @@ async def test_version_policy_latest_and_specific_via_load_config(fresh_repo: Pa
 async def test_unload_then_load_again(fresh_repo: Path) -> None:
     repo = _repo(fresh_repo, startup_models=("double",))
     await repo.load_startup()
+    assert repo.startup_models_ready()
     await repo.unload("double")
     assert not repo.is_ready("double")
     assert _states(repo, "double")["1"] == ("UNAVAILABLE", "unloaded")

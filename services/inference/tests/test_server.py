@@ -331,6 +331,19 @@ async def test_malformed_bytes_tensor_is_invalid_argument(served: pb_grpc.GRPCIn
     assert "input 'in_bytes' of model 'types': BYTES data for shape [1, 3]" in details
 
 
+async def test_bytes_that_are_not_utf8_are_refused_for_onnxruntime_string_inputs(
+    served: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = pb.ModelInferRequest(model_name="types")
+    for name, (datatype, array) in TYPED_CASES.items():
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        data = [b"ok", b"\xff\xfe", b"x"] if datatype == "BYTES" else None
+        request.raw_input_contents.append(_bytes_raw(data) if data else array.tobytes())
+    code, details = await _error(served.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'in_bytes': BYTES element is not UTF-8" in details
+
+
 async def test_garbage_on_the_wire_never_takes_the_server_down(
     served: pb_grpc.GRPCInferenceServiceStub, served_channel: grpc.aio.Channel
 ) -> None:
