@@ -32,7 +32,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "infergrid-inference"
 SERVER_VERSION = "0.1.0"
 # Protocol extensions served (perf_analyzer reads "statistics" to ask for server-side stats).
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
