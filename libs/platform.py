@@ -1,0 +1,330 @@
+"""The declarative platform config: public listener, gateway upstreams, tenants, rate-limit tiers, models.
+
+One YAML file (locally `deploy/local/platform.yaml`; a ConfigMap in a cluster) read
+by the xDS control plane (Envoy's listeners, routes, clusters, endpoints), the edge
+policy service (tenants, tiers) and the gateway (model traffic splits). Each of
+them watches the file and applies a new version without a restart; a file that
+does not validate is rejected with a message naming the field, and the last good
+version stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+class PlatformConfigError(ValueError):
+    """The platform config is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Bodies larger than this are refused by Envoy with 413.
+    max_request_bytes: int = 1024 * 1024
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    retry_on: str = "reset,connect-failure,unavailable"
+    num_retries: int = 2
+    per_try_timeout_ms: int = 1000
+    # Envoy's retry budget: retries may add at most this percentage of active requests.
+    budget_percent: float = 20.0
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    interval_ms: int = 1000
+    timeout_ms: int = 500
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True)
+class OutlierDetectionConfig:
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 3
+    base_ejection_time_ms: int = 10_000
+    max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True)
+class GatewayUpstream:
+    """The gateway replicas Envoy balances over, and how it treats them."""
+
+    endpoints: tuple[str, ...] = ("127.0.0.1:50051",)
+    timeout_ms: int = 2000
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    outlier_detection: OutlierDetectionConfig = field(default_factory=OutlierDetectionConfig)
+
+
+@dataclass(frozen=True)
+class RateLimitTier:
+    """A token bucket: `requests_per_second` refill, up to `burst` tokens."""
+
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Tenant:
+    tier: str
+    # Models this tenant may call; "*" allows all.
+    models: tuple[str, ...] = ()
+
+    def may_call(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+@dataclass(frozen=True)
+class ModelVersionWeight:
+    version: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """How requests for a model are spread over its versions."""
+
+    versions: tuple[ModelVersionWeight, ...]
+    # A version that also scores every request; its output is logged, never returned.
+    shadow: str = ""
+    # The entity key whose value pins a caller to one version (sticky A/B); "" is random.
+    sticky_key: str = ""
+    # Per-model limit on the tier's rate ("" uses the tenant's tier only).
+    rate_limit_tier: str = ""
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    gateway: GatewayUpstream = field(default_factory=GatewayUpstream)
+    # Path of the hashed API-key file, relative to the platform file.
+    api_keys_file: str = "keys.yaml"
+    rate_limit_tiers: Mapping[str, RateLimitTier] = field(default_factory=dict)
+    tenants: Mapping[str, Tenant] = field(default_factory=dict)
+    models: Mapping[str, ModelRoute] = field(default_factory=dict)
+    # A digest of the source text: the version Envoy and the services report.
+    version: str = ""
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise PlatformConfigError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Builds a (nested) dataclass from a mapping, refusing unknown keys and wrong types."""
+    data = _expect(data if data is not None else {}, dict, where)
+    fields = dataclasses.fields(cls)
+    _section(data, where, {f.name for f in fields})
+    kwargs: dict[str, Any] = {}
+    for f in fields:
+        name = f.name
+        if name not in data:
+            continue
+        value, path = data[name], f"{where}.{name}"
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if hasattr(default, "__dataclass_fields__"):
+            kwargs[name] = _build(type(default), value, path)
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(
+                _expect(v, str, f"{path}[{i}]") for i, v in enumerate(_expect(value, list, path))
+            )
+        elif isinstance(default, bool):
+            kwargs[name] = _expect(value, bool, path)
+        elif isinstance(default, float):
+            kwargs[name] = float(_expect(value, (int, float), path))
+        elif isinstance(default, int):
+            kwargs[name] = _expect(value, int, path)
+        else:
+            kwargs[name] = _expect(value, str, path)
+    return cls(**kwargs)
+
+
+def _section(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    """A mapping with only the `allowed` keys."""
+    section: dict[str, Any] = _expect(value, dict, where)
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise PlatformConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    return section
+
+
+def _positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise PlatformConfigError(f"{where}: must be positive, got {value}")
+
+
+def parse_platform(text: str) -> PlatformConfig:
+    """Parses and validates the YAML text of a platform config.
+
+    Raises:
+        PlatformConfigError: Invalid YAML, an unknown key, a wrong type or an inconsistent
+            reference (a tenant's unknown tier, a split that does not add up); names the field.
+    """
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise PlatformConfigError(f"not valid YAML: {exc}") from None
+    raw = _section(
+        raw, "platform", {"listener", "gateway", "api_keys_file", "rate_limit_tiers", "tenants", "models"}
+    )
+    listener = _build(ListenerConfig, raw.get("listener"), "listener")
+    gateway = _build(GatewayUpstream, raw.get("gateway"), "gateway")
+    if not gateway.endpoints:
+        raise PlatformConfigError("gateway.endpoints: at least one endpoint is required")
+    for i, endpoint in enumerate(gateway.endpoints):
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise PlatformConfigError(f"gateway.endpoints[{i}]: expected host:port, got {endpoint!r}")
+    tiers: dict[str, RateLimitTier] = {}
+    for name, raw_tier in _expect(raw.get("rate_limit_tiers") or {}, dict, "rate_limit_tiers").items():
+        where = f"rate_limit_tiers.{name}"
+        spec = _section(raw_tier, where, {"requests_per_second", "burst"})
+        rps = float(_expect(spec.get("requests_per_second"), (int, float), f"{where}.requests_per_second"))
+        burst = _expect(spec.get("burst", max(1, int(rps))), int, f"{where}.burst")
+        _positive(rps, f"{where}.requests_per_second")
+        _positive(burst, f"{where}.burst")
+        tiers[str(name)] = RateLimitTier(rps, burst)
+    tenants: dict[str, Tenant] = {}
+    for name, raw_tenant in _expect(raw.get("tenants") or {}, dict, "tenants").items():
+        where = f"tenants.{name}"
+        spec = _section(raw_tenant, where, {"tier", "models"})
+        tier = _expect(spec.get("tier"), str, f"{where}.tier")
+        if tier not in tiers:
+            raise PlatformConfigError(f"{where}.tier: unknown rate-limit tier {tier!r}")
+        allowed = tuple(
+            _expect(m, str, f"{where}.models") for m in _expect(spec.get("models", []), list, where)
+        )
+        tenants[str(name)] = Tenant(tier=tier, models=allowed)
+    models: dict[str, ModelRoute] = {}
+    for name, model_spec in _expect(raw.get("models") or {}, dict, "models").items():
+        models[str(name)] = _parse_model(str(name), model_spec, tiers)
+    keys_file = _expect(raw.get("api_keys_file", "keys.yaml"), str, "api_keys_file")
+    return PlatformConfig(
+        listener=listener,
+        gateway=gateway,
+        api_keys_file=keys_file,
+        rate_limit_tiers=tiers,
+        tenants=tenants,
+        models=models,
+        version=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
+
+
+def _parse_model(name: str, spec: dict[str, Any], tiers: Mapping[str, RateLimitTier]) -> ModelRoute:
+    where = f"models.{name}"
+    _section(spec, where, {"versions", "shadow", "sticky_key", "rate_limit_tier"})
+    versions: list[ModelVersionWeight] = []
+    for i, raw_entry in enumerate(_expect(spec.get("versions"), list, f"{where}.versions")):
+        entry = _section(raw_entry, f"{where}.versions[{i}]", {"version", "weight"})
+        version = str(_expect(entry.get("version"), (str, int), f"{where}.versions[{i}].version"))
+        weight = _expect(entry.get("weight", 100), int, f"{where}.versions[{i}].weight")
+        if weight < 0:
+            raise PlatformConfigError(f"{where}.versions[{i}].weight: must not be negative")
+        versions.append(ModelVersionWeight(version, weight))
+    if not versions or sum(v.weight for v in versions) <= 0:
+        raise PlatformConfigError(
+            f"{where}.versions: at least one version with a positive weight is required"
+        )
+    if len({v.version for v in versions}) != len(versions):
+        raise PlatformConfigError(f"{where}.versions: a version is listed twice")
+    tier = str(spec.get("rate_limit_tier", ""))
+    if tier and tier not in tiers:
+        raise PlatformConfigError(f"{where}.rate_limit_tier: unknown rate-limit tier {tier!r}")
+    return ModelRoute(
+        versions=tuple(versions),
+        shadow=str(spec.get("shadow", "") or ""),
+        sticky_key=_expect(spec.get("sticky_key", ""), str, f"{where}.sticky_key"),
+        rate_limit_tier=tier,
+    )
+
+
+def load_platform(path: Path) -> PlatformConfig:
+    """Reads and validates the platform file (see `parse_platform`)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PlatformConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_platform(text)
+
+
+class PlatformWatcher:
+    """Polls the platform file; on a valid change calls `on_change`, on an invalid one keeps the last good."""
+
+    def __init__(
+        self,
+        path: Path,
+        on_change: Callable[[PlatformConfig], Awaitable[None] | None],
+        interval_s: float = 1.0,
+    ) -> None:
+        self.path = path
+        self.current = load_platform(path)
+        self.last_error = ""
+        self._on_change = on_change
+        self._interval = interval_s
+        self._stamp = self._mtime()
+
+    def _mtime(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.path)
+            return (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return (0, 0)
+
+    async def check(self) -> bool:
+        """Reloads when the file changed; True when a new version was applied."""
+        stamp = self._mtime()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            config = load_platform(self.path)
+        except PlatformConfigError as exc:
+            self.last_error = str(exc)
+            log.error("platform config rejected, keeping version %s: %s", self.current.version, exc)
+            return False
+        if config.version == self.current.version:
+            return False
+        self.current, self.last_error = config, ""
+        result = self._on_change(config)
+        if asyncio.iscoroutine(result):
+            await result
+        log.info("platform config version %s applied", config.version)
+        return True
+
+    async def run(self) -> None:
+        """Polls until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("applying the platform config failed")

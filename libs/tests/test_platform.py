@@ -1,0 +1,70 @@
+"""The platform config: parsing, validation naming the field, and live reload keeping the last good."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from libs.platform import PlatformConfigError, PlatformWatcher, load_platform, parse_platform
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_local_platform_file_is_valid() -> None:
+    config = load_platform(REPO / "deploy" / "local" / "platform.yaml")
+    assert config.listener.port == 8080
+    assert config.gateway.endpoints == ("127.0.0.1:50051",)
+    assert config.tenants["demo"].may_call("fraud") and not config.tenants["demo"].may_call("other")
+    fraud = config.models["fraud"]
+    assert [(v.version, v.weight) for v in fraud.versions] == [("1", 90), ("2", 10)]
+    assert fraud.sticky_key == "user_id"
+    assert config.rate_limit_tiers["free"].requests_per_second == 10.0
+    assert len(config.version) == 16
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("listener: {port: 'x'}", "listener.port: expected int, got str 'x'"),
+        ("listener: {prot: 1}", "listener: unknown key(s) prot"),
+        ("gateway: {endpoints: ['nohost']}", "gateway.endpoints[0]: expected host:port"),
+        ("tenants: {t: {tier: gold}}", "tenants.t.tier: unknown rate-limit tier 'gold'"),
+        (
+            "rate_limit_tiers: {a: {requests_per_second: 0}}",
+            "rate_limit_tiers.a.requests_per_second: must be positive",
+        ),
+        ("models: {m: {versions: [{version: '1', weight: 0}]}}", "models.m.versions: at least one version"),
+        (
+            "models: {m: {versions: [{version: 1}, {version: '1'}]}}",
+            "models.m.versions: a version is listed twice",
+        ),
+        (
+            "models: {m: {versions: [{version: '1', wieght: 5}]}}",
+            "models.m.versions[0]: unknown key(s) wieght",
+        ),
+        ("listener: [1", "not valid YAML"),
+        ("colour: blue", "platform: unknown key(s) colour"),
+    ],
+)
+def test_invalid_configs_name_the_field(text: str, message: str) -> None:
+    with pytest.raises(PlatformConfigError) as err:
+        parse_platform(text)
+    assert message in str(err.value)
+
+
+async def test_watcher_applies_valid_changes_and_keeps_the_last_good(tmp_path: Path) -> None:
+    path = tmp_path / "platform.yaml"
+    path.write_text("models: {fraud: {versions: [{version: '1'}]}}\n")
+    applied: list[str] = []
+    watcher = PlatformWatcher(path, lambda c: applied.append(c.models["fraud"].versions[0].version))
+    assert await watcher.check() is False  # unchanged
+
+    path.write_text("models: {fraud: {versions: [{version: '2'}]}}\n")
+    assert await watcher.check() is True
+    assert applied == ["2"]
+
+    path.write_text("models: {fraud: {versions: []}}\n")
+    assert await watcher.check() is False
+    assert "models.fraud.versions" in watcher.last_error
+    assert watcher.current.models["fraud"].versions[0].version == "2"
