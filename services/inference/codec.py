@@ -95,7 +95,12 @@ def _from_contents(
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
-    return np.asarray(values, dtype=spec.datatype.numpy).reshape(shape)
+    try:
+        return np.asarray(values, dtype=spec.datatype.numpy).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidInput(
+            f"input '{spec.name}' of model '{model.model}': {name} values out of range: {exc}"
+        ) from None
 
 
 def decode_inputs(model: ServingVersion, request: pb.ModelInferRequest) -> tuple[dict[str, np.ndarray], int]:

@@ -60,8 +60,11 @@ def decode_bytes_tensor(raw: bytes, count: int) -> np.ndarray:
     Raises:
         ValueError: The buffer does not hold exactly `count` well-formed elements.
     """
+    size = len(raw)
+    if count * 4 > size:  # checked before allocating: a shape must not make us allocate blindly
+        raise ValueError(f"has {size} bytes, too few for {count} elements (4-byte length each)")
     out = np.empty(count, dtype=object)
-    offset, size = 0, len(raw)
+    offset = 0
     view = memoryview(raw)
     for i in range(count):
         if offset + 4 > size:

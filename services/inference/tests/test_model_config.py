@@ -118,7 +118,9 @@ def test_bytes_tensor_round_trip_and_malformed_buffers() -> None:
     raw = encode_bytes_tensor(array)
     assert list(decode_bytes_tensor(raw, 4)) == list(array)
     with pytest.raises(ValueError, match="holds 4 elements, expected 5"):
-        decode_bytes_tensor(raw, 5)
+        decode_bytes_tensor(raw + b"\x00", 5)
+    with pytest.raises(ValueError, match="too few for 1099511627776 elements"):
+        decode_bytes_tensor(raw, 2**40)
     with pytest.raises(ValueError, match="after the 3 expected"):
         decode_bytes_tensor(raw, 3)
     with pytest.raises(ValueError, match="claims"):

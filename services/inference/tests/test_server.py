@@ -321,6 +321,31 @@ async def test_bad_requests_get_the_right_status_and_message(
     assert message in details
 
 
+async def test_absurd_shapes_and_values_are_invalid_argument_not_allocations(
+    served: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    huge = pb.ModelInferRequest(model_name="double", raw_input_contents=[b"\0" * 16])
+    huge.inputs.add(name="x", datatype="FP32", shape=[2**31, 2**31])
+    code, details = await _error(served.ModelInfer(huge))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "16 bytes of raw data given" in details
+    request = pb.ModelInferRequest(model_name="types")
+    for name, (datatype, array) in TYPED_CASES.items():
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(
+            _bytes_raw(array.reshape(-1)) if datatype == "BYTES" else array.tobytes()
+        )
+    request.inputs[5].shape[:] = [1, 2**40]
+    code, details = await _error(served.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input 'in_bytes'" in details
+    typed = pb.ModelInferRequest(model_name="types")
+    tensor = typed.inputs.add(name="in_int32", datatype="INT32", shape=[1, 3])
+    tensor.contents.int_contents.extend([1, 2, 3])
+    int64 = typed.inputs.add(name="in_int64", datatype="INT64", shape=[1, 3])
+    int64.contents.int64_contents.extend([1, 2, 3])
+    code, details = await _error(served.ModelInfer(typed))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "missing input(s)" in details
+
+
 async def test_malformed_bytes_tensor_is_invalid_argument(served: pb_grpc.GRPCInferenceServiceStub) -> None:
     request = pb.ModelInferRequest(model_name="types")
     for name, (datatype, array) in TYPED_CASES.items():
