@@ -22,7 +22,7 @@ REQUESTS = Counter(
 )
 FAILURES = Counter(
     "infergrid_inference_failures_total",
-    "Inference requests that failed, by reason (invalid, queue_full, timeout, backend, cancelled).",
+    "Inference requests that failed, by reason (invalid, queue_full, timeout, backend, cancelled, unavailable).",
     (*_LABELS, "reason"),
 )
 REQUEST_SECONDS = Histogram(

@@ -21,7 +21,7 @@ from libs.telemetry import Telemetry
 from services.inference.backends import BackendOptions, ModelBackend, create_backends
 from services.inference.codec import decode_inputs, encode_response, requested_outputs
 from services.inference.config import InferenceConfig
-from services.inference.errors import NotSupported
+from services.inference.errors import InvalidInput, NotSupported
 from services.inference.metrics import Duration, VersionStatistics
 from services.inference.model_config import parse_config_json
 from services.inference.repository import ModelRepository, RepositorySettings, ServingVersion
@@ -135,8 +135,13 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         serving = self._repo.get(request.model_name, request.model_version)
-        inputs, rows = decode_inputs(serving, request)
-        selected = requested_outputs(serving, request)
+        try:
+            inputs, rows = decode_inputs(serving, request)
+            selected = requested_outputs(serving, request)
+        except InvalidInput:
+            serving.metrics.requests.inc()
+            serving.metrics.failed("invalid", 0)
+            raise
         batching = serving.spec.batching
         timeout_ns = batching.default_timeout_us * 1000
         if request.parameters and "timeout" in request.parameters and batching.allow_timeout_override:

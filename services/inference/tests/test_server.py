@@ -542,3 +542,20 @@ async def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceed
             assert (await stub.ServerLive(pb.ServerLiveRequest())).live
     finally:
         await server.stop(0, 1.0)
+
+
+async def test_invalid_requests_count_as_failures_of_their_model_version(
+    served: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def _failed() -> float:
+        value = REGISTRY.get_sample_value(
+            "infergrid_inference_failures_total", {"model": "fraud", "version": "2", "reason": "invalid"}
+        )
+        return value or 0.0
+
+    before = _failed()
+    bad = _with(_GOOD, lambda r: setattr(r.inputs[0], "datatype", "INT8"))
+    await _error(served.ModelInfer(bad))
+    assert _failed() == before + 1
