@@ -17,6 +17,8 @@ def _config(cassandra_server, keyspace: str) -> CassandraConfig:  # type: ignore
         cassandra_port=cassandra_server.port,
         cassandra_keyspace=keyspace,
         cassandra_write_consistency="ONE",
+        # Generous: this checks behaviour, not speed, on a busy 2-core machine.
+        cassandra_request_timeout_s=15.0,
     )
 
 
