@@ -9,6 +9,7 @@ them. Redis being slow or down is a cache miss, never an error.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -87,11 +88,19 @@ class NoCache:
 
 
 class RedisCache:
-    """FeatureCache on Redis (redis-py asyncio), behind a circuit breaker."""
+    """FeatureCache on Redis (redis-py asyncio), behind a circuit breaker.
+
+    Look-ups from concurrent requests are coalesced: keys asked for while
+    `max_in_flight` MGETs are already on their way wait and leave together in the
+    next one. At low load a request's MGET leaves at once; under load each
+    round trip (and each Python-level Redis call) serves many requests.
+    """
 
     enabled = True
 
-    def __init__(self, config: CacheConfig, client: redis.Redis | None = None) -> None:
+    def __init__(
+        self, config: CacheConfig, client: redis.Redis | None = None, max_in_flight: int = 1
+    ) -> None:
         self._client = client or redis.Redis.from_url(
             config.redis_url,
             socket_timeout=config.cache_timeout_s,
@@ -106,6 +115,12 @@ class RedisCache:
                 breaker=BreakerPolicy(failure_threshold=3, reset_timeout_s=2.0),
             ),
         )
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._flush_scheduled = False
+        self._pending_keys: list[bytes] = []
+        self._waiters: list[tuple[int, int, asyncio.Future[list[CacheEntry]]]] = []
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def close(self) -> None:
         try:
@@ -114,6 +129,46 @@ class RedisCache:
             log.debug("closing the Redis client: %s", exc)
 
     async def get_many(self, keys: Sequence[bytes]) -> list[CacheEntry]:
+        """One entry per key; concurrent callers share MGETs (see the class docstring)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[CacheEntry]] = loop.create_future()
+        start = len(self._pending_keys)
+        self._pending_keys.extend(keys)
+        self._waiters.append((start, len(self._pending_keys), future))
+        if not self._flush_scheduled and self._in_flight < self._max_in_flight:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._waiters or self._in_flight >= self._max_in_flight:
+            return
+        keys, waiters = self._pending_keys, self._waiters
+        self._pending_keys, self._waiters = [], []
+        self._in_flight += 1
+        task = asyncio.ensure_future(self._serve(keys, waiters))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(
+        self, keys: list[bytes], waiters: list[tuple[int, int, asyncio.Future[list[CacheEntry]]]]
+    ) -> None:
+        try:
+            entries = await self._mget(keys)
+        except BaseException:
+            entries = [None] * len(keys)
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._waiters and not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            for start, end, future in waiters:
+                if not future.done():
+                    future.set_result(entries[start:end])
+
+    async def _mget(self, keys: list[bytes]) -> list[CacheEntry]:
         with _tracer.start_as_current_span("redis MGET") as span:
             span.set_attribute("db.system", "redis")
             span.set_attribute("infergrid.keys", len(keys))

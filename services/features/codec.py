@@ -8,6 +8,7 @@ being parsed again. A response is assembled from pre-framed protobuf fields (see
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 from functools import lru_cache
@@ -132,27 +133,79 @@ class Record:
     """One entity's values in a view, positional: index i is the view's i-th feature.
 
     Features are only ever appended to a view, so an index keeps its meaning; a
-    record made before a feature was added is simply shorter.
+    record made before a feature was added is simply shorter. The value frames
+    are kept as one blob (`blob`, frame lengths `lens`) and sliced only when a
+    caller needs them one by one; when every frame has the same length (a view
+    of floats, say) `fixed` is that length and the blob can be read as a matrix.
     """
 
-    __slots__ = ("complete", "events", "frames", "min_event", "ts_frames")
+    __slots__ = (
+        "_frames",
+        "blob",
+        "complete",
+        "events",
+        "fixed",
+        "lens",
+        "min_event",
+        "ts_frames",
+        "uniform_ts",
+    )
 
-    def __init__(self, events: Sequence[int], frames: Sequence[bytes]) -> None:
+    def __init__(
+        self,
+        events: Sequence[int],
+        frames: Sequence[bytes] | None = None,
+        *,
+        blob: bytes = b"",
+        lens: Sequence[int] = (),
+    ) -> None:
         self.events = tuple(events)
-        self.frames = tuple(frames)
+        if frames is not None:
+            self._frames: tuple[bytes, ...] | None = tuple(frames)
+            self.blob = b"".join(self._frames)
+            self.lens = tuple(len(f) for f in self._frames)
+        else:
+            self._frames = None
+            self.blob = blob
+            self.lens = tuple(lens)
+        first = self.lens[0] if self.lens else 0
+        self.fixed = first if self.lens and self.lens.count(first) == len(self.lens) else 0
+        distinct = set(self.events)
+        if len(distinct) == 1:
+            # The common case: every feature was written together, at one event time.
+            (event,) = distinct
+            frame = EMPTY_TS_FRAME if event == MISSING else ts_frame(event)
+            self.uniform_ts: bytes | None = frame
+            self.ts_frames: tuple[bytes, ...] = (frame,) * len(self.events)
+            self.complete = event != MISSING
+            self.min_event = event
+            return
+        self.uniform_ts = None
         self.ts_frames = tuple(EMPTY_TS_FRAME if e == MISSING else ts_frame(e) for e in self.events)
-        present = [e for e in self.events if e != MISSING]
-        self.complete = len(present) == len(self.events)
-        self.min_event = min(present) if present else MISSING
+        distinct.discard(MISSING)
+        self.complete = MISSING not in self.events
+        self.min_event = min(distinct) if distinct else MISSING
+
+    @property
+    def frames(self) -> tuple[bytes, ...]:
+        """The value frames, one per feature."""
+        if self._frames is None:
+            starts = list(itertools.accumulate(self.lens, initial=0))
+            self._frames = tuple(map(self.blob.__getitem__, map(slice, starts, starts[1:])))
+        return self._frames
 
     def __len__(self) -> int:
         return len(self.events)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Record) and (self.events, self.frames) == (other.events, other.frames)
+        return isinstance(other, Record) and (self.events, self.lens, self.blob) == (
+            other.events,
+            other.lens,
+            other.blob,
+        )
 
     def __hash__(self) -> int:
-        return hash((self.events, self.frames))
+        return hash((self.events, self.blob))
 
     def __repr__(self) -> str:
         return f"Record(events={self.events!r}, frames={self.frames!r})"
@@ -193,8 +246,8 @@ def encode_record(record: Record | None) -> bytes:
         (
             struct.pack("<BH", _CACHE_VERSION, n),
             events_s.pack(*record.events),
-            lens_s.pack(*(len(f) for f in record.frames)),
-            *record.frames,
+            lens_s.pack(*record.lens),
+            record.blob,
         )
     )
 
@@ -222,13 +275,9 @@ def decode_record(payload: bytes) -> Record | None:
         offset += lens_s.size
     except struct.error as exc:
         raise CorruptPayload(str(exc)) from None
-    frames = []
-    for length in lens:
-        frames.append(payload[offset : offset + length])
-        offset += length
-    if offset != len(payload):
+    if offset + sum(lens) != len(payload):
         raise CorruptPayload("cache record length mismatch")
-    return Record(events, frames)
+    return Record(events, blob=payload[offset:], lens=lens)
 
 
 # Python objects -> Values (batch and streaming ingestion, demo data).

@@ -48,6 +48,8 @@ class Plan:
     refs: tuple[str, ...]
     columns: tuple[tuple[View, int], ...]
     views: tuple[View, ...]
+    # The response's `feature_names` field, already encoded.
+    names_frame: bytes
 
 
 @dataclass
@@ -107,6 +109,13 @@ class OnlineFeatures:
         self.store_ok = True
         self._plans: dict[tuple[str, ...], tuple[int, Plan]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._rows_counters: dict[str, Any] = {}
+
+    def _entity_rows(self, view: str) -> Any:
+        counter = self._rows_counters.get(view)
+        if counter is None:
+            counter = self._rows_counters[view] = ENTITY_ROWS.labels(view)
+        return counter
 
     # Store access (through the circuit breaker).
 
@@ -175,7 +184,8 @@ class OnlineFeatures:
                 raise FeatureNotFound(view_name, feature[:200])
             views.setdefault(view_name, view)
             columns.append((view, index))
-        plan = Plan(key, tuple(columns), tuple(views.values()))
+        names_frame = b"".join(codec.frame(0x0A, ref.encode()) for ref in key)
+        plan = Plan(key, tuple(columns), tuple(views.values()), names_frame)
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()
         self._plans[key] = (self.registry.generation, plan)
@@ -244,7 +254,7 @@ class OnlineFeatures:
         for view in plan.views:
             distinct = list(dict.fromkeys(keys_by_view[view.name]))
             unique.append((view, distinct))
-            ENTITY_ROWS.labels(view.name).inc(n_rows)
+            self._entity_rows(view.name).inc(n_rows)
             prefix = self._prefix + view.name.encode() + b":"
             redis_keys.extend(prefix + k for k in distinct)
         entries = await self.cache.get_many(redis_keys)
