@@ -274,6 +274,7 @@ class Spool:
         os.close(self._fd)
         self._fd = None
         self._active = None
+        self._active_size = 0
         self._dirty = False
 
     def sync(self) -> None:

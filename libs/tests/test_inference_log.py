@@ -94,6 +94,9 @@ def test_spool_appends_seals_and_reads_back_after_a_torn_write(tmp_path: Path) -
     assert report.skipped_bytes == 9
     reopened.seal()
     assert len(reopened.sealed_segments()) == 2
+    for sealed in reopened.sealed_segments():
+        reopened.remove(sealed)
+    assert not reopened.has_messages()
     reopened.close()
 
 
