@@ -1,0 +1,57 @@
+"""Configuration of the xDS control plane, read once from INFERGRID_CONTROLPLANE_* variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libs.server import ServerConfig
+from libs.telemetry import TelemetryConfig
+
+ENV_PREFIX = "INFERGRID_CONTROLPLANE_"
+
+
+@dataclass(frozen=True)
+class ControlPlaneServerConfig(ServerConfig):
+    port: int = 18000
+    # Envoy holds one ADS stream open for its whole life: do not wait for it on shutdown.
+    drain_seconds: float = 0.5
+    grace_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class ControlPlaneTelemetryConfig(TelemetryConfig):
+    metrics_port: int = 9106
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    """Deployment wiring the platform file does not hold: where Envoy's helpers are, where it writes."""
+
+    # The declarative platform config (listener, gateway upstream, tiers, tenants, models).
+    platform_file: Path = Path("deploy/local/platform.yaml")
+    # How often the platform file is checked for changes.
+    platform_poll_seconds: float = 1.0
+    # The descriptor set (protoc --include_imports) of the public API, for grpc_json_transcoder.
+    descriptor_set: Path = Path("build/gen/descriptors.pb")
+    # The edge service (ext_authz + rate-limit service), host:port.
+    edge_address: str = "127.0.0.1:50060"
+    # Envoy's wait for an authorization or rate-limit answer.
+    edge_timeout_ms: int = 1000
+    # Overrides the platform's listener port when non-zero (the stack's INFERGRID_ENVOY_PORT).
+    listener_port: int = 0
+    # Access log: "stdout", "" (off) or a file path; one JSON object per request.
+    access_log: str = "stdout"
+    # OTLP gRPC endpoint (host:port) Envoy sends its spans to; "" turns Envoy's tracing off.
+    tracing_otlp_address: str = ""
+    # Where a self-signed certificate is written when TLS is on without a certificate file.
+    tls_dir: Path = Path(".state/controlplane/tls")
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    """Everything the control plane reads at start-up."""
+
+    server: ControlPlaneServerConfig = field(default_factory=ControlPlaneServerConfig)
+    telemetry: ControlPlaneTelemetryConfig = field(default_factory=ControlPlaneTelemetryConfig)
+    envoy: EnvoySettings = field(default_factory=EnvoySettings)

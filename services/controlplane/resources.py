@@ -1,0 +1,435 @@
+"""Translates the platform config into Envoy's xDS resources: clusters, endpoints, the listener, routes.
+
+Resources are written as dicts in the shape of Envoy's own YAML (easy to read next to Envoy's docs)
+and parsed into the typed `xds-protos` messages, which rejects a misspelt field here, in the control
+plane, rather than in Envoy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+# The modules below register the typed configs the dicts name in "@type"; the imports are needed.
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.config.trace.v3 import opentelemetry_pb2  # noqa: F401
+from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2  # noqa: F401
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
+from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2  # noqa: F401
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,  # noqa: F401
+)
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from libs.platform import PlatformConfig
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# The order in which a change is pushed, so that nothing refers to a resource Envoy does not have yet.
+PUSH_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+
+GATEWAY_CLUSTER = "gateway"
+EDGE_CLUSTER = "edge"
+TRACING_CLUSTER = "jaeger"
+LISTENER_NAME = "public"
+ROUTE_NAME = "public"
+PREDICTION_SERVICE = "infergrid.gateway.v1.PredictionService"
+RATE_LIMIT_DOMAIN = "infergrid"
+# Headers the edge service sets on an authorized request (and that the rate-limit descriptors read).
+TENANT_HEADER = "x-infergrid-tenant"
+MODEL_HEADER = "x-infergrid-model"
+
+_HTTP2 = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
+_ACCESS_LOG_FORMAT = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS(NUMBER)%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+    "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    "upstream": "%UPSTREAM_HOST%",
+    "tenant": "%REQ(X-INFERGRID-TENANT)%",
+    "model": "%REQ(X-INFERGRID-MODEL)%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "trace_id": "%TRACE_ID%",
+}
+
+
+@dataclass(frozen=True)
+class EnvoyWiring:
+    """What the translation needs beyond the platform config (from the control plane's settings)."""
+
+    descriptor_set: str
+    edge_address: str
+    edge_timeout_ms: int = 1000
+    listener_port: int = 0
+    access_log: str = "stdout"
+    tracing_otlp_address: str = ""
+    # The certificate and key the listener serves when the platform turns TLS on.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """One complete set of resources, by type URL and name; the unit of a version."""
+
+    by_type: dict[str, dict[str, Message]]
+
+    def of(self, type_url: str) -> dict[str, Message]:
+        """The resources of one type, by name."""
+        return self.by_type.get(type_url, {})
+
+
+def _ms(value: int) -> str:
+    return f"{value / 1000:.3f}s"
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(host: str) -> str:
+    """EDS endpoints must be IP addresses; a hostname is resolved when the resources are built."""
+    return host if _is_ip(host) else socket.gethostbyname(host)
+
+
+def _socket_address(address: str, *, resolve: bool = False) -> dict[str, Any]:
+    host, port = _split(address)
+    return {"socket_address": {"address": _resolve(host) if resolve else host, "port_value": port}}
+
+
+def _static_cluster(name: str, address: str, timeout_ms: int = 1000) -> dict[str, Any]:
+    """A cluster of one fixed address (DNS-resolved when it is a name) that speaks HTTP/2 (gRPC)."""
+    host, _ = _split(address)
+    return {
+        "name": name,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": _ms(timeout_ms),
+        "typed_extension_protocol_options": _HTTP2,
+        "circuit_breakers": {
+            "thresholds": [
+                {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
+            ]
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(address)}}]}],
+        },
+    }
+
+
+def _parse(message: type[Message], data: dict[str, Any]) -> Message:
+    return json_format.ParseDict(data, message())
+
+
+def gateway_cluster(platform: PlatformConfig) -> dict[str, Any]:
+    """The gateway replicas: HTTP/2, EDS, active gRPC health checks, outlier detection, breakers."""
+    gw = platform.gateway
+    hc, od, retry = gw.health_check, gw.outlier_detection, gw.retry
+    return {
+        "name": GATEWAY_CLUSTER,
+        "type": "EDS",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": _HTTP2,
+        "health_checks": [
+            {
+                "timeout": _ms(hc.timeout_ms),
+                "interval": _ms(hc.interval_ms),
+                "unhealthy_threshold": hc.unhealthy_threshold,
+                "healthy_threshold": hc.healthy_threshold,
+                # A host whose health check has not passed yet gets no traffic.
+                "no_traffic_interval": _ms(hc.interval_ms),
+                "grpc_health_check": {"service_name": PREDICTION_SERVICE},
+            }
+        ],
+        "outlier_detection": {
+            "consecutive_5xx": od.consecutive_5xx,
+            "consecutive_gateway_failure": od.consecutive_gateway_failure,
+            "enforcing_consecutive_gateway_failure": 100,
+            "base_ejection_time": _ms(od.base_ejection_time_ms),
+            "max_ejection_percent": od.max_ejection_percent,
+            "interval": "1s",
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 10_000,
+                    "max_pending_requests": 10_000,
+                    "max_requests": 10_000,
+                    "retry_budget": {
+                        "budget_percent": {"value": retry.budget_percent},
+                        "min_retry_concurrency": retry.min_retry_concurrency,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def gateway_endpoints(platform: PlatformConfig) -> dict[str, Any]:
+    """The gateway replicas' addresses."""
+    return {
+        "cluster_name": GATEWAY_CLUSTER,
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": _socket_address(e, resolve=True)}}
+                    for e in platform.gateway.endpoints
+                ]
+            }
+        ],
+    }
+
+
+def _grpc_service(cluster: str, timeout_ms: int) -> dict[str, Any]:
+    return {"envoy_grpc": {"cluster_name": cluster}, "timeout": _ms(timeout_ms)}
+
+
+def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[str, Any]]:
+    """buffer (413) → transcoder (JSON → gRPC) → ext_authz (key, tenant, model) → ratelimit → router.
+
+    The transcoder runs before authorization, so the edge service sees every request as gRPC (path and
+    framed body) whether the client spoke gRPC or JSON: one code path reads the model from the body.
+    """
+    max_bytes = platform.listener.max_request_bytes
+    return [
+        {
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": max_bytes,
+            },
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                "proto_descriptor": wiring.descriptor_set,
+                "services": [PREDICTION_SERVICE],
+                "convert_grpc_status": True,
+                "print_options": {"always_print_primitive_fields": True, "preserve_proto_field_names": True},
+                "request_validation_options": {"reject_unknown_query_parameters": True},
+            },
+        },
+        {
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.edge_timeout_ms),
+                "transport_api_version": "V3",
+                # Authorization fails closed: no answer from the edge service, no request.
+                "failure_mode_allow": False,
+                "status_on_error": {"code": "ServiceUnavailable"},
+                # The gRPC body carries the model name; the edge service reads it (field 1).
+                "with_request_body": {
+                    "max_request_bytes": max_bytes,
+                    "allow_partial_message": False,
+                    "pack_as_bytes": True,
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": RATE_LIMIT_DOMAIN,
+                "timeout": _ms(wiring.edge_timeout_ms),
+                # Rate limiting fails open: a Redis or edge outage must not take the API down.
+                "failure_mode_deny": False,
+                "rate_limited_as_resource_exhausted": True,
+                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+                "rate_limit_service": {
+                    "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.edge_timeout_ms),
+                    "transport_api_version": "V3",
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _access_logs(wiring: EnvoyWiring) -> list[dict[str, Any]]:
+    if not wiring.access_log:
+        return []
+    log_format = {"json_format": _ACCESS_LOG_FORMAT}
+    if wiring.access_log == "stdout":
+        return [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": log_format,
+                },
+            }
+        ]
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": wiring.access_log,
+                "log_format": log_format,
+            },
+        }
+    ]
+
+
+def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any]:
+    """The one public listener: gRPC and HTTP/JSON on one port, routes from RDS."""
+    hcm: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": LISTENER_NAME,
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        "rds": {
+            "route_config_name": ROUTE_NAME,
+            "config_source": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "http_filters": _http_filters(platform, wiring),
+        "access_log": _access_logs(wiring),
+    }
+    if wiring.tracing_otlp_address:
+        hcm["tracing"] = {
+            "provider": {
+                "name": "envoy.tracers.opentelemetry",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                    "grpc_service": _grpc_service(TRACING_CLUSTER, 1000),
+                    "service_name": "envoy",
+                },
+            }
+        }
+    chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    }
+    if platform.listener.tls.enabled:
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": wiring.tls_cert_file},
+                            "private_key": {"filename": wiring.tls_key_file},
+                        }
+                    ],
+                },
+            },
+        }
+    port = wiring.listener_port or platform.listener.port
+    return {
+        "name": LISTENER_NAME,
+        "address": {"socket_address": {"address": platform.listener.host, "port_value": port}},
+        "filter_chains": [chain],
+    }
+
+
+def _rate_limits() -> list[dict[str, Any]]:
+    """Descriptors: (tenant) and (tenant, model); the edge service maps them to the tiers' buckets."""
+    tenant = {"request_headers": {"header_name": TENANT_HEADER, "descriptor_key": "tenant"}}
+    model = {"request_headers": {"header_name": MODEL_HEADER, "descriptor_key": "model"}}
+    return [{"actions": [tenant]}, {"actions": [tenant, model]}]
+
+
+def public_routes(platform: PlatformConfig) -> dict[str, Any]:
+    """One route per PredictionService method (after transcoding every request has the gRPC path)."""
+    gw = platform.gateway
+    retry = gw.retry
+    routes = []
+    for method in ("Predict", "PredictBatch"):
+        routes.append(
+            {
+                "name": method,
+                "match": {"path": f"/{PREDICTION_SERVICE}/{method}"},
+                "route": {
+                    "cluster": GATEWAY_CLUSTER,
+                    "timeout": _ms(gw.timeout_ms),
+                    # A client's grpc-timeout is honoured up to the route's timeout.
+                    "max_stream_duration": {"grpc_timeout_header_max": _ms(gw.timeout_ms)},
+                    "retry_policy": {
+                        "retry_on": retry.retry_on,
+                        "num_retries": retry.num_retries,
+                        "per_try_timeout": _ms(retry.per_try_timeout_ms),
+                        "retry_host_predicate": [
+                            {
+                                "name": "envoy.retry_host_predicates.previous_hosts",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                                },
+                            }
+                        ],
+                        "host_selection_retry_max_attempts": 3,
+                    },
+                    "rate_limits": _rate_limits(),
+                },
+            }
+        )
+    return {
+        "name": ROUTE_NAME,
+        "virtual_hosts": [{"name": LISTENER_NAME, "domains": ["*"], "routes": routes}],
+    }
+
+
+def build_resources(platform: PlatformConfig, wiring: EnvoyWiring) -> Resources:
+    """All resources for one platform version.
+
+    Raises:
+        google.protobuf.json_format.ParseError: a resource does not fit Envoy's schema (a bug here).
+        OSError: a gateway endpoint's host name does not resolve.
+    """
+    clusters = [gateway_cluster(platform), _static_cluster(EDGE_CLUSTER, wiring.edge_address)]
+    if wiring.tracing_otlp_address:
+        clusters.append(_static_cluster(TRACING_CLUSTER, wiring.tracing_otlp_address))
+    return Resources(
+        by_type={
+            CLUSTER_TYPE: {c["name"]: _parse(cluster_pb2.Cluster, c) for c in clusters},
+            ENDPOINT_TYPE: {
+                GATEWAY_CLUSTER: _parse(endpoint_pb2.ClusterLoadAssignment, gateway_endpoints(platform))
+            },
+            LISTENER_TYPE: {LISTENER_NAME: _parse(listener_pb2.Listener, public_listener(platform, wiring))},
+            ROUTE_TYPE: {ROUTE_NAME: _parse(route_pb2.RouteConfiguration, public_routes(platform))},
+        }
+    )

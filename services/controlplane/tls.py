@@ -1,0 +1,54 @@
+"""A self-signed certificate for the listener's optional TLS, generated locally with the openssl CLI."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def ensure_self_signed(directory: Path, host: str = "localhost") -> tuple[Path, Path]:
+    """Returns (certificate, key) in `directory`, creating a 2048-bit RSA pair valid 365 days if missing.
+
+    Raises:
+        RuntimeError: openssl is not installed or failed.
+    """
+    cert, key = directory / "listener.crt", directory / "listener.key"
+    if cert.exists() and key.exists():
+        return cert, key
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("TLS is on without a certificate file and openssl is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "365",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            f"/CN={host}",
+            "-addext",
+            f"subjectAltName=DNS:{host},DNS:localhost,IP:127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"openssl could not create a certificate: {result.stderr.strip()}")
+    key.chmod(0o600)
+    log.info("generated a self-signed certificate %s", cert)
+    return cert, key

@@ -1,0 +1,46 @@
+"""Configuration of the edge policy service, read once from INFERGRID_EDGE_* variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libs.server import ServerConfig
+from libs.telemetry import TelemetryConfig
+
+ENV_PREFIX = "INFERGRID_EDGE_"
+
+
+@dataclass(frozen=True)
+class EdgeServerConfig(ServerConfig):
+    port: int = 50060
+
+
+@dataclass(frozen=True)
+class EdgeTelemetryConfig(TelemetryConfig):
+    metrics_port: int = 9107
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Where tenants, tiers and keys come from, and the rate limiter's store."""
+
+    # The declarative platform config; the hashed key file is named by its `api_keys_file`.
+    platform_file: Path = Path("deploy/local/platform.yaml")
+    # How often the platform and key files are checked for changes.
+    poll_seconds: float = 1.0
+    # The rate limiter's Redis.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Deadline of one rate-limit round trip to Redis; past it the request is let through (fail open).
+    redis_timeout_ms: int = 200
+    # Prefix of the rate limiter's Redis keys.
+    key_prefix: str = "infergrid:rl"
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything the edge service reads at start-up."""
+
+    server: EdgeServerConfig = field(default_factory=EdgeServerConfig)
+    telemetry: EdgeTelemetryConfig = field(default_factory=EdgeTelemetryConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)

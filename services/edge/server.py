@@ -1,0 +1,293 @@
+"""The edge gRPC server: Envoy's external authorization API and its rate-limit service API.
+
+`Authorization/Check` authenticates the API key and checks the model (see `policy`);
+`RateLimitService/ShouldRateLimit` charges the tenant's (and the model's) token buckets (see
+`limiter`). Both read the platform file and the key file, reloaded on change without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import redis.asyncio as redis_async
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+from prometheus_client import Counter
+
+from libs.platform import PlatformConfig, PlatformWatcher
+from libs.server import GrpcService, Server, build_server
+from libs.telemetry import Telemetry
+from services.edge.config import EdgeConfig, PolicyConfig
+from services.edge.keys import ApiKey, KeyFileError, load_keys
+from services.edge.limiter import (
+    Bucket,
+    LimitResult,
+    RateLimiter,
+    RedisTokenBucketLimiter,
+    retry_after_header,
+)
+from services.edge.policy import (
+    CREDENTIAL_HEADERS,
+    KEY_NAME_HEADER,
+    MODEL_HEADER,
+    TENANT_HEADER,
+    TIER_HEADER,
+    Authorizer,
+)
+
+log = logging.getLogger(__name__)
+
+AUTH_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+RLS_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+_IDENTITY_HEADERS = (TENANT_HEADER, TIER_HEADER, MODEL_HEADER, KEY_NAME_HEADER)
+_GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED}
+
+_DECISIONS = Counter("infergrid_edge_authz_total", "Authorization decisions", ["result"])
+_LIMITS = Counter("infergrid_edge_ratelimit_total", "Rate-limit decisions", ["result"])
+
+
+class PolicyState:
+    """The current platform config and keys; swapped whole when either file changes."""
+
+    def __init__(self, platform: PlatformConfig, keys: Mapping[str, ApiKey]) -> None:
+        self.authorizer = Authorizer(platform, keys)
+
+    @property
+    def platform(self) -> PlatformConfig:
+        return self.authorizer.platform
+
+    def update(
+        self, platform: PlatformConfig | None = None, keys: Mapping[str, ApiKey] | None = None
+    ) -> None:
+        """Replaces the platform config and/or the keys."""
+        self.authorizer = Authorizer(
+            platform or self.authorizer.platform, self.authorizer.keys if keys is None else keys
+        )
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    """Envoy's ext_authz over gRPC."""
+
+    def __init__(self, state: PolicyState) -> None:
+        self._state = state
+
+    async def Check(  # noqa: N802 - gRPC method names
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        http = request.attributes.request.http
+        decision = self._state.authorizer.decide(http.headers, http.path, http.raw_body)
+        if not decision.allowed:
+            _DECISIONS.labels(str(decision.http_status)).inc()
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(
+                    code=_GRPC_CODE.get(decision.http_status, code_pb2.PERMISSION_DENIED)
+                ),
+                denied_response=external_auth_pb2.DeniedHttpResponse(
+                    status=http_status_pb2.HttpStatus(code=decision.http_status),
+                    body=decision.message,
+                    headers=[_header("content-type", "text/plain")],
+                ),
+            )
+        _DECISIONS.labels("ok").inc()
+        # Identity headers are ours alone: whatever a client sent under those names is dropped.
+        remove = [*CREDENTIAL_HEADERS, *(h for h in _IDENTITY_HEADERS if h not in decision.upstream_headers)]
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[_header(k, v) for k, v in decision.upstream_headers.items()],
+                headers_to_remove=remove,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A descriptor's bucket (None: no limit applies to it)."""
+
+    bucket: Bucket | None
+    requests_per_second: float = 0.0
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+    """Envoy's rate-limit service: descriptors (tenant) and (tenant, model) → token buckets.
+
+    Fails open: when Redis does not answer in time the request is allowed (and counted), because the
+    limits protect capacity while authentication, which fails closed, is the security boundary.
+    """
+
+    def __init__(self, state: PolicyState, limiter: RateLimiter, key_prefix: str, timeout_s: float) -> None:
+        self._state = state
+        self._limiter = limiter
+        self._prefix = key_prefix
+        self._timeout = timeout_s
+        self._last_failure_log = 0.0
+
+    def _plan(self, domain: str, entries: Mapping[str, str], cost: int) -> _Planned:
+        platform = self._state.platform
+        tenant_name = entries.get("tenant", "")
+        tenant = platform.tenants.get(tenant_name)
+        if tenant is None:
+            return _Planned(None)
+        # The hash tag keeps a tenant's buckets in one Redis Cluster slot (one script, many keys).
+        base = f"{self._prefix}:{domain}:{{{tenant_name}}}"
+        model = entries.get("model")
+        if model is None:
+            tier = platform.rate_limit_tiers[tenant.tier]
+            key = base
+        else:
+            route = platform.models.get(model)
+            if route is None or not route.rate_limit_tier:
+                return _Planned(None)
+            tier = platform.rate_limit_tiers[route.rate_limit_tier]
+            key = f"{base}:model:{model}"
+        return _Planned(Bucket(key, tier.requests_per_second, tier.burst, cost), tier.requests_per_second)
+
+    async def ShouldRateLimit(  # noqa: N802 - gRPC method names
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        default_cost = request.hits_addend or 1
+        plans = [
+            self._plan(
+                request.domain, {e.key: e.value for e in d.entries}, d.hits_addend.value or default_cost
+            )
+            for d in request.descriptors
+        ]
+        buckets = [p.bucket for p in plans if p.bucket is not None]
+        try:
+            result = await asyncio.wait_for(self._limiter.hit(buckets), self._timeout)
+        except Exception as exc:  # fail open; see the class docstring
+            _LIMITS.labels("store_error").inc()
+            now = time.monotonic()
+            if now - self._last_failure_log > 5:
+                self._last_failure_log = now
+                log.error("rate-limit store unavailable, allowing requests (fail open): %r", exc)
+            return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+        _LIMITS.labels("ok" if result.allowed else "over_limit").inc()
+        return _response(plans, result)
+
+
+def _response(plans: Sequence[_Planned], result: LimitResult) -> rls_pb2.RateLimitResponse:
+    over = rls_pb2.RateLimitResponse.OVER_LIMIT
+    ok = rls_pb2.RateLimitResponse.OK
+    states = iter(result.buckets)
+    statuses = []
+    for plan in plans:
+        if plan.bucket is None:
+            statuses.append(rls_pb2.RateLimitResponse.DescriptorStatus(code=ok))
+            continue
+        state = next(states)
+        short = state.wait_seconds > 0
+        status = rls_pb2.RateLimitResponse.DescriptorStatus(
+            code=over if short and not result.allowed else ok,
+            current_limit=rls_pb2.RateLimitResponse.RateLimit(
+                requests_per_unit=max(1, round(plan.requests_per_second)),
+                unit=rls_pb2.RateLimitResponse.RateLimit.SECOND,
+            ),
+            limit_remaining=max(0, state.remaining),
+        )
+        if short:
+            wait = max(state.wait_seconds, 0.001)
+            status.duration_until_reset.FromNanoseconds(int(wait * 1e9))
+        statuses.append(status)
+    response = rls_pb2.RateLimitResponse(overall_code=ok if result.allowed else over, statuses=statuses)
+    if not result.allowed:
+        response.response_headers_to_add.add(
+            key="retry-after", value=retry_after_header(result.retry_after_seconds)
+        )
+    return response
+
+
+async def _watch_keys(path: Path, state: PolicyState, interval: float) -> None:
+    """Reloads the key file when it changes; a broken file keeps the last good keys."""
+    stamp: tuple[int, int] | None = None
+    while True:
+        try:
+            st = os.stat(path)
+            current = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            current = (0, 0)
+        if current != stamp:
+            stamp = current
+            try:
+                keys = load_keys(path)
+            except KeyFileError as exc:
+                log.error("key file %s rejected, keeping the last good keys: %s", path, exc)
+            else:
+                state.update(keys=keys)
+                log.info("key file %s loaded: %d key(s)", path, len(keys))
+        await asyncio.sleep(interval)
+
+
+def keys_path(policy: PolicyConfig, platform: PlatformConfig) -> Path:
+    """The key file, relative to the platform file."""
+    return policy.platform_file.parent / platform.api_keys_file
+
+
+async def create_server(
+    config: EdgeConfig,
+    telemetry: Telemetry | None = None,
+    *,
+    limiter: RateLimiter | None = None,
+) -> Server:
+    """Builds the edge server (bound, not started) and starts watching the platform and key files."""
+    policy = config.policy
+    client: redis_async.Redis | None = None
+    if limiter is None:
+        timeout = policy.redis_timeout_ms / 1000
+        client = redis_async.Redis.from_url(
+            policy.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        limiter = RedisTokenBucketLimiter(client)
+    boxed: list[PolicyState] = []
+    watcher = PlatformWatcher(
+        policy.platform_file, lambda p: boxed[0].update(platform=p), policy.poll_seconds
+    )
+    state = PolicyState(watcher.current, load_keys(keys_path(policy, watcher.current)))
+    boxed.append(state)
+    authz = AuthorizationServicer(state)
+    rls = RateLimitServicer(state, limiter, policy.key_prefix, policy.redis_timeout_ms / 1000)
+    server = build_server(
+        config.server,
+        [
+            GrpcService(
+                AUTH_SERVICE, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, s)
+            ),
+            GrpcService(RLS_SERVICE, lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(rls, s)),
+        ],
+        telemetry=telemetry,
+    )
+    tasks = [
+        asyncio.create_task(watcher.run(), name="platform-watcher"),
+        asyncio.create_task(
+            _watch_keys(keys_path(policy, watcher.current), state, policy.poll_seconds), name="keys-watcher"
+        ),
+    ]
+
+    async def _stop() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if client is not None:
+            await client.aclose()
+
+    server.on_stop.append(_stop)
+    return server
