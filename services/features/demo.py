@@ -10,7 +10,8 @@ server and writes deterministic values for their entities:
 The names are the model's input names (`services/inference/demo.py` lists them
 as `view:feature`); the other 8 of its 32 inputs come with the request. Values
 follow the same distributions the model was trained on, from a fixed seed, so
-every run writes the same values (with the time of the run as event time).
+every run writes the same values for an id, whatever the entity counts (with the
+time of the run as event time).
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ USER = DemoView(
         (
             "amount_sum_24h",
             "sum of the user's amounts in the last 24 hours",
-            lambda r, n: _f(r.poisson(3.3, n) * r.lognormal(3.5, 0.6, n)),
+            lambda r, n: _f(r.poisson(3.3, n) * r.spawn(1)[0].lognormal(3.5, 0.6, n)),
         ),
         ("avg_amount_30d", "user's mean amount over 30 days", lambda r, n: _f(r.lognormal(3.5, 0.6, n))),
         (
             "std_amount_30d",
             "standard deviation of the user's amounts over 30 days",
-            lambda r, n: _f(r.lognormal(3.5, 0.6, n) * r.uniform(0.2, 1.0, n)),
+            lambda r, n: _f(r.lognormal(3.5, 0.6, n) * r.spawn(1)[0].uniform(0.2, 1.0, n)),
         ),
         ("account_age_days", "days since the account was opened", lambda r, n: _f(r.exponential(700.0, n))),
         (
@@ -169,10 +170,17 @@ def feature_view(demo: DemoView) -> pb.FeatureView:
 
 
 def generate(demo: DemoView, count: int, seed: int = 7) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Deterministic ids and float32 values (one array per feature) for `count` entities."""
-    rng = np.random.default_rng([seed, len(demo.name), sum(demo.name.encode())])
+    """Deterministic ids and float32 values (one array per feature) for `count` entities.
+
+    Each feature draws from its own seeded stream, so an entity's values do not
+    depend on how many entities are generated.
+    """
     ids = [demo.id_format.format(i) for i in range(count)]
-    return ids, {name: gen(rng, count) for name, _, gen in demo.features}
+    view_seed = sum(demo.name.encode())
+    return ids, {
+        name: gen(np.random.default_rng([seed, view_seed, index]), count)
+        for index, (name, _, gen) in enumerate(demo.features)
+    }
 
 
 def write_requests(demo: DemoView, count: int, event_s: float) -> list[pb.WriteFeaturesRequest]:

@@ -20,8 +20,11 @@ def test_views_are_valid_and_values_deterministic() -> None:
         validate(demo.feature_view(view))
         ids, first = demo.generate(view, 50)
         _, second = demo.generate(view, 50)
+        _, more = demo.generate(view, 80)
         assert ids[0] == view.id_format.format(0)
         assert all(np.array_equal(first[k], second[k]) for k in first)
+        # An entity's values do not depend on how many entities are generated.
+        assert all(np.array_equal(first[k], more[k][:50]) for k in first)
     assert sum(len(v.features) for v in demo.VIEWS) == 24  # + 8 request features = the model's 32 inputs
 
 
