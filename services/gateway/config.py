@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from libs.inference_log import InferenceLogConfig
+from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -21,8 +24,93 @@ class GatewayTelemetryConfig(TelemetryConfig):
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    """Where the served models are described and how their traffic is split."""
+
+    # Folder of `<model>/features.json` (+ `<model>/<version>/` folders): the model repository
+    # the inference service serves, or a copy of its descriptions. Unset: no models.
+    model_repository: Path | None = None
+    # The platform config (`models.<name>.versions`, shadow, sticky_key), watched for changes.
+    # Unset: every model is served at its highest known version.
+    platform_file: Path | None = None
+    platform_poll_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """The feature and inference services and how the gateway treats them."""
+
+    features_target: str = "127.0.0.1:50052"
+    inference_target: str = "127.0.0.1:8001"
+    # Per call; the inbound deadline lowers them. Features are optional (defaults serve), so their
+    # budget is short: a slow feature service degrades answers instead of delaying them.
+    features_timeout_s: float = 0.05
+    inference_timeout_s: float = 0.5
+    # Used when the caller sends no deadline.
+    request_timeout_s: float = 1.0
+    # Attempts per call (gRPC retries UNAVAILABLE with jittered backoff; both calls are reads).
+    features_max_attempts: int = 2
+    inference_max_attempts: int = 2
+    # Circuit breakers: open after this many consecutive failed calls, probe after reset_s.
+    breaker_failures: int = 5
+    breaker_reset_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("features_timeout_s", "inference_timeout_s", "request_timeout_s", "breaker_reset_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.features_max_attempts < 1 or self.inference_max_attempts < 1:
+            raise ValueError("max attempts must be at least 1")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Micro-batching of concurrent requests toward the feature and inference services."""
+
+    # A batch is sent when it holds this many rows, or when its first row has waited this long.
+    features_max_batch: int = 128
+    features_max_delay_s: float = 0.0002
+    inference_max_batch: int = 256
+    inference_max_delay_s: float = 0.0002
+    # Load shedding: rows waiting for or in a batch call, per target; beyond it RESOURCE_EXHAUSTED.
+    max_pending_rows: int = 4096
+    # Rows being predicted in this process (all RPCs); beyond it RESOURCE_EXHAUSTED.
+    max_in_flight_rows: int = 4096
+    # Rows in one PredictBatch call.
+    max_batch_request_rows: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.features_max_batch < 1 or self.inference_max_batch < 1:
+            raise ValueError("max batch sizes must be at least 1")
+        if self.features_max_delay_s < 0 or self.inference_max_delay_s < 0:
+            raise ValueError("max batch delays must not be negative")
+        if self.max_pending_rows < 1 or self.max_in_flight_rows < 1 or self.max_batch_request_rows < 1:
+            raise ValueError("row limits must be at least 1")
+
+
+@dataclass(frozen=True)
+class ResponseCacheConfig:
+    """The optional Redis response cache (keyed by model, version and the request's inputs)."""
+
+    response_cache_enabled: bool = False
+    response_cache_redis_url: str = "redis://127.0.0.1:6379/0"
+    response_cache_ttl_s: float = 5.0
+    response_cache_key_prefix: str = "igw:"
+    # Per Redis command; a slow or absent Redis is a miss, never an error.
+    response_cache_timeout_s: float = 0.02
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything the gateway service reads at start-up."""
 
     server: GatewayServerConfig = field(default_factory=GatewayServerConfig)
     telemetry: GatewayTelemetryConfig = field(default_factory=GatewayTelemetryConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: ResponseCacheConfig = field(default_factory=ResponseCacheConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    inference_log: InferenceLogConfig = field(default_factory=InferenceLogConfig)
+    # Off: no inference-log records are published (tests, local experiments).
+    inference_log_enabled: bool = True

@@ -1,27 +1,196 @@
-"""The gateway gRPC server: the public PredictionService (behind Envoy).
+"""The gateway gRPC server: the public PredictionService (behind Envoy) and its wiring (`create_server`).
 
-Skeleton: the service is wired into the shared bootstrap (health, reflection,
-interceptors, drain); its RPCs answer UNIMPLEMENTED until the gateway issue lands.
+The servicer translates protos to the domain (`Predictor`) and back. The edge
+(Envoy's ext_authz, services/edge) has already checked the API key and the
+model; it passes the tenant in `x-infergrid-tenant` (logged in the
+inference-log record) and the model it authorized in `x-infergrid-model`. The
+gateway refuses (PERMISSION_DENIED) a request whose model differs from the
+authorized one: the edge reads the first `model` field of the body, protobuf
+parsing keeps the last, so a body with the field twice must not slip through.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from inference import grpc_service_pb2
+from infergrid.features.v1 import features_pb2
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.channels import dial
+from libs.platform import PlatformConfig, PlatformWatcher
+from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
+from services.gateway.cache import RedisResponseCache, ResponseCache
+from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
+from services.gateway.features import GrpcFeatureSource
+from services.gateway.models import GrpcModelClient
+from services.gateway.predictor import CallInfo, Prediction, Predictor, PredictorSettings
+from services.gateway.publisher import DiscardingPublisher, RecordPublisher
+from services.gateway.routing import TrafficRouter
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+FEATURES_SERVICE = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+TENANT_HEADER = "x-infergrid-tenant"
+MODEL_HEADER = "x-infergrid-model"
+
+
+def call_info(context: grpc.aio.ServicerContext) -> CallInfo:
+    """The tenant, deadline and model permissions of a call (from the edge's headers)."""
+    tenant = ""
+    allowed: frozenset[str] | None = None
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_HEADER:
+            tenant = str(value)
+        elif key == MODEL_HEADER:
+            allowed = frozenset((str(value),))
+    return CallInfo(tenant=tenant, time_remaining=context.time_remaining(), allowed_models=allowed)
+
+
+def _response(prediction: Prediction) -> gateway_pb2.PredictResponse:
+    response = gateway_pb2.PredictResponse(
+        request_id=prediction.request_id,
+        model=prediction.model,
+        model_version=prediction.version,
+        degraded=bool(prediction.degraded_features),
+        degraded_features=prediction.degraded_features,
+        cached=prediction.cached,
+    )
+    outputs = response.outputs
+    for name, array in prediction.outputs.items():
+        if array.size == 1:
+            outputs[name].float_value = float(array.reshape(-1)[0])
+        else:
+            outputs[name].float_list_value.values.extend(array.reshape(-1).tolist())
+    return response
 
 
 class PredictionServiceServicer(gateway_pb2_grpc.PredictionServiceServicer):
-    """Translates PredictionService protos to the domain; every RPC is UNIMPLEMENTED for now."""
+    """Translates PredictionService protos to the Predictor and back."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self._predictor = predictor
+
+    async def Predict(  # noqa: N802 - gRPC method names
+        self, request: gateway_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PredictResponse:
+        (prediction,) = await self._predictor.predict(
+            request.model, request.version, (request,), call_info(context)
+        )
+        return _response(prediction)
+
+    async def PredictBatch(  # noqa: N802 - gRPC method names
+        self, request: gateway_pb2.PredictBatchRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PredictBatchResponse:
+        predictions = await self._predictor.predict(
+            request.model, request.version, request.rows, call_info(context), batch=True
+        )
+        return gateway_pb2.PredictBatchResponse(results=[_response(p) for p in predictions])
 
 
-async def create_server(config: GatewayConfig, telemetry: Telemetry | None = None) -> Server:
-    """Builds the gateway server (bound, not started)."""
-    servicer = PredictionServiceServicer()
-    return build_server(
+def predictor_settings(config: GatewayConfig) -> PredictorSettings:
+    """The pipeline knobs from the service config."""
+    up, batching = config.upstream, config.batching
+    return PredictorSettings(
+        features_timeout_s=up.features_timeout_s,
+        inference_timeout_s=up.inference_timeout_s,
+        request_timeout_s=up.request_timeout_s,
+        features_max_batch=batching.features_max_batch,
+        features_max_delay_s=batching.features_max_delay_s,
+        inference_max_batch=batching.inference_max_batch,
+        inference_max_delay_s=batching.inference_max_delay_s,
+        max_pending_rows=batching.max_pending_rows,
+        max_in_flight_rows=batching.max_in_flight_rows,
+        max_batch_request_rows=batching.max_batch_request_rows,
+        cache_key_prefix=config.cache.response_cache_key_prefix,
+    )
+
+
+def dependency_policy(timeout_s: float, attempts: int, config: GatewayConfig) -> DependencyPolicy:
+    """A dependency's policy: gRPC retries UNAVAILABLE (reads only) within the budget; the breaker fails fast."""
+    return DependencyPolicy(
+        timeout_s=timeout_s,
+        retry=RetryPolicy(max_attempts=attempts, initial_backoff_s=0.01, max_backoff_s=0.1),
+        breaker=BreakerPolicy(
+            failure_threshold=config.upstream.breaker_failures,
+            reset_timeout_s=config.upstream.breaker_reset_s,
+        ),
+    )
+
+
+def _single_attempt(policy: DependencyPolicy) -> DependencyPolicy:
+    # gRPC itself retries on the channel (cheaper, in C); the Dependency adds the breaker and the deadline.
+    return DependencyPolicy(
+        timeout_s=policy.timeout_s, retry=RetryPolicy(max_attempts=1), breaker=policy.breaker
+    )
+
+
+async def create_server(
+    config: GatewayConfig,
+    telemetry: Telemetry | None = None,
+    *,
+    publisher: RecordPublisher | None = None,
+) -> Server:
+    """Builds the gateway server (bound, not started) with its channels, producer and platform watcher.
+
+    Args:
+        config: The service config.
+        telemetry: Tracing interceptors when tracing is on.
+        publisher: Overrides the inference-log producer built from the config (tests).
+    """
+    up = config.upstream
+    features_policy = dependency_policy(up.features_timeout_s, up.features_max_attempts, config)
+    inference_policy = dependency_policy(up.inference_timeout_s, up.inference_max_attempts, config)
+    features_channel = dial(up.features_target, FEATURES_SERVICE, features_policy, telemetry=telemetry)
+    inference_channel = dial(up.inference_target, INFERENCE_SERVICE, inference_policy, telemetry=telemetry)
+    features = GrpcFeatureSource(features_channel, Dependency("features", _single_attempt(features_policy)))
+    models = GrpcModelClient(inference_channel, Dependency("inference", _single_attempt(inference_policy)))
+
+    owned_producer = None
+    if publisher is None:
+        if config.inference_log_enabled:
+            from libs.inference_log import InferenceLogProducer
+
+            owned_producer = InferenceLogProducer(config.inference_log, config.kafka)
+            owned_producer.start()
+            publisher = owned_producer
+        else:
+            publisher = DiscardingPublisher()
+
+    router = TrafficRouter()
+    watcher: PlatformWatcher | None = None
+    if config.models.platform_file is not None:
+
+        def _apply(platform: PlatformConfig) -> None:
+            router.update(platform)
+
+        watcher = PlatformWatcher(config.models.platform_file, _apply, config.models.platform_poll_interval_s)
+        router.update(watcher.current)
+
+    cache: ResponseCache | None = None
+    if config.cache.response_cache_enabled:
+        cache = RedisResponseCache(
+            config.cache.response_cache_redis_url,
+            config.cache.response_cache_ttl_s,
+            config.cache.response_cache_timeout_s,
+        )
+
+    catalog = ModelCatalog(root=config.models.model_repository)
+    if not catalog.names():
+        log.warning("no models found in %s", config.models.model_repository)
+    predictor = Predictor(
+        catalog, router, features, models, publisher, settings=predictor_settings(config), cache=cache
+    )
+    servicer = PredictionServiceServicer(predictor)
+    server = build_server(
         config.server,
         [
             GrpcService(
@@ -31,3 +200,21 @@ async def create_server(config: GatewayConfig, telemetry: Telemetry | None = Non
         ],
         telemetry=telemetry,
     )
+    watch_task = asyncio.get_running_loop().create_task(watcher.run()) if watcher is not None else None
+
+    async def _close() -> None:
+        if watch_task is not None:
+            watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch_task
+        await predictor.close()
+        await features_channel.close()
+        await inference_channel.close()
+        if cache is not None:
+            await cache.close()
+        if owned_producer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, owned_producer.close)
+
+    server.on_stop.append(_close)
+    server.predictor = predictor  # type: ignore[attr-defined]
+    return server

@@ -8,7 +8,9 @@ from services.gateway.server import SERVICE_NAME, create_server
 
 
 async def test_serves_health_and_reflection() -> None:
-    server = await create_server(GatewayConfig(server=GatewayServerConfig(port=0)))
+    server = await create_server(
+        GatewayConfig(server=GatewayServerConfig(port=0), inference_log_enabled=False)
+    )
     await server.start()
     try:
         await assert_serves(f"127.0.0.1:{server.port}", SERVICE_NAME)

@@ -1,0 +1,150 @@
+"""A micro-batcher: coalesces concurrent calls for the same key into one batch call and splits the results back.
+
+Items for one key are collected until the batch holds `max_batch` of them or its
+first item has waited `max_delay_s` (0: until the event loop's next turn, which
+already gathers every request that arrived in the same wake-up), then the batch
+function runs once for all of them. Its results (or exceptions) go back to each
+caller in order. The number of items queued or in a running batch is bounded:
+past `max_pending`, `submit` sheds load with ResourceExhausted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Generic, TypeVar
+
+from libs.errors import DeadlineExceeded, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+I = TypeVar("I")  # noqa: E741 - the item type
+R = TypeVar("R")
+
+# A batch function: (key, items, timeout seconds) -> one result or exception per item, in order.
+BatchFunction = Callable[[K, list[I], float], Awaitable[Sequence["R | BaseException"]]]
+SizeObserver = Callable[[int], None]
+
+
+class _Batch(Generic[I, R]):
+    __slots__ = ("deadline", "futures", "handle", "items")
+
+    def __init__(self) -> None:
+        self.items: list[I] = []
+        self.futures: list[asyncio.Future[R]] = []
+        self.deadline = 0.0
+        self.handle: asyncio.Handle | None = None
+
+
+class MicroBatcher(Generic[K, I, R]):
+    """Coalesces `submit(key, item)` calls into `run(key, items, timeout)` calls (see module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        run: BatchFunction[K, I, R],
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        max_pending: int,
+        observe_size: SizeObserver | None = None,
+    ) -> None:
+        self.name = name
+        self._run_batch = run
+        self._max_batch = max_batch
+        self._delay = max_delay_s
+        self._max_pending = max_pending
+        self._observe = observe_size
+        self._open: dict[K, _Batch[I, R]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Items queued or in a running batch call.
+        self.depth = 0
+
+    def submit(self, key: K, item: I, timeout: float) -> asyncio.Future[R]:
+        """Adds `item` to the open batch of `key`; the future resolves to its result.
+
+        Args:
+            key: Items with equal keys share batch calls.
+            item: The item.
+            timeout: Seconds this item may wait for its result; the batch call gets the longest.
+
+        Raises:
+            ResourceExhausted: Too many items are pending (load shedding).
+        """
+        if self.depth >= self._max_pending:
+            raise ResourceExhausted(
+                f"gateway overloaded: {self.depth} rows waiting for {self.name} (limit {self._max_pending})"
+            )
+        loop = asyncio.get_running_loop()
+        batch = self._open.get(key)
+        if batch is None:
+            batch = self._open[key] = _Batch()
+            if self._delay > 0:
+                batch.handle = loop.call_later(self._delay, self._flush, key, batch)
+            else:
+                batch.handle = loop.call_soon(self._flush, key, batch)
+        future: asyncio.Future[R] = loop.create_future()
+        batch.items.append(item)
+        batch.futures.append(future)
+        deadline = loop.time() + timeout
+        batch.deadline = max(batch.deadline, deadline)
+        self.depth += 1
+        if len(batch.items) >= self._max_batch:
+            if batch.handle is not None:
+                batch.handle.cancel()
+            self._flush(key, batch)
+        return future
+
+    def _flush(self, key: K, batch: _Batch[I, R]) -> None:
+        if self._open.get(key) is batch:
+            del self._open[key]
+        task = asyncio.get_running_loop().create_task(self._run(key, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: K, batch: _Batch[I, R]) -> None:
+        items, futures = batch.items, batch.futures
+        n = len(items)
+        if self._observe is not None:
+            self._observe(n)
+        try:
+            timeout = batch.deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                raise DeadlineExceeded(f"the request deadline passed before the {self.name} call")
+            results = await self._run_batch(key, items, timeout)
+            if len(results) != n:
+                raise RuntimeError(f"{self.name} batch returned {len(results)} results for {n} items")
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for future, result in zip(futures, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self.depth -= n
+
+    async def close(self) -> None:
+        """Cancels open batches and running calls (shutdown)."""
+        for batch in self._open.values():
+            if batch.handle is not None:
+                batch.handle.cancel()
+            for future in batch.futures:
+                future.cancel()
+            self.depth -= len(batch.items)
+        self._open.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

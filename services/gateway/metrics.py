@@ -1,0 +1,83 @@
+"""The gateway's Prometheus metrics (`infergrid_gateway_*`), with label children bound once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "infergrid_gateway_requests_total",
+    "Predicted rows, by model, version and gRPC status (the autoscaler's requests-per-second signal).",
+    ["model", "version", "status"],
+)
+LATENCY = Histogram(
+    "infergrid_gateway_request_latency_seconds",
+    "Time from receiving a row to its answer, by model.",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+BATCH_SIZE = Histogram(
+    "infergrid_gateway_batch_rows",
+    "Rows per batched call toward a dependency.",
+    ["target"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+DEGRADED = Counter(
+    "infergrid_gateway_degraded_total",
+    "Rows answered with at least one default feature, by model.",
+    ["model"],
+)
+SHADOW = Counter(
+    "infergrid_gateway_shadow_total",
+    "Shadow predictions, by model, shadow version and outcome (ok or the gRPC status).",
+    ["model", "version", "status"],
+)
+IN_FLIGHT = Gauge(
+    "infergrid_gateway_in_flight_rows",
+    "Rows being predicted now (the queue depth).",
+    multiprocess_mode="livesum",
+)
+QUEUED = Gauge(
+    "infergrid_gateway_batcher_pending_rows",
+    "Rows waiting for or in a batched call, by target.",
+    ["target"],
+    multiprocess_mode="livesum",
+)
+SHED = Counter("infergrid_gateway_shed_total", "Rows refused with RESOURCE_EXHAUSTED (load shedding).")
+CACHE = Counter("infergrid_gateway_response_cache_total", "Response cache look-ups, by result.", ["result"])
+FEATURE_ERRORS = Counter(
+    "infergrid_gateway_feature_fetch_failures_total",
+    "Feature fetches that failed (defaults served), by reason.",
+    ["reason"],
+)
+
+
+class GatewayMetrics:
+    """Cached label children: a label lookup per request is the costly part of a metric update."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._latency: dict[str, Any] = {}
+        self._degraded: dict[str, Any] = {}
+        self.features_batch = BATCH_SIZE.labels("features")
+        self.inference_batch = BATCH_SIZE.labels("inference")
+
+    def request(self, model: str, version: str, status: str) -> Any:
+        key = (model, version, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = REQUESTS.labels(model, version, status)
+        return child
+
+    def latency(self, model: str) -> Any:
+        child = self._latency.get(model)
+        if child is None:
+            child = self._latency[model] = LATENCY.labels(model)
+        return child
+
+    def degraded(self, model: str) -> Any:
+        child = self._degraded.get(model)
+        if child is None:
+            child = self._degraded[model] = DEGRADED.labels(model)
+        return child

@@ -1,0 +1,570 @@
+"""The prediction pipeline: validate, choose a version, fetch features, assemble the row, infer, log, answer.
+
+`Predictor.predict` serves Predict (one row) and PredictBatch (many rows of one
+model). Rows of concurrent calls meet in two micro-batchers, one toward the
+feature service (key: the model, whose feature references and entity columns
+are fixed) and one toward the inference service (key: model and version), so
+the per-RPC cost of each hop is paid once per batch. Features are optional:
+when they cannot be read (down, slow, open breaker) each missing value is
+replaced by its default and the row is marked degraded. Inference is not
+optional: its failure fails the row, fast. A shadow version scores the same row
+concurrently; its outputs go only into the log record, which is published
+after the answer without waiting for Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from opentelemetry import trace
+
+from infergrid.logging.v1 import logging_pb2
+from infergrid.types.v1 import value_pb2
+from libs.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    status_code_of,
+)
+from libs.inference_log import CURRENT_SCHEMA_VERSION
+from services.gateway import metrics as m
+from services.gateway.batcher import MicroBatcher
+from services.gateway.cache import CachedAnswer, ResponseCache, cache_key
+from services.gateway.catalog import ModelCatalog, ModelSpec
+from services.gateway.features import FeatureSource, FeatureValues
+from services.gateway.models import ModelClient
+from services.gateway.publisher import RecordPublisher
+from services.gateway.routing import TrafficRouter
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+_NUMBER_KINDS = ("float_value", "double_value", "int64_value", "bool_value")
+_DEADLINE_MARGIN_S = 0.002
+_MAX_NAME = 200
+
+
+class RowInput(Protocol):
+    """One row as the caller sent it (PredictRequest and PredictRow both fit)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def entities(self) -> Mapping[str, str]: ...
+
+    @property
+    def features(self) -> Mapping[str, value_pb2.Value]: ...
+
+
+@dataclass(frozen=True)
+class PredictorSettings:
+    """The pipeline's knobs (from GatewayConfig's upstream, batching and cache sections)."""
+
+    features_timeout_s: float = 0.05
+    inference_timeout_s: float = 0.5
+    request_timeout_s: float = 1.0
+    features_max_batch: int = 128
+    features_max_delay_s: float = 0.0002
+    inference_max_batch: int = 256
+    inference_max_delay_s: float = 0.0002
+    max_pending_rows: int = 4096
+    max_in_flight_rows: int = 4096
+    max_batch_request_rows: int = 1000
+    cache_key_prefix: str = "igw:"
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What the transport knows about a call: who, until when, and what the edge allowed."""
+
+    tenant: str = ""
+    # Seconds left of the caller's deadline; None when it sent none.
+    time_remaining: float | None = None
+    # The models the edge authorized this call for; None: not restricted here.
+    allowed_models: frozenset[str] | None = None
+
+
+@dataclass(slots=True)
+class Prediction:
+    """One answered row."""
+
+    request_id: str
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    degraded_features: list[str] = field(default_factory=list)
+    cached: bool = False
+
+
+@dataclass(slots=True)
+class _Row:
+    """A validated row: its inputs, the request-time part of its model input, and where it goes."""
+
+    source: RowInput
+    request_id: str
+    version: str
+    shadow: str
+    values: np.ndarray
+    degraded: list[str]
+
+
+class Predictor:
+    """The gateway's domain: see the module docstring."""
+
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        router: TrafficRouter,
+        features: FeatureSource,
+        models: ModelClient,
+        publisher: RecordPublisher,
+        *,
+        settings: PredictorSettings | None = None,
+        cache: ResponseCache | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.router = router
+        self._features = features
+        self._models = models
+        self._publisher = publisher
+        self._cache = cache
+        self.settings = s = settings or PredictorSettings()
+        self._metrics = m.GatewayMetrics()
+        self.features_batcher: MicroBatcher[ModelSpec, Mapping[str, str], tuple[np.ndarray, np.ndarray]] = (
+            MicroBatcher(
+                "features",
+                self._fetch_batch,
+                max_batch=s.features_max_batch,
+                max_delay_s=s.features_max_delay_s,
+                max_pending=s.max_pending_rows,
+                observe_size=self._metrics.features_batch.observe,
+            )
+        )
+        self.inference_batcher: MicroBatcher[tuple[ModelSpec, str], np.ndarray, dict[str, np.ndarray]] = (
+            MicroBatcher(
+                "inference",
+                self._infer_batch,
+                max_batch=s.inference_max_batch,
+                max_delay_s=s.inference_max_delay_s,
+                max_pending=s.max_pending_rows,
+                observe_size=self._metrics.inference_batch.observe,
+            )
+        )
+        self.in_flight = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self._warned: set[str] = set()
+        m.QUEUED.labels("features").set_function(lambda: self.features_batcher.depth)
+        m.QUEUED.labels("inference").set_function(lambda: self.inference_batcher.depth)
+
+    # Entry point.
+
+    async def predict(
+        self, model: str, version: str, rows: Sequence[RowInput], call: CallInfo, *, batch: bool = False
+    ) -> list[Prediction]:
+        """Scores `rows` of `model` (at `version`, or as the traffic split chooses).
+
+        Args:
+            model: The model name.
+            version: An explicit version, or "" for the traffic split.
+            rows: The rows; field names in errors are prefixed `rows[i].` when `batch` is set.
+            call: Tenant, deadline and edge permissions of the call.
+            batch: Whether this is a PredictBatch call (affects error field names only).
+
+        Raises:
+            InvalidArgument, NotFound, PermissionDenied: the request is wrong (the field is named).
+            ResourceExhausted: load is being shed.
+            Unavailable, DeadlineExceeded: inference failed or time ran out.
+        """
+        start_ns = time.time_ns()
+        if not model:
+            raise InvalidArgument("model: is required (a model name, for example 'fraud')")
+        if call.allowed_models is not None and model not in call.allowed_models:
+            raise PermissionDenied(f"model {model[:_MAX_NAME]!r}: not the model this call was authorized for")
+        spec = self.catalog.get(model)
+        if version and spec.versions and version not in spec.versions:
+            raise NotFound(f"model {model!r} version {version[:_MAX_NAME]!r} is not served")
+        if batch:
+            if not rows:
+                raise InvalidArgument("rows: at least one row is required")
+            if len(rows) > self.settings.max_batch_request_rows:
+                raise InvalidArgument(
+                    f"rows: {len(rows)} rows, at most {self.settings.max_batch_request_rows} per call"
+                )
+        validated = [
+            self._validate(spec, version, row, f"rows[{i}]." if batch else "") for i, row in enumerate(rows)
+        ]
+        n = len(validated)
+        if self.in_flight + n > self.settings.max_in_flight_rows:
+            m.SHED.inc(n)
+            raise ResourceExhausted(
+                f"gateway overloaded: {self.in_flight} rows in flight (limit {self.settings.max_in_flight_rows})"
+            )
+        loop = asyncio.get_running_loop()
+        left = call.time_remaining
+        deadline = loop.time() + (self.settings.request_timeout_s if left is None else left)
+        self.in_flight += n
+        m.IN_FLIGHT.inc(n)
+        try:
+            if n == 1:
+                return [await self._predict_row(spec, validated[0], call, deadline, start_ns)]
+            return list(
+                await asyncio.gather(
+                    *(self._predict_row(spec, row, call, deadline, start_ns) for row in validated)
+                )
+            )
+        finally:
+            self.in_flight -= n
+            m.IN_FLIGHT.dec(n)
+
+    # Validation and version choice.
+
+    def _validate(self, spec: ModelSpec, version: str, row: RowInput, where: str) -> _Row:
+        entities = row.entities
+        for key in spec.entity_keys:
+            if not entities.get(key):
+                raise InvalidArgument(f"{where}entities.{key}: is required by model {spec.name!r}")
+        if len(entities) != len(spec.entity_keys):
+            for key in entities:
+                if key not in spec.entity_keys:
+                    raise InvalidArgument(
+                        f"{where}entities.{key[:_MAX_NAME]}: not an entity key of model {spec.name!r} "
+                        f"(expected {', '.join(spec.entity_keys) or 'none'})"
+                    )
+        values = spec.defaults.copy()
+        features = row.features
+        columns = spec.request_columns
+        for name, value in features.items():
+            column = columns.get(name)
+            if column is None:
+                raise InvalidArgument(
+                    f"{where}features.{name[:_MAX_NAME]}: not a request-time input of model {spec.name!r} "
+                    f"(expected {', '.join(columns) or 'none'})"
+                )
+            kind = value.WhichOneof("kind")
+            if kind not in _NUMBER_KINDS:
+                raise InvalidArgument(
+                    f"{where}features.{name}: expected a number (float, double, int64 or bool), "
+                    f"got {kind or 'no value'}"
+                )
+            number = float(getattr(value, kind))
+            if not math.isfinite(number):
+                raise InvalidArgument(f"{where}features.{name}: must be finite, got {number}")
+            values[column] = number
+        degraded = [] if len(features) == len(columns) else [n for n in columns if n not in features]
+        if version:
+            choice_version, shadow = version, self.router.shadow_for(spec.name, version)
+        else:
+            choice = self.router.choose(spec.name, entities, spec.latest_version())
+            choice_version, shadow = choice.version, choice.shadow
+        if shadow and spec.versions and shadow not in spec.versions:
+            shadow = ""
+        request_id = row.request_id or uuid.uuid4().hex
+        return _Row(row, request_id, choice_version, shadow, values, degraded)
+
+    # One row.
+
+    async def _predict_row(
+        self, spec: ModelSpec, row: _Row, call: CallInfo, deadline: float, start_ns: int
+    ) -> Prediction:
+        span_context = trace.get_current_span().get_span_context()
+        key = b""
+        try:
+            if self._cache is not None:
+                key = cache_key(
+                    self.settings.cache_key_prefix,
+                    spec.name,
+                    row.version,
+                    row.source.entities,
+                    row.source.features,
+                )
+                hit = await self._cache.get(key)
+                m.CACHE.labels("hit" if hit is not None else "miss").inc()
+                if hit is not None:
+                    prediction = Prediction(
+                        row.request_id, spec.name, row.version, hit.outputs, list(hit.degraded_features), True
+                    )
+                    self._finish(
+                        spec,
+                        row,
+                        prediction,
+                        call=call,
+                        start_ns=start_ns,
+                        span_context=span_context,
+                        shadow_future=None,
+                    )
+                    return prediction
+            if spec.store_refs:
+                await self._add_store_features(spec, row, deadline)
+            shadow_future = None
+            with _tracer.start_as_current_span("inference") as span:
+                span.set_attribute("infergrid.model", spec.name)
+                span.set_attribute("infergrid.model_version", row.version)
+                timeout = _time_left(deadline, self.settings.inference_timeout_s)
+                future = self.inference_batcher.submit((spec, row.version), row.values, timeout)
+                if row.shadow:
+                    shadow_future = self._submit_shadow(spec, row, timeout)
+                outputs = await future
+        except ServiceError as exc:
+            self._metrics.request(spec.name, row.version, exc.code.name).inc()
+            if isinstance(exc, ResourceExhausted):
+                m.SHED.inc()
+            elif not isinstance(exc, InvalidArgument):
+                self._publish_failure(
+                    spec, row, call=call, start_ns=start_ns, span_context=span_context, exc=exc
+                )
+            raise
+        prediction = Prediction(row.request_id, spec.name, row.version, outputs, row.degraded)
+        self._finish(
+            spec,
+            row,
+            prediction,
+            call=call,
+            start_ns=start_ns,
+            span_context=span_context,
+            shadow_future=shadow_future,
+        )
+        if self._cache is not None and key:
+            self._spawn(self._cache.put(key, CachedAnswer(outputs, tuple(row.degraded))))
+        return prediction
+
+    async def _add_store_features(self, spec: ModelSpec, row: _Row, deadline: float) -> None:
+        """Fills the row's store columns; a failed or missing value is its default and marks the row degraded."""
+        with _tracer.start_as_current_span("features") as span:
+            try:
+                timeout = _time_left(deadline, self.settings.features_timeout_s)
+                future = self.features_batcher.submit(spec, row.source.entities, timeout)
+                # The budget holds even if a source overruns it: features never delay an answer for long.
+                async with asyncio.timeout(timeout):
+                    values, present = await future
+            except ResourceExhausted:
+                raise
+            except InvalidArgument:
+                raise
+            except Exception as exc:  # features are optional: any failure serves the defaults
+                m.FEATURE_ERRORS.labels(_reason(exc)).inc()
+                span.set_attribute("infergrid.degraded", True)
+                row.degraded.extend(spec.store_refs)
+                return
+            row.values[spec.store_columns] = np.where(present, values, spec.store_defaults)
+            if not present.all():
+                refs = spec.store_refs
+                row.degraded.extend(refs[j] for j in np.flatnonzero(~present))
+                span.set_attribute("infergrid.degraded", True)
+
+    def _submit_shadow(
+        self, spec: ModelSpec, row: _Row, timeout: float
+    ) -> asyncio.Future[dict[str, np.ndarray]] | None:
+        try:
+            return self.inference_batcher.submit((spec, row.shadow), row.values, timeout)
+        except ResourceExhausted:
+            m.SHADOW.labels(spec.name, row.shadow, "RESOURCE_EXHAUSTED").inc()
+            return None
+
+    # Batch calls.
+
+    async def _fetch_batch(
+        self, spec: ModelSpec, entities: list[Mapping[str, str]], timeout: float
+    ) -> Sequence[tuple[np.ndarray, np.ndarray] | BaseException]:
+        try:
+            block = await self._features.fetch(spec, entities, timeout)
+        except Exception as exc:
+            if len(entities) > 1 and _is_invalid_argument(exc):
+                # One bad row must not fail its batch-mates: ask again row by row.
+                return await asyncio.gather(
+                    *(self._fetch_one(spec, e, timeout) for e in entities), return_exceptions=True
+                )
+            if _is_invalid_argument(exc):
+                raise InvalidArgument(f"entities: {_details(exc)}") from None
+            raise
+        return list(zip(block.values, block.present, strict=True))
+
+    async def _fetch_one(
+        self, spec: ModelSpec, entities: Mapping[str, str], timeout: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            block: FeatureValues = await self._features.fetch(spec, [entities], timeout)
+        except Exception as exc:
+            if _is_invalid_argument(exc):
+                raise InvalidArgument(f"entities: {_details(exc)}") from None
+            raise
+        return block.values[0], block.present[0]
+
+    async def _infer_batch(
+        self, key: tuple[ModelSpec, str], rows: list[np.ndarray], timeout: float
+    ) -> Sequence[dict[str, np.ndarray]]:
+        spec, version = key
+        inputs = np.stack(rows) if len(rows) > 1 else rows[0].reshape(1, -1)
+        outputs = await self._models.infer(spec, version, inputs, timeout)
+        names = tuple(outputs)
+        if len(names) == 1:
+            (name,) = names
+            return [{name: r} for r in outputs[name]]
+        return [{name: outputs[name][i] for name in names} for i in range(len(rows))]
+
+    # Answer and log.
+
+    def _finish(
+        self,
+        spec: ModelSpec,
+        row: _Row,
+        prediction: Prediction,
+        *,
+        call: CallInfo,
+        start_ns: int,
+        span_context: trace.SpanContext,
+        shadow_future: asyncio.Future[dict[str, np.ndarray]] | None,
+    ) -> None:
+        end_ns = time.time_ns()
+        self._metrics.request(spec.name, row.version, "OK").inc()
+        self._metrics.latency(spec.name).observe((end_ns - start_ns) / 1e9)
+        if prediction.degraded_features:
+            self._metrics.degraded(spec.name).inc()
+        record = self._record(
+            spec, row, call=call, start_ns=start_ns, end_ns=end_ns, span_context=span_context
+        )
+        for name, array in prediction.outputs.items():
+            _set_value(record.outputs[name], array)
+        record.degraded = bool(prediction.degraded_features)
+        record.degraded_features.extend(prediction.degraded_features)
+        record.cached = prediction.cached
+        if shadow_future is None:
+            self._publish(record)
+        else:
+            self._spawn(self._publish_with_shadow(spec, row, record, shadow_future, start_ns=start_ns))
+
+    def _record(
+        self,
+        spec: ModelSpec,
+        row: _Row,
+        *,
+        call: CallInfo,
+        start_ns: int,
+        end_ns: int,
+        span_context: trace.SpanContext,
+    ) -> logging_pb2.InferenceLogRecord:
+        record = logging_pb2.InferenceLogRecord(
+            schema_version=CURRENT_SCHEMA_VERSION,
+            request_id=row.request_id,
+            tenant=call.tenant,
+            model=spec.name,
+            model_version=row.version,
+            entities=row.source.entities,
+            request_inputs=row.source.features,
+            latency_us=(end_ns - start_ns) // 1000,
+        )
+        record.request_time.FromNanoseconds(start_ns)
+        record.response_time.FromNanoseconds(end_ns)
+        used = record.features
+        for name, number in zip(spec.feature_names, row.values.tolist(), strict=True):
+            used[name].float_value = number
+        if span_context.is_valid:
+            record.trace_id = format(span_context.trace_id, "032x")
+            record.span_id = format(span_context.span_id, "016x")
+        return record
+
+    async def _publish_with_shadow(
+        self,
+        spec: ModelSpec,
+        row: _Row,
+        record: logging_pb2.InferenceLogRecord,
+        future: asyncio.Future[dict[str, np.ndarray]],
+        *,
+        start_ns: int,
+    ) -> None:
+        shadow = record.shadow
+        shadow.model_version = row.shadow
+        try:
+            outputs = await future
+        except Exception as exc:
+            code = status_code_of(exc)
+            shadow.status_code = code.value[0] if code is not None else 2
+            m.SHADOW.labels(spec.name, row.shadow, code.name if code is not None else "UNKNOWN").inc()
+        else:
+            for name, array in outputs.items():
+                _set_value(shadow.outputs[name], array)
+            m.SHADOW.labels(spec.name, row.shadow, "OK").inc()
+        shadow.latency_us = max(0, (time.time_ns() - start_ns) // 1000)
+        self._publish(record)
+
+    def _publish_failure(
+        self,
+        spec: ModelSpec,
+        row: _Row,
+        *,
+        call: CallInfo,
+        start_ns: int,
+        span_context: trace.SpanContext,
+        exc: ServiceError,
+    ) -> None:
+        record = self._record(
+            spec, row, call=call, start_ns=start_ns, end_ns=time.time_ns(), span_context=span_context
+        )
+        record.status_code = exc.code.value[0]
+        record.error_message = exc.message[:1000]
+        record.degraded = bool(row.degraded)
+        record.degraded_features.extend(row.degraded)
+        self._publish(record)
+
+    def _publish(self, record: logging_pb2.InferenceLogRecord) -> None:
+        with _tracer.start_as_current_span("publish"):
+            try:
+                self._publisher.publish(record)
+            except Exception:  # never fail an answered prediction because of its log record
+                log.exception("publishing the inference-log record %s failed", record.request_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Stops the batchers and waits for background publishing."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=2.0)
+        await self.features_batcher.close()
+        await self.inference_batcher.close()
+
+
+def _time_left(deadline: float, cap: float) -> float:
+    left = deadline - asyncio.get_running_loop().time() - _DEADLINE_MARGIN_S
+    if left <= 0:
+        raise DeadlineExceeded("the request deadline has passed")
+    return min(cap, left)
+
+
+def _set_value(target: value_pb2.Value, array: np.ndarray) -> None:
+    if array.size == 1:
+        target.float_value = float(array.reshape(-1)[0])
+    else:
+        target.float_list_value.values.extend(array.reshape(-1).tolist())
+
+
+def _is_invalid_argument(exc: BaseException) -> bool:
+    code = status_code_of(exc)
+    return code is not None and code.name == "INVALID_ARGUMENT"
+
+
+def _details(exc: BaseException) -> str:
+    if isinstance(exc, ServiceError):
+        return exc.message
+    details = getattr(exc, "details", None)
+    return str(details() if callable(details) else exc)
+
+
+def _reason(exc: BaseException) -> str:
+    code = status_code_of(exc)
+    if code is not None:
+        return code.name
+    return type(exc).__name__

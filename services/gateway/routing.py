@@ -1,0 +1,93 @@
+"""Traffic splits: which model version serves a request (weights, sticky per entity, shadow)."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from libs.platform import ModelRoute, PlatformConfig
+
+
+@dataclass(frozen=True)
+class Split:
+    """A model's route, precomputed: cumulative weights for a bisect per request."""
+
+    versions: tuple[str, ...]
+    cumulative: tuple[int, ...]
+    total: int
+    shadow: str
+    sticky_key: str
+
+    @classmethod
+    def of(cls, route: ModelRoute) -> Split:
+        versions: list[str] = []
+        cumulative: list[int] = []
+        total = 0
+        for entry in route.versions:
+            if entry.weight <= 0:
+                continue
+            total += entry.weight
+            versions.append(entry.version)
+            cumulative.append(total)
+        return cls(tuple(versions), tuple(cumulative), total, route.shadow, route.sticky_key)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The version that answers, and the shadow version that is also scored ("" for none)."""
+
+    version: str
+    shadow: str
+
+
+def sticky_bucket(value: str, total: int) -> int:
+    """A stable bucket in [0, total) for an entity value: the same value always lands in the same bucket."""
+    digest = hashlib.blake2b(value.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % total
+
+
+class TrafficRouter:
+    """Chooses versions from the platform config's model routes; `update` swaps the routes atomically."""
+
+    def __init__(self, config: PlatformConfig | None = None, rng: random.Random | None = None) -> None:
+        self._splits: dict[str, Split] = {}
+        self._random = (rng or random.Random()).random
+        if config is not None:
+            self.update(config)
+
+    def update(self, config: PlatformConfig) -> None:
+        """Applies the routes of a (validated) platform config; requests after this call see them."""
+        self._splits = {name: Split.of(route) for name, route in config.models.items()}
+
+    def split(self, model: str) -> Split | None:
+        return self._splits.get(model)
+
+    def choose(self, model: str, entities: Mapping[str, str], fallback: str) -> Choice:
+        """The version for one request without an explicit version.
+
+        Args:
+            model: The model name.
+            entities: The request's entity keys (the sticky key's value pins the version).
+            fallback: The version used when the model has no route.
+        """
+        split = self._splits.get(model)
+        if split is None:
+            return Choice(fallback, "")
+        if len(split.versions) == 1:
+            version = split.versions[0]
+        else:
+            sticky = entities.get(split.sticky_key) if split.sticky_key else None
+            point = sticky_bucket(sticky, split.total) if sticky else int(self._random() * split.total)
+            version = split.versions[bisect.bisect_right(split.cumulative, point)]
+        shadow = split.shadow if split.shadow != version else ""
+        return Choice(version, shadow)
+
+    def shadow_for(self, model: str, version: str) -> str:
+        """The shadow version of a request that named its version ("" when none or the same)."""
+        split = self._splits.get(model)
+        if split is None or split.shadow == version:
+            return ""
+        return split.shadow

@@ -1,0 +1,107 @@
+"""Small in-memory fakes of the gateway's roles (FeatureSource, ModelClient, RecordPublisher) and a test model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from infergrid.logging.v1 import logging_pb2
+from libs.errors import Unavailable
+from services.gateway.catalog import ModelSpec, parse_spec
+from services.gateway.features import FeatureValues
+
+# A 5-input model: 2 request-time features, 2 user features and 1 merchant feature.
+DESCRIPTION = {
+    "model": "toy",
+    "input": "features",
+    "output": "score",
+    "entities": {"user": "user_id", "merchant": "merchant_id"},
+    "features": [
+        {"name": "amount", "source": "request", "default": 1.0},
+        {"name": "user:age", "source": "user", "default": 30.0},
+        {"name": "hour", "source": "request", "default": 12.0},
+        {"name": "user:count", "source": "user", "default": 2.0},
+        {"name": "merchant:risk", "source": "merchant", "default": 0.5},
+    ],
+}
+WEIGHTS = np.asarray([1.0, 10.0, 100.0, 1000.0, 10000.0], dtype=np.float32)
+
+
+def toy_spec(versions: tuple[str, ...] = ("1", "2")) -> ModelSpec:
+    return parse_spec("toy", DESCRIPTION, versions)
+
+
+class FakeFeatures:
+    """Feature values by (view, entity id); records every call's batch size."""
+
+    def __init__(self, values: Mapping[tuple[str, str], Mapping[str, float]] | None = None) -> None:
+        self.values = dict(values or {})
+        self.calls: list[int] = []
+        self.failure: Exception | None = None
+        self.delay_s = 0.0
+
+    async def fetch(
+        self, spec: ModelSpec, entities: Sequence[Mapping[str, str]], timeout: float
+    ) -> FeatureValues:
+        self.calls.append(len(entities))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.failure is not None:
+            raise self.failure
+        n, width = len(entities), len(spec.store_refs)
+        values = np.zeros((n, width), dtype=np.float32)
+        present = np.zeros((n, width), dtype=bool)
+        for i, row in enumerate(entities):
+            for j, ref in enumerate(spec.store_refs):
+                view, feature = ref.split(":", 1)
+                stored = self.values.get((view, row[spec.view_keys[view]]), {})
+                if feature in stored:
+                    values[i, j] = stored[feature]
+                    present[i, j] = True
+        return FeatureValues(values, present)
+
+
+class FakeModels:
+    """Scores a row as its dot product with WEIGHTS (+ a quarter per version number); records batch sizes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.failure: Exception | None = None
+        self.delay_s = 0.0
+        self.gate: asyncio.Event | None = None
+
+    async def infer(
+        self, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float
+    ) -> dict[str, np.ndarray]:
+        self.calls.append((version, inputs.shape[0]))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.failure is not None:
+            raise self.failure
+        scores = inputs.astype(np.float64) @ WEIGHTS.astype(np.float64) + int(version or 0) * 0.25
+        return {"score": scores.reshape(-1, 1).astype(np.float64)}
+
+
+def expected_score(row: Sequence[float], version: str) -> float:
+    return (
+        float(np.asarray(row, dtype=np.float32).astype(np.float64) @ WEIGHTS.astype(np.float64))
+        + int(version) * 0.25
+    )
+
+
+class ListPublisher:
+    """Keeps published records."""
+
+    def __init__(self) -> None:
+        self.records: list[logging_pb2.InferenceLogRecord] = []
+
+    def publish(self, record: logging_pb2.InferenceLogRecord) -> None:
+        self.records.append(record)
+
+
+def unavailable() -> Exception:
+    return Unavailable("features is unavailable (test)")

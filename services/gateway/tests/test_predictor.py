@@ -1,0 +1,256 @@
+"""The prediction pipeline with in-memory fakes: validation, versions, degraded rows, batching, shedding, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from infergrid.gateway.v1 import gateway_pb2
+from libs.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from libs.platform import parse_platform
+from services.gateway.catalog import ModelCatalog
+from services.gateway.predictor import CallInfo, Predictor, PredictorSettings
+from services.gateway.routing import TrafficRouter
+from services.gateway.tests.fakes import FakeFeatures, FakeModels, ListPublisher, expected_score, toy_spec
+
+STORE = {
+    ("user", "u1"): {"age": 40.0, "count": 3.0},
+    ("user", "u2"): {"age": 50.0, "count": 4.0},
+    ("merchant", "m1"): {"risk": 0.25},
+}
+SPLIT = """
+models:
+  toy:
+    versions: [{version: "1", weight: 90}, {version: "2", weight: 10}]
+    shadow: "2"
+"""
+
+
+def request(
+    user: str = "u1",
+    merchant: str = "m1",
+    amount: float | None = 5.0,
+    hour: float | None = 3.0,
+    **extra: object,
+) -> gateway_pb2.PredictRequest:
+    req = gateway_pb2.PredictRequest(model="toy", entities={"user_id": user, "merchant_id": merchant})
+    if amount is not None:
+        req.features["amount"].float_value = amount
+    if hour is not None:
+        req.features["hour"].int64_value = int(hour)
+    for name, value in extra.items():
+        if isinstance(value, str):
+            req.features[name].string_value = value
+        else:
+            req.features[name].double_value = float(value)  # type: ignore[arg-type]
+    return req
+
+
+class Setup:
+    def __init__(self, router: TrafficRouter | None = None, **settings: object) -> None:
+        self.features = FakeFeatures(STORE)
+        self.models = FakeModels()
+        self.publisher = ListPublisher()
+        self.predictor = Predictor(
+            ModelCatalog({"toy": toy_spec()}),
+            router or TrafficRouter(),
+            self.features,
+            self.models,
+            self.publisher,
+            settings=PredictorSettings(**settings),  # type: ignore[arg-type]
+        )
+
+    async def one(self, req: gateway_pb2.PredictRequest, call: CallInfo | None = None) -> object:
+        (prediction,) = await self.predictor.predict(req.model, req.version, [req], call or CallInfo())
+        return prediction
+
+
+async def test_a_row_is_assembled_in_model_order_scored_and_logged() -> None:
+    s = Setup()
+    req = request()
+    req.request_id = "r-1"
+    p = await s.one(req, CallInfo(tenant="acme"))
+    # amount, user:age, hour, user:count, merchant:risk; no split: the highest version
+    assert p.version == "2"  # type: ignore[attr-defined]
+    assert p.outputs["score"][0] == pytest.approx(expected_score([5, 40, 3, 3, 0.25], "2"))  # type: ignore[attr-defined]
+    assert p.degraded_features == []  # type: ignore[attr-defined]
+    (record,) = s.publisher.records
+    assert record.request_id == "r-1" and record.tenant == "acme" and record.model_version == "2"
+    assert dict(record.entities) == {"user_id": "u1", "merchant_id": "m1"}
+    assert record.features["user:age"].float_value == 40.0
+    assert record.request_inputs["hour"].int64_value == 3
+    assert record.outputs["score"].float_value == pytest.approx(expected_score([5, 40, 3, 3, 0.25], "2"))
+    assert record.status_code == 0 and not record.degraded and record.latency_us >= 0
+    assert record.request_time.ToNanoseconds() <= record.response_time.ToNanoseconds()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "field"),
+    [
+        (lambda r: setattr(r, "model", ""), InvalidArgument, "model:"),
+        (lambda r: setattr(r, "model", "nope"), NotFound, "'nope'"),
+        (lambda r: setattr(r, "version", "7"), NotFound, "version '7'"),
+        (lambda r: r.features["amount"].__setattr__("string_value", "ten"),
+         InvalidArgument, "features.amount: expected a number"),
+        (lambda r: r.features["nope"].__setattr__("float_value", 1.0), InvalidArgument, "features.nope"),
+        (lambda r: r.features["amount"].__setattr__("double_value", float("nan")), InvalidArgument,
+         "features.amount: must be finite"),
+        (lambda r: r.entities.pop("user_id"), InvalidArgument, "entities.user_id: is required"),
+        (lambda r: r.entities.__setitem__("shop", "x"), InvalidArgument, "entities.shop: not an entity key"),
+    ],
+)  # fmt: skip
+async def test_bad_input_is_refused_naming_the_field(mutate: object, error: type, field: str) -> None:
+    s = Setup()
+    req = request()
+    mutate(req)  # type: ignore[operator]
+    with pytest.raises(error, match=field.replace("(", r"\(")):
+        await s.one(req)
+    assert s.models.calls == [] and s.publisher.records == []
+
+
+async def test_batch_errors_name_the_row() -> None:
+    s = Setup()
+    rows = [gateway_pb2.PredictRow(entities={"user_id": "u1", "merchant_id": "m1"}) for _ in range(3)]
+    rows[2].features["hour"].string_value = "noon"
+    with pytest.raises(InvalidArgument, match=r"rows\[2\]\.features\.hour"):
+        await s.predictor.predict("toy", "", rows, CallInfo(), batch=True)
+    with pytest.raises(InvalidArgument, match="rows: at least one"):
+        await s.predictor.predict("toy", "", [], CallInfo(), batch=True)
+
+
+async def test_the_edge_authorized_model_must_match() -> None:
+    s = Setup()
+    with pytest.raises(PermissionDenied, match="'toy'"):
+        await s.one(request(), CallInfo(allowed_models=frozenset({"other"})))
+    await s.one(request(), CallInfo(allowed_models=frozenset({"toy"})))
+
+
+async def test_missing_values_use_defaults_and_mark_the_row_degraded() -> None:
+    s = Setup()
+    p = await s.one(request(user="u-unknown", hour=None))
+    # user:* missing -> 30, 2; hour missing -> 12
+    assert p.outputs["score"][0] == pytest.approx(expected_score([5, 30, 12, 2, 0.25], "2"))  # type: ignore[attr-defined]
+    assert sorted(p.degraded_features) == ["hour", "user:age", "user:count"]  # type: ignore[attr-defined]
+    assert s.publisher.records[0].degraded
+
+
+async def test_features_down_serves_defaults_fast_and_degraded() -> None:
+    s = Setup()
+    s.features.failure = Unavailable("features is unavailable")
+    p = await s.one(request())
+    assert p.outputs["score"][0] == pytest.approx(expected_score([5, 30, 3, 2, 0.5], "2"))  # type: ignore[attr-defined]
+    assert sorted(p.degraded_features) == ["merchant:risk", "user:age", "user:count"]  # type: ignore[attr-defined]
+
+
+async def test_slow_features_are_cut_at_their_budget_and_degrade() -> None:
+    s = Setup(features_timeout_s=0.02)
+    s.features.delay_s = 0.5
+    p = await s.one(request())
+    assert len(p.degraded_features) == 3  # type: ignore[attr-defined]
+
+
+async def test_inference_failure_fails_the_row_and_is_logged() -> None:
+    s = Setup()
+    s.models.failure = Unavailable("the inference service is unavailable")
+    with pytest.raises(Unavailable):
+        await s.one(request())
+    (record,) = s.publisher.records
+    assert record.status_code == 14 and "unavailable" in record.error_message
+
+
+async def test_concurrent_requests_are_coalesced_and_split_back_in_order() -> None:
+    s = Setup(features_max_delay_s=0.002, inference_max_delay_s=0.002)
+    reqs = [request(user="u1" if i % 2 else "u2", amount=float(i)) for i in range(40)]
+    results = await asyncio.gather(*(s.one(r) for r in reqs))
+    for i, p in enumerate(results):
+        user = STORE[("user", "u1" if i % 2 else "u2")]
+        row = [i, user["age"], 3, user["count"], 0.25]
+        assert p.outputs["score"][0] == pytest.approx(expected_score(row, "2"))  # type: ignore[attr-defined]
+    assert sum(s.features.calls) == 40 and len(s.features.calls) < 40
+    assert sum(n for _, n in s.models.calls) == 40 and len(s.models.calls) < 40
+
+
+async def test_predict_batch_agrees_with_single_predictions() -> None:
+    s = Setup()
+    rows = [gateway_pb2.PredictRow(entities={"user_id": u, "merchant_id": "m1"}) for u in ("u1", "u2", "u3")]
+    for i, row in enumerate(rows):
+        row.features["amount"].float_value = 10.0 * i
+        row.features["hour"].float_value = 1.0
+    batch = await s.predictor.predict("toy", "1", rows, CallInfo(), batch=True)
+    for row, p in zip(rows, batch, strict=True):
+        single = request(user=row.entities["user_id"], amount=row.features["amount"].float_value, hour=1.0)
+        single.version = "1"
+        one = await s.one(single)
+        assert p.outputs["score"][0] == pytest.approx(one.outputs["score"][0])  # type: ignore[attr-defined]
+        assert p.version == "1"
+
+
+async def test_splits_explicit_versions_and_shadows() -> None:
+    s = Setup(router=TrafficRouter(parse_platform(SPLIT), rng=random.Random(3)))
+    results = [await s.one(request()) for _ in range(400)]
+    counts = Counter(p.version for p in results)  # type: ignore[attr-defined]
+    assert 0.04 < counts["2"] / 400 < 0.17
+    await asyncio.sleep(0.01)  # shadow records are published once the shadow answers
+    records = {r.request_id: r for r in s.publisher.records}
+    for p in results:
+        record = records[p.request_id]  # type: ignore[attr-defined]
+        assert "score" in p.outputs and len(p.outputs) == 1  # type: ignore[attr-defined]
+        if p.version == "1":  # type: ignore[attr-defined]
+            assert record.shadow.model_version == "2"
+            assert record.shadow.outputs["score"].float_value != record.outputs["score"].float_value
+        else:
+            assert not record.HasField("shadow")
+    explicit = request()
+    explicit.version = "1"
+    assert (await s.one(explicit)).version == "1"  # type: ignore[attr-defined]
+
+
+async def test_load_is_shed_past_the_in_flight_limit() -> None:
+    s = Setup(max_in_flight_rows=3)
+    s.models.gate = asyncio.Event()
+    running = [asyncio.create_task(s.one(request())) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="overloaded"):
+        await s.one(request())
+    s.models.gate.set()
+    await asyncio.gather(*running)
+    await s.one(request())
+
+
+async def test_load_is_shed_past_the_batcher_queue_limit() -> None:
+    s = Setup(max_pending_rows=2, inference_max_batch=1)
+    s.models.gate = asyncio.Event()
+    running = [asyncio.create_task(s.one(request())) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted):
+        await s.one(request())
+    s.models.gate.set()
+    await asyncio.gather(*running)
+
+
+async def test_a_row_the_feature_source_refuses_fails_alone() -> None:
+    s = Setup()
+    real_fetch = s.features.fetch
+
+    async def picky(spec: object, entities: list[dict[str, str]], timeout: float) -> object:
+        if any(e["user_id"] == "bad" for e in entities):
+            raise InvalidArgument("entities: user_id 'bad' is malformed")
+        return await real_fetch(spec, entities, timeout)  # type: ignore[arg-type]
+
+    s.features.fetch = picky  # type: ignore[method-assign]
+    results = await asyncio.gather(
+        s.one(request()), s.one(request(user="bad")), s.one(request(user="u2")), return_exceptions=True
+    )
+    assert isinstance(results[1], InvalidArgument) and "malformed" in str(results[1])
+    assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
+
+
+def test_float32_rows() -> None:
+    spec = toy_spec()
+    assert spec.defaults.dtype == np.float32 and spec.width == 5
+    assert spec.entity_keys == ("merchant_id", "user_id")
+    assert list(spec.store_columns) == [1, 3, 4]

@@ -1,0 +1,243 @@
+"""The gateway over real gRPC, with small fake FeatureService and inference servers behind it.
+
+Status codes and messages as a client sees them, the edge headers, the circuit
+breakers (features down: defaults, then no more calls while open; inference
+down: UNAVAILABLE) and a traffic split changed in the platform file without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from inference import grpc_service_pb2 as ipb
+from inference import grpc_service_pb2_grpc
+from infergrid.features.v1 import features_pb2, features_pb2_grpc
+from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.server import Server
+from services.gateway.config import GatewayConfig, GatewayServerConfig, ModelsConfig, UpstreamConfig
+from services.gateway.server import create_server
+from services.gateway.tests.fakes import DESCRIPTION, WEIGHTS, ListPublisher
+
+STORE = {("user", "u1"): {"age": 40.0, "count": 3.0}, ("merchant", "m1"): {"risk": 0.25}}
+
+
+class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
+    def __init__(self) -> None:
+        self.calls = 0
+        self.down = False
+
+    async def GetOnlineFeatures(  # noqa: N802
+        self, request: features_pb2.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> features_pb2.GetOnlineFeaturesResponse:
+        self.calls += 1
+        if self.down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "store down")
+        reply = features_pb2.GetOnlineFeaturesResponse(feature_names=request.features)
+        keys = {"user": "user_id", "merchant": "merchant_id"}
+        n = len(next(iter(request.entities.values())).values)
+        for ref in request.features:
+            view, feature = ref.split(":")
+            vector = reply.results.add()
+            for i in range(n):
+                entity = request.entities[keys[view]].values[i].string_value
+                value = STORE.get((view, entity), {}).get(feature)
+                vector.values.add(float_value=value or 0.0)
+                vector.statuses.append(
+                    features_pb2.FEATURE_STATUS_PRESENT
+                    if value is not None
+                    else features_pb2.FEATURE_STATUS_NOT_FOUND
+                )
+        return reply
+
+
+class FakeInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def ModelInfer(  # noqa: N802
+        self, request: ipb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.ModelInferResponse:
+        self.calls += 1
+        shape = list(request.inputs[0].shape)
+        x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(shape)
+        scores = (x @ WEIGHTS + float(request.model_version)).astype(np.float32).reshape(-1, 1)
+        return ipb.ModelInferResponse(
+            model_name=request.model_name,
+            model_version=request.model_version,
+            outputs=[
+                ipb.ModelInferResponse.InferOutputTensor(name="score", datatype="FP32", shape=[shape[0], 1])
+            ],
+            raw_output_contents=[scores.tobytes()],
+        )
+
+
+@dataclass
+class Stack:
+    gateway: gateway_pb2_grpc.PredictionServiceStub
+    features: FakeFeatureService
+    inference: FakeInference
+    inference_server: grpc.aio.Server
+    publisher: ListPublisher
+    platform: Path
+    server: Server
+
+
+async def _serve(register: object) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    register(server)  # type: ignore[operator]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+def _platform(weights: tuple[int, int]) -> str:
+    return (
+        "models:\n  toy:\n    versions:\n"
+        f"      - {{version: '1', weight: {weights[0]}}}\n      - {{version: '2', weight: {weights[1]}}}\n"
+    )
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    model_dir = tmp_path / "models" / "toy"
+    for version in ("1", "2"):
+        (model_dir / version).mkdir(parents=True)
+    (model_dir / "features.json").write_text(json.dumps(DESCRIPTION))
+    platform = tmp_path / "platform.yaml"
+    platform.write_text(_platform((100, 0)))
+    features, inference = FakeFeatureService(), FakeInference()
+    f_server, f_port = await _serve(
+        lambda s: features_pb2_grpc.add_FeatureServiceServicer_to_server(features, s)
+    )
+    i_server, i_port = await _serve(
+        lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, s)
+    )
+    publisher = ListPublisher()
+    config = GatewayConfig(
+        server=GatewayServerConfig(port=0),
+        models=ModelsConfig(
+            model_repository=tmp_path / "models", platform_file=platform, platform_poll_interval_s=0.05
+        ),
+        upstream=UpstreamConfig(
+            features_target=f"127.0.0.1:{f_port}",
+            inference_target=f"127.0.0.1:{i_port}",
+            features_timeout_s=0.5,
+            breaker_failures=3,
+            breaker_reset_s=30.0,
+        ),
+        inference_log_enabled=False,
+    )
+    server = await create_server(config, publisher=publisher)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield Stack(
+                gateway_pb2_grpc.PredictionServiceStub(channel),
+                features,
+                inference,
+                i_server,
+                publisher,
+                platform,
+                server,
+            )
+    finally:
+        await server.stop(0, 0.5)
+        await f_server.stop(0)
+        await i_server.stop(0)
+
+
+def _request(**features: float) -> gateway_pb2.PredictRequest:
+    req = gateway_pb2.PredictRequest(model="toy", entities={"user_id": "u1", "merchant_id": "m1"})
+    for name, value in {"amount": 5.0, "hour": 3.0, **features}.items():
+        req.features[name].float_value = value
+    return req
+
+
+async def test_predict_over_grpc_with_the_edge_headers(stack: Stack) -> None:
+    reply = await stack.gateway.Predict(
+        _request(), timeout=5, metadata=(("x-infergrid-tenant", "acme"), ("x-infergrid-model", "toy"))
+    )
+    expected = float(np.asarray([5, 40, 3, 3, 0.25], dtype=np.float32) @ WEIGHTS + 1.0)
+    assert reply.model == "toy" and reply.model_version == "1"
+    assert reply.outputs["score"].float_value == pytest.approx(expected, rel=1e-6)
+    assert not reply.degraded and reply.request_id
+    (record,) = stack.publisher.records
+    assert record.tenant == "acme" and record.request_id == reply.request_id
+
+
+async def test_predict_batch_answers_in_row_order(stack: Stack) -> None:
+    request = gateway_pb2.PredictBatchRequest(model="toy", version="2")
+    for amount in (1.0, 2.0, 3.0):
+        row = request.rows.add(entities={"user_id": "u1", "merchant_id": "m1"})
+        row.features["amount"].float_value = amount
+    reply = await stack.gateway.PredictBatch(request, timeout=5)
+    scores = [r.outputs["score"].float_value for r in reply.results]
+    assert scores == sorted(scores) and len(set(scores)) == 3
+    assert all(r.model_version == "2" and r.degraded_features == ["hour"] for r in reply.results)
+
+
+@pytest.mark.parametrize(
+    ("model", "bad_amount", "code", "text"),
+    [
+        ("", None, grpc.StatusCode.INVALID_ARGUMENT, "model"),
+        ("ghost", None, grpc.StatusCode.NOT_FOUND, "ghost"),
+        ("toy", "ten", grpc.StatusCode.INVALID_ARGUMENT, "features.amount"),
+    ],
+)
+async def test_bad_requests_get_the_status_naming_the_problem(
+    stack: Stack, model: str, bad_amount: str | None, code: grpc.StatusCode, text: str
+) -> None:
+    request = _request()
+    request.model = model
+    if bad_amount:
+        request.features["amount"].string_value = bad_amount
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.gateway.Predict(request, timeout=5)
+    assert info.value.code() == code and text in (info.value.details() or "")
+    await stack.gateway.Predict(_request(), timeout=5)  # still serving
+
+
+async def test_a_model_other_than_the_authorized_one_is_denied(stack: Stack) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.gateway.Predict(_request(), timeout=5, metadata=(("x-infergrid-model", "other"),))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_features_down_serves_defaults_and_the_breaker_stops_calling(stack: Stack) -> None:
+    stack.features.down = True
+    for _ in range(8):
+        reply = await stack.gateway.Predict(_request(), timeout=5)
+        assert reply.degraded
+        assert set(reply.degraded_features) == {"user:age", "user:count", "merchant:risk"}
+    # 3 failed calls (each retried once by gRPC) opened the breaker; later rows did not call.
+    assert stack.features.calls <= 6
+
+
+async def test_inference_down_is_unavailable(stack: Stack) -> None:
+    await stack.inference_server.stop(0)
+    for _ in range(5):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stack.gateway.Predict(_request(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_changed_split_applies_without_restart(stack: Stack) -> None:
+    assert (await stack.gateway.Predict(_request(), timeout=5)).model_version == "1"
+    stack.platform.write_text(_platform((0, 100)))
+    for _ in range(100):
+        if (await stack.gateway.Predict(_request(), timeout=5)).model_version == "2":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the new split never applied")
+    stack.platform.write_text("models: {toy: {versions: []}}\n")  # invalid: the last good split stays
+    await asyncio.sleep(0.2)
+    assert (await stack.gateway.Predict(_request(), timeout=5)).model_version == "2"
