@@ -246,7 +246,11 @@ def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[st
                 "services": [PREDICTION_SERVICE],
                 "convert_grpc_status": True,
                 "print_options": {"always_print_primitive_fields": True, "preserve_proto_field_names": True},
-                "request_validation_options": {"reject_unknown_query_parameters": True},
+                "request_validation_options": {
+                    "reject_unknown_query_parameters": True,
+                    # `{"model": "b"}` posted to /v1/models/a:predict is an error, not a guess.
+                    "reject_binding_body_field_collisions": True,
+                },
             },
         },
         {

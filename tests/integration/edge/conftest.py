@@ -136,6 +136,7 @@ class EdgeStack:
     edge: Process
     upstreams: dict[str, Process]
     keys: dict[str, str]
+    controlplane_metrics_port: int = 0
     platform_values: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -280,6 +281,7 @@ def edge_stack(
             edge=edge,
             upstreams=upstreams,
             keys=keys,
+            controlplane_metrics_port=cp_metrics,
         )
         started.extend([edge, controlplane])
         for process in (*upstreams.values(), edge, controlplane):
