@@ -14,7 +14,6 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-import redis.asyncio as redis
 from prometheus_client import Counter
 
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
@@ -22,6 +21,7 @@ from libs.telemetry import tracer
 from services.features import codec
 from services.features.codec import CorruptPayload, Record
 from services.features.config import CacheConfig
+from services.features.resp import RespClient
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -88,7 +88,7 @@ class NoCache:
 
 
 class RedisCache:
-    """FeatureCache on Redis (redis-py asyncio), behind a circuit breaker.
+    """FeatureCache on Redis (a minimal pipelined client, see resp.py), behind a circuit breaker.
 
     Look-ups from concurrent requests are coalesced: keys asked for while
     `max_in_flight` MGETs are already on their way wait and leave together in the
@@ -98,15 +98,8 @@ class RedisCache:
 
     enabled = True
 
-    def __init__(
-        self, config: CacheConfig, client: redis.Redis | None = None, max_in_flight: int = 1
-    ) -> None:
-        self._client = client or redis.Redis.from_url(
-            config.redis_url,
-            socket_timeout=config.cache_timeout_s,
-            socket_connect_timeout=config.cache_timeout_s,
-            max_connections=64,
-        )
+    def __init__(self, config: CacheConfig, max_in_flight: int = 1) -> None:
+        self._client = RespClient(config.redis_url, connect_timeout_s=config.cache_timeout_s)
         self._redis = Dependency(
             "redis",
             DependencyPolicy(
@@ -123,10 +116,7 @@ class RedisCache:
         self._tasks: set[asyncio.Future[None]] = set()
 
     async def close(self) -> None:
-        try:
-            await self._client.aclose()
-        except (redis.RedisError, OSError) as exc:
-            log.debug("closing the Redis client: %s", exc)
+        await self._client.close()
 
     async def get_many(self, keys: Sequence[bytes]) -> list[CacheEntry]:
         """One entry per key; concurrent callers share MGETs (see the class docstring)."""
@@ -173,7 +163,7 @@ class RedisCache:
             span.set_attribute("db.system", "redis")
             span.set_attribute("infergrid.keys", len(keys))
             try:
-                payloads = await self._redis.call(self._client.mget, keys)
+                (payloads,) = await self._redis.call(self._client.execute, ("MGET", *keys))
             except Exception as exc:
                 _ERROR.inc(len(keys))
                 log.debug("cache read failed: %s", exc)
@@ -203,14 +193,15 @@ class RedisCache:
     async def put_many(self, items: Sequence[tuple[bytes, Record | None]], ttls_s: Sequence[float]) -> None:
         if not items:
             return
-        pipe = self._client.pipeline(transaction=False)
-        for (key, record), ttl in zip(items, ttls_s, strict=True):
-            pipe.set(key, codec.encode_record(record), px=max(1, int(ttl * 1000)))
+        commands = [
+            ("SET", key, codec.encode_record(record), "PX", max(1, int(ttl * 1000)))
+            for (key, record), ttl in zip(items, ttls_s, strict=True)
+        ]
         with _tracer.start_as_current_span("redis SET") as span:
             span.set_attribute("db.system", "redis")
             span.set_attribute("infergrid.keys", len(items))
             try:
-                await self._redis.call(pipe.execute)
+                await self._redis.call(self._client.execute, *commands)
             except Exception as exc:
                 log.debug("cache fill failed: %s", exc)
 
@@ -221,7 +212,7 @@ class RedisCache:
             span.set_attribute("db.system", "redis")
             span.set_attribute("infergrid.keys", len(keys))
             try:
-                await self._redis.call(self._client.delete, *keys)
+                await self._redis.call(self._client.execute, ("DEL", *keys))
             except Exception as exc:
                 # The values stay cached until their TTL: say so loudly.
                 log.warning("cache invalidation of %d keys failed: %s", len(keys), exc)

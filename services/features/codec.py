@@ -61,8 +61,7 @@ def kind_name(value: Value) -> str:
     return kind.removesuffix("_value").upper() if kind else "null"
 
 
-def varint(n: int) -> bytes:
-    """Protobuf base-128 varint of an int64 (negative numbers take ten bytes, as protobuf does)."""
+def _varint(n: int) -> bytes:
     n &= _U64
     out = bytearray()
     while n > 0x7F:
@@ -70,6 +69,17 @@ def varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# Lengths and counts in responses are mostly small: look them up.
+_SMALL_VARINTS = tuple(_varint(i) for i in range(1 << 14))
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of an int64 (negative numbers take ten bytes, as protobuf does)."""
+    if 0 <= n < 16384:
+        return _SMALL_VARINTS[n]
+    return _varint(n)
 
 
 def frame(tag: int, payload: bytes) -> bytes:
