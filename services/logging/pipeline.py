@@ -98,6 +98,16 @@ def ensure_topics(kafka: KafkaConfig, config: PipelineConfig, timeout: float = 3
                 raise
 
 
+def _sampled(traceparent: bytes | None) -> bool:
+    """True when a W3C traceparent's flags have the sampled bit (flags may carry others, e.g. random)."""
+    if traceparent is None or len(traceparent) < 55:
+        return False
+    try:
+        return bool(int(traceparent[-2:], 16) & 1)
+    except ValueError:
+        return False
+
+
 class LogPipeline:
     """Consumes the inference-log topic into the store and the lake (guarantees: module docstring)."""
 
@@ -287,7 +297,7 @@ class LogPipeline:
         """One span per sampled record, a child of the producer's span: the trace ends at the sink write."""
         for item in items:
             traceparent = next((v for k, v in item.headers if k == "traceparent"), None)
-            if traceparent is None or not traceparent.endswith(b"-01"):
+            if not _sampled(traceparent):
                 continue  # unsampled: a span would not be recorded anyway
             span = self._tracer.start_span(
                 "inference_log sink write",

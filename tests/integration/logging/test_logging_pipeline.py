@@ -24,6 +24,10 @@ import pytest
 from cassandra.cluster import Cluster
 from confluent_kafka import Consumer, Producer
 from inference_log_publisher import BASE_US, make_record
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
@@ -31,8 +35,10 @@ from libs.kafka import KafkaConfig
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
 from services.logging.lake import read_table, records
 from services.logging.server import SERVICE_NAME
+from stack.jaeger import Jaeger
 from stack.kafka import Kafka
 from stack.ports import find_free_ports
+from stack.probes import http_get
 
 pytestmark = pytest.mark.integration
 
@@ -427,3 +433,44 @@ def test_kafka_down_spools_to_disk_and_everything_arrives_across_a_producer_rest
         _assert_exactly_once(cassandra_session, run, expected, physical_lake=False)
     finally:
         service.stop()
+
+
+def test_the_consumer_continues_the_producers_trace_to_the_sink_write(
+    kafka_server: Kafka, cassandra_session: object, jaeger_server: Jaeger, run: Run
+) -> None:
+    service = LoggingService(
+        run,
+        kafka_server.bootstrap_servers,
+        cassandra_session.cluster.port,  # type: ignore[attr-defined]
+        OTEL_EXPORTER_OTLP_ENDPOINT=jaeger_server.otlp_grpc_endpoint,
+    )
+    service.start()
+    gateway = TracerProvider(resource=Resource.create({"service.name": f"gateway-test-{run.tag}"}))
+    gateway.add_span_processor(
+        SimpleSpanProcessor(OTLPSpanExporter(endpoint=jaeger_server.otlp_grpc_endpoint, insecure=True))
+    )
+    try:
+        producer = _producer(run, kafka_server.bootstrap_servers)
+        producer.start()
+        with gateway.get_tracer("test").start_as_current_span("predict") as span:
+            producer.publish(make_record(run.tag, 1))
+            context = span.get_span_context()
+        producer.close()
+        _wait_for(lambda: len(_lake_ids(run, dedupe=False)) == 1, 60, "the record in the lake", service)
+    finally:
+        service.stop()  # flushes the service's spans
+        gateway.shutdown()
+    trace_id = f"{context.trace_id:032x}"
+    spans: dict[str, dict[str, object]] = {}
+    deadline = time.monotonic() + 30
+    while "inference_log sink write" not in spans and time.monotonic() < deadline:
+        answer = http_get(f"{jaeger_server.query_url}/api/traces/{trace_id}")
+        if answer is not None and answer.status == 200:
+            for found in json.loads(answer.body).get("data") or []:
+                spans.update({s["operationName"]: s for s in found["spans"]})
+        time.sleep(0.5)
+    assert set(spans) >= {"predict", "inference_log sink write"}, f"spans of {trace_id}: {sorted(spans)}"
+    sink = spans["inference_log sink write"]
+    assert sink["references"] == [
+        {"refType": "CHILD_OF", "traceID": trace_id, "spanID": f"{context.span_id:016x}"}
+    ]
