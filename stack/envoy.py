@@ -38,8 +38,10 @@ def _pinned_requirement(repo_root: Path) -> str:
 class Envoy(Component):
     """An Envoy proxy; ready when the admin endpoint's /ready answers 200 (LIVE).
 
-    The bootstrap is a template with `${HOST}`, `${ADMIN_PORT}`, `${PUBLIC_PORT}` and any extra
-    `variables`; the default one (deploy/local/envoy/envoy.yaml) is what `make up` runs.
+    The bootstrap is a template with `${HOST}`, `${ADMIN_PORT}`, `${PUBLIC_PORT}`, `${CONTROLPLANE_HOST}`,
+    `${CONTROLPLANE_PORT}`, `${NODE_ID}` and any extra `variables`; the default one
+    (deploy/local/envoy/envoy.yaml) is what `make up` runs: it only points Envoy at the control plane,
+    which serves the public listener (on the `envoy` port) over ADS.
     """
 
     kind = "envoy"
@@ -101,6 +103,9 @@ class Envoy(Component):
                 "HOST": self.host,
                 "PUBLIC_PORT": self.ports["envoy"],
                 "ADMIN_PORT": self.ports["envoy_admin"],
+                "CONTROLPLANE_HOST": self.host,
+                "CONTROLPLANE_PORT": self.config.ports.get("controlplane", 18000),
+                "NODE_ID": self.name,
                 **self.variables,
             },
         )

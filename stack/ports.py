@@ -22,6 +22,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "jaeger_query_grpc": 16685,
     "envoy": 8080,
     "envoy_admin": 9901,
+    "controlplane": 18000,
+    "edge": 50060,
 }
 
 

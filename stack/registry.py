@@ -2,18 +2,76 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Sequence
 
 from stack.cassandra import Cassandra
-from stack.component import Component
+from stack.component import CommandComponent, Component
 from stack.config import StackConfig
 from stack.envoy import Envoy
 from stack.errors import StackError
 from stack.jaeger import Jaeger
 from stack.kafka import Kafka
+from stack.probes import grpc_health_serving
 from stack.redis import Redis
 
 ComponentFactory = Callable[[StackConfig], Component]
+
+
+def _python_env(config: StackConfig) -> dict[str, str]:
+    """What an InferGrid service needs from the checkout: its modules and the generated code."""
+    paths = [str(config.repo_root), str(config.repo_root / "build" / "gen")]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
+def _platform_file(config: StackConfig) -> str:
+    return str(config.repo_root / "deploy" / "local" / "platform.yaml")
+
+
+def edge(config: StackConfig) -> Component:
+    """The edge service: Envoy's ext_authz (API keys) and rate-limit service (Redis token buckets)."""
+    return CommandComponent(
+        config,
+        name="edge",
+        port_names=("edge",),
+        command=[sys.executable, "-m", "services.edge"],
+        env={
+            **_python_env(config),
+            "INFERGRID_EDGE_PORT": str(config.port("edge")),
+            "INFERGRID_EDGE_PLATFORM_FILE": _platform_file(config),
+            "INFERGRID_EDGE_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+        },
+        probe=lambda c: grpc_health_serving(c.host, c.port),
+        start_timeout_s=30.0,
+    )
+
+
+def controlplane(config: StackConfig) -> Component:
+    """The xDS control plane: Envoy's listener, routes, clusters and endpoints from the platform file."""
+    return CommandComponent(
+        config,
+        name="controlplane",
+        port_names=("controlplane",),
+        command=[sys.executable, "-m", "services.controlplane"],
+        env={
+            **_python_env(config),
+            "INFERGRID_CONTROLPLANE_PORT": str(config.port("controlplane")),
+            "INFERGRID_CONTROLPLANE_PLATFORM_FILE": _platform_file(config),
+            "INFERGRID_CONTROLPLANE_DESCRIPTOR_SET": str(
+                config.repo_root / "build" / "gen" / "descriptors.pb"
+            ),
+            "INFERGRID_CONTROLPLANE_EDGE_ADDRESS": f"{config.host}:{config.port('edge')}",
+            "INFERGRID_CONTROLPLANE_LISTENER_PORT": str(config.port("envoy")),
+            "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": f"{config.host}:{config.port('jaeger_otlp_grpc')}",
+            "INFERGRID_CONTROLPLANE_TLS_DIR": str(config.state_dir / "controlplane" / "tls"),
+        },
+        probe=lambda c: grpc_health_serving(c.host, c.port),
+        start_timeout_s=30.0,
+    )
+
 
 # Start order; `down` stops in reverse. To add a server or service: write a Component (or build a
 # CommandComponent), give its ports defaults in stack.ports.DEFAULT_PORTS, and register it here.
@@ -22,6 +80,9 @@ COMPONENTS: dict[str, ComponentFactory] = {
     "cassandra": Cassandra,
     "kafka": Kafka,
     "jaeger": Jaeger,
+    "edge": edge,
+    # Envoy comes after the control plane: it is ready only once its first listener arrived over ADS.
+    "controlplane": controlplane,
     "envoy": Envoy,
 }
 

@@ -226,6 +226,7 @@ def edge_stack(
     public, admin, xds, edge_port, up1, up2, cp_metrics = find_free_ports("127.0.0.1", 7)
     started: list[Process] = []
     envoy: Envoy | None = None
+    result: EdgeStack | None = None
     try:
         upstreams = {}
         for name, port in (("replica-a", up1), ("replica-b", up2)):
@@ -300,5 +301,7 @@ def edge_stack(
     finally:
         if envoy is not None:
             envoy.stop()
+        if result is not None:
+            started.extend(p for p in result.upstreams.values() if p not in started)
         for process in reversed(started):
             process.stop()

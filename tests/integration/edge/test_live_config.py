@@ -72,8 +72,9 @@ def test_a_route_timeout_edit_reaches_envoy_without_a_restart(live: EdgeStack) -
     live.write_platform(live.platform_text(timeout_ms=300))
     live.wait_for(lambda: _route_timeout(live) == "0.300s", what="the new route timeout in Envoy")
 
-    err = pytest.raises(grpc.RpcError, live.predict, "fraud", key, sleep_ms="600").value
-    assert err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(grpc.RpcError) as caught:
+        live.predict("fraud", key, sleep_ms="600")
+    assert caught.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
     assert live.envoy.record().pid == envoy_pid  # type: ignore[union-attr]
 
 
@@ -96,7 +97,8 @@ def test_an_invalid_platform_file_is_rejected_and_the_old_one_keeps_serving(live
     before = live.stats("listener_manager.lds.version_text")
     live.write_platform(live.platform_text().replace("tier: big", "tier: gold"))
     live.wait_for(
-        lambda: "unknown rate-limit tier 'gold'" in live.controlplane.log_text(), what="the rejection in the log"
+        lambda: "unknown rate-limit tier 'gold'" in live.controlplane.log_text(),
+        what="the rejection in the log",
     )
 
     assert live.predict("fraud", live.keys["acme"]).model == "fraud"
@@ -106,18 +108,23 @@ def test_an_invalid_platform_file_is_rejected_and_the_old_one_keeps_serving(live
 def test_a_config_envoy_nacks_is_logged_and_the_last_good_one_stays(live: EdgeStack) -> None:
     rejected = _stat(live, "listener_manager.lds.update_rejected")
     nacks = _cp_metric(live, r'infergrid_xds_answers_total\{.*result="nack".*\}')
-    text = live.platform_text().replace(
-        "tls: {}", ""
-    ).replace(
-        "max_request_bytes: 65536}",
-        "max_request_bytes: 65536, tls: {enabled: true, cert_file: missing.crt, key_file: missing.key}}",
+    text = (
+        live.platform_text()
+        .replace("tls: {}", "")
+        .replace(
+            "max_request_bytes: 65536}",
+            "max_request_bytes: 65536, tls: {enabled: true, cert_file: missing.crt, key_file: missing.key}}",
+        )
     )
     live.write_platform(text)
 
     live.wait_for(
-        lambda: _stat(live, "listener_manager.lds.update_rejected") > rejected, what="Envoy rejecting the listener"
+        lambda: _stat(live, "listener_manager.lds.update_rejected") > rejected,
+        what="Envoy rejecting the listener",
     )
-    live.wait_for(lambda: _cp_metric(live, r'infergrid_xds_answers_total\{.*result="nack".*\}') > nacks, what="NACK")
+    live.wait_for(
+        lambda: _cp_metric(live, r'infergrid_xds_answers_total\{.*result="nack".*\}') > nacks, what="NACK"
+    )
     assert "rejected Listener version" in live.controlplane.log_text()
     assert not _listener_has_tls(live)
     assert live.predict("fraud", live.keys["acme"]).model == "fraud"

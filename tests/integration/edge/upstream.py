@@ -26,7 +26,9 @@ class _Prediction(gateway_pb2_grpc.PredictionServiceServicer):
     def __init__(self, name: str) -> None:
         self._name = name
 
-    def _answer(self, model: str, request_id: str, context: grpc.aio.ServicerContext) -> gateway_pb2.PredictResponse:
+    def _answer(
+        self, model: str, request_id: str, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PredictResponse:
         metadata = dict(context.invocation_metadata() or ())
         leaked = any(k in metadata for k in ("x-api-key", "authorization"))
         return gateway_pb2.PredictResponse(

@@ -1,0 +1,158 @@
+"""The platform config → Envoy resources translation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from google.protobuf import json_format
+
+from libs.platform import PlatformConfig, parse_platform
+from services.controlplane.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    EnvoyWiring,
+    build_resources,
+)
+
+PLATFORM = """
+listener: {host: 127.0.0.1, port: 8443, max_request_bytes: 4096}
+gateway:
+  endpoints: ["127.0.0.1:50051", "localhost:50052"]
+  timeout_ms: 1500
+  retry: {retry_on: "reset,unavailable", num_retries: 4, per_try_timeout_ms: 700, budget_percent: 25, min_retry_concurrency: 5}
+  health_check: {interval_ms: 2000, timeout_ms: 400, unhealthy_threshold: 3, healthy_threshold: 2}
+  outlier_detection: {consecutive_5xx: 7, consecutive_gateway_failure: 4, base_ejection_time_ms: 3000, max_ejection_percent: 40}
+rate_limit_tiers: {free: {requests_per_second: 1, burst: 2}}
+tenants: {demo: {tier: free, models: [fraud]}}
+models: {fraud: {versions: [{version: "1", weight: 1}]}}
+"""
+WIRING = EnvoyWiring(descriptor_set="/d.pb", edge_address="127.0.0.1:50060")
+
+
+def _platform(text: str = PLATFORM) -> PlatformConfig:
+    return parse_platform(text)
+
+
+def _dicts(wiring: EnvoyWiring = WIRING, platform: PlatformConfig | None = None) -> dict[str, dict]:
+    resources = build_resources(platform or _platform(), wiring)
+    return {
+        type_url: {
+            name: json_format.MessageToDict(m, preserving_proto_field_name=True) for name, m in items.items()
+        }
+        for type_url, items in resources.by_type.items()
+    }
+
+
+def _filters(listener: dict) -> dict[str, dict]:
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+
+
+def test_every_type_has_its_resources() -> None:
+    out = _dicts()
+
+    assert set(out[CLUSTER_TYPE]) == {"gateway", "edge"}
+    assert set(out[ENDPOINT_TYPE]) == {"gateway"}
+    assert set(out[LISTENER_TYPE]) == {"public"}
+    assert set(out[ROUTE_TYPE]) == {"public"}
+
+
+def test_gateway_cluster_has_health_checks_outlier_detection_and_a_retry_budget() -> None:
+    cluster = _dicts()[CLUSTER_TYPE]["gateway"]
+
+    assert cluster["type"] == "EDS"
+    check = cluster["health_checks"][0]
+    assert check["grpc_health_check"]["service_name"] == "infergrid.gateway.v1.PredictionService"
+    assert (check["interval"], check["timeout"], check["unhealthy_threshold"]) == ("2s", "0.400s", 3)
+    outlier = cluster["outlier_detection"]
+    assert (outlier["consecutive_5xx"], outlier["consecutive_gateway_failure"]) == (7, 4)
+    assert (outlier["base_ejection_time"], outlier["max_ejection_percent"]) == ("3s", 40)
+    budget = cluster["circuit_breakers"]["thresholds"][0]["retry_budget"]
+    assert budget == {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 5}
+    assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
+
+
+def test_endpoints_are_resolved_to_addresses() -> None:
+    endpoints = _dicts()[ENDPOINT_TYPE]["gateway"]["endpoints"][0]["lb_endpoints"]
+
+    addresses = [(e["endpoint"]["address"]["socket_address"]) for e in endpoints]
+    assert addresses == [
+        {"address": "127.0.0.1", "port_value": 50051},
+        {"address": "127.0.0.1", "port_value": 50052},
+    ]
+
+
+def test_listener_filter_chain_order_and_settings() -> None:
+    listener = _dicts()[LISTENER_TYPE]["public"]
+    filters = _filters(listener)
+
+    assert list(filters) == [
+        "envoy.filters.http.buffer",
+        "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.router",
+    ]
+    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8443}
+    assert filters["envoy.filters.http.buffer"]["max_request_bytes"] == 4096
+    assert filters["envoy.filters.http.grpc_json_transcoder"]["proto_descriptor"] == "/d.pb"
+    assert filters["envoy.filters.http.grpc_json_transcoder"]["convert_grpc_status"] is True
+    authz = filters["envoy.filters.http.ext_authz"]
+    assert authz["with_request_body"]["pack_as_bytes"] is True
+    assert authz.get("failure_mode_allow", False) is False
+    ratelimit = filters["envoy.filters.http.ratelimit"]
+    assert ratelimit["rate_limited_as_resource_exhausted"] is True
+    assert ratelimit.get("failure_mode_deny", False) is False
+    assert ratelimit["domain"] == "infergrid"
+
+
+def test_routes_carry_timeouts_retries_and_rate_limit_descriptors() -> None:
+    routes = _dicts()[ROUTE_TYPE]["public"]["virtual_hosts"][0]["routes"]
+
+    assert [r["match"]["path"] for r in routes] == [
+        "/infergrid.gateway.v1.PredictionService/Predict",
+        "/infergrid.gateway.v1.PredictionService/PredictBatch",
+    ]
+    action = routes[0]["route"]
+    assert action["timeout"] == "1.500s"
+    assert action["retry_policy"]["retry_on"] == "reset,unavailable"
+    assert action["retry_policy"]["num_retries"] == 4
+    assert action["retry_policy"]["per_try_timeout"] == "0.700s"
+    keys = [
+        [a["request_headers"]["descriptor_key"] for a in limit["actions"]] for limit in action["rate_limits"]
+    ]
+    assert keys == [["tenant"], ["tenant", "model"]]
+
+
+def test_tracing_tls_access_log_and_port_override() -> None:
+    wiring = dataclasses.replace(
+        WIRING,
+        tracing_otlp_address="127.0.0.1:4317",
+        listener_port=9999,
+        access_log="/tmp/access.log",
+        tls_cert_file="/c.crt",
+        tls_key_file="/c.key",
+    )
+    platform = _platform(
+        PLATFORM.replace("max_request_bytes: 4096}", "max_request_bytes: 4096, tls: {enabled: true}}")
+    )
+    out = _dicts(wiring, platform)
+
+    assert "jaeger" in out[CLUSTER_TYPE]
+    listener = out[LISTENER_TYPE]["public"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
+    assert hcm["access_log"][0]["typed_config"]["path"] == "/tmp/access.log"
+    assert listener["address"]["socket_address"]["port_value"] == 9999
+    tls = listener["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["tls_certificates"][0]["certificate_chain"]["filename"] == "/c.crt"
+
+
+def test_tracing_is_off_by_default() -> None:
+    out = _dicts()
+    hcm = out[LISTENER_TYPE]["public"]["filter_chains"][0]["filters"][0]["typed_config"]
+
+    assert "tracing" not in hcm
+    assert "jaeger" not in out[CLUSTER_TYPE]

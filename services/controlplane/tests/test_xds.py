@@ -1,0 +1,190 @@
+"""The ADS state machine: versions, nonces, ACK, NACK, stale nonces, pushes in order; and over a real stream."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
+
+from libs.platform import parse_platform
+from services.controlplane.config import ControlPlaneConfig, ControlPlaneServerConfig, EnvoySettings
+from services.controlplane.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    EnvoyWiring,
+    build_resources,
+)
+from services.controlplane.server import create_server
+from services.controlplane.xds import AckEvent, Snapshot, XdsStream
+
+PLATFORM = 'gateway: {endpoints: ["127.0.0.1:50051"], timeout_ms: %d}\n'
+WIRING = EnvoyWiring(descriptor_set="/d.pb", edge_address="127.0.0.1:50060")
+
+
+def _snapshot(version: str, timeout_ms: int = 1000) -> Snapshot:
+    return Snapshot(version, build_resources(parse_platform(PLATFORM % timeout_ms), WIRING))
+
+
+def _request(
+    type_url: str, version: str = "", nonce: str = "", names: tuple[str, ...] = (), error: str = ""
+) -> discovery_pb2.DiscoveryRequest:
+    request = discovery_pb2.DiscoveryRequest(
+        type_url=type_url,
+        version_info=version,
+        response_nonce=nonce,
+        resource_names=list(names),
+        node=base_pb2.Node(id="envoy-1"),
+    )
+    if error:
+        request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return request
+
+
+def _stream() -> tuple[XdsStream, list[AckEvent]]:
+    events: list[AckEvent] = []
+    return XdsStream(_snapshot("v1"), on_ack=events.append), events
+
+
+def test_first_request_gets_all_resources_with_a_version_and_a_nonce() -> None:
+    stream, _ = _stream()
+
+    (response,) = stream.handle_request(_request(CLUSTER_TYPE))
+
+    assert response.version_info == "v1"
+    assert response.nonce
+    assert response.type_url == CLUSTER_TYPE
+    assert len(response.resources) == 2  # gateway + edge: state of the world
+
+
+def test_ack_is_recorded_and_not_answered() -> None:
+    stream, events = _stream()
+    (response,) = stream.handle_request(_request(CLUSTER_TYPE))
+
+    assert stream.handle_request(_request(CLUSTER_TYPE, "v1", response.nonce)) == []
+    assert events == [AckEvent("envoy-1", CLUSTER_TYPE, "v1", True)]
+    assert stream.types[CLUSTER_TYPE].acked_version == "v1"
+
+
+def test_nack_is_recorded_and_the_same_config_is_not_resent() -> None:
+    stream, events = _stream()
+    stream.handle_request(_request(CLUSTER_TYPE))
+    stream.handle_snapshot(_snapshot("v2"))
+    nonce = stream.types[CLUSTER_TYPE].nonce
+
+    out = stream.handle_request(_request(CLUSTER_TYPE, "v1", nonce, error="bad cluster"))
+
+    assert out == []
+    assert events[-1] == AckEvent("envoy-1", CLUSTER_TYPE, "v2", False, "bad cluster")
+    assert stream.types[CLUSTER_TYPE].nacked_version == "v2"
+    # A later good snapshot is pushed.
+    (push,) = stream.handle_snapshot(_snapshot("v3", timeout_ms=2000))
+    assert push.version_info == "v3"
+
+
+def test_stale_nonce_is_ignored() -> None:
+    stream, events = _stream()
+    (first,) = stream.handle_request(_request(CLUSTER_TYPE))
+    stream.handle_snapshot(_snapshot("v2"))
+
+    assert stream.handle_request(_request(CLUSTER_TYPE, "v1", first.nonce, error="late")) == []
+    assert events == []
+
+
+def test_nonces_are_fresh_per_response() -> None:
+    stream, _ = _stream()
+    (a,) = stream.handle_request(_request(CLUSTER_TYPE))
+    (b,) = stream.handle_snapshot(_snapshot("v2"))
+
+    assert a.nonce != b.nonce
+
+
+def test_snapshot_pushes_subscribed_types_clusters_endpoints_listeners_routes() -> None:
+    stream, _ = _stream()
+    for type_url, names in (
+        (ROUTE_TYPE, ("public",)),
+        (LISTENER_TYPE, ()),
+        (ENDPOINT_TYPE, ("gateway",)),
+        (CLUSTER_TYPE, ()),
+    ):
+        stream.handle_request(_request(type_url, names=names))
+
+    pushes = stream.handle_snapshot(_snapshot("v2", timeout_ms=3000))
+
+    assert [p.type_url for p in pushes] == [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE]
+    assert {p.version_info for p in pushes} == {"v2"}
+
+
+def test_named_subscriptions_get_only_the_named_resources_and_changes_are_answered() -> None:
+    stream, _ = _stream()
+
+    (none,) = stream.handle_request(_request(ENDPOINT_TYPE, names=("nope",)))
+    (some,) = stream.handle_request(_request(ENDPOINT_TYPE, "v1", none.nonce, names=("gateway",)))
+
+    assert len(none.resources) == 0
+    assert len(some.resources) == 1
+
+
+def _write(path: Path, timeout_ms: int) -> None:
+    path.write_text(PLATFORM % timeout_ms)
+
+
+async def test_ads_over_a_real_stream_pushes_an_edited_platform_file(tmp_path: Path) -> None:
+    platform = tmp_path / "platform.yaml"
+    _write(platform, 1000)
+    descriptors = tmp_path / "d.pb"
+    descriptors.write_bytes(b"")
+    config = ControlPlaneConfig(
+        server=ControlPlaneServerConfig(port=0, drain_seconds=0, grace_seconds=0),
+        envoy=EnvoySettings(platform_file=platform, platform_poll_seconds=0.05, descriptor_set=descriptors),
+    )
+    server, control_plane = await create_server(config)
+    await server.start()
+    requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+
+    async def _requests():  # type: ignore[no-untyped-def]
+        while (item := await requests.get()) is not None:
+            yield item
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(_requests())
+            await requests.put(_request(ROUTE_TYPE, names=("public",)))
+            first = await asyncio.wait_for(call.read(), 5)
+            await requests.put(_request(ROUTE_TYPE, first.version_info, first.nonce, names=("public",)))
+            _write(platform, 2500)
+            pushed = await asyncio.wait_for(call.read(), 5)
+            await requests.put(_request(ROUTE_TYPE, pushed.version_info, pushed.nonce, names=("public",)))
+            await asyncio.sleep(0.2)
+            await requests.put(None)
+    finally:
+        await server.stop(0, 0)
+
+    assert first.version_info.startswith("1-")
+    assert pushed.version_info.startswith("2-")
+    assert control_plane.status[ROUTE_TYPE].acked_version == pushed.version_info
+
+
+def test_an_untranslatable_platform_keeps_the_last_snapshot(tmp_path: Path) -> None:
+    from services.controlplane.server import ControlPlane
+
+    settings = EnvoySettings(platform_file=tmp_path / "p.yaml", descriptor_set=tmp_path / "d.pb")
+    control_plane = ControlPlane.from_platform(settings, parse_platform(PLATFORM % 1000))
+    before = control_plane.snapshot
+
+    bad = parse_platform('gateway: {endpoints: ["no-such-host.invalid:50051"]}\n')
+    assert control_plane.apply(bad) is False
+    assert control_plane.snapshot is before
+    assert control_plane.last_error
+
+
+def test_config_defaults() -> None:
+    config = ControlPlaneConfig()
+    assert config.server.port == 18000
+    assert config.envoy.edge_address == "127.0.0.1:50060"
+    assert config.envoy.tracing_otlp_address == ""
