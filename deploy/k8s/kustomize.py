@@ -26,7 +26,7 @@ KUSTOMIZE_MODULE = "sigs.k8s.io/kustomize/kustomize/v5"
 # v5.8.1 builds with Go 1.24 (v5.8.3 needs Go 1.27, newer than the stack's pinned toolchain).
 KUSTOMIZE_VERSION = "v5.8.1"
 MINIMUM_GO = (1, 24)
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-cpu")
 # The label every object of a service carries; `--service` keeps the objects that have it.
 SERVICE_LABEL = "app.kubernetes.io/name"
 
@@ -137,7 +137,7 @@ def build(path: Path, kustomize: Path | None = None) -> str:
 
 
 def overlay_dir(overlay: str, root: Path | None = None) -> Path:
-    """The folder of an overlay (`dev` or `prod`)."""
+    """The folder of an overlay (`dev`, `prod` or `prod-cpu`)."""
     if overlay not in OVERLAYS:
         raise KustomizeError(f"unknown overlay {overlay!r}; expected one of {', '.join(OVERLAYS)}")
     return (root or source_dir()) / "overlays" / overlay
