@@ -182,6 +182,19 @@ def known_variables(cls: type, prefix: str) -> set[str]:
     return names
 
 
+def secret_file_variables(cls: type, prefix: str) -> set[str]:
+    """The `<VAR>_FILE` variables of the secret fields (the files Kubernetes mounts from Secrets)."""
+    names: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            names |= secret_file_variables(typing.cast(type, kind), prefix)
+        elif field.metadata.get("secret"):
+            names.add(f"{field.metadata.get('env', f'{prefix}{field.name.upper()}')}_FILE")
+    return names
+
+
 def host_port(target: str) -> tuple[str, int]:
     """("features-headless", 50052) from "dns:///features-headless:50052" or "host:port"."""
     address = target.removeprefix("dns:///").removeprefix("dns:")
