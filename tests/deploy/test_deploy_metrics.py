@@ -1,0 +1,210 @@
+"""The HPAs' custom metrics exist: each adapter rule's series is exported by the real, running service.
+
+For every service whose HPA scales on a custom metric, the test starts `python -m services.<name>`
+(with the real backends it needs from the stack fixtures: Kafka and Cassandra for logging, Redis and
+Cassandra for features, a demo model repository for inference), makes one call of the service's API so
+that the per-RPC series exist, scrapes its /metrics port, and looks for the series named in the rule's
+`seriesQuery` with the label values the rule filters on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from prometheus_client.parser import text_string_to_metric_families
+
+from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
+from tests.deploy.k8s_objects import PYTHON_SERVICES, Rendered, service_code
+from tests.deploy.test_deploy_rules import adapter_rules
+
+Env = dict[str, str]
+_MATCHER = re.compile(r'(\w+)\s*(=|!=|=~|!~)\s*"([^"]*)"')
+
+
+def _series(query: str) -> tuple[str, dict[str, str]]:
+    """("grpc_server_handled_total", {"grpc_service": "..."}) from a seriesQuery (equality matchers only)."""
+    name, _, rest = query.partition("{")
+    labels = {k: v for k, op, v in _MATCHER.findall(rest) if op == "=" and v}
+    return name.strip(), labels
+
+
+def _custom_metrics(overlays: dict[str, Rendered], service: str) -> set[str]:
+    names = set()
+    for rendered in overlays.values():
+        for hpa in rendered.of_kind("HorizontalPodAutoscaler"):
+            if hpa["spec"]["scaleTargetRef"]["name"] == service:
+                names |= {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    return names
+
+
+def _inference_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
+    repo = tmp / "models"
+    subprocess.run(
+        [sys.executable, "-m", "services.inference.demo", "--repo", str(repo)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'build' / 'gen'}"},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return {"INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo)}
+
+
+def _gateway_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
+    nowhere = f"127.0.0.1:{free_port()}"
+    return {
+        "INFERGRID_GATEWAY_FEATURES_TARGET": nowhere,
+        "INFERGRID_GATEWAY_INFERENCE_TARGET": nowhere,
+        "INFERGRID_GATEWAY_INFERENCE_LOG_ENABLED": "false",
+        "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(tmp / "spool"),
+    }
+
+
+def _cassandra_env(request: pytest.FixtureRequest, prefix: str, keyspace: str) -> Env:
+    cassandra = request.getfixturevalue("cassandra_server")
+    return {
+        f"{prefix}CASSANDRA_CONTACT_POINTS": ",".join(cassandra.contact_points),
+        f"{prefix}CASSANDRA_PORT": str(cassandra.port),
+        f"{prefix}CASSANDRA_KEYSPACE": keyspace,
+        f"{prefix}CASSANDRA_WRITE_CONSISTENCY": "ONE",
+    }
+
+
+def _features_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
+    redis = request.getfixturevalue("redis_server")
+    return {
+        **_cassandra_env(request, "INFERGRID_FEATURES_", f"deploy_features_{os.getpid()}"),
+        "INFERGRID_FEATURES_REDIS_URL": redis.url,
+        "INFERGRID_FEATURES_CACHE_KEY_PREFIX": f"deploy{os.getpid()}:",
+    }
+
+
+def _logging_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
+    kafka = request.getfixturevalue("kafka_server")
+    topic = f"deploy-metrics-{os.getpid()}"
+    return {
+        **_cassandra_env(request, "INFERGRID_LOGGING_", f"deploy_logging_{os.getpid()}"),
+        "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "INFERGRID_LOGGING_TOPIC": topic,
+        "INFERGRID_LOGGING_DEAD_LETTER_TOPIC": f"{topic}.dlq",
+        "INFERGRID_LOGGING_CONSUMER_GROUP": topic,
+        "INFERGRID_LOGGING_TOPIC_PARTITIONS": "1",
+        "INFERGRID_LOGGING_LAKE_DIR": str(tmp / "lake"),
+    }
+
+
+# How to start each service with what it needs (only the services whose HPAs use custom metrics run).
+STARTERS: dict[str, Callable[[pytest.FixtureRequest, Path], Env]] = {
+    "inference": _inference_env,
+    "gateway": _gateway_env,
+    "features": _features_env,
+    "logging": _logging_env,
+}
+
+
+class Running:
+    """A service process on free ports; its logs are kept for failure messages."""
+
+    def __init__(self, name: str, env: Env) -> None:
+        code = service_code(name)
+        self.name = name
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.proc = spawn_module(
+            f"services.{name}",
+            {
+                f"{code.prefix}PORT": str(self.port),
+                f"{code.prefix}METRICS_PORT": str(self.metrics_port),
+                f"{code.prefix}DRAIN_SECONDS": "0",
+                f"{code.prefix}GRACE_SECONDS": "1",
+                f"{code.prefix}LOG_JSON": "false",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+                **env,
+            },
+        )
+
+    def scrape(self) -> dict[str, list[dict[str, str]]]:
+        """Sample name -> the label sets it has."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        samples: dict[str, list[dict[str, str]]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append(dict(sample.labels))
+        return samples
+
+    def output(self) -> str:
+        stop_process(self.proc)
+        err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+        return err[-3000:]
+
+
+async def _call_any_unary_method(port: int, service_name: str) -> None:
+    """One call of a unary method of `service_name` with an empty request (its status does not matter)."""
+    service = descriptor_pool.Default().FindServiceByName(service_name)
+    method = next(m for m in service.methods if not m.client_streaming and not m.server_streaming)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(f"/{service_name}/{method.name}")
+        try:
+            await call(b"", timeout=5)
+        except grpc.aio.AioRpcError:
+            pass
+
+
+@pytest.fixture
+def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Running]]:
+    started: list[Running] = []
+
+    def start(name: str) -> Running:
+        service = Running(name, STARTERS[name](request, tmp_path))
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        stop_process(service.proc)
+
+
+@pytest.mark.parametrize("name", PYTHON_SERVICES)
+def test_hpa_metrics_are_exported_by_the_running_service(
+    name: str, overlays: dict[str, Rendered], running: Callable[[str], Running]
+) -> None:
+    metrics = _custom_metrics(overlays, name)
+    if not metrics:
+        pytest.skip(f"{name}: its HPA scales on CPU only")
+    assert (REPO_ROOT / "services" / name / "__main__.py").exists(), f"services/{name} cannot be started"
+    assert name in STARTERS, f"tests/deploy does not know how to start {name}: add it to STARTERS"
+    rules = adapter_rules()
+    wanted = {metric: _series(rules[metric]["seriesQuery"]) for metric in metrics}
+    service_module = __import__(f"services.{name}.server", fromlist=["SERVICE_NAME"])  # registers its protos
+    service = running(name)
+    try:
+        asyncio.run(wait_serving(service.port, service_module.SERVICE_NAME, service.proc, timeout=120))
+        for _series_name, labels in wanted.values():
+            if "grpc_service" in labels:
+                asyncio.run(_call_any_unary_method(service.port, labels["grpc_service"]))
+        deadline = time.monotonic() + 30
+        missing: dict[str, tuple[str, dict[str, str]]] = dict(wanted)
+        while missing and time.monotonic() < deadline:
+            samples = service.scrape()
+            for metric, (series, labels) in list(missing.items()):
+                if any(labels.items() <= found.items() for found in samples.get(series, [])):
+                    del missing[metric]
+            time.sleep(0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{service.output()}") from None
+    assert not missing, (
+        f"{name} does not export {missing} (HPA metric -> adapter series and labels); it exports "
+        f"{sorted(s for s in samples if s.startswith(('infergrid_', 'grpc_')))}"
+    )
