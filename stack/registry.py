@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
@@ -14,6 +15,7 @@ from stack.errors import StackError
 from stack.jaeger import Jaeger
 from stack.kafka import Kafka
 from stack.probes import grpc_health_serving
+from stack.progress import Progress
 from stack.redis import Redis
 
 ComponentFactory = Callable[[StackConfig], Component]
@@ -31,9 +33,52 @@ def _platform_file(config: StackConfig) -> str:
     return str(config.repo_root / "deploy" / "local" / "platform.yaml")
 
 
+def _keys_file(config: StackConfig) -> str:
+    """The hashed API keys of the local stack: in its state folder, never in the checkout."""
+    return str(config.state_dir / "edge" / "keys.yaml")
+
+
+DEMO_KEY_VARIABLE = "INFERGRID_DEMO_API_KEY"
+
+
+class _Edge(CommandComponent):
+    """The edge service; before it starts, the demo tenant gets its API key (from the variable, or minted)."""
+
+    def prepare(self) -> None:
+        """Registers the demo key: INFERGRID_DEMO_API_KEY when set, else a new one printed once."""
+        super().prepare()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.edge.keys",
+                "--platform",
+                _platform_file(self.config),
+                "--keys-file",
+                _keys_file(self.config),
+                "ensure",
+                "--tenant",
+                "demo",
+                "--name",
+                "demo",
+                "--key-from-env",
+                DEMO_KEY_VARIABLE,
+            ],
+            cwd=self.config.repo_root,
+            env={**os.environ, **_python_env(self.config)},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise StackError(f"edge: could not register the demo API key: {result.stderr.strip()}")
+        Progress(self.name).say(result.stdout.strip())
+
+
 def edge(config: StackConfig) -> Component:
     """The edge service: Envoy's ext_authz (API keys) and rate-limit service (Redis token buckets)."""
-    return CommandComponent(
+    return _Edge(
         config,
         name="edge",
         port_names=("edge",),
@@ -42,6 +87,7 @@ def edge(config: StackConfig) -> Component:
             **_python_env(config),
             "INFERGRID_EDGE_PORT": str(config.port("edge")),
             "INFERGRID_EDGE_PLATFORM_FILE": _platform_file(config),
+            "INFERGRID_EDGE_KEYS_FILE": _keys_file(config),
             "INFERGRID_EDGE_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
         },
         probe=lambda c: grpc_health_serving(c.host, c.port),

@@ -27,6 +27,9 @@ class PolicyConfig:
 
     # The declarative platform config; the hashed key file is named by its `api_keys_file`.
     platform_file: Path = Path("deploy/local/platform.yaml")
+    # The hashed key file; "" uses the platform's `api_keys_file` (relative to the platform file). The
+    # local stack keeps it in its state folder, out of the checkout.
+    keys_file: str = ""
     # How often the platform and key files are checked for changes.
     poll_seconds: float = 1.0
     # The rate limiter's Redis.

@@ -8,6 +8,7 @@ The file sits next to the platform file (`api_keys_file`) and looks like:
 A key is shown once, when it is minted; afterwards only its hash exists.
 
     python -m services.edge.keys add --tenant demo --name demo [--key-from-env INFERGRID_DEMO_API_KEY]
+    python -m services.edge.keys ensure --tenant demo --name demo --key-from-env INFERGRID_DEMO_API_KEY
     python -m services.edge.keys list
     python -m services.edge.keys remove --name demo
 """
@@ -128,13 +129,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument("--tenant", required=True)
     add.add_argument("--name", required=True)
     add.add_argument("--key-from-env", metavar="VAR", help="register the key in this variable when it is set")
+    ensure = sub.add_parser(
+        "ensure", help="like add, but a key of that name that exists is kept (printed only when minted)"
+    )
+    ensure.add_argument("--tenant", required=True)
+    ensure.add_argument("--name", required=True)
+    ensure.add_argument("--key-from-env", metavar="VAR")
     sub.add_parser("list", help="names, tenants and hash prefixes")
     remove = sub.add_parser("remove", help="revoke a key by name")
     remove.add_argument("--name", required=True)
     args = parser.parse_args(argv)
     try:
         path = args.keys_file or keys_file_for(args.platform)
-        if args.command == "add":
+        if args.command == "ensure":
+            supplied = os.environ.get(args.key_from_env, "") if args.key_from_env else ""
+            existing = {k.name: k for k in load_keys(path).values()}
+            if supplied:
+                if existing.get(args.name) is None or existing[args.name].sha256 != hash_key(supplied):
+                    add_key(path, args.tenant, args.name, supplied)
+                print(f"key {args.name!r} (tenant {args.tenant}) is the one in ${args.key_from_env}")
+            elif args.name in existing:
+                print(
+                    f"key {args.name!r} (tenant {existing[args.name].tenant}) exists; only its hash is kept"
+                )
+            else:
+                key = new_key()
+                add_key(path, args.tenant, args.name, key)
+                print(f"new API key {args.name!r} for tenant {args.tenant} (shown once): {key}")
+        elif args.command == "add":
             platform = load_platform(args.platform)
             if args.tenant not in platform.tenants:
                 print(f"warning: tenant {args.tenant!r} is not in {args.platform}", file=sys.stderr)

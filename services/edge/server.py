@@ -237,7 +237,9 @@ async def _watch_keys(path: Path, state: PolicyState, interval: float) -> None:
 
 
 def keys_path(policy: PolicyConfig, platform: PlatformConfig) -> Path:
-    """The key file, relative to the platform file."""
+    """The key file: the configured one, else the platform's, relative to the platform file."""
+    if policy.keys_file:
+        return Path(policy.keys_file)
     return policy.platform_file.parent / platform.api_keys_file
 
 

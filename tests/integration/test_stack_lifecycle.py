@@ -19,6 +19,7 @@ from stack.config import REPO_ROOT, StackConfig
 from stack.ports import DEFAULT_PORTS, find_free_ports, is_port_free, port_env_var
 from stack.probes import tcp_open
 from stack.process import ProcessRecord, find_marked_processes
+from stack.registry import COMPONENTS
 from tests.stack_fixtures import session_state_dir
 
 pytestmark = pytest.mark.integration
@@ -71,10 +72,10 @@ def test_up_down_up_keeps_data_and_down_leaves_nothing_running(own_stack: StackC
     config = own_stack
     _check(run_cli(config, "up"))
     table = _check(run_cli(config, "status"))
-    for name in ("redis", "cassandra", "kafka", "jaeger", "envoy"):
+    for name in COMPONENTS:
         assert any(line.startswith(name) and "healthy" in line for line in table.splitlines()), table
     first_pids = _recorded_pids(config)
-    assert len(first_pids) == 5
+    assert len(first_pids) == len(COMPONENTS)
 
     # A Cassandra row and a Kafka message.
     keyspace, topic = f"persist_{uuid.uuid4().hex[:8]}", f"persist-{uuid.uuid4().hex[:8]}"
