@@ -17,7 +17,9 @@ from deploy.k8s import kustomize
 
 K8S_DIR = kustomize.K8S_DIR
 # Every overlay under deploy/k8s/overlays is rendered and validated.
-OVERLAYS = tuple(sorted(p.name for p in (K8S_DIR / "overlays").iterdir() if (p / "kustomization.yaml").exists()))
+OVERLAYS = tuple(
+    sorted(p.name for p in (K8S_DIR / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+)
 # The Kubernetes release whose schemas the objects must satisfy: the newest kubernetes-validate ships.
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 # Kinds of the operators' CRDs (no schema in kubernetes-validate): their key fields are checked by rules.
@@ -82,13 +84,19 @@ class Rendered:
         return found[0] if found else None
 
     def labelled(self, kind: str, service: str) -> list[Obj]:
-        return [o for o in self.of_kind(kind) if (o["metadata"].get("labels") or {}).get(NAME_LABEL) == service]
+        return [
+            o for o in self.of_kind(kind) if (o["metadata"].get("labels") or {}).get(NAME_LABEL) == service
+        ]
 
     def services_selecting(self, app: str) -> list[Obj]:
-        return [s for s in self.of_kind("Service") if (s["spec"].get("selector") or {}).get(NAME_LABEL) == app]
+        return [
+            s for s in self.of_kind("Service") if (s["spec"].get("selector") or {}).get(NAME_LABEL) == app
+        ]
 
     def app_deployments(self) -> list[Obj]:
-        return [d for d in self.of_kind("Deployment") if d["metadata"]["labels"].get(PART_OF_LABEL) == "infergrid"]
+        return [
+            d for d in self.of_kind("Deployment") if d["metadata"]["labels"].get(PART_OF_LABEL) == "infergrid"
+        ]
 
 
 def container(deployment: Obj) -> Obj:

@@ -10,6 +10,7 @@ that the per-RPC series exist, scrapes its /metrics port, and looks for the seri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -156,10 +157,8 @@ async def _call_any_unary_method(port: int, service_name: str) -> None:
     method = next(m for m in service.methods if not m.client_streaming and not m.server_streaming)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(f"/{service_name}/{method.name}")
-        try:
+        with contextlib.suppress(grpc.aio.AioRpcError):
             await call(b"", timeout=5)
-        except grpc.aio.AioRpcError:
-            pass
 
 
 @pytest.fixture

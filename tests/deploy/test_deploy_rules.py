@@ -58,7 +58,9 @@ def test_the_python_services_and_envoy_are_deployed(rendered: Rendered) -> None:
     names = {d["metadata"]["name"] for d in rendered.app_deployments()}
     assert names == {*PYTHON_SERVICES, "envoy"}
     for name in PYTHON_SERVICES:
-        assert (REPO_ROOT / "services" / name / "config.py").exists(), f"services/{name} is gone: drop its manifests"
+        assert (REPO_ROOT / "services" / name / "config.py").exists(), (
+            f"services/{name} is gone: drop its manifests"
+        )
 
 
 def test_every_workload_has_probes_resources_and_a_locked_down_container(rendered: Rendered) -> None:
@@ -89,14 +91,20 @@ def test_every_app_deployment_has_grpc_probes_pdb_hpa_policy_and_account(rendere
         spec = deployment["spec"]["template"]["spec"]
         assert "replicas" not in deployment["spec"], f"{name}: the HPA owns replicas"
         assert [p for p in pdbs if _selects(p["spec"]["selector"], labels)], f"{name}: no PodDisruptionBudget"
-        hpas = [h for h in rendered.of_kind("HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == name]
+        hpas = [
+            h
+            for h in rendered.of_kind("HorizontalPodAutoscaler")
+            if h["spec"]["scaleTargetRef"]["name"] == name
+        ]
         assert len(hpas) == 1 and hpas[0]["spec"]["scaleTargetRef"]["kind"] == "Deployment", f"{name}: HPA"
         hpa = hpas[0]["spec"]
         assert hpa["minReplicas"] <= hpa["maxReplicas"]
         assert {"scaleUp", "scaleDown"} <= set(hpa.get("behavior", {})), f"{name}: HPA behavior"
         assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["metrics"]), name
         policy = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
-        assert policy and set(policy[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}, f"{name}: NetworkPolicy"
+        assert policy and set(policy[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}, (
+            f"{name}: NetworkPolicy"
+        )
         assert rendered.find("ServiceAccount", spec["serviceAccountName"]), f"{name}: ServiceAccount"
         assert spec.get("topologySpreadConstraints") is not None, f"{name}: topology spread"
         if name in PYTHON_SERVICES:
@@ -128,7 +136,9 @@ def test_variables_are_ones_the_service_reads(rendered: Rendered, name: str) -> 
     env = container_env(rendered, rendered.get("Deployment", name))
     known = known_variables(code.config_class, code.prefix)
     unknown = sorted(k for k in env if k.startswith(code.prefix) and k not in known)
-    assert unknown == [], f"{name} does not read {unknown} (misspelled or removed from {code.config_class.__name__})"
+    assert unknown == [], (
+        f"{name} does not read {unknown} (misspelled or removed from {code.config_class.__name__})"
+    )
     others = sorted(k for k in env if k.startswith("INFERGRID_") and not k.startswith(code.prefix))
     assert others == [], f"{name}: variables of another service {others}"
 
@@ -140,7 +150,11 @@ def test_ports_probes_and_drain_match_the_code(rendered: Rendered, name: str) ->
     deployment = rendered.get("Deployment", name)
     assert config.server.host == "0.0.0.0" and config.telemetry.metrics_host == "0.0.0.0", name
     assert config.server.port == defaults.server.port == container_port(deployment, "grpc"), name
-    assert config.telemetry.metrics_port == defaults.telemetry.metrics_port == container_port(deployment, "metrics")
+    assert (
+        config.telemetry.metrics_port
+        == defaults.telemetry.metrics_port
+        == container_port(deployment, "metrics")
+    )
     c = container(deployment)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == config.server.port, f"{name}: {probe} port"
@@ -188,7 +202,10 @@ def test_file_settings_point_into_mounted_volumes(rendered: Rendered, name: str)
 
 def test_gateway_calls_features_and_inference_through_their_headless_services(rendered: Rendered) -> None:
     config, _, _ = _loaded_config(rendered, "gateway")
-    for target, callee in ((config.upstream.features_target, "features"), (config.upstream.inference_target, "inference")):
+    for target, callee in (
+        (config.upstream.features_target, "features"),
+        (config.upstream.inference_target, "inference"),
+    ):
         host, port = host_port(target)
         service = rendered.get("Service", host)
         assert service["spec"]["selector"][NAME_LABEL] == callee, target
@@ -209,7 +226,9 @@ def test_the_control_plane_points_envoy_at_the_edge_service(rendered: Rendered) 
         text = (REPO_ROOT / "deploy" / "images" / image / "Containerfile").read_text()
         assert f" {config.envoy.descriptor_set}\n" in text, f"deploy/images/{image}/Containerfile"
     host, port = host_port(config.envoy.tracing_otlp_address)
-    assert rendered.get("Service", host) and port in [p["port"] for p in rendered.get("Service", host)["spec"]["ports"]]
+    assert rendered.get("Service", host) and port in [
+        p["port"] for p in rendered.get("Service", host)["spec"]["ports"]
+    ]
 
 
 def test_inference_reads_the_shared_model_repository(rendered: Rendered) -> None:
@@ -252,11 +271,16 @@ def test_the_platform_config_parses_and_matches_envoy_and_the_gateway(rendered: 
 def test_every_platform_consumer_mounts_it_where_it_reads_it(rendered: Rendered) -> None:
     for name in ("controlplane", "edge", "gateway"):
         config, _, _ = _loaded_config(rendered, name)
-        path = {"controlplane": lambda c: c.envoy.platform_file, "edge": lambda c: c.policy.platform_file,
-                "gateway": lambda c: c.models.platform_file}[name](config)
+        path = {
+            "controlplane": lambda c: c.envoy.platform_file,
+            "edge": lambda c: c.policy.platform_file,
+            "gateway": lambda c: c.models.platform_file,
+        }[name](config)
         volume = mounts(rendered.get("Deployment", name))[str(path.parent)]
         sources = [s.get("configMap", {}).get("name") for s in volume.get("projected", {}).get("sources", [])]
-        assert volume.get("configMap", {}).get("name") == "infergrid-platform" or "infergrid-platform" in sources
+        assert (
+            volume.get("configMap", {}).get("name") == "infergrid-platform" or "infergrid-platform" in sources
+        )
     # The edge service also reads the hashed API keys, next to the platform file.
     edge = mounts(rendered.get("Deployment", "edge"))["/etc/infergrid/platform"]
     secrets = [s["secret"] for s in edge["projected"]["sources"] if "secret" in s]
@@ -268,10 +292,18 @@ def test_envoy_bootstrap_points_at_the_control_plane(rendered: Rendered) -> None
     bootstrap_cm = mounts(envoy)["/etc/envoy"]["configMap"]["name"]
     bootstrap = read_yaml_text(rendered.get("ConfigMap", bootstrap_cm)["data"]["envoy.yaml"])
     assert "--config-path" in container(envoy)["args"]
-    assert container(envoy)["args"][container(envoy)["args"].index("--config-path") + 1] == "/etc/envoy/envoy.yaml"
-    assert bootstrap["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "xds"
+    assert (
+        container(envoy)["args"][container(envoy)["args"].index("--config-path") + 1]
+        == "/etc/envoy/envoy.yaml"
+    )
+    assert (
+        bootstrap["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]["cluster_name"]
+        == "xds"
+    )
     (xds,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "xds"]
-    address = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    address = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"
+    ]
     name, namespace, *_ = address["address"].split(".")
     assert namespace == NAMESPACE
     assert rendered.get("Service", name)["spec"]["selector"][NAME_LABEL] == "controlplane"
@@ -341,20 +373,33 @@ def test_cassandra_cluster_matches_the_services(rendered: Rendered) -> None:
         assert replication.pop("class") == "NetworkTopologyStrategy", name
         assert set(replication) <= set(dcs), f"{name}: replication names unknown DCs {replication}"
         for dc, factor in replication.items():
-            assert 1 <= int(factor) <= dcs[dc]["size"], f"{name}: RF {factor} in {dc} of size {dcs[dc]['size']}"
+            assert 1 <= int(factor) <= dcs[dc]["size"], (
+                f"{name}: RF {factor} in {dc} of size {dcs[dc]['size']}"
+            )
         assert cassandra.cassandra_write_consistency == "LOCAL_QUORUM", name
         assert cassandra.cassandra_read_consistency.startswith("LOCAL_"), name
         assert cassandra.cassandra_keyspace == "infergrid"
         # Credentials: cass-operator's superuser Secret.
-        assert cassandra.cassandra_username == f"<{cluster['spec']['cassandra']['superuserSecretRef']['name']}/username>"
+        assert (
+            cassandra.cassandra_username
+            == f"<{cluster['spec']['cassandra']['superuserSecretRef']['name']}/username>"
+        )
     if rendered.overlay.startswith("prod"):
         assert all(dc["size"] >= 3 for dc in dcs.values())
-        assert all(int(f) >= 3 for k, f in ast.literal_eval(_cassandra_users(rendered)["features"].cassandra_replication).items() if k != "class")
+        assert all(
+            int(f) >= 3
+            for k, f in ast.literal_eval(_cassandra_users(rendered)["features"].cassandra_replication).items()
+            if k != "class"
+        )
 
 
 def _kafka(rendered: Rendered) -> tuple[dict, dict]:
     (kafka,) = rendered.of_kind("Kafka")
-    pools = [p for p in rendered.of_kind("KafkaNodePool") if p["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]]
+    pools = [
+        p
+        for p in rendered.of_kind("KafkaNodePool")
+        if p["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]
+    ]
     return kafka, {"brokers": sum(p["spec"]["replicas"] for p in pools if "broker" in p["spec"]["roles"])}
 
 
@@ -372,10 +417,17 @@ def test_kafka_cluster_and_topics_match_the_services(rendered: Rendered) -> None
     logging, _, _ = _loaded_config(rendered, "logging")
     features, _, _ = _loaded_config(rendered, "features")
     for name, config in (("gateway", gateway), ("logging", logging), ("features", features)):
-        assert config.kafka.kafka_bootstrap_servers == f"{kafka['metadata']['name']}-kafka-bootstrap:{listener['port']}", name
+        assert (
+            config.kafka.kafka_bootstrap_servers
+            == f"{kafka['metadata']['name']}-kafka-bootstrap:{listener['port']}"
+        ), name
     assert gateway.inference_log.inference_log_topic == logging.pipeline.topic
-    for needed in (logging.pipeline.topic, logging.pipeline.dead_letter_topic, features.stream.stream_topic,
-                   features.stream.stream_dead_letter_topic):
+    for needed in (
+        logging.pipeline.topic,
+        logging.pipeline.dead_letter_topic,
+        features.stream.stream_topic,
+        features.stream.stream_dead_letter_topic,
+    ):
         assert needed in topics, f"no KafkaTopic for {needed}"
     assert logging.pipeline.create_topics is False, "topics belong to Strimzi's topic operator"
     # Consumers beyond the partitions idle: the logging HPA stops at the topic's partitions.
@@ -427,7 +479,9 @@ def test_every_image_is_named_in_the_images_component_and_built_here(rendered: R
     by_new = {f"{i['newName']}:{i['newTag']}": i["name"] for i in images}
     for workload in rendered.of_kind("Deployment") + rendered.of_kind("StatefulSet"):
         for c in workload["spec"]["template"]["spec"]["containers"]:
-            assert c["image"] in by_new, f"{workload['metadata']['name']}: {c['image']} is not from {IMAGES_COMPONENT}"
+            assert c["image"] in by_new, (
+                f"{workload['metadata']['name']}: {c['image']} is not from {IMAGES_COMPONENT}"
+            )
     for image in images:
         if image["name"].startswith("infergrid/"):
             build_file = REPO_ROOT / "deploy" / "images" / image["name"].split("/")[1] / "Containerfile"

@@ -35,13 +35,35 @@ def _deployment(rendered: Rendered) -> dict:
     [
         (lambda o: o.update(apiVersion="apps/v1beta1"), "no schema"),
         (lambda o: o.update(apiVersion="app/v1"), "no schema"),
-        (lambda o: o["spec"]["template"]["spec"].update(terminationGracePeriodSecond=30), "terminationGracePeriodSecond"),
-        (lambda o: o["spec"]["template"]["spec"]["containers"][0]["livenessProbe"].update(periodSeconds="10s"), "10s"),
-        (lambda o: o["spec"]["template"]["spec"]["containers"][0]["ports"][0].update(containerPort="grpc"), "grpc"),
-        (lambda o: o["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"].pop("port"), "port"),
+        (
+            lambda o: o["spec"]["template"]["spec"].update(terminationGracePeriodSecond=30),
+            "terminationGracePeriodSecond",
+        ),
+        (
+            lambda o: o["spec"]["template"]["spec"]["containers"][0]["livenessProbe"].update(
+                periodSeconds="10s"
+            ),
+            "10s",
+        ),
+        (
+            lambda o: o["spec"]["template"]["spec"]["containers"][0]["ports"][0].update(containerPort="grpc"),
+            "grpc",
+        ),
+        (
+            lambda o: o["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"].pop("port"),
+            "port",
+        ),
         (lambda o: o["spec"].pop("selector"), "selector"),
     ],
-    ids=["old-apiVersion", "misspelled-apiVersion", "misspelled-field", "string-for-integer", "wrong-type", "missing-required", "missing-selector"],
+    ids=[
+        "old-apiVersion",
+        "misspelled-apiVersion",
+        "misspelled-field",
+        "string-for-integer",
+        "wrong-type",
+        "missing-required",
+        "missing-selector",
+    ],
 )
 def test_a_broken_deployment_fails_validation(overlays: dict[str, Rendered], break_it, expected: str) -> None:  # type: ignore[no-untyped-def]
     obj = _deployment(overlays["prod"])
@@ -60,5 +82,5 @@ def test_a_broken_hpa_fails_validation(overlays: dict[str, Rendered]) -> None:
 
 def test_a_broken_kustomization_fails_to_render(tmp_path, kustomize_binary: str) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "kustomization.yaml").write_text("resources:\n- missing.yaml\n")
-    with pytest.raises(kustomize.KustomizeError, match="missing.yaml"):
+    with pytest.raises(kustomize.KustomizeError, match=r"missing\.yaml"):
         kustomize.build(tmp_path)
