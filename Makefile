@@ -61,3 +61,12 @@ logs: setup  ## the last lines of each server's log
 
 clean-state: setup  ## stop the stack and delete its data and logs (keeps the install cache)
 	$(PY) -m stack clean-state $(COMPONENTS)
+
+# Benchmarks (bench/): never part of `make test`. Results in bench/results/<timestamp>/ and bench/results/latest/.
+.PHONY: bench bench-quick
+
+bench: setup  ## every benchmark, side by side with the peers (about 15 min on 2 cores); BENCH_ARGS="--only inference"
+	$(PY) -m bench run $(BENCH_ARGS)
+
+bench-quick: setup  ## the same benchmarks with fewer points and one short repetition (a few minutes)
+	$(PY) -m bench run --quick $(BENCH_ARGS)

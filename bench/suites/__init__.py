@@ -1,0 +1,1 @@
+"""The benchmark suites: inference, features, logging, scaling, e2e."""

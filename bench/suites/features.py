@@ -1,0 +1,295 @@
+"""Features: our FeatureService.GetOnlineFeatures vs Feast's Python feature server, same data, same Redis.
+
+Data: one view `bench_user` (entity user_id INT64, 32 FLOAT features f00..f31, 10,000 users, values from a
+fixed seed) — written through our WriteFeatures API into Cassandra, and as a Parquet file materialized by
+Feast into the same Redis server (its own keys). Requests: 1 entity x 32 features, and 100 entities x 32
+features. h2load sends one fixed request per size (user 4242; 100 fixed random users), since ghz's per-request
+cost (~10 ms of Go CPU to decode a 100-entity answer) made it the bottleneck; wrk's Lua script draws
+random ids for Feast. Our responses were checked against the written values before measuring.
+  ours-hit   cache on, every entity already in Redis (a pass over all ids before measuring)
+  ours-miss  a second server with CACHE_ENABLED=false: every read goes to Cassandra (the miss path's store read)
+  feast      `feast serve` (gunicorn + 1 uvicorn worker) on Redis, --max-requests 0 (feast-envoy.md: the
+             default recycles the only worker every ~1,000 requests), HTTP/JSON /get-online-features
+Server side (our server or Feast, Redis, Cassandra) on CPU 0, load generator on CPU 1.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.duration_pb2 import Duration
+
+from bench.core import Run, Suite
+from bench.loadgen import WRK_DONE, H2load, Wrk, grpc_frame
+from bench.procs import Server, free_port, server_cpus, wait_port
+from bench.suites.common import service_env, wait_grpc_serving
+from bench.tools import ensure_debian, ensure_venv, say
+from infergrid.features.v1 import features_pb2 as pb
+from infergrid.features.v1 import features_pb2_grpc as pb_grpc
+from infergrid.types.v1 import value_pb2
+
+CALL = "infergrid.features.v1.FeatureService.GetOnlineFeatures"
+VIEW = "bench_user"
+N_USERS = 10_000
+N_FEATURES = 32
+FEATURES = [f"f{i:02d}" for i in range(N_FEATURES)]
+
+
+def values() -> np.ndarray:
+    return np.random.default_rng(12345).random((N_USERS, N_FEATURES), dtype=np.float32)
+
+
+def view() -> pb.FeatureView:
+    vt = value_pb2.ValueType
+    return pb.FeatureView(
+        name=VIEW,
+        entity=pb.Entity(
+            name="user", key_columns=[pb.EntityKeyColumn(name="user_id", type=vt.VALUE_TYPE_INT64)]
+        ),
+        features=[pb.FeatureSpec(name=f, type=vt.VALUE_TYPE_FLOAT) for f in FEATURES],
+        ttl=Duration(seconds=30 * 86_400),
+        description="benchmark view: 32 float features per user",
+        owner="bench",
+    )
+
+
+def read_request(ids: list[int]) -> pb.GetOnlineFeaturesRequest:
+    req = pb.GetOnlineFeaturesRequest(features=[f"{VIEW}:{f}" for f in FEATURES])
+    column = req.entities["user_id"]
+    for i in ids:
+        column.values.add(int64_value=int(i))
+    return req
+
+
+def load_data(port: int, data: np.ndarray, event: datetime) -> None:
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as ch:
+        stub = pb_grpc.FeatureServiceStub(ch)
+        stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view()), timeout=60)
+        for start in range(0, N_USERS, 1000):
+            req = pb.WriteFeaturesRequest(feature_view=VIEW)
+            for uid in range(start, min(start + 1000, N_USERS)):
+                row = req.rows.add()
+                row.entity_key["user_id"].int64_value = uid
+                for j, f in enumerate(FEATURES):
+                    row.values[f].float_value = float(data[uid, j])
+                row.event_timestamp.FromDatetime(event)
+            stub.WriteFeatures(req, timeout=120)
+
+
+def read_all(port: int, data: np.ndarray, *, check: bool) -> None:
+    """Reads every user once (fills the cache); with `check`, compares values with what was written."""
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as ch:
+        stub = pb_grpc.FeatureServiceStub(ch)
+        for start in range(0, N_USERS, 1000):
+            ids = list(range(start, min(start + 1000, N_USERS)))
+            reply = stub.GetOnlineFeatures(read_request(ids), timeout=60)
+            if check:
+                got = np.array(
+                    [[v.float_value for v in vec.values] for vec in reply.results], dtype=np.float32
+                ).T
+                if not np.array_equal(got, data[ids]):
+                    raise RuntimeError(f"features read back differ from those written (users {start}..)")
+                if any(s != pb.FEATURE_STATUS_PRESENT for vec in reply.results for s in vec.statuses):
+                    raise RuntimeError("a written feature is not PRESENT")
+
+
+def start_ours(run: Run, name: str, *, cache: bool, redis_url: str, cassandra_port: int, workers: int = 1,
+               cpus: str | None = "pin") -> tuple[Server, int]:  # fmt: skip
+    port = free_port()
+    env = service_env("INFERGRID_FEATURES_", port, {
+        "INFERGRID_FEATURES_CASSANDRA_PORT": str(cassandra_port),
+        "INFERGRID_FEATURES_CASSANDRA_KEYSPACE": "bench",
+        "INFERGRID_FEATURES_CASSANDRA_WRITE_CONSISTENCY": "ONE",
+        "INFERGRID_FEATURES_REDIS_URL": redis_url,
+        "INFERGRID_FEATURES_CACHE_ENABLED": "true" if cache else "false",
+        "INFERGRID_FEATURES_CACHE_TTL_S": "3600",
+        "INFERGRID_FEATURES_WORKERS": str(workers),
+    })  # fmt: skip
+    server = run.procs.start(name, [sys.executable, "-m", "services.features"], env=env,
+                             cpus=server_cpus() if cpus == "pin" else cpus)  # fmt: skip
+    wait_grpc_serving(server, port, timeout=120)
+    return server, port
+
+
+FEAST_YAML = """project: bench
+registry: data/registry.db
+provider: local
+online_store:
+  type: redis
+  connection_string: "127.0.0.1:{redis_port}"
+offline_store:
+  type: file
+entity_key_serialization_version: 3
+"""
+
+FEAST_DEFS = """from datetime import timedelta
+
+from feast import Entity, FeatureView, Field, FileSource, ValueType
+from feast.types import Float32
+
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
+source = FileSource(path="data/bench_user.parquet", timestamp_field="event_timestamp")
+bench_user = FeatureView(
+    name="bench_user",
+    entities=[user],
+    ttl=timedelta(days=30),
+    schema=[Field(name=f"f{i:02d}", dtype=Float32) for i in range(32)],
+    source=source,
+    online=True,
+)
+"""
+
+WRK_FEAST = """
+math.randomseed(7)
+local n = tonumber(wrk_n or 1)
+local refs = {}
+for i = 0, 31 do refs[#refs + 1] = string.format('"bench_user:f%02d"', i) end
+local head = '{"features":[' .. table.concat(refs, ",") .. '],"entities":{"user_id":['
+function init(args) n = tonumber(args[1] or "1") end
+function request()
+  local ids = {}
+  for i = 1, n do ids[i] = tostring(math.random(0, 9999)) end
+  return wrk.format("POST", "/get-online-features", {["Content-Type"] = "application/json"},
+                    head .. table.concat(ids, ",") .. "]}}")
+end
+"""
+
+
+def setup_feast(
+    run: Run, suite: Suite, redis_port: int, data: np.ndarray, event: datetime
+) -> tuple[Path, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    venv = ensure_venv("feast")
+    repo = run.work_dir / "feast_repo"
+    (repo / "data").mkdir(parents=True, exist_ok=True)
+    (repo / "feature_store.yaml").write_text(FEAST_YAML.format(redis_port=redis_port))
+    (repo / "features.py").write_text(FEAST_DEFS)
+    table = {"user_id": pa.array(np.arange(N_USERS, dtype=np.int64)),
+             "event_timestamp": pa.array([event] * N_USERS, type=pa.timestamp("us", tz="UTC"))}  # fmt: skip
+    for j, f in enumerate(FEATURES):
+        table[f] = pa.array(data[:, j])
+    pq.write_table(pa.table(table), repo / "data" / "bench_user.parquet")
+    feast = str(venv / "bin" / "feast")
+    env = {"HOME": str(run.work_dir), "PATH": f"{venv / 'bin'}:/usr/bin:/bin", "FEAST_USAGE": "False"}
+    t0 = time.monotonic()
+    for args in (
+        ["apply"],
+        ["materialize-incremental", (datetime.now(UTC) + timedelta(minutes=1)).isoformat()],
+    ):
+        out = subprocess.run(
+            [feast, *args], check=False, cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"feast {args[0]} failed: {out.stdout[-1500:]} {out.stderr[-1500:]}")
+    suite.extra["feast_setup_s"] = round(time.monotonic() - t0, 1)
+    return repo, Path(feast)
+
+
+def check_feast(port: int, data: np.ndarray) -> None:
+    ids = [0, 4242, 9999]
+    body = json.dumps({"features": [f"{VIEW}:{f}" for f in FEATURES], "entities": {"user_id": ids}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/get-online-features", body,
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        reply = json.loads(resp.read())
+    names = reply["metadata"]["feature_names"]
+    for j, f in enumerate(FEATURES):
+        col = names.index(f)
+        got = np.array(reply["results"][col]["values"], dtype=np.float32)
+        if not np.allclose(got, data[ids, j], rtol=0, atol=1e-6):
+            raise RuntimeError(f"Feast returned {got} for {f}, expected {data[ids, j]}")
+        if any(s != "PRESENT" for s in reply["results"][col]["statuses"]):
+            raise RuntimeError("Feast: a feature is not PRESENT")
+
+
+def body(run: Run, suite: Suite) -> None:
+    s = run.settings
+    wrk = Wrk(ensure_debian("wrk", "wrk"))
+    data = values()
+    event = datetime.now(UTC) - timedelta(hours=1)
+    rng = np.random.default_rng(99)
+    fixed = {1: [4242], 100: [int(i) for i in rng.choice(N_USERS, 100, replace=False)]}
+    bodies = {}
+    for n, ids in fixed.items():
+        bodies[n] = run.work_dir / f"features-{n}.grpc"
+        bodies[n].write_bytes(grpc_frame(read_request(ids).SerializeToString()))
+    h2 = H2load(ensure_debian("h2load", "nghttp2-client"))
+    suite.extra["data"] = {"view": VIEW, "users": N_USERS, "features": N_FEATURES, "type": "FLOAT"}
+    redis = run.backends.redis(server_cpus())
+
+    def grpc_sweep(server: Server, port: int, key: str, system: str) -> None:
+        url = f"http://127.0.0.1:{port}/infergrid.features.v1.FeatureService/GetOnlineFeatures"
+        frames = {n: h2.response_bytes(url=url, body_file=bodies[n]) for n in bodies}
+        for n, concs in ((1, s.features_concurrency), (100, s.features_concurrency_100)):
+            for c in concs:
+                if not server.alive():
+                    raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+
+                def rep(duration: float, i: int, c: int = c, n: int = n) -> dict[str, Any]:
+                    return h2.run(url=url, body_file=bodies[n], concurrency=c, duration_s=duration,
+                                  response_frame_bytes=frames[n], log_file=run.work_dir / "h2load.log",
+                                  server_cpu=server.cpu_seconds)  # fmt: skip
+
+                run.measure(suite, system=system, key=key, protocol="gRPC", tool="h2load",
+                            params={"entities": n, "concurrency": c}, rep=rep)  # fmt: skip
+
+    # 1. Feast first, while Cassandra is not running yet (nothing else on the server CPU but Redis).
+    try:
+        repo, feast = setup_feast(run, suite, redis.port, data, event)
+        port = free_port()
+        env = {"HOME": str(run.work_dir), "PATH": f"{feast.parent}:/usr/bin:/bin", "FEAST_USAGE": "False"}
+        server = run.procs.start("feast", [str(feast), "serve", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
+                                           "--no-access-log", "--max-requests", "0"],
+                                 env=env, cwd=repo, cpus=server_cpus())  # fmt: skip
+        server.extra_pids = run.backends.pids("redis")
+        wait_port(port, 120, server.proc)
+        check_feast(port, data)
+        script = run.work_dir / "feast.lua"
+        script.write_text(WRK_FEAST + WRK_DONE)
+        for n, concs in ((1, s.features_concurrency), (100, s.features_concurrency_100)):
+            for c in concs:
+
+                def rep_http(duration: float, i: int, c: int = c, n: int = n) -> dict[str, Any]:
+                    return wrk.run(url=f"http://127.0.0.1:{port}", script=script, concurrency=c,
+                                   duration_s=duration, server_cpu=server.cpu_seconds, script_args=[str(n)])  # fmt: skip
+
+                run.measure(suite, system="Feast 0.67 feature server (Redis, 1 worker, max-requests 0)", key="feast",
+                            protocol="HTTP/JSON", tool="wrk", params={"entities": n, "concurrency": c}, rep=rep_http)  # fmt: skip
+        run.procs.stop(server)
+    except Exception as exc:
+        suite.extra["feast_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        say(f"Feast failed: {suite.extra['feast_error'][:500]}")
+
+    # 2. Ours: cache hit, then cache off (every read from Cassandra).
+    cassandra = run.backends.cassandra(server_cpus())
+    server, port = start_ours(
+        run, "features-hit", cache=True, redis_url=redis.url, cassandra_port=cassandra.port
+    )
+    server.extra_pids = run.backends.pids("redis", "cassandra")
+    load_data(port, data, event)
+    read_all(port, data, check=True)  # also fills the cache
+    read_all(port, data, check=True)  # now from the cache
+    grpc_sweep(server, port, "ours-hit", "InferGrid features (Redis cache hit)")
+    run.procs.stop(server)
+    server, port = start_ours(
+        run, "features-miss", cache=False, redis_url=redis.url, cassandra_port=cassandra.port
+    )
+    server.extra_pids = run.backends.pids("redis", "cassandra")
+    read_all(port, data, check=True)
+    grpc_sweep(server, port, "ours-miss", "InferGrid features (cache off: Cassandra read)")
+    run.procs.stop(server)

@@ -1,0 +1,72 @@
+"""Smoke test of the harness's pure logic (never runs a benchmark): percentiles, medians, report rendering."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import stats
+from bench.report import render_markdown, targets
+
+FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
+
+
+def test_percentile_matches_linear_interpolation() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert stats.percentile(values, 0) == 1.0
+    assert stats.percentile(values, 100) == 100.0
+    assert stats.percentile(values, 50) == pytest.approx(50.5)
+    assert stats.percentile(values, 99) == pytest.approx(99.01)
+    assert stats.percentile(values, 99.9) == pytest.approx(99.901)
+    assert stats.percentile([3.0], 99.9) == 3.0
+    with pytest.raises(ValueError):
+        stats.percentile([], 50)
+    with pytest.raises(ValueError):
+        stats.percentile([1.0], 101)
+
+
+def test_summarize_and_median_of_reps() -> None:
+    rep = stats.summarize([1.0, 2.0, 3.0, 4.0], errors=1, duration_s=2.0)
+    assert rep["rps"] == 2.0 and rep["requests"] == 4 and rep["errors"] == 1
+    assert rep["p50_ms"] == pytest.approx(2.5)
+    empty = stats.summarize([], errors=3, duration_s=1.0)
+    assert empty["rps"] == 0 and math.isnan(empty["p99_ms"])
+    med = stats.median_of_reps(
+        [{"rps": 1.0, "p99_ms": 5.0}, {"rps": 3.0, "p99_ms": float("nan")}, {"rps": 2.0}]
+    )
+    assert med["rps"] == 2.0 and med["p99_ms"] == 5.0
+    assert stats.spread([{"rps": 90.0}, {"rps": 100.0}, {"rps": 110.0}]) == pytest.approx(0.2)
+
+
+def test_best_under_slo_ignores_slow_and_failing_points() -> None:
+    pts = [
+        {"params": {"concurrency": 1}, "median": {"rps": 100.0, "p99_ms": 1.0, "errors": 0}},
+        {"params": {"concurrency": 8}, "median": {"rps": 500.0, "p99_ms": 20.0, "errors": 0}},
+        {"params": {"concurrency": 64}, "median": {"rps": 900.0, "p99_ms": 40.0, "errors": 0}},
+        {"params": {"concurrency": 32}, "median": {"rps": 800.0, "p99_ms": 10.0, "errors": 2}},
+    ]
+    best = stats.best_under_slo(pts)
+    assert best is not None and best["params"]["concurrency"] == 8
+    assert stats.at_param(pts, concurrency=64) is pts[2]
+    assert stats.ratio(1.0, 0.0) is None and stats.ratio(3.0, 2.0) == 1.5
+
+
+def test_report_renders_targets_ratios_and_failures_from_a_fixture() -> None:
+    doc = json.loads(FIXTURE.read_text())
+    text = render_markdown(doc, ["inference.png"])
+    assert text.startswith("# InferGrid benchmarks")
+    assert "Load average" in text and "[0.5, 0.4, 0.3]" in text
+    assert "![inference.png](inference.png)" in text
+    assert "failed: RuntimeError: boom" in text
+    assert "not landed yet" in text
+    rows = {row[0]: row for row in targets(doc)}
+    pytriton = next(r for k, r in rows.items() if "PyTriton's throughput" in k)
+    assert "2.00\u00d7" in pytriton[1] and pytriton[2] == "met"
+    limit = next(r for k, r in rows.items() if "bare-transport" in k)
+    assert "echo-sync" in limit[1] and "0.50\u00d7" in limit[1] and limit[2] == "**not met**"
+    feast = next(r for k, r in rows.items() if "1 entity" in k)
+    assert "3.75\u00d7" in feast[1] and feast[2] == "met"  # Feast's best under 25 ms is c=1 (800 req/s)
+    assert next(r for k, r in rows.items() if "End to end" in k)[2] == "not measured"
