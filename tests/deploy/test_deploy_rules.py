@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
+from deploy.k8s import kustomize
 from libs.config import load_config
 from libs.platform import parse_platform
 from tests.deploy.k8s_objects import (
@@ -61,6 +63,26 @@ def test_the_python_services_and_envoy_are_deployed(rendered: Rendered) -> None:
         assert (REPO_ROOT / "services" / name / "config.py").exists(), (
             f"services/{name} is gone: drop its manifests"
         )
+
+
+def test_every_runnable_service_is_deployed() -> None:
+    runnable = {p.parent.name for p in (REPO_ROOT / "services").glob("*/__main__.py")}
+    assert runnable <= set(PYTHON_SERVICES), (
+        f"services without manifests: {sorted(runnable - set(PYTHON_SERVICES))}"
+    )
+
+
+def test_one_service_renders_alone(kustomize_binary: str) -> None:
+    """What `bazel run //services/<name>:manifests` prints: that service's objects, nothing else."""
+    rendered = kustomize.build(kustomize.overlay_dir("prod", K8S_DIR))
+    for name in ("gateway", "inference"):
+        objs = list(yaml.safe_load_all(kustomize.select_service(rendered, name)))
+        assert {o["metadata"]["labels"][NAME_LABEL] for o in objs} == {name}
+        kinds = {o["kind"] for o in objs}
+        assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds, kinds
+        assert all(o["metadata"]["namespace"] == NAMESPACE for o in objs)
+    with pytest.raises(kustomize.KustomizeError, match="no objects"):
+        kustomize.select_service(rendered, "nosuchservice")
 
 
 def test_every_workload_has_probes_resources_and_a_locked_down_container(rendered: Rendered) -> None:
