@@ -8,15 +8,18 @@ touched by one thread at a time.
 Per batch: every message is validated (invalid ones go to the dead-letter topic
 with the reason in the `infergrid-dlq-reason` header); valid records are
 deduplicated by request_id and upserted into Cassandra (retried until it
-succeeds or the service stops) and buffered for the lake. When the lake is due
+succeeds or the service stops) and, once Cassandra has them, buffered for the
+lake. The Cassandra write of one batch overlaps the fetching and validation of
+the next; batches complete in order, so offsets only ever advance over records
+the store holds. When the lake is due
 (size or age) it writes its files, the dead-letter producer is flushed, and only
 then are the offsets committed. A crash anywhere before the commit means
 redelivery, which the sinks absorb (store: upserts by request_id; lake: see
 services/logging/lake.py), so every record lands exactly once in each sink.
 
 A rebalance abandons the revoked partitions' uncommitted work (buffered lake
-records are dropped; the next owner consumes them again from the committed
-offset). SIGTERM finishes: the current batch completes, the lake is flushed,
+records are dropped, and so is the lake part of a batch whose store write was
+in flight; the next owner consumes them again from the committed offset). SIGTERM finishes: the current batch completes, the lake is flushed,
 offsets are committed, and the consumer leaves the group.
 """
 
@@ -70,6 +73,17 @@ class _Valid:
     value: bytes
     headers: list[tuple[str, bytes | None]]
     record: logging_pb2.InferenceLogRecord
+
+
+@dataclass
+class _Batch:
+    """Valid records of one consumed batch, the offsets it advances to, and the partitions' epochs then."""
+
+    items: list[_Valid]
+    offsets: dict[int, int]
+    epochs: dict[int, int]
+    write: asyncio.Task[bool] | None = None
+    started_ns: int = 0
 
 
 def _headers(message: Message) -> list[tuple[str, bytes | None]]:
@@ -145,6 +159,7 @@ class LogPipeline:
         self._consumer: Consumer | None = None
         self._pending: dict[int, int] = {}  # partition -> next offset to commit
         self._unreconciled: set[int] = set()
+        self._epochs: dict[int, int] = {}  # partition -> revocations so far
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_lag = 0.0
@@ -171,17 +186,29 @@ class LogPipeline:
     async def _run(self) -> None:
         self._consumer = await self._call(self._create_consumer)
         self.running = True
+        in_flight: _Batch | None = None
         try:
             while not self._stopping.is_set():
+                # Batch k's store write proceeds while batch k+1 is fetched and validated.
                 messages = await self._call(
                     self._consumer.consume, self.config.batch_max_records, self.config.batch_wait_seconds
                 )
-                if messages:
-                    await self._process(messages)
+                batch = self._prepare(messages) if messages else None
+                if in_flight is not None:
+                    await self._complete(in_flight)
+                    in_flight = None
+                if batch is not None:
+                    if batch.items:
+                        self._begin(batch)
+                        in_flight = batch
+                    else:
+                        self._apply_offsets(batch)
                 if self._lake.due() or self._only_offsets_due():
                     await self._flush_and_commit()
                 if time.monotonic() - self._last_lag >= _LAG_EVERY_S:
                     await self._call(self._update_lag)
+            if in_flight is not None:
+                await self._complete(in_flight)
             await self._flush_and_commit()
         except Exception:
             log.exception("logging pipeline failed")
@@ -213,13 +240,16 @@ class LogPipeline:
         revoked = [tp.partition for tp in partitions]
         self._lake.drop(revoked)
         for partition in revoked:
+            # A batch still being written for this partition must not reach the lake or the offsets.
+            self._epochs[partition] = self._epochs.get(partition, 0) + 1
             self._pending.pop(partition, None)
             self._unreconciled.discard(partition)
         log.info("revoked partitions %s; their uncommitted work is abandoned", revoked)
 
     # The batch.
 
-    async def _process(self, messages: Sequence[Message]) -> None:
+    def _prepare(self, messages: Sequence[Message]) -> _Batch:
+        """Validates a batch: dead-letters the invalid messages, deduplicates the valid ones by request id."""
         valid: dict[str, _Valid] = {}
         offsets: dict[int, int] = {}
         dead = 0
@@ -250,22 +280,36 @@ class LogPipeline:
         if dead:
             self.stats.dead_lettered_total += dead
             metrics.RECORDS.labels("dead_lettered").inc(dead)
-        if not valid:
-            self._pending.update(offsets)
-            return
-        items = list(valid.values())
-        started_ns = time.time_ns()
-        if not await self._write_store(items):
-            return  # stopping while the store is down: abandon; nothing of this batch is committed
+        epochs = {p: self._epochs.get(p, 0) for p in offsets}
+        return _Batch(list(valid.values()), offsets, epochs)
+
+    def _begin(self, batch: _Batch) -> None:
+        batch.started_ns = time.time_ns()
+        batch.write = asyncio.create_task(self._write_store(batch.items))
+
+    def _current(self, batch: _Batch, partition: int) -> bool:
+        return self._epochs.get(partition, 0) == batch.epochs[partition]
+
+    def _apply_offsets(self, batch: _Batch) -> None:
+        for partition, offset in batch.offsets.items():
+            if self._current(batch, partition):
+                self._pending[partition] = offset
+
+    async def _complete(self, batch: _Batch) -> None:
+        """After the store has a batch: buffer it for the lake and advance the offsets to commit."""
+        assert batch.write is not None
+        if not await batch.write:
+            return  # stopping while the store is down: abandoned; nothing of this batch is committed
         ended_ns = time.time_ns()
-        self._pending.update(offsets)
+        items = [i for i in batch.items if self._current(batch, i.partition)]
         for item in items:
             self._lake.add(item.partition, item.offset, item.record, item.value)
             self.stats.records_by_model[item.record.model] += 1
+        self._apply_offsets(batch)
         self.stats.records_total += len(items)
         metrics.RECORDS.labels("written").inc(len(items))
         if self._trace_records:
-            self._trace(items, started_ns, ended_ns)
+            self._trace(items, batch.started_ns, ended_ns)
 
     async def _write_store(self, items: list[_Valid]) -> bool:
         rows = [
