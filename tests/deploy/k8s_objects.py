@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ CRD_KINDS = {
 }
 # The Python services deployed from services/<name> (Envoy is the other Deployment).
 PYTHON_SERVICES = ("gateway", "features", "inference", "logging", "controlplane", "edge")
+ADAPTER_VALUES = K8S_DIR / "monitoring" / "prometheus-adapter-values.yaml"
 NAME_LABEL = "app.kubernetes.io/name"
 PART_OF_LABEL = "app.kubernetes.io/part-of"
 
@@ -82,16 +83,6 @@ class Rendered:
     def find(self, kind: str, name: str) -> Obj | None:
         found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
         return found[0] if found else None
-
-    def labelled(self, kind: str, service: str) -> list[Obj]:
-        return [
-            o for o in self.of_kind(kind) if (o["metadata"].get("labels") or {}).get(NAME_LABEL) == service
-        ]
-
-    def services_selecting(self, app: str) -> list[Obj]:
-        return [
-            s for s in self.of_kind("Service") if (s["spec"].get("selector") or {}).get(NAME_LABEL) == app
-        ]
 
     def app_deployments(self) -> list[Obj]:
         return [
@@ -210,16 +201,11 @@ def host_port(target: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def walk(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """(json-pointer-ish path, value) of every node."""
-    yield path, obj
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from walk(value, f"{path}/{key}")
-    elif isinstance(obj, list):
-        for i, value in enumerate(obj):
-            yield from walk(value, f"{path}/{i}")
-
-
 def read_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
+
+
+def adapter_rules() -> dict[str, dict]:
+    """The adapter's custom rules by the metric name the HPAs use (`name.as`)."""
+    rules = read_yaml(ADAPTER_VALUES)["rules"]["custom"]
+    return {rule["name"]["as"]: rule for rule in rules}

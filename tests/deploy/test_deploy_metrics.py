@@ -26,8 +26,7 @@ from google.protobuf import descriptor_pool
 from prometheus_client.parser import text_string_to_metric_families
 
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
-from tests.deploy.k8s_objects import PYTHON_SERVICES, Rendered, service_code
-from tests.deploy.test_deploy_rules import adapter_rules
+from tests.deploy.k8s_objects import PYTHON_SERVICES, Rendered, adapter_rules, service_code
 
 Env = dict[str, str]
 _MATCHER = re.compile(r'(\w+)\s*(=|!=|=~|!~)\s*"([^"]*)"')

@@ -22,6 +22,7 @@ from tests.deploy.k8s_objects import (
     NAME_LABEL,
     PYTHON_SERVICES,
     Rendered,
+    adapter_rules,
     container,
     container_env,
     container_port,
@@ -35,7 +36,6 @@ from tests.deploy.k8s_objects import (
 
 REPO_ROOT = K8S_DIR.parents[1]
 IMAGES_COMPONENT = K8S_DIR / "components" / "images" / "kustomization.yaml"
-ADAPTER_VALUES = K8S_DIR / "monitoring" / "prometheus-adapter-values.yaml"
 NAMESPACE = "infergrid"
 
 
@@ -511,12 +511,6 @@ def test_every_image_is_named_in_the_images_component_and_built_here(rendered: R
 
 
 # --- autoscaling: HPA metrics <-> adapter rules -------------------------------------------------------
-
-
-def adapter_rules() -> dict[str, dict]:
-    """The adapter's custom rules by the metric name the HPAs use (`name.as`)."""
-    rules = read_yaml(ADAPTER_VALUES)["rules"]["custom"]
-    return {rule["name"]["as"]: rule for rule in rules}
 
 
 def test_every_hpa_custom_metric_has_an_adapter_rule(rendered: Rendered) -> None:
