@@ -81,6 +81,32 @@ _ACCESS_LOG_FORMAT = {
 }
 
 
+def _grpc_too_large(max_bytes: int) -> dict[str, Any]:
+    """Local-reply mapper: RESOURCE_EXHAUSTED with the limit for gRPC; HTTP callers keep their 413."""
+    return {
+        "filter": {
+            "and_filter": {
+                "filters": [
+                    {
+                        "status_code_filter": {
+                            "comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "_"}}
+                        }
+                    },
+                    {
+                        "header_filter": {
+                            "header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+                        }
+                    },
+                ]
+            }
+        },
+        "headers_to_add": [
+            {"header": {"key": "grpc-status", "value": "8"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ],
+        "body": {"inline_string": f"request body larger than max_request_bytes ({max_bytes})"},
+    }
+
+
 @dataclass(frozen=True)
 class EnvoyWiring:
     """What the translation needs beyond the platform config (from the control plane's settings)."""
@@ -332,6 +358,8 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
         },
         "http_filters": _http_filters(platform, wiring),
         "access_log": _access_logs(wiring),
+        # Envoy would derive UNKNOWN from a 413; a gRPC server says RESOURCE_EXHAUSTED for a message too large.
+        "local_reply_config": {"mappers": [_grpc_too_large(platform.listener.max_request_bytes)]},
     }
     if wiring.tracing_otlp_address:
         hcm["tracing"] = {

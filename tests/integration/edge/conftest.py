@@ -27,6 +27,7 @@ from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.edge.keys import add_key
 from stack.config import REPO_ROOT
 from stack.envoy import Envoy
+from stack.jaeger import Jaeger
 from stack.ports import find_free_ports
 from stack.probes import grpc_health_serving, http_get
 from stack.progress import Progress
@@ -137,6 +138,7 @@ class EdgeStack:
     upstreams: dict[str, Process]
     keys: dict[str, str]
     controlplane_metrics_port: int = 0
+    jaeger_query_url: str = ""
     platform_values: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -217,7 +219,7 @@ class EdgeStack:
 
 @pytest.fixture(scope="session")
 def edge_stack(
-    stack: StackSession, redis_server: Redis, tmp_path_factory: pytest.TempPathFactory
+    stack: StackSession, redis_server: Redis, jaeger_server: Jaeger, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EdgeStack]:
     """Starts the whole edge once per session; tests that change the platform file restore it."""
     if not DESCRIPTORS.exists():
@@ -269,6 +271,7 @@ def edge_stack(
                 "INFERGRID_CONTROLPLANE_ACCESS_LOG": str(folder / "access.log"),
                 "INFERGRID_CONTROLPLANE_METRICS_PORT": str(cp_metrics),
                 "INFERGRID_CONTROLPLANE_TLS_DIR": str(folder / "tls"),
+                "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": jaeger_server.otlp_grpc_endpoint,
             },
             folder / "controlplane.log",
             xds,
@@ -283,6 +286,7 @@ def edge_stack(
             upstreams=upstreams,
             keys=keys,
             controlplane_metrics_port=cp_metrics,
+            jaeger_query_url=jaeger_server.query_url,
         )
         started.extend([edge, controlplane])
         for process in (*upstreams.values(), edge, controlplane):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2
+from stack.probes import http_get
 from tests.integration.edge.conftest import EdgeStack
 
 pytestmark = pytest.mark.integration
@@ -130,7 +132,8 @@ def test_oversized_bodies_are_refused_with_413(edge_stack: EdgeStack) -> None:
 
     assert answer.status == 413
     assert "Payload Too Large" in answer.body
-    assert err.code() != grpc.StatusCode.OK
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_request_bytes" in err.details()
     # Envoy and the stand-in upstream are still fine.
     assert edge_stack.predict("fraud", edge_stack.keys["acme"]).model == "fraud"
 
@@ -143,3 +146,27 @@ def test_client_cannot_forge_identity_headers(edge_stack: EdgeStack) -> None:
     )
 
     assert reply.outputs["tenant"].string_value == "acme"
+
+
+def test_envoy_traces_requests_into_jaeger(edge_stack: EdgeStack) -> None:
+    trace_id = uuid.uuid4().hex
+    edge_stack.stub().Predict(
+        gateway_pb2.PredictRequest(model="fraud"),
+        metadata=[("x-api-key", edge_stack.keys["acme"]), ("traceparent", f"00-{trace_id}-{'1' * 16}-01")],
+        timeout=5,
+    )
+
+    def _operations() -> set[str]:
+        answer = http_get(f"{edge_stack.jaeger_query_url}/api/traces/{trace_id}", timeout_s=5)
+        if answer is None or answer.status != 200:
+            return set()
+        return {span["operationName"] for trace in json.loads(answer.body)["data"] for span in trace["spans"]}
+
+    # Envoy batches spans (flushed every 5 s by default): the client's trace continues through Envoy,
+    # with the authorization and rate-limit calls as child spans.
+    operations = edge_stack.wait_for(
+        lambda: (ops := _operations()) and len(ops) >= 3 and ops, timeout=20, what="Envoy's spans in Jaeger"
+    )
+    assert "ingress" in operations
+    assert any("Authorization.Check" in op for op in operations)
+    assert any("ShouldRateLimit" in op for op in operations)
