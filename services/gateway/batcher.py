@@ -3,7 +3,11 @@
 Items for one key are collected until the batch holds `max_batch` of them or its
 first item has waited `max_delay_s` (0: until the event loop's next turn, which
 already gathers every request that arrived in the same wake-up), then the batch
-function runs once for all of them. Its results (or exceptions) go back to each
+function runs once for all of them. At most `max_concurrent` batch calls per key
+run at once: while they do, new items wait and join one batch, which is sent as
+soon as a call returns. Under light load a row goes out at once; under heavy load
+batches grow by themselves to what arrived during one round trip (the dynamic
+batching of Triton's scheduler, without a fixed wait). Its results (or exceptions) go back to each
 caller in order. The number of items queued or in a running batch is bounded:
 past `max_pending`, `submit` sheds load with ResourceExhausted.
 """
@@ -38,6 +42,16 @@ class _Batch(Generic[I, R]):
         self.handle: asyncio.Handle | None = None
 
 
+class _Key(Generic[I, R]):
+    """One key's open batch (None when no item waits) and its running calls."""
+
+    __slots__ = ("open", "running")
+
+    def __init__(self) -> None:
+        self.open: _Batch[I, R] | None = None
+        self.running = 0
+
+
 class MicroBatcher(Generic[K, I, R]):
     """Coalesces `submit(key, item)` calls into `run(key, items, timeout)` calls (see module docstring)."""
 
@@ -49,6 +63,7 @@ class MicroBatcher(Generic[K, I, R]):
         max_batch: int,
         max_delay_s: float,
         max_pending: int,
+        max_concurrent: int = 2,
         observe_size: SizeObserver | None = None,
     ) -> None:
         self.name = name
@@ -57,7 +72,8 @@ class MicroBatcher(Generic[K, I, R]):
         self._delay = max_delay_s
         self._max_pending = max_pending
         self._observe = observe_size
-        self._open: dict[K, _Batch[I, R]] = {}
+        self._max_concurrent = max(1, max_concurrent)
+        self._keys: dict[K, _Key[I, R]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Items queued or in a running batch call.
         self.depth = 0
@@ -78,13 +94,14 @@ class MicroBatcher(Generic[K, I, R]):
                 f"gateway overloaded: {self.depth} rows waiting for {self.name} (limit {self._max_pending})"
             )
         loop = asyncio.get_running_loop()
-        batch = self._open.get(key)
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _Key()
+        batch = state.open
         if batch is None:
-            batch = self._open[key] = _Batch()
-            if self._delay > 0:
-                batch.handle = loop.call_later(self._delay, self._flush, key, batch)
-            else:
-                batch.handle = loop.call_soon(self._flush, key, batch)
+            batch = state.open = _Batch()
+            if state.running < self._max_concurrent:
+                batch.handle = self._schedule(loop, key, state)
         future: asyncio.Future[R] = loop.create_future()
         batch.items.append(item)
         batch.futures.append(future)
@@ -94,17 +111,34 @@ class MicroBatcher(Generic[K, I, R]):
         if len(batch.items) >= self._max_batch:
             if batch.handle is not None:
                 batch.handle.cancel()
-            self._flush(key, batch)
+            self._flush(key, state)
         return future
 
-    def _flush(self, key: K, batch: _Batch[I, R]) -> None:
-        if self._open.get(key) is batch:
-            del self._open[key]
-        task = asyncio.get_running_loop().create_task(self._run(key, batch))
+    def _schedule(self, loop: asyncio.AbstractEventLoop, key: K, state: _Key[I, R]) -> asyncio.Handle:
+        if self._delay > 0:
+            return loop.call_later(self._delay, self._flush, key, state)
+        return loop.call_soon(self._flush, key, state)
+
+    def _flush(self, key: K, state: _Key[I, R]) -> None:
+        batch = state.open
+        if batch is None:
+            return
+        state.open = None
+        state.running += 1
+        task = asyncio.get_running_loop().create_task(self._run(key, state, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, key: K, batch: _Batch[I, R]) -> None:
+    def _done(self, key: K, state: _Key[I, R]) -> None:
+        state.running -= 1
+        batch = state.open
+        if batch is not None and batch.handle is None:
+            # Items waited for this call to return: send them now, as one batch.
+            batch.handle = asyncio.get_running_loop().call_soon(self._flush, key, state)
+        elif batch is None and state.running == 0 and self._keys.get(key) is state:
+            del self._keys[key]
+
+    async def _run(self, key: K, state: _Key[I, R], batch: _Batch[I, R]) -> None:
         items, futures = batch.items, batch.futures
         n = len(items)
         if self._observe is not None:
@@ -134,16 +168,21 @@ class MicroBatcher(Generic[K, I, R]):
                     future.set_result(result)
         finally:
             self.depth -= n
+            self._done(key, state)
 
     async def close(self) -> None:
         """Cancels open batches and running calls (shutdown)."""
-        for batch in self._open.values():
+        for state in self._keys.values():
+            batch = state.open
+            if batch is None:
+                continue
             if batch.handle is not None:
                 batch.handle.cancel()
             for future in batch.futures:
                 future.cancel()
             self.depth -= len(batch.items)
-        self._open.clear()
+            state.open = None
+        self._keys.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

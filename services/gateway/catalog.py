@@ -48,16 +48,48 @@ class ModelSpec:
     view_keys: Mapping[str, str]
     # Versions found as folders next to features.json; empty when none are (any version is tried).
     versions: tuple[str, ...]
+    # The highest known version ("" lets the inference service choose).
+    latest_version: str
+    # The `features` map of an InferenceLogRecord holding every input as a float, in wire format,
+    # with the value bytes zeroed; `feature_slots` are the byte positions of the values, in column
+    # order. Filling the slots and parsing the bytes in C costs a third of setting 32 map entries.
+    features_wire: np.ndarray
+    feature_slots: np.ndarray
 
     @property
     def width(self) -> int:
         return len(self.feature_names)
 
-    def latest_version(self) -> str:
-        """The highest known version ("" lets the inference service choose)."""
-        if not self.versions:
-            return ""
-        return max(self.versions, key=lambda v: (int(v) if v.isdigit() else -1, v))
+
+_RECORD_FEATURES_FIELD = 9
+
+
+def _features_wire(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The wire template of `map<string, Value> features` (see ModelSpec.features_wire)."""
+    parts: list[bytes] = []
+    slots: list[int] = []
+    position = 0
+    for name in names:
+        key = name.encode()
+        # MapEntry { 1: key (string), 2: value (Value { 1: float_value (fixed32) }) }
+        entry = _varint(0x0A) + _varint(len(key)) + key + b"\x12\x05\x0d"
+        head = _varint(_RECORD_FEATURES_FIELD << 3 | 2) + _varint(len(entry) + 4) + entry
+        slots.extend(range(position + len(head), position + len(head) + 4))
+        parts.append(head + bytes(4))
+        position += len(head) + 4
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), np.asarray(slots, dtype=np.intp)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def parse_spec(name: str, description: Mapping[str, object], versions: tuple[str, ...] = ()) -> ModelSpec:
@@ -100,6 +132,8 @@ def parse_spec(name: str, description: Mapping[str, object], versions: tuple[str
     if len(set(names)) != len(names):
         raise CatalogError(f"{name}: a feature name is listed twice")
     used_views = {ref.split(":", 1)[0] for ref in store_refs}
+    wire, slots = _features_wire(tuple(names))
+    latest = max(versions, key=lambda v: (int(v) if v.isdigit() else -1, v)) if versions else ""
     default_array = np.asarray(defaults, dtype=np.float32)
     columns = np.asarray(store_columns, dtype=np.intp)
     return ModelSpec(
@@ -115,6 +149,9 @@ def parse_spec(name: str, description: Mapping[str, object], versions: tuple[str
         entity_keys=tuple(sorted({view_keys[v] for v in used_views})),
         view_keys=view_keys,
         versions=versions,
+        latest_version=latest,
+        features_wire=wire,
+        feature_slots=slots,
     )
 
 

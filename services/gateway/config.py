@@ -67,11 +67,15 @@ class UpstreamConfig:
 class BatchingConfig:
     """Micro-batching of concurrent requests toward the feature and inference services."""
 
-    # A batch is sent when it holds this many rows, or when its first row has waited this long.
+    # A batch is sent when it holds this many rows, or when its first row has waited this long
+    # (0: the event loop's next turn) and fewer than max_concurrent batch calls are running; while
+    # that many run, arriving rows wait and go together as soon as one returns.
     features_max_batch: int = 128
-    features_max_delay_s: float = 0.0002
+    features_max_delay_s: float = 0.0
+    features_max_concurrent: int = 2
     inference_max_batch: int = 256
-    inference_max_delay_s: float = 0.0002
+    inference_max_delay_s: float = 0.0
+    inference_max_concurrent: int = 2
     # Load shedding: rows waiting for or in a batch call, per target; beyond it RESOURCE_EXHAUSTED.
     max_pending_rows: int = 4096
     # Rows being predicted in this process (all RPCs); beyond it RESOURCE_EXHAUSTED.
@@ -82,6 +86,8 @@ class BatchingConfig:
     def __post_init__(self) -> None:
         if self.features_max_batch < 1 or self.inference_max_batch < 1:
             raise ValueError("max batch sizes must be at least 1")
+        if self.features_max_concurrent < 1 or self.inference_max_concurrent < 1:
+            raise ValueError("max concurrent batch calls must be at least 1")
         if self.features_max_delay_s < 0 or self.inference_max_delay_s < 0:
             raise ValueError("max batch delays must not be negative")
         if self.max_pending_rows < 1 or self.max_in_flight_rows < 1 or self.max_batch_request_rows < 1:

@@ -15,6 +15,8 @@ after the answer without waiting for Kafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import math
 import time
@@ -53,6 +55,8 @@ _tracer = trace.get_tracer(__name__)
 _NUMBER_KINDS = ("float_value", "double_value", "int64_value", "bool_value")
 _DEADLINE_MARGIN_S = 0.002
 _MAX_NAME = 200
+# Stands in for a stage span when the request is not sampled (`with` yields None).
+_NO_SPAN = contextlib.nullcontext()
 
 
 class RowInput(Protocol):
@@ -76,9 +80,11 @@ class PredictorSettings:
     inference_timeout_s: float = 0.5
     request_timeout_s: float = 1.0
     features_max_batch: int = 128
-    features_max_delay_s: float = 0.0002
+    features_max_delay_s: float = 0.0
+    features_max_concurrent: int = 2
     inference_max_batch: int = 256
-    inference_max_delay_s: float = 0.0002
+    inference_max_delay_s: float = 0.0
+    inference_max_concurrent: int = 2
     max_pending_rows: int = 4096
     max_in_flight_rows: int = 4096
     max_batch_request_rows: int = 1000
@@ -118,6 +124,7 @@ class _Row:
     shadow: str
     values: np.ndarray
     degraded: list[str]
+    traced: bool = False
 
 
 class Predictor:
@@ -149,6 +156,7 @@ class Predictor:
                 max_batch=s.features_max_batch,
                 max_delay_s=s.features_max_delay_s,
                 max_pending=s.max_pending_rows,
+                max_concurrent=s.features_max_concurrent,
                 observe_size=self._metrics.features_batch.observe,
             )
         )
@@ -159,14 +167,15 @@ class Predictor:
                 max_batch=s.inference_max_batch,
                 max_delay_s=s.inference_max_delay_s,
                 max_pending=s.max_pending_rows,
+                max_concurrent=s.inference_max_concurrent,
                 observe_size=self._metrics.inference_batch.observe,
             )
         )
         self.in_flight = 0
         self._background: set[asyncio.Task[None]] = set()
         self._warned: set[str] = set()
-        m.QUEUED.labels("features").set_function(lambda: self.features_batcher.depth)
-        m.QUEUED.labels("inference").set_function(lambda: self.inference_batcher.depth)
+        self._id_prefix = uuid.uuid4().hex[:20]
+        self._id_counter = itertools.count(1)
 
     # Entry point.
 
@@ -215,7 +224,6 @@ class Predictor:
         left = call.time_remaining
         deadline = loop.time() + (self.settings.request_timeout_s if left is None else left)
         self.in_flight += n
-        m.IN_FLIGHT.inc(n)
         try:
             if n == 1:
                 return [await self._predict_row(spec, validated[0], call, deadline, start_ns)]
@@ -226,7 +234,16 @@ class Predictor:
             )
         finally:
             self.in_flight -= n
-            m.IN_FLIGHT.dec(n)
+
+    async def report_gauges(self, interval_s: float = 0.5) -> None:
+        """Publishes the queue depths as gauges until cancelled (cheaper than per-request updates)."""
+        queued_features = m.QUEUED.labels("features")
+        queued_inference = m.QUEUED.labels("inference")
+        while True:
+            m.IN_FLIGHT.set(self.in_flight)
+            queued_features.set(self.features_batcher.depth)
+            queued_inference.set(self.inference_batcher.depth)
+            await asyncio.sleep(interval_s)
 
     # Validation and version choice.
 
@@ -245,7 +262,8 @@ class Predictor:
         values = spec.defaults.copy()
         features = row.features
         columns = spec.request_columns
-        for name, value in features.items():
+        for name in features:  # iterating keys is C; .items() on a proto map is a Python generator
+            value = features[name]
             column = columns.get(name)
             if column is None:
                 raise InvalidArgument(
@@ -266,11 +284,12 @@ class Predictor:
         if version:
             choice_version, shadow = version, self.router.shadow_for(spec.name, version)
         else:
-            choice = self.router.choose(spec.name, entities, spec.latest_version())
+            choice = self.router.choose(spec.name, entities, spec.latest_version)
             choice_version, shadow = choice.version, choice.shadow
         if shadow and spec.versions and shadow not in spec.versions:
             shadow = ""
-        request_id = row.request_id or uuid.uuid4().hex
+        # Unique without a syscall per request: a random per-process prefix and a counter.
+        request_id = row.request_id or f"{self._id_prefix}{next(self._id_counter):012x}"
         return _Row(row, request_id, choice_version, shadow, values, degraded)
 
     # One row.
@@ -278,7 +297,10 @@ class Predictor:
     async def _predict_row(
         self, spec: ModelSpec, row: _Row, call: CallInfo, deadline: float, start_ns: int
     ) -> Prediction:
-        span_context = trace.get_current_span().get_span_context()
+        current = trace.get_current_span()
+        span_context = current.get_span_context()
+        # Stage spans only for sampled requests: a non-recording span still costs microseconds.
+        row.traced = current.is_recording()
         key = b""
         try:
             if self._cache is not None:
@@ -308,9 +330,10 @@ class Predictor:
             if spec.store_refs:
                 await self._add_store_features(spec, row, deadline)
             shadow_future = None
-            with _tracer.start_as_current_span("inference") as span:
-                span.set_attribute("infergrid.model", spec.name)
-                span.set_attribute("infergrid.model_version", row.version)
+            with _tracer.start_as_current_span("inference") if row.traced else _NO_SPAN as span:
+                if span is not None:
+                    span.set_attribute("infergrid.model", spec.name)
+                    span.set_attribute("infergrid.model_version", row.version)
                 timeout = _time_left(deadline, self.settings.inference_timeout_s)
                 future = self.inference_batcher.submit((spec, row.version), row.values, timeout)
                 if row.shadow:
@@ -341,27 +364,27 @@ class Predictor:
 
     async def _add_store_features(self, spec: ModelSpec, row: _Row, deadline: float) -> None:
         """Fills the row's store columns; a failed or missing value is its default and marks the row degraded."""
-        with _tracer.start_as_current_span("features") as span:
+        with _tracer.start_as_current_span("features") if row.traced else _NO_SPAN as span:
             try:
                 timeout = _time_left(deadline, self.settings.features_timeout_s)
-                future = self.features_batcher.submit(spec, row.source.entities, timeout)
-                # The budget holds even if a source overruns it: features never delay an answer for long.
-                async with asyncio.timeout(timeout):
-                    values, present = await future
+                # The source gets the budget as its call deadline (FeatureSource honours it).
+                values, present = await self.features_batcher.submit(spec, row.source.entities, timeout)
             except ResourceExhausted:
                 raise
             except InvalidArgument:
                 raise
             except Exception as exc:  # features are optional: any failure serves the defaults
                 m.FEATURE_ERRORS.labels(_reason(exc)).inc()
-                span.set_attribute("infergrid.degraded", True)
+                if span is not None:
+                    span.set_attribute("infergrid.degraded", True)
                 row.degraded.extend(spec.store_refs)
                 return
             row.values[spec.store_columns] = np.where(present, values, spec.store_defaults)
             if not present.all():
                 refs = spec.store_refs
                 row.degraded.extend(refs[j] for j in np.flatnonzero(~present))
-                span.set_attribute("infergrid.degraded", True)
+                if span is not None:
+                    span.set_attribute("infergrid.degraded", True)
 
     def _submit_shadow(
         self, spec: ModelSpec, row: _Row, timeout: float
@@ -440,7 +463,7 @@ class Predictor:
         record.degraded_features.extend(prediction.degraded_features)
         record.cached = prediction.cached
         if shadow_future is None:
-            self._publish(record)
+            self._publish(record, row.traced)
         else:
             self._spawn(self._publish_with_shadow(spec, row, record, shadow_future, start_ns=start_ns))
 
@@ -466,9 +489,9 @@ class Predictor:
         )
         record.request_time.FromNanoseconds(start_ns)
         record.response_time.FromNanoseconds(end_ns)
-        used = record.features
-        for name, number in zip(spec.feature_names, row.values.tolist(), strict=True):
-            used[name].float_value = number
+        wire = spec.features_wire.copy()
+        wire[spec.feature_slots] = row.values.view(np.uint8)
+        record.MergeFromString(wire.tobytes())
         if span_context.is_valid:
             record.trace_id = format(span_context.trace_id, "032x")
             record.span_id = format(span_context.span_id, "016x")
@@ -517,8 +540,8 @@ class Predictor:
         record.degraded_features.extend(row.degraded)
         self._publish(record)
 
-    def _publish(self, record: logging_pb2.InferenceLogRecord) -> None:
-        with _tracer.start_as_current_span("publish"):
+    def _publish(self, record: logging_pb2.InferenceLogRecord, traced: bool = False) -> None:
+        with _tracer.start_as_current_span("publish") if traced else _NO_SPAN:
             try:
                 self._publisher.publish(record)
             except Exception:  # never fail an answered prediction because of its log record

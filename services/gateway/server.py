@@ -105,8 +105,10 @@ def predictor_settings(config: GatewayConfig) -> PredictorSettings:
         request_timeout_s=up.request_timeout_s,
         features_max_batch=batching.features_max_batch,
         features_max_delay_s=batching.features_max_delay_s,
+        features_max_concurrent=batching.features_max_concurrent,
         inference_max_batch=batching.inference_max_batch,
         inference_max_delay_s=batching.inference_max_delay_s,
+        inference_max_concurrent=batching.inference_max_concurrent,
         max_pending_rows=batching.max_pending_rows,
         max_in_flight_rows=batching.max_in_flight_rows,
         max_batch_request_rows=batching.max_batch_request_rows,
@@ -200,13 +202,16 @@ async def create_server(
         ],
         telemetry=telemetry,
     )
-    watch_task = asyncio.get_running_loop().create_task(watcher.run()) if watcher is not None else None
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(predictor.report_gauges())]
+    if watcher is not None:
+        tasks.append(loop.create_task(watcher.run()))
 
     async def _close() -> None:
-        if watch_task is not None:
-            watch_task.cancel()
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await watch_task
+                await task
         await predictor.close()
         await features_channel.close()
         await inference_channel.close()

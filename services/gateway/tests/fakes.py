@@ -46,8 +46,10 @@ class FakeFeatures:
         self, spec: ModelSpec, entities: Sequence[Mapping[str, str]], timeout: float
     ) -> FeatureValues:
         self.calls.append(len(entities))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        if self.delay_s:  # a real source's call deadline is `timeout`
+            await asyncio.sleep(min(self.delay_s, timeout))
+            if self.delay_s > timeout:
+                raise TimeoutError("features did not answer in time")
         if self.failure is not None:
             raise self.failure
         n, width = len(entities), len(spec.store_refs)
