@@ -208,6 +208,12 @@ async def load(target: str, counts: dict[str, int] | None = None, timeout_s: flo
         await asyncio.wait_for(channel.channel_ready(), timeout_s)
         stub = features_pb2_grpc.FeatureServiceStub(channel)
         deadline = time.monotonic() + timeout_s
+        slots = asyncio.Semaphore(2)  # a couple of 1,000-row writes at a time
+
+        async def _write(request: pb.WriteFeaturesRequest) -> pb.WriteFeaturesResponse:
+            async with slots:
+                return await stub.WriteFeatures(request, timeout=120)
+
         for demo in VIEWS:
             while True:  # the server may still be connecting to Cassandra
                 try:
@@ -220,9 +226,7 @@ async def load(target: str, counts: dict[str, int] | None = None, timeout_s: flo
                         raise
                     await asyncio.sleep(1.0)
             count = counts.get(demo.name, demo.count)
-            replies = await asyncio.gather(
-                *(stub.WriteFeatures(r, timeout=60) for r in write_requests(demo, count, time.time()))
-            )
+            replies = await asyncio.gather(*(_write(r) for r in write_requests(demo, count, time.time())))
             written[demo.name] = sum(r.rows_written for r in replies)
     return written
 

@@ -205,7 +205,15 @@ async def _main(config: FeaturesConfig) -> None:
     cache = RedisCache(config.cache) if config.cache.cache_enabled else NoCache()
     registry = Registry(backend.views)
     await registry.refresh()
-    online = OnlineFeatures(registry, cache, config.limits, config.store, config.cache)
+    online = OnlineFeatures(
+        registry,
+        cache,
+        config.limits,
+        config.store,
+        config.cache,
+        store_timeout_s=config.cassandra.cassandra_request_timeout_s,
+        store_parallelism=config.cassandra.cassandra_max_in_flight,
+    )
     online.store = backend.store
     consumer = Consumer(consumer_conf(config))
     producer = Producer({**config.kafka.client_conf(), "enable.idempotence": True})

@@ -86,6 +86,7 @@ class OnlineFeatures:
         cache_config: CacheConfig,
         *,
         store_timeout_s: float = 2.0,
+        store_parallelism: int = 128,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
@@ -95,6 +96,8 @@ class OnlineFeatures:
         self._cache_config = cache_config
         self._prefix = cache_config.cache_key_prefix.encode()
         self._clock = clock
+        self._store_timeout_s = store_timeout_s
+        self._store_parallelism = max(1, store_parallelism)
         self._cassandra = Dependency(
             "cassandra",
             DependencyPolicy(
@@ -378,12 +381,16 @@ class OnlineFeatures:
         Args:
             view: The view the rows belong to.
             rows: Encoded rows (see `prepare_rows`).
-            timeout_s: For the whole call; the store's request timeout when None (batch jobs pass more).
+            timeout_s: For the whole call. By default one request timeout per wave of
+                `store_parallelism` rows (the rows are written that many at a time).
 
         Raises:
             Unavailable: The store cannot be reached (nothing is acknowledged).
         """
         store = self._store()
+        if timeout_s is None:
+            waves = -(-len(rows) // self._store_parallelism)
+            timeout_s = self._store_timeout_s * max(1, waves) + 0.5
         try:
             await self._cassandra.call(store.write, view, rows, timeout=timeout_s)
         except (Unavailable, DeadlineExceeded):

@@ -208,6 +208,7 @@ async def create_server(
         config.store,
         config.cache,
         store_timeout_s=config.cassandra.cassandra_request_timeout_s,
+        store_parallelism=config.cassandra.cassandra_max_in_flight,
     )
     connector: _Connector | None = None
     if store is not None and view_store is not None:
@@ -217,27 +218,35 @@ async def create_server(
 
     loaded = False
     probe: asyncio.Task[bool] | None = None
+    refresh: asyncio.Task[None] | None = None
+
+    async def _refresh_views() -> None:
+        try:
+            await registry.refresh_if_older(config.limits.registry_refresh_s)
+        except Exception as exc:
+            log.warning("feature views could not be re-read: %s", exc)
 
     async def readiness() -> bool:
-        nonlocal loaded
+        nonlocal loaded, probe, refresh
         if connector is not None and not connector.connected:
             connector.kick()
             return False
-        try:
-            if not loaded:
+        if not loaded:
+            try:
                 await registry.refresh()
-                loaded = True
-            else:
-                await registry.refresh_if_older(config.limits.registry_refresh_s)
-        except Exception as exc:
-            log.warning("feature views could not be re-read: %s", exc)
-        # Probe the store in the background, so that reads answered from the cache alone are marked
-        # possibly stale while it is down, and the breaker's state does not decide what readiness says.
-        nonlocal probe
+            except Exception as exc:
+                log.warning("feature views could not be read: %s", exc)
+                return False
+            loaded = True
+        # Once loaded, views are re-read and the store is probed in the background: a slow
+        # Cassandra must not make this check time out, because the service stays SERVING while
+        # Cassandra is away (cached values are still served). The probe keeps `possibly_stale`
+        # honest even when no request misses the cache.
+        if refresh is None or refresh.done():
+            refresh = asyncio.create_task(_refresh_views(), name="views-refresh")
         if probe is None or probe.done():
             probe = asyncio.create_task(online.check_store(), name="cassandra-probe")
-        # Once connected the service stays SERVING when Cassandra goes away: cached values are still served.
-        return loaded
+        return True
 
     servicer = FeatureServiceServicer(registry, online)
     server = build_server(
@@ -248,8 +257,9 @@ async def create_server(
     )
 
     async def _close() -> None:
-        if probe is not None:
-            probe.cancel()
+        for task in (probe, refresh):
+            if task is not None:
+                task.cancel()
         await online.drain()
         if isinstance(cache, RedisCache):
             await cache.close()
