@@ -278,11 +278,20 @@ class Spool:
         self._dirty = False
 
     def sync(self) -> None:
-        """Makes every appended message durable (the "interval" policy's periodic call)."""
+        """Makes every appended message durable (the "interval" policy's periodic call).
+
+        The fsync runs on a duplicate descriptor outside the lock, so appends from the request path
+        never wait for the disk.
+        """
         with self._lock:
-            if self._fd is not None and self._dirty:
-                os.fsync(self._fd)
-                self._dirty = False
+            if self._fd is None or not self._dirty:
+                return
+            fd = os.dup(self._fd)
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def seal(self) -> None:
         """Closes the active segment so it can be re-sent; the next append starts a new one."""
