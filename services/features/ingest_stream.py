@@ -22,11 +22,13 @@ from typing import Any, Protocol
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from opentelemetry import trace
 from prometheus_client import Counter
 
 from infergrid.features.v1 import features_pb2
 from libs.config import load_config_or_exit
 from libs.errors import DeadlineExceeded, ServiceError, Unavailable
+from libs.kafka import context_from_headers
 from libs.telemetry import setup_telemetry, tracer
 from services.features.config import ENV_PREFIX, FeaturesConfig, StreamConfig
 from services.features.online import OnlineFeatures, RowInput
@@ -39,6 +41,7 @@ _tracer = tracer(__name__)
 RECORDS = Counter(
     "infergrid_features_stream_records_total", "Feature update records consumed, by outcome.", ["outcome"]
 )
+_MAX_LINKS = 128
 _WRITTEN = RECORDS.labels("written")
 _DEAD = RECORDS.labels("dead_letter")
 
@@ -128,7 +131,15 @@ class StreamIngestor:
         """Writes the good records of a batch and dead-letters the bad ones (offsets are not touched)."""
         outcome = BatchOutcome()
         by_view: dict[str, tuple[View, list[WriteRow]]] = {}
-        with _tracer.start_as_current_span("ingest batch") as span:
+        # The batch span links to the traces of the producers that sent its records.
+        links = [
+            trace.Link(ctx)
+            for ctx in (
+                trace.get_current_span(context_from_headers(m.headers())).get_span_context() for m in messages
+            )
+            if ctx.is_valid
+        ]
+        with _tracer.start_as_current_span("ingest batch", links=links[:_MAX_LINKS]) as span:
             span.set_attribute("messaging.batch.message_count", len(messages))
             try:
                 await self._online.registry.refresh_if_older(5.0)
