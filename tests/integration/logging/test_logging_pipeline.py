@@ -263,6 +263,11 @@ async def _check_api(port: int, published: dict[str, logging_pb2.InferenceLogRec
         assert got == wanted
 
         stats = await stub.GetStats(logging_pb2.GetStatsRequest())
+        deadline = time.monotonic() + 20
+        while stats.consumer_lag != 0 and time.monotonic() < deadline:  # measured every 5 s
+            await asyncio.sleep(0.5)
+            stats = await stub.GetStats(logging_pb2.GetStatsRequest())
+        assert stats.consumer_lag == 0
         assert stats.records_total == len(published)
         assert stats.dead_lettered_total == 1
         assert stats.records_by_model["fraud"] + stats.records_by_model["churn"] == len(published)
