@@ -194,6 +194,8 @@ def gateway_cluster(platform: PlatformConfig) -> dict[str, Any]:
         "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
+        # An endpoint taken out of the platform file leaves at once, even while its health checks pass.
+        "ignore_health_on_host_removal": True,
         "typed_extension_protocol_options": _HTTP2,
         "health_checks": [
             {

@@ -139,6 +139,7 @@ class EdgeStack:
     keys: dict[str, str]
     controlplane_metrics_port: int = 0
     jaeger_query_url: str = ""
+    controlplane_env: dict[str, str] = field(default_factory=dict)
     platform_values: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -260,22 +261,18 @@ def edge_stack(
             folder / "edge.log",
             edge_port,
         )
-        controlplane = _spawn(
-            "services.controlplane",
-            {
-                "INFERGRID_CONTROLPLANE_PORT": str(xds),
-                "INFERGRID_CONTROLPLANE_PLATFORM_FILE": str(platform_file),
-                "INFERGRID_CONTROLPLANE_PLATFORM_POLL_SECONDS": "0.2",
-                "INFERGRID_CONTROLPLANE_DESCRIPTOR_SET": str(DESCRIPTORS),
-                "INFERGRID_CONTROLPLANE_EDGE_ADDRESS": f"127.0.0.1:{edge_port}",
-                "INFERGRID_CONTROLPLANE_ACCESS_LOG": str(folder / "access.log"),
-                "INFERGRID_CONTROLPLANE_METRICS_PORT": str(cp_metrics),
-                "INFERGRID_CONTROLPLANE_TLS_DIR": str(folder / "tls"),
-                "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": jaeger_server.otlp_grpc_endpoint,
-            },
-            folder / "controlplane.log",
-            xds,
-        )
+        controlplane_env = {
+            "INFERGRID_CONTROLPLANE_PORT": str(xds),
+            "INFERGRID_CONTROLPLANE_PLATFORM_FILE": str(platform_file),
+            "INFERGRID_CONTROLPLANE_PLATFORM_POLL_SECONDS": "0.2",
+            "INFERGRID_CONTROLPLANE_DESCRIPTOR_SET": str(DESCRIPTORS),
+            "INFERGRID_CONTROLPLANE_EDGE_ADDRESS": f"127.0.0.1:{edge_port}",
+            "INFERGRID_CONTROLPLANE_ACCESS_LOG": str(folder / "access.log"),
+            "INFERGRID_CONTROLPLANE_METRICS_PORT": str(cp_metrics),
+            "INFERGRID_CONTROLPLANE_TLS_DIR": str(folder / "tls"),
+            "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": jaeger_server.otlp_grpc_endpoint,
+        }
+        controlplane = _spawn("services.controlplane", controlplane_env, folder / "controlplane.log", xds)
         result = EdgeStack(
             folder=folder,
             platform_file=platform_file,
@@ -287,6 +284,7 @@ def edge_stack(
             keys=keys,
             controlplane_metrics_port=cp_metrics,
             jaeger_query_url=jaeger_server.query_url,
+            controlplane_env=controlplane_env,
         )
         started.extend([edge, controlplane])
         for process in (*upstreams.values(), edge, controlplane):
@@ -306,6 +304,6 @@ def edge_stack(
         if envoy is not None:
             envoy.stop()
         if result is not None:
-            started.extend(p for p in result.upstreams.values() if p not in started)
+            started.extend(p for p in (*result.upstreams.values(), result.controlplane) if p not in started)
         for process in reversed(started):
             process.stop()

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from stack.probes import http_get
-from tests.integration.edge.conftest import EdgeStack
+from tests.integration.edge.conftest import EdgeStack, _spawn, _wait_serving
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +152,41 @@ def test_tls_with_a_generated_self_signed_certificate(live: EdgeStack) -> None:
             return False
 
     assert live.wait_for(_https_ok, what="an HTTPS answer")
+
+
+def _gateway_hosts(stack: EdgeStack) -> set[str]:
+    answer = http_get(f"{stack.envoy.admin_url}/clusters", timeout_s=5)
+    assert answer is not None
+    return {
+        line.split("::")[1]
+        for line in answer.body.splitlines()
+        if line.startswith("gateway::") and "::cx_total::" in line
+    }
+
+
+def test_an_endpoint_edit_reaches_envoy_over_eds(live: EdgeStack) -> None:
+    only_a = f'"127.0.0.1:{live.upstreams["replica-a"].port}"'
+    live.write_platform(live.platform_text(endpoints=only_a))
+    live.wait_for(lambda: len(_gateway_hosts(live)) == 1, what="one gateway endpoint in Envoy")
+
+    served_by = {live.predict("fraud", live.keys["acme"]).model_version for _ in range(20)}
+
+    assert served_by == {"replica-a"}
+    live.reset_platform()
+    live.wait_for(lambda: len(_gateway_hosts(live)) == 2, what="both endpoints back")
+
+
+def test_envoy_keeps_serving_while_the_control_plane_restarts(live: EdgeStack) -> None:
+    old = live.controlplane
+    old.stop()
+    assert live.predict("fraud", live.keys["acme"]).model == "fraud"  # last good config, no control plane
+
+    live.controlplane = _spawn(
+        "services.controlplane", live.controlplane_env, old.log.with_suffix(".2.log"), old.port
+    )
+    _wait_serving(live.controlplane)
+    live.write_platform(live.platform_text(timeout_ms=1700))
+
+    live.wait_for(
+        lambda: _route_timeout(live) == "1.700s", timeout=30, what="Envoy back on the new control plane"
+    )
