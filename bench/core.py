@@ -26,15 +26,14 @@ class Settings:
     features_concurrency: tuple[int, ...]
     features_concurrency_100: tuple[int, ...]
     scaling_concurrency: tuple[int, ...]
+    e2e_concurrency: tuple[int, ...]
     log_records: int
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
         if quick:
-            return cls(True, 1.0, 2.0, 1, (1, 32, 128), (1, 32), (1, 8), (32,), 20_000)
-        return cls(
-            False, 2.0, 4.0, 3, (1, 8, 32, 64, 128, 256), (1, 8, 32, 128), (1, 8, 32), (32, 128), 100_000
-        )
+            return cls(True, 1.0, 2.0, 1, (1, 32, 128), (1, 32), (1, 8), (32,), (1, 32), 20_000)
+        return cls(False, 2.0, 3.0, 3, (1, 8, 32, 128, 256), (1, 8, 32, 128), (1, 8, 32), (32, 128), (1, 32, 128), 100_000)  # fmt: skip
 
 
 @dataclass

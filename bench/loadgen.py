@@ -181,14 +181,14 @@ def perf_analyzer(
 ) -> dict[str, Any]:
     """Triton's perf_analyzer at one concurrency (its own stability loop: up to 5 windows of interval_ms)."""
     command = [binary, "-m", model, "-x", version, "-u", url, "-i", "grpc", "-b", "1",
-               "--concurrency-range", f"{concurrency}:{concurrency}", "-p", str(interval_ms), "-r", "3",
-               "-s", "100", "--percentile", "99", "-f", str(csv_path)]  # fmt: skip
+               "--concurrency-range", f"{concurrency}:{concurrency}", "-p", str(interval_ms), "-r", "10",
+               "-s", "1000", "--percentile", "99", "-f", str(csv_path)]  # fmt: skip
     if streaming:
         command.append("--streaming")
     else:
         command.append("--async")
     result, wall, lg_cpu, srv_cpu = run_measured(
-        pinned(command, loadgen_cpus()), timeout=interval_ms / 1000 * 8 + 90, server_cpu=server_cpu, env=env
+        pinned(command, loadgen_cpus()), timeout=interval_ms / 1000 * 14 + 90, server_cpu=server_cpu, env=env
     )
     if result.returncode != 0 or not csv_path.exists():
         raise RuntimeError(
@@ -233,6 +233,7 @@ class H2load:
         server_cpu: Callable[[], float] | None = None,
         pin: bool = True,
         connections: int | None = None,
+        extra_headers: Sequence[str] = (),
     ) -> dict[str, Any]:
         """One closed-loop run: `concurrency` streams over min(concurrency, 8) connections.
 
@@ -245,6 +246,8 @@ class H2load:
         command = [self.binary, "-t1", f"-c{conns}", f"-m{streams}", "-D", str(max(1, round(duration_s))),
                    "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
                    "--log-file", str(log_file), url]  # fmt: skip
+        for header in extra_headers:
+            command[-1:-1] = ["-H", header]
         result, wall, lg_cpu, srv_cpu = run_measured(
             pinned(command, loadgen_cpus() if pin else None), timeout=duration_s + 60, server_cpu=server_cpu
         )
@@ -279,10 +282,12 @@ class H2load:
         del wall
         return rep
 
-    def response_bytes(self, *, url: str, body_file: Path) -> int:
+    def response_bytes(self, *, url: str, body_file: Path, extra_headers: Sequence[str] = ()) -> int:
         """DATA bytes of one answer to `body_file` (the successful response's frame size, checked by the caller)."""
         command = [self.binary, "-n1", "-c1", "-d", str(body_file), "-H", "content-type: application/grpc",
                    "-H", "te: trailers", url]  # fmt: skip
+        for header in extra_headers:
+            command[-1:-1] = ["-H", header]
         result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
         data = re.search(r"traffic: .*?\((\d+)\) data", result.stdout)
         if result.returncode != 0 or data is None or int(data.group(1)) == 0:

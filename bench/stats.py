@@ -12,7 +12,7 @@ from typing import Any
 
 # The keys of one measured run (a "rep") that are medianed across repetitions.
 REP_KEYS = ("rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms", "errors", "requests",
-            "duration_s", "server_cpu", "loadgen_cpu")  # fmt: skip
+            "duration_s", "server_cpu", "loadgen_cpu", "degraded")  # fmt: skip
 
 SLO_P99_MS = 25.0
 

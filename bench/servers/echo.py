@@ -1,8 +1,10 @@
 """The transport limit: a gRPC server answering KServe v2 ModelInfer with a fixed, valid response, computing nothing.
 
-    python -m bench.servers.echo --mode aio|sync --port PORT
+    python -m bench.servers.echo --mode aio|sync|predict --port PORT
 
-`aio`: one grpc.aio server on the default asyncio loop; `sync`: grpc.server with a ThreadPoolExecutor(10).
+`aio`: one grpc.aio server on the default asyncio loop; `sync`: grpc.server with a ThreadPoolExecutor(10);
+`predict`: grpc.aio answering infergrid.gateway.v1.PredictionService/Predict with a fixed PredictResponse and
+serving grpc.health.v1 (Envoy health-checks its upstream): the stand-in for the gateway behind Envoy.
 Both use a generic handler without (de)serializers, so the request bytes are never parsed and the
 response is pre-serialized: what is left is gRPC's own per-call cost. The response is what the inference
 service answers for one row of the demo `fraud` model (output `fraud_probability`, FP32 [1, 1]).
@@ -19,6 +21,7 @@ import grpc
 from inference import grpc_service_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
+PREDICT_SERVICE = "infergrid.gateway.v1.PredictionService"
 
 
 def response_bytes() -> bytes:
@@ -27,6 +30,37 @@ def response_bytes() -> bytes:
     del out
     reply.raw_output_contents.append(b"\x00\x00\x00\x3f")  # 0.5
     return reply.SerializeToString()
+
+
+def predict_response_bytes() -> bytes:
+    from infergrid.gateway.v1 import gateway_pb2
+
+    reply = gateway_pb2.PredictResponse(request_id="0" * 32, model="fraud", model_version="1")
+    reply.outputs["fraud_probability"].float_value = 0.5
+    return reply.SerializeToString()
+
+
+async def serve_predict(port: int) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1.health import aio as health_aio
+
+    answer = predict_response_bytes()
+
+    async def predict(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return answer
+
+    server = grpc.aio.server()
+    method = grpc.unary_unary_rpc_method_handler(predict)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(PREDICT_SERVICE, {"Predict": method}),)
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ("", PREDICT_SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
 
 
 def _handler(answer: bytes, is_async: bool) -> grpc.GenericRpcHandler:
@@ -63,11 +97,13 @@ def serve_sync(port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("aio", "sync"), required=True)
+    parser.add_argument("--mode", choices=("aio", "sync", "predict"), required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     if args.mode == "aio":
         asyncio.run(serve_aio(args.port))
+    elif args.mode == "predict":
+        asyncio.run(serve_predict(args.port))
     else:
         serve_sync(args.port)
 

@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--max-queue-delay-us", type=int, default=0)
     parser.add_argument("--no-batching", action="store_true")
+    parser.add_argument(
+        "--redis-url", help="also serve `fraud_entity`: entity_id -> Redis MGET of 32 floats -> model"
+    )
     args = parser.parse_args()
 
     options = ort.SessionOptions()
@@ -69,6 +72,27 @@ def main() -> None:
             config=ModelConfig(max_batch_size=args.max_batch_size, batcher=batcher),
             strict=False,
         )
+        if args.redis_url:
+            import redis
+
+            client = redis.Redis.from_url(args.redis_url)
+
+            @batch
+            def infer_entity(entity_id: np.ndarray) -> dict[str, np.ndarray]:
+                # One MGET per batch (peers.md's scenario B): packed float32 x 32 per key.
+                raw = client.mget([f"bench:feat:{int(i)}" for i in entity_id.reshape(-1)])
+                x = np.frombuffer(b"".join(raw), dtype=np.float32).reshape(-1, 32)
+                (probability,) = session.run(["fraud_probability"], {"features": x})
+                return {"fraud_probability": probability}
+
+            triton.bind(
+                model_name="fraud_entity",
+                infer_func=infer_entity,
+                inputs=[Tensor(name="entity_id", dtype=np.int64, shape=(1,))],
+                outputs=[Tensor(name="fraud_probability", dtype=np.float32, shape=(1,))],
+                config=ModelConfig(max_batch_size=args.max_batch_size, batcher=batcher),
+                strict=False,
+            )
         triton.serve()
 
 

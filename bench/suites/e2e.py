@@ -1,38 +1,371 @@
-"""End to end: Predict through Envoy (gRPC and JSON) with auth, rate limiting, features, model and log record.
+"""End to end: Predict through Envoy (gRPC and HTTP/JSON) with authentication (ext_authz, API key), rate
+limiting (the edge's Redis token buckets; the bench tenant's tier is high enough never to throttle), features
+from Redis (the demo views, cache warm), the model (inference service, batching on) and one Kafka
+inference-log record per request; vs the same Envoy, control plane and edge in front of a bare echo
+service answering Predict with a fixed response (the transport limit of this path).
 
-Runs only once the gateway, the control plane and the edge have landed (`make up` starting them); until
-then it records why it was skipped, so the report says what could not be measured.
+The whole chain — Envoy, control plane, edge, gateway, features, inference, Redis, Cassandra, Kafka — is
+pinned to CPU 0 (the same one-core budget as the peers' numbers in peers.md), the load generator to CPU 1.
+Envoy's access log and all tracing are off. Errors come from the gateway's own counters
+(infergrid_gateway_requests_total by status) and degraded answers (a feature default served because the
+feature call missed its 50 ms budget) from infergrid_gateway_degraded_total.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+
 from bench.core import Run, Skipped, Suite
+from bench.loadgen import WRK_DONE, H2load, Wrk, grpc_frame
+from bench.procs import Server, free_port, repo_env, server_cpus, set_affinity, wait_port
+from bench.suites import features as features_suite
+from bench.suites import inference as inference_suite
+from bench.suites.common import service_env, wait_grpc_serving
+from bench.tools import ensure_debian, say
+from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs.testing import REPO_ROOT
+from stack.envoy import Envoy
+from stack.progress import Progress
+
+PREDICT = "infergrid.gateway.v1.PredictionService/Predict"
+REQUEST_FEATURES = {"amount": 250.0, "hour_of_day": 3.0, "is_weekend": 1.0, "channel_online": 1.0,
+                    "card_present": 0.0, "distance_from_home_km": 120.0, "is_foreign": 1.0, "device_new": 1.0}  # fmt: skip
+
+PLATFORM = """listener:
+  host: 127.0.0.1
+  port: {envoy_port}
+  max_request_bytes: 1048576
+  tls: {{enabled: false}}
+gateway:
+  endpoints: ["127.0.0.1:{upstream_port}"]
+  timeout_ms: 2000
+  retry: {{retry_on: "reset,connect-failure,unavailable", num_retries: 2, per_try_timeout_ms: 1000, budget_percent: 20}}
+  health_check: {{interval_ms: 1000, timeout_ms: 500, unhealthy_threshold: 2, healthy_threshold: 1}}
+  outlier_detection: {{consecutive_5xx: 5, consecutive_gateway_failure: 3, base_ejection_time_ms: 10000}}
+api_keys_file: keys.yaml
+rate_limit_tiers:
+  free: {{requests_per_second: 10, burst: 20}}
+  standard: {{requests_per_second: 2000, burst: 4000}}
+  bench: {{requests_per_second: 1000000, burst: 1000000}}
+tenants:
+  bench: {{tier: bench, models: ["fraud"]}}
+models:
+  fraud:
+    versions:
+      - {{version: "1", weight: 100}}
+    sticky_key: user_id
+"""
+
+WRK_PREDICT = """
+math.randomseed(11)
+local key = ""
+local feats = '"features":{"amount":{"floatValue":250},"hour_of_day":{"floatValue":3},"is_weekend":{"floatValue":1},' ..
+  '"channel_online":{"floatValue":1},"card_present":{"floatValue":0},"distance_from_home_km":{"floatValue":120},' ..
+  '"is_foreign":{"floatValue":1},"device_new":{"floatValue":1}}'
+function init(args) key = args[1] end
+function request()
+  local u = math.random(0, 9999)
+  local body = string.format('{"entities":{"user_id":"u%05d","merchant_id":"m%04d","device_id":"d%05d"},%s}',
+                             u, u % 1000, u % 5000, feats)
+  return wrk.format("POST", "/v1/models/fraud:predict", {["Content-Type"] = "application/json", ["x-api-key"] = key}, body)
+end
+"""
 
 
 def missing_parts() -> list[str]:
     missing = []
-    if not (REPO_ROOT / "services" / "gateway" / "server.py").exists():
+    gateway = REPO_ROOT / "services" / "gateway" / "server.py"
+    if not gateway.exists() or "PredictionService" not in gateway.read_text():
         missing.append("services/gateway (PredictionService)")
-    else:
-        text = (REPO_ROOT / "services" / "gateway" / "server.py").read_text()
-        if "UNIMPLEMENTED" in text or "Predict" not in text:
-            missing.append("services/gateway Predict")
-    if not (REPO_ROOT / "services" / "controlplane" / "server.py").exists():
-        missing.append("services/controlplane (xDS server)")
-    if (
-        not any((REPO_ROOT / "services" / "edge").glob("*.py"))
-        or not (REPO_ROOT / "services" / "edge" / "server.py").exists()
-    ):
-        missing.append("services/edge (ext_authz / rate limit)")
-    registry = (REPO_ROOT / "stack" / "registry.py").read_text()
-    if "gateway" not in registry:
-        missing.append("`make up` starting the services (stack/registry.py)")
+    for name, what in (("controlplane", "xDS control plane"), ("edge", "ext_authz / rate-limit service")):
+        if not (REPO_ROOT / "services" / name / "server.py").exists():
+            missing.append(f"services/{name} ({what})")
     return missing
+
+
+def predict_request(user: int) -> gateway_pb2.PredictRequest:
+    request = gateway_pb2.PredictRequest(
+        model="fraud",
+        entities={
+            "user_id": f"u{user:05d}",
+            "merchant_id": f"m{user % 1000:04d}",
+            "device_id": f"d{user % 5000:05d}",
+        },
+    )
+    for name, value in REQUEST_FEATURES.items():
+        request.features[name].float_value = value
+    return request
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The gateway's Prometheus counters that tell errors and degraded answers apart."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {"ok": 0.0, "errors": 0.0, "degraded": 0.0}
+    for line in text.splitlines():
+        if line.startswith("infergrid_gateway_requests_total{"):
+            status = re.search(r'status="([^"]*)"', line)
+            value = float(line.rsplit(" ", 1)[1])
+            out["ok" if status and status.group(1) in ("OK", "0") else "errors"] += value
+        elif line.startswith("infergrid_gateway_degraded_total{"):
+            out["degraded"] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+class Chain:
+    """The running edge path; `cpu()` sums every process of it."""
+
+    def __init__(self) -> None:
+        self.servers: list[Server] = []
+        self.pids: list[int] = []
+
+    def cpu(self) -> float:
+        from bench.procs import pids_cpu_seconds
+
+        return sum(s.cpu_seconds() for s in self.servers) + pids_cpu_seconds(self.pids)
 
 
 def body(run: Run, suite: Suite) -> None:
     missing = missing_parts()
     if missing:
         raise Skipped("not landed yet: " + "; ".join(missing))
-    raise Skipped("the gateway and edge have landed, but this harness has no end-to-end driver for them yet")
+    s = run.settings
+    cpus = server_cpus()
+    work = run.work_dir / "e2e"
+    work.mkdir(exist_ok=True)
+    h2 = H2load(ensure_debian("h2load", "nghttp2-client"))
+    wrk = Wrk(ensure_debian("wrk", "wrk"))
+    redis = run.backends.redis(cpus)
+    cassandra = run.backends.cassandra(cpus)
+    kafka = run.backends.kafka(cpus)
+    for pid in run.backends.pids("redis", "cassandra", "kafka"):
+        set_affinity(pid, cpus)
+    chain = Chain()
+    chain.pids = run.backends.pids("redis", "cassandra", "kafka")
+
+    # Model and features.
+    batch_repo, _ = inference_suite.prepare_repositories(run)
+    inference, inference_port = inference_suite.start_ours(run, "e2e-inference", batch_repo)
+    feats, features_port = features_suite.start_ours(run, "e2e-features", cache=True, redis_url=redis.url,
+                                                     cassandra_port=cassandra.port)  # fmt: skip
+    chain.servers += [inference, feats]
+    out = subprocess.run([sys.executable, "-m", "services.features.demo", "--target", f"127.0.0.1:{features_port}"],
+                         check=False, capture_output=True, text=True, timeout=600, env=repo_env())  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"features demo load failed: {out.stderr[-1500:]}")
+
+    # Gateway (and its inference-log producer to Kafka).
+    gateway_port, gateway_metrics = free_port(), free_port()
+    envoy_port = run.backends.config.port("envoy")
+    platform = work / "platform.yaml"
+    platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=gateway_port))
+    env = service_env("INFERGRID_GATEWAY_", gateway_port, {
+        "INFERGRID_GATEWAY_METRICS_PORT": str(gateway_metrics),
+        "INFERGRID_GATEWAY_MODEL_REPOSITORY": str(batch_repo),
+        "INFERGRID_GATEWAY_PLATFORM_FILE": str(platform),
+        "INFERGRID_GATEWAY_FEATURES_TARGET": f"127.0.0.1:{features_port}",
+        "INFERGRID_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{inference_port}",
+        "INFERGRID_GATEWAY_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "INFERGRID_GATEWAY_INFERENCE_LOG_TOPIC": "bench.e2e.inference-log",
+        "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(work / "spool"),
+    })  # fmt: skip
+    gateway = run.procs.start("e2e-gateway", [sys.executable, "-m", "services.gateway"], env=env, cpus=cpus)
+    wait_grpc_serving(gateway, gateway_port, timeout=90)
+    chain.servers.append(gateway)
+
+    # Edge: the bench tenant's API key, then ext_authz + rate limit, the control plane and Envoy.
+    key = secrets.token_urlsafe(24)
+    keys_file = work / "keys.yaml"
+    out = subprocess.run([sys.executable, "-m", "services.edge.keys", "--platform", str(platform), "--keys-file",
+                          str(keys_file), "ensure", "--tenant", "bench", "--name", "bench", "--key-from-env",
+                          "BENCH_API_KEY"], check=False, capture_output=True, text=True, timeout=60,
+                         env=repo_env({"BENCH_API_KEY": key}))  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"edge keys: {out.stderr[-1000:]}")
+    edge_port = run.backends.config.port("edge")
+    edge = run.procs.start("e2e-edge", [sys.executable, "-m", "services.edge"], cpus=cpus, env=service_env(
+        "INFERGRID_EDGE_", edge_port, {"INFERGRID_EDGE_PLATFORM_FILE": str(platform),
+                                       "INFERGRID_EDGE_KEYS_FILE": str(keys_file),
+                                       "INFERGRID_EDGE_REDIS_URL": redis.url}))  # fmt: skip
+    wait_grpc_serving(edge, edge_port, timeout=60)
+    cp_port = run.backends.config.port("controlplane")
+    controlplane = run.procs.start("e2e-controlplane", [sys.executable, "-m", "services.controlplane"], cpus=cpus,
+                                   env=service_env("INFERGRID_CONTROLPLANE_", cp_port, {
+                                       "INFERGRID_CONTROLPLANE_PLATFORM_FILE": str(platform),
+                                       "INFERGRID_CONTROLPLANE_DESCRIPTOR_SET": str(REPO_ROOT / "build" / "gen" / "descriptors.pb"),
+                                       "INFERGRID_CONTROLPLANE_EDGE_ADDRESS": f"127.0.0.1:{edge_port}",
+                                       "INFERGRID_CONTROLPLANE_LISTENER_PORT": str(envoy_port),
+                                       "INFERGRID_CONTROLPLANE_ACCESS_LOG": "",
+                                       "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": "",
+                                       "INFERGRID_CONTROLPLANE_TLS_DIR": str(work / "tls")}))  # fmt: skip
+    wait_grpc_serving(controlplane, cp_port, timeout=60)
+    chain.servers += [edge, controlplane]
+    envoy = Envoy(run.backends.config)
+    record = envoy.start(Progress("envoy"))
+    run.procs.on_stop(envoy.stop)
+    set_affinity(record.pid, cpus)
+    chain.pids.append(record.pid)
+    wait_port(envoy_port, 60)
+
+    # Correctness through Envoy: the gateway's answer equals the model on the stored features (checked by the
+    # gateway's own tests); here: authenticated calls succeed, not degraded; a missing key is refused.
+    target = f"127.0.0.1:{envoy_port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                stub = gateway_pb2_grpc.PredictionServiceStub(ch)
+                reply = stub.Predict(predict_request(4242), metadata=[("x-api-key", key)], timeout=5)
+                try:
+                    stub.Predict(predict_request(1), timeout=5)
+                    raise RuntimeError("Envoy let a call without an API key through")
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                        raise RuntimeError(
+                            f"a call without a key got {exc.code()}, not UNAUTHENTICATED"
+                        ) from None
+            break
+        except grpc.RpcError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Predict through Envoy fails: {exc}") from None
+            time.sleep(1)
+    if reply.degraded or "fraud_probability" not in reply.outputs:
+        raise RuntimeError(f"unexpected answer through Envoy: {reply}")
+    suite.extra["checked_answer"] = (
+        f"user u04242 → {reply.outputs['fraud_probability'].float_value:.4f} (v{reply.model_version})"
+    )
+
+    body_file = work / "predict.grpc"
+    body_file.write_bytes(grpc_frame(predict_request(4242).SerializeToString()))
+    url = f"http://{target}/{PREDICT}"
+    script = work / "predict.lua"
+    script.write_text(WRK_PREDICT + WRK_DONE)
+
+    def grpc_rep(server_cpu: Any, frame: int, c: int, metrics_port: int | None):
+        def rep(duration: float, i: int) -> dict[str, Any]:
+            before = scrape(metrics_port) if metrics_port else None
+            result = h2.run(url=url, body_file=body_file, concurrency=c, duration_s=duration, response_frame_bytes=frame,
+                            log_file=work / "h2load.log", server_cpu=server_cpu, extra_headers=[f"x-api-key: {key}"])  # fmt: skip
+            if before is not None:
+                after = scrape(metrics_port)  # type: ignore[arg-type]
+                result["errors"] = max(result.get("errors", 0.0), after["errors"] - before["errors"])
+                result["degraded"] = after["degraded"] - before["degraded"]
+            return result
+
+        return rep
+
+    def json_rep(server_cpu: Any, c: int, metrics_port: int | None):
+        def rep(duration: float, i: int) -> dict[str, Any]:
+            before = scrape(metrics_port) if metrics_port else None
+            result = wrk.run(url=f"http://{target}", script=script, concurrency=c, duration_s=duration,
+                             server_cpu=server_cpu, script_args=[key])  # fmt: skip
+            if before is not None:
+                after = scrape(metrics_port)  # type: ignore[arg-type]
+                result["errors"] = max(result.get("errors", 0.0), after["errors"] - before["errors"])
+                result["degraded"] = after["degraded"] - before["degraded"]
+            return result
+
+        return rep
+
+    frame = h2.response_bytes(url=url, body_file=body_file, extra_headers=[f"x-api-key: {key}"])
+    for c in s.e2e_concurrency:
+        run.measure(suite, system="InferGrid Predict via Envoy (gRPC)", key="e2e-grpc", protocol="gRPC", tool="h2load",
+                    params={"concurrency": c}, rep=grpc_rep(chain.cpu, frame, c, gateway_metrics))  # fmt: skip
+    for c in s.e2e_concurrency:
+        run.measure(suite, system="InferGrid Predict via Envoy (HTTP/JSON)", key="e2e-json", protocol="HTTP/JSON",
+                    tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, gateway_metrics))  # fmt: skip
+
+    # The transport limit of this path: the same Envoy + edge, the gateway replaced by a fixed-answer server.
+    run.procs.stop(gateway)
+    chain.servers.remove(gateway)
+    echo_port = free_port()
+    echo = run.procs.start("e2e-echo", [sys.executable, "-m", "bench.servers.echo", "--mode", "predict", "--port",
+                                        str(echo_port)], env=repo_env(), cpus=cpus)  # fmt: skip
+    wait_grpc_serving(echo, echo_port, timeout=30)
+    platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=echo_port))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                reply = gateway_pb2_grpc.PredictionServiceStub(ch).Predict(
+                    predict_request(4242), metadata=[("x-api-key", key)], timeout=5
+                )
+            if reply.request_id == "0" * 32:
+                break
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("Envoy never switched to the echo upstream")
+        time.sleep(0.5)
+    for server in (inference, feats):  # not on the path any more: free the core
+        run.procs.stop(server)
+        chain.servers.remove(server)
+    chain.servers.append(echo)
+    frame = h2.response_bytes(url=url, body_file=body_file, extra_headers=[f"x-api-key: {key}"])
+    for c in s.e2e_concurrency:
+        run.measure(suite, system="Envoy + auth + rate limit → echo (gRPC)", key="envoy-echo-grpc", protocol="gRPC",
+                    tool="h2load", params={"concurrency": c}, rep=grpc_rep(chain.cpu, frame, c, None))  # fmt: skip
+    for c in s.e2e_concurrency:
+        run.measure(suite, system="Envoy + auth + rate limit → echo (HTTP/JSON)", key="envoy-echo-json",
+                    protocol="HTTP/JSON", tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, None))  # fmt: skip
+    for server in list(chain.servers):
+        run.procs.stop(server)
+    envoy.stop()
+
+    # The issue's reference point: PyTriton doing only the Redis lookup (one MGET per batch) and the model.
+    pytriton_with_redis(run, suite, h2=h2, redis_url=redis.url, repo=batch_repo, cpus=cpus)
+    say("e2e done")
+
+
+def pytriton_with_redis(
+    run: Run, suite: Suite, *, h2: H2load, redis_url: str, repo: Path, cpus: str | None
+) -> None:
+    import numpy as np
+    import redis as redis_py
+
+    from inference import grpc_service_pb2 as ipb
+
+    rng = np.random.default_rng(4242)
+    table = rng.normal(0, 1, (10_000, 32)).astype(np.float32)
+    table[:, 0] = np.abs(table[:, 0]) * 50
+    client = redis_py.Redis.from_url(redis_url)
+    pipe = client.pipeline(transaction=False)
+    for i in range(10_000):
+        pipe.set(f"bench:feat:{i}", table[i].tobytes())
+    pipe.execute()
+    client.close()
+    expected = inference_suite.reference_outputs(repo, table[[4242]])[0]
+    server, port = inference_suite.start_pytriton(
+        run, repo, name="pytriton-redis", extra=["--redis-url", redis_url]
+    )
+    server.extra_pids = run.backends.pids("redis")
+    req = ipb.ModelInferRequest(model_name="fraud_entity", model_version="1")
+    req.inputs.add(name="entity_id", datatype="INT64", shape=[1, 1])
+    req.raw_input_contents.append(np.array([4242], dtype=np.int64).tobytes())
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        reply = inference_suite.pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+    got = float(np.frombuffer(reply.raw_output_contents[0], dtype=np.float32)[0])
+    if abs(got - float(expected)) > 1e-5:
+        raise RuntimeError(f"PyTriton fraud_entity answered {got}, ONNX Runtime {expected}")
+    body_file = run.work_dir / "e2e" / "pytriton-entity.grpc"
+    body_file.write_bytes(grpc_frame(req.SerializeToString()))
+    url = f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"
+    frame = h2.response_bytes(url=url, body_file=body_file)
+    for c in run.settings.e2e_concurrency:
+
+        def rep(duration: float, i: int, c: int = c) -> dict[str, Any]:
+            return h2.run(url=url, body_file=body_file, concurrency=c, duration_s=duration, response_frame_bytes=frame,
+                          log_file=run.work_dir / "h2load.log", server_cpu=server.cpu_seconds)  # fmt: skip
+
+        run.measure(suite, system="PyTriton: Redis MGET + model in one process (KServe v2 gRPC, no Envoy)",
+                    key="pytriton-redis", protocol="gRPC", tool="h2load", params={"concurrency": c}, rep=rep)  # fmt: skip
+    run.procs.stop(server)

@@ -113,6 +113,27 @@ def start_ours(
     return server, port
 
 
+def start_pytriton(
+    run: Run, repo: Path, *, name: str = "pytriton", extra: list[str] | None = None
+) -> tuple[Server, int]:
+    """PyTriton from its own venv on the server CPU (peers.md's LD_LIBRARY_PATH fix); returns (server, gRPC port)."""
+    venv = ensure_venv("pytriton")
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    env = {
+        **repo_env(),
+        "LD_LIBRARY_PATH": f"{Path(base_python()).parents[1] / 'lib'}",
+        "HOME": str(run.work_dir),
+    }
+    env.pop("PYTHONPATH", None)
+    script = Path(__file__).parents[1] / "servers" / "pytriton_server.py"
+    server = run.procs.start(name, [str(venv / "bin" / "python"), str(script), "--onnx", str(repo / MODEL / VERSION / "model.onnx"),
+                                    "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port",
+                                    str(metrics_port), "--workspace", str(run.work_dir / f"{name}-ws"), *(extra or [])],
+                             env=env, cpus=server_cpus())  # fmt: skip
+    wait_model_ready(server, grpc_port)
+    return server, grpc_port
+
+
 def reference_outputs(repo: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -208,20 +229,7 @@ def body(run: Run, suite: Suite) -> None:
         run.procs.stop(server)
 
     # 3. PyTriton.
-    venv = ensure_venv("pytriton")
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    env = {
-        **repo_env(),
-        "LD_LIBRARY_PATH": f"{Path(base_python()).parents[1] / 'lib'}",
-        "HOME": str(run.work_dir),
-    }
-    env.pop("PYTHONPATH", None)
-    workspace = run.work_dir / "pytriton-ws"
-    server = run.procs.start("pytriton", [str(venv / "bin" / "python"), str(Path(__file__).parents[1] / "servers" / "pytriton_server.py"),
-                                          "--onnx", str(batch_repo / MODEL / VERSION / "model.onnx"), "--grpc-port", str(grpc_port),
-                                          "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-                                          "--workspace", str(workspace)], env=env, cpus=server_cpus())  # fmt: skip
-    wait_model_ready(server, grpc_port)
+    server, grpc_port = start_pytriton(run, batch_repo)
     for i in (0, 7, 33):
         check_answer(grpc_port, x[i], float(expected[i]))
     sweep(
