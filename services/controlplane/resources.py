@@ -81,6 +81,21 @@ _ACCESS_LOG_FORMAT = {
 }
 
 
+# A request no route matches (Envoy's NR flag) gets a 404 saying what exists (UNIMPLEMENTED for gRPC).
+_NO_ROUTE = {
+    "filter": {"response_flag_filter": {"flags": ["NR"]}},
+    "body_format_override": {
+        "text_format_source": {
+            "inline_string": (
+                "no route for %REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%: the API is "
+                "POST /v1/models/{model}:predict, POST /v1/models/{model}:predictBatch "
+                f"and gRPC {PREDICTION_SERVICE}/Predict, /PredictBatch\n"
+            )
+        }
+    },
+}
+
+
 def _grpc_too_large(max_bytes: int) -> dict[str, Any]:
     """Local-reply mapper: RESOURCE_EXHAUSTED with the limit for gRPC; HTTP callers keep their 413."""
     return {
@@ -361,7 +376,7 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
         "http_filters": _http_filters(platform, wiring),
         "access_log": _access_logs(wiring),
         # Envoy would derive UNKNOWN from a 413; a gRPC server says RESOURCE_EXHAUSTED for a message too large.
-        "local_reply_config": {"mappers": [_grpc_too_large(platform.listener.max_request_bytes)]},
+        "local_reply_config": {"mappers": [_grpc_too_large(platform.listener.max_request_bytes), _NO_ROUTE]},
     }
     if wiring.tracing_otlp_address:
         hcm["tracing"] = {

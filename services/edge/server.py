@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -204,14 +205,14 @@ def _response(plans: Sequence[_Planned], result: LimitResult) -> rls_pb2.RateLim
             limit_remaining=max(0, state.remaining),
         )
         if short:
-            wait = max(state.wait_seconds, 0.001)
-            status.duration_until_reset.FromNanoseconds(int(wait * 1e9))
+            # Whole seconds, rounded up: what Envoy puts in x-ratelimit-reset, matching retry-after.
+            status.duration_until_reset.FromSeconds(math.ceil(state.wait_seconds))
         statuses.append(status)
     response = rls_pb2.RateLimitResponse(overall_code=ok if result.allowed else over, statuses=statuses)
     if not result.allowed:
-        response.response_headers_to_add.add(
-            key="retry-after", value=retry_after_header(result.retry_after_seconds)
-        )
+        retry_after = retry_after_header(result.retry_after_seconds)
+        response.response_headers_to_add.add(key="retry-after", value=retry_after)
+        response.raw_body = f"rate limit exceeded; retry after {retry_after} s\n".encode()
     return response
 
 

@@ -102,7 +102,8 @@ def test_burst_over_the_limit_is_rate_limited_while_other_tenants_are_not(edge_s
     assert int(trailers["retry-after"]) >= 1
     assert answer.status == 429
     assert int(answer.headers["retry-after"]) >= 1
-    assert "x-ratelimit-reset" in {k.lower() for k in answer.headers}
+    assert int(answer.headers["x-ratelimit-reset"]) >= 1
+    assert "rate limit exceeded" in answer.body
     assert other == [grpc.StatusCode.OK] * 10
 
 
@@ -112,8 +113,8 @@ def test_burst_over_the_limit_is_rate_limited_while_other_tenants_are_not(edge_s
         ("/v1/models/fraud:predict", "{not json", 400, "Expected"),
         ("/v1/models/fraud:predict", '{"entities": 5}', 400, "entities"),
         ("/v1/models/fraud:predict", '{"model": "ranker"}', 400, "model"),
-        ("/v1/models/fraud:explode", "{}", 404, ""),
-        ("/v2/nothing/here", "{}", 404, ""),
+        ("/v1/models/fraud:explode", "{}", 404, "no route for POST /v1/models/fraud:explode"),
+        ("/v2/nothing/here", "{}", 404, "no route for POST /v2/nothing/here"),
     ],
 )
 def test_bad_requests_get_4xx_answers_naming_the_problem(
