@@ -2,8 +2,8 @@
 
 For every service whose HPA scales on a custom metric, the test starts `python -m services.<name>`
 (with the real backends it needs from the stack fixtures: Kafka and Cassandra for logging, Redis and
-Cassandra for features, a demo model repository for inference), makes one call of the service's API so
-that the per-RPC series exist, scrapes its /metrics port, and looks for the series named in the rule's
+Cassandra for features, a demo model repository for inference, a real inference process for the
+gateway), makes one call of the service's API so that the per-request series exist, scrapes its /metrics port, and looks for the series named in the rule's
 `seriesQuery` with the label values the rule filters on.
 """
 
@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -62,13 +63,35 @@ def _inference_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
 
 
 def _gateway_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
-    nowhere = f"127.0.0.1:{free_port()}"
+    """The gateway with the demo model, a real inference process behind it and no feature service."""
+    inference_env = _inference_env(request, tmp)
+    inference = Running("inference", inference_env)
+    request.addfinalizer(lambda: stop_process(inference.proc))
+    from services.inference.server import SERVICE_NAME as INFERENCE_SERVICE
+
+    asyncio.run(wait_serving(inference.port, INFERENCE_SERVICE, inference.proc, timeout=120))
     return {
-        "INFERGRID_GATEWAY_FEATURES_TARGET": nowhere,
-        "INFERGRID_GATEWAY_INFERENCE_TARGET": nowhere,
+        "INFERGRID_GATEWAY_MODEL_REPOSITORY": inference_env["INFERGRID_INFERENCE_MODEL_REPOSITORY"],
+        "INFERGRID_GATEWAY_FEATURES_TARGET": f"127.0.0.1:{free_port()}",
+        "INFERGRID_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{inference.port}",
         "INFERGRID_GATEWAY_INFERENCE_LOG_ENABLED": "false",
         "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(tmp / "spool"),
     }
+
+
+async def _predict(port: int) -> None:
+    """One demo prediction through the gateway (features unreachable: defaults serve)."""
+    from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from services.inference import demo
+
+    # One key per entity the demo model's features come from ("user" -> user_id, ...).
+    entities = {f"{f.source}_id": "1" for f in demo.FEATURES if f.source != "request"}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = gateway_pb2_grpc.PredictionServiceStub(channel)
+        with contextlib.suppress(grpc.aio.AioRpcError):  # any outcome is counted
+            await stub.Predict(
+                gateway_pb2.PredictRequest(model=demo.MODEL_NAME, entities=entities), timeout=10
+            )
 
 
 def _cassandra_env(request: pytest.FixtureRequest, prefix: str, keyspace: str) -> Env:
@@ -103,6 +126,9 @@ def _logging_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
         "INFERGRID_LOGGING_LAKE_DIR": str(tmp / "lake"),
     }
 
+
+# A realistic call per service, so that its per-request series exist (others get a generic call).
+EXERCISES: dict[str, Callable[[int], Coroutine[Any, Any, None]]] = {"gateway": _predict}
 
 # How to start each service with what it needs (only the services whose HPAs use custom metrics run).
 STARTERS: dict[str, Callable[[pytest.FixtureRequest, Path], Env]] = {
@@ -189,6 +215,8 @@ def test_hpa_metrics_are_exported_by_the_running_service(
     service = running(name)
     try:
         asyncio.run(wait_serving(service.port, service_module.SERVICE_NAME, service.proc, timeout=120))
+        if name in EXERCISES:
+            asyncio.run(EXERCISES[name](service.port))
         for _series_name, labels in wanted.values():
             if "grpc_service" in labels:
                 asyncio.run(_call_any_unary_method(service.port, labels["grpc_service"]))
