@@ -165,14 +165,9 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _resolve(host: str) -> str:
-    """EDS endpoints must be IP addresses; a hostname is resolved when the resources are built."""
-    return host if _is_ip(host) else socket.gethostbyname(host)
-
-
-def _socket_address(address: str, *, resolve: bool = False) -> dict[str, Any]:
+def _socket_address(address: str) -> dict[str, Any]:
     host, port = _split(address)
-    return {"socket_address": {"address": _resolve(host) if resolve else host, "port_value": port}}
+    return {"socket_address": {"address": host, "port_value": port}}
 
 
 def _static_cluster(name: str, address: str, timeout_ms: int = 1000) -> dict[str, Any]:
@@ -247,19 +242,24 @@ def gateway_cluster(platform: PlatformConfig) -> dict[str, Any]:
     }
 
 
+def _addresses(host: str) -> list[str]:
+    """Every IPv4 address of `host` (a headless Service's pods), or the IP itself."""
+    if _is_ip(host):
+        return [host]
+    infos = socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 def gateway_endpoints(platform: PlatformConfig) -> dict[str, Any]:
-    """The gateway replicas' addresses."""
-    return {
-        "cluster_name": GATEWAY_CLUSTER,
-        "endpoints": [
-            {
-                "lb_endpoints": [
-                    {"endpoint": {"address": _socket_address(e, resolve=True)}}
-                    for e in platform.gateway.endpoints
-                ]
-            }
-        ],
-    }
+    """The gateway replicas' addresses; a host name stands for all the addresses it resolves to."""
+    lb_endpoints = []
+    for endpoint in platform.gateway.endpoints:
+        host, port = _split(endpoint)
+        for address in _addresses(host):
+            lb_endpoints.append(
+                {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}
+            )
+    return {"cluster_name": GATEWAY_CLUSTER, "endpoints": [{"lb_endpoints": lb_endpoints}]}
 
 
 def _grpc_service(cluster: str, timeout_ms: int) -> dict[str, Any]:
