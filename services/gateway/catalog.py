@@ -37,6 +37,7 @@ class ModelSpec:
     output_name: str
     feature_names: tuple[str, ...]
     defaults: np.ndarray
+    default_list: tuple[float, ...]
     # Request-time feature name -> column index.
     request_columns: Mapping[str, int]
     # Feature-store references in fetch order, and the column each one fills.
@@ -142,6 +143,7 @@ def parse_spec(name: str, description: Mapping[str, object], versions: tuple[str
         output_name=str(description.get("output", "")),
         feature_names=tuple(names),
         defaults=default_array,
+        default_list=tuple(float(v) for v in default_array),
         request_columns=request_columns,
         store_refs=tuple(store_refs),
         store_columns=columns,

@@ -65,18 +65,15 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """Micro-batching of concurrent requests toward the feature and inference services."""
+    """Micro-batching of concurrent rows toward the feature and inference services (per model)."""
 
-    # A batch is sent when it holds this many rows, or when its first row has waited this long
-    # (0: the event loop's next turn) and fewer than max_concurrent batch calls are running; while
-    # that many run, arriving rows wait and go together as soon as one returns.
-    features_max_batch: int = 128
-    features_max_delay_s: float = 0.0
-    features_max_concurrent: int = 2
-    inference_max_batch: int = 256
-    inference_max_delay_s: float = 0.0
-    inference_max_concurrent: int = 2
-    # Load shedding: rows waiting for or in a batch call, per target; beyond it RESOURCE_EXHAUSTED.
+    # A batch goes out when it holds this many rows, or when its first row has waited this long
+    # (0: the event loop's next turn) and fewer than max_concurrent_batches calls of the model are
+    # running; while that many run, arriving rows wait and go together as soon as one returns.
+    max_batch_rows: int = 256
+    max_batch_delay_s: float = 0.0
+    max_concurrent_batches: int = 2
+    # Load shedding: rows waiting for or in a batch; beyond it RESOURCE_EXHAUSTED.
     max_pending_rows: int = 4096
     # Rows being predicted in this process (all RPCs); beyond it RESOURCE_EXHAUSTED.
     max_in_flight_rows: int = 4096
@@ -84,12 +81,10 @@ class BatchingConfig:
     max_batch_request_rows: int = 1000
 
     def __post_init__(self) -> None:
-        if self.features_max_batch < 1 or self.inference_max_batch < 1:
-            raise ValueError("max batch sizes must be at least 1")
-        if self.features_max_concurrent < 1 or self.inference_max_concurrent < 1:
-            raise ValueError("max concurrent batch calls must be at least 1")
-        if self.features_max_delay_s < 0 or self.inference_max_delay_s < 0:
-            raise ValueError("max batch delays must not be negative")
+        if self.max_batch_rows < 1 or self.max_concurrent_batches < 1:
+            raise ValueError("max_batch_rows and max_concurrent_batches must be at least 1")
+        if self.max_batch_delay_s < 0:
+            raise ValueError("max_batch_delay_s must not be negative")
         if self.max_pending_rows < 1 or self.max_in_flight_rows < 1 or self.max_batch_request_rows < 1:
             raise ValueError("row limits must be at least 1")
 

@@ -19,7 +19,7 @@ LATENCY = Histogram(
 )
 BATCH_SIZE = Histogram(
     "infergrid_gateway_batch_rows",
-    "Rows per batched call toward a dependency.",
+    "Rows per batched call toward a dependency (features: one call per batch; inference: per version).",
     ["target"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
@@ -40,7 +40,7 @@ IN_FLIGHT = Gauge(
 )
 QUEUED = Gauge(
     "infergrid_gateway_batcher_pending_rows",
-    "Rows waiting for or in a batched call, by target.",
+    "Rows waiting for or in a batch (toward features and inference).",
     ["target"],
     multiprocess_mode="livesum",
 )

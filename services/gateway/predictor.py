@@ -1,15 +1,16 @@
 """The prediction pipeline: validate, choose a version, fetch features, assemble the row, infer, log, answer.
 
 `Predictor.predict` serves Predict (one row) and PredictBatch (many rows of one
-model). Rows of concurrent calls meet in two micro-batchers, one toward the
-feature service (key: the model, whose feature references and entity columns
-are fixed) and one toward the inference service (key: model and version), so
-the per-RPC cost of each hop is paid once per batch. Features are optional:
-when they cannot be read (down, slow, open breaker) each missing value is
-replaced by its default and the row is marked degraded. Inference is not
-optional: its failure fails the row, fast. A shadow version scores the same row
-concurrently; its outputs go only into the log record, which is published
-after the answer without waiting for Kafka.
+model). Validated rows of concurrent calls meet in one micro-batcher per model
+(see batcher.py): a batch makes one GetOnlineFeatures call for all its rows,
+assembles their FP32 inputs as one matrix in the model's feature order, and
+makes one ModelInfer call per version among them, so the per-RPC cost of both
+hops is paid once per batch and each caller waits for one wake-up. Features are
+optional: when they cannot be read (down, slow, open breaker) each missing
+value is replaced by its default and the row is marked degraded. Inference is
+not optional: its failure fails the rows, fast. A shadow version scores the
+same rows in the background; its outputs go only into the log record, which is
+published after the answer without waiting for Kafka.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from services.gateway import metrics as m
 from services.gateway.batcher import MicroBatcher
 from services.gateway.cache import CachedAnswer, ResponseCache, cache_key
 from services.gateway.catalog import ModelCatalog, ModelSpec
-from services.gateway.features import FeatureSource, FeatureValues
+from services.gateway.features import FeatureSource
 from services.gateway.models import ModelClient
 from services.gateway.publisher import RecordPublisher
 from services.gateway.routing import TrafficRouter
@@ -55,8 +56,10 @@ _tracer = trace.get_tracer(__name__)
 _NUMBER_KINDS = ("float_value", "double_value", "int64_value", "bool_value")
 _DEADLINE_MARGIN_S = 0.002
 _MAX_NAME = 200
-# Stands in for a stage span when the request is not sampled (`with` yields None).
+# Stands in for a span when the request is not sampled (`with` yields None).
 _NO_SPAN = contextlib.nullcontext()
+
+Outputs = dict[str, np.ndarray]
 
 
 class RowInput(Protocol):
@@ -79,12 +82,9 @@ class PredictorSettings:
     features_timeout_s: float = 0.05
     inference_timeout_s: float = 0.5
     request_timeout_s: float = 1.0
-    features_max_batch: int = 128
-    features_max_delay_s: float = 0.0
-    features_max_concurrent: int = 2
-    inference_max_batch: int = 256
-    inference_max_delay_s: float = 0.0
-    inference_max_concurrent: int = 2
+    max_batch_rows: int = 256
+    max_batch_delay_s: float = 0.0
+    max_concurrent_batches: int = 2
     max_pending_rows: int = 4096
     max_in_flight_rows: int = 4096
     max_batch_request_rows: int = 1000
@@ -109,22 +109,29 @@ class Prediction:
     request_id: str
     model: str
     version: str
-    outputs: dict[str, np.ndarray]
+    outputs: Outputs
     degraded_features: list[str] = field(default_factory=list)
     cached: bool = False
 
 
 @dataclass(slots=True)
 class _Row:
-    """A validated row: its inputs, the request-time part of its model input, and where it goes."""
+    """A validated row: its inputs, its model input (request part first), where it goes, what happened."""
 
     source: RowInput
     request_id: str
     version: str
     shadow: str
-    values: np.ndarray
+    # Request-time inputs over the defaults, full width; the batch turns them into `values`.
+    inputs: list[float]
     degraded: list[str]
+    values: np.ndarray | None = None
     traced: bool = False
+    # Filled by the batch: monotonic ns of the features and inference stages, for stage spans.
+    stages: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # The shadow call of the row's batch and the row's index in it.
+    shadow_call: asyncio.Task[Outputs] | None = None
+    shadow_index: int = 0
 
 
 class Predictor:
@@ -149,31 +156,17 @@ class Predictor:
         self._cache = cache
         self.settings = s = settings or PredictorSettings()
         self._metrics = m.GatewayMetrics()
-        self.features_batcher: MicroBatcher[ModelSpec, Mapping[str, str], tuple[np.ndarray, np.ndarray]] = (
-            MicroBatcher(
-                "features",
-                self._fetch_batch,
-                max_batch=s.features_max_batch,
-                max_delay_s=s.features_max_delay_s,
-                max_pending=s.max_pending_rows,
-                max_concurrent=s.features_max_concurrent,
-                observe_size=self._metrics.features_batch.observe,
-            )
-        )
-        self.inference_batcher: MicroBatcher[tuple[ModelSpec, str], np.ndarray, dict[str, np.ndarray]] = (
-            MicroBatcher(
-                "inference",
-                self._infer_batch,
-                max_batch=s.inference_max_batch,
-                max_delay_s=s.inference_max_delay_s,
-                max_pending=s.max_pending_rows,
-                max_concurrent=s.inference_max_concurrent,
-                observe_size=self._metrics.inference_batch.observe,
-            )
+        self.batcher: MicroBatcher[ModelSpec, _Row, Outputs] = MicroBatcher(
+            "the feature and inference services",
+            self._run_batch,
+            max_batch=s.max_batch_rows,
+            max_delay_s=s.max_batch_delay_s,
+            max_pending=s.max_pending_rows,
+            max_concurrent=s.max_concurrent_batches,
+            observe_size=self._metrics.features_batch.observe,
         )
         self.in_flight = 0
-        self._background: set[asyncio.Task[None]] = set()
-        self._warned: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._id_prefix = uuid.uuid4().hex[:20]
         self._id_counter = itertools.count(1)
 
@@ -220,9 +213,10 @@ class Predictor:
             raise ResourceExhausted(
                 f"gateway overloaded: {self.in_flight} rows in flight (limit {self.settings.max_in_flight_rows})"
             )
-        loop = asyncio.get_running_loop()
         left = call.time_remaining
-        deadline = loop.time() + (self.settings.request_timeout_s if left is None else left)
+        deadline = asyncio.get_running_loop().time() + (
+            self.settings.request_timeout_s if left is None else left
+        )
         self.in_flight += n
         try:
             if n == 1:
@@ -237,12 +231,10 @@ class Predictor:
 
     async def report_gauges(self, interval_s: float = 0.5) -> None:
         """Publishes the queue depths as gauges until cancelled (cheaper than per-request updates)."""
-        queued_features = m.QUEUED.labels("features")
-        queued_inference = m.QUEUED.labels("inference")
+        queued = m.QUEUED.labels("pipeline")
         while True:
             m.IN_FLIGHT.set(self.in_flight)
-            queued_features.set(self.features_batcher.depth)
-            queued_inference.set(self.inference_batcher.depth)
+            queued.set(self.batcher.depth)
             await asyncio.sleep(interval_s)
 
     # Validation and version choice.
@@ -259,7 +251,7 @@ class Predictor:
                         f"{where}entities.{key[:_MAX_NAME]}: not an entity key of model {spec.name!r} "
                         f"(expected {', '.join(spec.entity_keys) or 'none'})"
                     )
-        values = spec.defaults.copy()
+        inputs = list(spec.default_list)
         features = row.features
         columns = spec.request_columns
         for name in features:  # iterating keys is C; .items() on a proto map is a Python generator
@@ -279,7 +271,7 @@ class Predictor:
             number = float(getattr(value, kind))
             if not math.isfinite(number):
                 raise InvalidArgument(f"{where}features.{name}: must be finite, got {number}")
-            values[column] = number
+            inputs[column] = number
         degraded = [] if len(features) == len(columns) else [n for n in columns if n not in features]
         if version:
             choice_version, shadow = version, self.router.shadow_for(spec.name, version)
@@ -290,7 +282,7 @@ class Predictor:
             shadow = ""
         # Unique without a syscall per request: a random per-process prefix and a counter.
         request_id = row.request_id or f"{self._id_prefix}{next(self._id_counter):012x}"
-        return _Row(row, request_id, choice_version, shadow, values, degraded)
+        return _Row(row, request_id, choice_version, shadow, inputs, degraded)
 
     # One row.
 
@@ -314,31 +306,18 @@ class Predictor:
                 hit = await self._cache.get(key)
                 m.CACHE.labels("hit" if hit is not None else "miss").inc()
                 if hit is not None:
+                    row.values = np.asarray(row.inputs, dtype=np.float32)
                     prediction = Prediction(
                         row.request_id, spec.name, row.version, hit.outputs, list(hit.degraded_features), True
                     )
                     self._finish(
-                        spec,
-                        row,
-                        prediction,
-                        call=call,
-                        start_ns=start_ns,
-                        span_context=span_context,
-                        shadow_future=None,
+                        spec, row, prediction, call=call, start_ns=start_ns, span_context=span_context
                     )
                     return prediction
-            if spec.store_refs:
-                await self._add_store_features(spec, row, deadline)
-            shadow_future = None
-            with _tracer.start_as_current_span("inference") if row.traced else _NO_SPAN as span:
-                if span is not None:
-                    span.set_attribute("infergrid.model", spec.name)
-                    span.set_attribute("infergrid.model_version", row.version)
-                timeout = _time_left(deadline, self.settings.inference_timeout_s)
-                future = self.inference_batcher.submit((spec, row.version), row.values, timeout)
-                if row.shadow:
-                    shadow_future = self._submit_shadow(spec, row, timeout)
-                outputs = await future
+            timeout = _time_left(
+                deadline, self.settings.features_timeout_s + self.settings.inference_timeout_s
+            )
+            outputs = await self.batcher.submit(spec, row, timeout)
         except ServiceError as exc:
             self._metrics.request(spec.name, row.version, exc.code.name).inc()
             if isinstance(exc, ResourceExhausted):
@@ -348,93 +327,125 @@ class Predictor:
                     spec, row, call=call, start_ns=start_ns, span_context=span_context, exc=exc
                 )
             raise
+        finally:
+            if row.traced:
+                _stage_spans(row)
         prediction = Prediction(row.request_id, spec.name, row.version, outputs, row.degraded)
-        self._finish(
-            spec,
-            row,
-            prediction,
-            call=call,
-            start_ns=start_ns,
-            span_context=span_context,
-            shadow_future=shadow_future,
-        )
+        self._finish(spec, row, prediction, call=call, start_ns=start_ns, span_context=span_context)
         if self._cache is not None and key:
             self._spawn(self._cache.put(key, CachedAnswer(outputs, tuple(row.degraded))))
         return prediction
 
-    async def _add_store_features(self, spec: ModelSpec, row: _Row, deadline: float) -> None:
-        """Fills the row's store columns; a failed or missing value is its default and marks the row degraded."""
-        with _tracer.start_as_current_span("features") if row.traced else _NO_SPAN as span:
-            try:
-                timeout = _time_left(deadline, self.settings.features_timeout_s)
-                # The source gets the budget as its call deadline (FeatureSource honours it).
-                values, present = await self.features_batcher.submit(spec, row.source.entities, timeout)
-            except ResourceExhausted:
-                raise
-            except InvalidArgument:
-                raise
-            except Exception as exc:  # features are optional: any failure serves the defaults
-                m.FEATURE_ERRORS.labels(_reason(exc)).inc()
-                if span is not None:
-                    span.set_attribute("infergrid.degraded", True)
-                row.degraded.extend(spec.store_refs)
-                return
-            row.values[spec.store_columns] = np.where(present, values, spec.store_defaults)
-            if not present.all():
-                refs = spec.store_refs
-                row.degraded.extend(refs[j] for j in np.flatnonzero(~present))
-                if span is not None:
-                    span.set_attribute("infergrid.degraded", True)
+    # One batch: features for all rows, one matrix, one inference call per version.
 
-    def _submit_shadow(
-        self, spec: ModelSpec, row: _Row, timeout: float
-    ) -> asyncio.Future[dict[str, np.ndarray]] | None:
-        try:
-            return self.inference_batcher.submit((spec, row.shadow), row.values, timeout)
-        except ResourceExhausted:
-            m.SHADOW.labels(spec.name, row.shadow, "RESOURCE_EXHAUSTED").inc()
-            return None
+    async def _run_batch(
+        self, spec: ModelSpec, rows: list[_Row], timeout: float
+    ) -> Sequence[Outputs | BaseException]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        n = len(rows)
+        results: list[Outputs | BaseException | None] = [None] * n
+        matrix = np.array([row.inputs for row in rows], dtype=np.float32)
+        f0 = f1 = time.monotonic_ns()
+        if spec.store_refs:
+            await self._add_features(
+                spec, rows, matrix, results, min(timeout, self.settings.features_timeout_s)
+            )
+            f1 = time.monotonic_ns()
+        groups: dict[str, list[int]] = {}
+        shadows: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            if results[i] is None:
+                row.values = matrix[i]
+                groups.setdefault(row.version, []).append(i)
+                if row.shadow:
+                    shadows.setdefault(row.shadow, []).append(i)
+        left = deadline - loop.time() - _DEADLINE_MARGIN_S
+        if left <= 0:
+            raise DeadlineExceeded("the request deadline passed while features were read")
+        infer_timeout = min(left, self.settings.inference_timeout_s)
+        for version, indices in shadows.items():
+            task = loop.create_task(self._infer(spec, version, matrix, indices, infer_timeout))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            for position, i in enumerate(indices):
+                rows[i].shadow_call, rows[i].shadow_index = task, position
+        i0 = time.monotonic_ns()
+        versions = list(groups)
+        answers = await asyncio.gather(
+            *(self._infer(spec, v, matrix, groups[v], infer_timeout) for v in versions),
+            return_exceptions=True,
+        )
+        i1 = time.monotonic_ns()
+        for version, answer in zip(versions, answers, strict=True):
+            indices = groups[version]
+            if isinstance(answer, BaseException):
+                for i in indices:
+                    results[i] = answer
+                continue
+            names = tuple(answer)
+            if len(names) == 1:
+                (name,) = names
+                column = answer[name]
+                for position, i in enumerate(indices):
+                    results[i] = {name: column[position]}
+            else:
+                for position, i in enumerate(indices):
+                    results[i] = {k: answer[k][position] for k in names}
+        stages = (f0, f1, i0, i1)
+        for row in rows:
+            row.stages = stages
+        return results  # type: ignore[return-value]
 
-    # Batch calls.
-
-    async def _fetch_batch(
-        self, spec: ModelSpec, entities: list[Mapping[str, str]], timeout: float
-    ) -> Sequence[tuple[np.ndarray, np.ndarray] | BaseException]:
+    async def _add_features(
+        self,
+        spec: ModelSpec,
+        rows: list[_Row],
+        matrix: np.ndarray,
+        results: list[Outputs | BaseException | None],
+        timeout: float,
+    ) -> None:
+        """Fills the store columns; a failed or missing value keeps its default and marks the row degraded."""
+        entities = [row.source.entities for row in rows]
         try:
             block = await self._features.fetch(spec, entities, timeout)
         except Exception as exc:
-            if len(entities) > 1 and _is_invalid_argument(exc):
-                # One bad row must not fail its batch-mates: ask again row by row.
-                return await asyncio.gather(
-                    *(self._fetch_one(spec, e, timeout) for e in entities), return_exceptions=True
-                )
-            if _is_invalid_argument(exc):
-                raise InvalidArgument(f"entities: {_details(exc)}") from None
-            raise
-        return list(zip(block.values, block.present, strict=True))
+            if not _is_invalid_argument(exc):  # features are optional: any failure serves the defaults
+                m.FEATURE_ERRORS.labels(_reason(exc)).inc()
+                for row in rows:
+                    row.degraded.extend(spec.store_refs)
+                return
+            if len(rows) == 1:
+                results[0] = InvalidArgument(f"entities: {_details(exc)}")
+                return
+            # One bad row must not fail its batch-mates: ask again row by row.
+            singles = await asyncio.gather(
+                *(self._features.fetch(spec, [e], timeout) for e in entities), return_exceptions=True
+            )
+            values = np.zeros((len(rows), len(spec.store_refs)), dtype=np.float32)
+            present = np.zeros_like(values, dtype=bool)
+            for i, single in enumerate(singles):
+                if isinstance(single, BaseException):
+                    if _is_invalid_argument(single):
+                        results[i] = InvalidArgument(f"entities: {_details(single)}")
+                    else:
+                        m.FEATURE_ERRORS.labels(_reason(single)).inc()
+                else:
+                    values[i], present[i] = single.values[0], single.present[0]
+        else:
+            values, present = block.values, block.present
+        matrix[:, spec.store_columns] = np.where(present, values, spec.store_defaults)
+        if not present.all():
+            refs = spec.store_refs
+            for k in np.flatnonzero(~present.all(axis=1)).tolist():
+                rows[k].degraded.extend(refs[j] for j in np.flatnonzero(~present[k]).tolist())
 
-    async def _fetch_one(
-        self, spec: ModelSpec, entities: Mapping[str, str], timeout: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            block: FeatureValues = await self._features.fetch(spec, [entities], timeout)
-        except Exception as exc:
-            if _is_invalid_argument(exc):
-                raise InvalidArgument(f"entities: {_details(exc)}") from None
-            raise
-        return block.values[0], block.present[0]
-
-    async def _infer_batch(
-        self, key: tuple[ModelSpec, str], rows: list[np.ndarray], timeout: float
-    ) -> Sequence[dict[str, np.ndarray]]:
-        spec, version = key
-        inputs = np.stack(rows) if len(rows) > 1 else rows[0].reshape(1, -1)
-        outputs = await self._models.infer(spec, version, inputs, timeout)
-        names = tuple(outputs)
-        if len(names) == 1:
-            (name,) = names
-            return [{name: r} for r in outputs[name]]
-        return [{name: outputs[name][i] for name in names} for i in range(len(rows))]
+    async def _infer(
+        self, spec: ModelSpec, version: str, matrix: np.ndarray, indices: list[int], timeout: float
+    ) -> Outputs:
+        inputs = matrix if len(indices) == len(matrix) else matrix[indices]
+        self._metrics.inference_batch.observe(len(indices))
+        return await self._models.infer(spec, version, inputs, timeout)
 
     # Answer and log.
 
@@ -447,7 +458,6 @@ class Predictor:
         call: CallInfo,
         start_ns: int,
         span_context: trace.SpanContext,
-        shadow_future: asyncio.Future[dict[str, np.ndarray]] | None,
     ) -> None:
         end_ns = time.time_ns()
         self._metrics.request(spec.name, row.version, "OK").inc()
@@ -462,10 +472,10 @@ class Predictor:
         record.degraded = bool(prediction.degraded_features)
         record.degraded_features.extend(prediction.degraded_features)
         record.cached = prediction.cached
-        if shadow_future is None:
+        if row.shadow_call is None:
             self._publish(record, row.traced)
         else:
-            self._spawn(self._publish_with_shadow(spec, row, record, shadow_future, start_ns=start_ns))
+            self._spawn(self._publish_with_shadow(spec, row, record, start_ns=start_ns))
 
     def _record(
         self,
@@ -489,8 +499,9 @@ class Predictor:
         )
         record.request_time.FromNanoseconds(start_ns)
         record.response_time.FromNanoseconds(end_ns)
+        values = row.values if row.values is not None else np.asarray(row.inputs, dtype=np.float32)
         wire = spec.features_wire.copy()
-        wire[spec.feature_slots] = row.values.view(np.uint8)
+        wire[spec.feature_slots] = np.ascontiguousarray(values).view(np.uint8)
         record.MergeFromString(wire.tobytes())
         if span_context.is_valid:
             record.trace_id = format(span_context.trace_id, "032x")
@@ -498,25 +509,20 @@ class Predictor:
         return record
 
     async def _publish_with_shadow(
-        self,
-        spec: ModelSpec,
-        row: _Row,
-        record: logging_pb2.InferenceLogRecord,
-        future: asyncio.Future[dict[str, np.ndarray]],
-        *,
-        start_ns: int,
+        self, spec: ModelSpec, row: _Row, record: logging_pb2.InferenceLogRecord, *, start_ns: int
     ) -> None:
+        assert row.shadow_call is not None
         shadow = record.shadow
         shadow.model_version = row.shadow
         try:
-            outputs = await future
+            outputs = await asyncio.shield(row.shadow_call)
         except Exception as exc:
             code = status_code_of(exc)
             shadow.status_code = code.value[0] if code is not None else 2
             m.SHADOW.labels(spec.name, row.shadow, code.name if code is not None else "UNKNOWN").inc()
         else:
             for name, array in outputs.items():
-                _set_value(shadow.outputs[name], array)
+                _set_value(shadow.outputs[name], array[row.shadow_index])
             m.SHADOW.labels(spec.name, row.shadow, "OK").inc()
         shadow.latency_us = max(0, (time.time_ns() - start_ns) // 1000)
         self._publish(record)
@@ -553,11 +559,24 @@ class Predictor:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        """Stops the batchers and waits for background publishing."""
+        """Stops the batcher and waits (briefly) for background publishing."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=2.0)
-        await self.features_batcher.close()
-        await self.inference_batcher.close()
+        await self.batcher.close()
+
+
+def _stage_spans(row: _Row) -> None:
+    """The row's features and inference spans, timed by its batch, as children of the current span."""
+    f0, f1, i0, i1 = row.stages
+    if not i1:
+        return
+    offset = time.time_ns() - time.monotonic_ns()
+    for name, start, end in (("features", f0, f1), ("inference", i0, i1)):
+        span = _tracer.start_span(name, start_time=start + offset)
+        span.set_attribute("infergrid.model_version", row.version)
+        if name == "features" and row.degraded:
+            span.set_attribute("infergrid.degraded", True)
+        span.end(end_time=end + offset)
 
 
 def _time_left(deadline: float, cap: float) -> float:

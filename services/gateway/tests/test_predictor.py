@@ -163,7 +163,7 @@ async def test_inference_failure_fails_the_row_and_is_logged() -> None:
 
 
 async def test_concurrent_requests_are_coalesced_and_split_back_in_order() -> None:
-    s = Setup(features_max_delay_s=0.002, inference_max_delay_s=0.002)
+    s = Setup(max_batch_delay_s=0.002)
     reqs = [request(user="u1" if i % 2 else "u2", amount=float(i)) for i in range(40)]
     results = await asyncio.gather(*(s.one(r) for r in reqs))
     for i, p in enumerate(results):
@@ -222,7 +222,7 @@ async def test_load_is_shed_past_the_in_flight_limit() -> None:
 
 
 async def test_load_is_shed_past_the_batcher_queue_limit() -> None:
-    s = Setup(max_pending_rows=2, inference_max_batch=1)
+    s = Setup(max_pending_rows=2, max_batch_rows=1)
     s.models.gate = asyncio.Event()
     running = [asyncio.create_task(s.one(request())) for _ in range(2)]
     await asyncio.sleep(0.01)
