@@ -171,3 +171,33 @@ def test_envoy_traces_requests_into_jaeger(edge_stack: EdgeStack) -> None:
     assert "ingress" in operations
     assert any("Authorization.Check" in op for op in operations)
     assert any("ShouldRateLimit" in op for op in operations)
+
+
+def test_access_log_has_one_json_object_per_request(edge_stack: EdgeStack) -> None:
+    trace_id = uuid.uuid4().hex  # the line is found by the trace id of the caller's traceparent
+    edge_stack.stub().Predict(
+        gateway_pb2.PredictRequest(model="fraud"),
+        metadata=[("x-api-key", edge_stack.keys["acme"]), ("traceparent", f"00-{trace_id}-{'2' * 16}-01")],
+        timeout=5,
+    )
+    log = edge_stack.folder / "access.log"
+
+    def _our_line() -> dict[str, object] | None:
+        if not log.exists():
+            return None
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("trace_id") == trace_id:
+                return dict(entry)
+        return None
+
+    entry = edge_stack.wait_for(_our_line, timeout=15, what="the access-log line")
+    assert entry["path"] == "/infergrid.gateway.v1.PredictionService/Predict"
+    assert entry["request_id"]
+    assert (entry["status"], entry["grpc_status"], entry["tenant"], entry["model"]) == (
+        200,
+        0,
+        "acme",
+        "fraud",
+    )
+    assert edge_stack.keys["acme"] not in log.read_text()
