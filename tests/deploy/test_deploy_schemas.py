@@ -12,6 +12,7 @@ from tests.deploy.k8s_objects import CRD_KINDS, KUBERNETES_VERSION, OVERLAYS, Re
 
 def test_there_are_dev_and_prod_overlays() -> None:
     assert {"dev", "prod"} <= set(OVERLAYS)
+    assert set(OVERLAYS) == set(kustomize.OVERLAYS), "deploy/k8s/kustomize.py's --overlay choices"
 
 
 def test_every_object_validates(rendered: Rendered) -> None:
