@@ -245,7 +245,8 @@ def _chunks(
     current: list[tuple[PreparedStatement, Sequence[Any]]] = []
     size = 0
     for statement in statements:
-        weight = 64 + sum(len(p) for p in statement[1] if isinstance(p, bytes | str))
+        # Both inserts bind (..., record blob, ttl): the blob dominates; ids and names fit in the margin.
+        weight = 256 + len(statement[1][-2])
         if current and (size + weight > MAX_BATCH_BYTES or len(current) >= MAX_BATCH_STATEMENTS):
             out.append(current)
             current, size = [], 0
