@@ -30,3 +30,11 @@ def test_envoy_accepts_the_rendered_bootstrap_and_arguments(
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "OK" in done.stdout + done.stderr
+
+
+def test_envoy_drains_within_its_termination_grace(rendered: Rendered) -> None:
+    envoy = rendered.get("Deployment", "envoy")
+    args = container(envoy)["args"]
+    drain = int(args[args.index("--drain-time-s") + 1])
+    pre_stop = container(envoy)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert envoy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > pre_stop + drain
