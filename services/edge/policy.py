@@ -63,13 +63,17 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 def model_from_grpc_body(body: bytes) -> str | None:
     """Field 1 (the model) of the first gRPC message in `body`; None when it cannot be read.
 
-    Only the top-level fields before field 1 are walked; encoders write fields in number order, so
-    this stops after the first field and never parses the (possibly large) rest of the message.
+    Only the top-level fields are walked (length-delimited ones are skipped, not parsed). The *last*
+    occurrence wins, as it does for the gateway's protobuf parser: a message naming the model twice
+    cannot be authorized for one model and served by another.
     """
     if len(body) < 5 or body[0] != 0:  # compressed or not a gRPC frame
         return None
     length = int.from_bytes(body[1:5], "big")
     message = body[5 : 5 + length]
+    if len(message) != length:
+        return None
+    model = ""
     pos = 0
     try:
         while pos < len(message):
@@ -84,13 +88,15 @@ def model_from_grpc_body(body: bytes) -> str | None:
             elif wire == 2:
                 size, pos = _varint(message, pos)
                 if number == 1:
-                    return message[pos : pos + size].decode()
+                    model = message[pos : pos + size].decode()
                 pos += size
             else:
                 return None
+            if pos > len(message):
+                return None
     except (ValueError, UnicodeDecodeError):
         return None
-    return ""  # no model field: the gateway answers INVALID_ARGUMENT naming it
+    return model  # "" when absent: the gateway answers INVALID_ARGUMENT naming the field
 
 
 def requested_model(path: str, body: bytes) -> str | None:

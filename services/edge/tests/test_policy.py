@@ -60,6 +60,15 @@ def test_model_is_read_from_predict_and_batch_bodies() -> None:
     assert requested_model("/v1/models/fraud:predict", b"") == "fraud"
 
 
+def test_the_last_model_field_wins_as_in_protobuf() -> None:
+    twice = gateway_pb2.PredictRequest(model="fraud").SerializeToString() + (
+        gateway_pb2.PredictRequest(model="ranker").SerializeToString()
+    )
+
+    assert gateway_pb2.PredictRequest.FromString(twice).model == "ranker"
+    assert model_from_grpc_body(_frame(twice)) == "ranker"
+
+
 def test_decisions() -> None:
     auth = _authorizer(("demo", "secret-demo"), ("all", "secret-all"))
     body = _frame(gateway_pb2.PredictRequest(model="ranker").SerializeToString())

@@ -201,3 +201,20 @@ def test_access_log_has_one_json_object_per_request(edge_stack: EdgeStack) -> No
         "fraud",
     )
     assert edge_stack.keys["acme"] not in log.read_text()
+
+
+def test_a_body_naming_two_models_is_judged_by_the_one_the_gateway_reads(edge_stack: EdgeStack) -> None:
+    call = edge_stack.channel.unary_unary(
+        "/infergrid.gateway.v1.PredictionService/Predict",
+        request_serializer=None,
+        response_deserializer=gateway_pb2.PredictResponse.FromString,
+    )
+    twice = (
+        gateway_pb2.PredictRequest(model="fraud").SerializeToString()
+        + gateway_pb2.PredictRequest(model="ranker").SerializeToString()
+    )
+
+    err = _rpc_error(lambda: call(twice, metadata=[("x-api-key", edge_stack.keys["acme"])], timeout=5))
+
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "ranker" in err.details()
