@@ -187,7 +187,13 @@ class CassandraLogStore:
             )
         batches = [chunk for group in by_model.values() for chunk in _chunks(group)]
         batches += [chunk for group in by_replica.values() for chunk in _chunks(group)]
-        await asyncio.gather(*(self._db.execute_batch(batch) for batch in batches))
+        await asyncio.gather(*(self._write_chunk(batch) for batch in batches))
+
+    async def _write_chunk(self, chunk: list[tuple[PreparedStatement, Sequence[Any]]]) -> None:
+        if len(chunk) == 1:  # a lone statement (maybe one big record): no batch, no batch size limit
+            await self._db.execute(*chunk[0])
+        else:
+            await self._db.execute_batch(chunk)
 
     def _replica_of(self, request_id: str) -> object:
         """The first replica owning the request's partition (batches to one replica stay local)."""

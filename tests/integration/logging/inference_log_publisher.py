@@ -43,6 +43,8 @@ def make_record(tag: str, i: int) -> logging_pb2.InferenceLogRecord:
     record.outputs["score"].float_value = (i % 100) / 100
     if record.degraded:
         record.degraded_features.append("user:history")
+    if i == 5:  # one record larger than Cassandra's batch size limit (50 KiB)
+        record.features["user:notes"].string_value = "x" * 100_000
     if i % 4 == 0:
         record.shadow.model_version = "3"
         record.shadow.outputs["score"].float_value = 0.5
