@@ -147,8 +147,10 @@ class Predictor:
         *,
         settings: PredictorSettings | None = None,
         cache: ResponseCache | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.catalog = catalog
+        self._tracer = tracer or _tracer
         self.router = router
         self._features = features
         self._models = models
@@ -329,7 +331,7 @@ class Predictor:
             raise
         finally:
             if row.traced:
-                _stage_spans(row)
+                _stage_spans(self._tracer, row)
         prediction = Prediction(row.request_id, spec.name, row.version, outputs, row.degraded)
         self._finish(spec, row, prediction, call=call, start_ns=start_ns, span_context=span_context)
         if self._cache is not None and key:
@@ -547,7 +549,7 @@ class Predictor:
         self._publish(record)
 
     def _publish(self, record: logging_pb2.InferenceLogRecord, traced: bool = False) -> None:
-        with _tracer.start_as_current_span("publish") if traced else _NO_SPAN:
+        with self._tracer.start_as_current_span("publish") if traced else _NO_SPAN:
             try:
                 self._publisher.publish(record)
             except Exception:  # never fail an answered prediction because of its log record
@@ -565,14 +567,14 @@ class Predictor:
         await self.batcher.close()
 
 
-def _stage_spans(row: _Row) -> None:
+def _stage_spans(tracer: trace.Tracer, row: _Row) -> None:
     """The row's features and inference spans, timed by its batch, as children of the current span."""
     f0, f1, i0, i1 = row.stages
     if not i1:
         return
     offset = time.time_ns() - time.monotonic_ns()
     for name, start, end in (("features", f0, f1), ("inference", i0, i1)):
-        span = _tracer.start_span(name, start_time=start + offset)
+        span = tracer.start_span(name, start_time=start + offset)
         span.set_attribute("infergrid.model_version", row.version)
         if name == "features" and row.degraded:
             span.set_attribute("infergrid.degraded", True)

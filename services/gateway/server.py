@@ -186,7 +186,16 @@ async def create_server(
     if not catalog.names():
         log.warning("no models found in %s", config.models.model_repository)
     predictor = Predictor(
-        catalog, router, features, models, publisher, settings=predictor_settings(config), cache=cache
+        catalog,
+        router,
+        features,
+        models,
+        publisher,
+        settings=predictor_settings(config),
+        cache=cache,
+        tracer=telemetry.tracer_provider.get_tracer(__name__)
+        if telemetry and telemetry.tracer_provider
+        else None,
     )
     servicer = PredictionServiceServicer(predictor)
     server = build_server(

@@ -254,3 +254,26 @@ def test_float32_rows() -> None:
     assert spec.defaults.dtype == np.float32 and spec.width == 5
     assert spec.entity_keys == ("merchant_id", "user_id")
     assert list(spec.store_columns) == [1, 3, 4]
+
+
+async def test_stage_spans_are_children_of_the_incoming_call_when_sampled() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    s = Setup()
+    s.predictor._tracer = tracer
+    with tracer.start_as_current_span("Predict") as parent:
+        await s.one(request())
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert {"features", "inference", "publish"} <= set(spans)
+    for name in ("features", "inference", "publish"):
+        assert spans[name].parent is not None
+        assert spans[name].parent.span_id == parent.get_span_context().span_id
+        assert spans[name].start_time <= spans[name].end_time
+    record = s.publisher.records[0]
+    assert record.trace_id == format(parent.get_span_context().trace_id, "032x")

@@ -39,6 +39,7 @@ from services.gateway.config import (
     GatewayConfig,
     GatewayServerConfig,
     ModelsConfig,
+    ResponseCacheConfig,
     UpstreamConfig,
 )
 from services.gateway.server import create_server
@@ -99,6 +100,7 @@ class Env:
     features: features_pb2_grpc.FeatureServiceStub
     features_process: Process
     features_port: int
+    inference_target: str
     inference_process: Process
     repo: Path
     platform: Path
@@ -192,6 +194,7 @@ async def env(
                 features=features_pb2_grpc.FeatureServiceStub(features_channel),
                 features_process=features,
                 features_port=features_port,
+                inference_target=f"127.0.0.1:{inference_port}",
                 inference_process=inference,
                 repo=repo,
                 platform=platform,
@@ -359,6 +362,46 @@ async def test_bad_input_gets_a_status_naming_the_problem_and_never_crashes(
         await env.gateway.Predict(request, timeout=10)
     assert info.value.code() == code and text in (info.value.details() or ""), info.value.details()
     assert (await env.gateway.Predict(_request(1), timeout=10)).outputs
+
+
+async def test_the_response_cache_on_real_redis_answers_repeats(env: Env, redis_server: Redis) -> None:
+    config = GatewayConfig(
+        server=GatewayServerConfig(port=0),
+        models=ModelsConfig(model_repository=env.repo),
+        upstream=UpstreamConfig(
+            features_target=f"127.0.0.1:{env.features_port}",
+            inference_target=env.inference_target,
+            features_timeout_s=0.5,
+        ),
+        cache=ResponseCacheConfig(
+            response_cache_enabled=True,
+            response_cache_redis_url=redis_server.url,
+            response_cache_key_prefix=f"igw-it-{uuid.uuid4().hex[:8]}:",
+            response_cache_timeout_s=0.5,
+        ),
+        inference_log_enabled=False,
+    )
+    server = await create_server(config)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = gateway_pb2_grpc.PredictionServiceStub(channel)
+            first = await stub.Predict(_request(11, version="1"), timeout=10)
+            assert not first.cached
+            for _ in range(50):  # the answer is stored in the background
+                again = await stub.Predict(_request(11, version="1"), timeout=10)
+                if again.cached:
+                    break
+                await asyncio.sleep(0.05)
+            assert again.cached
+            assert (
+                again.outputs["fraud_probability"].float_value
+                == first.outputs["fraud_probability"].float_value
+            )
+            other = await stub.Predict(_request(11, version="2"), timeout=10)  # another version: not cached
+            assert not other.cached
+    finally:
+        await server.stop(0, 1.0)
 
 
 async def test_with_kafka_stopped_predictions_flow_and_every_record_arrives_later(
