@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+from cassandra.cluster import Cluster
 
 from infergrid.features.v1 import features_pb2_grpc
 from libs.cassandra import CassandraConfig
@@ -19,9 +19,9 @@ from stack.redis import Redis
 
 
 @pytest.fixture(scope="session")
-def features_config(cassandra_server: Cassandra, redis_server: Redis) -> FeaturesConfig:
-    """The service config for this session: its own keyspace and cache prefix."""
-    return FeaturesConfig(
+def features_config(cassandra_server: Cassandra, redis_server: Redis) -> Iterator[FeaturesConfig]:
+    """The service config for this session: its own keyspaces and cache prefix (dropped at the end)."""
+    yield FeaturesConfig(
         server=FeaturesServerConfig(port=0, readiness_interval_seconds=0.5),
         cassandra=CassandraConfig(
             cassandra_contact_points=tuple(cassandra_server.contact_points),
@@ -32,6 +32,16 @@ def features_config(cassandra_server: Cassandra, redis_server: Redis) -> Feature
         cache=CacheConfig(redis_url=redis_server.url, cache_key_prefix=f"it{os.getpid()}:"),
         limits=LimitsConfig(max_entities_per_request=1000),
     )
+    # When the session borrows a developer's stack (INFERGRID_REUSE_STACK=1), leave nothing behind.
+    cluster = Cluster(cassandra_server.contact_points, port=cassandra_server.port)
+    try:
+        session = cluster.connect()
+        for keyspace in (f"features_it_{os.getpid()}", f"features_demo_{os.getpid()}"):
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+    except Exception as exc:  # cleanup only: never fail the session for it
+        print(f"features tests: could not drop their keyspaces: {exc}")
+    finally:
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +57,3 @@ async def features_stub(
             yield features_pb2_grpc.FeatureServiceStub(channel)
     finally:
         await server.stop(0, 1.0)
-
-
-def without_cache(config: FeaturesConfig) -> FeaturesConfig:
-    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, cache_enabled=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -12,7 +13,9 @@ from cassandra.cluster import Cluster
 
 from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc
+from libs.testing import wait_serving
 from services.features.config import FeaturesConfig
+from services.features.server import SERVICE_NAME, create_server
 from services.features.tests.views import ALL_TYPES, VT, V, string_keys, typed_row, typed_view
 from stack.cassandra import Cassandra
 from stack.redis import Redis
@@ -273,3 +276,26 @@ async def test_crafted_entity_keys_are_stored_and_read_as_data(
         assert {"feature_values", "feature_views"} <= tables
     finally:
         cluster.shutdown()
+
+
+async def test_reads_and_writes_work_with_the_cache_turned_off(features_config: FeaturesConfig) -> None:
+    config = dataclasses.replace(
+        features_config, cache=dataclasses.replace(features_config.cache, cache_enabled=False)
+    )
+    server = await create_server(config)
+    await server.start()
+    try:
+        await wait_serving(server.port, SERVICE_NAME, timeout=60)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = features_pb2_grpc.FeatureServiceStub(channel)
+            view = _name("nocache")
+            await stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view(view)))
+            request = pb.GetOnlineFeaturesRequest(
+                features=[f"{view}:f_bool"], entities={"id": string_keys("n")}
+            )
+            assert list((await stub.GetOnlineFeatures(request)).results[0].statuses) == [NOT_FOUND]
+            await stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view=view, rows=[typed_row("n")]))
+            got = await stub.GetOnlineFeatures(request)
+            assert list(got.results[0].statuses) == [OK] and got.results[0].values[0] == V(bool_value=False)
+    finally:
+        await server.stop(0, 1.0)
