@@ -29,6 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
 from tests.deploy.k8s_objects import PYTHON_SERVICES, Rendered, adapter_rules, service_code
 
+pytestmark = pytest.mark.integration
+
 Env = dict[str, str]
 _MATCHER = re.compile(r'(\w+)\s*(=|!=|=~|!~)\s*"([^"]*)"')
 

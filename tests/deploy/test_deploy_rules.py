@@ -239,8 +239,11 @@ def test_gateway_calls_features_and_inference_through_their_headless_services(re
 
 def test_the_control_plane_points_envoy_at_the_edge_service(rendered: Rendered) -> None:
     config, _, _ = _loaded_config(rendered, "controlplane")
+    # Envoy resolves these names itself: fully qualified, in the overlay's namespace.
     host, port = host_port(config.envoy.edge_address)
-    service = rendered.get("Service", host)
+    name, namespace, *_ = host.split(".")
+    assert namespace == NAMESPACE and host.endswith(".svc.cluster.local"), host
+    service = rendered.get("Service", name)
     assert service["spec"]["selector"][NAME_LABEL] == "edge"
     assert port == service_code("edge").defaults.server.port
     # Envoy opens the descriptor set at the path the control plane names: both images have it there.
@@ -248,6 +251,8 @@ def test_the_control_plane_points_envoy_at_the_edge_service(rendered: Rendered) 
         text = (REPO_ROOT / "deploy" / "images" / image / "Containerfile").read_text()
         assert f" {config.envoy.descriptor_set}\n" in text, f"deploy/images/{image}/Containerfile"
     host, port = host_port(config.envoy.tracing_otlp_address)
+    assert host.endswith(f".{NAMESPACE}.svc.cluster.local"), host
+    host = host.split(".")[0]
     assert rendered.get("Service", host) and port in [
         p["port"] for p in rendered.get("Service", host)["spec"]["ports"]
     ]
