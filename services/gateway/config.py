@@ -44,7 +44,7 @@ class UpstreamConfig:
     inference_target: str = "127.0.0.1:8001"
     # Per call; the inbound deadline lowers them. Features are optional (defaults serve), so their
     # budget is short: a slow feature service degrades answers instead of delaying them.
-    features_timeout_s: float = 0.05
+    features_timeout_s: float = 0.1
     inference_timeout_s: float = 0.5
     # Used when the caller sends no deadline.
     request_timeout_s: float = 1.0

@@ -79,7 +79,7 @@ class RowInput(Protocol):
 class PredictorSettings:
     """The pipeline's knobs (from GatewayConfig's upstream, batching and cache sections)."""
 
-    features_timeout_s: float = 0.05
+    features_timeout_s: float = 0.1
     inference_timeout_s: float = 0.5
     request_timeout_s: float = 1.0
     max_batch_rows: int = 256
