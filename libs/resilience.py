@@ -134,7 +134,9 @@ def grpc_service_config(service: str, policy: DependencyPolicy) -> str:
             "backoffMultiplier": retry.multiplier,
             "retryableStatusCodes": list(retry.retryable_codes),
         }
-    config: dict[str, Any] = {"methodConfig": [method]}
+    # round_robin spreads calls over every address a name resolves to (e.g. a headless
+    # Service's pods); the default pick_first would pin all calls to one replica.
+    config: dict[str, Any] = {"methodConfig": [method], "loadBalancingConfig": [{"round_robin": {}}]}
     if retry.max_attempts > 1:
         config["retryThrottling"] = {
             "maxTokens": int(policy.budget_max_tokens),  # gRPC wants an integer here

@@ -34,6 +34,9 @@ from libs.telemetry import PROMETHEUS_MULTIPROC_ENV, Telemetry, TelemetryConfig,
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "INFERGRID_WORKER_INDEX"
+# A health "service" that is SERVING while the process runs, whatever its backends do: the
+# liveness probe asks for it, so an outage of Cassandra makes pods unready, never restarts them.
+LIVENESS_SERVICE = "infergrid.liveness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -92,8 +95,12 @@ class Server:
     _stopping: bool = False
 
     async def start(self) -> None:
-        """Starts serving; health turns SERVING once readiness passes (at once without a check)."""
+        """Starts serving; health turns SERVING once readiness passes (at once without a check).
+
+        The liveness name (`LIVENESS_SERVICE`) is SERVING from the start until shutdown.
+        """
         await self.grpc_server.start()
+        await self.health.set(LIVENESS_SERVICE, _SERVING)
         if self.readiness is None:
             await self._set_all(_SERVING)
         else:

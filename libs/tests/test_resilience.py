@@ -133,6 +133,7 @@ def test_grpc_service_config_shape() -> None:
     assert method["retryPolicy"]["maxAttempts"] == 3
     assert method["retryPolicy"]["initialBackoff"] == "0.010s"  # clamped: gRPC loses ms-scale retries
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert cfg["loadBalancingConfig"] == [{"round_robin": {}}]
     assert cfg["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
 
 

@@ -14,8 +14,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
-from libs.server import Server, ServerConfig
-from libs.testing import free_port, reflected_services, spawn_module, stop_process, wait_serving
+from libs.server import LIVENESS_SERVICE, Server, ServerConfig
+from libs.testing import (
+    free_port,
+    health_status,
+    reflected_services,
+    spawn_module,
+    stop_process,
+    wait_serving,
+)
 from libs.tests.echo_service import SERVICE, build
 
 
@@ -165,3 +172,19 @@ async def test_workers_share_one_port() -> None:
         assert proc.wait(timeout=15) == 0
     finally:
         stop_process(proc)
+
+
+async def test_liveness_is_serving_while_readiness_fails() -> None:
+    async def never_ready() -> bool:
+        return False
+
+    server = build(ServerConfig(port=0, readiness_interval_seconds=0.05))
+    server.readiness = never_ready
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            await asyncio.sleep(0.2)
+            assert await health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await health_status(channel, LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(0, 0.5)

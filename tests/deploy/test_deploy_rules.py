@@ -17,6 +17,7 @@ import yaml
 from deploy.k8s import kustomize
 from libs.config import load_config
 from libs.platform import parse_platform
+from libs.server import LIVENESS_SERVICE
 from tests.deploy.k8s_objects import (
     K8S_DIR,
     NAME_LABEL,
@@ -180,6 +181,8 @@ def test_ports_probes_and_drain_match_the_code(rendered: Rendered, name: str) ->
     c = container(deployment)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == config.server.port, f"{name}: {probe} port"
+    # Liveness asks for the process, not its backends: a Cassandra outage must not restart pods.
+    assert c["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE, f"{name}: liveness service"
     drain = config.server.drain_seconds + config.server.grace_seconds
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > drain, f"{name}: terminationGracePeriodSeconds {grace} <= drain + grace {drain}"
