@@ -45,6 +45,9 @@ class _Absent:
 
 
 ABSENT = _Absent()
+# Decoded records kept per process, keyed by their payload; all dropped when their payloads
+# pass this size (each record takes about three times its payload in memory).
+_DECODED_MAX_BYTES = 16 * 1024 * 1024
 # A cache answer per key: a Record, ABSENT, or None (not cached).
 CacheEntry = Record | _Absent | None
 
@@ -114,6 +117,8 @@ class RedisCache:
         self._pending_keys: list[bytes] = []
         self._waiters: list[tuple[int, int, asyncio.Future[list[CacheEntry]]]] = []
         self._tasks: set[asyncio.Future[None]] = set()
+        self._decoded: dict[bytes, Record] = {}
+        self._decoded_bytes = 0
 
     async def close(self) -> None:
         await self._client.close()
@@ -170,15 +175,25 @@ class RedisCache:
                 return [None] * len(keys)
         out: list[CacheEntry] = []
         hits = negatives = 0
+        decoded = self._decoded
         for payload in payloads:
             if not isinstance(payload, bytes):
                 out.append(None)
                 continue
-            try:
-                record = codec.decode_record(payload)
-            except CorruptPayload:
-                out.append(None)
-                continue
+            # Decoding is a pure function of the payload: hot entities are decoded once.
+            record = decoded.get(payload)
+            if record is None:
+                try:
+                    record = codec.decode_record(payload)
+                except CorruptPayload:
+                    out.append(None)
+                    continue
+                if record is not None:
+                    self._decoded_bytes += len(payload)
+                    if self._decoded_bytes > _DECODED_MAX_BYTES:
+                        decoded.clear()
+                        self._decoded_bytes = len(payload)
+                    decoded[payload] = record
             if record is None:
                 negatives += 1
                 out.append(ABSENT)
