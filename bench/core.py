@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -89,6 +90,7 @@ class Run:
         point: dict[str, Any] = {"system": system, "key": key, "protocol": protocol, "tool": tool,
                                  "params": params, "reps": []}  # fmt: skip
         label = f"{suite.name}/{key} {params}"
+        point["load_1m"] = round(os.getloadavg()[0], 2)  # how busy the machine was when the point started
         try:
             if warmup and self.settings.warmup_s > 0:
                 rep(self.settings.warmup_s, -1)

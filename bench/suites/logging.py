@@ -53,6 +53,7 @@ def body(run: Run, suite: Suite) -> None:
     })  # fmt: skip
     server = run.procs.start("logging", [sys.executable, "-m", "services.logging"], env=env)
     wait_grpc_serving(server, port, timeout=120)
+    server.extra_pids = run.backends.pids("cassandra", "kafka")  # the CPU column counts the whole pipeline
     suite.extra["records_per_rep"] = count
     done_before = asyncio.run(records_total(port))
 
