@@ -107,6 +107,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     producer.close()
     await server.stop(0, 1)
     load = os.getloadavg()
+    sink_seconds = {
+        sample.labels["sink"]: round(sample.value, 3)
+        for family in metrics.SINK_SECONDS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_sum")
+    }
     return {
         "records": args.records,
         "record_bytes": len(records[0].SerializeToString()),
@@ -115,6 +121,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "publish_to_cassandra_records_per_s": round(args.records / to_store_s),
         "publish_to_lake_records_per_s": round(args.records / to_lake_s),
         "lake_roll_seconds": args.lake_roll_seconds,
+        "sink_write_seconds_total": sink_seconds,
         "producer": vars(producer.stats()),
         "cpus": os.cpu_count(),
         "load_average_1m": round(load[0], 2),
