@@ -33,13 +33,14 @@ SizeObserver = Callable[[int], None]
 
 
 class _Batch(Generic[I, R]):
-    __slots__ = ("deadline", "futures", "handle", "items")
+    __slots__ = ("deadline", "futures", "items", "started")
 
     def __init__(self) -> None:
         self.items: list[I] = []
         self.futures: list[asyncio.Future[R]] = []
         self.deadline = 0.0
-        self.handle: asyncio.Handle | None = None
+        # True once the task that runs this batch exists; it takes the batch at its first step.
+        self.started = False
 
 
 class _Key(Generic[I, R]):
@@ -100,8 +101,10 @@ class MicroBatcher(Generic[K, I, R]):
         batch = state.open
         if batch is None:
             batch = state.open = _Batch()
-            if state.running < self._max_concurrent:
-                batch.handle = self._schedule(loop, key, state)
+        if not batch.started and state.running < self._max_concurrent:
+            # The task's first step runs on the loop's next turn: every item submitted before
+            # then joins this batch. (Creating it now saves a turn over call_soon + create_task.)
+            self._start(key, state, batch)
         future: asyncio.Future[R] = loop.create_future()
         batch.items.append(item)
         batch.futures.append(future)
@@ -109,21 +112,13 @@ class MicroBatcher(Generic[K, I, R]):
         batch.deadline = max(batch.deadline, deadline)
         self.depth += 1
         if len(batch.items) >= self._max_batch:
-            if batch.handle is not None:
-                batch.handle.cancel()
-            self._flush(key, state)
+            state.open = None  # full: later items start a new batch
+            if not batch.started:
+                self._start(key, state, batch)
         return future
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop, key: K, state: _Key[I, R]) -> asyncio.Handle:
-        if self._delay > 0:
-            return loop.call_later(self._delay, self._flush, key, state)
-        return loop.call_soon(self._flush, key, state)
-
-    def _flush(self, key: K, state: _Key[I, R]) -> None:
-        batch = state.open
-        if batch is None:
-            return
-        state.open = None
+    def _start(self, key: K, state: _Key[I, R], batch: _Batch[I, R]) -> None:
+        batch.started = True
         state.running += 1
         task = asyncio.get_running_loop().create_task(self._run(key, state, batch))
         self._tasks.add(task)
@@ -132,18 +127,22 @@ class MicroBatcher(Generic[K, I, R]):
     def _done(self, key: K, state: _Key[I, R]) -> None:
         state.running -= 1
         batch = state.open
-        if batch is not None and batch.handle is None:
+        if batch is not None and not batch.started:
             # Items waited for this call to return: send them now, as one batch.
-            batch.handle = asyncio.get_running_loop().call_soon(self._flush, key, state)
+            self._start(key, state, batch)
         elif batch is None and state.running == 0 and self._keys.get(key) is state:
             del self._keys[key]
 
     async def _run(self, key: K, state: _Key[I, R], batch: _Batch[I, R]) -> None:
         items, futures = batch.items, batch.futures
-        n = len(items)
-        if self._observe is not None:
-            self._observe(n)
         try:
+            if self._delay > 0:
+                await asyncio.sleep(self._delay)
+            if state.open is batch:
+                state.open = None  # from here on, arriving items start the next batch
+            n = len(items)
+            if self._observe is not None:
+                self._observe(n)
             timeout = batch.deadline - asyncio.get_running_loop().time()
             if timeout <= 0:
                 raise DeadlineExceeded(f"the request deadline passed before the {self.name} call")
@@ -167,21 +166,21 @@ class MicroBatcher(Generic[K, I, R]):
                 else:
                     future.set_result(result)
         finally:
-            self.depth -= n
+            if state.open is batch:
+                state.open = None
+            self.depth -= len(items)
             self._done(key, state)
 
     async def close(self) -> None:
         """Cancels open batches and running calls (shutdown)."""
         for state in self._keys.values():
             batch = state.open
-            if batch is None:
+            state.open = None
+            if batch is None or batch.started:  # a started batch is cancelled with its task
                 continue
-            if batch.handle is not None:
-                batch.handle.cancel()
             for future in batch.futures:
                 future.cancel()
             self.depth -= len(batch.items)
-            state.open = None
         self._keys.clear()
         for task in list(self._tasks):
             task.cancel()

@@ -374,10 +374,17 @@ class Predictor:
                 rows[i].shadow_call, rows[i].shadow_index = task, position
         i0 = time.monotonic_ns()
         versions = list(groups)
-        answers = await asyncio.gather(
-            *(self._infer(spec, v, matrix, groups[v], infer_timeout) for v in versions),
-            return_exceptions=True,
-        )
+        answers: list[Outputs | BaseException]
+        if len(versions) == 1:  # the common case: no task per call
+            try:
+                answers = [await self._infer(spec, versions[0], matrix, groups[versions[0]], infer_timeout)]
+            except Exception as exc:
+                answers = [exc]
+        else:
+            answers = await asyncio.gather(
+                *(self._infer(spec, v, matrix, groups[v], infer_timeout) for v in versions),
+                return_exceptions=True,
+            )
         i1 = time.monotonic_ns()
         for version, answer in zip(versions, answers, strict=True):
             indices = groups[version]
