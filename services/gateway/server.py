@@ -227,5 +227,4 @@ async def create_server(
             await asyncio.get_running_loop().run_in_executor(None, owned_producer.close)
 
     server.on_stop.append(_close)
-    server.predictor = predictor  # type: ignore[attr-defined]
     return server
