@@ -425,7 +425,7 @@ class Predictor:
                     row.degraded.extend(spec.store_refs)
                 return
             if len(rows) == 1:
-                results[0] = InvalidArgument(f"entities: {_details(exc)}")
+                results[0] = _entities_error(exc)
                 return
             # One bad row must not fail its batch-mates: ask again row by row.
             singles = await asyncio.gather(
@@ -436,7 +436,7 @@ class Predictor:
             for i, single in enumerate(singles):
                 if isinstance(single, BaseException):
                     if _is_invalid_argument(single):
-                        results[i] = InvalidArgument(f"entities: {_details(single)}")
+                        results[i] = _entities_error(single)
                     else:
                         m.FEATURE_ERRORS.labels(_reason(single)).inc()
                 else:
@@ -605,6 +605,12 @@ def _set_value(target: value_pb2.Value, array: np.ndarray) -> None:
 def _is_invalid_argument(exc: BaseException) -> bool:
     code = status_code_of(exc)
     return code is not None and code.name == "INVALID_ARGUMENT"
+
+
+def _entities_error(exc: BaseException) -> InvalidArgument:
+    """The caller's error for entity keys the feature service refused (the field named once)."""
+    details = _details(exc)
+    return InvalidArgument(details if details.startswith("entities") else f"entities: {details}")
 
 
 def _details(exc: BaseException) -> str:

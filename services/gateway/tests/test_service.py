@@ -21,18 +21,35 @@ from inference import grpc_service_pb2 as ipb
 from inference import grpc_service_pb2_grpc
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from infergrid.types.v1 import value_pb2
 from libs.server import Server
 from services.gateway.config import GatewayConfig, GatewayServerConfig, ModelsConfig, UpstreamConfig
 from services.gateway.server import create_server
 from services.gateway.tests.fakes import DESCRIPTION, WEIGHTS, ListPublisher
 
-STORE = {("user", "u1"): {"age": 40.0, "count": 3.0}, ("merchant", "m1"): {"risk": 0.25}}
+STORE = {
+    ("user", "u1"): {"age": 40.0, "count": 3.0},
+    ("user", "42"): {"age": 42.0, "count": 4.0},
+    ("merchant", "m1"): {"risk": 0.25},
+}
 
 
 class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
     def __init__(self) -> None:
         self.calls = 0
         self.down = False
+        self.user_key_type = value_pb2.VALUE_TYPE_STRING
+
+    async def GetFeatureView(  # noqa: N802
+        self, request: features_pb2.GetFeatureViewRequest, context: grpc.aio.ServicerContext
+    ) -> features_pb2.FeatureView:
+        key, kind = ("user_id", self.user_key_type) if request.name == "user" else ("merchant_id", 4)
+        return features_pb2.FeatureView(
+            name=request.name,
+            entity=features_pb2.Entity(
+                name=request.name, key_columns=[features_pb2.EntityKeyColumn(name=key, type=kind)]
+            ),
+        )
 
     async def GetOnlineFeatures(  # noqa: N802
         self, request: features_pb2.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
@@ -47,7 +64,12 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
             view, feature = ref.split(":")
             vector = reply.results.add()
             for i in range(n):
-                entity = request.entities[keys[view]].values[i].string_value
+                key = request.entities[keys[view]].values[i]
+                if key.WhichOneof("kind") == "int64_value":
+                    assert view == "user" and self.user_key_type == value_pb2.VALUE_TYPE_INT64
+                    entity = str(key.int64_value)
+                else:
+                    entity = key.string_value
                 value = STORE.get((view, entity), {}).get(feature)
                 vector.values.add(float_value=value or 0.0)
                 vector.statuses.append(
@@ -241,3 +263,16 @@ async def test_a_changed_split_applies_without_restart(stack: Stack) -> None:
     stack.platform.write_text("models: {toy: {versions: []}}\n")  # invalid: the last good split stays
     await asyncio.sleep(0.2)
     assert (await stack.gateway.Predict(_request(), timeout=5)).model_version == "2"
+
+
+async def test_entity_keys_are_sent_as_the_type_their_view_declares(stack: Stack) -> None:
+    stack.features.user_key_type = value_pb2.VALUE_TYPE_INT64
+    request = _request()
+    request.entities["user_id"] = "42"
+    reply = await stack.gateway.Predict(request, timeout=5)
+    assert not reply.degraded
+    request.entities["user_id"] = "forty-two"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.gateway.Predict(request, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "entities.user_id: expected an integer" in (info.value.details() or "")
