@@ -370,6 +370,7 @@ class Predictor:
             task = loop.create_task(self._infer(spec, version, matrix, indices, infer_timeout))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            task.add_done_callback(_retrieve)  # rows that were cancelled never look at it
             for position, i in enumerate(indices):
                 rows[i].shadow_call, rows[i].shadow_index = task, position
         i0 = time.monotonic_ns()
@@ -586,6 +587,11 @@ def _stage_spans(tracer: trace.Tracer, row: _Row) -> None:
         if name == "features" and row.degraded:
             span.set_attribute("infergrid.degraded", True)
         span.end(end_time=end + offset)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _time_left(deadline: float, cap: float) -> float:
