@@ -81,6 +81,8 @@ class StreamConfig:
     stream_group_id: str = "infergrid-features-ingest"
     stream_batch_size: int = 500
     stream_poll_timeout_s: float = 0.5
+    # Prometheus /metrics of the consumer process (the server's METRICS_PORT is for the server); 0: off.
+    stream_metrics_port: int = 9112
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ retried with backoff and nothing is committed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cassandra.cluster import NoHostAvailable
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
@@ -244,9 +246,13 @@ async def _main(config: FeaturesConfig) -> None:
 
 def main() -> None:
     config = load_config_or_exit(FeaturesConfig, os.environ, ENV_PREFIX)
-    telemetry = setup_telemetry("features-ingest", config.telemetry, serve_metrics=False)
+    telemetry_config = dataclasses.replace(config.telemetry, metrics_port=config.stream.stream_metrics_port)
+    telemetry = setup_telemetry("features-ingest", telemetry_config)
     try:
         asyncio.run(_main(config))
+    except NoHostAvailable as exc:
+        log.error("Cassandra cannot be reached: %s", exc)
+        raise SystemExit(1) from None
     finally:
         telemetry.shutdown()
 

@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from cassandra.cluster import NoHostAvailable
 from tqdm import tqdm
 
 from libs.config import load_config_or_exit
@@ -260,7 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     config = load_config_or_exit(FeaturesConfig, os.environ, ENV_PREFIX)
-    return asyncio.run(_main(args, config))
+    try:
+        return asyncio.run(_main(args, config))
+    except NoHostAvailable as exc:
+        print(f"error: Cassandra cannot be reached: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
