@@ -39,6 +39,7 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
         self.calls = 0
         self.down = False
         self.user_key_type = value_pb2.VALUE_TYPE_STRING
+        self.time_remaining: list[float | None] = []
 
     async def GetFeatureView(  # noqa: N802
         self, request: features_pb2.GetFeatureViewRequest, context: grpc.aio.ServicerContext
@@ -55,6 +56,7 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
         self, request: features_pb2.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.GetOnlineFeaturesResponse:
         self.calls += 1
+        self.time_remaining.append(context.time_remaining())
         if self.down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "store down")
         reply = features_pb2.GetOnlineFeaturesResponse(feature_names=request.features)
@@ -83,11 +85,13 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
 class FakeInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self) -> None:
         self.calls = 0
+        self.time_remaining: list[float | None] = []
 
     async def ModelInfer(  # noqa: N802
         self, request: ipb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> ipb.ModelInferResponse:
         self.calls += 1
+        self.time_remaining.append(context.time_remaining())
         shape = list(request.inputs[0].shape)
         x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(shape)
         scores = (x @ WEIGHTS + float(request.model_version)).astype(np.float32).reshape(-1, 1)
@@ -276,3 +280,14 @@ async def test_entity_keys_are_sent_as_the_type_their_view_declares(stack: Stack
         await stack.gateway.Predict(request, timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "entities.user_id: expected an integer" in (info.value.details() or "")
+
+
+async def test_outbound_calls_carry_the_callers_deadline(stack: Stack) -> None:
+    await stack.gateway.Predict(_request(), timeout=5)  # budgets: features 0.5 s, inference 0.5 s
+    features_left, inference_left = stack.features.time_remaining[-1], stack.inference.time_remaining[-1]
+    assert features_left is not None and features_left <= 0.51  # gRPC rounds deadlines up slightly
+    assert inference_left is not None and inference_left <= 0.51
+    await stack.gateway.Predict(_request(), timeout=0.2)  # a shorter caller deadline lowers both
+    features_left, inference_left = stack.features.time_remaining[-1], stack.inference.time_remaining[-1]
+    assert features_left is not None and features_left <= 0.21
+    assert inference_left is not None and inference_left <= 0.21
