@@ -273,6 +273,12 @@ async def _check_api(port: int, published: dict[str, logging_pb2.InferenceLogRec
         assert stats.records_by_model["fraud"] + stats.records_by_model["churn"] == len(published)
 
 
+async def _records_written(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = logging_pb2_grpc.InferenceLogServiceStub(channel)
+        return int((await stub.GetStats(logging_pb2.GetStatsRequest())).records_total)
+
+
 def _consume_one(bootstrap: str, topic: str, timeout: float = 60.0) -> object:
     consumer = Consumer(
         {
@@ -479,3 +485,46 @@ def test_the_consumer_continues_the_producers_trace_to_the_sink_write(
     assert sink["references"] == [
         {"refType": "CHILD_OF", "traceID": trace_id, "spanID": f"{context.span_id:016x}"}
     ]
+
+
+def test_a_rebalance_to_a_second_consumer_still_stores_each_record_once(
+    kafka_server: Kafka, cassandra_session: object, run: Run
+) -> None:
+    n = 20_000
+    settings = {"INFERGRID_LOGGING_BATCH_MAX_RECORDS": "500", "INFERGRID_LOGGING_LAKE_ROLL_SECONDS": "0.3"}
+    port = cassandra_session.cluster.port  # type: ignore[attr-defined]
+    first = LoggingService(run, kafka_server.bootstrap_servers, port, **settings)
+    second = LoggingService(run, kafka_server.bootstrap_servers, port, **settings)
+    first.start()
+    try:
+        producer = _producer(run, kafka_server.bootstrap_servers)
+        producer.start()
+
+        def _publish_steadily() -> None:  # ~2,000 records/s for ~10 s: the stream outlives the rebalance
+            for i in range(n):
+                producer.publish(make_record(run.tag, i))
+                if i % 100 == 99:
+                    time.sleep(0.05)
+
+        publishing = threading.Thread(target=_publish_steadily)
+        publishing.start()
+        _wait_for(
+            lambda: len(_cassandra_ids(cassandra_session, run)[0]) >= n // 10,
+            120,
+            "a tenth of the records",
+            first,
+        )
+        second.start()  # joins the group: partitions move while batches are in flight
+        publishing.join()
+        assert producer.flush(60) == 0
+        producer.close()
+        _wait_for(
+            lambda: len(set(_lake_ids(run, dedupe=False))) >= n, 180, "every record in the lake", second
+        )
+        time.sleep(2)  # let a duplicate, if there were one, show up
+        assert asyncio.run(_records_written(second.port)) > 0, "the second consumer never took over work"
+        expected = {make_record(run.tag, i).request_id for i in range(n)}
+        _assert_exactly_once(cassandra_session, run, expected, physical_lake=True)
+    finally:
+        second.stop()
+        first.stop()
