@@ -454,8 +454,16 @@ class Predictor:
         self, spec: ModelSpec, version: str, matrix: np.ndarray, indices: list[int], timeout: float
     ) -> Outputs:
         inputs = matrix if len(indices) == len(matrix) else matrix[indices]
-        self._metrics.inference_batch.observe(len(indices))
-        return await self._models.infer(spec, version, inputs, timeout)
+        limit = spec.max_batch_size
+        if not limit or len(inputs) <= limit:
+            self._metrics.inference_batch.observe(len(inputs))
+            return await self._models.infer(spec, version, inputs, timeout)
+        # More rows than the model takes per call: several calls, joined in order.
+        chunks = [inputs[start : start + limit] for start in range(0, len(inputs), limit)]
+        for chunk in chunks:
+            self._metrics.inference_batch.observe(len(chunk))
+        parts = await asyncio.gather(*(self._models.infer(spec, version, c, timeout) for c in chunks))
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     # Answer and log.
 

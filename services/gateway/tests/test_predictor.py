@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections import Counter
 
@@ -277,3 +278,17 @@ async def test_stage_spans_are_children_of_the_incoming_call_when_sampled() -> N
         assert spans[name].start_time <= spans[name].end_time
     record = s.publisher.records[0]
     assert record.trace_id == format(parent.get_span_context().trace_id, "032x")
+
+
+async def test_a_batch_larger_than_the_models_max_batch_size_is_split_in_order() -> None:
+    s = Setup()
+    spec = toy_spec()
+    s.predictor.catalog = ModelCatalog({"toy": dataclasses.replace(spec, max_batch_size=4)})
+    rows = [gateway_pb2.PredictRow(entities={"user_id": "u1", "merchant_id": "m1"}) for _ in range(10)]
+    for i, row in enumerate(rows):
+        row.features["amount"].float_value = float(i)
+        row.features["hour"].float_value = 3.0
+    results = await s.predictor.predict("toy", "1", rows, CallInfo(), batch=True)
+    for i, p in enumerate(results):
+        assert p.outputs["score"][0] == pytest.approx(expected_score([i, 40, 3, 3, 0.25], "1"))
+    assert all(n <= 4 for _, n in s.models.calls) and sum(n for _, n in s.models.calls) == 10
