@@ -30,6 +30,8 @@ class StackConfig:
             /usr/lib/jvm (and installed with apt when missing) when unset.
         repo_root: The checkout whose `deploy/local` holds the servers' configuration files.
         host: The address every server binds; loopback only.
+        platform_file: The live platform config the control plane, edge and gateway watch
+            (INFERGRID_PLATFORM_FILE, default `<repo>/deploy/local/platform.yaml`).
     """
 
     state_dir: Path
@@ -38,6 +40,7 @@ class StackConfig:
     java_home: Path | None = None
     repo_root: Path = REPO_ROOT
     host: str = LOOPBACK
+    platform_file: Path = REPO_ROOT / "deploy" / "local" / "platform.yaml"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StackConfig:
@@ -54,11 +57,15 @@ class StackConfig:
                 name = key[len("INFERGRID_") : -len("_PORT")].lower()
                 ports[name] = _parse_port(key, value)
         java_home = env.get("INFERGRID_JAVA_HOME")
+        platform_file = env.get("INFERGRID_PLATFORM_FILE")
         return cls(
             state_dir=state_dir.absolute(),
             cache_dir=cache_dir.absolute(),
             ports=ports,
             java_home=Path(java_home) if java_home else None,
+            platform_file=Path(platform_file).absolute()
+            if platform_file
+            else REPO_ROOT / "deploy" / "local" / "platform.yaml",
         )
 
     def port(self, name: str) -> int:
@@ -81,6 +88,7 @@ class StackConfig:
         }
         if self.java_home is not None:
             env["INFERGRID_JAVA_HOME"] = str(self.java_home)
+        env["INFERGRID_PLATFORM_FILE"] = str(self.platform_file)
         return env
 
     @property

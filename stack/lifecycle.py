@@ -9,6 +9,7 @@ from typing import TextIO
 
 from stack.component import Component, ComponentStatus
 from stack.config import StackConfig
+from stack.demo import how_to_call
 from stack.process import ProcessRecord, find_marked_processes, terminate, terminate_marked
 from stack.progress import Progress
 from stack.registry import select
@@ -27,7 +28,11 @@ def up(config: StackConfig, names: Sequence[str], out: TextIO) -> list[Component
     print(f"\nstack up in {time.monotonic() - started:.1f} s; state and logs in {config.state_dir}", file=out)
     for component in components:
         for label, address in component.endpoints().items():
-            print(f"  {component.name:<10} {label:<18} {address}", file=out)
+            print(f"  {component.name:<12} {label:<18} {address}", file=out)
+    minted = next((str(getattr(c, "minted_key", "")) for c in components if getattr(c, "minted_key", "")), "")
+    advice = how_to_call(config, components, minted)
+    if advice:
+        print(advice, file=out)
     return components
 
 

@@ -23,7 +23,17 @@ DEFAULT_PORTS: dict[str, int] = {
     "envoy": 8080,
     "envoy_admin": 9901,
     "controlplane": 18000,
+    "controlplane_metrics": 9106,
     "edge": 50060,
+    "edge_metrics": 9107,
+    "gateway": 50051,
+    "gateway_metrics": 9101,
+    "features": 50052,
+    "features_metrics": 9102,
+    "logging": 50054,
+    "logging_metrics": 9104,
+    "inference": 8001,
+    "inference_metrics": 8002,
 }
 
 
