@@ -188,7 +188,7 @@ def perf_analyzer(
     else:
         command.append("--async")
     result, wall, lg_cpu, srv_cpu = run_measured(
-        pinned(command, loadgen_cpus()), timeout=interval_ms / 1000 * 14 + 90, server_cpu=server_cpu, env=env
+        pinned(command, loadgen_cpus()), timeout=interval_ms / 1000 * 12 + 30, server_cpu=server_cpu, env=env
     )
     if result.returncode != 0 or not csv_path.exists():
         raise RuntimeError(

@@ -7,6 +7,7 @@ matplotlib (Agg) when it is installed. Targets come from issue 9 and are recorde
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,26 @@ def render_markdown(doc: Doc, plots: Sequence[str] = ()) -> str:
         if pts:
             lines += _table(POINT_HEADER, point_rows(pts))
             lines.append("")
+        breakdown = []
+        for p in pts:
+            reps = [r["cpu_by_process"] for r in p.get("reps", []) if r.get("cpu_by_process")]
+            if reps and p.get("median", {}).get("rps"):
+                per_req = {k: statistics.median(r.get(k, 0.0) for r in reps) for k in reps[0]}
+                rps = p["median"]["rps"]
+                cells = ", ".join(
+                    f"{k} {v * 1e6 / rps:,.0f}"
+                    for k, v in sorted(per_req.items(), key=lambda kv: -kv[1])
+                    if v > 0.005
+                )
+                breakdown.append(
+                    f"- {p['system']}, {', '.join(f'{k}={v}' for k, v in p['params'].items())}: {cells}"
+                )
+        if breakdown:
+            lines += [
+                "CPU per request by process (\u00b5s of CPU per answered request, median over repetitions):",
+                "",
+            ]
+            lines += [*breakdown, ""]
         for p in pts:
             if p.get("producer"):
                 prod = p["producer"]

@@ -90,7 +90,7 @@ def best_under_slo(
     for point in points:
         med = point.get("median") or {}
         p99 = med.get("p99_ms")
-        if p99 is None or _isnan(p99) or p99 > p99_limit_ms or med.get("errors", 0) > 0:
+        if p99 is None or _isnan(p99) or p99 > p99_limit_ms or med.get("errors", 0) > 0 or not med.get("rps"):
             continue
         if best is None or med.get("rps", 0.0) > best["median"].get("rps", 0.0):
             best = point

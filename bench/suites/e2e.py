@@ -26,7 +26,16 @@ import grpc
 
 from bench.core import Run, Skipped, Suite
 from bench.loadgen import WRK_DONE, H2load, Wrk, grpc_frame
-from bench.procs import Server, free_port, group_pids, repo_env, server_cpus, set_affinity, wait_port
+from bench.procs import (
+    Server,
+    free_port,
+    group_pids,
+    pids_cpu_seconds,
+    repo_env,
+    server_cpus,
+    set_affinity,
+    wait_port,
+)
 from bench.suites import features as features_suite
 from bench.suites import inference as inference_suite
 from bench.suites.common import flame_graph, service_env, wait_grpc_serving
@@ -154,16 +163,30 @@ def wait_predict(target: str, key: str, timeout: float = 60.0) -> gateway_pb2.Pr
 
 
 class Chain:
-    """The running edge path; `cpu()` sums every process of it."""
+    """The running edge path; `cpu()` sums every process of it, `breakdown()` per process."""
 
     def __init__(self) -> None:
         self.servers: list[Server] = []
-        self.pids: list[int] = []
+        self.pids: dict[str, int] = {}
 
     def cpu(self) -> float:
-        from bench.procs import pids_cpu_seconds
+        return sum(self.breakdown().values())
 
-        return sum(s.cpu_seconds() for s in self.servers) + pids_cpu_seconds(self.pids)
+    def breakdown(self) -> dict[str, float]:
+        out = {s.name.removeprefix("e2e-"): s.cpu_seconds() for s in self.servers}
+        out.update({name: pids_cpu_seconds([pid]) for name, pid in self.pids.items()})
+        return out
+
+
+def with_breakdown(chain: Chain, measure: Any) -> dict[str, Any]:
+    """Runs `measure()` and adds the CPU each process of the chain used, in cores, to its result."""
+    before = chain.breakdown()
+    t0 = time.monotonic()
+    result = measure()
+    elapsed = time.monotonic() - t0
+    after = chain.breakdown()
+    result["cpu_by_process"] = {k: round((after[k] - before.get(k, 0.0)) / elapsed, 3) for k in after}
+    return result
 
 
 def body(run: Run, suite: Suite) -> None:
@@ -182,7 +205,9 @@ def body(run: Run, suite: Suite) -> None:
     for pid in run.backends.pids("redis", "cassandra", "kafka"):
         set_affinity(pid, cpus)
     chain = Chain()
-    chain.pids = run.backends.pids("redis", "cassandra", "kafka")
+    chain.pids = dict(
+        zip(("redis", "cassandra", "kafka"), run.backends.pids("redis", "cassandra", "kafka"), strict=True)
+    )
 
     # Model and features.
     batch_repo, _ = inference_suite.prepare_repositories(run)
@@ -247,7 +272,7 @@ def body(run: Run, suite: Suite) -> None:
     record = envoy.start(Progress("envoy"))
     run.procs.on_stop(envoy.stop)
     set_affinity(record.pid, cpus)
-    chain.pids.append(record.pid)
+    chain.pids["envoy"] = record.pid
     wait_port(envoy_port, 60)
 
     # Correctness through Envoy: the gateway's answer equals the model on the stored features (checked by the
@@ -291,8 +316,9 @@ def body(run: Run, suite: Suite) -> None:
     def grpc_rep(server_cpu: Any, frame: int, c: int, metrics_port: int | None):
         def rep(duration: float, i: int) -> dict[str, Any]:
             before = scrape(metrics_port) if metrics_port else None
-            result = h2.run(url=url, body_file=body_file, concurrency=c, duration_s=duration, response_frame_bytes=frame,
-                            log_file=work / "h2load.log", server_cpu=server_cpu, extra_headers=[f"x-api-key: {key}"])  # fmt: skip
+            result = with_breakdown(chain, lambda: h2.run(
+                url=url, body_file=body_file, concurrency=c, duration_s=duration, response_frame_bytes=frame,
+                log_file=work / "h2load.log", server_cpu=server_cpu, extra_headers=[f"x-api-key: {key}"]))  # fmt: skip
             if before is not None:
                 after = scrape(metrics_port)  # type: ignore[arg-type]
                 result["errors"] = max(result.get("errors", 0.0), after["errors"] - before["errors"])
@@ -304,8 +330,9 @@ def body(run: Run, suite: Suite) -> None:
     def json_rep(server_cpu: Any, c: int, metrics_port: int | None):
         def rep(duration: float, i: int) -> dict[str, Any]:
             before = scrape(metrics_port) if metrics_port else None
-            result = wrk.run(url=f"http://{target}", script=script, concurrency=c, duration_s=duration,
-                             server_cpu=server_cpu, script_args=[key])  # fmt: skip
+            result = with_breakdown(chain, lambda: wrk.run(
+                url=f"http://{target}", script=script, concurrency=c, duration_s=duration,
+                server_cpu=server_cpu, script_args=[key]))  # fmt: skip
             if before is not None:
                 after = scrape(metrics_port)  # type: ignore[arg-type]
                 result["errors"] = max(result.get("errors", 0.0), after["errors"] - before["errors"])
@@ -335,7 +362,7 @@ def body(run: Run, suite: Suite) -> None:
         for server in chain.servers:
             for pid in group_pids(server.pid):
                 set_affinity(pid, to)
-        for pid in chain.pids:
+        for pid in chain.pids.values():
             set_affinity(pid, to)
 
     scaling = run.suite("scaling")

@@ -82,7 +82,7 @@ def check_answer(port: int, row: np.ndarray, expected: float | None) -> float:
     return value
 
 
-def wait_model_ready(server: Server, port: int, timeout: float = 180.0) -> None:
+def wait_model_ready(server: Server, port: int, timeout: float = 180.0, model: str = MODEL) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not server.alive():
@@ -90,7 +90,7 @@ def wait_model_ready(server: Server, port: int, timeout: float = 180.0) -> None:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
-                if stub.ModelReady(pb.ModelReadyRequest(name=MODEL, version=VERSION), timeout=2).ready:
+                if stub.ModelReady(pb.ModelReadyRequest(name=model, version=VERSION), timeout=2).ready:
                     return
         except grpc.RpcError:
             pass
@@ -131,6 +131,8 @@ def start_pytriton(
                                     str(metrics_port), "--workspace", str(run.work_dir / f"{name}-ws"), *(extra or [])],
                              env=env, cpus=server_cpus())  # fmt: skip
     wait_model_ready(server, grpc_port)
+    if extra and "--redis-url" in extra:
+        wait_model_ready(server, grpc_port, model="fraud_entity")
     return server, grpc_port
 
 
@@ -245,7 +247,9 @@ def body(run: Run, suite: Suite) -> None:
 def cross_check(run: Run, suite: Suite, pa: Any, server: Server, port: int, *, key: str, system: str) -> None:
     """perf_analyzer (Triton's tool) at concurrency 32: unary, and streaming (ModelStreamInfer)."""
     interval = 2000 if run.settings.quick else 3000
-    for streaming in (False, True):
+    # PyTriton's tritonserver hung or aborted (std::length_error in TRITONBACKEND_OutputBuffer) under
+    # perf_analyzer's streaming mode in rehearsals: unary only there.
+    for streaming in (False, True) if key != "pytriton" else (False,):
         mode = "stream" if streaming else "unary"
 
         def rep(duration: float, i: int, streaming: bool = streaming, mode: str = mode) -> dict[str, Any]:

@@ -47,6 +47,7 @@ def test_best_under_slo_ignores_slow_and_failing_points() -> None:
         {"params": {"concurrency": 8}, "median": {"rps": 500.0, "p99_ms": 20.0, "errors": 0}},
         {"params": {"concurrency": 64}, "median": {"rps": 900.0, "p99_ms": 40.0, "errors": 0}},
         {"params": {"concurrency": 32}, "median": {"rps": 800.0, "p99_ms": 10.0, "errors": 2}},
+        {"params": {"concurrency": 16}, "median": {"rps": 0.0, "p99_ms": 0.0, "errors": 0}},
     ]
     best = stats.best_under_slo(pts)
     assert best is not None and best["params"]["concurrency"] == 8
