@@ -31,6 +31,7 @@ VENV_SPECS: dict[str, tuple[str, ...]] = {
     "perf": ("tritonclient==2.40.0", "nvidia-cuda-runtime-cu12==12.9.79"),
     "pytriton": ("nvidia-pytriton==0.7.0", "onnxruntime==1.32.0", "redis==8.1.0"),
     "feast": ("feast[redis]==0.67.0",),
+    "litserve": ("litserve==0.2.19", "onnxruntime==1.32.0", "redis==8.1.0"),
     "tools": ("py-spy==0.4.1",),
 }
 

@@ -13,6 +13,7 @@ feature call missed its 50 ms budget) from infergrid_gateway_degraded_total.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import subprocess
@@ -427,17 +428,20 @@ def body(run: Run, suite: Suite) -> None:
     envoy.stop()
 
     # The issue's reference point: PyTriton doing only the Redis lookup (one MGET per batch) and the model.
-    pytriton_with_redis(run, suite, h2=h2, redis_url=redis.url, repo=batch_repo, cpus=cpus)
+    table = write_entity_table(redis.url)
+    pytriton_with_redis(run, suite, h2=h2, redis_url=redis.url, repo=batch_repo, table=table)
+    try:
+        litserve_with_redis(run, suite, wrk=wrk, redis_url=redis.url, repo=batch_repo, table=table)
+    except Exception as exc:  # a stretch peer: its failure is recorded, the run goes on
+        suite.extra["litserve_error"] = f"{type(exc).__name__}: {exc}"[:1500]
+        say(f"LitServe failed: {suite.extra['litserve_error'][:300]}")
     say("e2e done")
 
 
-def pytriton_with_redis(
-    run: Run, suite: Suite, *, h2: H2load, redis_url: str, repo: Path, cpus: str | None
-) -> None:
+def write_entity_table(redis_url: str) -> Any:
+    """10,000 entities x 32 float32 features at `bench:feat:<id>` (peers.md's layout for the peers' lookups)."""
     import numpy as np
     import redis as redis_py
-
-    from inference import grpc_service_pb2 as ipb
 
     rng = np.random.default_rng(4242)
     table = rng.normal(0, 1, (10_000, 32)).astype(np.float32)
@@ -448,6 +452,66 @@ def pytriton_with_redis(
         pipe.set(f"bench:feat:{i}", table[i].tobytes())
     pipe.execute()
     client.close()
+    return table
+
+
+WRK_LITSERVE = """
+math.randomseed(5)
+function request()
+  return wrk.format("POST", "/predict", {["Content-Type"] = "application/json"},
+                    string.format('{"entity_id": %d}', math.random(0, 9999)))
+end
+"""
+
+
+def litserve_with_redis(run: Run, suite: Suite, *, wrk: Wrk, redis_url: str, repo: Path, table: Any) -> None:
+    """LitServe (peers.md's best of Ray Serve / BentoML / LitServe at p99 <= 25 ms): Redis MGET per batch + model."""
+    from bench.tools import ensure_venv
+
+    venv = ensure_venv("litserve")
+    port = free_port()
+    script = Path(__file__).parents[1] / "servers" / "litserve_server.py"
+    env = {**repo_env(), "HOME": str(run.work_dir)}
+    env.pop("PYTHONPATH", None)
+    server = run.procs.start("litserve", [str(venv / "bin" / "python"), str(script), "--onnx",
+                                          str(repo / "fraud" / "1" / "model.onnx"), "--port", str(port),
+                                          "--redis-url", redis_url], env=env, cpus=server_cpus())  # fmt: skip
+    server.extra_pids = run.backends.pids("redis")
+    expected = float(inference_suite.reference_outputs(repo, table[[4242]])[0])
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", json.dumps({"entity_id": 4242}).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                got = float(json.loads(resp.read())["fraud_probability"])
+            break
+        except OSError:
+            if not server.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"LitServe did not answer:\n{server.log_tail()}") from None
+            time.sleep(1)
+    if abs(got - expected) > 1e-5:
+        raise RuntimeError(f"LitServe answered {got}, ONNX Runtime {expected}")
+    lua = run.work_dir / "e2e" / "litserve.lua"
+    lua.write_text(WRK_LITSERVE + WRK_DONE)
+    for c in run.settings.e2e_concurrency:
+
+        def rep(duration: float, i: int, c: int = c) -> dict[str, Any]:
+            return wrk.run(url=f"http://127.0.0.1:{port}", script=lua, concurrency=c, duration_s=duration,
+                           server_cpu=server.cpu_seconds)  # fmt: skip
+
+        run.measure(suite, system="LitServe 0.2.19: Redis MGET + model, batching (HTTP/JSON, no Envoy)",
+                    key="litserve-redis", protocol="HTTP/JSON", tool="wrk", params={"concurrency": c}, rep=rep)  # fmt: skip
+    run.procs.stop(server)
+
+
+def pytriton_with_redis(
+    run: Run, suite: Suite, *, h2: H2load, redis_url: str, repo: Path, table: Any
+) -> None:
+    import numpy as np
+
+    from inference import grpc_service_pb2 as ipb
+
     expected = inference_suite.reference_outputs(repo, table[[4242]])[0]
     server, port = inference_suite.start_pytriton(
         run, repo, name="pytriton-redis", extra=["--redis-url", redis_url]
