@@ -167,14 +167,15 @@ def test_the_90_10_split_holds_and_the_shadow_only_reaches_the_log(whole_stack: 
         assert not record_v2.HasField("shadow")
     finally:
         whole_stack.reset_platform()
+        time.sleep(2.5)  # back to no shadow before the next test
 
 
 def test_a_trace_spans_envoy_gateway_features_inference_kafka_and_logging(whole_stack: Stack) -> None:
     # With the feature cache emptied, the lookup misses Redis and reads Cassandra: both show.
     cache = redis.Redis(host=whole_stack.config.host, port=whole_stack.config.port("redis"))
     with cache:
-        for name in list(cache.scan_iter(match="ifs:*", count=1000)):
-            cache.delete(name)
+        emptied = [cache.delete(name) for name in list(cache.scan_iter(match="ifs:*", count=1000))]
+    assert emptied, "no feature cache entries: the cache prefix changed?"
     request = _request(5000 + uuid.uuid4().int % 5000, request_id=f"trace-{uuid.uuid4().hex}")
     whole_stack.predict(request, whole_stack.keys["demo"])
     record = _get_record(whole_stack, request.request_id)
