@@ -18,7 +18,7 @@ from stack.registry import COMPONENTS, select
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stack",
-        description="The InferGrid local stack: real Redis, Cassandra, Kafka, Jaeger and Envoy on loopback.",
+        description="The InferGrid local stack on loopback: Redis, Cassandra, Kafka, Jaeger, the services, Envoy.",
         epilog="Components: " + ", ".join(COMPONENTS) + " (all when none is named). Environment: "
         "INFERGRID_STATE_DIR, INFERGRID_CACHE_DIR, INFERGRID_JAVA_HOME, INFERGRID_<PORT NAME>_PORT.",
     )

@@ -290,6 +290,10 @@ def test_unknown_models_are_404_oversized_bodies_413_and_nothing_crashed(whole_s
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
     assert all(_all_serving(whole_stack).values()), _all_serving(whole_stack)
+    # The name Envoy's active health checks ask the gateway replicas for.
+    for replica in ("gateway", "gateway-2"):
+        port = whole_stack.components[replica].port
+        assert grpc_health_serving("127.0.0.1", port, "infergrid.gateway.v1.PredictionService")
     assert whole_stack.predict(_request(3), whole_stack.keys["demo"]).model == "fraud"
 
 
