@@ -40,6 +40,14 @@ IMAGES_COMPONENT = K8S_DIR / "components" / "images" / "kustomization.yaml"
 NAMESPACE = "infergrid"
 
 
+def containerfile_for(image: str) -> Path:
+    """The image's own recipe, or the shared one of the Python services (see deploy/images/build.sh)."""
+    own = REPO_ROOT / "deploy" / "images" / image / "Containerfile"
+    if own.exists() or not (REPO_ROOT / "services" / image / "__main__.py").exists():
+        return own
+    return REPO_ROOT / "deploy" / "images" / "service" / "Containerfile"
+
+
 def _selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
 
@@ -215,13 +223,13 @@ def test_file_settings_point_into_mounted_volumes(rendered: Rendered, name: str)
                 out += paths(value)
         return out
 
-    containerfile = (REPO_ROOT / "deploy" / "images" / name / "Containerfile").read_text()
+    containerfile = containerfile_for(name).read_text()
     for path in paths(config):
         assert path.is_absolute(), f"{name}: {path} is relative to the image's working directory"
         mounted = any(str(path).startswith(m.rstrip("/") + "/") or str(path) == m for m in volumes)
         # Otherwise the image must put it there (read-only files such as the descriptor set).
         assert mounted or f" {path}\n" in containerfile, (
-            f"{name}: {path} is neither on a mounted volume nor in deploy/images/{name}/Containerfile"
+            f"{name}: {path} is neither on a mounted volume nor in {containerfile_for(name)}"
         )
 
 
@@ -251,8 +259,8 @@ def test_the_control_plane_points_envoy_at_the_edge_service(rendered: Rendered) 
     assert port == service_code("edge").defaults.server.port
     # Envoy opens the descriptor set at the path the control plane names: both images have it there.
     for image in ("controlplane", "envoy"):
-        text = (REPO_ROOT / "deploy" / "images" / image / "Containerfile").read_text()
-        assert f" {config.envoy.descriptor_set}\n" in text, f"deploy/images/{image}/Containerfile"
+        text = containerfile_for(image).read_text()
+        assert f" {config.envoy.descriptor_set}\n" in text, str(containerfile_for(image))
     host, port = host_port(config.envoy.tracing_otlp_address)
     assert host.endswith(f".{NAMESPACE}.svc.cluster.local"), host
     host = host.split(".")[0]
@@ -514,7 +522,7 @@ def test_every_image_is_named_in_the_images_component_and_built_here(rendered: R
             )
     for image in images:
         if image["name"].startswith("infergrid/"):
-            build_file = REPO_ROOT / "deploy" / "images" / image["name"].split("/")[1] / "Containerfile"
+            build_file = containerfile_for(image["name"].split("/")[1])
             assert build_file.exists(), f"{image['name']}: no {build_file}"
 
 
