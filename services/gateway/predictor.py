@@ -543,7 +543,8 @@ class Predictor:
                 _set_value(shadow.outputs[name], array[row.shadow_index])
             m.SHADOW.labels(spec.name, row.shadow, "OK").inc()
         shadow.latency_us = max(0, (time.time_ns() - start_ns) // 1000)
-        self._publish(record)
+        # This task runs in the row's context: the publish span joins the request's trace.
+        self._publish(record, row.traced)
 
     def _publish_failure(
         self,

@@ -280,6 +280,30 @@ async def test_stage_spans_are_children_of_the_incoming_call_when_sampled() -> N
     assert record.trace_id == format(parent.get_span_context().trace_id, "032x")
 
 
+async def test_a_shadowed_rows_publish_span_joins_the_request_trace() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    only_v1_with_shadow = SPLIT.replace(', {version: "2", weight: 10}', "")
+    s = Setup(router=TrafficRouter(parse_platform(only_v1_with_shadow)))
+    s.predictor._tracer = tracer
+    with tracer.start_as_current_span("Predict") as parent:
+        await s.one(request())
+    for _ in range(100):  # the record is published once the shadow answered
+        if s.publisher.records:
+            break
+        await asyncio.sleep(0.01)
+    assert s.publisher.records[0].shadow.model_version == "2"
+    publish = [span for span in exporter.get_finished_spans() if span.name == "publish"]
+    assert len(publish) == 1 and publish[0].parent is not None
+    assert publish[0].parent.span_id == parent.get_span_context().span_id
+
+
 async def test_a_batch_larger_than_the_models_max_batch_size_is_split_in_order() -> None:
     s = Setup()
     spec = toy_spec()
