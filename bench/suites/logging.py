@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from bench.core import Run, Suite
-from bench.procs import free_port, repo_env, set_affinity
+from bench.procs import free_port, group_cpu_seconds, pids_cpu_seconds, repo_env, set_affinity
 from bench.suites.common import service_env, wait_grpc_serving
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 
@@ -54,6 +54,7 @@ def body(run: Run, suite: Suite) -> None:
     server = run.procs.start("logging", [sys.executable, "-m", "services.logging"], env=env)
     wait_grpc_serving(server, port, timeout=120)
     server.extra_pids = run.backends.pids("cassandra", "kafka")  # the CPU column counts the whole pipeline
+    backend_pids = dict(zip(("cassandra", "kafka"), server.extra_pids, strict=True))
     suite.extra["records_per_rep"] = count
     done_before = asyncio.run(records_total(port))
 
@@ -62,6 +63,8 @@ def body(run: Run, suite: Suite) -> None:
         n = count if i >= 0 else max(1000, count // 10)
         tag = f"r{i + 1}-{run.doc['run']['id']}"
         cpu0 = server.cpu_seconds()
+        parts0 = {"logging": group_cpu_seconds(server.pid),
+                  **{k: pids_cpu_seconds([v]) for k, v in backend_pids.items()}}  # fmt: skip
         out = subprocess.run([sys.executable, "-m", "bench.logpub", kafka.bootstrap_servers, TOPIC,
                               str(run.work_dir / f"spool-{tag}"), tag, str(n)],
                              check=False, capture_output=True, text=True, timeout=600, env=repo_env())  # fmt: skip
@@ -79,6 +82,8 @@ def body(run: Run, suite: Suite) -> None:
                 raise RuntimeError(f"logging service died:\n{server.log_tail()}")
             time.sleep(0.1)
         finished = time.time()
+        parts1 = {"logging": group_cpu_seconds(server.pid),
+                  **{k: pids_cpu_seconds([v]) for k, v in backend_pids.items()}}  # fmt: skip
         done_before = total
         if total < target:
             raise RuntimeError(f"only {total - (target - n)} of {n} records reached the sink in 180 s")
@@ -92,6 +97,8 @@ def body(run: Run, suite: Suite) -> None:
             "producer_loop_cpu_us_per_record": pub["cpu_us_per_record_publish_loop"],
             "publish_only_rps": n / pub["publish_s"], "record_bytes": pub["record_bytes"],
             "spooled": pub["stats"]["spooled"],
+            "cpu_us_per_record": {k: round((parts1[k] - parts0[k]) / n * 1e6, 1) for k in parts1}
+            | {"publisher": round(pub["cpu_us_per_record_incl_delivery"], 1)},
         }  # fmt: skip
 
     point = run.measure(suite, system="publish (InferenceLogProducer) → Kafka → logging service → Cassandra",
@@ -103,4 +110,8 @@ def body(run: Run, suite: Suite) -> None:
         point["producer"] = {k: statistics.median(r[k] for r in reps) for k in (
             "publish_us_p50", "publish_us_p99", "publish_us_p999", "publish_us_mean", "producer_cpu_us_per_record",
             "producer_loop_cpu_us_per_record", "publish_only_rps", "record_bytes")}  # fmt: skip
+        point["pipeline_cpu_us_per_record"] = {
+            k: statistics.median(r["cpu_us_per_record"][k] for r in reps)
+            for k in reps[0]["cpu_us_per_record"]
+        }
     run.procs.stop(server)
