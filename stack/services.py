@@ -27,6 +27,7 @@ DEMO_KEY_VARIABLE = "INFERGRID_DEMO_API_KEY"
 DEMO_MODEL = "fraud"
 # Marks a state folder whose Cassandra holds the demo feature values (the loader is idempotent anyway).
 _DEMO_FEATURES_MARKER = "demo-features-loaded"
+LOCAL_DRAIN_SECONDS = "1"
 _MINTED_KEY = re.compile(r"\(shown once\): (\S+)")
 
 
@@ -39,12 +40,15 @@ def python_env(config: StackConfig) -> dict[str, str]:
 
 
 def _service_env(config: StackConfig, service: str) -> dict[str, str]:
-    """Variables every service gets: import paths and traces to the stack's Jaeger."""
-    del service  # the service names itself in its traces
-    return {
+    """Variables every service gets: import paths, traces to the stack's Jaeger, a short drain."""
+    env = {
         **python_env(config),
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{config.host}:{config.port('jaeger_otlp_grpc')}",
     }
+    if service != "controlplane":  # its own default is shorter still
+        # Locally Envoy stops first on `down`: a long drain would only make `down` slow.
+        env[f"INFERGRID_{service.upper()}_DRAIN_SECONDS"] = LOCAL_DRAIN_SECONDS
+    return env
 
 
 def model_repository(config: StackConfig) -> Path:
