@@ -31,7 +31,7 @@ from google.protobuf.duration_pb2 import Duration
 from bench.core import Run, Suite
 from bench.loadgen import WRK_DONE, H2load, Wrk, grpc_frame
 from bench.procs import Server, free_port, server_cpus, wait_port
-from bench.suites.common import service_env, wait_grpc_serving
+from bench.suites.common import flame_graph, service_env, wait_grpc_serving
 from bench.tools import ensure_debian, ensure_venv, say
 from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc as pb_grpc
@@ -285,6 +285,13 @@ def body(run: Run, suite: Suite) -> None:
     read_all(port, data, check=True)  # also fills the cache
     read_all(port, data, check=True)  # now from the cache
     grpc_sweep(server, port, "ours-hit", "InferGrid features (Redis cache hit)")
+    if not s.quick:  # where the CPU goes on a cache hit (a separate, unmeasured run)
+        url = f"http://127.0.0.1:{port}/infergrid.features.v1.FeatureService/GetOnlineFeatures"
+        load = [h2.binary, "-t1", "-c8", "-m4", "-D", "8", "-d", str(bodies[1]), "-H", "content-type: application/grpc",
+                "-H", "te: trailers", url]  # fmt: skip
+        svg = flame_graph(server, run.out_dir / "flame-features.svg", load)
+        if svg:
+            suite.extra["flame_graph"] = svg.name
     run.procs.stop(server)
     server, port = start_ours(
         run, "features-miss", cache=False, redis_url=redis.url, cassandra_port=cassandra.port
