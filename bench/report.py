@@ -394,7 +394,7 @@ def render_plots(doc: Doc, out: Path) -> list[str]:
         ax1.legend(fontsize=7)
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=80)
+        fig.savefig(out / name, dpi=64)
         plt.close(fig)
         made.append(name)
 
