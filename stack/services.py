@@ -147,7 +147,8 @@ class _Features(_Service):
         """Starts (or finds) the service, then loads the demo data unless this state already has it."""
         progress = progress or Progress(self.name)
         record = super().start(progress)
-        marker = self.data_dir / _DEMO_FEATURES_MARKER
+        # Beside Cassandra's data, which holds the values: cleaning Cassandra's state reloads them.
+        marker = self.config.state_dir / "cassandra" / _DEMO_FEATURES_MARKER
         if not marker.exists():
             progress.say("loading the demo feature views and values (python -m services.features.demo)")
             out = _run_step(
@@ -157,6 +158,7 @@ class _Features(_Service):
                 timeout_s=600,
             )
             progress.say(out.replace("\n", "; "))
+            marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(out + "\n")
         return record
 
