@@ -7,6 +7,7 @@ platform file and the hashed keys; the tests talk to Envoy the way clients do.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -160,6 +161,21 @@ class EdgeStack:
 
     def reset_platform(self) -> None:
         self.write_platform(self.platform_text())
+        self.wait_applied()
+
+    def wait_applied(self, timeout: float = 15.0) -> None:
+        """Waits until Envoy's listeners carry the version made from the platform file as it is now."""
+        digest = hashlib.sha256(self.platform_file.read_text().encode()).hexdigest()[:16]
+        self.wait_for(
+            lambda: (
+                self.stats("listener_manager.lds.version_text")
+                .get("listener_manager.lds.version_text", "")
+                .strip('"')
+                .endswith(f"-{digest}")
+            ),
+            timeout=timeout,
+            what=f"Envoy to apply platform version {digest}",
+        )
 
     def stub(self) -> gateway_pb2_grpc.PredictionServiceStub:
         return gateway_pb2_grpc.PredictionServiceStub(self.channel)

@@ -94,6 +94,7 @@ def test_a_tier_limit_edit_reaches_the_rate_limiter(live: EdgeStack) -> None:
 
 
 def test_an_invalid_platform_file_is_rejected_and_the_old_one_keeps_serving(live: EdgeStack) -> None:
+    live.wait_applied()  # an earlier test's edit may still be on its way to Envoy
     before = live.stats("listener_manager.lds.version_text")
     live.write_platform(live.platform_text().replace("tier: big", "tier: gold"))
     live.wait_for(
