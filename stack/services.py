@@ -40,10 +40,14 @@ def python_env(config: StackConfig) -> dict[str, str]:
 
 
 def _service_env(config: StackConfig, service: str) -> dict[str, str]:
-    """Variables every service gets: import paths, traces to the stack's Jaeger, a short drain."""
+    """Variables every service gets: import paths, its address and metrics port, traces, a short drain."""
+    prefix = f"INFERGRID_{service.upper()}_"
     env = {
         **python_env(config),
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{config.host}:{config.port('jaeger_otlp_grpc')}",
+        f"{prefix}HOST": config.host,
+        f"{prefix}PORT": str(config.port(service)),
+        f"{prefix}METRICS_PORT": str(config.port(f"{service}_metrics")),
     }
     if service != "controlplane":  # its own default is shorter still
         # Locally Envoy stops first on `down`: a long drain would only make `down` slow.
@@ -132,9 +136,6 @@ def inference(config: StackConfig) -> Component:
         port_names=("inference", "inference_metrics"),
         env={
             **_service_env(config, "inference"),
-            "INFERGRID_INFERENCE_HOST": config.host,
-            "INFERGRID_INFERENCE_PORT": str(config.port("inference")),
-            "INFERGRID_INFERENCE_METRICS_PORT": str(config.port("inference_metrics")),
             "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(model_repository(config)),
         },
     )
@@ -172,9 +173,6 @@ def features(config: StackConfig) -> Component:
         port_names=("features", "features_metrics"),
         env={
             **_service_env(config, "features"),
-            "INFERGRID_FEATURES_HOST": config.host,
-            "INFERGRID_FEATURES_PORT": str(config.port("features")),
-            "INFERGRID_FEATURES_METRICS_PORT": str(config.port("features_metrics")),
             "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(config.port("cassandra")),
             "INFERGRID_FEATURES_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
@@ -193,9 +191,6 @@ def logging(config: StackConfig) -> Component:
         port_names=("logging", "logging_metrics"),
         env={
             **_service_env(config, "logging"),
-            "INFERGRID_LOGGING_HOST": config.host,
-            "INFERGRID_LOGGING_PORT": str(config.port("logging")),
-            "INFERGRID_LOGGING_METRICS_PORT": str(config.port("logging_metrics")),
             "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
             "INFERGRID_LOGGING_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_LOGGING_CASSANDRA_PORT": str(config.port("cassandra")),
@@ -228,7 +223,7 @@ def gateway(
         ports=chosen,
         env={
             **_service_env(config, "gateway"),
-            "INFERGRID_GATEWAY_HOST": config.host,
+            # A second replica listens on its own ports.
             "INFERGRID_GATEWAY_PORT": str(chosen["gateway"]),
             "INFERGRID_GATEWAY_METRICS_PORT": str(chosen["gateway_metrics"]),
             "INFERGRID_GATEWAY_MODEL_REPOSITORY": str(model_repository(config)),
@@ -284,9 +279,6 @@ def edge(config: StackConfig) -> Component:
         port_names=("edge", "edge_metrics"),
         env={
             **_service_env(config, "edge"),
-            "INFERGRID_EDGE_HOST": config.host,
-            "INFERGRID_EDGE_PORT": str(config.port("edge")),
-            "INFERGRID_EDGE_METRICS_PORT": str(config.port("edge_metrics")),
             "INFERGRID_EDGE_PLATFORM_FILE": str(config.platform_file),
             "INFERGRID_EDGE_KEYS_FILE": str(keys_file(config)),
             "INFERGRID_EDGE_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
@@ -304,9 +296,6 @@ def controlplane(config: StackConfig) -> Component:
         port_names=("controlplane", "controlplane_metrics"),
         env={
             **_service_env(config, "controlplane"),
-            "INFERGRID_CONTROLPLANE_HOST": config.host,
-            "INFERGRID_CONTROLPLANE_PORT": str(config.port("controlplane")),
-            "INFERGRID_CONTROLPLANE_METRICS_PORT": str(config.port("controlplane_metrics")),
             "INFERGRID_CONTROLPLANE_PLATFORM_FILE": str(config.platform_file),
             "INFERGRID_CONTROLPLANE_DESCRIPTOR_SET": str(
                 config.repo_root / "build" / "gen" / "descriptors.pb"
