@@ -24,7 +24,7 @@ from bench.report import render
 from bench.tools import say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES = ("inference", "features", "e2e", "logging", "scaling")
+SUITES = ("inference", "features", "e2e", "peers", "logging", "scaling")
 LATEST_MAX_BYTES = 400_000  # per file copied to results/latest (the repository keeps only small files)
 
 
@@ -45,6 +45,10 @@ def _suite_body(name: str):  # type: ignore[no-untyped-def]
         from bench.suites import scaling
 
         return scaling.body
+    if name == "peers":
+        from bench.suites import peers
+
+        return peers.body
     from bench.suites import e2e
 
     return e2e.body
@@ -110,7 +114,9 @@ def versions() -> dict[str, str]:
     if ghz.exists():
         out["ghz"] = tools.version_of([str(ghz), "--version"])
     for venv, names in (("pytriton", ("nvidia-pytriton", "onnxruntime", "numpy", "redis")), ("feast", ("feast", "redis")),
-                        ("perf", ("tritonclient",)), ("tools", ("py-spy",))):  # fmt: skip
+                        ("perf", ("tritonclient",)), ("tools", ("py-spy",)),
+                        ("ray", ("ray", "onnxruntime", "numpy", "redis")),
+                        ("bentoml", ("bentoml", "onnxruntime", "numpy", "redis"))):  # fmt: skip
         root = tools.VENVS / venv
         if (root / "bin" / "python").exists():
             for k, v in tools.pip_versions(root, names).items():

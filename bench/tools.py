@@ -32,6 +32,8 @@ VENV_SPECS: dict[str, tuple[str, ...]] = {
     "pytriton": ("nvidia-pytriton==0.7.0", "onnxruntime==1.32.0", "redis==8.1.0"),
     "feast": ("feast[redis]==0.67.0",),
     "litserve": ("litserve==0.2.19", "onnxruntime==1.32.0", "redis==8.1.0"),
+    "ray": ("ray[serve]==2.60.0", "onnxruntime==1.32.0", "numpy==2.4.6", "redis==8.1.0"),
+    "bentoml": ("bentoml==1.4.40", "onnxruntime==1.32.0", "numpy==2.4.6", "redis==8.1.0"),
     "tools": ("py-spy==0.4.1",),
 }
 

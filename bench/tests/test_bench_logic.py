@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import stats
-from bench.report import render_markdown, targets
+from bench.report import best_peer, render_markdown, targets
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
 
@@ -71,3 +72,26 @@ def test_report_renders_targets_ratios_and_failures_from_a_fixture() -> None:
     feast = next(r for k, r in rows.items() if "1 entity" in k)
     assert "3.75\u00d7" in feast[1] and feast[2] == "met"  # Feast's best under 25 ms is c=1 (800 req/s)
     assert next(r for k, r in rows.items() if "End to end" in k)[2] == "not measured"
+
+
+def test_best_peer_takes_the_fastest_peer_under_the_objective_across_suites() -> None:
+    def pt(key: str, c: int, rps: float, p99: float) -> dict[str, Any]:
+        return {"key": key, "params": {"concurrency": c}, "median": {"rps": rps, "p99_ms": p99, "errors": 0}}
+
+    doc: dict[str, Any] = {"suites": {
+        "e2e": {"points": [pt("litserve-redis", 1, 500.0, 2.0), pt("litserve-redis", 32, 1000.0, 35.0)]},
+        "peers": {"points": [pt("ray-redis", 1, 100.0, 30.0), pt("ray-direct-redis", 8, 2000.0, 80.0),
+                             pt("ray-direct-redis", 1, 450.0, 24.0), pt("bentoml-redis", 1, 600.0, 20.0)]},
+    }}  # fmt: skip
+    label, point, measured = best_peer(doc)
+    assert label == "BentoML + Redis" and point is not None and point["median"]["rps"] == 600.0
+    assert [name for name, _ in measured] == [
+        "LitServe + Redis", "Ray Serve (proxy) + Redis", "Ray Serve (direct ingress) + Redis", "BentoML + Redis"
+    ]  # fmt: skip
+    assert dict(measured)["Ray Serve (proxy) + Redis"] is None  # never met p99 <= 25 ms
+    doc["suites"]["e2e"]["points"].append(pt("e2e-grpc", 32, 4000.0, 10.0))
+    row = next(r for r in targets(doc) if "5\u00d7 the best" in r[0])
+    assert "BentoML + Redis" in row[1] and "6.67\u00d7" in row[1] and row[2] == "met"
+    del doc["suites"]["peers"]
+    assert best_peer(doc)[0] == "LitServe + Redis"
+    assert best_peer({"suites": {}}) == (None, None, [])
