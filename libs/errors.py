@@ -10,9 +10,11 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.message = message
+        # Sent with the status (e.g. `retry-after`); Envoy's transcoder turns it into HTTP headers.
+        self.trailing_metadata = trailing_metadata
 
     def grpc_status_code(self) -> grpc.StatusCode:
         """Returns the gRPC status code the caller sees."""

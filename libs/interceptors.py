@@ -79,7 +79,7 @@ def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     """Aborts the call with the status `exc` stands for; always raises."""
     if isinstance(exc, ServiceError):
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, exc.message, exc.trailing_metadata)
     if isinstance(exc, TimeoutError):
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for a dependency")
     if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _PASS_THROUGH:

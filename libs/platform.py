@@ -119,6 +119,22 @@ class ModelRoute:
     rate_limit_tier: str = ""
 
 
+ADMISSION_PLACEMENTS = ("edge", "gateway")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Where API keys and rate limits are checked: one place, never two.
+
+    "edge": Envoy asks the edge service (ext_authz, then the rate-limit service) before routing;
+    "gateway": the gateway checks both in-process (no extra hops; rate limits from leased Redis tokens).
+    Fixed for a process's life: a live edit of it is refused until a restart, so that no moment exists
+    where neither place checks.
+    """
+
+    placement: str = "edge"
+
+
 @dataclass(frozen=True)
 class PlatformConfig:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
@@ -128,6 +144,7 @@ class PlatformConfig:
     rate_limit_tiers: Mapping[str, RateLimitTier] = field(default_factory=dict)
     tenants: Mapping[str, Tenant] = field(default_factory=dict)
     models: Mapping[str, ModelRoute] = field(default_factory=dict)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     # A digest of the source text: the version Envoy and the services report.
     version: str = ""
 
@@ -194,8 +211,15 @@ def parse_platform(text: str) -> PlatformConfig:
     except yaml.YAMLError as exc:
         raise PlatformConfigError(f"not valid YAML: {exc}") from None
     raw = _section(
-        raw, "platform", {"listener", "gateway", "api_keys_file", "rate_limit_tiers", "tenants", "models"}
+        raw,
+        "platform",
+        {"listener", "gateway", "api_keys_file", "rate_limit_tiers", "tenants", "models", "admission"},
     )
+    admission = _build(AdmissionConfig, raw.get("admission"), "admission")
+    if admission.placement not in ADMISSION_PLACEMENTS:
+        raise PlatformConfigError(
+            f"admission.placement: expected one of {', '.join(ADMISSION_PLACEMENTS)}, got {admission.placement!r}"
+        )
     listener = _build(ListenerConfig, raw.get("listener"), "listener")
     gateway = _build(GatewayUpstream, raw.get("gateway"), "gateway")
     if not gateway.endpoints:
@@ -235,6 +259,7 @@ def parse_platform(text: str) -> PlatformConfig:
         rate_limit_tiers=tiers,
         tenants=tenants,
         models=models,
+        admission=admission,
         version=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
 
@@ -312,6 +337,15 @@ class PlatformWatcher:
             log.error("platform config rejected, keeping version %s: %s", self.current.version, exc)
             return False
         if config.version == self.current.version:
+            return False
+        if config.admission.placement != self.current.admission.placement:
+            self.last_error = (
+                f"admission.placement: cannot change from {self.current.admission.placement!r} to "
+                f"{config.admission.placement!r} while running; restart the services to move it"
+            )
+            log.error(
+                "platform config rejected, keeping version %s: %s", self.current.version, self.last_error
+            )
             return False
         self.current, self.last_error = config, ""
         result = self._on_change(config)

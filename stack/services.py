@@ -232,6 +232,9 @@ def gateway(
             "INFERGRID_GATEWAY_INFERENCE_TARGET": f"{config.host}:{config.port('inference')}",
             "INFERGRID_GATEWAY_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
             "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(config.state_dir / name / "spool"),
+            # Used when the platform places admission in the gateway (deploy/local/platform.yaml does).
+            "INFERGRID_GATEWAY_ADMISSION_KEYS_FILE": str(keys_file(config)),
+            "INFERGRID_GATEWAY_ADMISSION_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
         },
     )
 

@@ -21,6 +21,8 @@ def test_the_local_platform_file_is_valid() -> None:
     assert fraud.sticky_key == "user_id"
     assert config.rate_limit_tiers["free"].requests_per_second == 10.0
     assert len(config.version) == 16
+    assert config.admission.placement == "gateway"
+    assert parse_platform("").admission.placement == "edge"  # the default when the file says nothing
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,7 @@ def test_the_local_platform_file_is_valid() -> None:
         ),
         ("listener: [1", "not valid YAML"),
         ("colour: blue", "platform: unknown key(s) colour"),
+        ("admission: {placement: envoy}", "admission.placement: expected one of edge, gateway, got 'envoy'"),
     ],
 )
 def test_invalid_configs_name_the_field(text: str, message: str) -> None:
@@ -68,3 +71,15 @@ async def test_watcher_applies_valid_changes_and_keeps_the_last_good(tmp_path: P
     assert await watcher.check() is False
     assert "models.fraud.versions" in watcher.last_error
     assert watcher.current.models["fraud"].versions[0].version == "2"
+
+
+async def test_watcher_refuses_to_move_admission_while_running(tmp_path: Path) -> None:
+    path = tmp_path / "platform.yaml"
+    path.write_text("admission: {placement: gateway}\n")
+    applied: list[str] = []
+    watcher = PlatformWatcher(path, lambda c: applied.append(c.admission.placement))
+    # Moving the checks live could leave a moment where neither place checks: refused until a restart.
+    path.write_text("admission: {placement: edge}\n")
+    assert await watcher.check() is False
+    assert "admission.placement: cannot change from 'gateway' to 'edge' while running" in watcher.last_error
+    assert applied == [] and watcher.current.admission.placement == "gateway"

@@ -53,6 +53,7 @@ RATE_LIMIT_DOMAIN = "infergrid"
 # Headers the edge service sets on an authorized request (and that the rate-limit descriptors read).
 TENANT_HEADER = "x-infergrid-tenant"
 MODEL_HEADER = "x-infergrid-model"
+IDENTITY_HEADERS = (TENANT_HEADER, "x-infergrid-tier", MODEL_HEADER, "x-infergrid-key-name")
 
 _HTTP2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -267,7 +268,10 @@ def _grpc_service(cluster: str, timeout_ms: int) -> dict[str, Any]:
 
 
 def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[str, Any]]:
-    """buffer (413) → transcoder (JSON → gRPC) → ext_authz (key, tenant, model) → ratelimit → router.
+    """buffer (413) → transcoder (JSON → gRPC) → [ext_authz (key, tenant, model) → ratelimit] → router.
+
+    The bracketed filters exist when the platform places admission at the edge; with placement
+    "gateway" the gateway checks keys and limits itself and Envoy only strips forged identity headers.
 
     The transcoder runs before authorization, so the edge service sees every request as gRPC (path and
     framed body) whether the client spoke gRPC or JSON: one code path reads the model from the body.
@@ -296,6 +300,17 @@ def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[st
                 },
             },
         },
+        *(_edge_filters(max_bytes, wiring) if platform.admission.placement == "edge" else []),
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _edge_filters(max_bytes: int, wiring: EnvoyWiring) -> list[dict[str, Any]]:
+    """ext_authz and the rate-limit filter, both asking the edge service (admission placement "edge")."""
+    return [
         {
             "name": "envoy.filters.http.ext_authz",
             "typed_config": {
@@ -328,10 +343,6 @@ def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[st
                     "transport_api_version": "V3",
                 },
             },
-        },
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         },
     ]
 
@@ -427,6 +438,7 @@ def public_routes(platform: PlatformConfig) -> dict[str, Any]:
     """One route per PredictionService method (after transcoding every request has the gRPC path)."""
     gw = platform.gateway
     retry = gw.retry
+    edge = platform.admission.placement == "edge"
     routes = []
     for method in ("Predict", "PredictBatch"):
         routes.append(
@@ -452,8 +464,10 @@ def public_routes(platform: PlatformConfig) -> dict[str, Any]:
                         ],
                         "host_selection_retry_max_attempts": 3,
                     },
-                    "rate_limits": _rate_limits(),
+                    **({"rate_limits": _rate_limits()} if edge else {}),
                 },
+                # Identity headers come from whoever admitted the request, never from the client.
+                **({} if edge else {"request_headers_to_remove": list(IDENTITY_HEADERS)}),
             }
         )
     return {
@@ -469,7 +483,9 @@ def build_resources(platform: PlatformConfig, wiring: EnvoyWiring) -> Resources:
         google.protobuf.json_format.ParseError: a resource does not fit Envoy's schema (a bug here).
         OSError: a gateway endpoint's host name does not resolve.
     """
-    clusters = [gateway_cluster(platform), _static_cluster(EDGE_CLUSTER, wiring.edge_address)]
+    clusters = [gateway_cluster(platform)]
+    if platform.admission.placement == "edge":
+        clusters.append(_static_cluster(EDGE_CLUSTER, wiring.edge_address))
     if wiring.tracing_otlp_address:
         clusters.append(_static_cluster(TRACING_CLUSTER, wiring.tracing_otlp_address))
     return Resources(

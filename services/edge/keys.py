@@ -16,107 +16,24 @@ A key is shown once, when it is minted; afterwards only its hash exists.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import secrets
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from libs.platform import PlatformConfigError, load_platform
-
-KEY_PREFIX = "ig_"
-_HEADER = (
-    "# InferGrid API keys: sha256 of each key, never the key. Written by `python -m services.edge.keys`.\n"
+from libs.apikeys import (  # noqa: F401 - re-exported: the CLI's callers and tests use these names
+    KEY_PREFIX,
+    ApiKey,
+    KeyFileError,
+    add_key,
+    hash_key,
+    keys_file_for,
+    load_keys,
+    new_key,
+    parse_keys,
+    write_keys,
 )
-
-
-class KeyFileError(ValueError):
-    """The key file is unreadable or malformed; the message names the entry."""
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """A key's identity: who it belongs to. The key itself is not kept."""
-
-    name: str
-    tenant: str
-    sha256: str
-
-
-def hash_key(key: str) -> str:
-    """The hex sha256 of a key, as stored in the key file."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_key() -> str:
-    """A fresh random key (256 bits)."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def parse_keys(text: str) -> dict[str, ApiKey]:
-    """Parses a key file into {sha256: ApiKey}.
-
-    Raises:
-        KeyFileError: invalid YAML or an entry without name/tenant/sha256 (names the entry).
-    """
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise KeyFileError(f"not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("keys", []), list):
-        raise KeyFileError("expected a mapping with a `keys` list")
-    out: dict[str, ApiKey] = {}
-    for i, entry in enumerate(raw.get("keys") or []):
-        if not isinstance(entry, dict):
-            raise KeyFileError(f"keys[{i}]: expected a mapping")
-        values = {f: entry.get(f) for f in ("name", "tenant", "sha256")}
-        for name, value in values.items():
-            if not isinstance(value, str) or not value:
-                raise KeyFileError(f"keys[{i}].{name}: required string")
-        digest = str(values["sha256"]).lower()
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise KeyFileError(f"keys[{i}].sha256: expected 64 hex digits")
-        out[digest] = ApiKey(name=str(values["name"]), tenant=str(values["tenant"]), sha256=digest)
-    return out
-
-
-def load_keys(path: Path) -> dict[str, ApiKey]:
-    """Reads a key file; a missing file is no keys."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_keys(text)
-
-
-def write_keys(path: Path, keys: Sequence[ApiKey]) -> None:
-    """Writes the key file atomically, readable by its owner only."""
-    body: dict[str, Any] = {"keys": [{"name": k.name, "tenant": k.tenant, "sha256": k.sha256} for k in keys]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_HEADER + yaml.safe_dump(body, sort_keys=False))
-    tmp.chmod(0o600)
-    tmp.replace(path)
-
-
-def add_key(path: Path, tenant: str, name: str, key: str) -> ApiKey:
-    """Registers `key` under `name` (replacing an older key of that name); returns the entry."""
-    entry = ApiKey(name=name, tenant=tenant, sha256=hash_key(key))
-    kept = [k for k in load_keys(path).values() if k.name != name and k.sha256 != entry.sha256]
-    write_keys(path, [*kept, entry])
-    return entry
-
-
-def keys_file_for(platform_file: Path) -> Path:
-    """The key file the platform config names, relative to the platform file."""
-    return platform_file.parent / load_platform(platform_file).api_keys_file
+from libs.platform import PlatformConfigError, load_platform
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,15 +11,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from libs.apikeys import ApiKey, hash_key, presented_key
 from libs.platform import PlatformConfig
-from services.edge.keys import ApiKey, hash_key
 
 TENANT_HEADER = "x-infergrid-tenant"
 TIER_HEADER = "x-infergrid-tier"
 MODEL_HEADER = "x-infergrid-model"
 KEY_NAME_HEADER = "x-infergrid-key-name"
-# Credentials never travel past Envoy.
-CREDENTIAL_HEADERS = ("x-api-key", "authorization")
 _REST_PATH = re.compile(r"^/v1/models/(?P<model>[^/:?]+):")
 _MAX_MODEL_CHARS = 256
 
@@ -36,15 +34,6 @@ class Decision:
 
 def _denied(status: int, message: str) -> Decision:
     return Decision(allowed=False, http_status=status, message=message)
-
-
-def presented_key(headers: Mapping[str, str]) -> str:
-    """The API key from `x-api-key` or `authorization: Bearer <key>` ("" when there is none)."""
-    key = headers.get("x-api-key", "").strip()
-    if key:
-        return key
-    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,20 +25,21 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import Counter
 
+from libs import apikeys
+from libs.apikeys import CREDENTIAL_HEADERS, ApiKey, load_keys
 from libs.platform import PlatformConfig, PlatformWatcher
-from libs.server import GrpcService, Server, build_server
-from libs.telemetry import Telemetry
-from services.edge.config import EdgeConfig, PolicyConfig
-from services.edge.keys import ApiKey, KeyFileError, load_keys
-from services.edge.limiter import (
+from libs.ratelimit import (
     Bucket,
     LimitResult,
     RateLimiter,
     RedisTokenBucketLimiter,
+    plan_bucket,
     retry_after_header,
 )
+from libs.server import GrpcService, Server, build_server
+from libs.telemetry import Telemetry
+from services.edge.config import EdgeConfig, PolicyConfig
 from services.edge.policy import (
-    CREDENTIAL_HEADERS,
     KEY_NAME_HEADER,
     MODEL_HEADER,
     TENANT_HEADER,
@@ -142,24 +142,15 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         self._last_failure_log = 0.0
 
     def _plan(self, domain: str, entries: Mapping[str, str], cost: int) -> _Planned:
-        platform = self._state.platform
-        tenant_name = entries.get("tenant", "")
-        tenant = platform.tenants.get(tenant_name)
-        if tenant is None:
-            return _Planned(None)
-        # The hash tag keeps a tenant's buckets in one Redis Cluster slot (one script, many keys).
-        base = f"{self._prefix}:{domain}:{{{tenant_name}}}"
-        model = entries.get("model")
-        if model is None:
-            tier = platform.rate_limit_tiers[tenant.tier]
-            key = base
-        else:
-            route = platform.models.get(model)
-            if route is None or not route.rate_limit_tier:
-                return _Planned(None)
-            tier = platform.rate_limit_tiers[route.rate_limit_tier]
-            key = f"{base}:model:{model}"
-        return _Planned(Bucket(key, tier.requests_per_second, tier.burst, cost), tier.requests_per_second)
+        bucket = plan_bucket(
+            self._state.platform,
+            self._prefix,
+            domain,
+            entries.get("tenant", ""),
+            entries.get("model"),
+            cost=cost,
+        )
+        return _Planned(bucket, bucket.requests_per_second if bucket else 0.0)
 
     async def ShouldRateLimit(  # noqa: N802 - gRPC method names
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -216,32 +207,9 @@ def _response(plans: Sequence[_Planned], result: LimitResult) -> rls_pb2.RateLim
     return response
 
 
-async def _watch_keys(path: Path, state: PolicyState, interval: float) -> None:
-    """Reloads the key file when it changes; a broken file keeps the last good keys."""
-    stamp: tuple[int, int] | None = None
-    while True:
-        try:
-            st = os.stat(path)
-            current = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            current = (0, 0)
-        if current != stamp:
-            stamp = current
-            try:
-                keys = load_keys(path)
-            except KeyFileError as exc:
-                log.error("key file %s rejected, keeping the last good keys: %s", path, exc)
-            else:
-                state.update(keys=keys)
-                log.info("key file %s loaded: %d key(s)", path, len(keys))
-        await asyncio.sleep(interval)
-
-
 def keys_path(policy: PolicyConfig, platform: PlatformConfig) -> Path:
     """The key file: the configured one, else the platform's, relative to the platform file."""
-    if policy.keys_file:
-        return Path(policy.keys_file)
-    return policy.platform_file.parent / platform.api_keys_file
+    return apikeys.keys_path(policy.platform_file, platform, policy.keys_file)
 
 
 async def create_server(
@@ -280,7 +248,10 @@ async def create_server(
     tasks = [
         asyncio.create_task(watcher.run(), name="platform-watcher"),
         asyncio.create_task(
-            _watch_keys(keys_path(policy, watcher.current), state, policy.poll_seconds), name="keys-watcher"
+            apikeys.watch_keys(
+                keys_path(policy, watcher.current), lambda keys: state.update(keys=keys), policy.poll_seconds
+            ),
+            name="keys-watcher",
         ),
     ]
 

@@ -102,6 +102,30 @@ class ResponseCacheConfig:
 
 
 @dataclass(frozen=True)
+class AdmissionConfig:
+    """API keys and rate limits, used when the platform says `admission: {placement: gateway}`."""
+
+    # The hashed key file; "" uses the platform's `api_keys_file`, relative to the platform file.
+    admission_keys_file: str = ""
+    admission_keys_poll_s: float = 1.0
+    # The rate limiter's Redis (the edge's buckets: same keys, same semantics).
+    admission_redis_url: str = "redis://127.0.0.1:6379/0"
+    # Per lease round trip; past it the request passes (rate limits fail open).
+    admission_redis_timeout_s: float = 0.2
+    admission_key_prefix: str = "infergrid:rl"
+    # A lease holds about this many seconds of a tier's rate; unspent tokens lapse after the TTL.
+    admission_lease_s: float = 0.05
+    admission_lease_ttl_s: float = 1.0
+    # After a Redis failure, requests pass unlimited for this long before Redis is tried again.
+    admission_fail_open_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("admission_redis_timeout_s", "admission_lease_s", "admission_lease_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything the gateway service reads at start-up."""
 
@@ -111,6 +135,7 @@ class GatewayConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: ResponseCacheConfig = field(default_factory=ResponseCacheConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     inference_log: InferenceLogConfig = field(default_factory=InferenceLogConfig)
     # Off: no inference-log records are published (tests, local experiments).

@@ -1,12 +1,15 @@
 """The gateway gRPC server: the public PredictionService (behind Envoy) and its wiring (`create_server`).
 
-The servicer translates protos to the domain (`Predictor`) and back. The edge
-(Envoy's ext_authz, services/edge) has already checked the API key and the
-model; it passes the tenant in `x-infergrid-tenant` (logged in the
-inference-log record) and the model it authorized in `x-infergrid-model`. The
-gateway refuses (PERMISSION_DENIED) a request whose model differs from the
-authorized one: the edge reads the first `model` field of the body, protobuf
-parsing keeps the last, so a body with the field twice must not slip through.
+The servicer translates protos to the domain (`Predictor`) and back. Who admits a request (API key,
+the tenant's models, rate limits) is the platform's `admission.placement`:
+
+- "edge": the edge (Envoy's ext_authz, services/edge) has already checked the API key and the model;
+  it passes the tenant in `x-infergrid-tenant` (logged in the inference-log record) and the model it
+  authorized in `x-infergrid-model`. The gateway refuses (PERMISSION_DENIED) a request whose model
+  differs from the authorized one: the edge reads the first `model` field of the body, protobuf
+  parsing keeps the last, so a body with the field twice must not slip through.
+- "gateway": `admission.Admission` checks the key and the limits here, on the parsed request, and
+  identity headers from the caller are ignored.
 """
 
 from __future__ import annotations
@@ -14,17 +17,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
+import redis.asyncio as redis_async
 
 from inference import grpc_service_pb2
 from infergrid.features.v1 import features_pb2
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs import apikeys
 from libs.channels import dial
 from libs.platform import PlatformConfig, PlatformWatcher
+from libs.ratelimit import LeasedLimiter
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
+from services.gateway.admission import Admission
 from services.gateway.cache import RedisResponseCache, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
@@ -76,24 +85,59 @@ def _response(prediction: Prediction) -> gateway_pb2.PredictResponse:
 class PredictionServiceServicer(gateway_pb2_grpc.PredictionServiceServicer):
     """Translates PredictionService protos to the Predictor and back."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Predictor, admission: Admission | None = None) -> None:
         self._predictor = predictor
+        self._admission = admission
+
+    async def _call_info(self, context: grpc.aio.ServicerContext, model: str) -> CallInfo:
+        if self._admission is None:
+            return call_info(context)
+        return await self._admission.call_info(context, model)
 
     async def Predict(  # noqa: N802 - gRPC method names
         self, request: gateway_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PredictResponse:
-        (prediction,) = await self._predictor.predict(
-            request.model, request.version, (request,), call_info(context)
-        )
+        info = await self._call_info(context, request.model)
+        (prediction,) = await self._predictor.predict(request.model, request.version, (request,), info)
         return _response(prediction)
 
     async def PredictBatch(  # noqa: N802 - gRPC method names
         self, request: gateway_pb2.PredictBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PredictBatchResponse:
+        info = await self._call_info(context, request.model)
         predictions = await self._predictor.predict(
-            request.model, request.version, request.rows, call_info(context), batch=True
+            request.model, request.version, request.rows, info, batch=True
         )
         return gateway_pb2.PredictBatchResponse(results=[_response(p) for p in predictions])
+
+
+def _gateway_admission(
+    config: GatewayConfig, watcher: PlatformWatcher
+) -> tuple[Admission, redis_async.Redis, list[Coroutine[Any, Any, None]]]:
+    """Admission in-process: the hashed keys (watched) and the leased Redis token buckets."""
+    settings = config.admission
+    redis = redis_async.Redis.from_url(
+        settings.admission_redis_url,
+        socket_timeout=settings.admission_redis_timeout_s,
+        socket_connect_timeout=settings.admission_redis_timeout_s,
+    )
+    limiter = LeasedLimiter(
+        redis, lease_s=settings.admission_lease_s, lease_ttl_s=settings.admission_lease_ttl_s
+    )
+    admission = Admission(
+        lambda: watcher.current,
+        limiter,
+        key_prefix=settings.admission_key_prefix,
+        fail_open_s=settings.admission_fail_open_s,
+    )
+    keys_file = apikeys.keys_path(watcher.path, watcher.current, settings.admission_keys_file)
+    admission.set_keys(apikeys.load_keys(keys_file))
+    log.info("admission in the gateway: keys from %s, rate limits in Redis", keys_file)
+    return (
+        admission,
+        redis,
+        [apikeys.watch_keys(keys_file, admission.set_keys, settings.admission_keys_poll_s)],
+    )
 
 
 def predictor_settings(config: GatewayConfig) -> PredictorSettings:
@@ -166,13 +210,19 @@ async def create_server(
 
     router = TrafficRouter()
     watcher: PlatformWatcher | None = None
+    admission: Admission | None = None
+    admission_tasks: list[Coroutine[Any, Any, None]] = []
+    admission_redis: redis_async.Redis | None = None
     if config.models.platform_file is not None:
 
         def _apply(platform: PlatformConfig) -> None:
             router.update(platform)
 
-        watcher = PlatformWatcher(config.models.platform_file, _apply, config.models.platform_poll_interval_s)
+        platform_file = config.models.platform_file
+        watcher = PlatformWatcher(platform_file, _apply, config.models.platform_poll_interval_s)
         router.update(watcher.current)
+        if watcher.current.admission.placement == "gateway":
+            admission, admission_redis, admission_tasks = _gateway_admission(config, watcher)
 
     cache: ResponseCache | None = None
     if config.cache.response_cache_enabled:
@@ -197,7 +247,7 @@ async def create_server(
         if telemetry and telemetry.tracer_provider
         else None,
     )
-    servicer = PredictionServiceServicer(predictor)
+    servicer = PredictionServiceServicer(predictor, admission)
     server = build_server(
         config.server,
         [
@@ -212,6 +262,7 @@ async def create_server(
     tasks = [loop.create_task(predictor.report_gauges())]
     if watcher is not None:
         tasks.append(loop.create_task(watcher.run()))
+    tasks += [loop.create_task(coro) for coro in admission_tasks]
 
     async def _close() -> None:
         for task in tasks:
@@ -223,6 +274,8 @@ async def create_server(
         await inference_channel.close()
         if cache is not None:
             await cache.close()
+        if admission_redis is not None:
+            await admission_redis.aclose()
         if owned_producer is not None:
             await asyncio.get_running_loop().run_in_executor(None, owned_producer.close)
 

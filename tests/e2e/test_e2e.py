@@ -1,5 +1,5 @@
-"""End to end through the real Envoy: xDS from the control plane, ext_authz and rate limits from the edge,
-two gateway replicas, features on Cassandra + Redis, inference on ONNX Runtime, the Kafka inference log and
+"""End to end through the real Envoy: xDS from the control plane, API keys and rate limits checked in the
+gateway (admission placement "gateway", as `make up` runs it), two gateway replicas, features on Cassandra + Redis, inference on ONNX Runtime, the Kafka inference log and
 the logging service, traces in Jaeger — the components `make up` starts, once for the module.
 
 The tests that stop or break things come last; each restores what it stopped.
@@ -194,7 +194,7 @@ def test_a_trace_spans_envoy_gateway_features_inference_kafka_and_logging(whole_
         found = {(names[s["processID"]], s["operationName"]) for s in trace["spans"]}
         seen[0] = found
         services = {service for service, _ in found}
-        wanted = {"envoy", "edge", "gateway", "features", "inference", "logging"}
+        wanted = {"envoy", "gateway", "features", "inference", "logging"}
         complete = ("logging", "inference_log sink write") in found and (
             "features",
             "cassandra read",
@@ -215,7 +215,7 @@ def test_a_trace_spans_envoy_gateway_features_inference_kafka_and_logging(whole_
     assert ("logging", "inference_log sink write") in found
 
 
-# The edge: keys, authorization, rate limits, bad input.
+# Admission (in the gateway, behind Envoy): keys, authorization, rate limits, bad input.
 
 
 def test_missing_or_bad_keys_are_401_and_a_forbidden_model_is_403(whole_stack: Stack) -> None:

@@ -3,7 +3,9 @@
 The servers (Redis, Cassandra, Kafka, Jaeger) come from the session fixtures (tests/stack_fixtures.py); the
 InferGrid services, the control plane and Envoy are the very components `make up` starts
 (`stack.registry.COMPONENTS`), in the session's state folder, on the session's free ports, with a platform
-file of the test's own: two gateway replicas, a second tenant and model, a small rate-limit tier.
+file of the test's own: two gateway replicas, a second tenant and model, a small rate-limit tier, and
+admission (API keys, rate limits) in the gateway as in deploy/local/platform.yaml. The edge placement
+(Envoy's ext_authz and rate-limit calls to services/edge) is tested end to end in tests/integration/edge.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ gateway:
   retry: {{retry_on: "reset,connect-failure,refused-stream,unavailable", num_retries: 3, per_try_timeout_ms: 1500, budget_percent: 50}}
   health_check: {{interval_ms: 300, timeout_ms: 250, unhealthy_threshold: 1, healthy_threshold: 1}}
   outlier_detection: {{consecutive_5xx: 3, consecutive_gateway_failure: 2, base_ejection_time_ms: 5000}}
+admission: {{placement: gateway}}
 api_keys_file: keys.yaml
 rate_limit_tiers:
   standard: {{requests_per_second: 2000, burst: 4000}}

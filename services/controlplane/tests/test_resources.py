@@ -156,3 +156,25 @@ def test_tracing_is_off_by_default() -> None:
 
     assert "tracing" not in hcm
     assert "jaeger" not in out[CLUSTER_TYPE]
+
+
+def test_admission_in_the_gateway_drops_the_edge_filters_and_strips_identity_headers() -> None:
+    platform = _platform(PLATFORM + "admission: {placement: gateway}\n")
+    resources = _dicts(platform=platform)
+    filters = list(_filters(resources[LISTENER_TYPE]["public"]))
+    assert filters == [
+        "envoy.filters.http.buffer",
+        "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.router",
+    ]
+    assert set(resources[CLUSTER_TYPE]) == {"gateway"}
+    for route in resources[ROUTE_TYPE]["public"]["virtual_hosts"][0]["routes"]:
+        assert "rate_limits" not in route["route"]
+        assert "x-infergrid-tenant" in route["request_headers_to_remove"]
+    # The edge placement (the default) keeps ext_authz and the rate-limit filter before the router.
+    edge = list(_filters(_dicts()[LISTENER_TYPE]["public"]))
+    assert edge[2:] == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.router",
+    ]

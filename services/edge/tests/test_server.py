@@ -12,9 +12,9 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import code_pb2
 
+from libs.ratelimit import Bucket, BucketState, LimitResult
 from services.edge.config import EdgeConfig, EdgeServerConfig, PolicyConfig
 from services.edge.keys import add_key
-from services.edge.limiter import Bucket, BucketState, LimitResult
 from services.edge.server import create_server
 
 PLATFORM = """
