@@ -51,6 +51,9 @@ class UpstreamConfig:
     # Attempts per call (gRPC retries UNAVAILABLE with jittered backoff; both calls are reads).
     features_max_attempts: int = 2
     inference_max_attempts: int = 2
+    # Batches go to inference as messages on one long-lived ModelStreamInfer stream (cheaper per batch
+    # on both sides than a unary ModelInfer call); false: one unary call per batch.
+    inference_streaming: bool = True
     # Circuit breakers: open after this many consecutive failed calls, probe after reset_s.
     breaker_failures: int = 5
     breaker_reset_s: float = 2.0

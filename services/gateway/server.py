@@ -38,7 +38,7 @@ from services.gateway.cache import RedisResponseCache, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
 from services.gateway.features import GrpcFeatureSource
-from services.gateway.models import GrpcModelClient
+from services.gateway.models import GrpcModelClient, StreamingModelClient
 from services.gateway.predictor import CallInfo, Prediction, Predictor, PredictorSettings
 from services.gateway.publisher import DiscardingPublisher, RecordPublisher
 from services.gateway.routing import TrafficRouter
@@ -195,7 +195,14 @@ async def create_server(
     features_channel = dial(up.features_target, FEATURES_SERVICE, features_policy, telemetry=telemetry)
     inference_channel = dial(up.inference_target, INFERENCE_SERVICE, inference_policy, telemetry=telemetry)
     features = GrpcFeatureSource(features_channel, Dependency("features", _single_attempt(features_policy)))
-    models = GrpcModelClient(inference_channel, Dependency("inference", _single_attempt(inference_policy)))
+    models: GrpcModelClient | StreamingModelClient
+    if up.inference_streaming:
+        # A stream has no gRPC-level retries: the Dependency retries a broken stream's batch once.
+        models = StreamingModelClient(inference_channel, Dependency("inference", inference_policy))
+    else:
+        models = GrpcModelClient(
+            inference_channel, Dependency("inference", _single_attempt(inference_policy))
+        )
 
     owned_producer = None
     if publisher is None:
@@ -270,6 +277,8 @@ async def create_server(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await predictor.close()
+        if isinstance(models, StreamingModelClient):
+            await models.close()
         await features_channel.close()
         await inference_channel.close()
         if cache is not None:

@@ -12,12 +12,14 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from opentelemetry import propagate, trace
+
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 from libs.config import ConfigError
 from libs.errors import InvalidArgument, ServiceError
 from libs.server import GrpcService, Server, build_server
-from libs.telemetry import Telemetry
+from libs.telemetry import Telemetry, tracer
 from services.inference.backends import BackendOptions, ModelBackend, create_backends
 from services.inference.codec import decode_inputs, encode_response, requested_outputs
 from services.inference.config import InferenceConfig
@@ -27,6 +29,9 @@ from services.inference.model_config import parse_config_json
 from services.inference.repository import ModelRepository, RepositorySettings, ServingVersion
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+# The span of one streamed request that carried the caller's trace context.
+STREAM_SPAN = "/inference.GRPCInferenceService/ModelStreamInfer request"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "infergrid-inference"
@@ -164,14 +169,26 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Runs each streamed request as it arrives (so they batch) and streams results as they finish.
 
-        Errors travel in `error_message` (as Triton does), so one bad request never ends the stream.
+        Errors travel in `error_message` (as Triton does), so one bad request never ends the stream; the
+        status a unary call would have had is in the response's `status_code` parameter. A request whose
+        `traceparent` parameter names a trace gets its own span in it (a stream has no per-message metadata).
         """
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
 
         async def _one(request: pb.ModelInferRequest) -> None:
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+                if "traceparent" in request.parameters:  # the caller's trace, per message
+                    parent = propagate.extract(
+                        {"traceparent": request.parameters["traceparent"].string_param}
+                    )
+                    with _tracer.start_as_current_span(
+                        STREAM_SPAN, context=parent, kind=trace.SpanKind.SERVER
+                    ):
+                        response = await self._infer(request, None)
+                else:
+                    response = await self._infer(request, None)
+                reply = pb.ModelStreamInferResponse(infer_response=response)
             except ServiceError as exc:
                 reply = pb.ModelStreamInferResponse(
                     error_message=exc.message,
@@ -179,6 +196,8 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
                         model_name=request.model_name, model_version=request.model_version, id=request.id
                     ),
                 )
+                # The status a unary call would have ended with, for callers that map errors.
+                reply.infer_response.parameters["status_code"].int64_param = exc.code.value[0]
             except Exception:
                 log.exception("stream inference failed")
                 reply = pb.ModelStreamInferResponse(

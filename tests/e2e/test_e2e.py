@@ -210,7 +210,8 @@ def test_a_trace_spans_envoy_gateway_features_inference_kafka_and_logging(whole_
     assert ("gateway", "/infergrid.gateway.v1.PredictionService/Predict") in found
     assert ("features", "/infergrid.features.v1.FeatureService/GetOnlineFeatures") in found
     assert {"redis MGET", "cassandra read"} <= operations
-    assert ("inference", "/inference.GRPCInferenceService/ModelInfer") in found
+    # The gateway streams batches to inference (ModelStreamInfer); each carries the trace in `traceparent`.
+    assert ("inference", "/inference.GRPCInferenceService/ModelStreamInfer request") in found
     assert ("gateway", "publish") in found  # the Kafka publish; the consumer continues its context
     assert ("logging", "inference_log sink write") in found
 

@@ -83,26 +83,52 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
 
 
 class FakeInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Scores rows as x @ WEIGHTS + version, over ModelInfer and ModelStreamInfer alike."""
+
     def __init__(self) -> None:
         self.calls = 0
         self.time_remaining: list[float | None] = []
+        self.fail_with: str = ""
 
-    async def ModelInfer(  # noqa: N802
-        self, request: ipb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> ipb.ModelInferResponse:
+    def _score(self, request: ipb.ModelInferRequest) -> ipb.ModelInferResponse:
         self.calls += 1
-        self.time_remaining.append(context.time_remaining())
         shape = list(request.inputs[0].shape)
         x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(shape)
         scores = (x @ WEIGHTS + float(request.model_version)).astype(np.float32).reshape(-1, 1)
         return ipb.ModelInferResponse(
             model_name=request.model_name,
             model_version=request.model_version,
+            id=request.id,
             outputs=[
                 ipb.ModelInferResponse.InferOutputTensor(name="score", datatype="FP32", shape=[shape[0], 1])
             ],
             raw_output_contents=[scores.tobytes()],
         )
+
+    async def ModelInfer(  # noqa: N802
+        self, request: ipb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.ModelInferResponse:
+        self.time_remaining.append(context.time_remaining())
+        if self.fail_with:
+            await context.abort(grpc.StatusCode.NOT_FOUND, self.fail_with)
+        return self._score(request)
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, requests: AsyncIterator[ipb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ipb.ModelStreamInferResponse]:
+        async for request in requests:
+            timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else 0
+            self.time_remaining.append(timeout / 1e6 if timeout else None)
+            if self.fail_with:
+                reply = ipb.ModelStreamInferResponse(
+                    error_message=self.fail_with, infer_response=ipb.ModelInferResponse(id=request.id)
+                )
+                reply.infer_response.parameters["status_code"].int64_param = grpc.StatusCode.NOT_FOUND.value[
+                    0
+                ]
+                yield reply
+                continue
+            yield ipb.ModelStreamInferResponse(infer_response=self._score(request))
 
 
 @dataclass
@@ -131,8 +157,8 @@ def _platform(weights: tuple[int, int]) -> str:
     )
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+@pytest.fixture(params=[True, False], ids=["stream", "unary"])
+async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
     model_dir = tmp_path / "models" / "toy"
     for version in ("1", "2"):
         (model_dir / version).mkdir(parents=True)
@@ -158,6 +184,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
             features_timeout_s=0.5,
             breaker_failures=3,
             breaker_reset_s=30.0,
+            inference_streaming=request.param,
         ),
         inference_log_enabled=False,
     )
@@ -291,3 +318,13 @@ async def test_outbound_calls_carry_the_callers_deadline(stack: Stack) -> None:
     features_left, inference_left = stack.features.time_remaining[-1], stack.inference.time_remaining[-1]
     assert features_left is not None and features_left <= 0.21
     assert inference_left is not None and inference_left <= 0.21
+
+
+async def test_a_failed_streamed_batch_keeps_its_status_and_the_stream(stack: Stack) -> None:
+    stack.inference.fail_with = "model 'toy' version '1' is not loaded"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.gateway.Predict(_request(), timeout=5)
+    stack.inference.fail_with = ""
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "not loaded in the inference service" in (info.value.details() or "")
+    assert (await stack.gateway.Predict(_request(), timeout=5)).model_version == "1"

@@ -401,6 +401,9 @@ async def test_stream_infer_answers_each_request_and_reports_errors_in_band(
     assert sorted(r.infer_response.id for r in replies) == [f"s{i}" for i in range(5)]
     errors = {r.infer_response.id: r.error_message for r in replies if r.error_message}
     assert errors == {"s2": "model 'nope' is not found"}
+    # The status a unary call would have ended with travels in the `status_code` parameter.
+    (failed,) = (r for r in replies if r.error_message)
+    assert failed.infer_response.parameters["status_code"].int64_param == grpc.StatusCode.NOT_FOUND.value[0]
     ok = [r for r in replies if not r.error_message]
     assert all(len(r.infer_response.raw_output_contents[0]) == 4 for r in ok)
 
