@@ -303,7 +303,8 @@ CAVEATS = (
     "run without Envoy, authentication, rate limiting or a log record; ours does all of that. Ray Serve's "
     "direct-ingress row (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) bypasses its proxy; BentoML's batchable api takes a "
     "one-element batch per request.",
-    "Servers on one core share it with their own helpers (Redis, Cassandra, Envoy, edge, control plane); "
+    "Servers on one core share it with their own helpers (Redis; for ours also Envoy and the control plane); "
+    "in the e2e suite Kafka and Cassandra, which the peers do not have, run on the load generator's core; "
     "the logging and scaling rows are unpinned and share both cores with the load generator.",
     "Our services run without tracing (no OTLP endpoint), Envoy without access log or tracing.",
 )
