@@ -1,14 +1,16 @@
-"""End to end: Predict through Envoy (gRPC and HTTP/JSON) with authentication (ext_authz, API key), rate
-limiting (the edge's Redis token buckets; the bench tenant's tier is high enough never to throttle), features
-from Redis (the demo views, cache warm), the model (inference service, batching on) and one Kafka
-inference-log record per request; vs the same Envoy, control plane and edge in front of a bare echo
-service answering Predict with a fixed response (the transport limit of this path).
+"""End to end: Predict through Envoy (gRPC and HTTP/JSON) with authentication (API key) and rate limiting
+(Redis token buckets; the bench tenant's tier is high enough never to throttle) checked in the gateway
+(admission placement "gateway", as `make up` runs it), features from Redis (the demo views, cache warm),
+the model (inference service, batching on) and one Kafka inference-log record per request; vs the same
+Envoy and control plane in front of a bare echo service answering Predict with a fixed response (the
+transport limit of this path).
 
-The whole chain — Envoy, control plane, edge, gateway, features, inference, Redis, Cassandra, Kafka — is
-pinned to CPU 0 (the same one-core budget as the peers' numbers in peers.md), the load generator to CPU 1.
-Envoy's access log and all tracing are off. Errors come from the gateway's own counters
-(infergrid_gateway_requests_total by status) and degraded answers (a feature default served because the
-feature call missed its 50 ms budget) from infergrid_gateway_degraded_total.
+The serving path — Envoy, control plane, gateway, features, inference and Redis — is pinned to CPU 0 (the
+one-core budget of the peers' numbers in peers.md, whose Redis shares their core too). Kafka and Cassandra,
+which the peers do not have and which run on their own machines in production (deploy/k8s), share CPU 1
+with the load generator. Envoy's access log and all tracing are off. Errors come from the gateway's own
+counters (infergrid_gateway_requests_total by status) and degraded answers (a feature default served
+because the feature call missed its 50 ms budget) from infergrid_gateway_degraded_total.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench.procs import (
     Server,
     free_port,
     group_pids,
+    loadgen_cpus,
     pids_cpu_seconds,
     repo_env,
     server_cpus,
@@ -61,6 +64,7 @@ gateway:
   retry: {{retry_on: "reset,connect-failure,unavailable", num_retries: 2, per_try_timeout_ms: 1000, budget_percent: 20}}
   health_check: {{interval_ms: 1000, timeout_ms: 500, unhealthy_threshold: 2, healthy_threshold: 1}}
   outlier_detection: {{consecutive_5xx: 5, consecutive_gateway_failure: 3, base_ejection_time_ms: 10000}}
+admission: {{placement: gateway}}
 api_keys_file: keys.yaml
 rate_limit_tiers:
   free: {{requests_per_second: 10, burst: 20}}
@@ -96,7 +100,7 @@ def missing_parts() -> list[str]:
     gateway = REPO_ROOT / "services" / "gateway" / "server.py"
     if not gateway.exists() or "PredictionService" not in gateway.read_text():
         missing.append("services/gateway (PredictionService)")
-    for name, what in (("controlplane", "xDS control plane"), ("edge", "ext_authz / rate-limit service")):
+    for name, what in (("controlplane", "xDS control plane"),):
         if not (REPO_ROOT / "services" / name / "server.py").exists():
             missing.append(f"services/{name} ({what})")
     return missing
@@ -164,7 +168,7 @@ def wait_predict(target: str, key: str, timeout: float = 60.0) -> gateway_pb2.Pr
 
 
 class Chain:
-    """The running edge path; `cpu()` sums every process of it, `breakdown()` per process."""
+    """The running request path and its backends; `cpu()` sums every process, `breakdown()` per process."""
 
     def __init__(self) -> None:
         self.servers: list[Server] = []
@@ -201,10 +205,12 @@ def body(run: Run, suite: Suite) -> None:
     h2 = H2load(ensure_debian("h2load", "nghttp2-client"))
     wrk = Wrk(ensure_debian("wrk", "wrk"))
     redis = run.backends.redis(cpus)
-    cassandra = run.backends.cassandra(cpus)
-    kafka = run.backends.kafka(cpus)
-    for pid in run.backends.pids("redis", "cassandra", "kafka"):
-        set_affinity(pid, cpus)
+    set_affinity(run.backends.pids("redis")[0], cpus)
+    backend_cpus = loadgen_cpus()
+    cassandra = run.backends.cassandra(backend_cpus)
+    kafka = run.backends.kafka(backend_cpus)
+    for pid in run.backends.pids("cassandra", "kafka"):
+        set_affinity(pid, backend_cpus)
     chain = Chain()
     chain.pids = dict(
         zip(("redis", "cassandra", "kafka"), run.backends.pids("redis", "cassandra", "kafka"), strict=True)
@@ -223,11 +229,20 @@ def body(run: Run, suite: Suite) -> None:
 
     warm_feature_cache(features_port)
 
-    # Gateway (and its inference-log producer to Kafka).
+    # Gateway (admission, and its inference-log producer to Kafka).
     gateway_port, gateway_metrics = free_port(), free_port()
     envoy_port = run.backends.config.port("envoy")
     platform = work / "platform.yaml"
     platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=gateway_port))
+    # The bench tenant's API key (hashed in the key file the gateway watches).
+    key = secrets.token_urlsafe(24)
+    keys_file = work / "keys.yaml"
+    out = subprocess.run([sys.executable, "-m", "services.edge.keys", "--platform", str(platform), "--keys-file",
+                          str(keys_file), "ensure", "--tenant", "bench", "--name", "bench", "--key-from-env",
+                          "BENCH_API_KEY"], check=False, capture_output=True, text=True, timeout=60,
+                         env=repo_env({"BENCH_API_KEY": key}))  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"edge keys: {out.stderr[-1000:]}")
     env = service_env("INFERGRID_GATEWAY_", gateway_port, {
         "INFERGRID_GATEWAY_METRICS_PORT": str(gateway_metrics),
         "INFERGRID_GATEWAY_MODEL_REPOSITORY": str(batch_repo),
@@ -237,38 +252,24 @@ def body(run: Run, suite: Suite) -> None:
         "INFERGRID_GATEWAY_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "INFERGRID_GATEWAY_INFERENCE_LOG_TOPIC": "bench.e2e.inference-log",
         "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(work / "spool"),
+        "INFERGRID_GATEWAY_ADMISSION_KEYS_FILE": str(keys_file),
+        "INFERGRID_GATEWAY_ADMISSION_REDIS_URL": redis.url,
     })  # fmt: skip
     gateway = run.procs.start("e2e-gateway", [sys.executable, "-m", "services.gateway"], env=env, cpus=cpus)
     wait_grpc_serving(gateway, gateway_port, timeout=90)
     chain.servers.append(gateway)
 
-    # Edge: the bench tenant's API key, then ext_authz + rate limit, the control plane and Envoy.
-    key = secrets.token_urlsafe(24)
-    keys_file = work / "keys.yaml"
-    out = subprocess.run([sys.executable, "-m", "services.edge.keys", "--platform", str(platform), "--keys-file",
-                          str(keys_file), "ensure", "--tenant", "bench", "--name", "bench", "--key-from-env",
-                          "BENCH_API_KEY"], check=False, capture_output=True, text=True, timeout=60,
-                         env=repo_env({"BENCH_API_KEY": key}))  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"edge keys: {out.stderr[-1000:]}")
-    edge_port = run.backends.config.port("edge")
-    edge = run.procs.start("e2e-edge", [sys.executable, "-m", "services.edge"], cpus=cpus, env=service_env(
-        "INFERGRID_EDGE_", edge_port, {"INFERGRID_EDGE_PLATFORM_FILE": str(platform),
-                                       "INFERGRID_EDGE_KEYS_FILE": str(keys_file),
-                                       "INFERGRID_EDGE_REDIS_URL": redis.url}))  # fmt: skip
-    wait_grpc_serving(edge, edge_port, timeout=60)
     cp_port = run.backends.config.port("controlplane")
     controlplane = run.procs.start("e2e-controlplane", [sys.executable, "-m", "services.controlplane"], cpus=cpus,
                                    env=service_env("INFERGRID_CONTROLPLANE_", cp_port, {
                                        "INFERGRID_CONTROLPLANE_PLATFORM_FILE": str(platform),
                                        "INFERGRID_CONTROLPLANE_DESCRIPTOR_SET": str(REPO_ROOT / "build" / "gen" / "descriptors.pb"),
-                                       "INFERGRID_CONTROLPLANE_EDGE_ADDRESS": f"127.0.0.1:{edge_port}",
                                        "INFERGRID_CONTROLPLANE_LISTENER_PORT": str(envoy_port),
                                        "INFERGRID_CONTROLPLANE_ACCESS_LOG": "",
                                        "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": "",
                                        "INFERGRID_CONTROLPLANE_TLS_DIR": str(work / "tls")}))  # fmt: skip
     wait_grpc_serving(controlplane, cp_port, timeout=60)
-    chain.servers += [edge, controlplane]
+    chain.servers.append(controlplane)
     envoy = Envoy(run.backends.config)
     record = envoy.start(Progress("envoy"))
     run.procs.on_stop(envoy.stop)
@@ -391,8 +392,10 @@ def body(run: Run, suite: Suite) -> None:
         run.procs.stop(gw)
         chain.servers.remove(gw)
     repin(cpus)
+    for pid in run.backends.pids("cassandra", "kafka"):
+        set_affinity(pid, backend_cpus)
 
-    # The transport limit of this path: the same Envoy + edge, the gateway replaced by a fixed-answer server.
+    # The transport limit of this path: the same Envoy, the gateway replaced by a fixed-answer server.
     echo_port = free_port()
     echo = run.procs.start("e2e-echo", [sys.executable, "-m", "bench.servers.echo", "--mode", "predict", "--port",
                                         str(echo_port)], env=repo_env(), cpus=cpus)  # fmt: skip
@@ -418,10 +421,10 @@ def body(run: Run, suite: Suite) -> None:
     chain.servers.append(echo)
     frame = h2.response_bytes(url=url, body_file=body_file, extra_headers=[f"x-api-key: {key}"])
     for c in s.e2e_concurrency:
-        run.measure(suite, system="Envoy + auth + rate limit → echo (gRPC)", key="envoy-echo-grpc", protocol="gRPC",
+        run.measure(suite, system="Envoy → echo (gRPC)", key="envoy-echo-grpc", protocol="gRPC",
                     tool="h2load", params={"concurrency": c}, rep=grpc_rep(chain.cpu, frame, c, None))  # fmt: skip
     for c in s.e2e_concurrency:
-        run.measure(suite, system="Envoy + auth + rate limit → echo (HTTP/JSON)", key="envoy-echo-json",
+        run.measure(suite, system="Envoy → echo (HTTP/JSON)", key="envoy-echo-json",
                     protocol="HTTP/JSON", tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, None))  # fmt: skip
     for server in list(chain.servers):
         run.procs.stop(server)
