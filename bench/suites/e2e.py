@@ -138,10 +138,10 @@ def predict_request(user: int) -> gateway_pb2.PredictRequest:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The gateway's Prometheus counters that tell errors and degraded answers apart."""
+    """The gateway's Prometheus counters: errors and degraded answers apart, and the rows per inference batch."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    out: dict[str, float] = {"ok": 0.0, "errors": 0.0, "degraded": 0.0}
+    out: dict[str, float] = {"ok": 0.0, "errors": 0.0, "degraded": 0.0, "batch_rows": 0.0, "batches": 0.0}
     for line in text.splitlines():
         if line.startswith("infergrid_gateway_requests_total{"):
             status = re.search(r'status="([^"]*)"', line)
@@ -149,6 +149,10 @@ def scrape(port: int) -> dict[str, float]:
             out["ok" if status and status.group(1) in ("OK", "0") else "errors"] += value
         elif line.startswith("infergrid_gateway_degraded_total{"):
             out["degraded"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith('infergrid_gateway_batch_rows_sum{target="inference"'):
+            out["batch_rows"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith('infergrid_gateway_batch_rows_count{target="inference"'):
+            out["batches"] += float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -325,6 +329,10 @@ def body(run: Run, suite: Suite) -> None:
                 after = scrape(metrics_port)  # type: ignore[arg-type]
                 result["errors"] = max(result.get("errors", 0.0), after["errors"] - before["errors"])
                 result["degraded"] = after["degraded"] - before["degraded"]
+                batches = after["batches"] - before["batches"]
+                result["rows_per_batch"] = (
+                    round((after["batch_rows"] - before["batch_rows"]) / batches, 2) if batches else 0.0
+                )
             return result
 
         return rep
@@ -339,6 +347,10 @@ def body(run: Run, suite: Suite) -> None:
                 after = scrape(metrics_port)  # type: ignore[arg-type]
                 result["errors"] = max(result.get("errors", 0.0), after["errors"] - before["errors"])
                 result["degraded"] = after["degraded"] - before["degraded"]
+                batches = after["batches"] - before["batches"]
+                result["rows_per_batch"] = (
+                    round((after["batch_rows"] - before["batch_rows"]) / batches, 2) if batches else 0.0
+                )
             return result
 
         return rep

@@ -84,7 +84,7 @@ class PredictorSettings:
     request_timeout_s: float = 1.0
     max_batch_rows: int = 256
     max_batch_delay_s: float = 0.0
-    max_concurrent_batches: int = 2
+    max_concurrent_batches: int = 1
     max_pending_rows: int = 4096
     max_in_flight_rows: int = 4096
     max_batch_request_rows: int = 1000
