@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,18 +198,23 @@ class ProcessSet:
                 print(f"[bench] cleanup failed: {exc!r}", flush=True)
 
 
-def group_pids(pgid: int) -> list[int]:
-    """The live processes of process group `pgid`."""
-    out = []
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name) of every live process.
+
+    Field 1 is the parent pid, field 2 the process group.
+    """
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 raw = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if int(raw[raw.rindex(")") + 2 :].split()[2]) == pgid:
-                out.append(int(entry))
-    return out
+            yield int(entry), raw[raw.rindex(")") + 2 :].split()
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group `pgid`."""
+    return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid]
 
 
 def set_affinity(pid: int, cpus: str | None) -> None:

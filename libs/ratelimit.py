@@ -30,39 +30,47 @@ import redis.asyncio as redis_async
 
 from libs.platform import PlatformConfig
 
-# KEYS: the buckets. ARGV: per bucket rate (tokens/s), burst, cost.
-# Returns: allowed (1/0), then per bucket: tokens left (floor), microseconds until `cost` tokens are there.
-TOKEN_BUCKET_LUA = """
+# Shared by both scripts: the time from Redis (`TIME`, so every replica agrees), a bucket's level now
+# (refilled since it was last written; a bucket never seen is full) and its write-back (it expires
+# once it would be full again anyway).
+_LUA_PRELUDE = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local function level(key, rate, burst)
+  local state = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens = tonumber(state[1])
+  local ts = tonumber(state[2])
+  if tokens == nil or ts == nil then return burst end
+  local elapsed = now - ts
+  if elapsed < 0 then elapsed = 0 end
+  return math.min(burst, tokens + elapsed * rate / 1000000)
+end
+local function store(key, rate, burst, tokens)
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil(burst / rate * 1000) + 1000)
+end
+"""
+
+# KEYS: the buckets. ARGV: per bucket rate (tokens/s), burst, cost.
+# Returns: allowed (1/0), then per bucket: tokens left (floor), microseconds until `cost` tokens are there.
+TOKEN_BUCKET_LUA = (
+    _LUA_PRELUDE
+    + """
 local allowed = 1
 local levels = {}
 for i = 1, #KEYS do
-  local rate = tonumber(ARGV[(i - 1) * 3 + 1])
-  local burst = tonumber(ARGV[(i - 1) * 3 + 2])
-  local cost = tonumber(ARGV[(i - 1) * 3 + 3])
-  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
-  local tokens = tonumber(state[1])
-  local ts = tonumber(state[2])
-  if tokens == nil or ts == nil then
-    tokens = burst
-    ts = now
-  end
-  local elapsed = now - ts
-  if elapsed < 0 then elapsed = 0 end
-  tokens = math.min(burst, tokens + elapsed * rate / 1000000)
-  levels[i] = tokens
-  if tokens < cost then allowed = 0 end
+  local base = (i - 1) * 3
+  levels[i] = level(KEYS[i], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]))
+  if levels[i] < tonumber(ARGV[base + 3]) then allowed = 0 end
 end
 local out = {allowed}
 for i = 1, #KEYS do
-  local rate = tonumber(ARGV[(i - 1) * 3 + 1])
-  local burst = tonumber(ARGV[(i - 1) * 3 + 2])
-  local cost = tonumber(ARGV[(i - 1) * 3 + 3])
+  local base = (i - 1) * 3
+  local rate = tonumber(ARGV[base + 1])
+  local cost = tonumber(ARGV[base + 3])
   local tokens = levels[i]
   if allowed == 1 then tokens = tokens - cost end
-  redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', tostring(now))
-  redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
+  store(KEYS[i], rate, tonumber(ARGV[base + 2]), tokens)
   local wait = 0
   if tokens < cost then wait = math.ceil((cost - tokens) * 1000000 / rate) end
   out[#out + 1] = math.floor(tokens)
@@ -70,35 +78,25 @@ for i = 1, #KEYS do
 end
 return out
 """
-
+)
 
 # KEYS[1]: the bucket. ARGV: rate (tokens/s), burst, the most tokens wanted.
 # Takes what is there, up to the wish: returns granted (whole tokens), microseconds until one token is there.
-LEASE_LUA = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+LEASE_LUA = (
+    _LUA_PRELUDE
+    + """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-  tokens = burst
-  ts = now
-end
-local elapsed = now - ts
-if elapsed < 0 then elapsed = 0 end
-tokens = math.min(burst, tokens + elapsed * rate / 1000000)
-local grant = math.floor(math.min(want, tokens))
+local tokens = level(KEYS[1], rate, burst)
+local grant = math.floor(math.min(tonumber(ARGV[3]), tokens))
 if grant < 0 then grant = 0 end
 tokens = tokens - grant
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+store(KEYS[1], rate, burst, tokens)
 local wait = 0
 if tokens < 1 then wait = math.ceil((1 - tokens) * 1000000 / rate) end
 return {grant, wait}
 """
+)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -114,3 +115,23 @@ def assert_bad_config_exits(module: str, variable: str, value: str) -> None:
     assert proc.returncode == 2, f"exit status {proc.returncode}, stderr: {err.decode()}"
     assert variable in err.decode(), err.decode()
     assert repr(value) in err.decode(), err.decode()
+
+
+class FakeLimiter:
+    """A `libs.ratelimit.RateLimiter` for unit tests: remembers the buckets asked for, allows while `allow`
+    (refusing with a `wait_s` retry hint otherwise) and raises ConnectionError while `fail` is set."""
+
+    def __init__(self, wait_s: float = 1.5) -> None:
+        self.calls: list[list[Any]] = []
+        self.allow = True
+        self.fail = False
+        self.wait_s = wait_s
+
+    async def hit(self, buckets: Sequence[Any]) -> Any:
+        from libs.ratelimit import BucketState, LimitResult
+
+        if self.fail:
+            raise ConnectionError("redis down")
+        self.calls.append(list(buckets))
+        wait = 0.0 if self.allow else self.wait_s
+        return LimitResult(self.allow, tuple(BucketState(0 if wait else 2, wait) for _ in buckets))

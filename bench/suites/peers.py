@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.core import Run, Suite
 from bench.loadgen import WRK_DONE, Wrk
-from bench.procs import Server, free_port, repo_env, server_cpus, set_affinity
+from bench.procs import Server, free_port, proc_stats, repo_env, server_cpus, set_affinity
 from bench.suites import inference as inference_suite
 from bench.suites.e2e import write_entity_table
 from bench.tools import ensure_debian, ensure_venv, say
@@ -76,13 +76,8 @@ def _pgid(pid: int) -> int | None:
 
 def _children() -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            out.setdefault(int(raw[raw.rindex(")") + 2 :].split()[1]), []).append(int(entry))
+    for pid, fields in proc_stats():
+        out.setdefault(int(fields[1]), []).append(pid)
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -12,7 +12,7 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import code_pb2
 
-from libs.ratelimit import Bucket, BucketState, LimitResult
+from libs.testing import FakeLimiter
 from services.edge.config import EdgeConfig, EdgeServerConfig, PolicyConfig
 from services.edge.keys import add_key
 from services.edge.server import create_server
@@ -26,22 +26,6 @@ models:
   fraud: {versions: [{version: "1", weight: 1}], rate_limit_tier: model_tier}
   other: {versions: [{version: "1", weight: 1}]}
 """
-
-
-class FakeLimiter:
-    """Remembers the buckets asked for; allows while `allow` is True; raises when `fail` is set."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[Bucket]] = []
-        self.allow = True
-        self.fail = False
-
-    async def hit(self, buckets: Sequence[Bucket]) -> LimitResult:
-        if self.fail:
-            raise ConnectionError("redis down")
-        self.calls.append(list(buckets))
-        wait = 0.0 if self.allow else 1.5
-        return LimitResult(self.allow, tuple(BucketState(0 if wait else 2, wait) for _ in buckets))
 
 
 @pytest.fixture

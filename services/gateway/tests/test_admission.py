@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -12,7 +11,7 @@ from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs.apikeys import add_key, load_keys
 from libs.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from libs.platform import parse_platform
-from libs.ratelimit import Bucket, BucketState, LimitResult
+from libs.testing import FakeLimiter
 from services.gateway.admission import Admission
 from services.gateway.config import AdmissionConfig, GatewayConfig, GatewayServerConfig, ModelsConfig
 from services.gateway.server import create_server
@@ -28,22 +27,6 @@ tenants:
 models:
   fraud: {versions: [{version: "1", weight: 1}], rate_limit_tier: model_tier}
 """
-
-
-class FakeLimiter:
-    """Remembers the buckets asked for; allows while `allow`; raises while `fail`."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[Bucket]] = []
-        self.allow = True
-        self.fail = False
-
-    async def hit(self, buckets: Sequence[Bucket]) -> LimitResult:
-        if self.fail:
-            raise ConnectionError("redis down")
-        self.calls.append(list(buckets))
-        wait = 0.0 if self.allow else 2.5
-        return LimitResult(self.allow, tuple(BucketState(0, wait) for _ in buckets))
 
 
 def _admission(tmp_path: Path, limiter: FakeLimiter, clock: list[float] | None = None) -> Admission:
@@ -89,6 +72,7 @@ async def test_refusals_name_the_problem_and_never_charge(
 async def test_over_the_limit_is_resource_exhausted_with_retry_after(tmp_path: Path) -> None:
     limiter = FakeLimiter()
     limiter.allow = False
+    limiter.wait_s = 2.5
     with pytest.raises(ResourceExhausted, match="retry after 3 s") as caught:
         await _admission(tmp_path, limiter).admit({"x-api-key": "ig_demo"}, "fraud")
     assert caught.value.trailing_metadata == (("retry-after", "3"),)
