@@ -30,7 +30,7 @@ VENV_SPECS: dict[str, tuple[str, ...]] = {
     # Triton's perf_analyzer: the newest wheels need a newer glibc than Debian 12; 2.40.0 still ships bin/.
     "perf": ("tritonclient==2.40.0", "nvidia-cuda-runtime-cu12==12.9.79"),
     "pytriton": ("nvidia-pytriton==0.7.0", "onnxruntime==1.32.0", "redis==8.1.0"),
-    "feast": ("feast[redis]==0.67.0",),
+    "feast": ("feast[redis,cassandra]==0.67.0", "cassandra-driver==3.30.1"),
     "litserve": ("litserve==0.2.19", "onnxruntime==1.32.0", "redis==8.1.0"),
     "ray": ("ray[serve]==2.60.0", "onnxruntime==1.32.0", "numpy==2.4.6", "redis==8.1.0"),
     "bentoml": ("bentoml==1.4.40", "onnxruntime==1.32.0", "numpy==2.4.6", "redis==8.1.0"),

@@ -1,15 +1,18 @@
-"""Features: our FeatureService.GetOnlineFeatures vs Feast's Python feature server, same data, same Redis.
+"""Features: our FeatureService.GetOnlineFeatures vs Feast's Python feature server, same data, same Redis
+and Cassandra.
 
 Data: one view `bench_user` (entity user_id INT64, 32 FLOAT features f00..f31, 10,000 users, values from a
 fixed seed) — written through our WriteFeatures API into Cassandra, and as a Parquet file materialized by
-Feast into the same Redis server (its own keys). Requests: 1 entity x 32 features, and 100 entities x 32
-features. h2load sends one fixed request per size (user 4242; 100 fixed random users), since ghz's per-request
-cost (~10 ms of Go CPU to decode a 100-entity answer) made it the bottleneck; wrk's Lua script draws
-random ids for Feast. Our responses were checked against the written values before measuring.
+Feast into the same Redis server (its own keys) and into the same Cassandra (its own keyspace `feast_bench`).
+Requests: 1 entity x 32 features, and 100 entities x 32 features. h2load sends one fixed request per size
+(user 4242; 100 fixed random users), since ghz's per-request cost (~10 ms of Go CPU to decode a 100-entity
+answer) made it the bottleneck; wrk's Lua script draws random ids for Feast. Our responses were checked against the written values before measuring.
   ours-hit   cache on, every entity already in Redis (a pass over all ids before measuring)
   ours-miss  a second server with CACHE_ENABLED=false: every read goes to Cassandra (the miss path's store read)
   feast      `feast serve` (gunicorn + 1 uvicorn worker) on Redis, --max-requests 0 (feast-envoy.md: the
              default recycles the only worker every ~1,000 requests), HTTP/JSON /get-online-features
+  feast-cassandra  the same Feast server on its Cassandra online store (keyspace created here; the peer of
+             ours-miss), after ours, with Cassandra on the server CPU too
 Server side (our server or Feast, Redis, Cassandra) on CPU 0, load generator on CPU 1.
 """
 
@@ -124,12 +127,18 @@ def start_ours(run: Run, name: str, *, cache: bool, redis_url: str, cassandra_po
     return server, port
 
 
+FEAST_KEYSPACE = "feast_bench"
+# Feast's online store blocks, by store; `port` is the store's loopback port.
+FEAST_STORES = {
+    "redis": '  type: redis\n  connection_string: "127.0.0.1:{port}"',
+    "cassandra": f'  type: cassandra\n  hosts: ["127.0.0.1"]\n  port: {{port}}\n  keyspace: {FEAST_KEYSPACE}',
+}
+FEAST_STORE_NAMES = {"redis": "Redis", "cassandra": "Cassandra"}
 FEAST_YAML = """project: bench
 registry: data/registry.db
 provider: local
 online_store:
-  type: redis
-  connection_string: "127.0.0.1:{redis_port}"
+{online_store}
 offline_store:
   type: file
 entity_key_serialization_version: 3
@@ -168,16 +177,34 @@ end
 """
 
 
+def create_feast_keyspace(port: int) -> None:
+    """Feast's Cassandra store needs its keyspace to exist already (it creates only the tables)."""
+    from cassandra.cluster import Cluster
+
+    cluster = Cluster(["127.0.0.1"], port=port, connect_timeout=10)
+    try:
+        cluster.connect().execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {FEAST_KEYSPACE} "
+            "WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
+            timeout=60,
+        )
+    finally:
+        cluster.shutdown()
+
+
 def setup_feast(
-    run: Run, suite: Suite, redis_port: int, data: np.ndarray, event: datetime
+    run: Run, suite: Suite, data: np.ndarray, event: datetime, *, store: str, store_port: int
 ) -> tuple[Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     venv = ensure_venv("feast")
-    repo = run.work_dir / "feast_repo"
+    repo = run.work_dir / f"feast_repo_{store}"
     (repo / "data").mkdir(parents=True, exist_ok=True)
-    (repo / "feature_store.yaml").write_text(FEAST_YAML.format(redis_port=redis_port))
+    if store == "cassandra":
+        create_feast_keyspace(store_port)
+    online_store = FEAST_STORES[store].format(port=store_port)
+    (repo / "feature_store.yaml").write_text(FEAST_YAML.format(online_store=online_store))
     (repo / "features.py").write_text(FEAST_DEFS)
     table = {"user_id": pa.array(np.arange(N_USERS, dtype=np.int64)),
              "event_timestamp": pa.array([event] * N_USERS, type=pa.timestamp("us", tz="UTC"))}  # fmt: skip
@@ -196,7 +223,9 @@ def setup_feast(
         )
         if out.returncode != 0:
             raise RuntimeError(f"feast {args[0]} failed: {out.stdout[-1500:]} {out.stderr[-1500:]}")
-    suite.extra["feast_setup_s"] = round(time.monotonic() - t0, 1)
+    suite.extra["feast_setup_s" if store == "redis" else f"feast_{store}_setup_s"] = round(
+        time.monotonic() - t0, 1
+    )
     return repo, Path(feast)
 
 
@@ -248,32 +277,42 @@ def body(run: Run, suite: Suite) -> None:
                 run.measure(suite, system=system, key=key, protocol="gRPC", tool="h2load",
                             params={"entities": n, "concurrency": c}, rep=rep)  # fmt: skip
 
-    # 1. Feast first, while Cassandra is not running yet (nothing else on the server CPU but Redis).
-    try:
-        repo, feast = setup_feast(run, suite, redis.port, data, event)
-        port = free_port()
-        env = {"HOME": str(run.work_dir), "PATH": f"{feast.parent}:/usr/bin:/bin", "FEAST_USAGE": "False"}
-        server = run.procs.start("feast", [str(feast), "serve", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
+    def feast_sweep(store: str, store_port: int, key: str, error_key: str) -> None:
+        """`feast serve` on `store`: setup, correctness check, then the wrk points; a failure is recorded."""
+        server: Server | None = None
+        try:
+            repo, feast = setup_feast(run, suite, data, event, store=store, store_port=store_port)
+            port = free_port()
+            env = {"HOME": str(run.work_dir), "PATH": f"{feast.parent}:/usr/bin:/bin", "FEAST_USAGE": "False"}
+            server = run.procs.start(key, [str(feast), "serve", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
                                            "--no-access-log", "--max-requests", "0"],
-                                 env=env, cwd=repo, cpus=server_cpus())  # fmt: skip
-        server.extra_pids = run.backends.pids("redis")
-        wait_port(port, 120, server.proc)
-        check_feast(port, data)
-        script = run.work_dir / "feast.lua"
-        script.write_text(WRK_FEAST + WRK_DONE)
-        for n, concs in ((1, s.features_concurrency), (100, s.features_concurrency_100)):
-            for c in concs:
+                                     env=env, cwd=repo, cpus=server_cpus())  # fmt: skip
+            server.extra_pids = run.backends.pids(store)
+            wait_port(port, 120, server.proc)
+            check_feast(port, data)
+            script = run.work_dir / "feast.lua"
+            script.write_text(WRK_FEAST + WRK_DONE)
+            system = f"Feast 0.67 feature server ({FEAST_STORE_NAMES[store]}, 1 worker, max-requests 0)"
+            for n, concs in ((1, s.features_concurrency), (100, s.features_concurrency_100)):
+                for c in concs:
+                    if not server.alive():
+                        raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
 
-                def rep_http(duration: float, i: int, c: int = c, n: int = n) -> dict[str, Any]:
-                    return wrk.run(url=f"http://127.0.0.1:{port}", script=script, concurrency=c,
-                                   duration_s=duration, server_cpu=server.cpu_seconds, script_args=[str(n)])  # fmt: skip
+                    def rep_http(duration: float, i: int, c: int = c, n: int = n) -> dict[str, Any]:
+                        return wrk.run(url=f"http://127.0.0.1:{port}", script=script, concurrency=c,
+                                       duration_s=duration, server_cpu=server.cpu_seconds, script_args=[str(n)])  # fmt: skip
 
-                run.measure(suite, system="Feast 0.67 feature server (Redis, 1 worker, max-requests 0)", key="feast",
-                            protocol="HTTP/JSON", tool="wrk", params={"entities": n, "concurrency": c}, rep=rep_http)  # fmt: skip
-        run.procs.stop(server)
-    except Exception as exc:
-        suite.extra["feast_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        say(f"Feast failed: {suite.extra['feast_error'][:500]}")
+                    run.measure(suite, system=system, key=key, protocol="HTTP/JSON", tool="wrk",
+                                params={"entities": n, "concurrency": c}, rep=rep_http)  # fmt: skip
+        except Exception as exc:
+            suite.extra[error_key] = f"{type(exc).__name__}: {exc}"[:2000]
+            say(f"Feast ({store}) failed: {suite.extra[error_key][:500]}")
+        finally:  # never left on the server CPU for what follows
+            if server is not None:
+                run.procs.stop(server)
+
+    # 1. Feast on Redis first, while Cassandra is not running yet (nothing else on the server CPU but Redis).
+    feast_sweep("redis", redis.port, "feast", "feast_error")
 
     # 2. Ours: cache hit, then cache off (every read from Cassandra).
     cassandra = run.backends.cassandra(server_cpus())
@@ -300,3 +339,6 @@ def body(run: Run, suite: Suite) -> None:
     read_all(port, data, check=True)
     grpc_sweep(server, port, "ours-miss", "InferGrid features (cache off: Cassandra read)")
     run.procs.stop(server)
+
+    # 3. Feast on the same Cassandra (its own keyspace): the peer of our miss path.
+    feast_sweep("cassandra", cassandra.port, "feast-cassandra", "feast_cassandra_error")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import stats
-from bench.report import best_peer, render_markdown, targets
+from bench.report import best_peer, ratios, render_markdown, targets
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
 
@@ -95,3 +95,22 @@ def test_best_peer_takes_the_fastest_peer_under_the_objective_across_suites() ->
     del doc["suites"]["peers"]
     assert best_peer(doc)[0] == "LitServe + Redis"
     assert best_peer({"suites": {}}) == (None, None, [])
+
+
+def test_features_table_pairs_the_miss_path_with_feast_on_cassandra() -> None:
+    def pt(key: str, rps: float, p99: float) -> dict[str, Any]:
+        return {"key": key, "params": {"entities": 1, "concurrency": 32},
+                "median": {"rps": rps, "p99_ms": p99, "errors": 0}}  # fmt: skip
+
+    doc: dict[str, Any] = {"suites": {"features": {"points": [
+        pt("ours-hit", 8000.0, 5.0), pt("ours-miss", 3000.0, 12.0), pt("feast", 800.0, 60.0),
+        pt("feast-cassandra", 600.0, 90.0)]}}}  # fmt: skip
+    lines = ratios(doc)
+    header = next(line for line in lines if line.startswith("| entities"))
+    assert "Feast (Cassandra) req/s" in header and "miss / Feast (Cassandra)" in header
+    row = next(line for line in lines if line.startswith("| 1 | 32"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[8:12] == ["600", "90.00", "10.00\u00d7", "5.00\u00d7"]
+    del doc["suites"]["features"]["points"][3]  # not measured: dashes, the rest unchanged
+    row = next(line for line in ratios(doc) if line.startswith("| 1 | 32"))
+    assert "10.00\u00d7" in row
