@@ -65,7 +65,7 @@ clean-state: setup  ## stop the stack and delete its data and logs (keeps the in
 # Benchmarks (bench/): never part of `make test`. Results in bench/results/<timestamp>/ and bench/results/latest/.
 .PHONY: bench bench-quick
 
-bench: setup  ## every benchmark, side by side with the peers (about 17 min on 2 cores); BENCH_ARGS="--only inference"
+bench: setup  ## every benchmark, side by side with the peers (about 30 min on 2 cores); BENCH_ARGS="--only inference"
 	$(PY) -m bench run $(BENCH_ARGS)
 
 bench-quick: setup  ## the same benchmarks with fewer points and one short repetition (a few minutes)
