@@ -3,8 +3,8 @@
     export INFERGRID_DEMO_API_KEY=...        # printed by the first `make up`, or the one you set
     PYTHONPATH=.:build/gen .venv/bin/python examples/predict_client.py [--target 127.0.0.1:8080]
 
-The API key travels as `x-api-key` metadata; Envoy checks it (ext_authz) and applies the tenant's rate
-limit before the gateway sees the call. Prints the score, the version that produced it and the request id
+The API key travels as `x-api-key` metadata; it and the tenant's rate limit are checked where the platform's
+`admission.placement` says (the gateway in the local stack, Envoy's ext_authz with placement `edge`). Prints the score, the version that produced it and the request id
 (the key of the inference-log record and of the trace).
 """
 
@@ -18,17 +18,7 @@ import grpc
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from infergrid.types.v1 import value_pb2
-
-REQUEST_FEATURES = {
-    "amount": 912.5,
-    "hour_of_day": 3.0,
-    "is_weekend": 1.0,
-    "channel_online": 1.0,
-    "card_present": 0.0,
-    "distance_from_home_km": 840.0,
-    "is_foreign": 1.0,
-    "device_new": 1.0,
-}
+from stack.demo import DEMO_REQUEST_FEATURES
 
 
 def main() -> int:
@@ -41,16 +31,16 @@ def main() -> int:
     parser.add_argument("--user", default="u00042")
     parser.add_argument("--merchant", default="m0007")
     parser.add_argument("--device", default="d00042")
-    parser.add_argument("--amount", type=float, default=REQUEST_FEATURES["amount"])
+    parser.add_argument("--amount", type=float, default=DEMO_REQUEST_FEATURES["amount"])
     args = parser.parse_args()
     if not args.key:
         print("error: no API key: set INFERGRID_DEMO_API_KEY or pass --key", file=sys.stderr)
         return 2
-    features = {**REQUEST_FEATURES, "amount": args.amount}
+    features = {**DEMO_REQUEST_FEATURES, "amount": args.amount}
     request = gateway_pb2.PredictRequest(
         model=args.model,
         entities={"user_id": args.user, "merchant_id": args.merchant, "device_id": args.device},
-        features={name: value_pb2.Value(double_value=value) for name, value in features.items()},
+        features={name: value_pb2.Value(double_value=float(value)) for name, value in features.items()},
     )
     with grpc.insecure_channel(args.target) as channel:
         stub = gateway_pb2_grpc.PredictionServiceStub(channel)

@@ -26,6 +26,7 @@ from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from infergrid.types.v1 import value_pb2
+from stack.demo import DEMO_REQUEST_FEATURES
 from stack.probes import grpc_health_serving, http_get
 from stack.progress import Progress
 from tests.e2e.whole_stack import Stack
@@ -34,16 +35,6 @@ pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 
-REQUEST_FEATURES = {
-    "amount": 912.5,
-    "hour_of_day": 3.0,
-    "is_weekend": 1.0,
-    "channel_online": 1.0,
-    "card_present": 0.0,
-    "distance_from_home_km": 840.0,
-    "is_foreign": 1.0,
-    "device_new": 1.0,
-}
 OUR_SERVICES = ("inference", "features", "logging", "gateway", "gateway-2", "edge", "controlplane")
 
 
@@ -57,7 +48,7 @@ def _request(user: int, request_id: str = "", model: str = "fraud") -> gateway_p
             "device_id": f"d{user % 5000:05d}",
         },
     )
-    for name, value in REQUEST_FEATURES.items():
+    for name, value in DEMO_REQUEST_FEATURES.items():
         request.features[name].double_value = value
     return request
 
