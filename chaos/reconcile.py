@@ -1,0 +1,148 @@
+"""Reconciles the requests that were answered OK against the log's two sinks: Cassandra and the Parquet lake.
+
+For every answered-OK request id the caller saw, the record must be in Cassandra (`inference_log_by_request`,
+and once in `inference_log_by_model`, the table `QueryRecords` pages) and in the lake exactly once. The lake
+is counted twice: as its files hold it (raw rows, where a record the producer re-sent may sit in two
+flushes) and as it is read (`services.logging.lake.read_table`, which keeps one row per request id).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from cassandra.cluster import Cluster, Session
+from cassandra.query import SimpleStatement
+
+from services.logging.lake import lake_files, read_table
+
+MODEL = "fraud"
+
+
+@dataclass(frozen=True)
+class SinkCounts:
+    """How the answered-OK ids of one scenario were found in the sinks."""
+
+    answered_ok: int
+    in_cassandra: int
+    in_lake: int
+    lost_cassandra: int
+    lost_lake: int
+    # Ids with more than one row: Cassandra's by-model table, the lake's files, the lake as read.
+    duplicated_cassandra: int
+    duplicated_lake_files: int
+    duplicated_lake_read: int
+    waited_s: float
+
+    @property
+    def lost(self) -> int:
+        """Answered-OK ids missing from at least one sink."""
+        return max(self.lost_cassandra, self.lost_lake)
+
+    @property
+    def duplicated(self) -> int:
+        """Answered-OK ids held twice in a sink as it is read (Cassandra's tables, the lake via read_table)."""
+        return max(self.duplicated_cassandra, self.duplicated_lake_read)
+
+
+def count_ids(ids: Iterable[str], wanted: Collection[str]) -> collections.Counter[str]:
+    """How often each wanted id occurs in `ids`."""
+    counts: collections.Counter[str] = collections.Counter()
+    for request_id in ids:
+        if request_id in wanted:
+            counts[request_id] += 1
+    return counts
+
+
+def lake_ids(lake_dir: Path, prefix: str) -> collections.Counter[str]:
+    """Rows per request id over every lake file (no dedupe), for the ids that start with `prefix`."""
+    counts: collections.Counter[str] = collections.Counter()
+    for path in lake_files(lake_dir, model=MODEL):
+        try:
+            column = pq.read_table(path, columns=["request_id"]).column("request_id")
+        except (OSError, ValueError):  # a file renamed away by a consumer rebalance: it is read next poll
+            continue
+        matching = column.filter(pc.starts_with(column, prefix))
+        counts.update(matching.to_pylist())
+    return counts
+
+
+def lake_read_ids(lake_dir: Path, prefix: str, wanted: Collection[str]) -> collections.Counter[str]:
+    """Rows per wanted request id in the lake as its readers see it (`read_table`, deduplicating)."""
+    column = read_table(lake_dir, model=MODEL).column("request_id")
+    return count_ids(column.filter(pc.starts_with(column, prefix)).to_pylist(), wanted)
+
+
+class CassandraSink:
+    """Reads the log tables of one keyspace (full scans with paging: the tables hold only test traffic)."""
+
+    def __init__(self, contact_points: list[str], port: int, keyspace: str) -> None:
+        self._cluster = Cluster(contact_points, port=port)
+        self._session: Session = self._cluster.connect(keyspace)
+
+    def by_request(self, prefix: str) -> collections.Counter[str]:
+        """Rows per request id in `inference_log_by_request`."""
+        rows = self._session.execute(
+            SimpleStatement("SELECT request_id FROM inference_log_by_request", fetch_size=5000), timeout=60
+        )
+        return collections.Counter(r.request_id for r in rows if r.request_id.startswith(prefix))
+
+    def by_model(self, prefix: str, hours: Iterable[int]) -> collections.Counter[str]:
+        """Rows per request id in `inference_log_by_model` over the given hour buckets."""
+        counts: collections.Counter[str] = collections.Counter()
+        query = self._session.prepare(
+            "SELECT request_id FROM inference_log_by_model WHERE model = ? AND hour = ?"
+        )
+        query.fetch_size = 5000
+        for hour in hours:
+            for row in self._session.execute(query, (MODEL, hour), timeout=60):
+                if row.request_id.startswith(prefix):
+                    counts[row.request_id] += 1
+        return counts
+
+    def close(self) -> None:
+        self._cluster.shutdown()
+
+
+def reconcile(
+    ok_ids: Collection[str],
+    prefix: str,
+    *,
+    cassandra: CassandraSink,
+    lake_dir: Path,
+    hours: Iterable[int],
+    timeout_s: float,
+    poll_s: float = 3.0,
+    say: Callable[[str], None] = lambda _m: None,
+) -> SinkCounts:
+    """Waits until every answered-OK id is in both sinks (or `timeout_s` passed) and counts the result."""
+    wanted = set(ok_ids)
+    hours = list(hours)
+    t0 = time.monotonic()
+    while True:
+        in_cassandra = count_ids(cassandra.by_request(prefix).elements(), wanted)
+        lake_files_counts = count_ids(lake_ids(lake_dir, prefix).elements(), wanted)
+        missing_c = len(wanted) - len(in_cassandra)
+        missing_l = len(wanted) - len(lake_files_counts)
+        waited = time.monotonic() - t0
+        if (missing_c == 0 and missing_l == 0) or waited >= timeout_s:
+            break
+        say(f"waiting for the sinks: {missing_c} id(s) not yet in Cassandra, {missing_l} not yet in the lake")
+        time.sleep(poll_s)
+    by_model = count_ids(cassandra.by_model(prefix, hours).elements(), wanted)
+    return SinkCounts(
+        answered_ok=len(wanted),
+        in_cassandra=len(in_cassandra),
+        in_lake=len(lake_files_counts),
+        lost_cassandra=missing_c,
+        lost_lake=missing_l,
+        duplicated_cassandra=sum(1 for n in (*in_cassandra.values(), *by_model.values()) if n > 1),
+        duplicated_lake_files=sum(1 for n in lake_files_counts.values() if n > 1),
+        duplicated_lake_read=sum(1 for n in lake_read_ids(lake_dir, prefix, wanted).values() if n > 1),
+        waited_s=round(waited, 1),
+    )
