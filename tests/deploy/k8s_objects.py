@@ -14,6 +14,7 @@ import kubernetes_validate
 import yaml
 
 from deploy.k8s import kustomize
+from libs.config import load_config
 
 K8S_DIR = kustomize.K8S_DIR
 # Every overlay under deploy/k8s/overlays is rendered and validated.
@@ -84,14 +85,23 @@ class Rendered:
         found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
         return found[0] if found else None
 
-    def app_deployments(self) -> list[Obj]:
-        return [
-            d for d in self.of_kind("Deployment") if d["metadata"]["labels"].get(PART_OF_LABEL) == "infergrid"
-        ]
+    def workloads(self) -> list[Obj]:
+        """Every Deployment and StatefulSet."""
+        return self.of_kind("Deployment") + self.of_kind("StatefulSet")
+
+    def app_workloads(self) -> list[Obj]:
+        """InferGrid's own workloads (not the backends'): the services and Envoy."""
+        return [w for w in self.workloads() if w["metadata"]["labels"].get(PART_OF_LABEL) == "infergrid"]
+
+    def workload(self, name: str) -> Obj:
+        """The Deployment or StatefulSet named `name` (the gateway is a StatefulSet for its spool)."""
+        found = [w for w in self.workloads() if w["metadata"]["name"] == name]
+        assert len(found) == 1, f"{self.overlay}: {len(found)} workloads named {name}"
+        return found[0]
 
 
 def container(deployment: Obj) -> Obj:
-    """The first (InferGrid's only) container of a Deployment."""
+    """The first (InferGrid's only) container of a Deployment or StatefulSet."""
     containers = deployment["spec"]["template"]["spec"]["containers"]
     return typing.cast(Obj, containers[0])
 
@@ -125,9 +135,15 @@ def container_env(rendered: Rendered, deployment: Obj) -> dict[str, str]:
 
 
 def mounts(deployment: Obj) -> dict[str, Obj]:
-    """mountPath -> the volume mounted there."""
+    """mountPath -> the volume mounted there.
+
+    A StatefulSet's claim template appears as `{"name": ..., "volumeClaimTemplate": <the template>}`.
+    """
     spec = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for template in deployment["spec"].get("volumeClaimTemplates", []):
+        name = template["metadata"]["name"]
+        volumes.setdefault(name, {"name": name, "volumeClaimTemplate": template})
     return {m["mountPath"]: volumes[m["name"]] for m in container(deployment).get("volumeMounts", [])}
 
 
@@ -192,6 +208,19 @@ def secret_file_variables(cls: type, prefix: str) -> set[str]:
         elif field.metadata.get("secret"):
             names.add(f"{field.metadata.get('env', f'{prefix}{field.name.upper()}')}_FILE")
     return names
+
+
+def loaded_config(rendered: Rendered, name: str) -> tuple[Any, dict[str, str], dict[str, str]]:
+    """The service's config class filled from its workload's environment (Secret files left out).
+
+    Returns the config, the whole environment, and the `<VAR>_FILE` variables of secrets with their paths.
+    """
+    code = service_code(name)
+    env = container_env(rendered, rendered.workload(name))
+    secret_files = secret_file_variables(code.config_class, code.prefix)
+    files = {k: v for k, v in env.items() if k in secret_files}
+    plain = {k: v for k, v in env.items() if k not in secret_files}
+    return load_config(code.config_class, plain, code.prefix), env, files
 
 
 def host_port(target: str) -> tuple[str, int]:

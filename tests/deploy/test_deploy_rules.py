@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from deploy.k8s import kustomize
-from libs.config import load_config
 from libs.platform import parse_platform
 from libs.server import LIVENESS_SERVICE
 from tests.deploy.k8s_objects import (
@@ -29,9 +28,9 @@ from tests.deploy.k8s_objects import (
     container_port,
     host_port,
     known_variables,
+    loaded_config,
     mounts,
     read_yaml,
-    secret_file_variables,
     service_code,
 )
 
@@ -52,21 +51,11 @@ def _selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
 
 
-def _loaded_config(rendered: Rendered, name: str):  # type: ignore[no-untyped-def]
-    """The service's config class filled from the Deployment's environment (Secret files left out)."""
-    code = service_code(name)
-    env = container_env(rendered, rendered.get("Deployment", name))
-    secret_files = secret_file_variables(code.config_class, code.prefix)
-    files = {k: v for k, v in env.items() if k in secret_files}
-    plain = {k: v for k, v in env.items() if k not in secret_files}
-    return load_config(code.config_class, plain, code.prefix), env, files
-
-
 # --- every Deployment -------------------------------------------------------------------------------
 
 
 def test_the_python_services_and_envoy_are_deployed(rendered: Rendered) -> None:
-    names = {d["metadata"]["name"] for d in rendered.app_deployments()}
+    names = {d["metadata"]["name"] for d in rendered.app_workloads()}
     assert names == {*PYTHON_SERVICES, "envoy"}
     for name in PYTHON_SERVICES:
         assert (REPO_ROOT / "services" / name / "config.py").exists(), (
@@ -88,7 +77,8 @@ def test_one_service_renders_alone(kustomize_binary: str) -> None:
         objs = list(yaml.safe_load_all(kustomize.select_service(rendered, name)))
         assert {o["metadata"]["labels"][NAME_LABEL] for o in objs} == {name}
         kinds = {o["kind"] for o in objs}
-        assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds, kinds
+        assert {"Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds, kinds
+        assert kinds & {"Deployment", "StatefulSet"}, kinds
         assert all(o["metadata"]["namespace"] == NAMESPACE for o in objs)
     with pytest.raises(kustomize.KustomizeError, match="no objects"):
         kustomize.select_service(rendered, "nosuchservice")
@@ -116,7 +106,7 @@ def test_every_workload_has_probes_resources_and_a_locked_down_container(rendere
 def test_every_app_deployment_has_grpc_probes_pdb_hpa_policy_and_account(rendered: Rendered) -> None:
     pdbs = rendered.of_kind("PodDisruptionBudget")
     policies = rendered.of_kind("NetworkPolicy")
-    for deployment in rendered.app_deployments():
+    for deployment in rendered.app_workloads():
         name = deployment["metadata"]["name"]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         spec = deployment["spec"]["template"]["spec"]
@@ -127,7 +117,9 @@ def test_every_app_deployment_has_grpc_probes_pdb_hpa_policy_and_account(rendere
             for h in rendered.of_kind("HorizontalPodAutoscaler")
             if h["spec"]["scaleTargetRef"]["name"] == name
         ]
-        assert len(hpas) == 1 and hpas[0]["spec"]["scaleTargetRef"]["kind"] == "Deployment", f"{name}: HPA"
+        assert len(hpas) == 1 and hpas[0]["spec"]["scaleTargetRef"]["kind"] == deployment["kind"], (
+            f"{name}: HPA"
+        )
         hpa = hpas[0]["spec"]
         assert hpa["minReplicas"] <= hpa["maxReplicas"]
         assert {"scaleUp", "scaleDown"} <= set(hpa.get("behavior", {})), f"{name}: HPA behavior"
@@ -146,7 +138,7 @@ def test_every_app_deployment_has_grpc_probes_pdb_hpa_policy_and_account(rendere
 
 def test_prod_spreads_over_zones_and_keeps_replicas(overlays: dict[str, Rendered]) -> None:
     prod = overlays["prod"]
-    for deployment in prod.app_deployments():
+    for deployment in prod.app_workloads():
         keys = {t["topologyKey"] for t in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]}
         assert "topology.kubernetes.io/zone" in keys, deployment["metadata"]["name"]
     for hpa in prod.of_kind("HorizontalPodAutoscaler"):
@@ -164,7 +156,7 @@ def test_dev_runs_one_replica_each(overlays: dict[str, Rendered]) -> None:
 @pytest.mark.parametrize("name", PYTHON_SERVICES)
 def test_variables_are_ones_the_service_reads(rendered: Rendered, name: str) -> None:
     code = service_code(name)
-    env = container_env(rendered, rendered.get("Deployment", name))
+    env = container_env(rendered, rendered.workload(name))
     known = known_variables(code.config_class, code.prefix)
     unknown = sorted(k for k in env if k.startswith(code.prefix) and k not in known)
     assert unknown == [], (
@@ -176,9 +168,9 @@ def test_variables_are_ones_the_service_reads(rendered: Rendered, name: str) -> 
 
 @pytest.mark.parametrize("name", PYTHON_SERVICES)
 def test_ports_probes_and_drain_match_the_code(rendered: Rendered, name: str) -> None:
-    config, _, files = _loaded_config(rendered, name)
+    config, _, files = loaded_config(rendered, name)
     defaults = service_code(name).defaults
-    deployment = rendered.get("Deployment", name)
+    deployment = rendered.workload(name)
     assert config.server.host == "0.0.0.0" and config.telemetry.metrics_host == "0.0.0.0", name
     assert config.server.port == defaults.server.port == container_port(deployment, "grpc"), name
     assert (
@@ -211,8 +203,8 @@ def test_ports_probes_and_drain_match_the_code(rendered: Rendered, name: str) ->
 
 @pytest.mark.parametrize("name", PYTHON_SERVICES)
 def test_file_settings_point_into_mounted_volumes(rendered: Rendered, name: str) -> None:
-    config, _, _ = _loaded_config(rendered, name)
-    volumes = mounts(rendered.get("Deployment", name))
+    config, _, _ = loaded_config(rendered, name)
+    volumes = mounts(rendered.workload(name))
 
     def paths(obj: object) -> list[Path]:
         out: list[Path] = []
@@ -234,7 +226,7 @@ def test_file_settings_point_into_mounted_volumes(rendered: Rendered, name: str)
 
 
 def test_gateway_calls_features_and_inference_through_their_headless_services(rendered: Rendered) -> None:
-    config, _, _ = _loaded_config(rendered, "gateway")
+    config, _, _ = loaded_config(rendered, "gateway")
     for target, callee in (
         (config.upstream.features_target, "features"),
         (config.upstream.inference_target, "inference"),
@@ -249,7 +241,7 @@ def test_gateway_calls_features_and_inference_through_their_headless_services(re
 
 
 def test_the_control_plane_points_envoy_at_the_edge_service(rendered: Rendered) -> None:
-    config, _, _ = _loaded_config(rendered, "controlplane")
+    config, _, _ = loaded_config(rendered, "controlplane")
     # Envoy resolves these names itself: fully qualified, in the overlay's namespace.
     host, port = host_port(config.envoy.edge_address)
     name, namespace, *_ = host.split(".")
@@ -270,11 +262,11 @@ def test_the_control_plane_points_envoy_at_the_edge_service(rendered: Rendered) 
 
 
 def test_inference_reads_the_shared_model_repository(rendered: Rendered) -> None:
-    config, _, _ = _loaded_config(rendered, "inference")
+    config, _, _ = loaded_config(rendered, "inference")
     assert config.models.model_repository == Path("/models")
     assert config.models.strict_readiness, "pods must not take traffic before their models are loaded"
     for name in ("inference", "gateway"):
-        volume = mounts(rendered.get("Deployment", name))["/models"]
+        volume = mounts(rendered.workload(name))["/models"]
         claim = rendered.get("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
         assert "ReadOnlyMany" in claim["spec"]["accessModes"]
 
@@ -308,13 +300,13 @@ def test_the_platform_config_parses_and_matches_envoy_and_the_gateway(rendered: 
 
 def test_every_platform_consumer_mounts_it_where_it_reads_it(rendered: Rendered) -> None:
     for name in ("controlplane", "edge", "gateway"):
-        config, _, _ = _loaded_config(rendered, name)
+        config, _, _ = loaded_config(rendered, name)
         path = {
             "controlplane": lambda c: c.envoy.platform_file,
             "edge": lambda c: c.policy.platform_file,
             "gateway": lambda c: c.models.platform_file,
         }[name](config)
-        volume = mounts(rendered.get("Deployment", name))[str(path.parent)]
+        volume = mounts(rendered.workload(name))[str(path.parent)]
         sources = [s.get("configMap", {}).get("name") for s in volume.get("projected", {}).get("sources", [])]
         assert (
             volume.get("configMap", {}).get("name") == "infergrid-platform" or "infergrid-platform" in sources
@@ -394,7 +386,7 @@ def test_network_policies_allow_only_the_designed_calls(rendered: Rendered) -> N
 
 
 def _cassandra_users(rendered: Rendered) -> dict:
-    return {name: _loaded_config(rendered, name)[0].cassandra for name in ("features", "logging")}
+    return {name: loaded_config(rendered, name)[0].cassandra for name in ("features", "logging")}
 
 
 def test_cassandra_cluster_matches_the_services(rendered: Rendered) -> None:
@@ -451,9 +443,9 @@ def test_kafka_cluster_and_topics_match_the_services(rendered: Rendered) -> None
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]
         assert 1 <= topic["spec"]["replicas"] <= size["brokers"]
         assert int(topic["spec"]["config"]["min.insync.replicas"]) <= topic["spec"]["replicas"]
-    gateway, _, _ = _loaded_config(rendered, "gateway")
-    logging, _, _ = _loaded_config(rendered, "logging")
-    features, _, _ = _loaded_config(rendered, "features")
+    gateway, _, _ = loaded_config(rendered, "gateway")
+    logging, _, _ = loaded_config(rendered, "logging")
+    features, _, _ = loaded_config(rendered, "features")
     for name, config in (("gateway", gateway), ("logging", logging), ("features", features)):
         assert (
             config.kafka.kafka_bootstrap_servers
@@ -478,16 +470,16 @@ def test_kafka_cluster_and_topics_match_the_services(rendered: Rendered) -> None
 
 
 def test_redis_and_jaeger_urls_resolve_to_their_services(rendered: Rendered) -> None:
-    gateway, _, _ = _loaded_config(rendered, "gateway")
-    features, _, _ = _loaded_config(rendered, "features")
-    edge, _, _ = _loaded_config(rendered, "edge")
+    gateway, _, _ = loaded_config(rendered, "gateway")
+    features, _, _ = loaded_config(rendered, "features")
+    edge, _, _ = loaded_config(rendered, "edge")
     for url in (gateway.cache.response_cache_redis_url, features.cache.redis_url, edge.policy.redis_url):
         match = re.match(r"redis://([^:/]+):(\d+)/", url)
         assert match, url
         service = rendered.get("Service", match.group(1))
         assert int(match.group(2)) in [p["port"] for p in service["spec"]["ports"]]
     for name in PYTHON_SERVICES:
-        _, env, _ = _loaded_config(rendered, name)
+        _, env, _ = loaded_config(rendered, name)
         endpoint = env["OTEL_EXPORTER_OTLP_ENDPOINT"]
         host, port = host_port(endpoint.removeprefix("http://"))
         assert port in [p["port"] for p in rendered.get("Service", host)["spec"]["ports"]], name

@@ -28,7 +28,7 @@ def test_only_known_operator_kinds_skip_the_schemas(rendered: Rendered) -> None:
 
 
 def _deployment(rendered: Rendered) -> dict:
-    return copy.deepcopy(rendered.get("Deployment", "gateway"))
+    return copy.deepcopy(rendered.get("Deployment", "features"))
 
 
 @pytest.mark.parametrize(
