@@ -1,15 +1,43 @@
-"""The inference-log producer: publishes InferenceLogRecords to Kafka off the request path, never losing one.
+"""The inference-log producer: a write-ahead log on local disk, then Kafka; nothing answered is lost.
 
-`InferenceLogProducer.publish(record)` serializes the record and hands it to
-confluent-kafka's (librdkafka's) in-memory queue: a few microseconds, no I/O, no
-waiting. A background thread serves delivery reports. A record that cannot be
-queued (BufferError: the queue is full) or whose delivery fails (Kafka
-unreachable past the delivery timeout, a fatal producer error, a purge at close)
-is appended to an on-disk `Spool` instead; the same thread re-sends spooled
-records once Kafka answers again, and replays what an earlier process left in
-the spool at start-up. Re-sending can publish a record twice (a timed-out
-delivery may still have landed); the consumer's sinks are idempotent by
-request_id, so that costs nothing downstream.
+Every record is appended to a write-ahead log (WAL) in the spool folder *before*
+the prediction it describes is answered, then produced to Kafka. The gateway
+awaits `InferenceLogProducer.write(record)`: records of concurrent requests that
+arrive while a write is in flight form the next group, and each group is one
+`write()` system call (group commit), run on a writer thread so the event loop
+never waits for the disk. `publish(record)` is the same path for synchronous
+callers (one write per record). A background thread serves Kafka's delivery
+reports and counts acknowledgements per WAL segment; a segment that is sealed
+(by size, or after `spool_segment_seconds`) and whose records Kafka has ALL
+acknowledged is deleted. A record Kafka refuses (queue full) or fails to deliver
+(unreachable past the delivery timeout, a fatal producer error, a purge at
+close) is already on disk: it is remembered by its offset and re-sent, from the
+WAL, once Kafka answers again. At start-up every segment an earlier process left
+is re-sent whole: its acknowledgements died with that process.
+
+Why the WAL and not "answer after the broker acknowledges": a SIGKILL cannot
+lose what reached the kernel with write(), so the WAL makes an answered record
+survive the death of the process at the cost of one write() per group
+(microseconds, see bench `logwal`), and keeps answering, durably, while Kafka is
+down. Waiting for the broker's acknowledgement (acks=all, linger) would add a
+network round trip plus the linger and the replication to every answer
+(milliseconds), and during a Kafka outage would turn every prediction into an
+error (or a wait until the delivery timeout) instead of spooling.
+
+Durability trade-off (`spool_fsync`): write() puts the record in the page cache,
+which survives the death of the process (SIGKILL, OOM kill, a crash) but not of
+the machine (power loss, kernel panic). "interval" (the default) fsyncs at most
+every `spool_fsync_interval_s` from the background thread, so a machine crash
+can lose that window; "always" fsyncs each group before the answer (a machine
+crash loses nothing acknowledged to a caller; costs a disk flush, ~0.1-10 ms,
+per group); "never" fsyncs only when a segment is sealed or the producer closes.
+
+Duplicates: a restart re-sends the un-acknowledged segments of the dead process,
+which may hold records Kafka already had (acknowledged, but their segment not
+yet deleted: at most about `spool_segment_seconds` of traffic), and a timed-out
+delivery may still have landed. The consumer's sinks are idempotent by
+request_id (Cassandra upserts; the lake's reader deduplicates, see
+services/logging/lake.py point 4), so each record lands exactly once in each.
 
 Spool format: a folder of append-only segment files `segment-<seq>.spool`, each
 a sequence of frames `MAGIC(4) | length(u32 LE) | crc32(length bytes + payload)(u32 LE) | payload`.
@@ -18,17 +46,14 @@ appends to a segment it created; segments left by an earlier process are only
 read. A torn tail (a crash in the middle of a write) or a damaged frame fails its
 length or checksum test and is skipped: the reader scans forward to the next
 MAGIC that starts a valid frame, so one bad frame never hides the ones after it.
-Writes go straight to the file descriptor (no user-space buffer), so a record in
-the spool survives a crash of the process at once; `fsync` makes it survive a
-crash of the machine too: after every write ("always"), at most every
-`spool_fsync_interval_s` from the background thread ("interval", the default),
-or when a segment is sealed or the producer closes ("never").
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import struct
@@ -36,6 +61,8 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,15 +92,21 @@ _FSYNC_POLICIES = ("always", "interval", "never")
 
 # Kafka record headers as confluent-kafka takes and gives them.
 Headers = list[tuple[str, str | bytes | None]]
+# One record ready for the WAL and Kafka: key, value, headers.
+EncodedRecord = tuple[bytes, bytes, Headers]
 
 RECORDS = Counter(
     "infergrid_inference_log_records",
-    "Inference-log records by outcome: sent (delivered first time), spooled (written to the disk spool), "
-    "resent (delivered from the spool), failed (lost: the spool could not be written).",
+    "Inference-log records by outcome: written (appended to the write-ahead log before the answer), "
+    "sent (acknowledged by Kafka on the first attempt), spooled (refused or not delivered at first: kept "
+    "in the log for re-sending), resent (acknowledged after a re-send), write_failed (the log could not "
+    "be written: the request was refused), failed (lost: neither written nor delivered).",
     ["outcome"],
 )
-SPOOL_BYTES = Gauge("infergrid_inference_log_spool_bytes", "Bytes waiting in the inference-log disk spool.")
-for _outcome in ("sent", "spooled", "resent", "failed"):
+SPOOL_BYTES = Gauge(
+    "infergrid_inference_log_spool_bytes", "Bytes in the inference-log write-ahead log (the disk spool)."
+)
+for _outcome in ("written", "sent", "spooled", "resent", "write_failed", "failed"):
     RECORDS.labels(_outcome)
 
 
@@ -88,16 +121,22 @@ class InferenceLogConfig:
     inference_log_key: str = "request_id"
     inference_log_compression: str = "lz4"
     inference_log_linger_ms: float = 5.0
-    # librdkafka's in-memory queue; beyond it records go straight to the spool.
+    # librdkafka's in-memory queue; records beyond it wait in the write-ahead log for a re-send.
     inference_log_queue_max_messages: int = 200_000
     inference_log_queue_max_kbytes: int = 256 * 1024
-    # A record not acknowledged within this time is spooled (and re-sent later).
+    # A record not acknowledged within this time is re-sent later from the write-ahead log.
     inference_log_delivery_timeout_ms: int = 10_000
-    # "always" (fsync each write), "interval" (group fsync every interval) or "never" (at seal/close).
+    # "always" (fsync each group write: survives a machine crash), "interval" (fsync every interval:
+    # survives a process crash at once, a machine crash but the last interval) or "never" (at seal/close).
     inference_log_spool_fsync: str = "interval"
     inference_log_spool_fsync_interval_s: float = 0.2
     inference_log_spool_segment_bytes: int = 64 * 1024 * 1024
-    # How often the spool is checked and, when Kafka answers, re-sent.
+    # A segment is sealed after this long, then deleted once Kafka acknowledged all its records: bounds
+    # what a restart after a SIGKILL re-sends twice (and the disk used) to about this much traffic.
+    inference_log_spool_segment_seconds: float = 1.0
+    # Group writes run on a writer thread (the event loop never waits for the disk); false: on the loop.
+    inference_log_write_in_thread: bool = True
+    # How often failed records are re-sent when Kafka answers again.
     inference_log_resend_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -109,6 +148,8 @@ class InferenceLogConfig:
             )
         if not self.inference_log_topic:
             raise ValueError("inference_log_topic must not be empty")
+        if self.inference_log_spool_segment_seconds <= 0:
+            raise ValueError("inference_log_spool_segment_seconds must be positive")
 
 
 @dataclass(frozen=True)
@@ -169,8 +210,25 @@ class ReadReport:
     skipped_bytes: int = 0
 
 
-def read_frames(data: bytes, report: ReadReport | None = None) -> Iterator[bytes]:
-    """Yields the payload of every intact frame in `data`, skipping torn or damaged ones.
+def _frame_at(data: bytes, pos: int) -> bytes | None:
+    """The payload of the intact frame starting at `pos`, else None."""
+    end = len(data)
+    if end - pos < _FRAME.size:
+        return None
+    magic, length, crc = _FRAME.unpack_from(data, pos)
+    start = pos + _FRAME.size
+    if (
+        magic == MAGIC
+        and length <= MAX_FRAME_BYTES
+        and start + length <= end
+        and zlib.crc32(data[start : start + length], zlib.crc32(data[pos + 4 : pos + 8])) == crc
+    ):
+        return data[start : start + length]
+    return None
+
+
+def iter_frames(data: bytes, report: ReadReport | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yields (offset, payload) of every intact frame in `data`, skipping torn or damaged ones.
 
     A frame is intact when its MAGIC, length and checksum agree; otherwise the
     reader moves to the next MAGIC and tries again there.
@@ -179,27 +237,51 @@ def read_frames(data: bytes, report: ReadReport | None = None) -> Iterator[bytes
     pos = 0
     end = len(data)
     while pos < end:
-        if end - pos >= _FRAME.size:
-            magic, length, crc = _FRAME.unpack_from(data, pos)
-            start = pos + _FRAME.size
-            if (
-                magic == MAGIC
-                and length <= MAX_FRAME_BYTES
-                and start + length <= end
-                and zlib.crc32(data[start : start + length], zlib.crc32(data[pos + 4 : pos + 8])) == crc
-            ):
-                report.frames += 1
-                yield data[start : start + length]
-                pos = start + length
-                continue
+        payload = _frame_at(data, pos)
+        if payload is not None:
+            report.frames += 1
+            yield pos, payload
+            pos += _FRAME.size + len(payload)
+            continue
         following = data.find(MAGIC, pos + 1)
         following = end if following < 0 else following
         report.skipped_bytes += following - pos
         pos = following
 
 
+def read_frames(data: bytes, report: ReadReport | None = None) -> Iterator[bytes]:
+    """Yields the payload of every intact frame in `data` (see `iter_frames`)."""
+    for _, payload in iter_frames(data, report):
+        yield payload
+
+
 class SpoolLockedError(RuntimeError):
     """Another live process holds the spool folder."""
+
+
+class SegmentState:
+    """What this process knows of one segment: records written, acknowledged by Kafka, to be re-sent.
+
+    A segment is done (and deleted) when it is sealed, its records are known and Kafka acknowledged
+    each of them once. Counters change under the producer's lock.
+    """
+
+    __slots__ = ("acked", "failed", "loaded", "opened", "path", "sealed", "written")
+
+    def __init__(self, path: Path, *, loaded: bool = True, sealed: bool = False) -> None:
+        self.path = path
+        self.written = 0
+        self.acked = 0
+        # Offsets of records to re-send (refused or not delivered).
+        self.failed: list[int] = []
+        # False for an earlier process's segment until it has been read (its records are unknown).
+        self.loaded = loaded
+        self.sealed = sealed
+        self.opened = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return self.sealed and self.loaded and self.acked >= self.written
 
 
 class Spool:
@@ -228,21 +310,41 @@ class Spool:
             raise SpoolLockedError(f"spool {self.directory} is in use by another process") from None
         existing = self._segments()
         self._next_seq = (int(existing[-1].stem.split("-")[1]) + 1) if existing else 1
-        self._active: Path | None = None
+        # Every segment on disk, oldest first; earlier processes' ones are sealed and not yet loaded.
+        self._states: dict[Path, SegmentState] = {
+            path: SegmentState(path, loaded=False, sealed=True) for path in existing
+        }
+        self._active: SegmentState | None = None
         self._fd: int | None = None
         self._active_size = 0
         self._dirty = False
+        self._dir_dirty = False
 
     def _segments(self) -> list[Path]:
         return sorted(self.directory.glob(_SEGMENT_GLOB))
 
     def append(self, key: bytes, value: bytes, headers: Sequence[tuple[str, str | bytes | None]]) -> None:
         """Appends one message; raises OSError (e.g. ENOSPC) when it cannot be written."""
-        data = frame(encode_message(key, value, headers))
+        self.append_payloads([encode_message(key, value, headers)])
+
+    def append_payloads(self, payloads: Sequence[bytes]) -> tuple[SegmentState, list[int]]:
+        """Appends encoded messages with one write() (group commit); returns their segment and offsets.
+
+        Once this returns, the messages survive the death of this process; with the "always" policy
+        they were fsynced too.
+
+        Raises:
+            OSError: they could not be written (e.g. ENOSPC); none of them is in the spool.
+        """
+        frames = [frame(p) for p in payloads]
+        data = b"".join(frames) if len(frames) > 1 else frames[0]
+        old_fd: int | None = None
         with self._lock:
             if self._fd is None or self._active_size >= self._segment_bytes:
+                old_fd = self._detach_locked()
                 self._open_segment_locked()
-            assert self._fd is not None
+            assert self._fd is not None and self._active is not None
+            start = self._active_size
             written = 0
             try:
                 while written < len(data):
@@ -250,32 +352,46 @@ class Spool:
             except OSError:
                 # Cut a partial frame so the next append starts clean (the reader would skip it anyway).
                 with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._active_size)
+                    os.ftruncate(self._fd, start)
                 raise
-            self._active_size += len(data)
+            finally:
+                if old_fd is not None:
+                    _close_durably(old_fd)
+            self._active_size = start + len(data)
+            state = self._active
+            state.written += len(frames)
             if self._fsync == "always":
                 os.fsync(self._fd)
             else:
                 self._dirty = True
+        offsets = []
+        pos = start
+        for f in frames:
+            offsets.append(pos)
+            pos += len(f)
+        return state, offsets
 
     def _open_segment_locked(self) -> None:
-        self._seal_locked()
         path = self.directory / f"segment-{self._next_seq:012d}.spool"
         self._next_seq += 1
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._active = path
+        self._active = self._states[path] = SegmentState(path)
         self._active_size = 0
-        _fsync_dir(self.directory)
+        if self._fsync == "always":
+            _fsync_dir(self.directory)
+        else:  # the background sync makes the new name durable; a process crash does not need it
+            self._dir_dirty = True
 
-    def _seal_locked(self) -> None:
-        if self._fd is None:
-            return
-        os.fsync(self._fd)
-        os.close(self._fd)
+    def _detach_locked(self) -> int | None:
+        """Seals the active segment; returns its descriptor for the caller to fsync and close."""
+        fd = self._fd
+        if self._active is not None:
+            self._active.sealed = True
         self._fd = None
         self._active = None
         self._active_size = 0
         self._dirty = False
+        return fd
 
     def sync(self) -> None:
         """Makes every appended message durable (the "interval" policy's periodic call).
@@ -284,41 +400,70 @@ class Spool:
         never wait for the disk.
         """
         with self._lock:
-            if self._fd is None or not self._dirty:
-                return
-            fd = os.dup(self._fd)
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+            fd = os.dup(self._fd) if self._fd is not None and self._dirty else None
             self._dirty = False
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if dir_dirty:
+            _fsync_dir(self.directory)
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def seal(self) -> None:
-        """Closes the active segment so it can be re-sent; the next append starts a new one."""
+        """Closes the active segment so it can be re-sent or deleted; the next append starts a new one."""
         with self._lock:
-            self._seal_locked()
+            fd = self._detach_locked()
+        if fd is not None:
+            _close_durably(fd)
+
+    def roll(self, older_than_s: float) -> None:
+        """Seals the active segment when it was opened more than `older_than_s` seconds ago."""
+        active = self._active
+        if active is not None and time.monotonic() - active.opened >= older_than_s:
+            with self._lock:
+                fd = self._detach_locked() if self._active is active else None
+            if fd is not None:
+                _close_durably(fd)
+
+    def states(self) -> list[SegmentState]:
+        """Every segment's state, oldest first."""
+        with self._lock:
+            return list(self._states.values())
 
     def sealed_segments(self) -> list[Path]:
         """Segments no longer written to (this process's sealed ones and any earlier process's), oldest first."""
         with self._lock:
-            return [p for p in self._segments() if p != self._active]
+            active = self._active.path if self._active is not None else None
+            return [p for p in self._segments() if p != active]
 
     def has_messages(self) -> bool:
         """True when any segment holds data."""
         with self._lock:
-            return self._active_size > 0 or any(p != self._active for p in self._segments())
+            active = self._active.path if self._active is not None else None
+            return self._active_size > 0 or any(p != active for p in self._segments())
 
     def read(self, segment: Path, report: ReadReport | None = None) -> Iterator[SpooledMessage]:
         """The intact messages of a sealed segment, in order."""
-        for payload in read_frames(segment.read_bytes(), report):
+        for _, message in self.read_with_offsets(segment, report):
+            yield message
+
+    def read_with_offsets(
+        self, segment: Path, report: ReadReport | None = None
+    ) -> Iterator[tuple[int, SpooledMessage]]:
+        """(offset, message) of every intact message of a segment, in order."""
+        for offset, payload in iter_frames(segment.read_bytes(), report):
             try:
-                yield decode_message(payload)
+                yield offset, decode_message(payload)
             except ValueError as exc:  # checksum matched but content is not ours: skip it
                 log.error("spool %s: skipping a frame: %s", segment, exc)
 
     def remove(self, segment: Path) -> None:
         """Deletes a segment whose messages were all delivered."""
         segment.unlink(missing_ok=True)
+        with self._lock:
+            self._states.pop(segment, None)
         _fsync_dir(self.directory)
 
     def size_bytes(self) -> int:
@@ -331,11 +476,17 @@ class Spool:
 
     def close(self) -> None:
         """Seals the active segment (fsync) and releases the folder."""
-        with self._lock:
-            self._seal_locked()
+        self.seal()
         with contextlib.suppress(OSError):
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()
+
+
+def _close_durably(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -356,12 +507,15 @@ class ProducerStats:
     failed: int
     spool_bytes: int
     queued: int
+    written: int = 0
+    write_failed: int = 0
 
 
 class InferenceLogProducer:
-    """Publishes inference-log records without blocking; spools to disk what Kafka cannot take.
+    """Writes inference-log records ahead to disk, then to Kafka (see the module docstring).
 
-    Call `start()` once (it replays the spool), `publish()` per request, `close()` at shutdown.
+    Call `start()` once (it re-sends what earlier processes left), `await write(record)` (or
+    `publish(record)`) per request, `close()` at shutdown.
     """
 
     def __init__(
@@ -390,7 +544,6 @@ class InferenceLogProducer:
             "queue.buffering.max.messages": config.inference_log_queue_max_messages,
             "queue.buffering.max.kbytes": config.inference_log_queue_max_kbytes,
             "message.timeout.ms": config.inference_log_delivery_timeout_ms,
-            "on_delivery": self._on_delivery,
             "error_cb": self._on_error,
             "logger": log,
             **(extra_conf or {}),
@@ -405,90 +558,198 @@ class InferenceLogProducer:
         self._spooled = 0
         self._resent = 0
         self._failed = 0
+        self._written = 0
+        self._write_failed = 0
+        # Guards the counters and every SegmentState (delivery reports may run on two threads).
         self._count_lock = threading.Lock()
         self._fatal = False
         self._last_delivery = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Group commit (`write`): records waiting for the next group write, and whether one is running.
+        self._group: list[EncodedRecord] = []
+        self._group_futures: list[asyncio.Future[None]] = []
+        self._group_busy = False
+        self._group_scheduled = False
+        # An fsync per group must never block the event loop, whatever the setting.
+        in_thread = config.inference_log_write_in_thread or config.inference_log_spool_fsync == "always"
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="inference-log-writer") if in_thread else None
         SPOOL_BYTES.set(self._spool.size_bytes())
 
     # The request path.
 
-    def publish(self, record: logging_pb2.InferenceLogRecord) -> None:
-        """Queues `record` for Kafka (or spools it); never blocks on the network and never raises for Kafka."""
+    def encode(self, record: logging_pb2.InferenceLogRecord) -> EncodedRecord:
+        """The record as a Kafka message; the traceparent header comes from the current span."""
         value = record.SerializeToString()
         key = (record.request_id if self._key_by_request else record.model).encode()
         headers: Headers = [(SCHEMA_VERSION_HEADER, _SCHEMA_VERSION_VALUE)]
         traceparent = _traceparent(record)
         if traceparent is not None:
             headers.append((TRACEPARENT_HEADER, traceparent))
-        try:
-            self._producer.produce(self.topic, value, key, headers=headers)
-        except (BufferError, KafkaException) as exc:
-            self._spool_message(key, value, headers, str(exc) or type(exc).__name__)
+        return key, value, headers
 
-    # Background work.
+    async def write(self, record: logging_pb2.InferenceLogRecord) -> None:
+        """Writes `record` ahead to disk, then queues it for Kafka; returns once the write returned.
 
-    def start(self) -> None:
-        """Starts the delivery/re-send thread; spooled records of earlier processes are re-sent first."""
-        if self._thread is not None:
+        Records of callers that arrive in the same event-loop turn, or while a group write is in
+        flight, go to disk together in the next group write (group commit): one write() per group.
+
+        Raises:
+            OSError: the write-ahead log could not be written (e.g. disk full): the record is neither
+                on disk nor queued, and the caller must not answer as if it were.
+        """
+        message = self.encode(record)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._group.append(message)
+        self._group_futures.append(future)
+        if not self._group_busy and not self._group_scheduled:
+            self._group_scheduled = True
+            # Runs after every other callback already ready in this turn: their records join the group.
+            loop.call_soon(self._write_group, loop)
+        await future
+
+    def _write_group(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._group_scheduled = False
+        messages, futures = self._group, self._group_futures
+        if not messages:
             return
-        self._thread = threading.Thread(target=self._run, name="inference-log-producer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        interval = self.config.inference_log_resend_interval_s
-        fsync_every = self.config.inference_log_spool_fsync_interval_s
-        next_resend = 0.0
-        next_fsync = time.monotonic() + fsync_every
-        while not self._stopping.is_set():
+        self._group, self._group_futures = [], []
+        self._group_busy = True
+        if self._writer is None:
+            error: BaseException | None = None
             try:
-                self._producer.poll(0.05)
-                now = time.monotonic()
-                if now >= next_fsync:
-                    self._spool.sync()
-                    next_fsync = now + fsync_every
-                if self._fatal:
-                    self._replace_producer()
-                if now >= next_resend:
-                    self._resend_spool()
-                    SPOOL_BYTES.set(self._spool.size_bytes())
-                    next_resend = time.monotonic() + interval
-            except Exception:  # the thread must survive anything: it is the only one re-sending
-                log.exception("inference-log background loop failed; continuing")
-                time.sleep(0.5)
+                self.write_batch(messages)
+            except Exception as exc:
+                error = exc
+            self._group_written(loop, futures, error)
+            return
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        def _written(done: ThreadFuture[None]) -> None:  # on the writer thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown)
+                loop.call_soon_threadsafe(self._group_written, loop, futures, done.exception())
+
+        try:
+            submitted = self._writer.submit(self.write_batch, messages)
+        except RuntimeError:  # the writer was shut down (close)
+            self._group_written(loop, futures, OSError("the inference-log producer is closed"))
+            return
+        submitted.add_done_callback(_written)
+
+    def _group_written(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        futures: list[asyncio.Future[None]],
+        error: BaseException | None,
+    ) -> None:
+        self._group_busy = False
+        for future in futures:
+            if future.done():  # its caller was cancelled; the record is written anyway
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+        if self._group:  # what arrived during the write goes now, as one group
+            self._write_group(loop)
+
+    def write_batch(self, messages: Sequence[EncodedRecord]) -> None:
+        """Appends `messages` to the write-ahead log with one write(), then queues each for Kafka.
+
+        Raises:
+            OSError: the log could not be written; nothing was queued.
+        """
+        try:
+            state, offsets = self._spool.append_payloads([encode_message(k, v, h) for k, v, h in messages])
+        except OSError as exc:
+            with self._count_lock:
+                self._write_failed += len(messages)
+            RECORDS.labels("write_failed").inc(len(messages))
+            log.error(
+                "inference-log write-ahead log %s cannot be written (%s): %d records refused",
+                self._spool.directory,
+                exc,
+                len(messages),
+            )
+            raise
+        with self._count_lock:
+            self._written += len(messages)
+        RECORDS.labels("written").inc(len(messages))
+        produce = self._producer.produce
+        topic = self.topic
+        for (key, value, headers), offset in zip(messages, offsets, strict=True):
+            try:
+                produce(
+                    topic,
+                    value,
+                    key,
+                    headers=headers,
+                    on_delivery=functools.partial(self._on_delivery, state, offset, False),
+                )
+            except (BufferError, KafkaException):
+                self._keep(state, offset, count=True)  # on disk already: re-sent when Kafka takes it
+
+    def publish(self, record: logging_pb2.InferenceLogRecord) -> None:
+        """Writes `record` ahead to disk and queues it for Kafka (synchronous callers); never raises.
+
+        When the write-ahead log cannot be written the record still goes to Kafka from memory (and is
+        spooled again if that fails); `write()` refuses instead.
+        """
+        message = self.encode(record)
+        try:
+            self.write_batch([message])
+        except OSError:
+            key, value, headers = message
+            try:
+                self._producer.produce(
+                    self.topic, value, key, headers=headers, on_delivery=self._on_unwritten
+                )
+            except (BufferError, KafkaException) as exc:
+                self._spool_message(key, value, headers, str(exc) or type(exc).__name__)
+
+    # Delivery reports (on whichever thread polls: the background thread, flush or close).
+
+    def _on_delivery(
+        self, state: SegmentState, offset: int, resend: bool, err: KafkaError | None, _: Message
+    ) -> None:
+        if err is not None:
+            self._keep(state, offset, count=not resend)
+            return
+        self._last_delivery = time.monotonic()
+        with self._count_lock:
+            state.acked += 1
+            if resend:
+                self._resent += 1
+            else:
+                self._sent += 1
+        RECORDS.labels("resent" if resend else "sent").inc()
+
+    def _keep(self, state: SegmentState, offset: int, *, count: bool) -> None:
+        """Marks a written record for re-sending."""
+        with self._count_lock:
+            state.failed.append(offset)
+            if count:
+                self._spooled += 1
+        if count:
+            RECORDS.labels("spooled").inc()
+
+    def _on_unwritten(self, err: KafkaError | None, msg: Message) -> None:
+        """Delivery report of a record that only Kafka's queue held (its write-ahead write failed)."""
         if err is None:
-            self._sent += 1  # only the background thread (poll/flush) runs callbacks
             self._last_delivery = time.monotonic()
+            with self._count_lock:
+                self._sent += 1
             RECORDS.labels("sent").inc()
             return
         raw = msg.headers() or []
         headers: Headers = list(raw.items()) if isinstance(raw, dict) else list(raw)
         self._spool_message(msg.key() or b"", msg.value() or b"", headers, err.str())
 
-    def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            log.error("inference-log producer fatal error, replacing the producer: %s", err.str())
-            self._fatal = True
-        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
-            log.warning("inference-log producer: all brokers down; records will spool")
-
-    def _replace_producer(self) -> None:
-        """After a fatal (idempotence) error: spool what the old producer holds and start a new one."""
-        old = self._producer
-        self._producer = Producer(self._conf)
-        self._fatal = False
-        with contextlib.suppress(KafkaException):
-            old.purge(in_queue=True, in_flight=True, blocking=False)
-        old.flush(5.0)
-
     def _spool_message(
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, str | bytes | None]], reason: str
     ) -> None:
         try:
-            self._spool.append(key, value, headers)
+            state, (offset,) = self._spool.append_payloads([encode_message(key, value, headers)])
         except OSError as exc:
             with self._count_lock:
                 self._failed += 1
@@ -500,9 +761,65 @@ class InferenceLogProducer:
                 exc,
             )
             return
-        with self._count_lock:
-            self._spooled += 1
-        RECORDS.labels("spooled").inc()
+        self._keep(state, offset, count=True)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            log.error("inference-log producer fatal error, replacing the producer: %s", err.str())
+            self._fatal = True
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("inference-log producer: all brokers down; records wait in the write-ahead log")
+
+    # Background work.
+
+    def start(self) -> None:
+        """Starts the delivery/re-send thread; the segments of earlier processes are re-sent first."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="inference-log-producer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.config.inference_log_resend_interval_s
+        fsync_every = self.config.inference_log_spool_fsync_interval_s
+        roll_after = self.config.inference_log_spool_segment_seconds
+        next_resend = 0.0
+        next_fsync = time.monotonic() + fsync_every
+        while not self._stopping.is_set():
+            try:
+                self._producer.poll(0.05)
+                now = time.monotonic()
+                if now >= next_fsync:
+                    self._spool.sync()
+                    next_fsync = now + fsync_every
+                if self._fatal:
+                    self._replace_producer()
+                self._spool.roll(roll_after)
+                self._collect()
+                if now >= next_resend:
+                    self._resend()
+                    SPOOL_BYTES.set(self._spool.size_bytes())
+                    next_resend = time.monotonic() + interval
+            except Exception:  # the thread must survive anything: it is the only one re-sending
+                log.exception("inference-log background loop failed; continuing")
+                time.sleep(0.5)
+
+    def _replace_producer(self) -> None:
+        """After a fatal (idempotence) error: the old producer's records fail (they re-send), a new one starts."""
+        old = self._producer
+        self._producer = Producer(self._conf)
+        self._fatal = False
+        with contextlib.suppress(KafkaException):
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+        old.flush(5.0)
+
+    def _collect(self) -> None:
+        """Deletes the segments whose records Kafka has all acknowledged."""
+        for state in self._spool.states():
+            with self._count_lock:
+                done = state.done and not state.failed
+            if done:
+                self._spool.remove(state.path)
 
     def _kafka_answers(self) -> bool:
         if time.monotonic() - self._last_delivery < 2.0:
@@ -514,52 +831,67 @@ class InferenceLogProducer:
         topic = metadata.topics.get(self.topic)
         return bool(metadata.brokers) and topic is not None and topic.error is None
 
-    def _resend_spool(self) -> None:
-        if not self._spool.has_messages() or not self._kafka_answers():
+    def _resend(self) -> None:
+        """Re-sends failed records and earlier processes' segments, once Kafka answers."""
+        states = self._spool.states()
+        if not any(s.failed or not s.loaded for s in states) or not self._kafka_answers():
             return
-        self._spool.seal()
-        for segment in self._spool.sealed_segments():
-            if self._stopping.is_set() or not self._resend_segment(segment):
+        if any(s.failed and not s.sealed for s in states):
+            self._spool.seal()  # the active segment has records to re-send: re-send from a sealed file
+        for state in states:
+            if self._stopping.is_set():
                 return
+            if state.sealed and (state.failed or not state.loaded):
+                self._resend_segment(state)
 
-    def _resend_segment(self, segment: Path) -> bool:
-        """Re-sends one segment; deletes it only when every message was acknowledged."""
-        state = {"pending": 0, "failed": 0}
-
-        def _resent(err: KafkaError | None, _msg: Message) -> None:
-            state["pending"] -= 1
-            if err is None:
-                self._resent += 1
-                RECORDS.labels("resent").inc()
-            else:
-                state["failed"] += 1
-
-        report = ReadReport()
-        for message in self._spool.read(segment, report):
+    def _resend_segment(self, state: SegmentState) -> None:
+        try:
+            data = state.path.read_bytes()
+        except FileNotFoundError:
+            return
+        with self._count_lock:
+            if not state.loaded:  # an earlier process's segment: every intact record goes again
+                report = ReadReport()
+                state.failed = [offset for offset, _ in iter_frames(data, report)]
+                state.written = len(state.failed)
+                state.loaded = True
+                if report.skipped_bytes:
+                    log.error("spool %s: skipped %d damaged bytes", state.path, report.skipped_bytes)
+                log.info(
+                    "re-sending %d records an earlier process left in %s", state.written, state.path.name
+                )
+            todo, state.failed = sorted(state.failed), []
+        for i, offset in enumerate(todo):
+            payload = _frame_at(data, offset)
+            try:
+                if payload is None:
+                    raise ValueError(f"no intact frame at offset {offset}")
+                message = decode_message(payload)
+            except ValueError as exc:
+                log.error("spool %s: a record cannot be re-sent and is dropped: %s", state.path, exc)
+                with self._count_lock:
+                    state.acked += 1  # nothing left to deliver for it
+                continue
             while True:
                 try:
                     self._producer.produce(
-                        self.topic, message.value, message.key, headers=message.headers, on_delivery=_resent
+                        self.topic,
+                        message.value,
+                        message.key,
+                        headers=message.headers,
+                        on_delivery=functools.partial(self._on_delivery, state, offset, True),
                     )
-                    state["pending"] += 1
                     break
                 except BufferError:
                     self._producer.poll(0.05)
-                    if self._stopping.is_set() or state["failed"]:
-                        return False
-            if state["failed"]:
-                return False
-        if report.skipped_bytes:
-            log.error("spool %s: skipped %d damaged bytes", segment, report.skipped_bytes)
-        deadline = time.monotonic() + self.config.inference_log_delivery_timeout_ms / 1000 + 5
-        while state["pending"] > 0 and time.monotonic() < deadline and not self._stopping.is_set():
-            self._producer.poll(0.05)
-        if state["pending"] or state["failed"]:
-            log.warning("re-sending %s: %d failed, %d unacknowledged; will retry", segment, *state.values())
-            return False
-        self._spool.remove(segment)
-        log.info("re-sent spool segment %s (%d records)", segment.name, report.frames)
-        return True
+                    if self._stopping.is_set():
+                        with self._count_lock:
+                            state.failed.extend(todo[i:])
+                        return
+                except KafkaException:
+                    with self._count_lock:
+                        state.failed.extend(todo[i:])
+                    return
 
     # Inspection and shutdown.
 
@@ -572,14 +904,16 @@ class InferenceLogProducer:
             failed=self._failed,
             spool_bytes=self._spool.size_bytes(),
             queued=len(self._producer),
+            written=self._written,
+            write_failed=self._write_failed,
         )
 
     def flush(self, timeout: float = 10.0) -> int:
-        """Waits for queued records to be delivered or spooled; returns how many are still queued."""
+        """Waits for queued records to be acknowledged or failed; returns how many are still queued."""
         return int(self._producer.flush(timeout))
 
     def drain_spool(self, timeout: float = 30.0) -> bool:
-        """Waits until the spool is empty (everything re-sent); True when it is."""
+        """Waits until the spool is empty (everything acknowledged, segments deleted); True when it is."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self._spool.has_messages() and len(self._producer) == 0:
@@ -588,7 +922,12 @@ class InferenceLogProducer:
         return False
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stops the thread, delivers what it can within `timeout`, spools the rest and closes the spool."""
+        """Stops the threads, delivers what it can within `timeout` and closes the spool.
+
+        What Kafka did not acknowledge stays in the write-ahead log for the next process.
+        """
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
         self._stopping.set()
         if self._thread is not None:
             self._thread.join()
@@ -597,7 +936,9 @@ class InferenceLogProducer:
         if remaining:
             with contextlib.suppress(KafkaException):
                 self._producer.purge(in_queue=True, in_flight=True, blocking=False)
-            self._producer.flush(1.0)  # runs the purge's delivery reports: they spool the records
+            self._producer.flush(1.0)  # runs the purge's delivery reports
+        self._spool.seal()
+        self._collect()
         self._spool.close()
         SPOOL_BYTES.set(self._spool.size_bytes())
 

@@ -6,6 +6,7 @@ listens on; the tests against a real broker are in tests/integration/logging/.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
@@ -243,3 +244,114 @@ def test_a_full_disk_counts_failed_and_logs_an_error(
     assert producer.stats().failed == 1
     assert any(r.levelname == "ERROR" and "LOST" in r.getMessage() for r in caplog.records)
     producer.close(timeout=0.1)
+
+
+def test_every_record_is_on_disk_when_write_returns_and_acknowledged_segments_are_deleted(
+    tmp_path: Path,
+) -> None:
+    holder, bootstrap = _mock_cluster()
+    config = _config(tmp_path, inference_log_spool_segment_seconds=0.2)
+    producer = InferenceLogProducer(config, KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    producer.start()
+    for i in range(20):
+        producer.publish(_record(i))
+        # Before Kafka has it, the record is in the write-ahead log (what a SIGKILL leaves behind).
+        segments = sorted((tmp_path / "spool").glob("segment-*.spool"))
+        on_disk = {m.key for s in segments for m in Spool.read(producer._spool, s)}
+        assert f"req-{i:06d}".encode() in on_disk
+    assert producer.flush(10) == 0
+    _wait(lambda: not list((tmp_path / "spool").glob("segment-*.spool")))  # sealed, all acked: deleted
+    producer.close()
+    stats = producer.stats()
+    assert (stats.written, stats.sent, stats.spooled, stats.resent) == (20, 20, 0, 0)
+    del holder
+
+
+async def test_concurrent_writes_share_one_write_call_group_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder, bootstrap = _mock_cluster()
+    producer = InferenceLogProducer(_config(tmp_path), KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    producer.start()
+    calls: list[int] = []
+    real_write = os.write
+
+    def _counting_write(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", _counting_write)
+    await asyncio.gather(*(producer.write(_record(i)) for i in range(64)))
+    monkeypatch.undo()
+    assert len(calls) == 1  # 64 concurrent requests, one write() system call
+    assert producer.stats().written == 64
+    await asyncio.to_thread(producer.close)
+    assert producer.stats().sent == 64
+    del holder
+
+
+async def test_write_raises_and_queues_nothing_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder, bootstrap = _mock_cluster()
+    producer = InferenceLogProducer(
+        _config(tmp_path, inference_log_write_in_thread=False), KafkaConfig(kafka_bootstrap_servers=bootstrap)
+    )
+
+    def _no_space(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", _no_space)
+    with pytest.raises(OSError, match="No space"):
+        await producer.write(_record(0))
+    monkeypatch.undo()
+    await producer.write(_record(1))
+    assert producer.flush(10) == 0
+    producer.close()
+    stats = producer.stats()
+    assert (stats.write_failed, stats.written, stats.sent) == (1, 1, 1)  # record 0 was never produced
+    del holder
+
+
+def test_only_the_records_kafka_refused_are_re_sent(tmp_path: Path) -> None:
+    holder, bootstrap = _mock_cluster()
+    producer = InferenceLogProducer(
+        _config(tmp_path, inference_log_queue_max_messages=10), KafkaConfig(kafka_bootstrap_servers=bootstrap)
+    )
+    for i in range(100):  # not started: nothing polls, so the queue holds 10 and refuses 90
+        producer.publish(_record(i))
+    assert producer.stats().spooled == 90
+    producer.start()
+    _wait(lambda: producer.stats().resent == 90)
+    assert producer.drain_spool(10)
+    producer.close()
+    ids = [
+        logging_pb2.InferenceLogRecord.FromString(v).request_id
+        for v in _consume_all(bootstrap, "inference-log-test", 100, timeout=10)
+    ]
+    assert sorted(ids) == [f"req-{i:06d}" for i in range(100)]  # each once: the acknowledged 10 not again
+    del holder
+
+
+def test_a_segment_an_earlier_process_left_unacknowledged_is_re_sent_whole(tmp_path: Path) -> None:
+    # What a SIGKILLed producer leaves: written records, acknowledgements unknown.
+    spool = Spool(tmp_path / "spool")
+    for i in range(30):
+        record = _record(i)
+        spool.append(record.request_id.encode(), record.SerializeToString(), [(SCHEMA_VERSION_HEADER, b"1")])
+    with (tmp_path / "spool" / "segment-000000000001.spool").open("ab") as handle:
+        handle.write(frame(b"torn")[:7])  # the write the kill interrupted
+    del spool  # no close(): the lock goes with the file object, like with the process
+
+    holder, bootstrap = _mock_cluster()
+    producer = InferenceLogProducer(_config(tmp_path), KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    producer.start()
+    _wait(lambda: producer.stats().resent == 30)
+    assert producer.drain_spool(10)
+    producer.close()
+    ids = {
+        logging_pb2.InferenceLogRecord.FromString(v).request_id
+        for v in _consume_all(bootstrap, "inference-log-test", 30, timeout=10)
+    }
+    assert ids == {f"req-{i:06d}" for i in range(30)}
+    del holder

@@ -45,6 +45,10 @@ QUEUED = Gauge(
     multiprocess_mode="livesum",
 )
 SHED = Counter("infergrid_gateway_shed_total", "Rows refused with RESOURCE_EXHAUSTED (load shedding).")
+LOG_WRITE_FAILED = Counter(
+    "infergrid_gateway_log_write_failures_total",
+    "Inference-log records the disk log refused (disk full): their rows failed UNAVAILABLE.",
+)
 CACHE = Counter("infergrid_gateway_response_cache_total", "Response cache look-ups, by result.", ["result"])
 FEATURE_ERRORS = Counter(
     "infergrid_gateway_feature_fetch_failures_total",

@@ -9,8 +9,14 @@ hops is paid once per batch and each caller waits for one wake-up. Features are
 optional: when they cannot be read (down, slow, open breaker) each missing
 value is replaced by its default and the row is marked degraded. Inference is
 not optional: its failure fails the rows, fast. A shadow version scores the
-same rows in the background; its outputs go only into the log record, which is
-published after the answer without waiting for Kafka.
+same rows beside the primary; its outputs go only into the log record.
+
+Nothing answered is lost: every row's inference-log record (OK, degraded,
+failed, shadowed) is written ahead to the producer's disk log before the row is
+answered (`RecordPublisher.write`, one write() per group of concurrent records),
+so a SIGKILL of the process cannot lose the record of an answered prediction. If
+that write fails (disk full), the row fails UNAVAILABLE instead of answering OK
+without a record. Kafka is not waited for.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from libs.errors import (
     PermissionDenied,
     ResourceExhausted,
     ServiceError,
+    Unavailable,
     status_code_of,
 )
 from libs.inference_log import CURRENT_SCHEMA_VERSION
@@ -312,8 +319,14 @@ class Predictor:
                     prediction = Prediction(
                         row.request_id, spec.name, row.version, hit.outputs, list(hit.degraded_features), True
                     )
-                    self._finish(
-                        spec, row, prediction, call=call, start_ns=start_ns, span_context=span_context
+                    await self._finish(
+                        spec,
+                        row,
+                        prediction,
+                        call=call,
+                        start_ns=start_ns,
+                        span_context=span_context,
+                        deadline=deadline,
                     )
                     return prediction
             timeout = _time_left(
@@ -325,7 +338,7 @@ class Predictor:
             if isinstance(exc, ResourceExhausted):
                 m.SHED.inc()
             elif not isinstance(exc, InvalidArgument):
-                self._publish_failure(
+                await self._write_failure(
                     spec, row, call=call, start_ns=start_ns, span_context=span_context, exc=exc
                 )
             raise
@@ -333,7 +346,9 @@ class Predictor:
             if row.traced:
                 _stage_spans(self._tracer, row)
         prediction = Prediction(row.request_id, spec.name, row.version, outputs, row.degraded)
-        self._finish(spec, row, prediction, call=call, start_ns=start_ns, span_context=span_context)
+        await self._finish(
+            spec, row, prediction, call=call, start_ns=start_ns, span_context=span_context, deadline=deadline
+        )
         if self._cache is not None and key:
             self._spawn(self._cache.put(key, CachedAnswer(outputs, tuple(row.degraded))))
         return prediction
@@ -467,7 +482,7 @@ class Predictor:
 
     # Answer and log.
 
-    def _finish(
+    async def _finish(
         self,
         spec: ModelSpec,
         row: _Row,
@@ -476,12 +491,10 @@ class Predictor:
         call: CallInfo,
         start_ns: int,
         span_context: trace.SpanContext,
+        deadline: float,
     ) -> None:
+        """Builds the row's record and returns once it is written ahead (raises Unavailable if it cannot be)."""
         end_ns = time.time_ns()
-        self._metrics.request(spec.name, row.version, "OK").inc()
-        self._metrics.latency(spec.name).observe((end_ns - start_ns) / 1e9)
-        if prediction.degraded_features:
-            self._metrics.degraded(spec.name).inc()
         record = self._record(
             spec, row, call=call, start_ns=start_ns, end_ns=end_ns, span_context=span_context
         )
@@ -490,10 +503,17 @@ class Predictor:
         record.degraded = bool(prediction.degraded_features)
         record.degraded_features.extend(prediction.degraded_features)
         record.cached = prediction.cached
-        if row.shadow_call is None:
-            self._publish(record, row.traced)
-        else:
-            self._spawn(self._publish_with_shadow(spec, row, record, start_ns=start_ns))
+        if row.shadow_call is not None:
+            await self._add_shadow(spec, row, record, start_ns=start_ns, deadline=deadline)
+        try:
+            await self._write(record, row.traced)
+        except Unavailable:
+            self._metrics.request(spec.name, row.version, "UNAVAILABLE").inc()
+            raise
+        self._metrics.request(spec.name, row.version, "OK").inc()
+        self._metrics.latency(spec.name).observe((time.time_ns() - start_ns) / 1e9)
+        if prediction.degraded_features:
+            self._metrics.degraded(spec.name).inc()
 
     def _record(
         self,
@@ -526,27 +546,40 @@ class Predictor:
             record.span_id = format(span_context.span_id, "016x")
         return record
 
-    async def _publish_with_shadow(
-        self, spec: ModelSpec, row: _Row, record: logging_pb2.InferenceLogRecord, *, start_ns: int
+    async def _add_shadow(
+        self,
+        spec: ModelSpec,
+        row: _Row,
+        record: logging_pb2.InferenceLogRecord,
+        *,
+        start_ns: int,
+        deadline: float,
     ) -> None:
-        assert row.shadow_call is not None
+        """Puts the shadow's outputs (or its failure) into the record, waiting for it until the deadline."""
+        task = row.shadow_call
+        assert task is not None
         shadow = record.shadow
         shadow.model_version = row.shadow
-        try:
-            outputs = await asyncio.shield(row.shadow_call)
-        except Exception as exc:
-            code = status_code_of(exc)
-            shadow.status_code = code.value[0] if code is not None else 2
-            m.SHADOW.labels(spec.name, row.shadow, code.name if code is not None else "UNKNOWN").inc()
-        else:
-            for name, array in outputs.items():
+        if not task.done():  # it started before the primary call: usually it has answered already
+            left = deadline - asyncio.get_running_loop().time() - _DEADLINE_MARGIN_S
+            if left > 0:
+                await asyncio.wait((task,), timeout=left)
+        if task.done() and not task.cancelled() and task.exception() is None:
+            for name, array in task.result().items():
                 _set_value(shadow.outputs[name], array[row.shadow_index])
-            m.SHADOW.labels(spec.name, row.shadow, "OK").inc()
+            label = "OK"
+        else:
+            if not task.done():
+                code = status_code_of(DeadlineExceeded("the shadow did not answer before the deadline"))
+            else:
+                error = None if task.cancelled() else task.exception()
+                code = status_code_of(error) if error is not None else None
+            shadow.status_code = code.value[0] if code is not None else 2
+            label = code.name if code is not None else "UNKNOWN"
+        m.SHADOW.labels(spec.name, row.shadow, label).inc()
         shadow.latency_us = max(0, (time.time_ns() - start_ns) // 1000)
-        # This task runs in the row's context: the publish span joins the request's trace.
-        self._publish(record, row.traced)
 
-    def _publish_failure(
+    async def _write_failure(
         self,
         spec: ModelSpec,
         row: _Row,
@@ -556,6 +589,7 @@ class Predictor:
         span_context: trace.SpanContext,
         exc: ServiceError,
     ) -> None:
+        """Writes the record of a failed row before its error is answered (a write failure is only logged)."""
         record = self._record(
             spec, row, call=call, start_ns=start_ns, end_ns=time.time_ns(), span_context=span_context
         )
@@ -563,14 +597,21 @@ class Predictor:
         record.error_message = exc.message[:1000]
         record.degraded = bool(row.degraded)
         record.degraded_features.extend(row.degraded)
-        self._publish(record)
+        with contextlib.suppress(Unavailable):  # the row fails with its own error either way
+            await self._write(record)
 
-    def _publish(self, record: logging_pb2.InferenceLogRecord, traced: bool = False) -> None:
+    async def _write(self, record: logging_pb2.InferenceLogRecord, traced: bool = False) -> None:
+        """Writes the record ahead (the `publish` span); a failure becomes UNAVAILABLE for the caller."""
         with self._tracer.start_as_current_span("publish") if traced else _NO_SPAN:
             try:
-                self._publisher.publish(record)
-            except Exception:  # never fail an answered prediction because of its log record
-                log.exception("publishing the inference-log record %s failed", record.request_id)
+                await self._publisher.write(record)
+            except Exception as exc:
+                m.LOG_WRITE_FAILED.inc()
+                log.error("the inference-log record %s could not be written: %s", record.request_id, exc)
+                raise Unavailable(
+                    "the prediction's log record could not be written (the gateway's disk log failed); "
+                    "retry, another replica may serve it"
+                ) from None
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -578,7 +619,7 @@ class Predictor:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        """Stops the batcher and waits (briefly) for background publishing."""
+        """Stops the batcher and waits (briefly) for background work (cache writes, shadow calls)."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=2.0)
         await self.batcher.close()

@@ -8,13 +8,18 @@ from infergrid.logging.v1 import logging_pb2
 
 
 class RecordPublisher(Protocol):
-    """Publishes one record without waiting for it (InferenceLogProducer is the Kafka implementation)."""
+    """Writes one record durably before the prediction is answered (InferenceLogProducer: disk log, then Kafka).
 
-    def publish(self, record: logging_pb2.InferenceLogRecord) -> None: ...
+    `write` returns once the record survives the death of this process; concurrent calls may share
+    one disk write. It raises (any exception, e.g. OSError for a full disk) when the record could not
+    be kept: the caller then fails the request instead of answering it.
+    """
+
+    async def write(self, record: logging_pb2.InferenceLogRecord) -> None: ...
 
 
 class DiscardingPublisher:
     """Drops records (inference logging turned off)."""
 
-    def publish(self, record: logging_pb2.InferenceLogRecord) -> None:
+    async def write(self, record: logging_pb2.InferenceLogRecord) -> None:
         del record

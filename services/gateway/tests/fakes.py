@@ -96,12 +96,15 @@ def expected_score(row: Sequence[float], version: str) -> float:
 
 
 class ListPublisher:
-    """Keeps published records."""
+    """Keeps written records; `failure` makes every write raise it (a full disk)."""
 
     def __init__(self) -> None:
         self.records: list[logging_pb2.InferenceLogRecord] = []
+        self.failure: Exception | None = None
 
-    def publish(self, record: logging_pb2.InferenceLogRecord) -> None:
+    async def write(self, record: logging_pb2.InferenceLogRecord) -> None:
+        if self.failure is not None:
+            raise self.failure
         self.records.append(record)
 
 

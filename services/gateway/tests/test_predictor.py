@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2
+from infergrid.logging.v1 import logging_pb2
 from libs.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from libs.platform import parse_platform
 from services.gateway.catalog import ModelCatalog
@@ -195,8 +196,7 @@ async def test_splits_explicit_versions_and_shadows() -> None:
     results = [await s.one(request()) for _ in range(400)]
     counts = Counter(p.version for p in results)  # type: ignore[attr-defined]
     assert 0.04 < counts["2"] / 400 < 0.17
-    await asyncio.sleep(0.01)  # shadow records are published once the shadow answers
-    records = {r.request_id: r for r in s.publisher.records}
+    records = {r.request_id: r for r in s.publisher.records}  # written before each answer
     for p in results:
         record = records[p.request_id]  # type: ignore[attr-defined]
         assert "score" in p.outputs and len(p.outputs) == 1  # type: ignore[attr-defined]
@@ -294,11 +294,7 @@ async def test_a_shadowed_rows_publish_span_joins_the_request_trace() -> None:
     s.predictor._tracer = tracer
     with tracer.start_as_current_span("Predict") as parent:
         await s.one(request())
-    for _ in range(100):  # the record is published once the shadow answered
-        if s.publisher.records:
-            break
-        await asyncio.sleep(0.01)
-    assert s.publisher.records[0].shadow.model_version == "2"
+    assert s.publisher.records[0].shadow.model_version == "2"  # written, with the shadow, before the answer
     publish = [span for span in exporter.get_finished_spans() if span.name == "publish"]
     assert len(publish) == 1 and publish[0].parent is not None
     assert publish[0].parent.span_id == parent.get_span_context().span_id
@@ -316,3 +312,66 @@ async def test_a_batch_larger_than_the_models_max_batch_size_is_split_in_order()
     for i, p in enumerate(results):
         assert p.outputs["score"][0] == pytest.approx(expected_score([i, 40, 3, 3, 0.25], "1"))
     assert all(n <= 4 for _, n in s.models.calls) and sum(n for _, n in s.models.calls) == 10
+
+
+class GatedPublisher(ListPublisher):
+    """Holds every write until `release` is set: a slow disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def write(self, record: logging_pb2.InferenceLogRecord) -> None:
+        await self.release.wait()
+        await super().write(record)
+
+
+async def test_a_row_is_answered_only_after_its_record_was_written() -> None:
+    s = Setup()
+    s.publisher = publisher = GatedPublisher()
+    s.predictor._publisher = publisher
+    answer = asyncio.create_task(s.one(request()))
+    await asyncio.sleep(0.05)
+    assert not answer.done() and not publisher.records  # scored, but the record is not on disk yet
+    publisher.release.set()
+    prediction = await answer
+    assert [r.request_id for r in publisher.records] == [prediction.request_id]  # type: ignore[attr-defined]
+
+
+async def test_a_failed_log_write_fails_the_row_unavailable_instead_of_answering() -> None:
+    s = Setup()
+    s.publisher.failure = OSError(28, "No space left on device")
+    with pytest.raises(Unavailable, match="log record could not be written"):
+        await s.one(request())
+    s.publisher.failure = None
+    await s.one(request())  # the disk has room again: answers again
+
+
+async def test_failure_and_degraded_records_are_written_before_the_answer() -> None:
+    s = Setup()
+    s.models.failure = Unavailable("inference is down (test)")
+    req = request()
+    req.request_id = "failing"
+    with pytest.raises(Unavailable):
+        await s.one(req)
+    assert [(r.request_id, r.status_code) for r in s.publisher.records] == [("failing", 14)]
+    s.models.failure = None
+    s.features.failure = Unavailable("features are down (test)")
+    await s.one(request())
+    assert s.publisher.records[-1].degraded
+
+
+async def test_a_shadow_slower_than_the_deadline_is_logged_as_deadline_exceeded() -> None:
+    only_v1_with_shadow = SPLIT.replace(', {version: "2", weight: 10}', "")
+    s = Setup(router=TrafficRouter(parse_platform(only_v1_with_shadow)))
+    real_infer = s.models.infer
+
+    async def slow_shadow(spec: object, version: str, inputs: np.ndarray, timeout: float) -> object:
+        if version == "2":
+            await asyncio.sleep(10)
+        return await real_infer(spec, version, inputs, timeout)  # type: ignore[arg-type]
+
+    s.models.infer = slow_shadow  # type: ignore[method-assign]
+    await s.one(request(), CallInfo(time_remaining=0.2))
+    (record,) = s.publisher.records
+    assert record.shadow.model_version == "2" and record.shadow.status_code == 4
