@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from libs.discovery import TargetError, parse_targets
+
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +77,7 @@ class OutlierDetectionConfig:
 class GatewayUpstream:
     """The gateway replicas Envoy balances over, and how it treats them."""
 
+    # Discovery targets (libs/discovery.py): host:port, a DNS name (every A record), file:<json>.
     endpoints: tuple[str, ...] = ("127.0.0.1:50051",)
     timeout_ms: int = 2000
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -225,9 +228,10 @@ def parse_platform(text: str) -> PlatformConfig:
     if not gateway.endpoints:
         raise PlatformConfigError("gateway.endpoints: at least one endpoint is required")
     for i, endpoint in enumerate(gateway.endpoints):
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise PlatformConfigError(f"gateway.endpoints[{i}]: expected host:port, got {endpoint!r}")
+        try:
+            parse_targets(endpoint)
+        except TargetError as exc:
+            raise PlatformConfigError(f"gateway.endpoints[{i}]: {exc}") from None
     tiers: dict[str, RateLimitTier] = {}
     for name, raw_tier in _expect(raw.get("rate_limit_tiers") or {}, dict, "rate_limit_tiers").items():
         where = f"rate_limit_tiers.{name}"
