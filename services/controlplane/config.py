@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from libs.discovery import TargetError, parse_targets
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -34,8 +35,11 @@ class EnvoySettings:
     platform_poll_seconds: float = 1.0
     # The descriptor set (protoc --include_imports) of the public API, for grpc_json_transcoder.
     descriptor_set: Path = Path("build/gen/descriptors.pb")
-    # The edge service (ext_authz + rate-limit service), host:port.
+    # The edge service (ext_authz + rate-limit service): a discovery target (libs/discovery.py), e.g.
+    # host:port, a headless Service's name (every pod), file:<json> or a comma-separated list.
     edge_address: str = "127.0.0.1:50060"
+    # How often the edge's and the gateway's endpoints (the platform's gateway.endpoints) are re-resolved.
+    endpoints_poll_seconds: float = 1.0
     # Envoy's wait for an authorization or rate-limit answer.
     edge_timeout_ms: int = 1000
     # Overrides the platform's listener port when non-zero (the stack's INFERGRID_ENVOY_PORT).
@@ -46,6 +50,14 @@ class EnvoySettings:
     tracing_otlp_address: str = ""
     # Where a self-signed certificate is written when TLS is on without a certificate file.
     tls_dir: Path = Path(".state/controlplane/tls")
+
+    def __post_init__(self) -> None:
+        if self.platform_poll_seconds <= 0 or self.endpoints_poll_seconds <= 0:
+            raise ValueError("platform_poll_seconds and endpoints_poll_seconds must be positive")
+        try:
+            parse_targets(self.edge_address)
+        except TargetError as exc:
+            raise ValueError(f"edge_address: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ plane, rather than in Envoy.
 from __future__ import annotations
 
 import ipaddress
-import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,30 +195,57 @@ def _parse(message: type[Message], data: dict[str, Any]) -> Message:
     return json_format.ParseDict(data, message())
 
 
+def _health_check(platform: PlatformConfig, service_name: str) -> dict[str, Any]:
+    """An active gRPC health check (grpc.health.v1) with the platform's timings."""
+    hc = platform.gateway.health_check
+    return {
+        "timeout": _ms(hc.timeout_ms),
+        "interval": _ms(hc.interval_ms),
+        "unhealthy_threshold": hc.unhealthy_threshold,
+        "healthy_threshold": hc.healthy_threshold,
+        # A host whose health check has not passed yet gets no traffic.
+        "no_traffic_interval": _ms(hc.interval_ms),
+        "grpc_health_check": {"service_name": service_name},
+    }
+
+
+def _eds(name: str) -> dict[str, Any]:
+    """The common part of a cluster whose endpoints come over EDS (the control plane follows the replicas)."""
+    return {
+        "name": name,
+        "type": "EDS",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        # An endpoint that left discovery leaves at once, even while its health checks pass.
+        "ignore_health_on_host_removal": True,
+        "typed_extension_protocol_options": _HTTP2,
+    }
+
+
+def edge_cluster(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any]:
+    """The edge replicas (ext_authz + rate-limit service): EDS with the gateway's health-check timings."""
+    return {
+        **_eds(EDGE_CLUSTER),
+        "connect_timeout": _ms(wiring.edge_timeout_ms),
+        "lb_policy": "LEAST_REQUEST",
+        # "": the whole server's health (SERVING once its backends answer, NOT_SERVING while draining).
+        "health_checks": [_health_check(platform, "")],
+        "circuit_breakers": {
+            "thresholds": [
+                {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
+            ]
+        },
+    }
+
+
 def gateway_cluster(platform: PlatformConfig) -> dict[str, Any]:
     """The gateway replicas: HTTP/2, EDS, active gRPC health checks, outlier detection, breakers."""
     gw = platform.gateway
-    hc, od, retry = gw.health_check, gw.outlier_detection, gw.retry
+    od, retry = gw.outlier_detection, gw.retry
     return {
-        "name": GATEWAY_CLUSTER,
-        "type": "EDS",
-        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        **_eds(GATEWAY_CLUSTER),
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
-        # An endpoint taken out of the platform file leaves at once, even while its health checks pass.
-        "ignore_health_on_host_removal": True,
-        "typed_extension_protocol_options": _HTTP2,
-        "health_checks": [
-            {
-                "timeout": _ms(hc.timeout_ms),
-                "interval": _ms(hc.interval_ms),
-                "unhealthy_threshold": hc.unhealthy_threshold,
-                "healthy_threshold": hc.healthy_threshold,
-                # A host whose health check has not passed yet gets no traffic.
-                "no_traffic_interval": _ms(hc.interval_ms),
-                "grpc_health_check": {"service_name": PREDICTION_SERVICE},
-            }
-        ],
+        "health_checks": [_health_check(platform, PREDICTION_SERVICE)],
         "outlier_detection": {
             "consecutive_5xx": od.consecutive_5xx,
             "consecutive_gateway_failure": od.consecutive_gateway_failure,
@@ -243,24 +270,23 @@ def gateway_cluster(platform: PlatformConfig) -> dict[str, Any]:
     }
 
 
-def _addresses(host: str) -> list[str]:
-    """Every IPv4 address of `host` (a headless Service's pods), or the IP itself."""
-    if _is_ip(host):
-        return [host]
-    infos = socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+def cluster_load_assignment(cluster: str, endpoints: Sequence[str]) -> dict[str, Any]:
+    """The ClusterLoadAssignment of a cluster: one locality, one host per resolved `host:port`."""
+    lb_endpoints = [{"endpoint": {"address": _socket_address(endpoint)}} for endpoint in endpoints]
+    return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": lb_endpoints}]}
 
 
-def gateway_endpoints(platform: PlatformConfig) -> dict[str, Any]:
-    """The gateway replicas' addresses; a host name stands for all the addresses it resolves to."""
-    lb_endpoints = []
-    for endpoint in platform.gateway.endpoints:
-        host, port = _split(endpoint)
-        for address in _addresses(host):
-            lb_endpoints.append(
-                {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}
-            )
-    return {"cluster_name": GATEWAY_CLUSTER, "endpoints": [{"lb_endpoints": lb_endpoints}]}
+def endpoint_resources(
+    platform: PlatformConfig, endpoints: Mapping[str, Sequence[str]]
+) -> dict[str, Message]:
+    """The EDS resources: the gateway's, and the edge's when admission is at the edge."""
+    clusters = [GATEWAY_CLUSTER] + ([EDGE_CLUSTER] if platform.admission.placement == "edge" else [])
+    return {
+        name: _parse(
+            endpoint_pb2.ClusterLoadAssignment, cluster_load_assignment(name, endpoints.get(name, ()))
+        )
+        for name in clusters
+    }
 
 
 def _grpc_service(cluster: str, timeout_ms: int) -> dict[str, Any]:
@@ -476,25 +502,37 @@ def public_routes(platform: PlatformConfig) -> dict[str, Any]:
     }
 
 
-def build_resources(platform: PlatformConfig, wiring: EnvoyWiring) -> Resources:
-    """All resources for one platform version.
+def build_resources(
+    platform: PlatformConfig, wiring: EnvoyWiring, endpoints: Mapping[str, Sequence[str]]
+) -> Resources:
+    """All resources for one platform version and the current endpoints.
+
+    Args:
+        platform: The platform config.
+        wiring: The control plane's settings the translation needs.
+        endpoints: Resolved `ip:port` endpoints by EDS cluster name (`gateway`, `edge`); see
+            libs/discovery.py. A cluster missing here has no endpoints.
 
     Raises:
         google.protobuf.json_format.ParseError: a resource does not fit Envoy's schema (a bug here).
-        OSError: a gateway endpoint's host name does not resolve.
     """
     clusters = [gateway_cluster(platform)]
     if platform.admission.placement == "edge":
-        clusters.append(_static_cluster(EDGE_CLUSTER, wiring.edge_address))
+        clusters.append(edge_cluster(platform, wiring))
     if wiring.tracing_otlp_address:
         clusters.append(_static_cluster(TRACING_CLUSTER, wiring.tracing_otlp_address))
     return Resources(
         by_type={
             CLUSTER_TYPE: {c["name"]: _parse(cluster_pb2.Cluster, c) for c in clusters},
-            ENDPOINT_TYPE: {
-                GATEWAY_CLUSTER: _parse(endpoint_pb2.ClusterLoadAssignment, gateway_endpoints(platform))
-            },
+            ENDPOINT_TYPE: endpoint_resources(platform, endpoints),
             LISTENER_TYPE: {LISTENER_NAME: _parse(listener_pb2.Listener, public_listener(platform, wiring))},
             ROUTE_TYPE: {ROUTE_NAME: _parse(route_pb2.RouteConfiguration, public_routes(platform))},
         }
     )
+
+
+def with_endpoints(
+    resources: Resources, platform: PlatformConfig, endpoints: Mapping[str, Sequence[str]]
+) -> Resources:
+    """`resources` with new EDS resources and every other type's messages as they were."""
+    return Resources(by_type={**resources.by_type, ENDPOINT_TYPE: endpoint_resources(platform, endpoints)})

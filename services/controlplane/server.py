@@ -1,7 +1,11 @@
 """The control plane's gRPC server: Envoy's Aggregated Discovery Service over the platform config.
 
-`ControlPlane` holds the current snapshot (built from the platform file) and the open ADS streams;
-the `PlatformWatcher` rebuilds the snapshot when the file changes and every stream pushes it.
+`ControlPlane` holds the current snapshot (built from the platform file and the upstreams' current
+endpoints) and the open ADS streams. The `PlatformWatcher` rebuilds the snapshot when the file changes
+(every type gets a new version); an `EndpointWatcher` per EDS cluster (the gateway: the platform's
+`gateway.endpoints`; the edge: `EDGE_ADDRESS`) re-resolves its discovery targets every
+`ENDPOINTS_POLL_SECONDS` and, when the set changes, builds a snapshot in which only the EDS resources
+have a new version: Envoy gets one ClusterLoadAssignment and keeps its clusters and listeners.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +22,20 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc, discovery_pb2
 from prometheus_client import Counter, Gauge
 
+from libs.discovery import EndpointWatcher, Target, parse_targets
 from libs.platform import PlatformConfig, PlatformWatcher
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
 from services.controlplane.config import ControlPlaneConfig, EnvoySettings
-from services.controlplane.resources import EnvoyWiring, build_resources
+from services.controlplane.resources import (
+    EDGE_CLUSTER,
+    ENDPOINT_TYPE,
+    GATEWAY_CLUSTER,
+    PUSH_ORDER,
+    EnvoyWiring,
+    build_resources,
+    with_endpoints,
+)
 from services.controlplane.tls import ensure_self_signed
 from services.controlplane.xds import AckEvent, Snapshot, XdsStream
 
@@ -34,6 +47,10 @@ _STREAMS = Gauge("infergrid_xds_streams", "Open ADS streams (connected Envoys)")
 _ANSWERS = Counter("infergrid_xds_answers_total", "ACKs and NACKs from Envoys", ["type", "result"])
 _SNAPSHOTS = Counter("infergrid_xds_snapshots_total", "Snapshots built from the platform config", ["result"])
 _NACKED = Gauge("infergrid_xds_last_answer_nack", "1 while the last answer for a type was a NACK", ["type"])
+_ENDPOINTS = Gauge("infergrid_xds_endpoints", "Endpoints served to Envoy over EDS, by cluster", ["cluster"])
+_ENDPOINT_CHANGES = Counter(
+    "infergrid_xds_endpoint_changes_total", "Endpoint sets changed (EDS pushed), by cluster", ["cluster"]
+)
 
 
 @dataclass
@@ -51,22 +68,38 @@ class ControlPlane:
 
     settings: EnvoySettings
     snapshot: Snapshot
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
+    # Resolved endpoints by EDS cluster name.
+    endpoints: dict[str, tuple[str, ...]] = field(default_factory=dict)
     status: dict[str, TypeStatus] = field(default_factory=dict)
     last_error: str = ""
     _queues: set[asyncio.Queue[object]] = field(default_factory=set)
     _counter: itertools.count[int] = field(default_factory=lambda: itertools.count(2))
 
     @classmethod
-    def from_platform(cls, settings: EnvoySettings, platform: PlatformConfig) -> ControlPlane:
+    def from_platform(
+        cls,
+        settings: EnvoySettings,
+        platform: PlatformConfig,
+        endpoints: dict[str, tuple[str, ...]] | None = None,
+    ) -> ControlPlane:
         """Builds the first snapshot (failing loudly: there is no last good one yet)."""
-        resources = build_resources(platform, wiring(settings, platform))
+        endpoints = dict(endpoints or {})
+        resources = build_resources(platform, wiring(settings, platform), endpoints)
         _SNAPSHOTS.labels("built").inc()
-        return cls(settings=settings, snapshot=Snapshot(f"1-{platform.version}", resources))
+        for cluster, addresses in endpoints.items():
+            _ENDPOINTS.labels(cluster).set(len(addresses))
+        return cls(
+            settings=settings,
+            snapshot=Snapshot(f"1-{platform.version}", resources),
+            platform=platform,
+            endpoints=endpoints,
+        )
 
     def apply(self, platform: PlatformConfig) -> bool:
         """Builds a snapshot for a new platform version and pushes it; keeps the old one on failure."""
         try:
-            resources = build_resources(platform, wiring(self.settings, platform))
+            resources = build_resources(platform, wiring(self.settings, platform), self.endpoints)
         except Exception as exc:  # a failed build must never take the served config away
             self.last_error = str(exc)
             _SNAPSHOTS.labels("failed").inc()
@@ -77,13 +110,55 @@ class ControlPlane:
                 exc,
             )
             return False
-        self.snapshot = Snapshot(f"{next(self._counter)}-{platform.version}", resources)
+        self.platform = platform
         self.last_error = ""
-        _SNAPSHOTS.labels("built").inc()
-        log.info("snapshot %s built; pushing to %d Envoy stream(s)", self.snapshot.version, len(self._queues))
-        for queue in self._queues:
-            queue.put_nowait(self.snapshot)
+        self._push(Snapshot(f"{next(self._counter)}-{platform.version}", resources))
         return True
+
+    def set_endpoints(self, cluster: str, endpoints: tuple[str, ...], *, push: bool = True) -> bool:
+        """Records a cluster's new endpoints and pushes a snapshot in which only EDS has a new version.
+
+        Args:
+            cluster: The EDS cluster (`gateway`, `edge`).
+            endpoints: Its resolved endpoints, sorted.
+            push: False while a platform change is being applied (its snapshot carries them).
+
+        Returns:
+            True when the set changed.
+        """
+        before = self.endpoints.get(cluster, ())
+        if endpoints == before and cluster in self.endpoints:
+            return False
+        self.endpoints[cluster] = endpoints
+        _ENDPOINTS.labels(cluster).set(len(endpoints))
+        _ENDPOINT_CHANGES.labels(cluster).inc()
+        added, removed = sorted(set(endpoints) - set(before)), sorted(set(before) - set(endpoints))
+        if not push:
+            log.info(
+                "cluster %s endpoints: %s (added %s, removed %s)", cluster, list(endpoints), added, removed
+            )
+            return True
+        version = f"{next(self._counter)}-{self.platform.version}"
+        resources = with_endpoints(self.snapshot.resources, self.platform, self.endpoints)
+        type_versions = {t: self.snapshot.version_of(t) for t in PUSH_ORDER if t != ENDPOINT_TYPE}
+        log.info(
+            "cluster %s endpoints: %s (added %s, removed %s); pushing EDS version %s",
+            cluster,
+            list(endpoints),
+            added,
+            removed,
+            version,
+            extra={"cluster": cluster, "endpoints": list(endpoints), "version": version},
+        )
+        self._push(Snapshot(version, resources, type_versions))
+        return True
+
+    def _push(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        _SNAPSHOTS.labels("built").inc()
+        log.info("snapshot %s built; pushing to %d Envoy stream(s)", snapshot.version, len(self._queues))
+        for queue in self._queues:
+            queue.put_nowait(snapshot)
 
     def record(self, event: AckEvent) -> None:
         """Keeps the last ACK/NACK per type for the status and metrics."""
@@ -172,20 +247,59 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
         return self._control_plane.stream(request_iterator)
 
 
+def _gateway_targets(settings: EnvoySettings, platform: PlatformConfig) -> tuple[Target, ...]:
+    """The platform's gateway endpoints as discovery targets (a relative file: is next to the platform file)."""
+    base = settings.platform_file.resolve().parent
+    return tuple(t for entry in platform.gateway.endpoints for t in parse_targets(entry, base))
+
+
 async def create_server(
     config: ControlPlaneConfig, telemetry: Telemetry | None = None
 ) -> tuple[Server, ControlPlane]:
-    """Builds the control plane server (bound, not started) and starts watching the platform file."""
+    """Builds the control plane server (bound, not started); watches the platform file and the endpoints."""
     settings = config.envoy
     if not settings.descriptor_set.exists():
         raise FileNotFoundError(f"descriptor set {settings.descriptor_set} is missing: run `make gen`")
     control_plane_box: list[ControlPlane] = []
+    # While a platform change re-resolves the gateway endpoints, its own snapshot carries them.
+    applying = [False]
 
-    def _on_change(platform: PlatformConfig) -> None:
+    def _endpoints_changed(cluster: str) -> Callable[[tuple[str, ...]], None]:
+        def _on_change(endpoints: tuple[str, ...]) -> None:
+            if control_plane_box:
+                control_plane_box[0].set_endpoints(cluster, endpoints, push=not applying[0])
+
+        return _on_change
+
+    async def _on_platform(platform: PlatformConfig) -> None:
+        applying[0] = True
+        try:
+            gateway_watcher.set_targets(_gateway_targets(settings, platform))
+            await gateway_watcher.refresh()
+        finally:
+            applying[0] = False
         control_plane_box[0].apply(platform)
 
-    watcher = PlatformWatcher(Path(settings.platform_file), _on_change, settings.platform_poll_seconds)
-    control_plane = ControlPlane.from_platform(settings, watcher.current)
+    watcher = PlatformWatcher(Path(settings.platform_file), _on_platform, settings.platform_poll_seconds)
+    interval = settings.endpoints_poll_seconds
+    gateway_watcher = EndpointWatcher(
+        _gateway_targets(settings, watcher.current),
+        _endpoints_changed(GATEWAY_CLUSTER),
+        interval,
+        name=GATEWAY_CLUSTER,
+    )
+    watchers = [gateway_watcher]
+    if watcher.current.admission.placement == "edge":  # fixed for the process's life
+        watchers.append(
+            EndpointWatcher(
+                settings.edge_address, _endpoints_changed(EDGE_CLUSTER), interval, name=EDGE_CLUSTER
+            )
+        )
+    endpoints: dict[str, tuple[str, ...]] = {}
+    for endpoint_watcher in watchers:
+        await endpoint_watcher.refresh()
+        endpoints[endpoint_watcher.name] = endpoint_watcher.current or ()
+    control_plane = ControlPlane.from_platform(settings, watcher.current, endpoints)
     control_plane_box.append(control_plane)
     log.info(
         "serving platform version %s as snapshot %s", watcher.current.version, control_plane.snapshot.version
@@ -201,12 +315,15 @@ async def create_server(
         ],
         telemetry=telemetry,
     )
-    task = asyncio.create_task(watcher.run(), name="platform-watcher")
+    tasks = [asyncio.create_task(watcher.run(), name="platform-watcher")]
+    tasks += [asyncio.create_task(w.run(), name=f"endpoints-{w.name}") for w in watchers]
 
-    async def _stop_watcher() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async def _stop_watchers() -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-    server.on_stop.append(_stop_watcher)
+    server.on_stop.append(_stop_watchers)
     return server, control_plane

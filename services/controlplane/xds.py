@@ -3,15 +3,17 @@
 Per type URL the stream remembers what it sent (version, nonce, resource names) and what Envoy
 answered. A request that echoes the latest nonce is an ACK (version accepted) or, with
 `error_detail`, a NACK (Envoy keeps its last good config; so do we: nothing is resent until the
-next snapshot). A request carrying an older nonce is stale and ignored. A new snapshot is pushed
-for every type the stream subscribed to, clusters → endpoints → listeners → routes.
+next snapshot). A request carrying an older nonce is stale and ignored. Each type has its own version
+in a snapshot: a new snapshot is pushed, clusters → endpoints → listeners → routes, for the subscribed
+types whose version changed, so an endpoint change (EDS only) never resends clusters or listeners
+(whose update would make Envoy warm or drain them).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -28,10 +30,15 @@ _nonces = itertools.count(1)
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A complete, versioned set of resources."""
+    """A complete, versioned set of resources; a type missing from `type_versions` is at `version`."""
 
     version: str
     resources: Resources
+    type_versions: Mapping[str, str] = field(default_factory=dict)
+
+    def version_of(self, type_url: str) -> str:
+        """The version of one type's resources (what Envoy ACKs for that type)."""
+        return self.type_versions.get(type_url, self.version)
 
 
 @dataclass
@@ -101,7 +108,7 @@ class XdsStream:
         state.subscribed = True
         state.names = frozenset(request.resource_names)
         # Resend after a NACK only when the subscription changed; the same config would fail again.
-        if state.sent_version == self.snapshot.version and state.sent_names == state.names:
+        if state.sent_version == self.snapshot.version_of(type_url) and state.sent_names == state.names:
             return []
         if request.HasField("error_detail") and state.sent_names == state.names:
             return []
@@ -113,7 +120,7 @@ class XdsStream:
         out = []
         for type_url in PUSH_ORDER:
             state = self.types.get(type_url)
-            if state is not None and state.subscribed and state.sent_version != snapshot.version:
+            if state is not None and state.subscribed and state.sent_version != snapshot.version_of(type_url):
                 out.append(self._response(type_url, state))
         return out
 
@@ -123,7 +130,8 @@ class XdsStream:
             chosen = list(available.values())
         else:
             chosen = [available[name] for name in sorted(state.names) if name in available]
-        state.sent_version = self.snapshot.version
+        version = self.snapshot.version_of(type_url)
+        state.sent_version = version
         state.sent_names = state.names
         state.nonce = str(next(_nonces))
         resources = []
@@ -132,7 +140,7 @@ class XdsStream:
             packed.Pack(message)
             resources.append(packed)
         return discovery_pb2.DiscoveryResponse(
-            version_info=self.snapshot.version, type_url=type_url, nonce=state.nonce, resources=resources
+            version_info=version, type_url=type_url, nonce=state.nonce, resources=resources
         )
 
 

@@ -29,6 +29,7 @@ tenants: {demo: {tier: free, models: [fraud]}}
 models: {fraud: {versions: [{version: "1", weight: 1}]}}
 """
 WIRING = EnvoyWiring(descriptor_set="/d.pb", edge_address="127.0.0.1:50060")
+ENDPOINTS = {"gateway": ("127.0.0.1:50051", "127.0.0.1:50052"), "edge": ("127.0.0.1:50060", "[::1]:50061")}
 
 
 def _platform(text: str = PLATFORM) -> PlatformConfig:
@@ -36,7 +37,7 @@ def _platform(text: str = PLATFORM) -> PlatformConfig:
 
 
 def _dicts(wiring: EnvoyWiring = WIRING, platform: PlatformConfig | None = None) -> dict[str, dict]:
-    resources = build_resources(platform or _platform(), wiring)
+    resources = build_resources(platform or _platform(), wiring, ENDPOINTS)
     return {
         type_url: {
             name: json_format.MessageToDict(m, preserving_proto_field_name=True) for name, m in items.items()
@@ -54,7 +55,7 @@ def test_every_type_has_its_resources() -> None:
     out = _dicts()
 
     assert set(out[CLUSTER_TYPE]) == {"gateway", "edge"}
-    assert set(out[ENDPOINT_TYPE]) == {"gateway"}
+    assert set(out[ENDPOINT_TYPE]) == {"gateway", "edge"}
     assert set(out[LISTENER_TYPE]) == {"public"}
     assert set(out[ROUTE_TYPE]) == {"public"}
 
@@ -74,14 +75,42 @@ def test_gateway_cluster_has_health_checks_outlier_detection_and_a_retry_budget(
     assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
 
 
-def test_endpoints_are_resolved_to_addresses() -> None:
-    endpoints = _dicts()[ENDPOINT_TYPE]["gateway"]["endpoints"][0]["lb_endpoints"]
+def test_the_resolved_endpoints_are_the_load_assignments() -> None:
+    out = _dicts()[ENDPOINT_TYPE]
 
-    addresses = [(e["endpoint"]["address"]["socket_address"]) for e in endpoints]
-    assert addresses == [
+    def _addresses(cluster: str) -> list[dict]:
+        return [
+            e["endpoint"]["address"]["socket_address"] for e in out[cluster]["endpoints"][0]["lb_endpoints"]
+        ]
+
+    assert _addresses("gateway") == [
         {"address": "127.0.0.1", "port_value": 50051},
         {"address": "127.0.0.1", "port_value": 50052},
     ]
+    assert _addresses("edge") == [
+        {"address": "127.0.0.1", "port_value": 50060},
+        {"address": "::1", "port_value": 50061},
+    ]
+
+
+def test_the_edge_cluster_follows_eds_with_health_checks() -> None:
+    cluster = _dicts()[CLUSTER_TYPE]["edge"]
+
+    assert cluster["type"] == "EDS" and "load_assignment" not in cluster
+    assert cluster["ignore_health_on_host_removal"] is True
+    check = cluster["health_checks"][0]
+    assert (check["interval"], check["timeout"], check["unhealthy_threshold"]) == ("2s", "0.400s", 3)
+    assert check["grpc_health_check"] == {}  # service "": the edge server's own health
+
+
+def test_a_cluster_without_endpoints_gets_an_empty_assignment() -> None:
+    resources = build_resources(_platform(), WIRING, {})
+    for name in ("gateway", "edge"):
+        assignment = json_format.MessageToDict(
+            resources.of(ENDPOINT_TYPE)[name], preserving_proto_field_name=True
+        )
+        assert assignment["cluster_name"] == name
+        assert not assignment["endpoints"][0].get("lb_endpoints")
 
 
 def test_listener_filter_chain_order_and_settings() -> None:
@@ -168,6 +197,7 @@ def test_admission_in_the_gateway_drops_the_edge_filters_and_strips_identity_hea
         "envoy.filters.http.router",
     ]
     assert set(resources[CLUSTER_TYPE]) == {"gateway"}
+    assert set(resources[ENDPOINT_TYPE]) == {"gateway"}
     for route in resources[ROUTE_TYPE]["public"]["virtual_hosts"][0]["routes"]:
         assert "rate_limits" not in route["route"]
         assert "x-infergrid-tenant" in route["request_headers_to_remove"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import grpc
+import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
@@ -25,10 +28,11 @@ from services.controlplane.xds import AckEvent, Snapshot, XdsStream
 
 PLATFORM = 'gateway: {endpoints: ["127.0.0.1:50051"], timeout_ms: %d}\n'
 WIRING = EnvoyWiring(descriptor_set="/d.pb", edge_address="127.0.0.1:50060")
+ENDPOINTS = {"gateway": ("127.0.0.1:50051",), "edge": ("127.0.0.1:50060",)}
 
 
 def _snapshot(version: str, timeout_ms: int = 1000) -> Snapshot:
-    return Snapshot(version, build_resources(parse_platform(PLATFORM % timeout_ms), WIRING))
+    return Snapshot(version, build_resources(parse_platform(PLATFORM % timeout_ms), WIRING, ENDPOINTS))
 
 
 def _request(
@@ -173,14 +177,128 @@ async def test_ads_over_a_real_stream_pushes_an_edited_platform_file(tmp_path: P
 def test_an_untranslatable_platform_keeps_the_last_snapshot(tmp_path: Path) -> None:
     from services.controlplane.server import ControlPlane
 
-    settings = EnvoySettings(platform_file=tmp_path / "p.yaml", descriptor_set=tmp_path / "d.pb")
+    (tmp_path / "a-file").write_text("")
+    settings = EnvoySettings(
+        platform_file=tmp_path / "p.yaml",
+        descriptor_set=tmp_path / "d.pb",
+        tls_dir=tmp_path / "a-file" / "tls",
+    )
     control_plane = ControlPlane.from_platform(settings, parse_platform(PLATFORM % 1000))
     before = control_plane.snapshot
 
-    bad = parse_platform('gateway: {endpoints: ["no-such-host.invalid:50051"]}\n')
+    # TLS without certificate files needs a generated one, which cannot be written under a file.
+    bad = parse_platform(PLATFORM % 1000 + "listener: {tls: {enabled: true}}\n")
     assert control_plane.apply(bad) is False
     assert control_plane.snapshot is before
     assert control_plane.last_error
+
+
+def test_an_endpoint_change_gives_only_eds_a_new_version(tmp_path: Path) -> None:
+    from services.controlplane.server import ControlPlane
+
+    settings = EnvoySettings(platform_file=tmp_path / "p.yaml", descriptor_set=tmp_path / "d.pb")
+    control_plane = ControlPlane.from_platform(settings, parse_platform(PLATFORM % 1000), dict(ENDPOINTS))
+    stream, _ = _stream()
+    stream.snapshot = control_plane.snapshot
+    for type_url, names in (
+        (CLUSTER_TYPE, ()),
+        (ENDPOINT_TYPE, ("gateway", "edge")),
+        (LISTENER_TYPE, ()),
+        (ROUTE_TYPE, ("public",)),
+    ):
+        (response,) = stream.handle_request(_request(type_url, names=names))
+        stream.handle_request(_request(type_url, response.version_info, response.nonce, names=names))
+
+    assert control_plane.set_endpoints("gateway", ENDPOINTS["gateway"]) is False  # unchanged
+    assert control_plane.set_endpoints("gateway", ("127.0.0.1:50051", "127.0.0.1:50052")) is True
+    (push,) = stream.handle_snapshot(control_plane.snapshot)
+
+    assert push.type_url == ENDPOINT_TYPE and push.version_info == control_plane.snapshot.version
+    by_name = {}
+    for packed in push.resources:
+        assignment = endpoint_pb2.ClusterLoadAssignment()
+        packed.Unpack(assignment)
+        by_name[assignment.cluster_name] = [
+            e.endpoint.address.socket_address.port_value for e in assignment.endpoints[0].lb_endpoints
+        ]
+    assert by_name == {"gateway": [50051, 50052], "edge": [50060]}
+    # A platform edit still moves every type.
+    control_plane.apply(parse_platform(PLATFORM % 1500))
+    pushes = stream.handle_snapshot(control_plane.snapshot)
+    assert [p.type_url for p in pushes] == [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE]
+
+
+async def test_an_edited_endpoint_file_pushes_one_cluster_load_assignment_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    endpoints = tmp_path / "gateway-endpoints.json"
+    endpoints.write_text(json.dumps({"endpoints": ["127.0.0.1:50051"]}))
+    platform = tmp_path / "platform.yaml"
+    platform.write_text('gateway: {endpoints: ["file:gateway-endpoints.json"]}\n')
+    descriptors = tmp_path / "d.pb"
+    descriptors.write_bytes(b"")
+    config = ControlPlaneConfig(
+        server=ControlPlaneServerConfig(port=0, drain_seconds=0, grace_seconds=0),
+        envoy=EnvoySettings(
+            platform_file=platform,
+            descriptor_set=descriptors,
+            edge_address="localhost:50060",
+            endpoints_poll_seconds=0.1,
+        ),
+    )
+    server, control_plane = await create_server(config)
+    await server.start()
+    requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+
+    async def _requests():  # type: ignore[no-untyped-def]
+        while (item := await requests.get()) is not None:
+            yield item
+
+    subscriptions = (
+        (CLUSTER_TYPE, ()),
+        (ENDPOINT_TYPE, ("gateway", "edge")),
+        (LISTENER_TYPE, ()),
+        (ROUTE_TYPE, ("public",)),
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(_requests())
+            first = {}
+            for type_url, names in subscriptions:
+                await requests.put(_request(type_url, names=names))
+                response = await asyncio.wait_for(call.read(), 5)
+                first[response.type_url] = response
+                await requests.put(_request(type_url, response.version_info, response.nonce, names=names))
+            tmp = endpoints.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"endpoints": ["127.0.0.1:50052", "127.0.0.1:50051"]}))
+            tmp.replace(endpoints)
+            pushed = await asyncio.wait_for(call.read(), 2)
+            names = ("gateway", "edge")
+            await requests.put(_request(ENDPOINT_TYPE, pushed.version_info, pushed.nonce, names=names))
+            with pytest.raises(TimeoutError):  # nothing else comes
+                await asyncio.wait_for(call.read(), 0.5)
+            await requests.put(None)
+    finally:
+        await server.stop(0, 0)
+
+    def _ports(response: discovery_pb2.DiscoveryResponse) -> dict[str, list[int]]:
+        out = {}
+        for packed in response.resources:
+            assignment = endpoint_pb2.ClusterLoadAssignment()
+            packed.Unpack(assignment)
+            out[assignment.cluster_name] = [
+                e.endpoint.address.socket_address.port_value for e in assignment.endpoints[0].lb_endpoints
+            ]
+        return out
+
+    assert _ports(first[ENDPOINT_TYPE]) == {"gateway": [50051], "edge": [50060]}
+    assert pushed.type_url == ENDPOINT_TYPE
+    assert _ports(pushed) == {"gateway": [50051, 50052], "edge": [50060]}
+    assert control_plane.status[ENDPOINT_TYPE].acked_version == pushed.version_info
+    assert control_plane.endpoints == {
+        "gateway": ("127.0.0.1:50051", "127.0.0.1:50052"),
+        "edge": ("127.0.0.1:50060",),
+    }
 
 
 def test_config_defaults() -> None:
