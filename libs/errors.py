@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 
@@ -57,6 +59,29 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+# How long an overloaded server asks callers to wait before retrying (a queue drains in about this).
+OVERLOAD_RETRY_S = 0.1
+
+
+def retry_hint(delay_s: float) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata asking the caller to retry after `delay_s` seconds.
+
+    `grpc-retry-pushback-ms` is what gRPC clients' retry policies honour; `retry-after` (whole seconds, at
+    least 1: HTTP's header) is what Envoy's JSON transcoder passes on with the HTTP 429.
+    """
+    return (
+        ("retry-after", str(max(1, math.ceil(delay_s)))),
+        ("grpc-retry-pushback-ms", str(max(1, round(delay_s * 1000)))),
+    )
+
+
+def overloaded(message: str, retry_after_s: float = OVERLOAD_RETRY_S) -> ResourceExhausted:
+    """RESOURCE_EXHAUSTED for shed load: the message and the trailing metadata say when to retry."""
+    return ResourceExhausted(
+        f"{message}; retry in {retry_after_s * 1000:.0f} ms", trailing_metadata=retry_hint(retry_after_s)
+    )
+
+
 class Unavailable(ServiceError):
     """A dependency is down or the circuit is open; a retry may help."""
 
@@ -101,3 +126,14 @@ def status_code_of(exc: BaseException) -> grpc.StatusCode | None:
 def is_client_error(exc: BaseException) -> bool:
     """True when the exception blames the request, not the dependency that answered it."""
     return status_code_of(exc) in CLIENT_ERROR_CODES
+
+
+# "Busy, come back later": the dependency is alive and answered at once. An overload answer must not
+# trip a circuit breaker (that turns a brief overload into seconds of 100 % errors) and must not be
+# retried at once (a retry adds load where there is too much).
+OVERLOAD_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def is_overload(exc: BaseException) -> bool:
+    """True when the exception says the dependency is overloaded (shed load), not failing."""
+    return status_code_of(exc) in OVERLOAD_CODES

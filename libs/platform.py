@@ -202,6 +202,20 @@ def _positive(value: float, where: str) -> None:
         raise PlatformConfigError(f"{where}: must be positive, got {value}")
 
 
+# Envoy retry conditions that would retry an overload answer (RESOURCE_EXHAUSTED, HTTP 429): a gateway
+# that sheds load must see the load go away, not come back at once from its own proxy.
+OVERLOAD_RETRY_CONDITIONS = frozenset({"resource-exhausted", "retriable-status-codes"})
+
+
+def _check_retry_on(retry_on: str) -> None:
+    for condition in (c.strip() for c in retry_on.split(",")):
+        if condition in OVERLOAD_RETRY_CONDITIONS:
+            raise PlatformConfigError(
+                f"gateway.retry.retry_on: {condition!r} would make Envoy retry overload answers "
+                "(RESOURCE_EXHAUSTED / 429 carry a retry hint for the client instead); remove it"
+            )
+
+
 def parse_platform(text: str) -> PlatformConfig:
     """Parses and validates the YAML text of a platform config.
 
@@ -225,6 +239,7 @@ def parse_platform(text: str) -> PlatformConfig:
         )
     listener = _build(ListenerConfig, raw.get("listener"), "listener")
     gateway = _build(GatewayUpstream, raw.get("gateway"), "gateway")
+    _check_retry_on(gateway.retry.retry_on)
     if not gateway.endpoints:
         raise PlatformConfigError("gateway.endpoints: at least one endpoint is required")
     for i, endpoint in enumerate(gateway.endpoints):

@@ -6,7 +6,10 @@ gRPC dependencies get their retries from gRPC itself (a service config with a
 first attempt is direct (no per-call overhead on the happy path) and whose
 retries, only for failures that may succeed on retry and only while the retry
 budget allows, use tenacity's exponential backoff with full jitter. Circuit breaking
-uses purgatory; client errors (INVALID_ARGUMENT, NOT_FOUND, ...) never trip it.
+uses purgatory; client errors (INVALID_ARGUMENT, NOT_FOUND, ...) never trip it, and
+neither do overload answers (RESOURCE_EXHAUSTED: the dependency is alive and shedding
+load): they count as answers, are never retried here (a retry adds load where there
+is too much) and cost no retry budget; the caller passes them on with a retry hint.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from libs.errors import DeadlineExceeded, Unavailable, is_client_error, status_code_of
+from libs.errors import DeadlineExceeded, Unavailable, is_client_error, is_overload, status_code_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +67,11 @@ class RetryPolicy:
         for code in self.retryable_codes:
             if code not in grpc.StatusCode.__members__:
                 raise ValueError(f"unknown gRPC status code {code!r} in retryable_codes")
+            if code == "RESOURCE_EXHAUSTED":
+                raise ValueError(
+                    "RESOURCE_EXHAUSTED must not be retried: the dependency is shedding load, "
+                    "and a retry adds to it (pass the refusal on with a retry hint instead)"
+                )
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,11 @@ def grpc_service_config(service: str, policy: DependencyPolicy) -> str:
     return json.dumps(config)
 
 
+def answered_not_failed(exc: BaseException) -> bool:
+    """True for answers that say nothing bad about the dependency's health: client errors and overload."""
+    return is_client_error(exc) or is_overload(exc)
+
+
 def _breaker_listener(name: str, event_type: str, _event: object) -> None:
     if event_type == "state_changed":
         state = getattr(_event, "state", "")
@@ -163,7 +176,7 @@ class Dependency:
         self._factory = AsyncCircuitBreakerFactory(
             default_threshold=policy.breaker.failure_threshold,
             default_ttl=policy.breaker.reset_timeout_s,
-            exclude=[(Exception, is_client_error)],
+            exclude=[(Exception, answered_not_failed)],
         )
         self._factory.add_listener(_breaker_listener)
         self._retries = RETRIES.labels(name)
@@ -206,6 +219,8 @@ class Dependency:
         try:
             result = await self._attempt(fn, args, per_try)
         except Exception as exc:
+            if answered_not_failed(exc):  # the request's fault, or load shed: not retried, no budget spent
+                raise
             self.budget.on_failure()
             if self.policy.retry.max_attempts <= 1 or not self.is_retryable(exc):
                 raise
@@ -220,6 +235,8 @@ class Dependency:
         retry = self.policy.retry
 
         def _should_retry(exc: BaseException) -> bool:
+            if answered_not_failed(exc):
+                return False
             self.budget.on_failure()
             if not self.is_retryable(exc):
                 return False

@@ -48,6 +48,11 @@ def test_the_local_platform_file_is_valid() -> None:
         ("listener: [1", "not valid YAML"),
         ("colour: blue", "platform: unknown key(s) colour"),
         ("admission: {placement: envoy}", "admission.placement: expected one of edge, gateway, got 'envoy'"),
+        (
+            "gateway: {retry: {retry_on: 'reset,resource-exhausted,unavailable'}}",
+            "gateway.retry.retry_on: 'resource-exhausted' would make Envoy retry overload answers",
+        ),
+        ("gateway: {retry: {retry_on: 'retriable-status-codes'}}", "'retriable-status-codes' would make"),
     ],
 )
 def test_invalid_configs_name_the_field(text: str, message: str) -> None:

@@ -9,7 +9,14 @@ import pytest
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from libs.channels import dial
-from libs.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from libs.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    overloaded,
+    retry_hint,
+)
 from libs.resilience import (
     BreakerPolicy,
     Dependency,
@@ -175,3 +182,41 @@ def test_retry_policy_rejects_unknown_codes() -> None:
     with pytest.raises(ValueError, match="unknown gRPC status code 'UNAVAILABLEE'"):
         RetryPolicy(retryable_codes=("UNAVAILABLEE",))
     assert grpc.StatusCode.UNAVAILABLE.name == "UNAVAILABLE"
+
+
+async def test_overload_answers_are_not_retried_cost_no_budget_and_never_open_the_breaker() -> None:
+    dep = Dependency("store", _policy(breaker=BreakerPolicy(failure_threshold=2, reset_timeout_s=60)))
+    for _ in range(20):  # a long run of "queue full" answers
+        flaky = _Flaky(1, overloaded("queue full"))
+        with pytest.raises(ResourceExhausted) as caught:
+            await dep.call(flaky)
+        assert flaky.calls == 1  # not retried
+        assert ("retry-after", "1") in caught.value.trailing_metadata
+    assert dep.budget.tokens == dep.policy.budget_max_tokens
+    assert await dep.call(_Flaky(0, Unavailable("unused"))) == "ok"  # the breaker is still closed
+    # The same from a real gRPC status (what the inference stream reports).
+    rpc_overload = _Flaky(1, _RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED))
+    for _ in range(5):
+        rpc_overload.calls = 0
+        with pytest.raises(grpc.RpcError):
+            await dep.call(rpc_overload)
+    assert await dep.call(_Flaky(0, Unavailable("unused"))) == "ok"
+
+
+class _RpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def test_retry_policy_refuses_to_retry_overload() -> None:
+    with pytest.raises(ValueError, match="RESOURCE_EXHAUSTED must not be retried"):
+        RetryPolicy(retryable_codes=("UNAVAILABLE", "RESOURCE_EXHAUSTED"))
+
+
+def test_retry_hint_metadata() -> None:
+    assert retry_hint(0.1) == (("retry-after", "1"), ("grpc-retry-pushback-ms", "100"))
+    assert retry_hint(2.5) == (("retry-after", "3"), ("grpc-retry-pushback-ms", "2500"))
+    assert "retry in 100 ms" in overloaded("busy").message

@@ -9,7 +9,7 @@ soon as a call returns. Under light load a row goes out at once; under heavy loa
 batches grow by themselves to what arrived during one round trip (the dynamic
 batching of Triton's scheduler, without a fixed wait). Its results (or exceptions) go back to each
 caller in order. The number of items queued or in a running batch is bounded:
-past `max_pending`, `submit` sheds load with ResourceExhausted.
+past `max_pending`, `submit` sheds load with ResourceExhausted (with a retry hint).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
-from libs.errors import DeadlineExceeded, ResourceExhausted
+from libs.errors import DeadlineExceeded, overloaded
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,10 @@ class MicroBatcher(Generic[K, I, R]):
             timeout: Seconds this item may wait for its result; the batch call gets the longest.
 
         Raises:
-            ResourceExhausted: Too many items are pending (load shedding).
+            ResourceExhausted: Too many items are pending (load shedding; carries a retry hint).
         """
         if self.depth >= self._max_pending:
-            raise ResourceExhausted(
+            raise overloaded(
                 f"gateway overloaded: {self.depth} rows waiting for {self.name} (limit {self._max_pending})"
             )
         loop = asyncio.get_running_loop()

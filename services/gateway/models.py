@@ -14,7 +14,7 @@ from opentelemetry import propagate
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
-from libs.errors import DeadlineExceeded, Internal, NotFound, Unavailable
+from libs.errors import DeadlineExceeded, Internal, NotFound, Unavailable, overloaded
 from libs.resilience import Dependency
 from services.gateway.catalog import ModelSpec
 
@@ -233,6 +233,8 @@ def _domain_error(exc: grpc.aio.AioRpcError | StreamMessageError, model: str, ve
         return NotFound(f"{what} is not loaded in the inference service")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"the inference service did not answer in time for {what}")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # its queue is full: overload, not an outage
+        return overloaded(f"the inference service is overloaded for {what}: {exc.details()}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return Unavailable(f"the inference service is unavailable for {what}: {exc.details()}")
     return Internal(f"the inference service failed for {what}: {code.name}")

@@ -45,6 +45,7 @@ from libs.errors import (
     ResourceExhausted,
     ServiceError,
     Unavailable,
+    overloaded,
     status_code_of,
 )
 from libs.inference_log import CURRENT_SCHEMA_VERSION
@@ -195,7 +196,7 @@ class Predictor:
 
         Raises:
             InvalidArgument, NotFound, PermissionDenied: the request is wrong (the field is named).
-            ResourceExhausted: load is being shed.
+            ResourceExhausted: load is being shed, here or by the inference service (with a retry hint).
             Unavailable, DeadlineExceeded: inference failed or time ran out.
         """
         start_ns = time.time_ns()
@@ -219,7 +220,7 @@ class Predictor:
         n = len(validated)
         if self.in_flight + n > self.settings.max_in_flight_rows:
             m.SHED.inc(n)
-            raise ResourceExhausted(
+            raise overloaded(
                 f"gateway overloaded: {self.in_flight} rows in flight (limit {self.settings.max_in_flight_rows})"
             )
         left = call.time_remaining

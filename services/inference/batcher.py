@@ -6,8 +6,9 @@ request has waited `max_queue_delay`, takes requests in arrival order up to
 `max_batch_size` rows, runs the batch (so the event loop never blocks on the
 model), splits the outputs back per request in order, and hands them to the
 loop with one callback per batch. The queue is bounded (a full queue sheds with
-RESOURCE_EXHAUSTED) and requests past their timeout fail with DEADLINE_EXCEEDED
-before they use the model. With batching off, each request is executed alone but
+RESOURCE_EXHAUSTED and a retry hint: overload, which callers must not count as an
+outage) and requests past their timeout fail with DEADLINE_EXCEEDED before they
+use the model. With batching off, each request is executed alone but
 still queued, bounded and timed out the same way.
 
 Why threads and not an asyncio scheduler task: on a small CPU budget the cost
@@ -29,7 +30,7 @@ import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from libs.errors import ServiceError
+from libs.errors import OVERLOAD_RETRY_S, ServiceError, retry_hint
 from libs.telemetry import tracer
 from services.inference.backends import LoadedModel
 from services.inference.errors import BackendError, ModelUnavailable, QueueFull, RequestTimeout
@@ -169,7 +170,11 @@ class DynamicBatcher:
             raise ModelUnavailable(f"{self._label} is being unloaded")
         if len(self._queue) >= self.settings.max_queue_size:
             metrics.failed("queue_full", 0)
-            raise QueueFull(f"{self._label}: queue is full ({self.settings.max_queue_size} requests waiting)")
+            raise QueueFull(
+                f"{self._label}: queue is full ({self.settings.max_queue_size} requests waiting); "
+                f"retry in {OVERLOAD_RETRY_S * 1000:.0f} ms",
+                trailing_metadata=retry_hint(OVERLOAD_RETRY_S),
+            )
         assert self._loop is not None, "start() the batcher first"
         future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()
         shape_key = tuple(a.shape[1:] for a in inputs.values()) if self.settings.variable_shapes else None
