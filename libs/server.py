@@ -91,6 +91,8 @@ class Server:
     readiness: ReadinessCheck | None = None
     readiness_interval: float = 2.0
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run after the gRPC server started (e.g. a second front door of the same service).
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _readiness_task: asyncio.Task[None] | None = None
     _stopping: bool = False
 
@@ -100,11 +102,18 @@ class Server:
         The liveness name (`LIVENESS_SERVICE`) is SERVING from the start until shutdown.
         """
         await self.grpc_server.start()
+        for hook in self.on_start:
+            await hook()
         await self.health.set(LIVENESS_SERVICE, _SERVING)
         if self.readiness is None:
             await self._set_all(_SERVING)
         else:
             self._readiness_task = asyncio.create_task(self._watch_readiness(), name="readiness")
+
+    @property
+    def stopping(self) -> bool:
+        """True from the stop signal on (draining): other front doors report not ready too."""
+        return self._stopping
 
     async def _set_all(self, status: int) -> None:
         for name in ("", *self.service_names):

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import prometheus_client
@@ -17,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from pythonjsonlogger.json import JsonFormatter
 
 from libs.config import env_var
@@ -81,7 +82,34 @@ def setup_logging(service: str, level: str = "INFO", json_logs: bool = True) -> 
     root.setLevel(level.upper())
 
 
-def setup_tracing(service: str, config: TelemetryConfig) -> TracerProvider | None:
+class AdjustableRatioSampler(Sampler):
+    """Samples a ratio of new traces by trace id; the ratio can be changed while the process runs.
+
+    Tracers copy their provider's sampler when they are created, so a run-time change (the inference
+    service's TraceSetting) swaps the ratio inside this one sampler instead of replacing it.
+    """
+
+    def __init__(self, ratio: float) -> None:
+        self._inner = TraceIdRatioBased(ratio)
+
+    @property
+    def ratio(self) -> float:
+        return float(self._inner.rate)
+
+    def set_ratio(self, ratio: float) -> None:
+        """Sets the fraction (0..1) of new root traces sampled from now on."""
+        self._inner = TraceIdRatioBased(ratio)
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return self._inner.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return f"AdjustableRatio{{{self.ratio}}}"
+
+
+def setup_tracing(
+    service: str, config: TelemetryConfig, sampler: AdjustableRatioSampler | None = None
+) -> TracerProvider | None:
     """Installs a global TracerProvider exporting over OTLP gRPC; None when no endpoint is set."""
     if not config.otlp_endpoint:
         return None
@@ -93,7 +121,7 @@ def setup_tracing(service: str, config: TelemetryConfig) -> TracerProvider | Non
         attributes[key] = value
     provider = TracerProvider(
         resource=Resource.create(attributes),
-        sampler=ParentBased(TraceIdRatioBased(config.trace_sample_ratio)),
+        sampler=ParentBased(sampler or AdjustableRatioSampler(config.trace_sample_ratio)),
     )
     exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True)
     provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -124,6 +152,8 @@ class Telemetry:
     service: str
     tracer_provider: TracerProvider | None
     metrics_port: int | None
+    # The root sampler of `tracer_provider` (None when tracing is off); its ratio can change at run time.
+    sampler: AdjustableRatioSampler | None = None
 
     @property
     def tracing(self) -> bool:
@@ -153,11 +183,17 @@ class Telemetry:
 def setup_telemetry(service: str, config: TelemetryConfig, *, serve_metrics: bool = True) -> Telemetry:
     """Configures logging, tracing and (unless a parent process serves it) the metrics endpoint."""
     setup_logging(service, config.log_level, config.log_json)
-    provider = setup_tracing(service, config)
+    sampler = AdjustableRatioSampler(config.trace_sample_ratio)
+    provider = setup_tracing(service, config, sampler)
     metrics_port = None
     if serve_metrics and config.metrics_port:
         metrics_port = start_metrics_server(config.metrics_port, config.metrics_host)
-    return Telemetry(service=service, tracer_provider=provider, metrics_port=metrics_port)
+    return Telemetry(
+        service=service,
+        tracer_provider=provider,
+        metrics_port=metrics_port,
+        sampler=sampler if provider is not None else None,
+    )
 
 
 def tracer(name: str) -> trace.Tracer:

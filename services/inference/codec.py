@@ -1,24 +1,85 @@
-"""Open Inference Protocol tensors <-> numpy: request inputs checked against the model, outputs encoded.
+"""Open Inference Protocol tensors <-> numpy, for both front doors (gRPC and HTTP/JSON).
 
-Raw tensors (`raw_input_contents`, what tritonclient always sends) are wrapped
-with `numpy.frombuffer` without copying; typed `contents` are accepted too.
-Every check names the input and says what was expected and what was given.
+A request arrives as an `InferRequest` of `InputTensor`s whichever transport carried it: raw bytes
+(gRPC `raw_input_contents`, HTTP binary data; wrapped with `numpy.frombuffer` without copying), typed
+values (gRPC `contents`, HTTP JSON `data`), or a slice of a registered shared memory region. Inputs are
+checked against the model; every check names the input and says what was expected and what was given.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from inference import grpc_service_pb2 as pb
 from services.inference.datatypes import decode_bytes_tensor, encode_bytes_tensor
 from services.inference.errors import InvalidInput
 from services.inference.model_config import TensorSpec
 from services.inference.repository import ServingVersion
+from services.inference.shared_memory import SharedMemoryRef, SharedMemoryRegistry
 
-# Typed contents field holding each datatype (FP16/BF16 must be sent raw).
-_CONTENTS_FIELD = {
+
+@dataclass(slots=True)
+class InputTensor:
+    """One request input, transport-free: exactly one of `raw`, `values` or `shm` carries its data."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes | memoryview | None = None
+    # Typed values, flat in row-major order (BYTES as bytes or str).
+    values: Sequence[Any] | None = None
+    # Where `values` came from, for error messages ("contents.fp32_contents", "data").
+    values_field: str = "data"
+    shm: SharedMemoryRef | None = None
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """One requested output: into a shared memory region or back in the response (binary or JSON)."""
+
+    name: str
+    shm: SharedMemoryRef | None = None
+    # HTTP only: the output's `binary_data` parameter; None: the request's `binary_data_output`.
+    binary: bool | None = None
+    classification: int = 0
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One inference request as both front doors hand it to the data plane."""
+
+    model: str
+    version: str
+    id: str
+    inputs: list[InputTensor]
+    # Empty: every output of the model, in its order.
+    outputs: list[RequestedOutput]
+    # Triton's `timeout` parameter in microseconds; 0: none given.
+    timeout_us: int = 0
+    # Seconds the caller still waits (the gRPC deadline); None: no deadline.
+    deadline_s: float | None = None
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    """One output of a finished request; already written when it went to shared memory."""
+
+    name: str
+    datatype: str
+    array: np.ndarray
+    requested: RequestedOutput | None = None
+
+    @property
+    def shm(self) -> SharedMemoryRef | None:
+        return self.requested.shm if self.requested is not None else None
+
+
+# Typed contents field holding each datatype in gRPC requests (FP16/BF16 must be sent raw there).
+CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
     "UINT16": "uint_contents",
@@ -53,7 +114,9 @@ def _check_shape(model: ServingVersion, spec: TensorSpec, shape: tuple[int, ...]
             )
 
 
-def _from_raw(model: ServingVersion, spec: TensorSpec, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+def _from_raw(
+    model: ServingVersion, spec: TensorSpec, shape: tuple[int, ...], raw: bytes | memoryview, what: str
+) -> np.ndarray:
     count = math.prod(shape)
     datatype = spec.datatype
     if datatype.name == "BYTES":
@@ -66,57 +129,47 @@ def _from_raw(model: ServingVersion, spec: TensorSpec, shape: tuple[int, ...], r
     expected = count * datatype.itemsize
     if len(raw) != expected:
         raise InvalidInput(
-            f"input '{spec.name}' of model '{model.model}': {len(raw)} bytes of raw data given, expected "
+            f"input '{spec.name}' of model '{model.model}': {len(raw)} bytes of {what} given, expected "
             f"{expected} ({count} x {datatype.name} for shape {list(shape)})"
         )
     return np.frombuffer(raw, dtype=datatype.numpy).reshape(shape)
 
 
-def _from_contents(
-    model: ServingVersion,
-    spec: TensorSpec,
-    shape: tuple[int, ...],
-    tensor: pb.ModelInferRequest.InferInputTensor,
+def _from_values(
+    model: ServingVersion, spec: TensorSpec, shape: tuple[int, ...], tensor: InputTensor
 ) -> np.ndarray:
     name = spec.datatype.name
-    field = _CONTENTS_FIELD.get(name)
-    if field is None:
-        raise InvalidInput(
-            f"input '{spec.name}' of model '{model.model}': {name} data must be sent in raw_input_contents"
-        )
-    values = getattr(tensor.contents, field)
+    values = tensor.values
+    if values is None:
+        raise InvalidInput(f"input '{spec.name}' of model '{model.model}': no data given")
     count = math.prod(shape)
     if len(values) != count:
         raise InvalidInput(
-            f"input '{spec.name}' of model '{model.model}': {len(values)} values given in contents.{field}, "
-            f"expected {count} for shape {list(shape)}"
+            f"input '{spec.name}' of model '{model.model}': {len(values)} values given in "
+            f"{tensor.values_field}, expected {count} for shape {list(shape)}"
         )
     if name == "BYTES":
         array = np.empty(count, dtype=object)
-        array[:] = list(values)
+        array[:] = [v.encode() if isinstance(v, str) else v for v in values]
         return array.reshape(shape)
     try:
         return np.asarray(values, dtype=spec.datatype.numpy).reshape(shape)
-    except (OverflowError, ValueError) as exc:
+    except (OverflowError, ValueError, TypeError) as exc:
         raise InvalidInput(
-            f"input '{spec.name}' of model '{model.model}': {name} values out of range: {exc}"
+            f"input '{spec.name}' of model '{model.model}': {name} values in {tensor.values_field} "
+            f"out of range or of the wrong type: {exc}"
         ) from None
 
 
-def decode_inputs(model: ServingVersion, request: pb.ModelInferRequest) -> tuple[dict[str, np.ndarray], int]:
+def decode_inputs(
+    model: ServingVersion, tensors: Sequence[InputTensor], regions: SharedMemoryRegistry
+) -> tuple[dict[str, np.ndarray], int]:
     """Checks the request's inputs against the model and returns them as arrays, plus the batch rows.
 
     Raises:
         InvalidInput: A missing, unknown or duplicate input, a wrong datatype, shape or byte length.
+        InvalidArgument: A shared memory region that is not registered or bounds outside it.
     """
-    raw_contents = request.raw_input_contents
-    n_raw = len(raw_contents)
-    tensors = request.inputs
-    if n_raw and n_raw != len(tensors):
-        raise InvalidInput(
-            f"model '{model.model}': {n_raw} raw_input_contents given for {len(tensors)} inputs; "
-            "expected one per input"
-        )
     inputs: dict[str, np.ndarray] = {}
     rows = 1
     specs = model.inputs
@@ -134,12 +187,15 @@ def decode_inputs(model: ServingVersion, request: pb.ModelInferRequest) -> tuple
                 f"input '{name}' of model '{model.model}': datatype {tensor.datatype or '(empty)'} given, "
                 f"expected {spec.datatype.name}"
             )
-        shape = tuple(tensor.shape)
+        shape = tensor.shape
         _check_shape(model, spec, shape)
-        if n_raw:
-            array = _from_raw(model, spec, shape, raw_contents[i])
+        if tensor.raw is not None:
+            array = _from_raw(model, spec, shape, tensor.raw, "raw data")
+        elif tensor.shm is not None:
+            raw = regions.read(tensor.shm, f"input '{name}'")
+            array = _from_raw(model, spec, shape, raw, "shared memory (shared_memory_byte_size)")
         else:
-            array = _from_contents(model, spec, shape, tensor)
+            array = _from_values(model, spec, shape, tensor)
         inputs[name] = array
         if model.spec.batched:
             if i == 0:
@@ -158,56 +214,39 @@ def decode_inputs(model: ServingVersion, request: pb.ModelInferRequest) -> tuple
     return inputs, rows
 
 
-def requested_outputs(model: ServingVersion, request: pb.ModelInferRequest) -> list[int] | None:
-    """Indexes of the requested outputs in the model's order; None means all.
+def requested_outputs(
+    model: ServingVersion, outputs: Sequence[RequestedOutput]
+) -> list[tuple[int, RequestedOutput | None]]:
+    """(index in the model's outputs, the request for it) of each output to return, in response order.
 
     Raises:
         InvalidInput: An unknown output name, or a classification request (not supported).
     """
-    if not request.outputs:
-        return None
-    indexes = []
-    for out in request.outputs:
+    if not outputs:
+        return [(i, None) for i in range(len(model.spec.outputs))]
+    chosen: list[tuple[int, RequestedOutput | None]] = []
+    for out in outputs:
         index = model.output_index.get(out.name)
         if index is None:
             raise InvalidInput(
                 f"unexpected output '{out.name}' requested from model '{model.model}'; "
                 f"expected outputs: {sorted(model.output_index)}"
             )
-        if "classification" in out.parameters and out.parameters["classification"].int64_param:
+        if out.classification:
             raise InvalidInput(f"output '{out.name}': the classification extension is not supported")
-        indexes.append(index)
-    return indexes
+        chosen.append((index, out))
+    return chosen
 
 
-def encode_response(
-    model: ServingVersion,
-    request: pb.ModelInferRequest,
-    outputs: list[np.ndarray],
-    selected: list[int] | None,
-) -> pb.ModelInferResponse:
-    """Builds the response with raw_output_contents (what tritonclient's as_numpy reads first)."""
-    specs = model.spec.outputs
-    tensors = []
-    raws = []
-    for index in range(len(specs)) if selected is None else selected:
-        spec = specs[index]
-        array = outputs[index]
-        tensors.append(
-            pb.ModelInferResponse.InferOutputTensor(
-                name=spec.name, datatype=spec.datatype.name, shape=array.shape
-            )
-        )
-        if spec.datatype.name == "BYTES":
-            raws.append(encode_bytes_tensor(array))
-        else:
-            if array.dtype != spec.datatype.numpy:
-                array = array.astype(spec.datatype.numpy)
-            raws.append(array.tobytes())
-    return pb.ModelInferResponse(
-        model_name=model.model,
-        model_version=model.version_str,
-        id=request.id,
-        outputs=tensors,
-        raw_output_contents=raws,
-    )
+def tensor_bytes(datatype: str, array: np.ndarray) -> bytes:
+    """The wire bytes of an output: length-prefixed elements for BYTES, else little-endian row-major."""
+    if datatype == "BYTES":
+        return encode_bytes_tensor(array)
+    return np.ascontiguousarray(array).tobytes()
+
+
+def output_array(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """The output in its declared datatype (a backend may hand back a wider or narrower type)."""
+    if spec.datatype.name != "BYTES" and array.dtype != spec.datatype.numpy:
+        return array.astype(spec.datatype.numpy)
+    return array

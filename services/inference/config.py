@@ -22,6 +22,20 @@ class InferenceTelemetryConfig(TelemetryConfig):
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The Open Inference Protocol's HTTP/JSON API beside gRPC (INFERGRID_INFERENCE_HTTP_*)."""
+
+    # Triton's convention; 0 turns the HTTP API off.
+    http_port: int = 8000
+    # Bind address; empty: the gRPC server's (INFERGRID_INFERENCE_HOST).
+    http_host: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be 0..65535, got {self.http_port}")
+
+
+@dataclass(frozen=True)
 class ModelServingConfig:
     """The model repository and the defaults of its models (INFERGRID_INFERENCE_<FIELD>)."""
 
@@ -56,3 +70,4 @@ class InferenceConfig:
     server: InferenceServerConfig = field(default_factory=InferenceServerConfig)
     telemetry: InferenceTelemetryConfig = field(default_factory=InferenceTelemetryConfig)
     models: ModelServingConfig = field(default_factory=ModelServingConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)

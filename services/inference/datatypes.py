@@ -54,7 +54,7 @@ BY_ONNX: dict[str, DataType] = {t.onnx: t for t in _ALL}
 _LENGTH = struct.Struct("<I")
 
 
-def decode_bytes_tensor(raw: bytes, count: int) -> np.ndarray:
+def decode_bytes_tensor(raw: bytes | memoryview, count: int) -> np.ndarray:
     """Decodes `count` length-prefixed elements (4-byte little-endian length, then the bytes).
 
     Raises:

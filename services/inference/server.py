@@ -1,8 +1,8 @@
-"""The inference gRPC server: the Open Inference Protocol (KServe v2) API over the model repository.
+"""The inference server: the Open Inference Protocol (KServe v2) gRPC API, and the HTTP/JSON API beside it.
 
-The servicer only translates between `inference.*` messages and the domain
-(repository, batcher, codec); typed errors raised below become gRPC statuses in
-the shared interceptor.
+The servicer only translates between `inference.*` messages and the transport-free data plane
+(dataplane.py), which the HTTP front door (http_server.py) calls too; typed errors raised below
+become gRPC statuses in the shared interceptor.
 """
 
 from __future__ import annotations
@@ -17,16 +17,19 @@ from opentelemetry import propagate, trace
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 from libs.config import ConfigError
-from libs.errors import InvalidArgument, ServiceError
+from libs.errors import ServiceError
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry, tracer
 from services.inference.backends import BackendOptions, ModelBackend, create_backends
-from services.inference.codec import decode_inputs, encode_response, requested_outputs
+from services.inference.codec import CONTENTS_FIELD, InferRequest, InputTensor, RequestedOutput, tensor_bytes
 from services.inference.config import InferenceConfig
+from services.inference.dataplane import EXTENSIONS, SERVER_NAME, SERVER_VERSION, DataPlane, InferResult
 from services.inference.errors import InvalidInput, NotSupported
+from services.inference.http_server import HttpFrontDoor
 from services.inference.metrics import Duration, VersionStatistics
-from services.inference.model_config import parse_config_json
 from services.inference.repository import ModelRepository, RepositorySettings, ServingVersion
+from services.inference.runtime_settings import LogSettings, TraceSettings
+from services.inference.shared_memory import SharedMemoryRef
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -34,10 +37,7 @@ _tracer = tracer(__name__)
 STREAM_SPAN = "/inference.GRPCInferenceService/ModelStreamInfer request"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-SERVER_NAME = "infergrid-inference"
-SERVER_VERSION = "0.1.0"
-# Protocol extensions served (perf_analyzer reads "statistics" to ask for server-side stats).
-EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+_SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -72,18 +72,130 @@ def _statistics(serving: ServingVersion) -> pb.ModelStatistics:
     )
 
 
-class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Translates GRPCInferenceService protos to repository and batcher calls."""
+def _shm_ref(parameters: Mapping[str, pb.InferParameter], what: str) -> SharedMemoryRef | None:
+    """The shared memory slice a tensor's parameters name, or None when they name none."""
+    if "shared_memory_region" not in parameters:
+        if "shared_memory_byte_size" in parameters or "shared_memory_offset" in parameters:
+            raise InvalidInput(f"{what}: shared_memory_byte_size/offset given without shared_memory_region")
+        return None
+    region = parameters["shared_memory_region"].string_param
+    if not region:
+        raise InvalidInput(f"{what}: parameter shared_memory_region must be a non-empty string_param")
+    if "shared_memory_byte_size" not in parameters:
+        raise InvalidInput(f"{what}: parameter shared_memory_byte_size is required with shared_memory_region")
+    size_param = parameters["shared_memory_byte_size"]
+    size = size_param.int64_param or size_param.uint64_param
+    offset = 0
+    if "shared_memory_offset" in parameters:
+        offset_param = parameters["shared_memory_offset"]
+        offset = offset_param.int64_param or offset_param.uint64_param
+    return SharedMemoryRef(region, size, offset)
 
-    def __init__(self, repository: ModelRepository, strict_readiness: bool = False) -> None:
-        self._repo = repository
-        self._strict = strict_readiness
+
+def _infer_request(request: pb.ModelInferRequest, deadline_s: float | None) -> InferRequest:
+    """The transport-free request; raw_input_contents pair with the inputs not in shared memory, in order."""
+    raw_contents = request.raw_input_contents
+    n_raw = len(raw_contents)
+    inputs = []
+    raw_index = 0
+    for tensor in request.inputs:
+        name = tensor.name
+        shm = _shm_ref(tensor.parameters, f"input '{name}'") if tensor.parameters else None
+        item = InputTensor(name, tensor.datatype, tuple(tensor.shape), shm=shm)
+        if shm is None:
+            if n_raw:
+                if raw_index < n_raw:
+                    item.raw = raw_contents[raw_index]
+                raw_index += 1
+            else:
+                field = CONTENTS_FIELD.get(tensor.datatype)
+                if field is not None:
+                    item.values = getattr(tensor.contents, field)
+                    item.values_field = f"contents.{field}"
+                elif tensor.datatype in ("FP16", "BF16"):
+                    raise InvalidInput(
+                        f"input '{name}' of model '{request.model_name}': {tensor.datatype} data must be "
+                        "sent in raw_input_contents"
+                    )
+        inputs.append(item)
+    if n_raw and n_raw != raw_index:
+        raise InvalidInput(
+            f"model '{request.model_name}': {n_raw} raw_input_contents given for {raw_index} inputs not in "
+            "shared memory; expected one per input"
+        )
+    outputs = []
+    for out in request.outputs:
+        params = out.parameters
+        requested = RequestedOutput(out.name)
+        if params:
+            requested.shm = _shm_ref(params, f"output '{out.name}'")
+            if "classification" in params:
+                requested.classification = params["classification"].int64_param
+        outputs.append(requested)
+    timeout_us = 0
+    if request.parameters and "timeout" in request.parameters:
+        timeout_us = request.parameters["timeout"].int64_param
+    return InferRequest(
+        request.model_name, request.model_version, request.id, inputs, outputs, timeout_us, deadline_s
+    )
+
+
+def _infer_response(result: InferResult) -> pb.ModelInferResponse:
+    """Outputs as raw_output_contents (what tritonclient's as_numpy reads first); an output written to
+    shared memory gets an empty entry, so the entries stay aligned with `outputs`, and names its region."""
+    tensor = pb.ModelInferResponse.InferOutputTensor
+    tensors = []
+    raws = []
+    for out in result.outputs:
+        item = tensor(name=out.name, datatype=out.datatype, shape=out.array.shape)
+        shm = out.shm
+        if shm is None:
+            raws.append(tensor_bytes(out.datatype, out.array))
+        else:
+            item.parameters["shared_memory_region"].string_param = shm.region
+            item.parameters["shared_memory_byte_size"].int64_param = shm.byte_size
+            if shm.offset:
+                item.parameters["shared_memory_offset"].int64_param = shm.offset
+            raws.append(b"")
+        tensors.append(item)
+    return pb.ModelInferResponse(
+        model_name=result.model,
+        model_version=result.version,
+        id=result.id,
+        outputs=tensors,
+        raw_output_contents=raws,
+    )
+
+
+def _trace_response(values: Mapping[str, list[str]]) -> pb.TraceSettingResponse:
+    response = pb.TraceSettingResponse()
+    for key, value in values.items():
+        response.settings[key].value.extend(value)
+    return response
+
+
+def _log_response(values: Mapping[str, bool | int | str]) -> pb.LogSettingsResponse:
+    response = pb.LogSettingsResponse()
+    for key, value in values.items():
+        setting = response.settings[key]
+        if isinstance(value, bool):
+            setting.bool_param = value
+        elif isinstance(value, int):
+            setting.uint32_param = value
+        else:
+            setting.string_param = value
+    return response
+
+
+class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Translates GRPCInferenceService protos to data plane calls."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._plane = dataplane
 
     def ready(self) -> bool:
-        """Server readiness: start-up loading finished (and, when strict, every start-up model serves)."""
-        if not self._repo.started:
-            return False
-        return self._repo.startup_models_ready() if self._strict else True
+        """Server readiness (see DataPlane.ready)."""
+        return self._plane.ready()
 
     # --- health and metadata ---
 
@@ -91,10 +203,10 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.ready())
+        return pb.ServerReadyResponse(ready=self._plane.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
-        return pb.ModelReadyResponse(ready=self._repo.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
 
     async def ServerMetadata(  # noqa: N802 - gRPC method name
         self, request: pb.ServerMetadataRequest, context: Any
@@ -102,12 +214,12 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:  # noqa: N802
-        serving = self._repo.get(request.name, request.version)
+        serving = self._plane.model(request.name, request.version)
         spec = serving.spec
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=serving.model,
-            versions=[str(v) for v in self._repo.ready_versions(serving.model)],
+            versions=self._plane.versions(serving.model),
             platform=spec.platform,
             inputs=[
                 tensor(name=t.name, datatype=t.datatype.name, shape=t.shape(spec.batched))
@@ -120,46 +232,34 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:  # noqa: N802
-        serving = self._repo.get(request.name, request.version)
+        serving = self._plane.model(request.name, request.version)
         return pb.ModelConfigResponse(config=serving.spec.config)
 
     async def ModelStatistics(  # noqa: N802 - gRPC method name
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            if request.version:
-                chosen = [self._repo.get(request.name, request.version)]
-            else:
-                self._repo.get(request.name)  # NOT_FOUND for an unknown or unloaded model
-                chosen = [s for s in self._repo.serving() if s.model == request.name]
-        else:
-            chosen = self._repo.serving()
+        chosen = self._plane.statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in chosen])
 
     # --- inference ---
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        serving = self._repo.get(request.model_name, request.model_version)
+        deadline = context.time_remaining() if context is not None else None
         try:
-            inputs, rows = decode_inputs(serving, request)
-            selected = requested_outputs(serving, request)
+            infer_request = _infer_request(request, deadline)
         except InvalidInput:
-            serving.metrics.requests.inc()
-            serving.metrics.failed("invalid", 0)
+            self._count_invalid(request)
             raise
-        batching = serving.spec.batching
-        timeout_ns = batching.default_timeout_us * 1000
-        if request.parameters and "timeout" in request.parameters and batching.allow_timeout_override:
-            requested = request.parameters["timeout"].int64_param
-            if requested > 0:
-                timeout_ns = requested * 1000
-        if context is not None:
-            remaining = context.time_remaining()
-            if remaining is not None:
-                deadline_ns = max(int(remaining * 1e9), 1)
-                timeout_ns = min(timeout_ns, deadline_ns) if timeout_ns else deadline_ns
-        outputs = await serving.batcher.infer(inputs, rows, timeout_ns)
-        return encode_response(serving, request, outputs, selected)
+        return _infer_response(await self._plane.infer(infer_request))
+
+    def _count_invalid(self, request: pb.ModelInferRequest) -> None:
+        """A request refused before decoding still counts against its model version (when it exists)."""
+        try:
+            serving = self._plane.model(request.model_name, request.model_version)
+        except ServiceError:
+            return
+        serving.metrics.requests.inc()
+        serving.metrics.failed("invalid", 0)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
         return await self._infer(request, context)
@@ -236,47 +336,78 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return pb.RepositoryIndexResponse(
             models=[
                 index(name=e.name, version=e.version, state=e.state, reason=e.reason)
-                for e in self._repo.index(ready_only=request.ready)
+                for e in self._plane.index(ready_only=request.ready)
             ]
         )
 
     async def RepositoryModelLoad(  # noqa: N802 - gRPC method name
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        config = None
-        for key, value in request.parameters.items():
-            if key == "config":
-                config = parse_config_json(value.string_param, "RepositoryModelLoad parameter 'config'")
-            elif key.startswith("file:"):
-                raise NotSupported(
-                    "loading model files sent in the request ('file:' parameters) is not supported"
-                )
-        if not request.model_name:
-            raise InvalidArgument("model_name: must not be empty")
-        await self._repo.load(request.model_name, config)
+        parameters = {key: value.string_param for key, value in request.parameters.items()}
+        await self._plane.load(request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(  # noqa: N802 - gRPC method name
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        if not request.model_name:
-            raise InvalidArgument("model_name: must not be empty")
-        await self._repo.unload(request.model_name)
+        await self._plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    # --- Triton extensions this server does not offer ---
+    # --- shared memory ---
 
-    async def _unsupported(self, request: Any, context: Any) -> Any:
-        raise NotSupported("this server does not support shared memory, trace or log settings")
+    async def SystemSharedMemoryStatus(  # noqa: N802 - gRPC method name
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._plane.system_shared_memory_status(request.name):
+            status = response.regions[region.name]
+            status.name, status.key = region.name, region.key
+            status.offset, status.byte_size = region.offset, region.byte_size
+        return response
 
-    SystemSharedMemoryStatus = _unsupported
-    SystemSharedMemoryRegister = _unsupported
-    SystemSharedMemoryUnregister = _unsupported
-    CudaSharedMemoryStatus = _unsupported
-    CudaSharedMemoryRegister = _unsupported
-    CudaSharedMemoryUnregister = _unsupported
-    TraceSetting = _unsupported
-    LogSettings = _unsupported
+    async def SystemSharedMemoryRegister(  # noqa: N802 - gRPC method name
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._plane.register_system_shared_memory(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(  # noqa: N802 - gRPC method name
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._plane.unregister_system_shared_memory(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def _cuda_shared_memory(self, request: Any, context: Any) -> Any:
+        self._plane.cuda_shared_memory()
+
+    CudaSharedMemoryStatus = _cuda_shared_memory
+    CudaSharedMemoryRegister = _cuda_shared_memory
+    CudaSharedMemoryUnregister = _cuda_shared_memory
+
+    # --- trace and log settings ---
+
+    async def TraceSetting(  # noqa: N802 - gRPC method name
+        self, request: pb.TraceSettingRequest, context: Any
+    ) -> pb.TraceSettingResponse:
+        if request.model_name:
+            self._plane.model(request.model_name)  # NOT_FOUND for an unknown model
+            if request.settings:
+                raise NotSupported("trace settings are server-wide here; update them without model_name")
+        changes = {key: list(value.value) for key, value in request.settings.items()}
+        values = self._plane.trace.update(changes) if changes else self._plane.trace.current()
+        return _trace_response(values)
+
+    async def LogSettings(  # noqa: N802 - gRPC method name
+        self, request: pb.LogSettingsRequest, context: Any
+    ) -> pb.LogSettingsResponse:
+        changes: dict[str, Any] = {}
+        for key, value in request.settings.items():
+            which = value.WhichOneof("parameter_choice")
+            changes[key] = getattr(value, which) if which else None
+        values = self._plane.log.update(changes) if changes else self._plane.log.current()
+        return _log_response(values)
 
 
 async def create_server(
@@ -285,6 +416,8 @@ async def create_server(
     backends: Mapping[str, ModelBackend] | None = None,
 ) -> Server:
     """Loads the start-up models, then builds the inference server (bound, not started).
+
+    The HTTP/JSON front door (unless `config.http.http_port` is 0) starts and stops with the gRPC server.
 
     Args:
         config: The service configuration.
@@ -318,7 +451,15 @@ async def create_server(
         ),
     )
     await repository.load_startup()
-    servicer = GRPCInferenceServiceServicer(repository, models.strict_readiness)
+    dataplane = DataPlane(
+        repository,
+        strict_readiness=models.strict_readiness,
+        trace=TraceSettings(
+            telemetry.sampler if telemetry is not None else None, config.telemetry.trace_sample_ratio
+        ),
+        log=LogSettings(),
+    )
+    servicer = GRPCInferenceServiceServicer(dataplane)
 
     async def _ready() -> bool:
         return servicer.ready()
@@ -334,5 +475,19 @@ async def create_server(
         telemetry=telemetry,
         readiness=_ready,
     )
+    dataplane.draining = lambda: server.stopping
+    if config.http.http_port:
+        http = HttpFrontDoor(
+            dataplane,
+            host=config.http.http_host or config.server.host,
+            port=config.http.http_port,
+            reuse_port=config.server.workers > 1,
+            max_body_bytes=config.server.max_message_bytes,
+            tracing=telemetry is not None and telemetry.tracing,
+            grace_seconds=config.server.grace_seconds,
+        )
+        server.on_start.append(http.start)
+        server.on_stop.append(http.stop)
     server.on_stop.append(repository.close)
+    server.on_stop.append(dataplane.close)
     return server

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import struct
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -19,7 +22,7 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from libs.server import Server
 from libs.testing import assert_bad_config_exits, assert_serves
 from services.inference.backends import BackendOptions, LoadedModel, create_backends
-from services.inference.config import InferenceConfig, InferenceServerConfig, ModelServingConfig
+from services.inference.config import HttpConfig, InferenceConfig, InferenceServerConfig, ModelServingConfig
 from services.inference.model_config import ModelSpec
 from services.inference.server import SERVICE_NAME, create_server
 
@@ -28,6 +31,7 @@ def _config(repo: Path | None, **models: object) -> InferenceConfig:
     return InferenceConfig(
         server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
         models=ModelServingConfig(model_repository=repo, **models),  # type: ignore[arg-type]
+        http=HttpConfig(http_port=0),
     )
 
 
@@ -63,7 +67,9 @@ async def _error(call: object) -> tuple[grpc.StatusCode, str]:
 
 
 async def test_serves_health_and_reflection() -> None:
-    server = await create_server(InferenceConfig(server=InferenceServerConfig(port=0)))
+    server = await create_server(
+        InferenceConfig(server=InferenceServerConfig(port=0), http=HttpConfig(http_port=0))
+    )
     await server.start()
     try:
         await assert_serves(f"127.0.0.1:{server.port}", SERVICE_NAME)
@@ -380,9 +386,148 @@ async def test_garbage_on_the_wire_never_takes_the_server_down(
     await served.ModelInfer(_GOOD)
 
 
-async def test_unsupported_extensions_are_unimplemented(served: pb_grpc.GRPCInferenceServiceStub) -> None:
-    code, details = await _error(served.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "shared memory" in details
+@pytest.fixture
+def shm_key() -> Iterator[str]:
+    """A 4 KiB POSIX shared memory object (what shm_open creates: a file in /dev/shm)."""
+    key = f"/infergrid-test-{os.getpid()}-{time.monotonic_ns()}"
+    path = Path("/dev/shm") / key[1:]
+    path.write_bytes(bytes(4096))
+    yield key
+    path.unlink(missing_ok=True)
+
+
+def _shm_params(params: Any, region: str, size: int, offset: int = 0) -> None:
+    params["shared_memory_region"].string_param = region
+    params["shared_memory_byte_size"].int64_param = size
+    if offset:
+        params["shared_memory_offset"].int64_param = offset
+
+
+async def test_system_shared_memory_inputs_and_outputs(
+    served: pb_grpc.GRPCInferenceServiceStub, model_repo: Path, shm_key: str
+) -> None:
+    path = Path("/dev/shm") / shm_key[1:]
+    x = np.random.default_rng(8).normal(40, 25, (4, 32)).astype(np.float32)
+    with path.open("r+b") as f:
+        f.seek(256 + 64)  # the region starts at 256; the input at offset 64 in it
+        f.write(x.tobytes())
+    await served.SystemSharedMemoryRegister(
+        pb.SystemSharedMemoryRegisterRequest(name="r1", key=shm_key, offset=256, byte_size=2048)
+    )
+    try:
+        status = await served.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(name="r1"))
+        region = status.regions["r1"]
+        assert (region.key, region.offset, region.byte_size) == (shm_key, 256, 2048)
+        request = pb.ModelInferRequest(model_name="fraud", model_version="1", id="shm")
+        _shm_params(
+            request.inputs.add(name="features", datatype="FP32", shape=[4, 32]).parameters, "r1", 512, 64
+        )
+        _shm_params(request.outputs.add(name="fraud_probability").parameters, "r1", 16, 1024)
+        reply = await served.ModelInfer(request)
+        assert list(reply.outputs[0].shape) == [4, 1] and reply.raw_output_contents == [b""]
+        assert reply.outputs[0].parameters["shared_memory_region"].string_param == "r1"
+        with path.open("rb") as f:
+            f.seek(256 + 1024)
+            got = np.frombuffer(f.read(16), np.float32).reshape(4, 1)
+        expected = ort.InferenceSession(str(model_repo / "fraud" / "1" / "model.onnx")).run(
+            None, {"features": x}
+        )[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+        # Bounds: past the region's end, a size that does not match the shape, an output too small.
+        past = pb.ModelInferRequest()
+        past.CopyFrom(request)
+        _shm_params(past.inputs[0].parameters, "r1", 512, 1600)
+        code, details = await _error(served.ModelInfer(past))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input 'features': shared_memory_offset + shared_memory_byte_size (1600 + 512)" in details
+        assert "2048 bytes of shared memory region 'r1'" in details
+        wrong = pb.ModelInferRequest()
+        wrong.CopyFrom(request)
+        _shm_params(wrong.inputs[0].parameters, "r1", 500, 64)
+        code, details = await _error(served.ModelInfer(wrong))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "500 bytes of shared memory" in details
+        small = pb.ModelInferRequest()
+        small.CopyFrom(request)
+        _shm_params(small.outputs[0].parameters, "r1", 8, 1024)
+        code, details = await _error(served.ModelInfer(small))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "output 'fraud_probability': shared_memory_byte_size 8 is too small" in details
+        unknown = pb.ModelInferRequest()
+        unknown.CopyFrom(request)
+        _shm_params(unknown.inputs[0].parameters, "nope", 512)
+        code, details = await _error(served.ModelInfer(unknown))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "region 'nope' is not registered" in details
+
+        # Registration errors name the field.
+        for bad, field in (
+            (
+                pb.SystemSharedMemoryRegisterRequest(name="r2", key=shm_key, offset=4000, byte_size=200),
+                "offset",
+            ),
+            (pb.SystemSharedMemoryRegisterRequest(name="r2", key="/no-such-key", byte_size=8), "key"),
+            (pb.SystemSharedMemoryRegisterRequest(name="", key=shm_key, byte_size=8), "name"),
+        ):
+            code, details = await _error(served.SystemSharedMemoryRegister(bad))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
+        code, _ = await _error(
+            served.SystemSharedMemoryRegister(
+                pb.SystemSharedMemoryRegisterRequest(name="r1", key=shm_key, byte_size=8)
+            )
+        )
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        await served.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="r1"))
+    assert not (await served.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())).regions
+    code, _ = await _error(served.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_cuda_shared_memory_is_unimplemented_without_a_gpu_backend(
+    served: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    code, details = await _error(served.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest()))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert "CUDA shared memory is not supported on this backend" in details
+
+
+async def test_trace_and_log_settings(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    current = await served.TraceSetting(pb.TraceSettingRequest())
+    assert list(current.settings["trace_mode"].value) == ["opentelemetry"]
+    # No OTLP endpoint in tests: tracing is off, so sampling stays off whatever is asked.
+    changed = await served.TraceSetting(
+        pb.TraceSettingRequest(settings={"trace_rate": pb.TraceSettingRequest.SettingValue(value=["10"])})
+    )
+    assert list(changed.settings["trace_rate"].value) == ["10"]
+    assert list(changed.settings["trace_level"].value) == ["OFF"]
+    code, details = await _error(
+        served.TraceSetting(
+            pb.TraceSettingRequest(settings={"trace_rate": pb.TraceSettingRequest.SettingValue(value=["x"])})
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("trace_rate")
+    code, _ = await _error(served.TraceSetting(pb.TraceSettingRequest(model_name="nope")))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+    root = logging.getLogger()
+    before = root.level
+    try:
+        value = pb.LogSettingsRequest.SettingValue
+        reply = await served.LogSettings(
+            pb.LogSettingsRequest(settings={"log_info": value(bool_param=False)})
+        )
+        assert not reply.settings["log_info"].bool_param and reply.settings["log_warning"].bool_param
+        assert root.level == logging.WARNING
+        reply = await served.LogSettings(
+            pb.LogSettingsRequest(settings={"log_verbose_level": value(uint32_param=1)})
+        )
+        assert root.level == logging.DEBUG and reply.settings["log_verbose_level"].uint32_param == 1
+        code, details = await _error(
+            served.LogSettings(pb.LogSettingsRequest(settings={"log_file": value(string_param="/tmp/x")}))
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("log_file")
+    finally:
+        root.setLevel(before)
 
 
 async def test_stream_infer_answers_each_request_and_reports_errors_in_band(

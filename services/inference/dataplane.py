@@ -1,0 +1,242 @@
+"""The inference data plane: one model repository, batcher and shared memory behind both front doors.
+
+The gRPC servicer (server.py) and the HTTP/JSON API (http_server.py) only translate their wire format
+to the transport-free requests here (codec.InferRequest) and the answers back; validation, decoding,
+batching, shared memory and the typed errors (which each front door maps to its own statuses) live
+here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from libs.errors import InvalidArgument
+from services.inference.codec import (
+    InferRequest,
+    OutputTensor,
+    decode_inputs,
+    output_array,
+    requested_outputs,
+    tensor_bytes,
+)
+from services.inference.errors import NotSupported
+from services.inference.metrics import Duration, VersionStatistics
+from services.inference.model_config import TENSORRT, parse_config_json
+from services.inference.repository import IndexEntry, ModelRepository, ServingVersion
+from services.inference.runtime_settings import LogSettings, TraceSettings
+from services.inference.shared_memory import RegionStatus, SharedMemoryRegistry
+
+SERVER_NAME = "infergrid-inference"
+SERVER_VERSION = "0.1.0"
+# Protocol extensions served (perf_analyzer reads "statistics" to ask for server-side stats).
+EXTENSIONS = (
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "binary_tensor_data",
+    "system_shared_memory",
+    "trace",
+    "logging",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult:
+    """A finished request: the version that served it and its outputs in response order."""
+
+    model: str
+    version: str
+    id: str
+    outputs: list[OutputTensor]
+
+
+def _duration(d: Duration) -> dict[str, int]:
+    return {"count": d.count, "ns": d.ns}
+
+
+def statistics_json(serving: ServingVersion) -> dict[str, Any]:
+    """Triton's ModelStatistics of one version as a JSON object (numbers, not int64 strings)."""
+    s: VersionStatistics = serving.metrics.stats
+    return {
+        "name": serving.model,
+        "version": serving.version_str,
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": _duration(s.success),
+            "fail": _duration(s.fail),
+            "queue": _duration(s.queue),
+            "compute_input": _duration(s.compute_input),
+            "compute_infer": _duration(s.compute_infer),
+            "compute_output": _duration(s.compute_output),
+            "cache_hit": {"count": 0, "ns": 0},
+            "cache_miss": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": _duration(b.compute_input),
+                "compute_infer": _duration(b.compute_infer),
+                "compute_output": _duration(b.compute_output),
+            }
+            for size, b in sorted(s.batches.items())
+        ],
+    }
+
+
+class DataPlane:
+    """What both front doors call: health, metadata, inference, repository, shared memory, settings."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        strict_readiness: bool = False,
+        trace: TraceSettings | None = None,
+        log: LogSettings | None = None,
+    ) -> None:
+        self.repository = repository
+        self.shared_memory = SharedMemoryRegistry()
+        self.trace = trace or TraceSettings(None, 0.0)
+        self.log = log or LogSettings()
+        self._strict = strict_readiness
+        # Set by the server once built: True while it drains (both front doors then report not ready).
+        self.draining: Callable[[], bool] = lambda: False
+
+    # --- health and metadata ---
+
+    def ready(self) -> bool:
+        """Server readiness: start-up loading finished (and, when strict, every start-up model serves)."""
+        repo = self.repository
+        if not repo.started or self.draining():
+            return False
+        return repo.startup_models_ready() if self._strict else True
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        return self.repository.is_ready(name, version)
+
+    def model(self, name: str, version: str = "") -> ServingVersion:
+        """The serving version (the latest when `version` is empty).
+
+        Raises:
+            ModelNotFound: Unknown model or version; names both.
+        """
+        return self.repository.get(name, version)
+
+    def versions(self, name: str) -> list[str]:
+        return [str(v) for v in self.repository.ready_versions(name)]
+
+    def statistics(self, name: str = "", version: str = "") -> list[ServingVersion]:
+        """The versions ModelStatistics reports: one, every version of a model, or everything served.
+
+        Raises:
+            ModelNotFound: `name` (and `version`) is not served.
+        """
+        repo = self.repository
+        if not name:
+            return repo.serving()
+        if version:
+            return [repo.get(name, version)]
+        repo.get(name)  # NOT_FOUND for an unknown or unloaded model
+        return [s for s in repo.serving() if s.model == name]
+
+    # --- inference ---
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        """Checks, queues and runs one request; outputs bound for shared memory are written there.
+
+        Raises:
+            ModelNotFound, InvalidInput/InvalidArgument, QueueFull, RequestTimeout, ModelUnavailable,
+            BackendError: as the front doors map them (see errors.py).
+        """
+        serving = self.repository.get(request.model, request.version)
+        try:
+            inputs, rows = decode_inputs(serving, request.inputs, self.shared_memory)
+            selected = requested_outputs(serving, request.outputs)
+        except InvalidArgument:
+            serving.metrics.requests.inc()
+            serving.metrics.failed("invalid", 0)
+            raise
+        batching = serving.spec.batching
+        timeout_ns = batching.default_timeout_us * 1000
+        if request.timeout_us > 0 and batching.allow_timeout_override:
+            timeout_ns = request.timeout_us * 1000
+        if request.deadline_s is not None:
+            deadline_ns = max(int(request.deadline_s * 1e9), 1)
+            timeout_ns = min(timeout_ns, deadline_ns) if timeout_ns else deadline_ns
+        arrays = await serving.batcher.infer(inputs, rows, timeout_ns)
+        specs = serving.spec.outputs
+        outputs = []
+        for index, requested in selected:
+            spec = specs[index]
+            array = output_array(spec, arrays[index])
+            if requested is not None and requested.shm is not None:
+                data = tensor_bytes("BYTES", array) if spec.datatype.name == "BYTES" else array
+                self.shared_memory.write(requested.shm, data, f"output '{spec.name}'")
+            outputs.append(OutputTensor(spec.name, spec.datatype.name, array, requested))
+        return InferResult(serving.model, serving.version_str, request.id, outputs)
+
+    # --- repository ---
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        return self.repository.index(ready_only=ready_only)
+
+    async def load(self, name: str, parameters: Mapping[str, Any]) -> None:
+        """(Re)loads a model, with a JSON `config` parameter instead of its config.pbtxt when given.
+
+        Raises:
+            InvalidArgument: An empty name or a malformed config; NotSupported: `file:` parameters;
+            ModelNotFound / ModelLoadError: from the repository.
+        """
+        config = None
+        for key, value in parameters.items():
+            if key == "config":
+                if not isinstance(value, str):
+                    raise InvalidArgument("parameter 'config': expected the model configuration as JSON text")
+                config = parse_config_json(value, "RepositoryModelLoad parameter 'config'")
+            elif key.startswith("file:"):
+                raise NotSupported(
+                    "loading model files sent in the request ('file:' parameters) is not supported"
+                )
+        if not name:
+            raise InvalidArgument("model_name: must not be empty")
+        await self.repository.load(name, config)
+
+    async def unload(self, name: str) -> None:
+        if not name:
+            raise InvalidArgument("model_name: must not be empty")
+        await self.repository.unload(name)
+
+    # --- shared memory ---
+
+    def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shared_memory.register(name, key, offset, byte_size)
+
+    def unregister_system_shared_memory(self, name: str = "") -> None:
+        self.shared_memory.unregister(name)
+
+    def system_shared_memory_status(self, name: str = "") -> list[RegionStatus]:
+        return self.shared_memory.status(name)
+
+    def cuda_shared_memory(self) -> None:
+        """Every CUDA shared memory call: refused, saying whether a GPU backend is loaded at all.
+
+        Raises:
+            NotSupported: Always (UNIMPLEMENTED over gRPC, 400 over HTTP).
+        """
+        if any(s.spec.backend == TENSORRT for s in self.repository.serving()):
+            raise NotSupported(
+                "CUDA shared memory is not supported by this server yet, although a GPU backend (TensorRT) "
+                "is loaded; use system shared memory"
+            )
+        raise NotSupported(
+            "CUDA shared memory is not supported on this backend: no GPU backend is loaded "
+            "(ONNX Runtime on CPU); use system shared memory"
+        )
+
+    async def close(self) -> None:
+        """Releases the shared memory mappings (server shutdown, after the repository drained)."""
+        self.shared_memory.close()
