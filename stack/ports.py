@@ -33,6 +33,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "logging": 50054,
     "logging_metrics": 9104,
     "inference": 8001,
+    "inference_http": 8000,
     "inference_metrics": 8002,
 }
 

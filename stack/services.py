@@ -133,9 +133,10 @@ def inference(config: StackConfig) -> Component:
         config,
         name="inference",
         module="inference",
-        port_names=("inference", "inference_metrics"),
+        port_names=("inference", "inference_metrics", "inference_http"),
         env={
             **_service_env(config, "inference"),
+            "INFERGRID_INFERENCE_HTTP_PORT": str(config.port("inference_http")),
             "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(model_repository(config)),
         },
     )
