@@ -105,6 +105,7 @@ def start_ours(
     env = service_env("INFERGRID_INFERENCE_", port, {
         "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
         "INFERGRID_INFERENCE_WORKERS": str(workers),
+        "INFERGRID_INFERENCE_HTTP_PORT": "0",
     })  # fmt: skip
     server = run.procs.start(name, [sys.executable, "-m", "services.inference"], env=env,
                              cpus=server_cpus() if cpus == "pin" else cpus)  # fmt: skip

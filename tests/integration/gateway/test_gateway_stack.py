@@ -143,6 +143,7 @@ async def env(
         {
             "INFERGRID_INFERENCE_PORT": str(inference_port),
             "INFERGRID_INFERENCE_METRICS_PORT": "0",
+            "INFERGRID_INFERENCE_HTTP_PORT": "0",
             "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
             "INFERGRID_INFERENCE_LOG_JSON": "false",
             "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),

@@ -62,6 +62,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
         {
             "INFERGRID_INFERENCE_PORT": str(inference_port),
             "INFERGRID_INFERENCE_METRICS_PORT": "0",
+            "INFERGRID_INFERENCE_HTTP_PORT": "0",
             "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
             "INFERGRID_INFERENCE_LOG_JSON": "false",
             "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
