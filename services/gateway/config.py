@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from libs.discovery import TargetError, parse_targets
 from libs.inference_log import InferenceLogConfig
 from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
@@ -40,8 +41,13 @@ class ModelsConfig:
 class UpstreamConfig:
     """The feature and inference services and how the gateway treats them."""
 
+    # Discovery targets (libs/discovery.py): host:port, a DNS name or dns:///name:port (every A record:
+    # a headless Service's pods), file:<json> (a supervisor's list of READY replicas), comma-separated.
+    # The gateway keeps a channel per endpoint and spreads calls over all of them.
     features_target: str = "127.0.0.1:50052"
     inference_target: str = "127.0.0.1:8001"
+    # How often the targets are re-resolved (new replicas get traffic, removed ones drain).
+    discovery_interval_s: float = 1.0
     # Per call; the inbound deadline lowers them. Features are optional (defaults serve), so their
     # budget is short: a slow feature service degrades answers instead of delaying them.
     features_timeout_s: float = 0.1
@@ -54,12 +60,27 @@ class UpstreamConfig:
     # Batches go to inference as messages on one long-lived ModelStreamInfer stream (cheaper per batch
     # on both sides than a unary ModelInfer call); false: one unary call per batch.
     inference_streaming: bool = True
+    # A stream whose oldest unanswered batch is this far past its deadline is hung: its pending batches
+    # fail UNAVAILABLE (retried on another replica), the replica is ejected and the stream reopened.
+    inference_hang_margin_s: float = 1.0
     # Circuit breakers: open after this many consecutive failed calls, probe after reset_s.
     breaker_failures: int = 5
     breaker_reset_s: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("features_timeout_s", "inference_timeout_s", "request_timeout_s", "breaker_reset_s"):
+        for name in ("features_target", "inference_target"):
+            try:
+                parse_targets(getattr(self, name))
+            except TargetError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        for name in (
+            "features_timeout_s",
+            "inference_timeout_s",
+            "request_timeout_s",
+            "breaker_reset_s",
+            "discovery_interval_s",
+            "inference_hang_margin_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.features_max_attempts < 1 or self.inference_max_attempts < 1:

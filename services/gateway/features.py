@@ -11,12 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
 import numpy as np
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.types.v1 import value_pb2
 from libs.errors import InvalidArgument
+from libs.pool import ChannelPool, Endpoint
 from libs.resilience import Dependency
 from services.gateway.catalog import ModelSpec
 
@@ -59,15 +59,17 @@ class FeatureSource(Protocol):
 
 
 class GrpcFeatureSource:
-    """FeatureService.GetOnlineFeatures through one channel, behind the dependency's breaker.
+    """FeatureService.GetOnlineFeatures round robin over the pool's endpoints, behind the dependency's breaker.
+
+    A call that fails UNAVAILABLE on one endpoint is retried on another (the pool's failover).
 
     Entity keys arrive as strings; each is sent as the type its view declares (STRING, INT64 or
     BYTES), read once from the registry (GetFeatureView) and refreshed every minute. While the
     registry cannot be read, keys go as strings.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, dependency: Dependency) -> None:
-        self._stub = features_pb2_grpc.FeatureServiceStub(channel)
+    def __init__(self, pool: ChannelPool, dependency: Dependency) -> None:
+        self._pool = pool
         self._dependency = dependency
         self._unreadable: set[str] = set()
         # model name -> (key column types, when to look again)
@@ -75,9 +77,17 @@ class GrpcFeatureSource:
         self._looking: dict[str, asyncio.Task[None]] = {}
 
     async def _get(
-        self, request: features_pb2.GetOnlineFeaturesRequest, timeout: float
+        self, request: features_pb2.GetOnlineFeaturesRequest, deadline: float
     ) -> features_pb2.GetOnlineFeaturesResponse:
-        return await self._stub.GetOnlineFeatures(request, timeout=timeout)
+        async def _on(endpoint: Endpoint) -> features_pb2.GetOnlineFeaturesResponse:
+            stub = endpoint.stub(features_pb2_grpc.FeatureServiceStub)
+            return await stub.GetOnlineFeatures(request, timeout=max(0.001, deadline - time.monotonic()))
+
+        return await self._pool.call(_on)
+
+    async def close(self) -> None:
+        """Closes the pool's channels."""
+        await self._pool.close()
 
     def key_types(self, spec: ModelSpec) -> dict[str, int]:
         """The key column types of the model's views as last read (starts a refresh when due)."""
@@ -93,9 +103,15 @@ class GrpcFeatureSource:
         try:
             views = {ref.split(":", 1)[0] for ref in spec.store_refs}
             for view in sorted(views):
-                reply = await self._stub.GetFeatureView(
-                    features_pb2.GetFeatureViewRequest(name=view), timeout=1.0
-                )
+                request = features_pb2.GetFeatureViewRequest(name=view)
+
+                async def _on(
+                    endpoint: Endpoint, request: features_pb2.GetFeatureViewRequest = request
+                ) -> features_pb2.FeatureView:
+                    stub = endpoint.stub(features_pb2_grpc.FeatureServiceStub)
+                    return await stub.GetFeatureView(request, timeout=1.0)
+
+                reply = await self._pool.call(_on)
                 for column in reply.entity.key_columns:
                     types[column.name] = int(column.type)
         except Exception as exc:  # the registry is optional for reads: keys go as strings meanwhile
@@ -137,7 +153,8 @@ class GrpcFeatureSource:
             else:
                 for row in entities:
                     column.add(string_value=row[key])
-        reply = await self._dependency.call(self._get, request, timeout, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        reply = await self._dependency.call(self._get, request, deadline, timeout=timeout)
         return self._decode(spec, reply, len(entities))
 
     def _decode(

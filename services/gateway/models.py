@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from typing import Protocol
 
 import grpc
@@ -15,6 +16,7 @@ from opentelemetry import propagate
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 from libs.errors import DeadlineExceeded, Internal, NotFound, Unavailable, overloaded
+from libs.pool import ChannelPool, Endpoint
 from libs.resilience import Dependency
 from services.gateway.catalog import ModelSpec
 
@@ -75,24 +77,39 @@ def _outputs(reply: pb.ModelInferResponse, spec: ModelSpec, rows: int) -> dict[s
 
 
 class GrpcModelClient:
-    """GRPCInferenceService.ModelInfer (one unary call per batch) with raw tensor bytes, behind the breaker."""
+    """GRPCInferenceService.ModelInfer (one unary call per batch) with raw tensor bytes, behind the breaker.
 
-    def __init__(self, channel: grpc.aio.Channel, dependency: Dependency) -> None:
-        self._stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    Each batch goes to the next endpoint of the pool; one that fails UNAVAILABLE is retried on another.
+    """
+
+    def __init__(self, pool: ChannelPool, dependency: Dependency) -> None:
+        self._pool = pool
         self._dependency = dependency
 
-    async def _infer(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
-        return await self._stub.ModelInfer(request, timeout=timeout)
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float) -> pb.ModelInferResponse:
+        async def _on(endpoint: Endpoint) -> pb.ModelInferResponse:
+            stub = endpoint.stub(grpc_service_pb2_grpc.GRPCInferenceServiceStub)
+            return await stub.ModelInfer(request, timeout=max(0.001, deadline - time.monotonic()))
+
+        return await self._pool.call(_on)
 
     async def infer(
         self, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float
     ) -> dict[str, np.ndarray]:
         request = _request(spec, version, inputs)
+        deadline = time.monotonic() + timeout
         try:
-            reply = await self._dependency.call(self._infer, request, timeout, timeout=timeout)
+            reply = await self._dependency.call(self._infer, request, deadline, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _domain_error(exc, spec.name, version) from None
         return _outputs(reply, spec, inputs.shape[0])
+
+    async def close(self) -> None:
+        """Closes the pool's channels."""
+        await self._pool.close()
+
+
+_STREAM = "model-stream"
 
 
 class StreamingModelClient:
@@ -104,20 +121,34 @@ class StreamingModelClient:
     in completion order and are matched by it. A failed message comes back with `error_message` and
     our server's `status_code` parameter (a gRPC status number), mapped like a unary call's status. The
     trace context travels per message in the `traceparent` parameter, so each batch is still one span
-    in the caller's trace. When the stream breaks (the server restarted, the connection dropped),
-    every pending batch fails UNAVAILABLE (the breaker counts it) and the next batch opens a new stream.
+    in the caller's trace.
+
+    There is one stream per inference endpoint (the pool's channels): each batch goes over the stream
+    of the pool's next healthy endpoint, so a gateway process spreads over every replica. When a stream
+    breaks (the server restarted, the connection dropped), its pending batches fail UNAVAILABLE, the
+    pool retries them on another endpoint and the next batch for that endpoint opens a new stream. A
+    stream with an unanswered request past its deadline by `hang_margin_s` is hung (a server
+    that accepts messages and never answers): `check_hung` (run by `watch`) fails its pending batches
+    UNAVAILABLE the same way, ejects the endpoint and drops the stream, instead of waiting for keepalive.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, dependency: Dependency) -> None:
-        self._stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    def __init__(self, pool: ChannelPool, dependency: Dependency, hang_margin_s: float = 1.0) -> None:
+        self._pool = pool
         self._dependency = dependency
-        self._stream: _Stream | None = None
+        self._hang_margin_s = hang_margin_s
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        stream = self._stream
-        if stream is None or stream.broken is not None:
-            stream = self._stream = _Stream(self._stub)
-        return await stream.call(request)
+    def _stream(self, endpoint: Endpoint) -> _Stream:
+        stream = endpoint.extras.get(_STREAM)
+        if not isinstance(stream, _Stream) or stream.broken is not None:
+            stream = _Stream(endpoint.stub(grpc_service_pb2_grpc.GRPCInferenceServiceStub), endpoint.address)
+            endpoint.extras[_STREAM] = stream
+        return stream
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float) -> pb.ModelInferResponse:
+        async def _on(endpoint: Endpoint) -> pb.ModelInferResponse:
+            return await self._stream(endpoint).call(request, deadline)
+
+        return await self._pool.call(_on)
 
     async def infer(
         self, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float
@@ -130,16 +161,40 @@ class StreamingModelClient:
         propagate.inject(carrier)
         if "traceparent" in carrier:
             request.parameters["traceparent"].string_param = carrier["traceparent"]
+        deadline = time.monotonic() + timeout
         try:
-            reply = await self._dependency.call(self._infer, request, timeout=timeout)
+            reply = await self._dependency.call(self._infer, request, deadline, timeout=timeout)
         except (grpc.aio.AioRpcError, StreamMessageError) as exc:
             raise _domain_error(exc, spec.name, version) from None
         return _outputs(reply, spec, inputs.shape[0])
 
+    def check_hung(self) -> int:
+        """Breaks every hung stream (see the class docstring); returns how many."""
+        now = time.monotonic()
+        hung = 0
+        for endpoint in self._pool.endpoints:
+            stream = endpoint.extras.get(_STREAM)
+            if not isinstance(stream, _Stream) or stream.broken is not None:
+                continue
+            overdue = stream.overdue(now)
+            if overdue > self._hang_margin_s:
+                hung += 1
+                error = Unavailable(
+                    f"the inference stream to {endpoint.address} is hung: no answer {overdue:.2f}s past a deadline"
+                )
+                self._pool.eject(endpoint, error)
+                stream.abandon(error)
+        return hung
+
+    async def watch(self, interval_s: float = 0.1) -> None:
+        """Checks for hung streams every `interval_s` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.check_hung()
+
     async def close(self) -> None:
-        """Ends the stream (pending batches fail UNAVAILABLE)."""
-        if self._stream is not None:
-            await self._stream.close()
+        """Ends the streams and closes the channels (pending batches fail UNAVAILABLE)."""
+        await self._pool.close()
 
 
 class StreamMessageError(grpc.RpcError):
@@ -161,12 +216,18 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class _Stream:
-    """One open ModelStreamInfer call: writes serialized by a lock, one reader resolving futures by id."""
+    """One open ModelStreamInfer call: writes serialized by a lock, one reader resolving futures by id.
 
-    def __init__(self, stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    `_sent` remembers the deadline of every request not answered yet, also of those whose caller gave
+    up: a server that answers none of them is hung, whatever the callers did.
+    """
+
+    def __init__(self, stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub, address: str = "") -> None:
         self._pending: dict[str, asyncio.Future[pb.ModelInferResponse]] = {}
+        self._sent: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._write_lock = asyncio.Lock()
+        self._address = address
         self.broken: Exception | None = None
         # Outside any request's trace: the stream outlives the batch that happened to open it.
         token = otel_context.attach(otel_context.Context())
@@ -176,24 +237,33 @@ class _Stream:
         finally:
             otel_context.detach(token)
 
-    async def call(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def call(self, request: pb.ModelInferRequest, deadline: float) -> pb.ModelInferResponse:
+        if self.broken is not None:
+            raise self.broken
         request_id = str(next(self._ids))
         request.id = request_id
         future: asyncio.Future[pb.ModelInferResponse] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        self._sent[request_id] = deadline
         try:
             try:
                 async with self._write_lock:
                     await self._call.write(request)
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                self._break(Unavailable(f"the inference stream broke: {exc}"))
+                self._break(Unavailable(f"the inference stream to {self._address} broke: {exc}"))
             return await future
         finally:
             self._pending.pop(request_id, None)
 
+    def overdue(self, now: float) -> float:
+        """Seconds the unanswered request with the earliest deadline is past it (<= 0: nothing overdue)."""
+        # Few at a time (a batch per model in flight, by default): a scan every check is cheap.
+        return now - min(self._sent.values()) if self._sent else 0.0
+
     async def _read(self) -> None:
         try:
             async for reply in self._call:
+                self._sent.pop(reply.infer_response.id, None)
                 future = self._pending.get(reply.infer_response.id)
                 if future is None or future.done():
                     continue  # its caller gave up (deadline)
@@ -205,19 +275,30 @@ class _Stream:
                     future.set_exception(StreamMessageError(code, reply.error_message))
                 else:
                     future.set_result(reply.infer_response)
-            self._break(Unavailable("the inference stream was closed by the server"))
+            self._break(Unavailable(f"the inference stream to {self._address} was closed by the server"))
         except grpc.aio.AioRpcError as exc:
-            self._break(Unavailable(f"the inference stream broke: {exc.code().name} {exc.details()}"))
+            self._break(
+                Unavailable(
+                    f"the inference stream to {self._address} broke: {exc.code().name} {exc.details()}"
+                )
+            )
         except asyncio.CancelledError:
-            self._break(Unavailable("the inference stream was closed"))
+            self._break(Unavailable(f"the inference stream to {self._address} was closed"))
             raise
 
     def _break(self, error: Exception) -> None:
         if self.broken is None:
             self.broken = error
+        self._sent.clear()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(self.broken)
+
+    def abandon(self, error: Exception) -> None:
+        """Fails the pending requests with `error` and cancels the call (a hung stream)."""
+        self._break(error)
+        self._call.cancel()
+        self._reader.cancel()
 
     async def close(self) -> None:
         self._call.cancel()

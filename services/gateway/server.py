@@ -28,7 +28,9 @@ from infergrid.features.v1 import features_pb2
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs import apikeys
 from libs.channels import dial
+from libs.discovery import EndpointWatcher
 from libs.platform import PlatformConfig, PlatformWatcher
+from libs.pool import ChannelPool
 from libs.ratelimit import LeasedLimiter
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
 from libs.server import GrpcService, Server, build_server
@@ -192,17 +194,40 @@ async def create_server(
     up = config.upstream
     features_policy = dependency_policy(up.features_timeout_s, up.features_max_attempts, config)
     inference_policy = dependency_policy(up.inference_timeout_s, up.inference_max_attempts, config)
-    features_channel = dial(up.features_target, FEATURES_SERVICE, features_policy, telemetry=telemetry)
-    inference_channel = dial(up.inference_target, INFERENCE_SERVICE, inference_policy, telemetry=telemetry)
-    features = GrpcFeatureSource(features_channel, Dependency("features", _single_attempt(features_policy)))
+    # One channel per replica, without gRPC's own retries: the pool retries on another replica.
+    features_pool = ChannelPool(
+        "features",
+        lambda address: dial(
+            address, FEATURES_SERVICE, _single_attempt(features_policy), telemetry=telemetry
+        ),
+        features_policy,
+    )
+    inference_pool = ChannelPool(
+        "inference",
+        lambda address: dial(
+            address, INFERENCE_SERVICE, _single_attempt(inference_policy), telemetry=telemetry
+        ),
+        inference_policy,
+    )
+    endpoint_watchers = [
+        EndpointWatcher(up.features_target, features_pool.update, up.discovery_interval_s, name="features"),
+        EndpointWatcher(
+            up.inference_target, inference_pool.update, up.discovery_interval_s, name="inference"
+        ),
+    ]
+    for endpoint_watcher in endpoint_watchers:
+        await endpoint_watcher.refresh()
+    # The Dependency sees one logical call (breaker, deadline); the pool's failover is inside it.
+    features = GrpcFeatureSource(features_pool, Dependency("features", _single_attempt(features_policy)))
     models: GrpcModelClient | StreamingModelClient
     if up.inference_streaming:
-        # A stream has no gRPC-level retries: the Dependency retries a broken stream's batch once.
-        models = StreamingModelClient(inference_channel, Dependency("inference", inference_policy))
-    else:
-        models = GrpcModelClient(
-            inference_channel, Dependency("inference", _single_attempt(inference_policy))
+        models = StreamingModelClient(
+            inference_pool,
+            Dependency("inference", _single_attempt(inference_policy)),
+            up.inference_hang_margin_s,
         )
+    else:
+        models = GrpcModelClient(inference_pool, Dependency("inference", _single_attempt(inference_policy)))
 
     owned_producer = None
     if publisher is None:
@@ -270,6 +295,9 @@ async def create_server(
     if watcher is not None:
         tasks.append(loop.create_task(watcher.run()))
     tasks += [loop.create_task(coro) for coro in admission_tasks]
+    tasks += [loop.create_task(w.run(), name=f"endpoints-{w.name}") for w in endpoint_watchers]
+    if isinstance(models, StreamingModelClient):
+        tasks.append(loop.create_task(models.watch(), name="inference-streams"))
 
     async def _close() -> None:
         for task in tasks:
@@ -277,10 +305,8 @@ async def create_server(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await predictor.close()
-        if isinstance(models, StreamingModelClient):
-            await models.close()
-        await features_channel.close()
-        await inference_channel.close()
+        await models.close()
+        await features.close()
         if cache is not None:
             await cache.close()
         if admission_redis is not None:
