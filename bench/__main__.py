@@ -24,7 +24,7 @@ from bench.report import render
 from bench.tools import say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES = ("inference", "features", "e2e", "peers", "logging", "scaling")
+SUITES = ("inference", "features", "e2e", "peers", "logging", "logwal", "scaling")
 LATEST_MAX_BYTES = 400_000  # per file copied to results/latest (the repository keeps only small files)
 
 
@@ -41,6 +41,10 @@ def _suite_body(name: str):  # type: ignore[no-untyped-def]
         from bench.suites import logging as logging_suite
 
         return logging_suite.body
+    if name == "logwal":
+        from bench.suites import logwal
+
+        return logwal.body
     if name == "scaling":
         from bench.suites import scaling
 

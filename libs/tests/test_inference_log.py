@@ -267,11 +267,15 @@ def test_every_record_is_on_disk_when_write_returns_and_acknowledged_segments_ar
     del holder
 
 
+@pytest.mark.parametrize("in_thread", [False, True], ids=["on-the-loop", "writer-thread"])
 async def test_concurrent_writes_share_one_write_call_group_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_thread: bool
 ) -> None:
     holder, bootstrap = _mock_cluster()
-    producer = InferenceLogProducer(_config(tmp_path), KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    producer = InferenceLogProducer(
+        _config(tmp_path, inference_log_write_in_thread=in_thread),
+        KafkaConfig(kafka_bootstrap_servers=bootstrap),
+    )
     producer.start()
     calls: list[int] = []
     real_write = os.write
