@@ -282,7 +282,9 @@ def infer_response(result: InferResult, binary_output: bool) -> web.Response:
             blobs.append(data)
         elif out.datatype == "BYTES":
             try:
-                entry["data"] = [bytes(v).decode() for v in out.array.reshape(-1)]
+                entry["data"] = [
+                    v.decode() if isinstance(v, bytes) else str(v) for v in out.array.reshape(-1)
+                ]
             except UnicodeDecodeError:
                 raise InvalidArgument(
                     f"output '{out.name}': BYTES output is not UTF-8 text; request it with binary_data: true"
@@ -459,6 +461,7 @@ class HttpFrontDoor:
 
     async def infer(self, request: web.Request) -> web.Response:
         info = request.match_info
+        self._plane.model(info["model"], info.get("version", ""))  # 404 before looking at the body
         body = await request.read()
         infer_request, binary_output = parse_infer_request(
             body, request.headers.get(HEADER_LENGTH), info["model"], info.get("version", "")

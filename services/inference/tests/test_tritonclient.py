@@ -1,4 +1,5 @@
-"""The unmodified tritonclient against the real server process: metadata, inference, errors, batching, reloads.
+"""The unmodified tritonclient (gRPC and HTTP) against the real server process: metadata, inference, errors,
+batching, reloads, shared memory, trace and log settings; perf_analyzer over HTTP and shared memory.
 
 The server runs as `python -m services.inference` on a temporary repository; the
 client side runs in another subprocess (triton_client.py), because tritonclient
@@ -23,6 +24,15 @@ from services.inference.tests.models import write_repository
 
 CLIENT = Path(__file__).resolve().parent / "triton_client.py"
 SERVICE = "inference.GRPCInferenceService"
+HTTP_SCENARIOS = (
+    "http_health_metadata_and_config",
+    "http_infer_matches_onnxruntime_binary_and_json",
+    "http_every_datatype_round_trips",
+    "http_errors_are_statuses_with_a_json_error",
+    "http_statistics_and_repository",
+    "system_shared_memory_round_trips_over_grpc_and_http",
+    "trace_and_log_settings_over_http_and_grpc",
+)
 SCENARIOS = (
     "metadata_and_config_match_the_repository",
     "infer_matches_onnxruntime_on_the_same_file",
@@ -35,10 +45,16 @@ SCENARIOS = (
 )
 
 
+Served = tuple[subprocess.Popen[bytes], int, int, Path]
+
+
 @pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
+def http_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, http_port: int) -> Iterator[Served]:
     repo = write_repository(tmp_path_factory.mktemp("triton-models"))
     port, metrics_port = free_port(), free_port()
     proc = spawn_module(
@@ -46,6 +62,7 @@ def server(
         {
             "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
             "INFERGRID_INFERENCE_PORT": str(port),
+            "INFERGRID_INFERENCE_HTTP_PORT": str(http_port),
             "INFERGRID_INFERENCE_METRICS_PORT": str(metrics_port),
             "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
             "INFERGRID_INFERENCE_GRACE_SECONDS": "1",
@@ -79,14 +96,36 @@ def results(server: tuple[subprocess.Popen[bytes], int, int, Path]) -> dict[str,
     return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="module")
+def http_results(server: Served, http_port: int, results: dict[str, str]) -> dict[str, str]:
+    """The HTTP and shared memory scenarios, after the gRPC ones (they reload models and change settings)."""
+    _proc, port, _metrics_port, repo = server
+    run = subprocess.run(
+        [sys.executable, str(CLIENT), "check-http", f"127.0.0.1:{http_port}", f"127.0.0.1:{port}", str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, f"tritonclient side crashed:\n{run.stdout}\n{run.stderr}"
+    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_tritonclient_scenario(results: dict[str, str], name: str) -> None:
     assert name in results, f"scenario {name} did not run: {sorted(results)}"
     assert results[name] == "ok", results[name]
 
 
-def test_every_scenario_is_listed(results: dict[str, str]) -> None:
+@pytest.mark.parametrize("name", HTTP_SCENARIOS)
+def test_tritonclient_http_scenario(http_results: dict[str, str], name: str) -> None:
+    assert name in http_results, f"scenario {name} did not run: {sorted(http_results)}"
+    assert http_results[name] == "ok", http_results[name]
+
+
+def test_every_scenario_is_listed(results: dict[str, str], http_results: dict[str, str]) -> None:
     assert sorted(results) == sorted(SCENARIOS)
+    assert sorted(http_results) == sorted(HTTP_SCENARIOS)
 
 
 def test_garbage_and_abandoned_calls_leave_the_server_running(

@@ -5,7 +5,8 @@ as ours, so they cannot share a process with our stubs: test_tritonclient.py sta
 the server and runs this script, which prints one JSON object mapping each
 scenario to "ok" or its traceback.
 
-  python triton_client.py check URL METRICS_URL REPO   run every scenario
+  python triton_client.py check URL METRICS_URL REPO   run every gRPC scenario
+  python triton_client.py check-http HTTP_URL GRPC_URL REPO   the HTTP/JSON and shared memory scenarios
   python triton_client.py bench URL [SECONDS] [CONCURRENCY...]   informative throughput
 """
 
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import traceback
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -25,15 +28,24 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+import tritonclient.http as httpclient
+import tritonclient.http.aio as httpaio
+import tritonclient.utils.shared_memory as shm
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 SCENARIOS: list[tuple[str, Callable[..., Any]]] = []
+HTTP_SCENARIOS: list[tuple[str, Callable[..., Any]]] = []
 
 
 def scenario(fn: Callable[..., Any]) -> Callable[..., Any]:
     SCENARIOS.append((fn.__name__, fn))
+    return fn
+
+
+def http_scenario(fn: Callable[..., Any]) -> Callable[..., Any]:
+    HTTP_SCENARIOS.append((fn.__name__, fn))
     return fn
 
 
@@ -373,6 +385,417 @@ def load_and_unload_versions_while_traffic_flows(url: str, repo: Path, metrics: 
     assert client.is_model_ready("fraud", "1") and client.is_model_ready("fraud", "2")
 
 
+def _raw_http(
+    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(f"http://{url}{path}", data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def _http_features(x: np.ndarray, binary: bool = True) -> list[httpclient.InferInput]:
+    inp = httpclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    return [inp]
+
+
+@http_scenario
+def http_health_metadata_and_config(url: str, grpc_url: str, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("fraud") and client.is_model_ready("fraud", "1")
+    assert client.is_model_ready("fraud", "2")
+    assert not client.is_model_ready("broken") and not client.is_model_ready("nope")
+    server = client.get_server_metadata()
+    for extension in ("binary_tensor_data", "system_shared_memory", "statistics", "model_repository"):
+        assert extension in server["extensions"], server
+    meta = client.get_model_metadata("fraud")
+    assert meta["versions"] == ["1", "2"] and meta["platform"] == "onnxruntime_onnx", meta
+    assert meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 32]}], meta
+    assert meta["outputs"] == [{"name": "fraud_probability", "datatype": "FP32", "shape": [-1, 1]}], meta
+    assert client.get_model_metadata("fraud", "1")["name"] == "fraud"
+    on_disk = model_config_pb2.ModelConfig()
+    text_format.Parse((repo / "fraud" / "config.pbtxt").read_text(), on_disk)
+    as_json = client.get_model_config("fraud")
+    assert as_json["max_batch_size"] == 256 and as_json["input"][0]["dims"] == [32], as_json
+    config = json_format.ParseDict(as_json, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+    # (version_policy is not compared: the gRPC scenarios reloaded fraud with a config of their own)
+    for field in ("name", "max_batch_size", "input", "output", "dynamic_batching", "instance_group"):
+        assert getattr(config, field) == getattr(on_disk, field), field
+
+
+@http_scenario
+def http_infer_matches_onnxruntime_binary_and_json(url: str, grpc_url: str, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url)
+    rng = np.random.default_rng(21)
+    for version in ("1", "2"):
+        for rows in (1, 5, 256):
+            x = rng.normal(40, 30, (rows, 32)).astype(np.float32)
+            expected = _expected(repo, version, x)
+            # binary tensors both ways (tritonclient's default: Inference-Header-Content-Length)
+            result = client.infer("fraud", _http_features(x), model_version=version, request_id=f"b{rows}")
+            response = result.get_response()
+            assert response["model_version"] == version and response["id"] == f"b{rows}", response
+            assert "binary_data_size" in response["outputs"][0]["parameters"], response
+            np.testing.assert_allclose(result.as_numpy("fraud_probability"), expected, rtol=1e-5, atol=1e-6)
+            # JSON both ways
+            result = client.infer(
+                "fraud",
+                _http_features(x, binary=False),
+                model_version=version,
+                outputs=[httpclient.InferRequestedOutput("fraud_probability", binary_data=False)],
+            )
+            assert "data" in result.get_response()["outputs"][0]
+            np.testing.assert_allclose(result.as_numpy("fraud_probability"), expected, rtol=1e-5, atol=1e-6)
+    # the latest version answers when none is named; compressed request and response bodies
+    x = rng.normal(40, 30, (3, 32)).astype(np.float32)
+    result = client.infer(
+        "fraud",
+        _http_features(x),
+        request_compression_algorithm="gzip",
+        response_compression_algorithm="gzip",
+    )
+    assert result.get_response()["model_version"] == "2"
+    np.testing.assert_allclose(
+        result.as_numpy("fraud_probability"), _expected(repo, "2", x), rtol=1e-5, atol=1e-6
+    )
+
+    # the asyncio client, concurrently: every request gets its own rows back
+    rows = rng.normal(40, 30, (128, 32)).astype(np.float32)
+    expected = _expected(repo, "1", rows)
+
+    async def _run() -> None:
+        aclient = httpaio.InferenceServerClient(url)
+        try:
+
+            async def _one(i: int) -> None:
+                inp = httpaio.InferInput("features", [1, 32], "FP32")
+                inp.set_data_from_numpy(rows[i : i + 1])
+                result = await aclient.infer("fraud", [inp], model_version="1", request_id=str(i))
+                assert result.get_response()["id"] == str(i)
+                np.testing.assert_allclose(
+                    result.as_numpy("fraud_probability"), expected[i : i + 1], rtol=1e-5, atol=1e-6
+                )
+
+            await asyncio.gather(*(_one(i) for i in range(len(rows))))
+        finally:
+            await aclient.close()
+
+    asyncio.run(_run())
+
+
+@http_scenario
+def http_every_datatype_round_trips(url: str, grpc_url: str, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url)
+    arrays = {
+        "FP32": np.array([[1.5, -2, 3], [0, 1, 2]], np.float32),
+        "FP16": np.array([[0.5, 1, -8], [2, 4, 8]], np.float16),
+        "INT32": np.array([[1, -2, 3], [4, 5, 2**31 - 1]], np.int32),
+        "INT64": np.array([[2**40, -1, 7], [0, 1, 2]], np.int64),
+        "BOOL": np.array([[True, False, True], [False, False, True]]),
+        "BYTES": np.array([[b"a", b"", "\u00e9t\u00e9".encode()], [b"x", b"yy", b"zzz"]], dtype=np.object_),
+    }
+    for binary in (True, False):
+        inputs, outputs = [], []
+        for datatype, array in arrays.items():
+            inp = httpclient.InferInput(f"in_{datatype.lower()}", list(array.shape), datatype)
+            inp.set_data_from_numpy(array, binary_data=binary)
+            inputs.append(inp)
+            outputs.append(httpclient.InferRequestedOutput(f"out_{datatype.lower()}", binary_data=binary))
+        result = client.infer("types", inputs, outputs=outputs)
+        for datatype, array in arrays.items():
+            got = result.as_numpy(f"out_{datatype.lower()}")
+            assert got.shape == array.shape, (binary, datatype, got.shape)
+            if datatype == "BYTES":
+                want = array.reshape(-1).tolist()
+                have = got.reshape(-1).tolist()
+                if not binary:  # JSON carries text
+                    want = [w.decode() for w in want]
+                assert have == want, (binary, have)
+            else:
+                assert got.dtype == array.dtype, (binary, datatype, got.dtype)
+                np.testing.assert_array_equal(got, array)
+
+
+def _http_error(call: Callable[[], Any]) -> tuple[str, str]:
+    try:
+        call()
+    except InferenceServerException as exc:
+        return str(exc.status()), str(exc.message())
+    raise AssertionError("expected an error")
+
+
+@http_scenario
+def http_errors_are_statuses_with_a_json_error(url: str, grpc_url: str, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url)
+    x = np.ones((1, 32), np.float32)
+    wrong_type = httpclient.InferInput("features", [1, 32], "FP64")
+    wrong_type.set_data_from_numpy(x.astype(np.float64))
+    wrong_shape = httpclient.InferInput("features", [1, 16], "FP32")
+    wrong_shape.set_data_from_numpy(np.ones((1, 16), np.float32))
+    short = httpclient.InferInput("features", [1, 31], "FP32")
+    short.set_data_from_numpy(np.ones((1, 31), np.float32))
+    short.set_shape([1, 32])  # fewer bytes than the shape says
+    cases: list[tuple[Callable[[], Any], str, str]] = [
+        (lambda: client.infer("nope", _http_features(x)), "404", "model 'nope' is not found"),
+        (
+            lambda: client.infer("fraud", _http_features(x), model_version="7"),
+            "404",
+            "version '7' is not found",
+        ),
+        (lambda: client.get_model_metadata("nope"), "404", "model 'nope' is not found"),
+        (lambda: client.get_model_config("fraud", "9"), "404", "version '9'"),
+        (
+            lambda: client.infer("fraud", [wrong_type]),
+            "400",
+            "input 'features' of model 'fraud': datatype FP64 given, expected FP32",
+        ),
+        (
+            lambda: client.infer("fraud", [wrong_shape]),
+            "400",
+            "input 'features' of model 'fraud': shape [1, 16] given, expected [-1, 32]",
+        ),
+        (
+            lambda: client.infer("fraud", [short]),
+            "400",
+            "input 'features' of model 'fraud': 124 bytes of raw data given, expected 128",
+        ),
+        (
+            lambda: client.infer(
+                "fraud", _http_features(x), outputs=[httpclient.InferRequestedOutput("nope")]
+            ),
+            "400",
+            "unexpected output 'nope'",
+        ),
+    ]
+    for call, status, message in cases:
+        got_status, got_message = _http_error(call)
+        assert got_status == status and message in got_message, (status, message, got_status, got_message)
+
+    # The wire itself: every error is {"error": "..."} with the status.
+    raw_cases = [
+        (
+            "POST",
+            "/v2/models/fraud/infer",
+            b"{not json",
+            {},
+            400,
+            "inference request: the body is not valid JSON",
+        ),
+        ("POST", "/v2/models/fraud/infer", b'{"inputs": 3}', {}, 400, "inputs: expected a non-empty array"),
+        (
+            "POST",
+            "/v2/models/fraud/infer",
+            b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 32]}]}',
+            {},
+            400,
+            "input 'features': no data",
+        ),
+        (
+            "POST",
+            "/v2/models/fraud/infer",
+            b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 2], "data": ["a", 1]}]}',
+            {},
+            400,
+            "input 'features': 'data' holds str values",
+        ),
+        (
+            "POST",
+            "/v2/models/fraud/infer",
+            b'{"inputs": []}',
+            {"Inference-Header-Content-Length": "999"},
+            400,
+            "Inference-Header-Content-Length",
+        ),
+        ("POST", "/v2/models/nope/infer", b'{"inputs": []}', {}, 404, "model 'nope' is not found"),
+        ("GET", "/v2/models/nope/ready", None, {}, 503, "model 'nope' is not ready"),
+        ("GET", "/v2/no/such/route", None, {}, 404, "Not Found"),
+        ("POST", "/v2/systemsharedmemory/region/x/register", b'{"key": "/x"}', {}, 400, "byte_size"),
+    ]
+    for method, path, body, headers, status, message in raw_cases:
+        got_status, got_headers, got_body = _raw_http(url, method, path, body, headers)
+        assert got_status == status, (path, body, got_status, got_body)
+        assert got_headers.get("Content-Type", "").startswith("application/json"), got_headers
+        error = json.loads(got_body)["error"]
+        assert message in error, (path, body, error)
+    assert client.is_server_live()
+
+
+@http_scenario
+def http_statistics_and_repository(url: str, grpc_url: str, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url)
+    stats = client.get_inference_statistics("fraud")["model_stats"]
+    assert [s["version"] for s in stats] == ["1", "2"], stats
+    assert isinstance(stats[0]["inference_stats"]["success"]["count"], int)
+    assert stats[0]["inference_stats"]["success"]["count"] > 0
+    assert any(s["name"] == "types" for s in client.get_inference_statistics()["model_stats"])
+    index = {(m["name"], m.get("version", "")): m for m in client.get_model_repository_index()}
+    assert index[("fraud", "1")]["state"] == "READY" and index[("fraud", "2")]["state"] == "READY"
+    broken = index[("broken", "1")]
+    assert broken["state"] == "UNAVAILABLE" and "ONNX Runtime cannot load" in broken["reason"], broken
+    client.unload_model("double")
+    assert not client.is_model_ready("double")
+    status, message = _http_error(lambda: client.infer("double", []))
+    assert status == "404", (status, message)
+    client.load_model("double")
+    assert client.is_model_ready("double")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    inp = httpclient.InferInput("x", [2, 3], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_array_equal(client.infer("double", [inp]).as_numpy("y"), 2 * x)
+    status, message = _http_error(lambda: client.load_model("broken"))
+    assert status == "400" and "failed to load model 'broken'" in message, (status, message)
+    status, message = _http_error(lambda: client.unload_model("nope"))
+    assert status == "404", (status, message)
+    # a config sent with the load: serve only version 1, then both again
+    on_disk = model_config_pb2.ModelConfig()
+    text_format.Parse((repo / "fraud" / "config.pbtxt").read_text(), on_disk)
+    config = model_config_pb2.ModelConfig()
+    config.CopyFrom(on_disk)
+    config.version_policy.Clear()
+    config.version_policy.specific.versions.extend([1])
+    client.load_model("fraud", config=json_format.MessageToJson(config))
+    assert client.get_model_metadata("fraud")["versions"] == ["1"]
+    config.version_policy.specific.versions.extend([2])
+    client.load_model("fraud", config=json_format.MessageToJson(config))
+    assert client.get_model_metadata("fraud")["versions"] == ["1", "2"]
+
+
+def _region(name: str, size: int) -> Any:
+    key = f"/{name}-{os.getpid()}"
+    return key, shm.create_shared_memory_region(name, key, size)
+
+
+@http_scenario
+def system_shared_memory_round_trips_over_grpc_and_http(url: str, grpc_url: str, repo: Path) -> None:
+    http = httpclient.InferenceServerClient(url)
+    grpc = grpcclient.InferenceServerClient(grpc_url)
+    rng = np.random.default_rng(33)
+    x = rng.normal(40, 30, (16, 32)).astype(np.float32)
+    expected = _expected(repo, "2", x)
+    in_key, in_handle = _region("ig-in", x.nbytes + 128)
+    out_key, out_handle = _region("ig-out", 256)
+    try:
+        shm.set_shared_memory_region(in_handle, [x], offset=128)
+        # One data plane: a region registered over HTTP is seen over gRPC and the other way round.
+        http.register_system_shared_memory("ig-in", in_key, x.nbytes + 128)
+        grpc.register_system_shared_memory("ig-out", out_key, 256)
+        http_status = {r["name"]: r for r in http.get_system_shared_memory_status()}
+        grpc_status = grpc.get_system_shared_memory_status(as_json=True)["regions"]
+        assert set(http_status) == set(grpc_status) == {"ig-in", "ig-out"}, (http_status, grpc_status)
+        assert (
+            http_status["ig-out"]["key"] == out_key
+            and int(grpc_status["ig-in"]["byte_size"]) == x.nbytes + 128
+        )
+        assert http.get_system_shared_memory_status("ig-in")[0]["name"] == "ig-in"
+
+        for client, mod in ((http, httpclient), (grpc, grpcclient)):
+            inp = mod.InferInput("features", [16, 32], "FP32")
+            inp.set_shared_memory("ig-in", x.nbytes, offset=128)
+            out = mod.InferRequestedOutput("fraud_probability")
+            out.set_shared_memory("ig-out", 64)
+            shm.set_shared_memory_region(out_handle, [np.zeros(64, np.uint8)])
+            result = client.infer("fraud", [inp], outputs=[out])
+            output = result.get_output("fraud_probability")
+            shape = output["shape"] if isinstance(output, dict) else list(output.shape)
+            assert [int(d) for d in shape] == [16, 1], output
+            got = shm.get_contents_as_numpy(out_handle, np.float32, [16, 1])
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            # shared memory input, output back in the response
+            result = client.infer("fraud", [inp])
+            np.testing.assert_allclose(result.as_numpy("fraud_probability"), expected, rtol=1e-5, atol=1e-6)
+
+        # Bounds: offset + size past the region, a size that is not the tensor's, an output too small.
+        def _bad_input(client: Any, mod: Any, size: int, offset: int) -> Callable[[], Any]:
+            inp = mod.InferInput("features", [16, 32], "FP32")
+            inp.set_shared_memory("ig-in", size, offset=offset)
+            return lambda: client.infer("fraud", [inp])
+
+        def _bad_output(client: Any, mod: Any, size: int) -> Callable[[], Any]:
+            inp = mod.InferInput("features", [16, 32], "FP32")
+            inp.set_shared_memory("ig-in", x.nbytes, offset=128)
+            out = mod.InferRequestedOutput("fraud_probability")
+            out.set_shared_memory("ig-out", size)
+            return lambda: client.infer("fraud", [inp], outputs=[out])
+
+        for client, mod, invalid in (
+            (http, httpclient, "400"),
+            (grpc, grpcclient, "StatusCode.INVALID_ARGUMENT"),
+        ):
+            for call, message in (
+                (
+                    _bad_input(client, mod, x.nbytes, 256),
+                    f"input 'features': shared_memory_offset + shared_memory_byte_size (256 + {x.nbytes}) "
+                    f"exceeds the {x.nbytes + 128} bytes of shared memory region 'ig-in'",
+                ),
+                (
+                    _bad_input(client, mod, 100, 0),
+                    "100 bytes of shared memory (shared_memory_byte_size) given",
+                ),
+                (
+                    _bad_output(client, mod, 32),
+                    "output 'fraud_probability': shared_memory_byte_size 32 is too small",
+                ),
+                (_bad_output(client, mod, 512), "exceeds the 256 bytes of shared memory region 'ig-out'"),
+            ):
+                status, got = _http_error(call) if client is http else _error(call)
+                assert status == invalid and message in got, (status, message, got)
+        status, got = _http_error(lambda: http.register_system_shared_memory("ig-big", in_key, 1 << 30))
+        assert status == "400" and got.startswith("offset + byte_size"), (status, got)
+        status, got = _error(lambda: grpc.register_system_shared_memory("ig-in", in_key, 8))
+        assert status == "StatusCode.ALREADY_EXISTS", (status, got)
+
+        # CUDA shared memory: a clear refusal on this (CPU) backend.
+        status, got = _http_error(http.get_cuda_shared_memory_status)
+        assert status == "400" and "CUDA shared memory is not supported on this backend" in got, got
+        status, got = _error(grpc.get_cuda_shared_memory_status)
+        assert status == "StatusCode.UNIMPLEMENTED" and "not supported on this backend" in got, got
+    finally:
+        http.unregister_system_shared_memory("ig-in")
+        grpc.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(in_handle)
+        shm.destroy_shared_memory_region(out_handle)
+    assert http.get_system_shared_memory_status() == []
+
+
+@http_scenario
+def trace_and_log_settings_over_http_and_grpc(url: str, grpc_url: str, repo: Path) -> None:
+    http = httpclient.InferenceServerClient(url)
+    grpc = grpcclient.InferenceServerClient(grpc_url)
+    settings = http.get_trace_settings()
+    assert settings["trace_mode"] == "opentelemetry" and "trace_rate" in settings, settings
+    assert http.update_trace_settings(settings={"trace_rate": "4"})["trace_rate"] == "4"
+    assert grpc.get_trace_settings(as_json=True)["settings"]["trace_rate"]["value"] == ["4"]
+    assert http.get_trace_settings(model_name="fraud")["trace_rate"] == "4"
+    status, message = _http_error(lambda: http.update_trace_settings(settings={"trace_rate": "0"}))
+    assert status == "400" and message.startswith("trace_rate"), (status, message)
+    status, message = _http_error(lambda: http.update_trace_settings(settings={"bogus": "1"}))
+    assert status == "400" and "bogus" in message, (status, message)
+    http.update_trace_settings(settings={"trace_rate": None})
+    logs = http.update_log_settings({"log_info": False})
+    assert logs["log_info"] is False and logs["log_warning"] is True, logs
+    assert grpc.get_log_settings(as_json=True)["settings"]["log_info"]["bool_param"] is False
+    logs = grpc.update_log_settings({"log_info": True}, as_json=True)["settings"]
+    assert logs["log_info"]["bool_param"] is True
+    assert http.get_log_settings()["log_info"] is True
+    status, message = _http_error(lambda: http.update_log_settings({"log_file": "/tmp/x"}))
+    assert status == "400" and message.startswith("log_file"), (status, message)
+
+
+def check_http(url: str, grpc_url: str, repo: str) -> dict[str, str]:
+    results: dict[str, str] = {}
+    for name, fn in HTTP_SCENARIOS:
+        try:
+            fn(url, grpc_url, Path(repo))
+            results[name] = "ok"
+        except BaseException:
+            results[name] = traceback.format_exc()
+    return results
+
+
 def check(url: str, metrics: str, repo: str) -> dict[str, str]:
     results: dict[str, str] = {}
     for name, fn in SCENARIOS:
@@ -423,6 +846,8 @@ def main(argv: list[str]) -> None:
     command = argv[1]
     if command == "check":
         print(json.dumps(check(argv[2], argv[3], argv[4])))
+    elif command == "check-http":
+        print(json.dumps(check_http(argv[2], argv[3], argv[4])))
     elif command == "bench":
         seconds = float(argv[3]) if len(argv) > 3 else 5.0
         levels = [int(c) for c in argv[4:]] or [1, 8, 32]
