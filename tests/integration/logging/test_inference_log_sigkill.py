@@ -1,5 +1,8 @@
 """Nothing answered is lost when the producing process is SIGKILLed, with Kafka down or up (real Kafka).
 
+The last test runs the logging service too: each answered record is then exactly once in Cassandra and
+in the lake (read through `read_table`), duplicates in the topic notwithstanding.
+
 A gateway-like process (`wal_publisher.py`: concurrent requests, each awaiting the group-committed
 write-ahead log, then printing its request id — its "answer") is SIGKILLed mid-stream. A new process
 on the same spool folder, with Kafka reachable, re-sends what the dead one left. Every id printed must
@@ -21,8 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cassandra.cluster import Cluster
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from test_logging_pipeline import (
+    LoggingService,
+    Run,
+    _assert_exactly_once,
+    _cassandra_ids,
+    _lake_ids,
+    _wait_for,
+)
 
 from infergrid.logging.v1 import logging_pb2
 from libs.testing import REPO_ROOT
@@ -48,6 +60,19 @@ def own_kafka(stack: object) -> Iterator[Kafka]:
         yield kafka
     finally:
         stack.release(kafka)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path) -> Run:
+    """Topic, consumer group, keyspace and lake names of the sink test."""
+    return Run(tmp_path)
+
+
+@pytest.fixture
+def session(cassandra_server: object) -> Iterator[object]:
+    cluster = Cluster(cassandra_server.contact_points, port=cassandra_server.port)  # type: ignore[attr-defined]
+    yield cluster.connect()
+    cluster.shutdown()
 
 
 class Publisher:
@@ -176,3 +201,40 @@ def test_sigkill_with_kafka_up_loses_no_answered_record(own_kafka: Kafka, tmp_pa
     # Only records of segments not yet deleted (about the last second) can be in the topic twice.
     assert max(duplicated.values(), default=1) <= 2
     assert len(duplicated) <= stats["resent"]  # type: ignore[operator]
+
+
+def test_records_of_a_sigkilled_gateway_land_exactly_once_in_cassandra_and_the_lake(
+    kafka_server: Kafka, session: object, pipeline: Run
+) -> None:
+    service = LoggingService(pipeline, kafka_server.bootstrap_servers, session.cluster.port)  # type: ignore[attr-defined]
+    service.start()  # creates the topic
+    try:
+        first = Publisher(
+            kafka_server.bootstrap_servers, pipeline.topic, pipeline.spool, pipeline.tag, 1_000_000
+        )
+        first.wait_for(lambda: len(first.lines) > 1500, 120, "1,500 answered records")
+        time.sleep(3)  # acknowledged records and deleted segments, and some not yet
+        first.kill()
+        answered = first.answered()
+        second = Publisher(
+            kafka_server.bootstrap_servers, pipeline.topic, pipeline.spool, f"{pipeline.tag}b", 0, "--drain"
+        )
+        stats = second.finish(timeout=180)
+        in_topic = _topic_ids(kafka_server.bootstrap_servers, pipeline.topic)
+        duplicated = sum(1 for n in in_topic.values() if n > 1)
+        print(f"\nsinks: answered {len(answered)}, in topic {len(in_topic)} ({duplicated} twice), "
+              f"re-sent {stats['resent']}")  # fmt: skip
+        assert answered <= set(in_topic)
+        expected = set(in_topic)
+        _wait_for(
+            lambda: (
+                set(_lake_ids(pipeline, dedupe=True)) == expected
+                and set(_cassandra_ids(session, pipeline)[0]) == expected
+            ),
+            180,
+            "every record in both sinks",
+            service,
+        )
+        _assert_exactly_once(session, pipeline, expected, physical_lake=False)
+    finally:
+        service.stop()
