@@ -221,8 +221,8 @@ class DataPlane:
     def system_shared_memory_status(self, name: str = "") -> list[RegionStatus]:
         return self.shared_memory.status(name)
 
-    def cuda_shared_memory(self) -> None:
-        """Every CUDA shared memory call: refused, saying whether a GPU backend is loaded at all.
+    def register_cuda_shared_memory(self) -> None:
+        """Refuses: CUDA shared memory is not offered, saying whether a GPU backend is loaded at all.
 
         Raises:
             NotSupported: Always (UNIMPLEMENTED over gRPC, 400 over HTTP).
@@ -236,6 +236,18 @@ class DataPlane:
             "CUDA shared memory is not supported on this backend: no GPU backend is loaded "
             "(ONNX Runtime on CPU); use system shared memory"
         )
+
+    def cuda_shared_memory_status(self, name: str = "") -> None:
+        """No CUDA region is ever registered: the status of all is empty, a named one is refused.
+
+        Raises:
+            NotSupported: `name` is given.
+        """
+        if name:
+            self.register_cuda_shared_memory()
+
+    def unregister_cuda_shared_memory(self, name: str = "") -> None:
+        """Nothing to unregister (clients such as perf_analyzer unregister everything at start and end)."""
 
     async def close(self) -> None:
         """Releases the shared memory mappings (server shutdown, after the repository drained)."""

@@ -269,13 +269,7 @@ def infer_response(result: InferResult, binary_output: bool) -> web.Response:
         shm = out.shm
         requested = out.requested
         if shm is not None:
-            params: dict[str, Any] = {
-                "shared_memory_region": shm.region,
-                "shared_memory_byte_size": shm.byte_size,
-            }
-            if shm.offset:
-                params["shared_memory_offset"] = shm.offset
-            entry["parameters"] = params
+            pass  # written to the region; no "parameters" (Triton's C++ client reads binary_data_size there)
         elif requested.binary if requested is not None and requested.binary is not None else binary_output:
             data = tensor_bytes(out.datatype, out.array)
             entry["parameters"] = {"binary_data_size": len(data)}
@@ -360,11 +354,11 @@ class HttpFrontDoor:
         post("/v2/systemsharedmemory/region/{region}/register", self.shm_register)
         post("/v2/systemsharedmemory/unregister", self.shm_unregister)
         post("/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister)
-        get("/v2/cudasharedmemory/status", self.cuda_shm, allow_head=False)
-        get("/v2/cudasharedmemory/region/{region}/status", self.cuda_shm, allow_head=False)
-        post("/v2/cudasharedmemory/region/{region}/register", self.cuda_shm)
-        post("/v2/cudasharedmemory/unregister", self.cuda_shm)
-        post("/v2/cudasharedmemory/region/{region}/unregister", self.cuda_shm)
+        get("/v2/cudasharedmemory/status", self.cuda_shm_status, allow_head=False)
+        get("/v2/cudasharedmemory/region/{region}/status", self.cuda_shm_status, allow_head=False)
+        post("/v2/cudasharedmemory/region/{region}/register", self.cuda_shm_register)
+        post("/v2/cudasharedmemory/unregister", self.cuda_shm_unregister)
+        post("/v2/cudasharedmemory/region/{region}/unregister", self.cuda_shm_unregister)
         for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting"):
             get(path, self.trace_setting, allow_head=False)
             post(path, self.trace_setting)
@@ -522,9 +516,17 @@ class HttpFrontDoor:
         self._plane.unregister_system_shared_memory(request.match_info.get("region", ""))
         return web.Response(status=200)
 
-    async def cuda_shm(self, request: web.Request) -> web.Response:
-        self._plane.cuda_shared_memory()
-        return web.Response(status=200)  # not reached: cuda_shared_memory always raises
+    async def cuda_shm_status(self, request: web.Request) -> web.Response:
+        self._plane.cuda_shared_memory_status(request.match_info.get("region", ""))
+        return _json([])
+
+    async def cuda_shm_register(self, request: web.Request) -> web.Response:
+        self._plane.register_cuda_shared_memory()
+        return web.Response(status=200)  # not reached: registering always raises
+
+    async def cuda_shm_unregister(self, request: web.Request) -> web.Response:
+        self._plane.unregister_cuda_shared_memory(request.match_info.get("region", ""))
+        return web.Response(status=200)
 
     # --- trace and log settings ---
 

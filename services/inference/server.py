@@ -379,12 +379,23 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         self._plane.unregister_system_shared_memory(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    async def _cuda_shared_memory(self, request: Any, context: Any) -> Any:
-        self._plane.cuda_shared_memory()
+    async def CudaSharedMemoryStatus(  # noqa: N802 - gRPC method name
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        self._plane.cuda_shared_memory_status(request.name)
+        return pb.CudaSharedMemoryStatusResponse()
 
-    CudaSharedMemoryStatus = _cuda_shared_memory
-    CudaSharedMemoryRegister = _cuda_shared_memory
-    CudaSharedMemoryUnregister = _cuda_shared_memory
+    async def CudaSharedMemoryRegister(  # noqa: N802 - gRPC method name
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        self._plane.register_cuda_shared_memory()
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(  # noqa: N802 - gRPC method name
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self._plane.unregister_cuda_shared_memory(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     # --- trace and log settings ---
 

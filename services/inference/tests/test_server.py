@@ -486,9 +486,16 @@ async def test_system_shared_memory_inputs_and_outputs(
 async def test_cuda_shared_memory_is_unimplemented_without_a_gpu_backend(
     served: pb_grpc.GRPCInferenceServiceStub,
 ) -> None:
-    code, details = await _error(served.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest()))
+    code, details = await _error(
+        served.CudaSharedMemoryRegister(
+            pb.CudaSharedMemoryRegisterRequest(name="c", raw_handle=b"h", device_id=0, byte_size=8)
+        )
+    )
     assert code == grpc.StatusCode.UNIMPLEMENTED
     assert "CUDA shared memory is not supported on this backend" in details
+    # Nothing is ever registered: status lists nothing and unregistering all is a no-op (perf_analyzer does it).
+    assert not (await served.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest())).regions
+    await served.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest())
 
 
 async def test_trace_and_log_settings(served: pb_grpc.GRPCInferenceServiceStub) -> None:

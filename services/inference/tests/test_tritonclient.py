@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -144,3 +145,40 @@ def test_garbage_and_abandoned_calls_leave_the_server_running(
         live = channel.unary_unary(f"/{SERVICE}/ServerLive")
         assert live(b"", timeout=5) == b"\x08\x01"  # ServerLiveResponse{live: true}
     assert proc.poll() is None
+
+
+def _perf_analyzer() -> tuple[Path, dict[str, str]] | None:
+    """Triton's perf_analyzer where `make bench` installs it (bench.tools.ensure_perf_analyzer); None if absent."""
+    cache = Path(os.environ.get("INFERGRID_CACHE_DIR") or Path.home() / ".cache" / "infergrid")
+    root = cache / "bench-venvs" / "perf"
+    binary = root / "bin" / "perf_analyzer"
+    cudart = next((root / "lib").glob("python3*/site-packages/nvidia/cuda_runtime/lib"), None)
+    if not binary.exists() or cudart is None or not Path("/usr/lib/x86_64-linux-gnu/libb64.so.0d").exists():
+        return None
+    return binary, {**os.environ, "LD_LIBRARY_PATH": str(cudart)}
+
+
+@pytest.mark.parametrize(
+    ("protocol", "shared_memory"),
+    [("http", False), ("grpc", True), ("http", True)],
+    ids=["http", "grpc-shm", "http-shm"],
+)
+def test_perf_analyzer_drives_the_server_unmodified(
+    server: Served, http_port: int, results: dict[str, str], protocol: str, shared_memory: bool
+) -> None:
+    found = _perf_analyzer()
+    if found is None:
+        pytest.skip(
+            "perf_analyzer is not installed (make bench installs it: bench.tools.ensure_perf_analyzer)"
+        )
+    binary, env = found
+    _proc, port, _metrics, _repo = server
+    url = f"127.0.0.1:{http_port if protocol == 'http' else port}"
+    command = [str(binary), "-m", "fraud", "-x", "1", "-u", url, "-i", protocol, "--concurrency-range", "2:2",
+               "-p", "500", "-r", "4", "-s", "100"]  # fmt: skip
+    if shared_memory:
+        command += ["--shared-memory", "system", "--output-shared-memory-size", "64"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert run.returncode == 0, f"{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
+    assert "throughput:" in run.stdout and "error" not in run.stdout.lower(), run.stdout[-2000:]
+    assert "Successful request count" in run.stdout  # server-side statistics were read too

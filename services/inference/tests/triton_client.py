@@ -749,10 +749,13 @@ def system_shared_memory_round_trips_over_grpc_and_http(url: str, grpc_url: str,
         assert status == "StatusCode.ALREADY_EXISTS", (status, got)
 
         # CUDA shared memory: a clear refusal on this (CPU) backend.
-        status, got = _http_error(http.get_cuda_shared_memory_status)
+        status, got = _http_error(lambda: http.register_cuda_shared_memory("c", b"aGFuZGxl", 0, 8))
         assert status == "400" and "CUDA shared memory is not supported on this backend" in got, got
-        status, got = _error(grpc.get_cuda_shared_memory_status)
+        status, got = _error(lambda: grpc.register_cuda_shared_memory("c", b"aGFuZGxl", 0, 8))
         assert status == "StatusCode.UNIMPLEMENTED" and "not supported on this backend" in got, got
+        assert http.get_cuda_shared_memory_status() == []
+        http.unregister_cuda_shared_memory()
+        grpc.unregister_cuda_shared_memory()
     finally:
         http.unregister_system_shared_memory("ig-in")
         grpc.unregister_system_shared_memory()
