@@ -41,6 +41,8 @@ class PipelineConfig:
     create_topics: bool = True
     topic_partitions: int = 6
     topic_replication: int = 1
+    # The topics' min.insync.replicas (with acks=all, a write needs this many replicas); 0: the broker's.
+    topic_min_insync_replicas: int = 0
     # Records per consumer batch, and how long a batch waits to fill.
     batch_max_records: int = 5000
     batch_wait_seconds: float = 0.2
@@ -59,6 +61,11 @@ class PipelineConfig:
             raise ValueError(f"batch_max_records must be at least 1, got {self.batch_max_records}")
         if self.topic == self.dead_letter_topic:
             raise ValueError("dead_letter_topic must differ from topic")
+        if not 0 <= self.topic_min_insync_replicas <= self.topic_replication:
+            raise ValueError(
+                f"topic_min_insync_replicas must be 0..topic_replication ({self.topic_replication}), "
+                f"got {self.topic_min_insync_replicas}"
+            )
 
 
 @dataclass(frozen=True)

@@ -96,8 +96,16 @@ def ensure_topics(kafka: KafkaConfig, config: PipelineConfig, timeout: float = 3
     """Creates the topic and the dead-letter topic when missing (blocking; start-up only)."""
     admin = AdminClient(kafka.client_conf())
     existing = admin.list_topics(timeout=timeout).topics
+    topic_config: dict[str, str] = {}
+    if config.topic_min_insync_replicas:
+        topic_config["min.insync.replicas"] = str(config.topic_min_insync_replicas)
     wanted = [
-        NewTopic(name, num_partitions=config.topic_partitions, replication_factor=config.topic_replication)
+        NewTopic(
+            name,
+            num_partitions=config.topic_partitions,
+            replication_factor=config.topic_replication,
+            config=topic_config,
+        )
         for name in (config.topic, config.dead_letter_topic)
         if name not in existing
     ]
