@@ -161,6 +161,7 @@ def build_server(
     telemetry: Telemetry | None = None,
     readiness: ReadinessCheck | None = None,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> Server:
     """Creates a grpc.aio server with the services, health, reflection and the standard interceptors.
 
@@ -170,6 +171,7 @@ def build_server(
         telemetry: Adds OpenTelemetry's server interceptor when tracing is on.
         readiness: Checked every `readiness_interval_seconds`; health is SERVING only while it passes.
         interceptors: Extra interceptors, run after tracing and error mapping.
+        credentials: TLS server credentials for the port (e.g. `libs.mtls.server_credentials`); None: plaintext.
 
     Returns:
         The server, bound but not started, with the port it bound.
@@ -202,7 +204,12 @@ def build_server(
         server,
     )
     host = f"[{config.host}]" if ":" in config.host else config.host
-    port = server.add_insecure_port(f"{host}:{config.port}")
+    address = f"{host}:{config.port}"
+    port = (
+        server.add_insecure_port(address)
+        if credentials is None
+        else server.add_secure_port(address, credentials)
+    )
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     return Server(

@@ -135,3 +135,35 @@ class FakeLimiter:
         self.calls.append(list(buckets))
         wait = 0.0 if self.allow else self.wait_s
         return LimitResult(self.allow, tuple(BucketState(0 if wait else 2, wait) for _ in buckets))
+
+
+# Admission for tests that call a gateway directly (it admits nobody without a verified identity).
+TEST_API_KEY = "ig_test-key-for-unit-tests-only"
+TEST_ADMISSION_YAML = (
+    "admission: {placement: gateway}\n"
+    "rate_limit_tiers: {test_big: {requests_per_second: 100000, burst: 100000}}\n"
+    "tenants: {test: {tier: test_big, models: ['*']}}\n"
+)
+# A Redis URL where nothing listens: tests get the local fallback bucket (no Redis needed).
+NO_REDIS_URL = "redis://127.0.0.1:9/0"
+
+
+def write_test_admission(directory: Path, platform_yaml: str = "") -> Path:
+    """Writes `platform.yaml` (admission in the gateway, tenant `test` allowed every model, plus
+    `platform_yaml`) and its `keys.yaml` holding TEST_API_KEY's hash; returns the platform file."""
+    from libs.apikeys import add_key
+
+    directory.mkdir(parents=True, exist_ok=True)
+    platform = directory / "platform.yaml"
+    platform.write_text(TEST_ADMISSION_YAML + platform_yaml)
+    add_key(directory / "keys.yaml", "test", "test", TEST_API_KEY)
+    return platform
+
+
+class WithApiKey(grpc.aio.UnaryUnaryClientInterceptor):
+    """A client interceptor that sends TEST_API_KEY on calls that carry no metadata of their own."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if not details.metadata:
+            details = details._replace(metadata=grpc.aio.Metadata(("x-api-key", TEST_API_KEY)))
+        return await continuation(details, request)

@@ -50,6 +50,9 @@ class EnvoySettings:
     tracing_otlp_address: str = ""
     # Where a self-signed certificate is written when TLS is on without a certificate file.
     tls_dir: Path = Path(".state/controlplane/tls")
+    # The Envoy → gateway mutual TLS (libs/mtls.py): a folder holding ca.crt, envoy.crt and envoy.key,
+    # sent to Envoy over SDS (re-read with every snapshot). Unset: plaintext to the gateway.
+    mesh_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.platform_poll_seconds <= 0 or self.endpoints_poll_seconds <= 0:

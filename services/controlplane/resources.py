@@ -7,6 +7,7 @@ plane, rather than in Envoy.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,  # noqa: F401
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -40,8 +41,13 @@ CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-# The order in which a change is pushed, so that nothing refers to a resource Envoy does not have yet.
-PUSH_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# The order in which a change is pushed, so that nothing refers to a resource Envoy does not have yet
+# (a rotated certificate arrives before the clusters that use it).
+PUSH_ORDER = (SECRET_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+# SDS secrets of the Envoy → gateway mutual TLS: Envoy's client certificate and the mesh CA.
+MESH_CLIENT_SECRET = "gateway-mesh-client"
+MESH_CA_SECRET = "gateway-mesh-ca"
 
 GATEWAY_CLUSTER = "gateway"
 EDGE_CLUSTER = "edge"
@@ -53,7 +59,9 @@ RATE_LIMIT_DOMAIN = "infergrid"
 # Headers the edge service sets on an authorized request (and that the rate-limit descriptors read).
 TENANT_HEADER = "x-infergrid-tenant"
 MODEL_HEADER = "x-infergrid-model"
-IDENTITY_HEADERS = (TENANT_HEADER, "x-infergrid-tier", MODEL_HEADER, "x-infergrid-key-name")
+# The placement this Envoy was configured for; the gateway refuses calls whose placement is not its own.
+PLACEMENT_HEADER = "x-infergrid-placement"
+IDENTITY_HEADERS = (TENANT_HEADER, "x-infergrid-tier", MODEL_HEADER, "x-infergrid-key-name", PLACEMENT_HEADER)
 
 _HTTP2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -136,6 +144,16 @@ class EnvoyWiring:
     # The certificate and key the listener serves when the platform turns TLS on.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # The Envoy → gateway mutual TLS (libs/mtls.py), sent to Envoy over SDS: the mesh CA and Envoy's
+    # client certificate and key (PEM). Empty: plaintext to the gateway (which then admits no edge identity).
+    mesh_ca_pem: bytes = b""
+    mesh_cert_pem: bytes = b""
+    mesh_key_pem: bytes = b""
+
+    @property
+    def mesh(self) -> bool:
+        """True when Envoy talks to the gateway over mutual TLS."""
+        return bool(self.mesh_ca_pem and self.mesh_cert_pem and self.mesh_key_pem)
 
 
 @dataclass(frozen=True)
@@ -237,11 +255,53 @@ def edge_cluster(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any
     }
 
 
-def gateway_cluster(platform: PlatformConfig) -> dict[str, Any]:
-    """The gateway replicas: HTTP/2, EDS, active gRPC health checks, outlier detection, breakers."""
+def _sds(name: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
+
+
+def mesh_transport_socket() -> dict[str, Any]:
+    """Envoy's side of the mutual TLS to the gateway: its client certificate and the CA, both over SDS."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [_sds(MESH_CLIENT_SECRET)],
+                "validation_context_sds_secret_config": _sds(MESH_CA_SECRET),
+            },
+        },
+    }
+
+
+def secret_resources(wiring: EnvoyWiring) -> dict[str, Message]:
+    """The SDS secrets (only with the mesh on): Envoy's client certificate and the CA it checks the gateway with."""
+    if not wiring.mesh:
+        return {}
+    secrets: list[dict[str, Any]] = [
+        {
+            "name": MESH_CLIENT_SECRET,
+            "tls_certificate": {
+                "certificate_chain": {"inline_bytes": base64.b64encode(wiring.mesh_cert_pem).decode()},
+                "private_key": {"inline_bytes": base64.b64encode(wiring.mesh_key_pem).decode()},
+            },
+        },
+        {
+            "name": MESH_CA_SECRET,
+            "validation_context": {
+                "trusted_ca": {"inline_bytes": base64.b64encode(wiring.mesh_ca_pem).decode()}
+            },
+        },
+    ]
+    return {str(s["name"]): _parse(secret_pb2.Secret, s) for s in secrets}
+
+
+def gateway_cluster(platform: PlatformConfig, wiring: EnvoyWiring | None = None) -> dict[str, Any]:
+    """The gateway replicas: HTTP/2, EDS, active gRPC health checks, outlier detection, breakers, mTLS."""
     gw = platform.gateway
     od, retry = gw.outlier_detection, gw.retry
     return {
+        **({"transport_socket": mesh_transport_socket()} if wiring is not None and wiring.mesh else {}),
         **_eds(GATEWAY_CLUSTER),
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
@@ -454,10 +514,11 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
 
 
 def _rate_limits() -> list[dict[str, Any]]:
-    """Descriptors: (tenant) and (tenant, model); the edge service maps them to the tiers' buckets."""
+    """Descriptors: (tenant) and (tenant, model), each charged the request's rows (the edge's `rows` metadata)."""
     tenant = {"request_headers": {"header_name": TENANT_HEADER, "descriptor_key": "tenant"}}
     model = {"request_headers": {"header_name": MODEL_HEADER, "descriptor_key": "model"}}
-    return [{"actions": [tenant]}, {"actions": [tenant, model]}]
+    rows = {"format": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:rows)%"}
+    return [{"actions": [tenant], "hits_addend": rows}, {"actions": [tenant, model], "hits_addend": rows}]
 
 
 def public_routes(platform: PlatformConfig) -> dict[str, Any]:
@@ -494,6 +555,13 @@ def public_routes(platform: PlatformConfig) -> dict[str, Any]:
                 },
                 # Identity headers come from whoever admitted the request, never from the client.
                 **({} if edge else {"request_headers_to_remove": list(IDENTITY_HEADERS)}),
+                # Tells the gateway which placement this Envoy enforces (it refuses a disagreeing one).
+                "request_headers_to_add": [
+                    {
+                        "header": {"key": PLACEMENT_HEADER, "value": platform.admission.placement},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
             }
         )
     return {
@@ -516,7 +584,7 @@ def build_resources(
     Raises:
         google.protobuf.json_format.ParseError: a resource does not fit Envoy's schema (a bug here).
     """
-    clusters = [gateway_cluster(platform)]
+    clusters = [gateway_cluster(platform, wiring)]
     if platform.admission.placement == "edge":
         clusters.append(edge_cluster(platform, wiring))
     if wiring.tracing_otlp_address:
@@ -527,6 +595,7 @@ def build_resources(
             ENDPOINT_TYPE: endpoint_resources(platform, endpoints),
             LISTENER_TYPE: {LISTENER_NAME: _parse(listener_pb2.Listener, public_listener(platform, wiring))},
             ROUTE_TYPE: {ROUTE_NAME: _parse(route_pb2.RouteConfiguration, public_routes(platform))},
+            SECRET_TYPE: secret_resources(wiring),
         }
     )
 

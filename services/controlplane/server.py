@@ -23,6 +23,7 @@ from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc, discovery_pb2
 from prometheus_client import Counter, Gauge
 
 from libs.discovery import EndpointWatcher, Target, parse_targets
+from libs.mtls import MeshFiles
 from libs.platform import PlatformConfig, PlatformWatcher
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
@@ -221,7 +222,16 @@ def wiring(settings: EnvoySettings, platform: PlatformConfig) -> EnvoyWiring:
     elif cert and key:
         base = settings.platform_file.resolve().parent
         cert, key = str(base / cert), str(base / key)
+    mesh: dict[str, bytes] = {}
+    if settings.mesh_dir is not None:
+        files = MeshFiles(settings.mesh_dir)
+        mesh = {
+            "mesh_ca_pem": files.ca_cert.read_bytes(),
+            "mesh_cert_pem": files.envoy_cert.read_bytes(),
+            "mesh_key_pem": files.envoy_key.read_bytes(),
+        }
     return EnvoyWiring(
+        **mesh,
         descriptor_set=str(settings.descriptor_set.resolve()),
         edge_address=settings.edge_address,
         edge_timeout_ms=settings.edge_timeout_ms,

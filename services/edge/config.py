@@ -32,12 +32,19 @@ class PolicyConfig:
     keys_file: str = ""
     # How often the platform and key files are checked for changes.
     poll_seconds: float = 1.0
-    # The rate limiter's Redis.
+    # The rate limiter's Redis: its own instance or db with maxmemory-policy noeviction (a cache's
+    # eviction must never erase a bucket).
     redis_url: str = "redis://127.0.0.1:6379/0"
-    # Deadline of one rate-limit round trip to Redis; past it the request is let through (fail open).
+    # Deadline of one rate-limit round trip to Redis; past it this replica's local share of the tier answers.
     redis_timeout_ms: int = 200
     # Prefix of the rate limiter's Redis keys.
     key_prefix: str = "infergrid:rl"
+    # Edge replicas sharing the tiers: while Redis is down each allows 1/replicas of a tier's rate.
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
 
 
 @dataclass(frozen=True)

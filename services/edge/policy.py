@@ -1,8 +1,10 @@
-"""Who may call what: API key → tenant → allowed models, decided once per request for Envoy's ext_authz.
+"""Envoy's ext_authz view of admission: reads the model (and the row count) from the request and asks
+`libs.admission.AdmissionPolicy` — the same keys, tenants and model ACL the gateway applies in-process.
 
 Envoy transcodes HTTP/JSON to gRPC before asking, so a request reaches this module as a gRPC call:
 its path names the method, its body (a gRPC frame) carries the model in field 1 of both
-PredictRequest and PredictBatchRequest. A plain `/v1/models/{model}:...` path is understood too.
+PredictRequest and PredictBatchRequest (whose rows are field 3: one rate-limit unit each).
+A plain `/v1/models/{model}:...` path is understood too.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from libs.apikeys import ApiKey, hash_key, presented_key
+from libs.admission import (
+    KEY_NAME_HEADER,
+    MAX_MODEL_CHARS,
+    MODEL_HEADER,
+    TENANT_HEADER,
+    TIER_HEADER,
+    AdmissionPolicy,
+)
+from libs.apikeys import ApiKey
+from libs.errors import PermissionDenied, Unauthenticated
 from libs.platform import PlatformConfig
 
-TENANT_HEADER = "x-infergrid-tenant"
-TIER_HEADER = "x-infergrid-tier"
-MODEL_HEADER = "x-infergrid-model"
-KEY_NAME_HEADER = "x-infergrid-key-name"
+__all__ = ["KEY_NAME_HEADER", "MODEL_HEADER", "TENANT_HEADER", "TIER_HEADER", "Authorizer", "Decision"]
 _REST_PATH = re.compile(r"^/v1/models/(?P<model>[^/:?]+):")
-_MAX_MODEL_CHARS = 256
+_BATCH_PATH = "/infergrid.gateway.v1.PredictionService/PredictBatch"
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,8 @@ class Decision:
     http_status: int = 200
     message: str = ""
     upstream_headers: Mapping[str, str] = field(default_factory=dict)
+    # Rate-limit units of the request: its row count (1 for Predict).
+    rows: int = 1
 
 
 def _denied(status: int, message: str) -> Decision:
@@ -50,11 +60,17 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def model_from_grpc_body(body: bytes) -> str | None:
-    """Field 1 (the model) of the first gRPC message in `body`; None when it cannot be read.
+    """Field 1 (the model) of the first gRPC message in `body`; None when it cannot be read."""
+    read = read_grpc_body(body)
+    return None if read is None else read[0]
+
+
+def read_grpc_body(body: bytes) -> tuple[str, int] | None:
+    """Field 1 (the model) and the count of field 3 (PredictBatch's rows) of the first gRPC message.
 
     Only the top-level fields are walked (length-delimited ones are skipped, not parsed). The *last*
-    occurrence wins, as it does for the gateway's protobuf parser: a message naming the model twice
-    cannot be authorized for one model and served by another.
+    occurrence of the model wins, as it does for the gateway's protobuf parser: a message naming the
+    model twice cannot be authorized for one model and served by another. None: unreadable.
     """
     if len(body) < 5 or body[0] != 0:  # compressed or not a gRPC frame
         return None
@@ -63,6 +79,7 @@ def model_from_grpc_body(body: bytes) -> str | None:
     if len(message) != length:
         return None
     model = ""
+    rows = 0
     pos = 0
     try:
         while pos < len(message):
@@ -78,6 +95,8 @@ def model_from_grpc_body(body: bytes) -> str | None:
                 size, pos = _varint(message, pos)
                 if number == 1:
                     model = message[pos : pos + size].decode()
+                elif number == 3:
+                    rows += 1
                 pos += size
             else:
                 return None
@@ -85,7 +104,7 @@ def model_from_grpc_body(body: bytes) -> str | None:
                 return None
     except (ValueError, UnicodeDecodeError):
         return None
-    return model  # "" when absent: the gateway answers INVALID_ARGUMENT naming the field
+    return model, rows  # model "" when absent: the gateway answers INVALID_ARGUMENT naming the field
 
 
 def requested_model(path: str, body: bytes) -> str | None:
@@ -112,27 +131,35 @@ class Authorizer:
 
     def decide(self, headers: Mapping[str, str], path: str, body: bytes) -> Decision:
         """Authenticates the key (401) and checks the tenant may call the model (403)."""
-        key = presented_key(headers)
-        if not key:
-            return _denied(401, "missing API key: send the x-api-key header or authorization: Bearer <key>")
-        entry = self.keys.get(hash_key(key))
-        if entry is None:
-            return _denied(401, "invalid API key")
-        tenant = self.platform.tenants.get(entry.tenant)
-        if tenant is None:
-            return _denied(403, f"tenant {entry.tenant!r} of this key is not configured")
-        upstream = {TENANT_HEADER: entry.tenant, TIER_HEADER: tenant.tier, KEY_NAME_HEADER: entry.name}
+        policy = AdmissionPolicy(lambda: self.platform, self.keys)
+        try:
+            identity = policy.authenticate(headers)
+        except Unauthenticated as exc:
+            return _denied(401, str(exc))
+        except PermissionDenied as exc:
+            return _denied(403, str(exc))
+        upstream = {
+            TENANT_HEADER: identity.tenant,
+            TIER_HEADER: identity.tier,
+            KEY_NAME_HEADER: identity.key_name,
+        }
         path_only = path.split("?", 1)[0]
+        rows = 1
         if path_only in self.model_paths or _REST_PATH.match(path_only):
-            model = requested_model(path_only, body)
-            if model is None:
+            match = _REST_PATH.match(path_only)
+            read = (match.group("model"), 1) if match else read_grpc_body(body)
+            if read is None:
                 return _denied(
                     400, "cannot read the model from the request (compressed or malformed gRPC body)"
                 )
-            if len(model) > _MAX_MODEL_CHARS:
-                return _denied(400, f"model: longer than {_MAX_MODEL_CHARS} characters")
+            model, rows = read
+            rows = max(1, rows) if path_only == _BATCH_PATH else 1
+            if len(model) > MAX_MODEL_CHARS:
+                return _denied(400, f"model: longer than {MAX_MODEL_CHARS} characters")
             if model:
-                if not tenant.may_call(model):
-                    return _denied(403, f"tenant {entry.tenant!r} may not call model {model!r}")
+                try:
+                    policy.authorize(identity, model)
+                except PermissionDenied as exc:
+                    return _denied(403, str(exc))
                 upstream[MODEL_HEADER] = model
-        return Decision(allowed=True, upstream_headers=upstream)
+        return Decision(allowed=True, upstream_headers=upstream, rows=rows)

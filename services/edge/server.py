@@ -1,8 +1,10 @@
 """The edge gRPC server: Envoy's external authorization API and its rate-limit service API.
 
-`Authorization/Check` authenticates the API key and checks the model (see `policy`);
-`RateLimitService/ShouldRateLimit` charges the tenant's (and the model's) token buckets (see
-`limiter`). Both read the platform file and the key file, reloaded on change without a restart.
+`Authorization/Check` authenticates the API key and checks the model (see `policy`) and tells Envoy the
+request's row count (dynamic metadata `rows`, the rate-limit cost); `RateLimitService/ShouldRateLimit`
+charges the tenant's (and the model's) token buckets through `libs.admission.RateLimits` — the gateway's
+rules, including the local fallback at this replica's share of a tier while Redis does not answer. Both
+read the platform file and the key file, reloaded on change without a restart.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import Counter
 
 from libs import apikeys
+from libs.admission import PLACEMENT_HEADER, RateLimits
 from libs.apikeys import CREDENTIAL_HEADERS, ApiKey, load_keys
 from libs.platform import PlatformConfig, PlatformWatcher
 from libs.ratelimit import (
@@ -51,7 +54,7 @@ log = logging.getLogger(__name__)
 
 AUTH_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 RLS_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
-_IDENTITY_HEADERS = (TENANT_HEADER, TIER_HEADER, MODEL_HEADER, KEY_NAME_HEADER)
+_IDENTITY_HEADERS = (TENANT_HEADER, TIER_HEADER, MODEL_HEADER, KEY_NAME_HEADER, PLACEMENT_HEADER)
 _GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED}
 
 _DECISIONS = Counter("infergrid_edge_authz_total", "Authorization decisions", ["result"])
@@ -110,12 +113,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         _DECISIONS.labels("ok").inc()
         # Identity headers are ours alone: whatever a client sent under those names is dropped.
         remove = [*CREDENTIAL_HEADERS, *(h for h in _IDENTITY_HEADERS if h not in decision.upstream_headers)]
+        metadata = struct_pb2.Struct()
+        metadata.update({"rows": str(decision.rows)})  # the rate limit's hits_addend (per row)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=[_header(k, v) for k, v in decision.upstream_headers.items()],
                 headers_to_remove=remove,
             ),
+            dynamic_metadata=metadata,
         )
 
 
@@ -130,16 +136,18 @@ class _Planned:
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     """Envoy's rate-limit service: descriptors (tenant) and (tenant, model) → token buckets.
 
-    Fails open: when Redis does not answer in time the request is allowed (and counted), because the
-    limits protect capacity while authentication, which fails closed, is the security boundary.
+    When Redis does not answer in time, this replica's share of each tier is charged locally
+    (`libs.admission.RateLimits`): never unlimited.
     """
 
-    def __init__(self, state: PolicyState, limiter: RateLimiter, key_prefix: str, timeout_s: float) -> None:
+    def __init__(
+        self, state: PolicyState, limiter: RateLimiter, key_prefix: str, timeout_s: float, replicas: int = 1
+    ) -> None:
         self._state = state
-        self._limiter = limiter
         self._prefix = key_prefix
-        self._timeout = timeout_s
-        self._last_failure_log = 0.0
+        self._limits = RateLimits(
+            limiter, place="edge", replicas=lambda: replicas, key_prefix=key_prefix, timeout_s=timeout_s
+        )
 
     def _plan(self, domain: str, entries: Mapping[str, str], cost: int) -> _Planned:
         bucket = plan_bucket(
@@ -163,15 +171,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             for d in request.descriptors
         ]
         buckets = [p.bucket for p in plans if p.bucket is not None]
-        try:
-            result = await asyncio.wait_for(self._limiter.hit(buckets), self._timeout)
-        except Exception as exc:  # fail open; see the class docstring
-            _LIMITS.labels("store_error").inc()
-            now = time.monotonic()
-            if now - self._last_failure_log > 5:
-                self._last_failure_log = now
-                log.error("rate-limit store unavailable, allowing requests (fail open): %r", exc)
-            return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+        result = await self._limits.hit(buckets)
         _LIMITS.labels("ok" if result.allowed else "over_limit").inc()
         return _response(plans, result)
 
@@ -234,7 +234,9 @@ async def create_server(
     state = PolicyState(watcher.current, load_keys(keys_path(policy, watcher.current)))
     boxed.append(state)
     authz = AuthorizationServicer(state)
-    rls = RateLimitServicer(state, limiter, policy.key_prefix, policy.redis_timeout_ms / 1000)
+    rls = RateLimitServicer(
+        state, limiter, policy.key_prefix, policy.redis_timeout_ms / 1000, replicas=policy.replicas
+    )
     server = build_server(
         config.server,
         [

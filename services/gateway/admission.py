@@ -1,18 +1,25 @@
-"""Admission in the gateway: the API key, the tenant's models and its rate limits, checked in-process.
+"""Admission in the gateway: every call needs an identity the gateway can verify, in every placement.
 
-Used when the platform says `admission: {placement: gateway}`. Envoy then routes straight here (no
-ext_authz or rate-limit sub-requests, two fewer gRPC hops per request), and this module does what the
-edge service would: a key's sha256 is looked up in the hashed key file (reloaded on change), its
-tenant must be configured and allowed the model, and the tenant's (and the model's) token buckets are
-charged. The buckets are the edge's Redis buckets (same keys, same script semantics), charged through
-leases (`libs.ratelimit.LeasedLimiter`): most requests spend a locally held token, and a lease of about
-`lease_s` worth of the tier's rate is fetched from Redis ahead of need.
+The rules (keys, tenants, model ACL, rate limits and their failure policy) are `libs.admission`'s, shared
+with the edge service. This module decides which identity a call may present, from the gateway's own
+placement (fixed at start-up) and from how the call arrived:
 
-Authentication fails closed (no key, an unknown key: UNAUTHENTICATED; a model the tenant may not call:
-PERMISSION_DENIED), rate limiting fails open (Redis down or slow: the request passes and is counted,
-and Redis is not asked again for `fail_open_s`): the limits protect capacity, the key is the security
-boundary. A refused request gets RESOURCE_EXHAUSTED with `retry-after` (whole seconds), which Envoy's
-transcoder turns into HTTP 429 with a Retry-After header.
+- with mTLS on (`tls_*` files set, as the stack and the cluster run it), the port only accepts
+  connections whose client certificate the mesh CA signed, and a call counts as "through Envoy" only when
+  that certificate is Envoy's (`libs.mtls.peer_is_envoy`); any other caller — a pod, a process on
+  the host, plaintext to the health port — is UNAUTHENTICATED;
+- Envoy announces the placement its control plane configured (`x-infergrid-placement`, overwritten on every
+  route); a gateway whose own placement differs refuses every call (UNAUTHENTICATED, logged, counted):
+  two processes that disagree fail closed instead of each assuming the other checked;
+- placement "edge": the identity is the tenant the edge's ext_authz verified (`x-infergrid-tenant`), believed
+  only over Envoy's mTLS hop, and the model must be the one the edge authorized (`x-infergrid-model`);
+  rate limits were charged by Envoy's rate-limit filter (per row);
+- placement "gateway": the API key, checked here (`AdmissionPolicy`), and the tenant's buckets charged here,
+  one unit per row; identity headers are never read;
+- no platform file: no tenants, so nobody is admitted.
+
+A refused request gets the status of the typed error; RESOURCE_EXHAUSTED carries `retry-after` (whole
+seconds), which Envoy's transcoder turns into HTTP 429 with a Retry-After header.
 """
 
 from __future__ import annotations
@@ -24,108 +31,142 @@ from collections.abc import Callable, Mapping
 import grpc
 from prometheus_client import Counter
 
-from libs.apikeys import CREDENTIAL_HEADERS, ApiKey, hash_key, presented_key
-from libs.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from libs import mtls
+from libs.admission import (
+    DECISIONS,
+    KEY_NAME_HEADER,
+    MODEL_HEADER,
+    PLACEMENT_HEADER,
+    TENANT_HEADER,
+    AdmissionPolicy,
+    Identity,
+    RateLimits,
+)
+from libs.apikeys import CREDENTIAL_HEADERS, ApiKey
+from libs.errors import PermissionDenied, Unauthenticated
 from libs.platform import PlatformConfig
-from libs.ratelimit import RateLimiter, plan_bucket, retry_after_header
 from services.gateway.predictor import CallInfo
 
 log = logging.getLogger(__name__)
 
-# The rate-limit domain Envoy sends the edge service: the same buckets whichever place admits.
-RATE_LIMIT_DOMAIN = "infergrid"
-
-_ADMISSIONS = Counter("infergrid_gateway_admission_total", "Admission decisions in the gateway", ["result"])
-_RESULTS = {
-    name: _ADMISSIONS.labels(name)
-    for name in ("ok", "unauthenticated", "forbidden", "rate_limited", "store_error")
-}
+_DISAGREEMENTS = Counter(
+    "infergrid_gateway_placement_disagreements_total",
+    "Calls refused because Envoy's admission placement differs from the gateway's",
+)
+_READ_HEADERS = frozenset(
+    (*CREDENTIAL_HEADERS, TENANT_HEADER, MODEL_HEADER, KEY_NAME_HEADER, PLACEMENT_HEADER)
+)
 
 
 class Admission:
-    """Decides one call: returns its CallInfo (with the tenant) or raises the status it deserves."""
+    """Decides one call: returns its CallInfo (with the verified tenant) or raises the status it deserves."""
 
     def __init__(
         self,
-        platform: Callable[[], PlatformConfig],
-        limiter: RateLimiter | None,
+        platform: Callable[[], PlatformConfig | None],
+        placement: str,
+        limits: RateLimits,
         *,
-        key_prefix: str = "infergrid:rl",
-        fail_open_s: float = 1.0,
+        mesh: bool,
+        keys: Mapping[str, ApiKey] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._platform = platform
-        self._limiter = limiter
-        self._prefix = key_prefix
-        self._fail_open_s = fail_open_s
+        self.placement = placement
+        self._limits = limits
+        self._mesh = mesh
+        self.policy = AdmissionPolicy(platform, keys)
         self._clock = clock
-        self._keys: Mapping[str, ApiKey] = {}
-        self._skip_limits_until = 0.0
-        self._last_failure_log = 0.0
+        self._last_disagreement_log = -1e9
 
     def set_keys(self, keys: Mapping[str, ApiKey]) -> None:
         """Replaces the keys (sha256 → entry)."""
-        self._keys = keys
+        self.policy.set_keys(keys)
 
-    async def call_info(self, context: grpc.aio.ServicerContext, model: str) -> CallInfo:
-        """Authenticates and rate-limits the call for `model`."""
-        credentials: dict[str, str] = {}
+    async def call_info(self, context: grpc.aio.ServicerContext, model: str, rows: int = 1) -> CallInfo:
+        """Admits the call for `model` (`rows` units of rate limit); see the module docstring."""
+        metadata: dict[str, str] = {}
         for name, value in context.invocation_metadata() or ():
-            if name in CREDENTIAL_HEADERS:
-                credentials[name] = value if isinstance(value, str) else value.decode(errors="replace")
-        tenant = await self.admit(credentials, model)
-        return CallInfo(tenant=tenant, time_remaining=context.time_remaining())
+            if name in _READ_HEADERS:
+                metadata[name] = value if isinstance(value, str) else value.decode(errors="replace")
+        via_envoy = mtls.peer_is_envoy(context.auth_context())
+        try:
+            identity = await self.admit(metadata, model, rows, via_envoy=via_envoy)
+        except Exception:
+            raise
+        DECISIONS.labels("gateway", "ok").inc()
+        return CallInfo(tenant=identity.tenant, time_remaining=context.time_remaining())
 
-    async def admit(self, headers: Mapping[str, str], model: str) -> str:
-        """Returns the caller's tenant.
+    async def admit(
+        self, metadata: Mapping[str, str], model: str, rows: int = 1, *, via_envoy: bool = False
+    ) -> Identity:
+        """The verified identity of a call (see the module docstring).
 
         Raises:
-            Unauthenticated: no key, or a key that is not registered.
-            PermissionDenied: the key's tenant is not configured or may not call `model`.
-            ResourceExhausted: over the tenant's (or the model's) rate; `retry-after` says how long.
+            Unauthenticated: no identity the gateway can verify (or a placement disagreement).
+            PermissionDenied: the tenant is not configured or may not call `model`.
+            ResourceExhausted: over the tenant's (or the model's) rate.
         """
-        key = presented_key(headers)
-        if not key:
-            _RESULTS["unauthenticated"].inc()
-            raise Unauthenticated("missing API key: send the x-api-key header or authorization: Bearer <key>")
-        entry = self._keys.get(hash_key(key))
-        if entry is None:
-            _RESULTS["unauthenticated"].inc()
-            raise Unauthenticated("invalid API key")
+        if self._mesh and not via_envoy:
+            self._refuse("not_via_envoy")
+            raise Unauthenticated("the gateway only admits calls that come through Envoy (mutual TLS)")
         platform = self._platform()
-        tenant = platform.tenants.get(entry.tenant)
-        if tenant is None:
-            _RESULTS["forbidden"].inc()
-            raise PermissionDenied(f"tenant {entry.tenant!r} of this key is not configured")
-        if model and not tenant.may_call(model):
-            _RESULTS["forbidden"].inc()
-            raise PermissionDenied(f"tenant {entry.tenant!r} may not call model {model[:256]!r}")
-        await self._limit(platform, entry.tenant, model)
-        _RESULTS["ok"].inc()
-        return entry.tenant
-
-    async def _limit(self, platform: PlatformConfig, tenant: str, model: str) -> None:
-        if self._limiter is None or self._clock() < self._skip_limits_until:
-            return
-        prefix = self._prefix
-        buckets = [plan_bucket(platform, prefix, RATE_LIMIT_DOMAIN, tenant, None)]
-        if model:
-            buckets.append(plan_bucket(platform, prefix, RATE_LIMIT_DOMAIN, tenant, model))
-        charged = [b for b in buckets if b is not None]
+        if platform is None:
+            self._refuse("no_platform")
+            raise Unauthenticated("the gateway has no platform config (tenants): nobody is admitted")
+        if via_envoy:
+            announced = metadata.get(PLACEMENT_HEADER, "")
+            if announced != self.placement:
+                self._disagree(announced)
+                raise Unauthenticated(
+                    "admission placement disagreement between Envoy and this gateway: call refused"
+                )
+        if self.placement == "edge":
+            return self._edge_identity(metadata, model, via_envoy)
         try:
-            result = await self._limiter.hit(charged)
-        except Exception as exc:  # fail open; see the module docstring
-            _RESULTS["store_error"].inc()
-            now = self._clock()
-            self._skip_limits_until = now + self._fail_open_s
-            if now - self._last_failure_log > 5:
-                self._last_failure_log = now
-                log.error("rate-limit store unavailable, allowing requests (fail open): %r", exc)
-            return
-        if not result.allowed:
-            _RESULTS["rate_limited"].inc()
-            wait = retry_after_header(result.retry_after_seconds)
-            raise ResourceExhausted(
-                f"rate limit of tenant {tenant!r} exceeded; retry after {wait} s",
-                trailing_metadata=(("retry-after", wait),),
+            identity = self.policy.admit(metadata, model)
+        except Unauthenticated:
+            self._refuse("unauthenticated")
+            raise
+        except PermissionDenied:
+            self._refuse("forbidden")
+            raise
+        await self._limits.charge(platform, identity.tenant, model, rows)
+        return identity
+
+    def _edge_identity(self, metadata: Mapping[str, str], model: str, via_envoy: bool) -> Identity:
+        tenant = metadata.get(TENANT_HEADER, "") if via_envoy else ""
+        if not tenant:
+            self._refuse("unauthenticated")
+            raise Unauthenticated(
+                "no verified identity: with admission at the edge only calls through Envoy, "
+                "authorized by the edge service, are admitted"
+            )
+        try:
+            identity = self.policy.identity_of(tenant, metadata.get(KEY_NAME_HEADER, ""))
+            authorized = metadata.get(MODEL_HEADER)
+            if model and authorized != model:
+                # The edge reads the model from the body; protobuf keeps the last of repeated fields.
+                raise PermissionDenied(f"model {model[:256]!r} is not the model the edge authorized")
+            self.policy.authorize(identity, model)
+        except PermissionDenied:
+            self._refuse("forbidden")
+            raise
+        return identity
+
+    def _refuse(self, why: str) -> None:
+        DECISIONS.labels("gateway", why).inc()
+
+    def _disagree(self, announced: str) -> None:
+        _DISAGREEMENTS.inc()
+        self._refuse("placement_disagreement")
+        now = self._clock()
+        if now - self._last_disagreement_log > 5:
+            self._last_disagreement_log = now
+            log.error(
+                "admission placement disagreement: Envoy is configured for %r, this gateway for %r; "
+                "refusing every call until the control plane and the gateway agree (restart the one "
+                "whose platform file is stale)",
+                announced[:32] or "(none)",
+                self.placement,
             )

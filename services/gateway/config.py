@@ -17,6 +17,27 @@ ENV_PREFIX = "INFERGRID_GATEWAY_"
 @dataclass(frozen=True)
 class GatewayServerConfig(ServerConfig):
     port: int = 50051
+    # Mutual TLS on the port (libs/mtls.py): the mesh CA, and the gateway's certificate and key. With
+    # them set only Envoy (its mesh client certificate) is admitted; all three or none.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # A plaintext port for gRPC health checks (kubelet probes cannot present a client certificate);
+    # PredictionService refuses every call that arrives on it. 0: none.
+    health_port: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        tls = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if any(tls) and not all(tls):
+            raise ValueError("tls_ca_file, tls_cert_file and tls_key_file: set all three or none")
+        if not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be 0..65535, got {self.health_port}")
+
+    @property
+    def mesh(self) -> bool:
+        """True when the port requires Envoy's mesh client certificate."""
+        return self.tls_ca_file is not None
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,11 @@ class BatchingConfig:
     max_in_flight_rows: int = 4096
     # Rows in one PredictBatch call.
     max_batch_request_rows: int = 1000
+    # Rows one tenant may have in flight; 0: half of max_in_flight_rows (per-tenant load shedding).
+    max_tenant_in_flight_rows: int = 0
+    # Serialized bytes of one row (its request id, entities and features): its inference-log record
+    # must fit Kafka's message limit (1 MiB by default) with the features and outputs added.
+    max_row_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1 or self.max_concurrent_batches < 1:
@@ -113,6 +139,8 @@ class BatchingConfig:
             raise ValueError("max_batch_delay_s must not be negative")
         if self.max_pending_rows < 1 or self.max_in_flight_rows < 1 or self.max_batch_request_rows < 1:
             raise ValueError("row limits must be at least 1")
+        if self.max_tenant_in_flight_rows < 0 or self.max_row_bytes < 1:
+            raise ValueError("max_tenant_in_flight_rows must be >= 0 and max_row_bytes >= 1")
 
 
 @dataclass(frozen=True)
@@ -129,26 +157,33 @@ class ResponseCacheConfig:
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    """API keys and rate limits, used when the platform says `admission: {placement: gateway}`."""
+    """API keys and rate limits, checked here when the platform says `admission: {placement: gateway}`."""
 
     # The hashed key file; "" uses the platform's `api_keys_file`, relative to the platform file.
     admission_keys_file: str = ""
     admission_keys_poll_s: float = 1.0
-    # The rate limiter's Redis (the edge's buckets: same keys, same semantics).
+    # The rate limiter's Redis (the edge's buckets: same keys, same semantics). Its own Redis (or db)
+    # with maxmemory-policy noeviction: a cache's eviction must never erase a bucket (stack/redis.py).
     admission_redis_url: str = "redis://127.0.0.1:6379/0"
-    # Per lease round trip; past it the request passes (rate limits fail open).
+    # Per lease round trip; past it the local fallback bucket answers (see libs/admission.py).
     admission_redis_timeout_s: float = 0.2
     admission_key_prefix: str = "infergrid:rl"
     # A lease holds about this many seconds of a tier's rate; unspent tokens lapse after the TTL.
     admission_lease_s: float = 0.05
     admission_lease_ttl_s: float = 1.0
-    # After a Redis failure, requests pass unlimited for this long before Redis is tried again.
+    # After a Redis failure, the local bucket (this replica's share of the tier) answers for this long
+    # before Redis is tried again.
     admission_fail_open_s: float = 1.0
+    # Gateway replicas sharing the tiers: the local fallback allows 1/replicas of a tier's rate.
+    # 0: the number of entries in the platform's gateway.endpoints.
+    admission_replicas: int = 0
 
     def __post_init__(self) -> None:
         for name in ("admission_redis_timeout_s", "admission_lease_s", "admission_lease_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.admission_replicas < 0:
+            raise ValueError(f"admission_replicas must be >= 0, got {self.admission_replicas}")
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,9 @@ class PredictorSettings:
     max_concurrent_batches: int = 1
     max_pending_rows: int = 4096
     max_in_flight_rows: int = 4096
+    # Rows one tenant may have in flight (0: half of max_in_flight_rows, at least one full batch), so one tenant's batches
+    # cannot take the whole process and starve the others.
+    max_tenant_in_flight_rows: int = 0
     max_batch_request_rows: int = 1000
     cache_key_prefix: str = "igw:"
 
@@ -176,6 +179,8 @@ class Predictor:
             observe_size=self._metrics.features_batch.observe,
         )
         self.in_flight = 0
+        # Rows in flight by tenant (per-tenant load shedding).
+        self.tenant_in_flight: dict[str, int] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._id_prefix = uuid.uuid4().hex[:20]
         self._id_counter = itertools.count(1)
@@ -223,11 +228,22 @@ class Predictor:
             raise overloaded(
                 f"gateway overloaded: {self.in_flight} rows in flight (limit {self.settings.max_in_flight_rows})"
             )
+        tenant_rows = self.tenant_in_flight.get(call.tenant, 0)
+        # Default: half the process, but never less than one full batch.
+        tenant_cap = self.settings.max_tenant_in_flight_rows or max(
+            self.settings.max_in_flight_rows // 2, self.settings.max_batch_request_rows
+        )
+        if tenant_rows + n > tenant_cap:
+            m.SHED.inc(n)
+            raise overloaded(
+                f"tenant {call.tenant[:64]!r} has {tenant_rows} rows in flight (limit {tenant_cap})"
+            )
         left = call.time_remaining
         deadline = asyncio.get_running_loop().time() + (
             self.settings.request_timeout_s if left is None else left
         )
         self.in_flight += n
+        self.tenant_in_flight[call.tenant] = tenant_rows + n
         try:
             if n == 1:
                 return [await self._predict_row(spec, validated[0], call, deadline, start_ns)]
@@ -238,6 +254,11 @@ class Predictor:
             )
         finally:
             self.in_flight -= n
+            left_rows = self.tenant_in_flight.get(call.tenant, n) - n
+            if left_rows > 0:
+                self.tenant_in_flight[call.tenant] = left_rows
+            else:
+                self.tenant_in_flight.pop(call.tenant, None)
 
     async def report_gauges(self, interval_s: float = 0.5) -> None:
         """Publishes the queue depths as gauges until cancelled (cheaper than per-request updates)."""

@@ -1,15 +1,9 @@
 """The gateway gRPC server: the public PredictionService (behind Envoy) and its wiring (`create_server`).
 
-The servicer translates protos to the domain (`Predictor`) and back. Who admits a request (API key,
-the tenant's models, rate limits) is the platform's `admission.placement`:
-
-- "edge": the edge (Envoy's ext_authz, services/edge) has already checked the API key and the model;
-  it passes the tenant in `x-infergrid-tenant` (logged in the inference-log record) and the model it
-  authorized in `x-infergrid-model`. The gateway refuses (PERMISSION_DENIED) a request whose model
-  differs from the authorized one: the edge reads the first `model` field of the body, protobuf
-  parsing keeps the last, so a body with the field twice must not slip through.
-- "gateway": `admission.Admission` checks the key and the limits here, on the parsed request, and
-  identity headers from the caller are ignored.
+The servicer translates protos to the domain (`Predictor`) and back. Every call is admitted by
+`admission.Admission` first (a verified identity in every placement, see its docstring), then its request
+ids and row sizes are checked: an id the log consumer would refuse is INVALID_ARGUMENT here, naming
+`request_id`, so no answered request's record is dead-lettered.
 """
 
 from __future__ import annotations
@@ -26,12 +20,15 @@ import redis.asyncio as redis_async
 from inference import grpc_service_pb2
 from infergrid.features.v1 import features_pb2
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from libs import apikeys
+from libs import apikeys, mtls
+from libs.admission import RateLimits
 from libs.channels import dial
 from libs.discovery import EndpointWatcher
+from libs.errors import InvalidArgument
 from libs.platform import PlatformConfig, PlatformWatcher
 from libs.pool import ChannelPool
 from libs.ratelimit import LeasedLimiter
+from libs.request_id import request_id_problem
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
@@ -41,7 +38,7 @@ from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
 from services.gateway.features import GrpcFeatureSource
 from services.gateway.models import GrpcModelClient, StreamingModelClient
-from services.gateway.predictor import CallInfo, Prediction, Predictor, PredictorSettings
+from services.gateway.predictor import Prediction, Predictor, PredictorSettings
 from services.gateway.publisher import DiscardingPublisher, RecordPublisher
 from services.gateway.routing import TrafficRouter
 
@@ -50,20 +47,18 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 FEATURES_SERVICE = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-TENANT_HEADER = "x-infergrid-tenant"
-MODEL_HEADER = "x-infergrid-model"
 
 
-def call_info(context: grpc.aio.ServicerContext) -> CallInfo:
-    """The tenant, deadline and model permissions of a call (from the edge's headers)."""
-    tenant = ""
-    allowed: frozenset[str] | None = None
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_HEADER:
-            tenant = str(value)
-        elif key == MODEL_HEADER:
-            allowed = frozenset((str(value),))
-    return CallInfo(tenant=tenant, time_remaining=context.time_remaining(), allowed_models=allowed)
+def check_row(request_id: str, size: int, max_bytes: int, where: str) -> None:
+    """Raises InvalidArgument when a row's request id breaks the log's rule or the row is too large."""
+    if request_id:
+        problem = request_id_problem(request_id)
+        if problem:
+            raise InvalidArgument(f"{where}request_id: {problem}")
+    if size > max_bytes:
+        raise InvalidArgument(
+            f"{where}: {size} bytes, at most {max_bytes} per row (its inference-log record must fit Kafka)"
+        )
 
 
 def _response(prediction: Prediction) -> gateway_pb2.PredictResponse:
@@ -87,59 +82,82 @@ def _response(prediction: Prediction) -> gateway_pb2.PredictResponse:
 class PredictionServiceServicer(gateway_pb2_grpc.PredictionServiceServicer):
     """Translates PredictionService protos to the Predictor and back."""
 
-    def __init__(self, predictor: Predictor, admission: Admission | None = None) -> None:
+    def __init__(self, predictor: Predictor, admission: Admission, max_row_bytes: int = 64 * 1024) -> None:
         self._predictor = predictor
         self._admission = admission
-
-    async def _call_info(self, context: grpc.aio.ServicerContext, model: str) -> CallInfo:
-        if self._admission is None:
-            return call_info(context)
-        return await self._admission.call_info(context, model)
+        self._max_row_bytes = max_row_bytes
 
     async def Predict(  # noqa: N802 - gRPC method names
         self, request: gateway_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PredictResponse:
-        info = await self._call_info(context, request.model)
+        info = await self._admission.call_info(context, request.model)
+        check_row(request.request_id, request.ByteSize(), self._max_row_bytes, "")
         (prediction,) = await self._predictor.predict(request.model, request.version, (request,), info)
         return _response(prediction)
 
     async def PredictBatch(  # noqa: N802 - gRPC method names
         self, request: gateway_pb2.PredictBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PredictBatchResponse:
-        info = await self._call_info(context, request.model)
+        info = await self._admission.call_info(context, request.model, max(1, len(request.rows)))
+        for i, row in enumerate(request.rows):
+            check_row(row.request_id, row.ByteSize(), self._max_row_bytes, f"rows[{i}].")
         predictions = await self._predictor.predict(
             request.model, request.version, request.rows, info, batch=True
         )
         return gateway_pb2.PredictBatchResponse(results=[_response(p) for p in predictions])
 
 
-def _gateway_admission(
-    config: GatewayConfig, watcher: PlatformWatcher
-) -> tuple[Admission, redis_async.Redis, list[Coroutine[Any, Any, None]]]:
-    """Admission in-process: the hashed keys (watched) and the leased Redis token buckets."""
+def _admission(
+    config: GatewayConfig, watcher: PlatformWatcher | None
+) -> tuple[Admission, redis_async.Redis | None, list[Coroutine[Any, Any, None]]]:
+    """Admission in-process: the placement, the hashed keys (watched) and the leased Redis token buckets."""
     settings = config.admission
-    redis = redis_async.Redis.from_url(
-        settings.admission_redis_url,
-        socket_timeout=settings.admission_redis_timeout_s,
-        socket_connect_timeout=settings.admission_redis_timeout_s,
-    )
-    limiter = LeasedLimiter(
-        redis, lease_s=settings.admission_lease_s, lease_ttl_s=settings.admission_lease_ttl_s
-    )
-    admission = Admission(
-        lambda: watcher.current,
+    mesh = config.server.mesh
+    if watcher is None:
+        log.error("no platform file: the gateway knows no tenants and refuses every call (UNAUTHENTICATED)")
+        return Admission(lambda: None, "gateway", RateLimits(None, place="gateway"), mesh=mesh), None, []
+    placement = watcher.current.admission.placement
+    redis = None
+    limiter = None
+    if placement == "gateway":
+        redis = redis_async.Redis.from_url(
+            settings.admission_redis_url,
+            socket_timeout=settings.admission_redis_timeout_s,
+            socket_connect_timeout=settings.admission_redis_timeout_s,
+        )
+        limiter = LeasedLimiter(
+            redis, lease_s=settings.admission_lease_s, lease_ttl_s=settings.admission_lease_ttl_s
+        )
+
+    def _replicas() -> int:
+        return settings.admission_replicas or len(watcher.current.gateway.endpoints)
+
+    limits = RateLimits(
         limiter,
+        place="gateway",
+        replicas=_replicas,
         key_prefix=settings.admission_key_prefix,
-        fail_open_s=settings.admission_fail_open_s,
+        timeout_s=settings.admission_redis_timeout_s,
+        retry_store_after_s=settings.admission_fail_open_s,
     )
-    keys_file = apikeys.keys_path(watcher.path, watcher.current, settings.admission_keys_file)
-    admission.set_keys(apikeys.load_keys(keys_file))
-    log.info("admission in the gateway: keys from %s, rate limits in Redis", keys_file)
-    return (
-        admission,
-        redis,
-        [apikeys.watch_keys(keys_file, admission.set_keys, settings.admission_keys_poll_s)],
-    )
+    admission = Admission(lambda: watcher.current, placement, limits, mesh=mesh)
+    tasks: list[Coroutine[Any, Any, None]] = []
+    if placement == "gateway":
+        keys_file = apikeys.keys_path(watcher.path, watcher.current, settings.admission_keys_file)
+        admission.set_keys(apikeys.load_keys(keys_file))
+        tasks.append(apikeys.watch_keys(keys_file, admission.set_keys, settings.admission_keys_poll_s))
+        log.info("admission in the gateway: keys from %s, rate limits in Redis", keys_file)
+    else:
+        log.info(
+            "admission at the edge: identities believed only from Envoy over mutual TLS (mesh: %s)", mesh
+        )
+    if not mesh:
+        log.warning(
+            "the gateway port is plaintext (no INFERGRID_GATEWAY_TLS_*_FILE): calls cannot be told to come "
+            "through Envoy%s",
+            "; with admission at the edge every call is refused" if placement == "edge" else "",
+        )
+    return admission, redis, tasks
 
 
 def predictor_settings(config: GatewayConfig) -> PredictorSettings:
@@ -155,6 +173,7 @@ def predictor_settings(config: GatewayConfig) -> PredictorSettings:
         max_pending_rows=batching.max_pending_rows,
         max_in_flight_rows=batching.max_in_flight_rows,
         max_batch_request_rows=batching.max_batch_request_rows,
+        max_tenant_in_flight_rows=batching.max_tenant_in_flight_rows,
         cache_key_prefix=config.cache.response_cache_key_prefix,
     )
 
@@ -242,9 +261,6 @@ async def create_server(
 
     router = TrafficRouter()
     watcher: PlatformWatcher | None = None
-    admission: Admission | None = None
-    admission_tasks: list[Coroutine[Any, Any, None]] = []
-    admission_redis: redis_async.Redis | None = None
     if config.models.platform_file is not None:
 
         def _apply(platform: PlatformConfig) -> None:
@@ -253,8 +269,7 @@ async def create_server(
         platform_file = config.models.platform_file
         watcher = PlatformWatcher(platform_file, _apply, config.models.platform_poll_interval_s)
         router.update(watcher.current)
-        if watcher.current.admission.placement == "gateway":
-            admission, admission_redis, admission_tasks = _gateway_admission(config, watcher)
+    admission, admission_redis, admission_tasks = _admission(config, watcher)
 
     cache: ResponseCache | None = None
     if config.cache.response_cache_enabled:
@@ -279,7 +294,11 @@ async def create_server(
         if telemetry and telemetry.tracer_provider
         else None,
     )
-    servicer = PredictionServiceServicer(predictor, admission)
+    servicer = PredictionServiceServicer(predictor, admission, config.batching.max_row_bytes)
+    sc = config.server
+    credentials = None
+    if sc.tls_ca_file is not None and sc.tls_cert_file is not None and sc.tls_key_file is not None:
+        credentials = mtls.server_credentials(sc.tls_ca_file, sc.tls_cert_file, sc.tls_key_file)
     server = build_server(
         config.server,
         [
@@ -289,7 +308,12 @@ async def create_server(
             )
         ],
         telemetry=telemetry,
+        credentials=credentials,
     )
+    if sc.health_port:
+        host = f"[{sc.host}]" if ":" in sc.host else sc.host
+        if server.grpc_server.add_insecure_port(f"{host}:{sc.health_port}") == 0:
+            raise OSError(f"could not bind the health port {sc.host}:{sc.health_port}")
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(predictor.report_gauges())]
     if watcher is not None:

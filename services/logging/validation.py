@@ -10,12 +10,11 @@ from google.protobuf.message import DecodeError
 from infergrid.logging.v1 import logging_pb2
 from libs.inference_log import SCHEMA_VERSION_HEADER
 from libs.kafka import header
+from libs.request_id import MAX_REQUEST_ID_CHARS, request_id_problem  # noqa: F401 - re-exported
 
 SUPPORTED_SCHEMA_VERSIONS = frozenset({int(logging_pb2.SCHEMA_VERSION_1)})
-MAX_REQUEST_ID_CHARS = 128
 # Model names become directory names in the data lake: keep them to a safe alphabet.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]+$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 # Accepted request_time range: 2000-01-01 .. 2200-01-01 (catches unset and unit-confused times).
@@ -61,12 +60,9 @@ def check(record: logging_pb2.InferenceLogRecord) -> None:
     """Checks the fields of a parsed record; raises InvalidRecord naming the first bad one."""
     if int(record.schema_version) not in SUPPORTED_SCHEMA_VERSIONS:
         raise InvalidRecord(f"schema_version: unsupported value {int(record.schema_version)}")
-    if not record.request_id:
-        raise InvalidRecord("request_id: empty")
-    if len(record.request_id) > MAX_REQUEST_ID_CHARS or not _REQUEST_ID.match(record.request_id):
-        raise InvalidRecord(
-            f"request_id: must be 1-{MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces"
-        )
+    problem = request_id_problem(record.request_id)
+    if problem:
+        raise InvalidRecord(f"request_id: {problem}")
     if not MODEL_NAME.match(record.model):
         raise InvalidRecord(f"model: {record.model[:140]!r} is not a model name ([A-Za-z0-9._-], 1-128)")
     if not record.HasField("request_time"):

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2
+from libs.apikeys import presented_key
 from libs.platform import parse_platform
 from services.edge import keys as keys_cli
 from services.edge.keys import KeyFileError, add_key, hash_key, load_keys, parse_keys
-from services.edge.policy import Authorizer, model_from_grpc_body, presented_key, requested_model
+from services.edge.policy import Authorizer, model_from_grpc_body, requested_model
 
 PLATFORM = parse_platform(
     """

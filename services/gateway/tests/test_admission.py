@@ -1,4 +1,5 @@
-"""Admission in the gateway: keys, tenants' models, rate limits (fake limiter), fail-open, and over gRPC."""
+"""Admission in the gateway: keys, tenants' models, per-row rate limits (fake limiter), the local fallback,
+the edge identity only over Envoy's mTLS hop, placement disagreement, no platform, and over gRPC."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import grpc
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.admission import RateLimits
 from libs.apikeys import add_key, load_keys
 from libs.errors import PermissionDenied, ResourceExhausted, Unauthenticated
-from libs.platform import parse_platform
+from libs.platform import PlatformConfig, parse_platform
 from libs.testing import FakeLimiter
 from services.gateway.admission import Admission
 from services.gateway.config import AdmissionConfig, GatewayConfig, GatewayServerConfig, ModelsConfig
@@ -29,25 +31,46 @@ models:
 """
 
 
-def _admission(tmp_path: Path, limiter: FakeLimiter, clock: list[float] | None = None) -> Admission:
+def _admission(
+    tmp_path: Path,
+    limiter: FakeLimiter,
+    clock: list[float] | None = None,
+    *,
+    placement: str = "gateway",
+    mesh: bool = False,
+    replicas: int = 1,
+) -> Admission:
     platform = parse_platform(PLATFORM)
     keys_file = tmp_path / "keys.yaml"
     add_key(keys_file, "demo", "k-demo", "ig_demo")
     add_key(keys_file, "nobody", "k-orphan", "ig_orphan")
     now = clock if clock is not None else [0.0]
-    admission = Admission(lambda: platform, limiter, fail_open_s=1.0, clock=lambda: now[0])
+    limits = RateLimits(
+        limiter, place="gateway", replicas=lambda: replicas, retry_store_after_s=1.0, clock=lambda: now[0]
+    )
+    admission = Admission(lambda: platform, placement, limits, mesh=mesh)
     admission.set_keys(load_keys(keys_file))
     return admission
+
+
+async def _tenant(admission: Admission, headers: dict[str, str], model: str, rows: int = 1) -> str:
+    return (await admission.admit(headers, model, rows)).tenant
 
 
 async def test_a_valid_key_admits_its_tenant_and_charges_tenant_and_model_buckets(tmp_path: Path) -> None:
     limiter = FakeLimiter()
     admission = _admission(tmp_path, limiter)
-    assert await admission.admit({"x-api-key": "ig_demo"}, "fraud") == "demo"
-    assert await admission.admit({"authorization": "Bearer ig_demo"}, "fraud") == "demo"
+    assert await _tenant(admission, {"x-api-key": "ig_demo"}, "fraud") == "demo"
+    assert await _tenant(admission, {"authorization": "Bearer ig_demo"}, "fraud") == "demo"
     (tenant_bucket, model_bucket) = limiter.calls[0]
     assert tenant_bucket.key == "infergrid:rl:infergrid:{demo}" and tenant_bucket.burst == 3
     assert model_bucket.key == "infergrid:rl:infergrid:{demo}:model:fraud" and model_bucket.burst == 1
+
+
+async def test_a_batch_is_charged_one_unit_per_row(tmp_path: Path) -> None:
+    limiter = FakeLimiter()
+    await _admission(tmp_path, limiter).admit({"x-api-key": "ig_demo"}, "fraud", 1000)
+    assert [b.cost for b in limiter.calls[0]] == [1000, 1000]
 
 
 @pytest.mark.parametrize(
@@ -69,6 +92,52 @@ async def test_refusals_name_the_problem_and_never_charge(
     assert limiter.calls == []
 
 
+@pytest.mark.parametrize("placement", ["gateway", "edge"])
+async def test_forged_identity_headers_are_never_believed_without_envoys_certificate(
+    tmp_path: Path, placement: str
+) -> None:
+    forged = {"x-infergrid-tenant": "demo", "x-infergrid-model": "fraud", "x-infergrid-placement": placement}
+    for mesh in (False, True):
+        admission = _admission(tmp_path, FakeLimiter(), placement=placement, mesh=mesh)
+        with pytest.raises(Unauthenticated):
+            await admission.admit(forged, "fraud", via_envoy=False)
+
+
+async def test_the_edge_identity_is_believed_over_envoys_mtls_hop_for_the_authorized_model(
+    tmp_path: Path,
+) -> None:
+    limiter = FakeLimiter()
+    admission = _admission(tmp_path, limiter, placement="edge", mesh=True)
+    headers = {"x-infergrid-tenant": "demo", "x-infergrid-model": "fraud", "x-infergrid-placement": "edge"}
+    assert (await admission.admit(headers, "fraud", via_envoy=True)).tenant == "demo"
+    assert limiter.calls == []  # the edge's rate-limit filter charged it
+    with pytest.raises(PermissionDenied):
+        await admission.admit(headers, "ranker", via_envoy=True)
+    with pytest.raises(PermissionDenied):  # a tenant the platform does not know
+        await admission.admit({**headers, "x-infergrid-tenant": "ghost"}, "fraud", via_envoy=True)
+
+
+@pytest.mark.parametrize(("mine", "envoys"), [("edge", "gateway"), ("gateway", "edge"), ("edge", "")])
+async def test_a_placement_disagreement_refuses_every_call(tmp_path: Path, mine: str, envoys: str) -> None:
+    admission = _admission(tmp_path, FakeLimiter(), placement=mine, mesh=True)
+    headers = {"x-api-key": "ig_demo", "x-infergrid-tenant": "demo", "x-infergrid-model": "fraud"}
+    if envoys:
+        headers["x-infergrid-placement"] = envoys
+    with pytest.raises(Unauthenticated, match="placement disagreement"):
+        await admission.admit(headers, "fraud", via_envoy=True)
+
+
+async def test_without_a_platform_nobody_is_admitted(tmp_path: Path) -> None:
+    missing: list[PlatformConfig] = []
+    admission = Admission(
+        lambda: missing[0] if missing else None, "gateway", RateLimits(None, place="t"), mesh=False
+    )
+    add_key(tmp_path / "keys.yaml", "demo", "k-demo", "ig_demo")
+    admission.set_keys(load_keys(tmp_path / "keys.yaml"))
+    with pytest.raises(Unauthenticated, match="no platform"):
+        await admission.admit({"x-api-key": "ig_demo"}, "fraud")
+
+
 async def test_over_the_limit_is_resource_exhausted_with_retry_after(tmp_path: Path) -> None:
     limiter = FakeLimiter()
     limiter.allow = False
@@ -78,18 +147,23 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_after(tmp_path: P
     assert caught.value.trailing_metadata == (("retry-after", "3"),)
 
 
-async def test_a_store_failure_fails_open_and_rests_redis_for_a_while(tmp_path: Path) -> None:
+async def test_a_store_failure_falls_back_to_this_replicas_share_of_the_tier(tmp_path: Path) -> None:
     limiter, now = FakeLimiter(), [100.0]
-    admission = _admission(tmp_path, limiter, now)
+    # Two replicas: the tenant's tier (2/s, burst 3) becomes 1/s, burst 2 here; the model tier 0.5/s, burst 1.
+    admission = _admission(tmp_path, limiter, now, replicas=2)
     limiter.fail = True
-    assert await admission.admit({"x-api-key": "ig_demo"}, "fraud") == "demo"
-    limiter.fail, limiter.allow = False, False
-    # Within fail_open_s Redis is not asked: the request passes without a limit.
-    assert await admission.admit({"x-api-key": "ig_demo"}, "fraud") == "demo"
-    assert limiter.calls == []
-    now[0] += 1.5
+    assert await _tenant(admission, {"x-api-key": "ig_demo"}, "fraud") == "demo"
+    with pytest.raises(ResourceExhausted):  # never unlimited: the model's local bucket is spent
+        await admission.admit({"x-api-key": "ig_demo"}, "fraud")
+    limiter.fail = False
+    # Within retry_store_after_s Redis is not asked again.
+    now[0] += 0.5
     with pytest.raises(ResourceExhausted):
         await admission.admit({"x-api-key": "ig_demo"}, "fraud")
+    assert limiter.calls == []
+    now[0] += 1.0
+    assert await _tenant(admission, {"x-api-key": "ig_demo"}, "fraud") == "demo"
+    assert len(limiter.calls) == 1
     # Authentication never fails open.
     limiter.fail = True
     with pytest.raises(Unauthenticated):

@@ -24,7 +24,14 @@ from libs.channels import dial
 from libs.errors import DeadlineExceeded
 from libs.pool import ChannelPool
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
-from services.gateway.config import GatewayConfig, GatewayServerConfig, ModelsConfig, UpstreamConfig
+from libs.testing import NO_REDIS_URL, WithApiKey, write_test_admission
+from services.gateway.config import (
+    AdmissionConfig,
+    GatewayConfig,
+    GatewayServerConfig,
+    ModelsConfig,
+    UpstreamConfig,
+)
 from services.gateway.models import GrpcModelClient, StreamingModelClient
 from services.gateway.server import FEATURES_SERVICE, INFERENCE_SERVICE, create_server
 from services.gateway.tests.fakes import DESCRIPTION, toy_spec
@@ -181,7 +188,10 @@ async def test_an_endpoint_added_to_the_discovery_file_gets_traffic(tmp_path: Pa
     endpoints.write_text(json.dumps({"endpoints": [address_a]}))
     config = GatewayConfig(
         server=GatewayServerConfig(port=0),
-        models=ModelsConfig(model_repository=tmp_path / "models"),
+        models=ModelsConfig(
+            model_repository=tmp_path / "models", platform_file=write_test_admission(tmp_path)
+        ),
+        admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
         upstream=UpstreamConfig(
             features_target=f"localhost:{f_port}",
             inference_target=f"file:{endpoints}",
@@ -194,7 +204,9 @@ async def test_an_endpoint_added_to_the_discovery_file_gets_traffic(tmp_path: Pa
     await server.start()
     request = gateway_pb2.PredictRequest(model="toy", entities={"user_id": "u1", "merchant_id": "m1"})
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.port}", interceptors=[WithApiKey()]
+        ) as channel:
             stub = gateway_pb2_grpc.PredictionServiceStub(channel)
             for _ in range(4):
                 await stub.Predict(request, timeout=5)

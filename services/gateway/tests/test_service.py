@@ -1,8 +1,9 @@
 """The gateway over real gRPC, with small fake FeatureService and inference servers behind it.
 
-Status codes and messages as a client sees them, the edge headers, the circuit
-breakers (features down: defaults, then no more calls while open; inference
-down: UNAVAILABLE) and a traffic split changed in the platform file without a restart.
+Status codes and messages as a client sees them, the edge headers (believed only over the mesh's mutual
+TLS with Envoy's client certificate: the tests connect as Envoy does), the circuit breakers (features
+down: defaults, then no more calls while open; inference down: UNAVAILABLE) and a traffic split changed in
+the platform file without a restart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from inference import grpc_service_pb2_grpc
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from infergrid.types.v1 import value_pb2
+from libs import mtls
 from libs.server import Server
 from services.gateway.config import GatewayConfig, GatewayServerConfig, ModelsConfig, UpstreamConfig
 from services.gateway.server import create_server
@@ -41,17 +43,6 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
         self.user_key_type = value_pb2.VALUE_TYPE_STRING
         self.time_remaining: list[float | None] = []
 
-    async def GetFeatureView(  # noqa: N802
-        self, request: features_pb2.GetFeatureViewRequest, context: grpc.aio.ServicerContext
-    ) -> features_pb2.FeatureView:
-        key, kind = ("user_id", self.user_key_type) if request.name == "user" else ("merchant_id", 4)
-        return features_pb2.FeatureView(
-            name=request.name,
-            entity=features_pb2.Entity(
-                name=request.name, key_columns=[features_pb2.EntityKeyColumn(name=key, type=kind)]
-            ),
-        )
-
     async def GetOnlineFeatures(  # noqa: N802
         self, request: features_pb2.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.GetOnlineFeaturesResponse:
@@ -66,12 +57,14 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
             view, feature = ref.split(":")
             vector = reply.results.add()
             for i in range(n):
-                key = request.entities[keys[view]].values[i]
-                if key.WhichOneof("kind") == "int64_value":
-                    assert view == "user" and self.user_key_type == value_pb2.VALUE_TYPE_INT64
-                    entity = str(key.int64_value)
-                else:
-                    entity = key.string_value
+                entity = request.entities[keys[view]].values[i].string_value  # keys arrive as strings
+                if view == "user" and self.user_key_type == value_pb2.VALUE_TYPE_INT64:
+                    if not entity.isdigit():  # converted to the view's key type, as the real service does
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"entities.user_id: expected an integer, got {entity!r} (row {i})",
+                        )
+                    entity = str(int(entity))
                 value = STORE.get((view, entity), {}).get(feature)
                 vector.values.add(float_value=value or 0.0)
                 vector.statuses.append(
@@ -152,13 +145,41 @@ async def _serve(register: object) -> tuple[grpc.aio.Server, int]:
 
 def _platform(weights: tuple[int, int]) -> str:
     return (
+        "rate_limit_tiers: {big: {requests_per_second: 1000, burst: 1000}}\n"
+        "tenants: {acme: {tier: big, models: ['*']}}\n"
         "models:\n  toy:\n    versions:\n"
         f"      - {{version: '1', weight: {weights[0]}}}\n      - {{version: '2', weight: {weights[1]}}}\n"
     )
 
 
+# What the edge (through Envoy) adds to an authorized call for `toy`.
+EDGE_HEADERS = (
+    ("x-infergrid-tenant", "acme"),
+    ("x-infergrid-model", "toy"),
+    ("x-infergrid-placement", "edge"),
+)
+
+
+class _AsEnvoy(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds the edge's identity headers (for the model the body names, as the edge reads it) to calls that
+    set none (the tests' default caller)."""
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        if not details.metadata:
+            headers = [EDGE_HEADERS[0], EDGE_HEADERS[2]]
+            if request.model:
+                headers.append(("x-infergrid-model", request.model))
+            details = details._replace(metadata=grpc.aio.Metadata(*headers))
+        return await continuation(details, request)
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> mtls.MeshFiles:
+    return mtls.ensure_mesh_certificates(tmp_path_factory.mktemp("mesh"))
+
+
 @pytest.fixture(params=[True, False], ids=["stream", "unary"])
-async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+async def stack(tmp_path: Path, request: pytest.FixtureRequest, mesh: mtls.MeshFiles) -> AsyncIterator[Stack]:
     model_dir = tmp_path / "models" / "toy"
     for version in ("1", "2"):
         (model_dir / version).mkdir(parents=True)
@@ -174,7 +195,9 @@ async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     )
     publisher = ListPublisher()
     config = GatewayConfig(
-        server=GatewayServerConfig(port=0),
+        server=GatewayServerConfig(
+            port=0, tls_ca_file=mesh.ca_cert, tls_cert_file=mesh.gateway_cert, tls_key_file=mesh.gateway_key
+        ),
         models=ModelsConfig(
             model_repository=tmp_path / "models", platform_file=platform, platform_poll_interval_s=0.05
         ),
@@ -191,7 +214,10 @@ async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     server = await create_server(config, publisher=publisher)
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        credentials = mtls.channel_credentials(mesh.ca_cert, mesh.envoy_cert, mesh.envoy_key)
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{server.port}", credentials, interceptors=[_AsEnvoy()]
+        ) as channel:
             yield Stack(
                 gateway_pb2_grpc.PredictionServiceStub(channel),
                 features,
@@ -215,9 +241,7 @@ def _request(**features: float) -> gateway_pb2.PredictRequest:
 
 
 async def test_predict_over_grpc_with_the_edge_headers(stack: Stack) -> None:
-    reply = await stack.gateway.Predict(
-        _request(), timeout=5, metadata=(("x-infergrid-tenant", "acme"), ("x-infergrid-model", "toy"))
-    )
+    reply = await stack.gateway.Predict(_request(), timeout=5, metadata=EDGE_HEADERS)
     expected = float(np.asarray([5, 40, 3, 3, 0.25], dtype=np.float32) @ WEIGHTS + 1.0)
     assert reply.model == "toy" and reply.model_version == "1"
     assert reply.outputs["score"].float_value == pytest.approx(expected, rel=1e-6)
@@ -260,7 +284,11 @@ async def test_bad_requests_get_the_status_naming_the_problem(
 
 async def test_a_model_other_than_the_authorized_one_is_denied(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stack.gateway.Predict(_request(), timeout=5, metadata=(("x-infergrid-model", "other"),))
+        await stack.gateway.Predict(
+            _request(),
+            timeout=5,
+            metadata=(*EDGE_HEADERS[:1], ("x-infergrid-model", "other"), EDGE_HEADERS[2]),
+        )
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

@@ -1,4 +1,4 @@
-"""With Redis unreachable the rate limiter lets requests through (fail open); authentication still decides."""
+"""With Redis unreachable the rate limiter charges this replica's local share of the tier: never unlimited."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.integration.edge.conftest import EdgeStack, _spawn, _wait_serving
 pytestmark = pytest.mark.integration
 
 
-def test_rate_limits_fail_open_when_redis_is_down(edge_stack: EdgeStack, tmp_path: Path) -> None:
+def test_rate_limits_fall_back_to_the_local_share_when_redis_is_down(edge_stack: EdgeStack, tmp_path: Path) -> None:
     port, dead_redis = find_free_ports("127.0.0.1", 2)
     edge = _spawn(
         "services.edge",
@@ -26,6 +26,7 @@ def test_rate_limits_fail_open_when_redis_is_down(edge_stack: EdgeStack, tmp_pat
             "INFERGRID_EDGE_REDIS_TIMEOUT_MS": "100",
             "INFERGRID_EDGE_METRICS_PORT": "0",
             "INFERGRID_EDGE_DRAIN_SECONDS": "0",
+            "INFERGRID_EDGE_REPLICAS": "1",
         },
         tmp_path / "edge-no-redis.log",
         port,
@@ -46,5 +47,8 @@ def test_rate_limits_fail_open_when_redis_is_down(edge_stack: EdgeStack, tmp_pat
     finally:
         edge.stop()
 
-    assert answers == [rls_pb2.RateLimitResponse.OK] * 10
-    assert "fail open" in edge.log_text()
+    # Tier `small`: 1/s, burst 5 — one replica's share is the whole tier: 5 pass, the rest are refused.
+    ok = rls_pb2.RateLimitResponse.OK
+    assert answers[:5] == [ok] * 5
+    assert rls_pb2.RateLimitResponse.OVER_LIMIT in answers[5:]
+    assert "rate-limit store unavailable" in edge.log_text()

@@ -33,9 +33,19 @@ from infergrid.types.v1 import value_pb2
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
 from libs.kafka import KafkaConfig
 from libs.server import Server
-from libs.testing import REPO_ROOT, free_port, stop_process, wait_serving
+from libs.testing import (
+    NO_REDIS_URL,
+    REPO_ROOT,
+    TEST_ADMISSION_YAML,
+    WithApiKey,
+    free_port,
+    stop_process,
+    wait_serving,
+    write_test_admission,
+)
 from services.features import demo as features_demo
 from services.gateway.config import (
+    AdmissionConfig,
     GatewayConfig,
     GatewayServerConfig,
     ModelsConfig,
@@ -66,7 +76,7 @@ REQUEST_FEATURES = {
 
 
 def _split(weights: tuple[int, int], shadow: str = "") -> str:
-    text = (
+    text = TEST_ADMISSION_YAML + (
         "models:\n  fraud:\n    versions:\n"
         f"      - {{version: '1', weight: {weights[0]}}}\n      - {{version: '2', weight: {weights[1]}}}\n"
     )
@@ -166,8 +176,7 @@ async def env(
         KafkaConfig(kafka_bootstrap_servers=kafka_server.bootstrap_servers),
     )
     producer.start()
-    platform = tmp / "platform.yaml"
-    platform.write_text(_split((90, 10), shadow="2"))
+    platform = write_test_admission(tmp, _split((90, 10), shadow="2")[len(TEST_ADMISSION_YAML) :])
     server = None
     try:
         assert features.proc is not None and inference.proc is not None
@@ -177,6 +186,7 @@ async def env(
         config = GatewayConfig(
             server=GatewayServerConfig(port=0),
             models=ModelsConfig(model_repository=repo, platform_file=platform, platform_poll_interval_s=0.1),
+            admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
             upstream=UpstreamConfig(
                 features_target=f"127.0.0.1:{features_port}",
                 inference_target=f"127.0.0.1:{inference_port}",
@@ -187,7 +197,9 @@ async def env(
         server = await create_server(config, publisher=producer)
         await server.start()
         async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as gateway_channel,
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{server.port}", interceptors=[WithApiKey()]
+            ) as gateway_channel,
             grpc.aio.insecure_channel(f"127.0.0.1:{features_port}") as features_channel,
         ):
             yield Env(
@@ -338,7 +350,9 @@ async def test_a_changed_split_applies_without_a_restart(env: Env) -> None:
             break
         assert time.monotonic() < deadline, "the new split was not applied"
         await asyncio.sleep(0.1)
-    env.platform.write_text("models: {fraud: {versions: [{version: '1', weight: -1}]}}\n")  # rejected
+    env.platform.write_text(
+        TEST_ADMISSION_YAML + "models: {fraud: {versions: [{version: '1', weight: -1}]}}\n"
+    )  # rejected
     await asyncio.sleep(0.5)
     replies = await asyncio.gather(*(env.gateway.Predict(_request(u), timeout=10) for u in range(20)))
     assert {r.model_version for r in replies} == {"2"}
@@ -368,7 +382,8 @@ async def test_bad_input_gets_a_status_naming_the_problem_and_never_crashes(
 async def test_the_response_cache_on_real_redis_answers_repeats(env: Env, redis_server: Redis) -> None:
     config = GatewayConfig(
         server=GatewayServerConfig(port=0),
-        models=ModelsConfig(model_repository=env.repo),
+        models=ModelsConfig(model_repository=env.repo, platform_file=env.platform),
+        admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
         upstream=UpstreamConfig(
             features_target=f"127.0.0.1:{env.features_port}",
             inference_target=env.inference_target,
@@ -385,7 +400,9 @@ async def test_the_response_cache_on_real_redis_answers_repeats(env: Env, redis_
     server = await create_server(config)
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.port}", interceptors=[WithApiKey()]
+        ) as channel:
             stub = gateway_pb2_grpc.PredictionServiceStub(channel)
             first = await stub.Predict(_request(11, version="1"), timeout=10)
             assert not first.cached
