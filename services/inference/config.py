@@ -64,6 +64,22 @@ class ModelServingConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The model control API (RepositoryModelLoad/Unload): off unless enabled or token-protected."""
+
+    # On without a token: anyone who reaches the port may load and unload models (a private network only).
+    control_enabled: bool = False
+    # A file holding the admin token; set: calls must send `authorization: Bearer <token>`.
+    control_token_file: Path | None = None
+    # Instances one model config may ask for (instance_group counts summed).
+    control_max_instances: int = 8
+
+    def __post_init__(self) -> None:
+        if self.control_max_instances < 1:
+            raise ValueError(f"control_max_instances must be at least 1, got {self.control_max_instances}")
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     """Everything the inference service reads at start-up."""
 
@@ -71,3 +87,4 @@ class InferenceConfig:
     telemetry: InferenceTelemetryConfig = field(default_factory=InferenceTelemetryConfig)
     models: ModelServingConfig = field(default_factory=ModelServingConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)

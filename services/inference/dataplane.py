@@ -21,6 +21,7 @@ from services.inference.codec import (
     requested_outputs,
     tensor_bytes,
 )
+from services.inference.control import ControlGate
 from services.inference.errors import NotSupported
 from services.inference.metrics import Duration, VersionStatistics
 from services.inference.model_config import TENSORRT, parse_config_json
@@ -97,8 +98,11 @@ class DataPlane:
         strict_readiness: bool = False,
         trace: TraceSettings | None = None,
         log: LogSettings | None = None,
+        control: ControlGate | None = None,
     ) -> None:
         self.repository = repository
+        # The model control API's gate: off unless the server enables it (services/inference/control.py).
+        self.control = control or ControlGate()
         self.shared_memory = SharedMemoryRegistry()
         self.trace = trace or TraceSettings(None, 0.0)
         self.log = log or LogSettings()
@@ -184,13 +188,15 @@ class DataPlane:
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         return self.repository.index(ready_only=ready_only)
 
-    async def load(self, name: str, parameters: Mapping[str, Any]) -> None:
+    async def load(self, name: str, parameters: Mapping[str, Any], headers: Mapping[str, str]) -> None:
         """(Re)loads a model, with a JSON `config` parameter instead of its config.pbtxt when given.
 
         Raises:
             InvalidArgument: An empty name or a malformed config; NotSupported: `file:` parameters;
             ModelNotFound / ModelLoadError: from the repository.
+            PermissionDenied / Unauthenticated: the control API is off or the admin token is wrong.
         """
+        self.control.check(headers)
         config = None
         for key, value in parameters.items():
             if key == "config":
@@ -205,7 +211,8 @@ class DataPlane:
             raise InvalidArgument("model_name: must not be empty")
         await self.repository.load(name, config)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, headers: Mapping[str, str]) -> None:
+        self.control.check(headers)
         if not name:
             raise InvalidArgument("model_name: must not be empty")
         await self.repository.unload(name)

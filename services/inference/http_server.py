@@ -485,13 +485,15 @@ class HttpFrontDoor:
 
     async def load(self, request: web.Request) -> web.Response:
         doc = await _body(request, "model load request", required=False)
-        await self._plane.load(request.match_info["model"], _params(doc, "model load request"))
+        await self._plane.load(
+            request.match_info["model"], _params(doc, "model load request"), dict(request.headers.items())
+        )
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
         doc = await _body(request, "model unload request", required=False)
         _params(doc, "model unload request")  # unload_dependents: no model has dependents here
-        await self._plane.unload(request.match_info["model"])
+        await self._plane.unload(request.match_info["model"], dict(request.headers.items()))
         return web.Response(status=200)
 
     # --- shared memory ---

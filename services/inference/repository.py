@@ -49,6 +49,8 @@ class RepositorySettings:
     warmup: bool = True
     # Models to load at start-up; empty: every model folder.
     startup_models: tuple[str, ...] = ()
+    # Model instances one config may ask for (a RepositoryModelLoad config must not exhaust the host).
+    max_instances: int = 8
 
 
 @dataclass
@@ -83,6 +85,13 @@ class IndexEntry:
     version: str
     state: str
     reason: str
+
+
+def _safe_name(name: str) -> bool:
+    """A name that stays one entry inside its folder: not empty, no separator, no `..`, not absolute, no NUL."""
+    return (
+        bool(name) and not any(c in name for c in "/\\\0") and ".." not in name and not name.startswith(".")
+    )
 
 
 def _numeric_versions(model_dir: Path) -> list[int]:
@@ -211,13 +220,7 @@ class ModelRepository:
             ModelNotFound: No such model folder.
             ModelLoadError: The config is bad or a version failed to load; says why.
         """
-        if (
-            self._root is None
-            or not name
-            or "/" in name
-            or name.startswith(".")
-            or not (self._root / name).is_dir()
-        ):
+        if self._root is None or not _safe_name(name) or not (self._root / name).is_dir():
             raise ModelNotFound(f"model '{name}' is not in the model repository")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -284,6 +287,11 @@ class ModelRepository:
     def _read_spec(self, name: str, model_dir: Path, override: mc.ModelConfig | None) -> ModelSpec:
         config = mc.ModelConfig()
         config.CopyFrom(override if override is not None else read_config(model_dir))
+        if config.default_model_filename and not _safe_name(config.default_model_filename):
+            raise ModelLoadError(
+                f"model '{name}': default_model_filename must be a plain file name (no '/', '\\', '..', "
+                "absolute path)"
+            )
         if not config.input or not config.output:
             versions = _numeric_versions(model_dir)
             backend = self._backends.get(config.backend or "onnxruntime") or self._backends["onnxruntime"]
@@ -296,7 +304,12 @@ class ModelRepository:
                 )
             inputs, outputs = backend.signature(path)
             complete_config(config, inputs, outputs)
-        return spec_from_config(config, name)
+        spec = spec_from_config(config, name)
+        if spec.instance_count > self._settings.max_instances:
+            raise ModelLoadError(
+                f"model '{name}': {spec.instance_count} instances, at most {self._settings.max_instances}"
+            )
+        return spec
 
     def _load_version(
         self, spec: ModelSpec, model_dir: Path, version: int

@@ -23,6 +23,7 @@ from libs.telemetry import Telemetry, tracer
 from services.inference.backends import BackendOptions, ModelBackend, create_backends
 from services.inference.codec import CONTENTS_FIELD, InferRequest, InputTensor, RequestedOutput, tensor_bytes
 from services.inference.config import InferenceConfig
+from services.inference.control import ControlGate
 from services.inference.dataplane import EXTENSIONS, SERVER_NAME, SERVER_VERSION, DataPlane, InferResult
 from services.inference.errors import InvalidInput, NotSupported
 from services.inference.http_server import HttpFrontDoor
@@ -38,6 +39,11 @@ STREAM_SPAN = "/inference.GRPCInferenceService/ModelStreamInfer request"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    """A call's metadata as str → str (the model control API reads `authorization`)."""
+    return {k: v if isinstance(v, str) else "" for k, v in (context.invocation_metadata() or ())}
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -344,13 +350,13 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         parameters = {key: value.string_param for key, value in request.parameters.items()}
-        await self._plane.load(request.model_name, parameters)
+        await self._plane.load(request.model_name, parameters, _metadata(context))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(  # noqa: N802 - gRPC method name
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._plane.unload(request.model_name)
+        await self._plane.unload(request.model_name, _metadata(context))
         return pb.RepositoryModelUnloadResponse()
 
     # --- shared memory ---
@@ -459,8 +465,14 @@ async def create_server(
             max_queue_size=models.max_queue_size,
             warmup=models.warmup,
             startup_models=models.startup_models,
+            max_instances=config.control.control_max_instances,
         ),
     )
+    token = ""
+    if config.control.control_token_file is not None:
+        token = config.control.control_token_file.read_text().strip()
+        if not token:
+            raise ConfigError("INFERGRID_INFERENCE_CONTROL_TOKEN_FILE", "the token file is empty")
     await repository.load_startup()
     dataplane = DataPlane(
         repository,
@@ -469,6 +481,7 @@ async def create_server(
             telemetry.sampler if telemetry is not None else None, config.telemetry.trace_sample_ratio
         ),
         log=LogSettings(),
+        control=ControlGate(enabled=config.control.control_enabled, token=token),
     )
     servicer = GRPCInferenceServiceServicer(dataplane)
 

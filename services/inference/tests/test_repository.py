@@ -183,3 +183,25 @@ async def test_reload_while_requests_flow_loses_none(fresh_repo: Path) -> None:
     await asyncio.gather(*workers)  # any failed request would raise here
     assert done > 0
     await repo.close()
+
+
+@pytest.mark.parametrize(
+    "filename", ["/etc/passwd", "../../fraud/1/model.onnx", "sub/model.onnx", "..", "a\\\\b"]
+)
+async def test_a_model_file_name_that_leaves_its_folder_is_refused(model_repo: Path, filename: str) -> None:
+    repo = _repo(model_repo, warmup=False)
+    config = parse_config_text(
+        f'name: "fraud"\nbackend: "onnxruntime"\ndefault_model_filename: "{filename}"\n', "x"
+    )
+    with pytest.raises(ModelLoadError, match="plain file name"):
+        await repo.load("fraud", config)
+    for name in ("../fraud", "/abs", "..", "fraud/1"):
+        with pytest.raises(ModelNotFound):
+            await repo.load(name)
+
+
+async def test_instance_counts_are_capped(model_repo: Path) -> None:
+    repo = _repo(model_repo, warmup=False, max_instances=4)
+    text = 'name: "fraud"\nbackend: "onnxruntime"\ninstance_group [{count: 5000, kind: KIND_CPU}]\n'
+    with pytest.raises(ModelLoadError, match="5000 instances, at most 4"):
+        await repo.load("fraud", parse_config_text(text, "x"))

@@ -22,7 +22,13 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from libs.server import Server
 from libs.testing import assert_bad_config_exits, assert_serves
 from services.inference.backends import BackendOptions, LoadedModel, create_backends
-from services.inference.config import HttpConfig, InferenceConfig, InferenceServerConfig, ModelServingConfig
+from services.inference.config import (
+    ControlConfig,
+    HttpConfig,
+    InferenceConfig,
+    InferenceServerConfig,
+    ModelServingConfig,
+)
 from services.inference.model_config import ModelSpec
 from services.inference.server import SERVICE_NAME, create_server
 
@@ -32,6 +38,7 @@ def _config(repo: Path | None, **models: object) -> InferenceConfig:
         server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
         models=ModelServingConfig(model_repository=repo, **models),  # type: ignore[arg-type]
         http=HttpConfig(http_port=0),
+        control=ControlConfig(control_enabled=True),  # these tests exercise the model control API
     )
 
 

@@ -67,6 +67,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, http_port: int) -> Iterator
             "INFERGRID_INFERENCE_METRICS_PORT": str(metrics_port),
             "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
             "INFERGRID_INFERENCE_GRACE_SECONDS": "1",
+            "INFERGRID_INFERENCE_CONTROL_ENABLED": "true",  # the clients' load/unload calls
         },
     )
     try:
