@@ -1,0 +1,351 @@
+"""The adversarial suite: every hole of issue 14 tried against real servers, refusals counted.
+
+Real gRPC servers (the gateway's and the inference service's `create_server`, bound on free ports, mutual
+TLS with certificates from `libs.mtls`) and a real Redis (the session fixture) for the rate limits. Each
+attempt is recorded with what came back; the summary (attempts vs refusals by hole) is printed at the end
+and every attempt must have been refused. The logs of the whole run are then searched for the API key
+and the admin token: neither may appear.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from inference import grpc_service_pb2 as ipb
+from inference import grpc_service_pb2_grpc
+from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs import mtls
+from libs.admission import RateLimits
+from libs.platform import parse_platform
+from libs.ratelimit import RedisTokenBucketLimiter
+from libs.testing import NO_REDIS_URL, TEST_API_KEY, write_test_admission
+from services.gateway.config import AdmissionConfig, GatewayConfig, GatewayServerConfig, ModelsConfig
+from services.gateway.server import create_server as create_gateway
+from services.inference.config import ControlConfig, HttpConfig, InferenceConfig, InferenceServerConfig
+from services.inference.server import create_server as create_inference
+
+pytestmark = pytest.mark.integration
+
+ADMIN_TOKEN = "admin-token-that-must-never-be-logged-0123456789"
+_TRIED: collections.Counter[str] = collections.Counter()
+_REFUSED: collections.Counter[str] = collections.Counter()
+_CODES: collections.Counter[str] = collections.Counter()
+
+
+def _record(hole: str, code: grpc.StatusCode | None, refused: bool) -> None:
+    _TRIED[hole] += 1
+    _REFUSED[hole] += int(refused)
+    _CODES[code.name if code is not None else "OK"] += 1
+
+
+async def _attempt(hole: str, call: object, expected: tuple[grpc.StatusCode, ...], text: str = "") -> None:
+    """Awaits `call`; it must fail with one of `expected` (naming `text`)."""
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        refused = exc.code() in expected and text in (exc.details() or "")
+        _record(hole, exc.code(), refused)
+        assert refused, f"{hole}: {exc.code()} {exc.details()}"
+        return
+    _record(hole, None, False)
+    pytest.fail(f"{hole}: answered OK")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary() -> Iterator[None]:
+    yield
+    lines = [f"  {hole:<32} tried {_TRIED[hole]:>3}  refused {_REFUSED[hole]:>3}" for hole in sorted(_TRIED)]
+    total, refused = sum(_TRIED.values()), sum(_REFUSED.values())
+    print("\n[adversarial] attempts vs refusals by hole:\n" + "\n".join(lines))
+    print(f"[adversarial] total: {total} attempts, {refused} refused; statuses: {dict(_CODES)}")
+    assert total == refused
+
+
+class _Collect(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(self.format(record) + " " + repr(record.__dict__))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_logs() -> Iterator[list[str]]:
+    """Every log record of the module's run (message, arguments, exception text, extra fields)."""
+    sink: list[str] = []
+    handler = _Collect(sink)
+    root = logging.getLogger()
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    yield sink
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> mtls.MeshFiles:
+    return mtls.ensure_mesh_certificates(tmp_path_factory.mktemp("mesh"))
+
+
+async def _gateway(
+    tmp: Path, *, placement: str, mesh: mtls.MeshFiles | None, platform: bool = True
+) -> object:
+    platform_file = None
+    if platform:
+        platform_file = write_test_admission(tmp, "")
+        if placement == "edge":
+            platform_file.write_text(
+                platform_file.read_text().replace("placement: gateway", "placement: edge")
+            )
+    server_config = GatewayServerConfig(port=0, drain_seconds=0)
+    if mesh is not None:
+        server_config = GatewayServerConfig(
+            port=0, tls_ca_file=mesh.ca_cert, tls_cert_file=mesh.gateway_cert, tls_key_file=mesh.gateway_key
+        )
+    config = GatewayConfig(
+        server=server_config,
+        models=ModelsConfig(platform_file=platform_file),
+        admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
+        inference_log_enabled=False,
+    )
+    server = await create_gateway(config)
+    await server.start()
+    return server
+
+
+def _predict(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], **fields: str) -> object:
+    stub = gateway_pb2_grpc.PredictionServiceStub(channel)
+    return stub.Predict(gateway_pb2.PredictRequest(model="fraud", **fields), metadata=metadata, timeout=5)
+
+
+FORGED = (("x-infergrid-tenant", "test"), ("x-infergrid-model", "fraud"))
+
+
+@pytest.mark.parametrize("placement", ["gateway", "edge"])
+async def test_forged_identity_headers_on_plaintext(tmp_path: Path, placement: str) -> None:
+    server = await _gateway(tmp_path, placement=placement, mesh=None)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # type: ignore[attr-defined]
+            for extra in ((), (("x-infergrid-placement", placement),), (("x-infergrid-key-name", "test"),)):
+                await _attempt(
+                    f"forged headers ({placement})",
+                    _predict(channel, (*FORGED, *extra)),
+                    (grpc.StatusCode.UNAUTHENTICATED,),
+                )
+            await _attempt(
+                f"no credentials ({placement})", _predict(channel, ()), (grpc.StatusCode.UNAUTHENTICATED,)
+            )
+            await _attempt(
+                f"unknown key ({placement})",
+                _predict(channel, (("x-api-key", "ig_guessed"),)),
+                (grpc.StatusCode.UNAUTHENTICATED,),
+            )
+    finally:
+        await server.stop(0, 0.5)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("placement", ["gateway", "edge"])
+async def test_plaintext_and_foreign_certificates_to_the_mesh_port(
+    tmp_path: Path, placement: str, mesh: mtls.MeshFiles
+) -> None:
+    server = await _gateway(tmp_path, placement=placement, mesh=mesh)
+    address = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await _attempt(
+                "plaintext to the gateway port",
+                _predict(channel, (*FORGED, ("x-api-key", TEST_API_KEY))),
+                (grpc.StatusCode.UNAVAILABLE,),
+            )
+        # A pod holding some other certificate of the mesh (the gateway's own, a server-only certificate) is
+        # not Envoy: the handshake fails (UNAVAILABLE) or the call is UNAUTHENTICATED.
+        not_envoy = mtls.channel_credentials(mesh.ca_cert, mesh.gateway_cert, mesh.gateway_key)
+        async with grpc.aio.secure_channel(address, not_envoy) as channel:
+            await _attempt(
+                "mesh certificate that is not Envoy's",
+                _predict(
+                    channel, (*FORGED, ("x-infergrid-placement", placement), ("x-api-key", TEST_API_KEY))
+                ),
+                (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE),
+            )
+        # Envoy's certificate, but Envoy configured for the other placement: refused, never served open.
+        envoy = mtls.channel_credentials(mesh.ca_cert, mesh.envoy_cert, mesh.envoy_key)
+        other = "edge" if placement == "gateway" else "gateway"
+        async with grpc.aio.secure_channel(address, envoy) as channel:
+            await _attempt(
+                "placement disagreement",
+                _predict(channel, (*FORGED, ("x-infergrid-placement", other), ("x-api-key", TEST_API_KEY))),
+                (grpc.StatusCode.UNAUTHENTICATED,),
+                "placement disagreement",
+            )
+    finally:
+        await server.stop(0, 0.5)  # type: ignore[attr-defined]
+
+
+async def test_a_gateway_without_a_platform_file_admits_nobody(tmp_path: Path) -> None:
+    server = await _gateway(tmp_path, placement="gateway", mesh=None, platform=False)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # type: ignore[attr-defined]
+            for metadata in ((), FORGED, (("x-api-key", TEST_API_KEY),)):
+                await _attempt(
+                    "no platform file", _predict(channel, metadata), (grpc.StatusCode.UNAUTHENTICATED,)
+                )
+    finally:
+        await server.stop(0, 0.5)  # type: ignore[attr-defined]
+
+
+async def test_bad_request_ids_and_huge_rows(tmp_path: Path) -> None:
+    server = await _gateway(tmp_path, placement="gateway", mesh=None)
+    key = (("x-api-key", TEST_API_KEY),)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # type: ignore[attr-defined]
+            for bad in ("x" * 129, "has space", "tab\tid", "ünïcode", "nul\x01id"):
+                await _attempt(
+                    "bad request id",
+                    _predict(channel, key, request_id=bad),
+                    (grpc.StatusCode.INVALID_ARGUMENT,),
+                    "request_id",
+                )
+            stub = gateway_pb2_grpc.PredictionServiceStub(channel)
+            huge = gateway_pb2.PredictRequest(model="fraud", entities={"user_id": "u" * 200_000})
+            await _attempt(
+                "huge record",
+                stub.Predict(huge, metadata=key, timeout=5),
+                (grpc.StatusCode.INVALID_ARGUMENT,),
+                "bytes",
+            )
+            batch = gateway_pb2.PredictBatchRequest(model="fraud")
+            batch.rows.add(request_id="ok-1")
+            batch.rows.add(request_id="bad id")
+            await _attempt(
+                "bad request id",
+                stub.PredictBatch(batch, metadata=key, timeout=5),
+                (grpc.StatusCode.INVALID_ARGUMENT,),
+                "rows[1].request_id",
+            )
+    finally:
+        await server.stop(0, 0.5)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.inference import demo
+
+    repo = tmp_path_factory.mktemp("models")
+    demo.write_repository(repo, samples=2000)
+    return repo
+
+
+@pytest.fixture
+async def inference(model_repo: Path, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    control = ControlConfig(control_token_file=token_file) if request.param == "token" else ControlConfig()
+    config = InferenceConfig(
+        server=InferenceServerConfig(port=0, drain_seconds=0),
+        http=HttpConfig(http_port=0),
+        control=control,
+    )
+    config = InferenceConfig(
+        server=config.server,
+        models=type(config.models)(model_repository=model_repo, warmup=False),
+        http=config.http,
+        control=config.control,
+    )
+    server = await create_inference(config)
+    await server.start()
+    yield server.port
+    await server.stop(0, 0.5)
+
+
+@pytest.mark.parametrize("inference", ["off", "token"], indirect=True)
+async def test_the_model_control_api(inference: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{inference}") as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        load = ipb.RepositoryModelLoadRequest(model_name="fraud")
+        unload = ipb.RepositoryModelUnloadRequest(model_name="fraud")
+        refusals = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", ADMIN_TOKEN),)):
+            await _attempt(
+                "unauthenticated control API", stub.RepositoryModelLoad(load, metadata=metadata), refusals
+            )
+            await _attempt(
+                "unauthenticated control API", stub.RepositoryModelUnload(unload, metadata=metadata), refusals
+            )
+        admin = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+        for filename in ("/etc/passwd", "../../../etc/passwd", "a/b.onnx"):
+            request = ipb.RepositoryModelLoadRequest(model_name="fraud")
+            request.parameters[
+                "config"
+            ].string_param = f'{{"backend": "onnxruntime", "default_model_filename": "{filename}"}}'
+            await _attempt(
+                "path traversal in model load",
+                stub.RepositoryModelLoad(request, metadata=admin),
+                (*refusals, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT),
+            )
+        for name in ("../fraud", "/tmp", ".."):
+            await _attempt(
+                "path traversal in model load",
+                stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name=name), metadata=admin),
+                (*refusals, grpc.StatusCode.NOT_FOUND),
+            )
+
+
+PLATFORM = """
+rate_limit_tiers: {t: {requests_per_second: 10, burst: 100}}
+tenants: {flood: {tier: t, models: ["*"]}, quiet: {tier: t, models: ["*"]}}
+"""
+
+
+async def _limits_attempt(hole: str, limits: RateLimits, tenant: str, rows: int) -> None:
+    from libs.errors import ResourceExhausted
+
+    try:
+        await limits.charge(parse_platform(PLATFORM), tenant, "fraud", rows)
+    except ResourceExhausted:
+        _record(hole, grpc.StatusCode.RESOURCE_EXHAUSTED, True)
+        return
+    _record(hole, None, False)
+    pytest.fail(f"{hole}: allowed")
+
+
+async def test_one_tenant_flooding_with_batches_and_redis_down(redis_server: object, tmp_path: Path) -> None:
+    import redis.asyncio as redis_async
+
+    client = redis_async.Redis.from_url(redis_server.url)  # type: ignore[attr-defined]
+    limits = RateLimits(RedisTokenBucketLimiter(client), place="test", key_prefix=f"adv:{tmp_path.name}")
+    try:
+        await limits.charge(parse_platform(PLATFORM), "flood", "fraud", 100)  # the whole burst, in rows
+        for _ in range(5):
+            await _limits_attempt("one tenant flooding (per row)", limits, "flood", 1000)
+            await _limits_attempt("one tenant flooding (per row)", limits, "flood", 1)
+        await limits.charge(parse_platform(PLATFORM), "quiet", "fraud", 10)  # the other tenant still passes
+    finally:
+        await client.aclose()
+    dead = redis_async.Redis.from_url(NO_REDIS_URL, socket_timeout=0.2, socket_connect_timeout=0.2)
+    down = RateLimits(RedisTokenBucketLimiter(dead), place="test", replicas=lambda: 4)
+    try:
+        await down.charge(
+            parse_platform(PLATFORM), "flood", "fraud", 25
+        )  # 1/4 of the burst: this replica's share
+        for _ in range(5):
+            await _limits_attempt("Redis down (local share)", down, "flood", 1)
+    finally:
+        await dead.aclose()
+
+
+def test_no_secret_in_the_logs(module_logs: list[str]) -> None:
+    """Runs last in the module: everything logged by the attempts above, searched for the secrets."""
+    text = "\n".join(module_logs)
+    assert text  # the servers above did log
+    for secret in (TEST_API_KEY, ADMIN_TOKEN):
+        _record("secret in logs", None if secret in text else grpc.StatusCode.OK, secret not in text)
+        assert secret not in text
