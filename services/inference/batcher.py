@@ -30,6 +30,7 @@ import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from libs.batch_control import BatchController, LatencyTarget
 from libs.errors import OVERLOAD_RETRY_S, ServiceError, retry_hint
 from libs.telemetry import tracer
 from services.inference.backends import LoadedModel
@@ -57,6 +58,9 @@ class BatcherSettings:
     variable_shapes: bool
     # Scheduler threads, i.e. batches that may execute at the same time.
     instances: int
+    # 0: the delay is max_queue_delay_us; otherwise a BatchController adapts the delay (up to
+    # max_queue_delay_us) and the batch cap (up to max_batch_size) to hold this p99 (µs).
+    latency_target_us: int = 0
 
 
 class _Job:
@@ -128,10 +132,36 @@ class DynamicBatcher:
         self._ready_rows = (
             settings.preferred_batch_sizes[0] if settings.preferred_batch_sizes else settings.max_batch_size
         )
+        self.controller: BatchController | None = None
+        if settings.dynamic and settings.latency_target_us > 0:
+            self.controller = BatchController(
+                LatencyTarget(
+                    p99_s=settings.latency_target_us / 1e6,
+                    max_delay_s=settings.max_queue_delay_us / 1e6,
+                    max_batch=settings.max_batch_size,
+                ),
+                _perf_ns() / 1e9,
+            )
+            self._apply_control()
+        else:
+            metrics.queue_delay.set(self._delay_ns / 1e9)
+            metrics.batch_cap.set(self._max_rows)
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._label = f"model '{settings.model}' version {settings.version}"
+
+    def _apply_control(self) -> None:
+        """Takes the controller's delay and batch cap (event loop; the schedulers read them unlocked)."""
+        controller = self.controller
+        assert controller is not None
+        self._delay_ns = int(controller.delay_s * 1e9)
+        self._max_rows = controller.max_batch
+        preferred = self.settings.preferred_batch_sizes
+        ready = preferred[0] if preferred else self.settings.max_batch_size
+        self._ready_rows = min(ready, controller.max_batch)
+        self._metrics.queue_delay.set(controller.delay_s)
+        self._metrics.batch_cap.set(controller.max_batch)
 
     @property
     def queue_depth(self) -> int:
@@ -261,7 +291,7 @@ class DynamicBatcher:
         now = _perf_ns()
         cap = self._max_rows
         if cap and self.settings.preferred_batch_sizes:
-            fitting = [p for p in self.settings.preferred_batch_sizes if p <= self._queued_rows]
+            fitting = [p for p in self.settings.preferred_batch_sizes if p <= min(self._queued_rows, cap)]
             cap = fitting[-1] if fitting else cap
         while queue:
             job = queue[0]
@@ -348,6 +378,11 @@ class DynamicBatcher:
                 error = BackendError(f"{self._label} failed to execute: {type(error).__name__}: {error}")
             if not job.future.done():
                 job.future.set_exception(error)
+        controller = self.controller
+        if controller is not None and ok_rows:
+            latencies = [(now - job.enqueued_ns) / 1e9 for job in jobs]
+            if controller.observe(latencies, ok_rows, now / 1e9):
+                self._apply_control()
         if ok_rows:
             input_ns, infer_ns, output_ns = batch.timings
             metrics.compute.observe((input_ns + infer_ns + output_ns) / 1e9)

@@ -56,6 +56,18 @@ QUEUE_DEPTH = Gauge(
     _LABELS,
     multiprocess_mode="livesum",
 )
+QUEUE_DELAY = Gauge(
+    "infergrid_inference_queue_delay_seconds",
+    "The batcher's current queue delay (adapted when the model has a p99 target, else the configured one).",
+    _LABELS,
+    multiprocess_mode="max",
+)
+BATCH_CAP = Gauge(
+    "infergrid_inference_batch_cap",
+    "The batcher's current batch-size cap in rows (adapted when the model has a p99 target).",
+    _LABELS,
+    multiprocess_mode="max",
+)
 MODEL_READY = Gauge(
     "infergrid_inference_model_ready",
     "1 while the model version is loaded and serving.",
@@ -121,8 +133,10 @@ class VersionMetrics:
     __slots__ = (
         "_failures",
         "_labels",
+        "batch_cap",
         "batch_size",
         "compute",
+        "queue_delay",
         "queue_depth",
         "queue_seconds",
         "ready",
@@ -141,6 +155,8 @@ class VersionMetrics:
         self.batch_size = BATCH_SIZE.labels(*self._labels)
         self.rows = ROWS.labels(*self._labels)
         self.queue_depth = QUEUE_DEPTH.labels(*self._labels)
+        self.queue_delay = QUEUE_DELAY.labels(*self._labels)
+        self.batch_cap = BATCH_CAP.labels(*self._labels)
         self.ready = MODEL_READY.labels(*self._labels)
         self._failures: dict[str, Counter] = {}
         self.stats = VersionStatistics()

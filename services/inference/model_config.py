@@ -28,6 +28,8 @@ _BACKEND_OF_PLATFORM = {v: k for k, v in _PLATFORM.items()}
 _DEFAULT_FILENAME = {ONNXRUNTIME: "model.onnx", TENSORRT: "model.onnx"}
 # config.pbtxt `parameters` keys this server reads.
 FALLBACK_PARAMETER = "fallback_backend"
+# The p99 latency objective (milliseconds, a number as string_value) the batcher adapts to.
+LATENCY_TARGET_PARAMETER = "latency_target_p99_ms"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class BatchingPolicy:
     # 0: none; otherwise requests still queued after this long fail with DEADLINE_EXCEEDED.
     default_timeout_us: int
     allow_timeout_override: bool
+    # 0: fixed max_queue_delay; otherwise the p99 (µs) the batcher adapts delay and batch size to.
+    latency_target_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,13 @@ def spec_from_config(config: mc.ModelConfig, model_name: str) -> ModelSpec:
             raise ModelConfigError(
                 f"model '{model_name}': preferred_batch_size {size} is outside 1..{config.max_batch_size}"
             )
+    target_us = _latency_target_us(config, model_name)
+    if target_us and not dynamic:
+        raise ModelConfigError(
+            f"model '{model_name}': parameter {LATENCY_TARGET_PARAMETER} needs dynamic_batching and max_batch_size > 0"
+        )
     batching = BatchingPolicy(
+        latency_target_us=target_us,
         dynamic=dynamic,
         max_batch_size=config.max_batch_size,
         max_queue_delay_us=int(dyn.max_queue_delay_microseconds) if dynamic else 0,
@@ -255,6 +265,22 @@ def spec_from_config(config: mc.ModelConfig, model_name: str) -> ModelSpec:
         version_policy=version_policy,
         model_filename=filename,
     )
+
+
+def _latency_target_us(config: mc.ModelConfig, model_name: str) -> int:
+    if LATENCY_TARGET_PARAMETER not in config.parameters:
+        return 0
+    text = config.parameters[LATENCY_TARGET_PARAMETER].string_value
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3_600_000:  # also NaN
+        raise ModelConfigError(
+            f"model '{model_name}': parameter {LATENCY_TARGET_PARAMETER} must be a positive number of "
+            f"milliseconds, got {text!r}"
+        )
+    return max(1, int(value * 1000))
 
 
 def complete_config(

@@ -345,6 +345,7 @@ class ModelRepository:
             dynamic=batching.dynamic,
             max_batch_size=max(batching.max_batch_size, 1),
             max_queue_delay_us=batching.max_queue_delay_us,
+            latency_target_us=batching.latency_target_us,
             preferred_batch_sizes=batching.preferred_batch_sizes,
             max_queue_size=batching.max_queue_size or self._settings.max_queue_size,
             variable_shapes=any(d < 0 for t in spec.inputs for d in t.dims),

@@ -262,3 +262,35 @@ async def test_traced_requests_get_queue_compute_and_batch_spans(monkeypatch: py
     (batch,) = by_name["inference.batch"]
     assert batch.attributes["inference.batch.rows"] == 3
     assert {link.context.span_id for link in batch.links} == requests
+
+
+async def test_latency_target_adapts_the_delay_from_zero_within_the_bounds() -> None:
+    """With a p99 target the configured delay is a ceiling: a lone caller gets no wait, load grows it."""
+    model = FakeModel(delay=0.0005)
+    batcher = _batcher(model, max_queue_delay_us=2_000, latency_target_us=50_000, max_batch_size=64)
+    controller = batcher.controller
+    assert controller is not None
+    assert batcher._delay_ns == 0
+    controller.target = type(controller.target)(  # a short window, so the test takes a second
+        p99_s=0.05, max_delay_s=0.002, max_batch=64, interval_s=0.02, min_samples=5
+    )
+    started = time.perf_counter()
+    await batcher.infer(_rows(1.0), 1)
+    assert time.perf_counter() - started < 0.015  # not held for a fixed delay
+
+    async def client() -> None:
+        for _ in range(40):
+            await batcher.infer(_rows(1.0), 1)
+
+    await asyncio.gather(*(client() for _ in range(16)))
+    assert controller.decisions > 0
+    assert 0 < controller.delay_s <= 0.002
+    assert batcher._delay_ns == int(controller.delay_s * 1e9)
+    await batcher.close()
+
+
+async def test_without_a_target_the_delay_is_the_configured_one() -> None:
+    batcher = _batcher(FakeModel())
+    assert batcher.controller is None
+    assert batcher._delay_ns == 20_000_000
+    await batcher.close()

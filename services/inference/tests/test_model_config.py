@@ -125,3 +125,26 @@ def test_bytes_tensor_round_trip_and_malformed_buffers() -> None:
         decode_bytes_tensor(raw, 3)
     with pytest.raises(ValueError, match="claims"):
         decode_bytes_tensor(b"\x09\x00\x00\x00abc", 1)
+
+
+def test_latency_target_parameter() -> None:
+    from google.protobuf import text_format
+
+    from inference import model_config_pb2 as mc
+    from services.inference.model_config import spec_from_config
+
+    text = """
+        max_batch_size: 8
+        input { name: "x" data_type: TYPE_FP32 dims: [2] }
+        output { name: "y" data_type: TYPE_FP32 dims: [2] }
+        dynamic_batching { max_queue_delay_microseconds: 1000 }
+        parameters { key: "latency_target_p99_ms" value: { string_value: "%s" } }
+    """
+    spec = spec_from_config(text_format.Parse(text % "10", mc.ModelConfig()), "m")
+    assert spec.batching.latency_target_us == 10_000
+    for bad in ("0", "-1", "ten", "nan"):
+        with pytest.raises(ModelConfigError, match="latency_target_p99_ms"):
+            spec_from_config(text_format.Parse(text % bad, mc.ModelConfig()), "m")
+    no_batching = text.replace("dynamic_batching { max_queue_delay_microseconds: 1000 }", "")
+    with pytest.raises(ModelConfigError, match="needs dynamic_batching"):
+        spec_from_config(text_format.Parse(no_batching % "10", mc.ModelConfig()), "m")

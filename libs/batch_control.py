@@ -1,0 +1,144 @@
+"""A batch controller that holds a p99 latency target: queue delay and batch size adapted to observed latency.
+
+A batcher with a fixed `max_queue_delay` makes one trade for every load: at concurrency 1 the delay
+is pure added latency (nobody else arrives while a request waits), under heavy load a longer delay
+(or a bigger batch) buys throughput until the batch's own wait and compute break the latency budget.
+`BatchController` replaces the fixed values with two that follow the load, bounded by the configured
+maximums, from the latencies the batcher reports:
+
+- every `interval_s` (with at least `min_samples` requests seen) it takes the p99 of the window's
+  request latencies (enqueue to result; a windowed estimate, not a running one, so it follows load
+  changes within an interval);
+- **over the target**: multiplicative decrease of the delay (times `decrease`); once the delay is 0, of the
+  batch-size cap too, but only while that helps (if a smaller cap did not lower p99, as when the
+  server is simply overloaded and smaller batches mean less throughput, the cap goes back up);
+- **under `headroom` times the target**: additive increase, first of the batch cap back to its maximum,
+  then of the delay by `delay_step_s` — kept only if the batches grew (rows per batch up by
+  `min_gain`): a delay that gathers no extra rows is undone and not tried again for `cooldown`
+  intervals (the gradient check; it keeps the delay near 0 at low concurrency);
+- in between: hold.
+
+The delay never exceeds `max_delay_s` nor half the target. The controller is pure: time comes in as
+arguments (monotonic seconds), so unit tests drive it with a fake clock; its attributes are read by
+other threads without a lock (a float and an int, written whole).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """A p99 objective for one model's batcher and the bounds the controller works within."""
+
+    # The p99 latency (seconds) to stay under, measured by the batcher: enqueue to result.
+    p99_s: float
+    # Upper bounds: the configured queue delay and batch size.
+    max_delay_s: float
+    max_batch: int
+    interval_s: float = 0.2
+    min_samples: int = 20
+    # Grow only while p99 is below this fraction of the target.
+    headroom: float = 0.8
+    decrease: float = 0.5
+    # Additive steps (0: a tenth of the bound; the batch step at least 1 row).
+    delay_step_s: float = 0.0
+    batch_step: int = 0
+    # A delay step is kept when rows per batch grew by at least this fraction.
+    min_gain: float = 0.05
+    # Intervals to wait after a delay step that gathered nothing (or a batch cut that did not help).
+    cooldown: int = 5
+
+    def __post_init__(self) -> None:
+        if self.p99_s <= 0:
+            raise ValueError(f"the p99 target must be positive, got {self.p99_s}")
+        if self.max_delay_s < 0 or self.max_batch < 1:
+            raise ValueError("max_delay_s must not be negative and max_batch must be at least 1")
+
+    @property
+    def delay_bound_s(self) -> float:
+        """The delay's ceiling: the configured maximum, never more than half the target."""
+        return min(self.max_delay_s, self.p99_s / 2)
+
+
+def p99(samples: list[float]) -> float:
+    """The nearest-rank 99th percentile of `samples` (not empty)."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+class BatchController:
+    """Adapts `delay_s` and `max_batch` to hold `target` (see the module docstring)."""
+
+    def __init__(self, target: LatencyTarget, now: float) -> None:
+        self.target = target
+        # Start with no delay and the full batch: the low-latency end; the controller climbs from there.
+        self.delay_s = 0.0
+        self.max_batch = target.max_batch
+        self.last_p99 = 0.0
+        self.adjustments = 0
+        self.decisions = 0
+        self._window_start = now
+        self._samples: list[float] = []
+        self._rows = 0
+        self._batches = 0
+        self._step_d = target.delay_step_s or target.delay_bound_s / 10
+        self._step_b = target.batch_step or max(1, target.max_batch // 8)
+        # The last change and what the window before it looked like, for the gradient check.
+        self._pending: tuple[str, float, float] | None = None  # (kind, value before, metric before)
+        self._cool = 0
+        self._cool_batch = 0
+
+    def observe(self, latencies_s: list[float], rows: int, now: float) -> bool:
+        """Records one executed batch (its requests' latencies and its rows); True if the knobs changed."""
+        self._samples.extend(latencies_s)
+        self._rows += rows
+        self._batches += 1
+        if now - self._window_start < self.target.interval_s or len(self._samples) < self.target.min_samples:
+            return False
+        return self._decide(now)
+
+    def _decide(self, now: float) -> bool:
+        t = self.target
+        self.decisions += 1
+        observed = p99(self._samples)
+        rows_per_batch = self._rows / max(self._batches, 1)
+        self._samples, self._rows, self._batches = [], 0, 0
+        self._window_start = now
+        self.last_p99 = observed
+        before = (self.delay_s, self.max_batch)
+        pending, self._pending = self._pending, None
+        if self._cool:
+            self._cool -= 1
+        if self._cool_batch:
+            self._cool_batch -= 1
+        if observed > t.p99_s:
+            if pending is not None and pending[0] == "batch" and observed >= pending[2] * 0.95:
+                # A smaller batch did not lower p99 (overload: fewer rows per batch, less throughput).
+                self.max_batch = int(pending[1])
+                self._cool_batch = t.cooldown
+            elif self.delay_s > 0:
+                self.delay_s *= t.decrease
+                if self.delay_s < self._step_d / 4:
+                    self.delay_s = 0.0
+            elif not self._cool_batch and self.max_batch > 1:
+                self._pending = ("batch", self.max_batch, observed)
+                self.max_batch = max(1, int(self.max_batch * t.decrease))
+        elif observed < t.p99_s * t.headroom:
+            if self.max_batch < t.max_batch:
+                self.max_batch = min(t.max_batch, self.max_batch + self._step_b)
+            elif (
+                pending is not None
+                and pending[0] == "delay"
+                and rows_per_batch < pending[2] * (1 + t.min_gain)
+            ):
+                self.delay_s = pending[1]  # waiting longer gathered no more rows: undo it
+                self._cool = t.cooldown
+            elif not self._cool and self.delay_s < t.delay_bound_s:
+                self._pending = ("delay", self.delay_s, rows_per_batch)
+                self.delay_s = min(t.delay_bound_s, self.delay_s + self._step_d)
+        changed = (self.delay_s, self.max_batch) != before
+        self.adjustments += changed
+        return changed

@@ -1,0 +1,113 @@
+"""BatchController: deterministic runs against small plant models on a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from libs.batch_control import BatchController, LatencyTarget, p99
+
+MS = 1e-3
+
+
+def _drive(
+    controller: BatchController,
+    plant: Callable[[float, int], tuple[float, int]],
+    seconds: float,
+    clock: list[float],
+    batches_per_s: int = 200,
+) -> list[tuple[float, int, float]]:
+    """Feeds `controller` batches from `plant(delay, max_batch) -> (latency, rows)`; returns (delay, batch, p99) per decision."""
+    history: list[tuple[float, int, float]] = []
+    for _ in range(int(seconds * batches_per_s)):
+        clock[0] += 1 / batches_per_s
+        latency, rows = plant(controller.delay_s, controller.max_batch)
+        decisions = controller.decisions
+        controller.observe([latency] * rows, rows, clock[0])
+        if controller.decisions != decisions:
+            history.append((controller.delay_s, controller.max_batch, controller.last_p99))
+    return history
+
+
+def test_p99_nearest_rank() -> None:
+    assert p99([float(i) for i in range(1, 101)]) == 99.0
+    assert p99([5.0]) == 5.0
+    assert p99([1.0, 2.0]) == 2.0
+
+
+def test_target_validation() -> None:
+    with pytest.raises(ValueError):
+        LatencyTarget(p99_s=0, max_delay_s=0.001, max_batch=8)
+    with pytest.raises(ValueError):
+        LatencyTarget(p99_s=0.01, max_delay_s=0.001, max_batch=0)
+    assert LatencyTarget(p99_s=0.01, max_delay_s=0.02, max_batch=8).delay_bound_s == 0.005
+
+
+def test_no_decision_before_interval_and_samples() -> None:
+    c = BatchController(LatencyTarget(p99_s=10 * MS, max_delay_s=2 * MS, max_batch=64, min_samples=50), 0.0)
+    assert not c.observe([1 * MS] * 10, 10, 1.0)  # interval passed, too few samples
+    assert c.delay_s == 0.0
+    assert c.observe([1 * MS] * 40, 40, 1.1)  # enough now: under target, the delay grows
+    assert c.delay_s > 0
+
+
+def test_concurrency_one_keeps_the_delay_near_zero() -> None:
+    """Alone, waiting gathers nobody: every delay step is undone by the gradient check."""
+    clock = [0.0]
+    c = BatchController(LatencyTarget(p99_s=10 * MS, max_delay_s=2 * MS, max_batch=64), clock[0])
+    history = _drive(c, lambda delay, cap: (delay + 0.3 * MS, 1), 30.0, clock)
+    delays = [d for d, _, _ in history]
+    assert max(delays) <= 0.2 * MS + 1e-12  # never more than one step
+    assert sum(d == 0.0 for d in delays) > 0.7 * len(delays)
+
+
+def test_delay_grows_while_it_gathers_rows_and_holds_the_target() -> None:
+    """Under load rows arrive during the wait: the delay climbs until p99 nears the target."""
+    clock = [0.0]
+    target = LatencyTarget(p99_s=4 * MS, max_delay_s=10 * MS, max_batch=256)
+
+    def plant(delay: float, cap: int) -> tuple[float, int]:
+        rows = min(cap, 1 + int(20_000 * delay))  # 20k rows/s arriving
+        return delay + 0.2 * MS + rows * 5e-6, rows
+
+    c = BatchController(target, clock[0])
+    history = _drive(c, plant, 60.0, clock)
+    late = history[len(history) // 2 :]
+    assert all(p <= target.p99_s for _, _, p in late)
+    assert max(d for d, _, _ in late) >= 1 * MS  # it did use the delay
+    assert all(d <= target.delay_bound_s for d, _, _ in history)
+
+
+def test_over_target_halves_the_delay() -> None:
+    target = LatencyTarget(p99_s=5 * MS, max_delay_s=2 * MS, max_batch=64, min_samples=1)
+    c = BatchController(target, 0.0)
+    c.delay_s = 2 * MS
+    assert c.observe([9 * MS], 1, 1.0)
+    assert c.delay_s == pytest.approx(1 * MS)
+    assert c.observe([9 * MS], 1, 2.0)
+    assert c.delay_s == pytest.approx(0.5 * MS)
+
+
+def test_batch_shrinks_when_big_batches_break_the_target() -> None:
+    """Compute grows with the batch: with the delay at 0 the cap comes down until p99 fits."""
+    clock = [0.0]
+    target = LatencyTarget(p99_s=5 * MS, max_delay_s=1 * MS, max_batch=512)
+    c = BatchController(target, clock[0])
+    history = _drive(c, lambda delay, cap: (delay + cap * 20e-6, cap), 30.0, clock)
+    assert c.max_batch < 512
+    late = history[len(history) // 2 :]
+    assert min(b for _, b, _ in late) * 20e-6 <= target.p99_s
+    assert sum(p <= target.p99_s for _, _, p in late) > 0.5 * len(late)
+
+
+def test_overload_restores_the_batch_cap() -> None:
+    """Saturated: smaller batches only cut throughput (p99 rises), so the cut is undone."""
+    clock = [0.0]
+    target = LatencyTarget(p99_s=5 * MS, max_delay_s=1 * MS, max_batch=64)
+    c = BatchController(target, clock[0])
+    # Closed loop at 128 clients: latency = 128 / throughput, throughput grows with the batch size.
+    history = _drive(c, lambda delay, cap: (128 / (2000 + 300 * cap), cap), 30.0, clock)
+    assert all(d == 0.0 for d, _, _ in history)
+    caps = [b for _, b, _ in history]
+    assert sum(b == 64 for b in caps) > 0.7 * len(caps)
