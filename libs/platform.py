@@ -120,6 +120,32 @@ class ModelRoute:
     sticky_key: str = ""
     # Per-model limit on the tier's rate ("" uses the tenant's tier only).
     rate_limit_tier: str = ""
+    # The gateway's micro-batcher adapts its delay and batch size to hold this p99 (ms; 0: fixed delay).
+    latency_target_p99_ms: float = 0.0
+    # Names of `inference_pools` in preference order (e.g. gpu, cpu): each batch goes to the first
+    # that can take it in time, per request. Empty: the gateway's default inference target.
+    pools: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InferencePool:
+    """A named set of inference replicas (e.g. the GPU pool): a discovery target, libs/discovery.py."""
+
+    endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InferenceHttpRoute:
+    """Envoy's routes to the inference service's KServe v2 HTTP/JSON data plane (`/v2/...` inference paths).
+
+    Off by default. When on, the routes sit behind the same admission (API keys, tenants' model lists,
+    rate limits) as the gateway routes; repository, shared-memory, trace and log routes are never routed.
+    """
+
+    enabled: bool = False
+    # Discovery targets of the inference replicas' HTTP port (8000).
+    endpoints: tuple[str, ...] = ("127.0.0.1:8000",)
+    timeout_ms: int = 2000
 
 
 ADMISSION_PLACEMENTS = ("edge", "gateway")
@@ -148,6 +174,8 @@ class PlatformConfig:
     tenants: Mapping[str, Tenant] = field(default_factory=dict)
     models: Mapping[str, ModelRoute] = field(default_factory=dict)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    inference_pools: Mapping[str, InferencePool] = field(default_factory=dict)
+    inference_http: InferenceHttpRoute = field(default_factory=InferenceHttpRoute)
     # A digest of the source text: the version Envoy and the services report.
     version: str = ""
 
@@ -230,7 +258,17 @@ def parse_platform(text: str) -> PlatformConfig:
     raw = _section(
         raw,
         "platform",
-        {"listener", "gateway", "api_keys_file", "rate_limit_tiers", "tenants", "models", "admission"},
+        {
+            "listener",
+            "gateway",
+            "api_keys_file",
+            "rate_limit_tiers",
+            "tenants",
+            "models",
+            "admission",
+            "inference_pools",
+            "inference_http",
+        },
     )
     admission = _build(AdmissionConfig, raw.get("admission"), "admission")
     if admission.placement not in ADMISSION_PLACEMENTS:
@@ -267,9 +305,19 @@ def parse_platform(text: str) -> PlatformConfig:
             _expect(m, str, f"{where}.models") for m in _expect(spec.get("models", []), list, where)
         )
         tenants[str(name)] = Tenant(tier=tier, models=allowed)
+    pools: dict[str, InferencePool] = {}
+    for name, raw_pool in _expect(raw.get("inference_pools") or {}, dict, "inference_pools").items():
+        where = f"inference_pools.{name}"
+        pool = _build(InferencePool, raw_pool, where)
+        _check_targets(pool.endpoints, f"{where}.endpoints")
+        pools[str(name)] = pool
+    inference_http = _build(InferenceHttpRoute, raw.get("inference_http"), "inference_http")
+    if inference_http.enabled:
+        _check_targets(inference_http.endpoints, "inference_http.endpoints")
+        _positive(inference_http.timeout_ms, "inference_http.timeout_ms")
     models: dict[str, ModelRoute] = {}
     for name, model_spec in _expect(raw.get("models") or {}, dict, "models").items():
-        models[str(name)] = _parse_model(str(name), model_spec, tiers)
+        models[str(name)] = _parse_model(str(name), model_spec, tiers, pools)
     keys_file = _expect(raw.get("api_keys_file", "keys.yaml"), str, "api_keys_file")
     return PlatformConfig(
         listener=listener,
@@ -279,13 +327,31 @@ def parse_platform(text: str) -> PlatformConfig:
         tenants=tenants,
         models=models,
         admission=admission,
+        inference_pools=pools,
+        inference_http=inference_http,
         version=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
 
 
-def _parse_model(name: str, spec: dict[str, Any], tiers: Mapping[str, RateLimitTier]) -> ModelRoute:
+def _check_targets(targets: tuple[str, ...], where: str) -> None:
+    if not targets:
+        raise PlatformConfigError(f"{where}: at least one endpoint is required")
+    for i, target in enumerate(targets):
+        try:
+            parse_targets(target)
+        except TargetError as exc:
+            raise PlatformConfigError(f"{where}[{i}]: {exc}") from None
+
+
+def _parse_model(
+    name: str, spec: dict[str, Any], tiers: Mapping[str, RateLimitTier], pools: Mapping[str, InferencePool]
+) -> ModelRoute:
     where = f"models.{name}"
-    _section(spec, where, {"versions", "shadow", "sticky_key", "rate_limit_tier"})
+    _section(
+        spec,
+        where,
+        {"versions", "shadow", "sticky_key", "rate_limit_tier", "latency_target_p99_ms", "pools"},
+    )
     versions: list[ModelVersionWeight] = []
     for i, raw_entry in enumerate(_expect(spec.get("versions"), list, f"{where}.versions")):
         entry = _section(raw_entry, f"{where}.versions[{i}]", {"version", "weight"})
@@ -303,11 +369,31 @@ def _parse_model(name: str, spec: dict[str, Any], tiers: Mapping[str, RateLimitT
     tier = str(spec.get("rate_limit_tier", ""))
     if tier and tier not in tiers:
         raise PlatformConfigError(f"{where}.rate_limit_tier: unknown rate-limit tier {tier!r}")
+    target = float(
+        _expect(spec.get("latency_target_p99_ms", 0.0), (int, float), f"{where}.latency_target_p99_ms")
+    )
+    if not 0 <= target <= 3_600_000:  # also NaN
+        raise PlatformConfigError(
+            f"{where}.latency_target_p99_ms: must be 0 (none) or positive, got {target}"
+        )
+    chosen = tuple(
+        _expect(p, str, f"{where}.pools[{i}]")
+        for i, p in enumerate(_expect(spec.get("pools", []), list, f"{where}.pools"))
+    )
+    for i, pool in enumerate(chosen):
+        if pool not in pools:
+            raise PlatformConfigError(
+                f"{where}.pools[{i}]: unknown inference pool {pool!r} (see inference_pools)"
+            )
+    if len(set(chosen)) != len(chosen):
+        raise PlatformConfigError(f"{where}.pools: a pool is listed twice")
     return ModelRoute(
         versions=tuple(versions),
         shadow=str(spec.get("shadow", "") or ""),
         sticky_key=_expect(spec.get("sticky_key", ""), str, f"{where}.sticky_key"),
         rate_limit_tier=tier,
+        latency_target_p99_ms=target,
+        pools=chosen,
     )
 
 

@@ -53,6 +53,24 @@ def test_the_local_platform_file_is_valid() -> None:
             "gateway.retry.retry_on: 'resource-exhausted' would make Envoy retry overload answers",
         ),
         ("gateway: {retry: {retry_on: 'retriable-status-codes'}}", "'retriable-status-codes' would make"),
+        (
+            "models: {m: {versions: [{version: '1'}], latency_target_p99_ms: -5}}",
+            "models.m.latency_target_p99_ms: must be 0 (none) or positive",
+        ),
+        (
+            "models: {m: {versions: [{version: '1'}], pools: [gpu]}}",
+            "models.m.pools[0]: unknown inference pool 'gpu'",
+        ),
+        (
+            "inference_pools: {gpu: {endpoints: ['a:1']}}\n"
+            "models: {m: {versions: [{version: '1'}], pools: [gpu, gpu]}}",
+            "models.m.pools: a pool is listed twice",
+        ),
+        ("inference_pools: {gpu: {endpoints: []}}", "inference_pools.gpu.endpoints: at least one endpoint"),
+        ("inference_pools: {gpu: {endpoints: ['nohost']}}", "inference_pools.gpu.endpoints[0]: expected"),
+        ("inference_http: {enabled: 'yes'}", "inference_http.enabled: expected bool"),
+        ("inference_http: {enabled: true, endpoints: []}", "inference_http.endpoints: at least one"),
+        ("inference_http: {enabeld: true}", "inference_http: unknown key(s) enabeld"),
     ],
 )
 def test_invalid_configs_name_the_field(text: str, message: str) -> None:
@@ -88,3 +106,22 @@ async def test_watcher_refuses_to_move_admission_while_running(tmp_path: Path) -
     assert await watcher.check() is False
     assert "admission.placement: cannot change from 'gateway' to 'edge' while running" in watcher.last_error
     assert applied == [] and watcher.current.admission.placement == "gateway"
+
+
+def test_inference_pools_latency_target_and_http_route() -> None:
+    config = parse_platform(
+        """
+inference_pools:
+  gpu: {endpoints: ["127.0.0.1:8101"]}
+  cpu: {endpoints: ["127.0.0.1:8001", "file:cpu.json"]}
+inference_http: {enabled: true, endpoints: ["inference:8000"]}
+models:
+  fraud: {versions: [{version: '1'}], pools: [gpu, cpu], latency_target_p99_ms: 10}
+"""
+    )
+    assert config.models["fraud"].pools == ("gpu", "cpu")
+    assert config.models["fraud"].latency_target_p99_ms == 10.0
+    assert config.inference_pools["cpu"].endpoints == ("127.0.0.1:8001", "file:cpu.json")
+    assert config.inference_http.enabled and config.inference_http.endpoints == ("inference:8000",)
+    default = parse_platform("")
+    assert not default.inference_http.enabled and default.inference_pools == {}
