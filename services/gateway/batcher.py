@@ -10,15 +10,22 @@ batches grow by themselves to what arrived during one round trip (the dynamic
 batching of Triton's scheduler, without a fixed wait). Its results (or exceptions) go back to each
 caller in order. The number of items queued or in a running batch is bounded:
 past `max_pending`, `submit` sheds load with ResourceExhausted (with a retry hint).
+
+With a p99 target for a key (`target_of`, the platform file's `latency_target_p99_ms`), the delay and
+the batch size of that key are not fixed: a `libs.batch_control.BatchController` adapts them, within
+`max_delay_s` (or a fifth of the target when that is 0) and `max_batch`, to the p99 of the items' own
+latencies (submit to result).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
+from libs.batch_control import BatchController, LatencyTarget
 from libs.errors import DeadlineExceeded, overloaded
 
 log = logging.getLogger(__name__)
@@ -30,27 +37,32 @@ R = TypeVar("R")
 # A batch function: (key, items, timeout seconds) -> one result or exception per item, in order.
 BatchFunction = Callable[[K, list[I], float], Awaitable[Sequence["R | BaseException"]]]
 SizeObserver = Callable[[int], None]
+# A key's p99 target in seconds (0: none, the fixed delay and batch size).
+TargetLookup = Callable[[K], float]
 
 
 class _Batch(Generic[I, R]):
-    __slots__ = ("deadline", "futures", "items", "started")
+    __slots__ = ("deadline", "futures", "items", "started", "submitted")
 
     def __init__(self) -> None:
         self.items: list[I] = []
         self.futures: list[asyncio.Future[R]] = []
+        # perf_counter of each submit (latencies for a key's controller).
+        self.submitted: list[float] = []
         self.deadline = 0.0
         # True once the task that runs this batch exists; it takes the batch at its first step.
         self.started = False
 
 
 class _Key(Generic[I, R]):
-    """One key's open batch (None when no item waits) and its running calls."""
+    """One key's open batch (None when no item waits), its running calls and its controller."""
 
-    __slots__ = ("open", "running")
+    __slots__ = ("control", "open", "running")
 
-    def __init__(self) -> None:
+    def __init__(self, control: BatchController | None) -> None:
         self.open: _Batch[I, R] | None = None
         self.running = 0
+        self.control = control
 
 
 class MicroBatcher(Generic[K, I, R]):
@@ -66,6 +78,7 @@ class MicroBatcher(Generic[K, I, R]):
         max_pending: int,
         max_concurrent: int = 2,
         observe_size: SizeObserver | None = None,
+        target_of: TargetLookup[K] | None = None,
     ) -> None:
         self.name = name
         self._run_batch = run
@@ -75,6 +88,9 @@ class MicroBatcher(Generic[K, I, R]):
         self._observe = observe_size
         self._max_concurrent = max(1, max_concurrent)
         self._keys: dict[K, _Key[I, R]] = {}
+        self._target_of = target_of
+        # Controllers outlive a key's idle moments (its _Key goes when nothing is pending).
+        self._controls: dict[K, BatchController] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Items queued or in a running batch call.
         self.depth = 0
@@ -97,7 +113,7 @@ class MicroBatcher(Generic[K, I, R]):
         loop = asyncio.get_running_loop()
         state = self._keys.get(key)
         if state is None:
-            state = self._keys[key] = _Key()
+            state = self._keys[key] = _Key(self._control(key))
         batch = state.open
         if batch is None:
             batch = state.open = _Batch()
@@ -108,14 +124,39 @@ class MicroBatcher(Generic[K, I, R]):
         future: asyncio.Future[R] = loop.create_future()
         batch.items.append(item)
         batch.futures.append(future)
+        if state.control is not None:
+            batch.submitted.append(time.perf_counter())
         deadline = loop.time() + timeout
         batch.deadline = max(batch.deadline, deadline)
         self.depth += 1
-        if len(batch.items) >= self._max_batch:
+        if len(batch.items) >= (state.control.max_batch if state.control is not None else self._max_batch):
             state.open = None  # full: later items start a new batch
             if not batch.started:
                 self._start(key, state, batch)
         return future
+
+    def _control(self, key: K) -> BatchController | None:
+        """The key's controller, made (or remade) when its target is set (or changed); None without one."""
+        target_s = self._target_of(key) if self._target_of is not None else 0.0
+        control = self._controls.get(key)
+        if not target_s:
+            if control is not None:
+                del self._controls[key]
+            return None
+        if control is None or control.target.p99_s != target_s:
+            if len(self._controls) > 1000:  # keys of replaced catalogs
+                self._controls.clear()
+            max_delay = self._delay if self._delay > 0 else target_s / 5
+            control = self._controls[key] = BatchController(
+                LatencyTarget(p99_s=target_s, max_delay_s=max_delay, max_batch=self._max_batch),
+                time.perf_counter(),
+            )
+        return control
+
+    def delay_of(self, key: K) -> float:
+        """The key's current delay in seconds (adapted when it has a target)."""
+        control = self._controls.get(key)
+        return control.delay_s if control is not None else self._delay
 
     def _start(self, key: K, state: _Key[I, R], batch: _Batch[I, R]) -> None:
         batch.started = True
@@ -135,9 +176,11 @@ class MicroBatcher(Generic[K, I, R]):
 
     async def _run(self, key: K, state: _Key[I, R], batch: _Batch[I, R]) -> None:
         items, futures = batch.items, batch.futures
+        control = state.control
         try:
-            if self._delay > 0:
-                await asyncio.sleep(self._delay)
+            delay = control.delay_s if control is not None else self._delay
+            if delay > 0:
+                await asyncio.sleep(delay)
             if state.open is batch:
                 state.open = None  # from here on, arriving items start the next batch
             n = len(items)
@@ -165,6 +208,9 @@ class MicroBatcher(Generic[K, I, R]):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+            if control is not None and batch.submitted:
+                now = time.perf_counter()
+                control.observe([now - t for t in batch.submitted], n, now)
         finally:
             if state.open is batch:
                 state.open = None

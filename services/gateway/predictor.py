@@ -177,6 +177,7 @@ class Predictor:
             max_pending=s.max_pending_rows,
             max_concurrent=s.max_concurrent_batches,
             observe_size=self._metrics.features_batch.observe,
+            target_of=lambda spec: router.latency_target_s(spec.name),
         )
         self.in_flight = 0
         # Rows in flight by tenant (per-tenant load shedding).

@@ -20,6 +20,9 @@ class Split:
     total: int
     shadow: str
     sticky_key: str
+    # The micro-batcher's p99 target in seconds (0: none) and the inference pools in preference order.
+    latency_target_s: float = 0.0
+    pools: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, route: ModelRoute) -> Split:
@@ -32,7 +35,15 @@ class Split:
             total += entry.weight
             versions.append(entry.version)
             cumulative.append(total)
-        return cls(tuple(versions), tuple(cumulative), total, route.shadow, route.sticky_key)
+        return cls(
+            tuple(versions),
+            tuple(cumulative),
+            total,
+            route.shadow,
+            route.sticky_key,
+            route.latency_target_p99_ms / 1000,
+            route.pools,
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,16 @@ class TrafficRouter:
 
     def split(self, model: str) -> Split | None:
         return self._splits.get(model)
+
+    def latency_target_s(self, model: str) -> float:
+        """The model's p99 target for the micro-batcher in seconds (0: none)."""
+        split = self._splits.get(model)
+        return split.latency_target_s if split is not None else 0.0
+
+    def pools(self, model: str) -> tuple[str, ...]:
+        """The model's inference pools in preference order (empty: the default target)."""
+        split = self._splits.get(model)
+        return split.pools if split is not None else ()
 
     def choose(self, model: str, entities: Mapping[str, str], fallback: str) -> Choice:
         """The version for one request without an explicit version.

@@ -88,3 +88,38 @@ async def test_the_batch_call_gets_the_longest_timeout_of_its_items() -> None:
     )
     await asyncio.gather(batcher.submit("k", 1, 0.1), batcher.submit("k", 2, 2.0))
     assert 1.5 < seen[0] <= 2.0
+
+
+async def test_a_key_with_a_p99_target_adapts_its_delay_and_others_keep_the_fixed_one() -> None:
+    """Targeted key: the delay starts at 0 and grows under load while it gathers rows, within the bound."""
+    recorder = Recorder(delay=0.001)
+    targets = {"slo": 0.05}
+    batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
+        "t",
+        recorder.run,
+        max_batch=64,
+        max_delay_s=0.004,
+        max_pending=10_000,
+        max_concurrent=4,
+        target_of=lambda key: targets.get(key, 0.0),
+    )
+    assert batcher.delay_of("slo") == 0.004  # no controller yet: the fixed delay
+    await batcher.submit("slo", 1, 1.0)
+    control = batcher._controls["slo"]
+    assert control.delay_s == 0.0 and batcher.delay_of("slo") == 0.0
+    control.target = type(control.target)(
+        p99_s=0.05, max_delay_s=0.004, max_batch=64, interval_s=0.02, min_samples=5
+    )
+
+    async def client(key: str) -> None:
+        for i in range(30):
+            await batcher.submit(key, i, 1.0)
+
+    await asyncio.gather(*(client("slo") for _ in range(32)), client("fixed"))
+    assert control.decisions > 0
+    assert 0 < batcher.delay_of("slo") <= 0.004
+    assert batcher.delay_of("fixed") == 0.004
+    targets.pop("slo")  # the platform file dropped the target: back to the fixed delay
+    await batcher.submit("slo", 1, 1.0)
+    assert "slo" not in batcher._controls and batcher.delay_of("slo") == 0.004
+    await batcher.close()
