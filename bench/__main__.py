@@ -24,7 +24,7 @@ from bench.report import render
 from bench.tools import say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES = ("inference", "features", "e2e", "peers", "logging", "logwal", "scaling")
+SUITES = ("inference", "features", "e2e", "peers", "logging", "logwal", "scaling", "slo")
 LATEST_MAX_BYTES = 400_000  # per file copied to results/latest (the repository keeps only small files)
 
 
@@ -49,6 +49,10 @@ def _suite_body(name: str):  # type: ignore[no-untyped-def]
         from bench.suites import scaling
 
         return scaling.body
+    if name == "slo":
+        from bench.suites import slo
+
+        return slo.body
     if name == "peers":
         from bench.suites import peers
 

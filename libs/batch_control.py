@@ -9,11 +9,12 @@ maximums, from the latencies the batcher reports:
 - every `interval_s` (with at least `min_samples` requests seen) it takes the p99 of the window's
   request latencies (enqueue to result; a windowed estimate, not a running one, so it follows load
   changes within an interval);
-- **over the target**: multiplicative decrease of the delay (times `decrease`); once the delay is 0, of the
-  batch-size cap too, but only while that helps (if a smaller cap did not lower p99, as when the
-  server is simply overloaded and smaller batches mean less throughput, the cap goes back up);
-- **under `headroom` times the target**: additive increase, first of the batch cap back to its maximum,
-  then of the delay by `delay_step_s` — kept only if the batches grew (rows per batch up by
+- **over the target**: multiplicative decrease of the delay (times `decrease`); once the delay is 0,
+  of the batch-size cap too, but only when the batches' own execution is what breaks the budget (p99
+  of the window's batch compute times over `compute_share` of the target): when the server is simply
+  overloaded, smaller batches would only cost throughput and make the queue longer;
+- **under `headroom` times the target**: additive increase, first of the batch cap back to its maximum
+  (while the compute times leave room), then of the delay by `delay_step_s` — kept only if the batches grew (rows per batch up by
   `min_gain`): a delay that gathers no extra rows is undone and not tried again for `cooldown`
   intervals (the gradient check; it keeps the delay near 0 at low concurrency);
 - in between: hold.
@@ -48,8 +49,10 @@ class LatencyTarget:
     batch_step: int = 0
     # A delay step is kept when rows per batch grew by at least this fraction.
     min_gain: float = 0.05
-    # Intervals to wait after a delay step that gathered nothing (or a batch cut that did not help).
+    # Intervals to wait after a delay step that gathered nothing.
     cooldown: int = 5
+    # The batch cap is cut only while a batch's compute p99 exceeds this fraction of the target.
+    compute_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.p99_s <= 0:
@@ -82,18 +85,26 @@ class BatchController:
         self.decisions = 0
         self._window_start = now
         self._samples: list[float] = []
+        self._compute: list[float] = []
         self._rows = 0
         self._batches = 0
         self._step_d = target.delay_step_s or target.delay_bound_s / 10
         self._step_b = target.batch_step or max(1, target.max_batch // 8)
-        # The last change and what the window before it looked like, for the gradient check.
-        self._pending: tuple[str, float, float] | None = None  # (kind, value before, metric before)
+        # The last delay step and the rows per batch before it, for the gradient check.
+        self._pending: tuple[float, float] | None = None
         self._cool = 0
-        self._cool_batch = 0
 
-    def observe(self, latencies_s: list[float], rows: int, now: float) -> bool:
-        """Records one executed batch (its requests' latencies and its rows); True if the knobs changed."""
+    def observe(self, latencies_s: list[float], rows: int, now: float, compute_s: float = 0.0) -> bool:
+        """Records one executed batch; True if the knobs changed.
+
+        Args:
+            latencies_s: Its requests' latencies (enqueue to result).
+            rows: Its rows.
+            now: Monotonic seconds.
+            compute_s: How long the batch itself executed.
+        """
         self._samples.extend(latencies_s)
+        self._compute.append(compute_s)
         self._rows += rows
         self._batches += 1
         if now - self._window_start < self.target.interval_s or len(self._samples) < self.target.min_samples:
@@ -105,39 +116,33 @@ class BatchController:
         self.decisions += 1
         observed = p99(self._samples)
         rows_per_batch = self._rows / max(self._batches, 1)
-        self._samples, self._rows, self._batches = [], 0, 0
+        compute = p99(self._compute) if self._compute else 0.0
+        self._samples, self._compute, self._rows, self._batches = [], [], 0, 0
         self._window_start = now
         self.last_p99 = observed
         before = (self.delay_s, self.max_batch)
         pending, self._pending = self._pending, None
         if self._cool:
             self._cool -= 1
-        if self._cool_batch:
-            self._cool_batch -= 1
+        compute_budget = t.p99_s * t.compute_share
         if observed > t.p99_s:
-            if pending is not None and pending[0] == "batch" and observed >= pending[2] * 0.95:
-                # A smaller batch did not lower p99 (overload: fewer rows per batch, less throughput).
-                self.max_batch = int(pending[1])
-                self._cool_batch = t.cooldown
-            elif self.delay_s > 0:
+            if self.delay_s > 0:
                 self.delay_s *= t.decrease
                 if self.delay_s < self._step_d / 4:
                     self.delay_s = 0.0
-            elif not self._cool_batch and self.max_batch > 1:
-                self._pending = ("batch", self.max_batch, observed)
-                self.max_batch = max(1, int(self.max_batch * t.decrease))
+            elif compute > compute_budget and self.max_batch > 1:
+                # The batch's own execution breaks the budget: a smaller one, in proportion.
+                cut = min(self.max_batch * t.decrease, self.max_batch * compute_budget / compute)
+                self.max_batch = max(1, int(cut))
         elif observed < t.p99_s * t.headroom:
             if self.max_batch < t.max_batch:
-                self.max_batch = min(t.max_batch, self.max_batch + self._step_b)
-            elif (
-                pending is not None
-                and pending[0] == "delay"
-                and rows_per_batch < pending[2] * (1 + t.min_gain)
-            ):
-                self.delay_s = pending[1]  # waiting longer gathered no more rows: undo it
+                if compute < compute_budget * t.headroom:
+                    self.max_batch = min(t.max_batch, self.max_batch + self._step_b)
+            elif pending is not None and rows_per_batch < pending[1] * (1 + t.min_gain):
+                self.delay_s = pending[0]  # waiting longer gathered no more rows: undo it
                 self._cool = t.cooldown
             elif not self._cool and self.delay_s < t.delay_bound_s:
-                self._pending = ("delay", self.delay_s, rows_per_batch)
+                self._pending = (self.delay_s, rows_per_batch)
                 self.delay_s = min(t.delay_bound_s, self.delay_s + self._step_d)
         changed = (self.delay_s, self.max_batch) != before
         self.adjustments += changed

@@ -189,6 +189,7 @@ class MicroBatcher(Generic[K, I, R]):
             timeout = batch.deadline - asyncio.get_running_loop().time()
             if timeout <= 0:
                 raise DeadlineExceeded(f"the request deadline passed before the {self.name} call")
+            called = time.perf_counter()
             results = await self._run_batch(key, items, timeout)
             if len(results) != n:
                 raise RuntimeError(f"{self.name} batch returned {len(results)} results for {n} items")
@@ -210,7 +211,7 @@ class MicroBatcher(Generic[K, I, R]):
                     future.set_result(result)
             if control is not None and batch.submitted:
                 now = time.perf_counter()
-                control.observe([now - t for t in batch.submitted], n, now)
+                control.observe([now - t for t in batch.submitted], n, now, now - called)
         finally:
             if state.open is batch:
                 state.open = None

@@ -381,7 +381,7 @@ class DynamicBatcher:
         controller = self.controller
         if controller is not None and ok_rows:
             latencies = [(now - job.enqueued_ns) / 1e9 for job in jobs]
-            if controller.observe(latencies, ok_rows, now / 1e9):
+            if controller.observe(latencies, ok_rows, now / 1e9, sum(batch.timings) / 1e9):
                 self._apply_control()
         if ok_rows:
             input_ns, infer_ns, output_ns = batch.timings
