@@ -313,6 +313,13 @@ def parse_platform(text: str) -> PlatformConfig:
         pools[str(name)] = pool
     inference_http = _build(InferenceHttpRoute, raw.get("inference_http"), "inference_http")
     if inference_http.enabled:
+        if admission.placement != "edge":
+            # With placement "gateway" the keys and limits are checked inside the gateway, which a
+            # request routed straight to the inference service never reaches: nothing would check it.
+            raise PlatformConfigError(
+                "inference_http.enabled: needs admission.placement: edge (Envoy checks API keys and rate "
+                "limits only there; the gateway's in-process admission never sees these requests)"
+            )
         _check_targets(inference_http.endpoints, "inference_http.endpoints")
         _positive(inference_http.timeout_ms, "inference_http.timeout_ms")
     models: dict[str, ModelRoute] = {}

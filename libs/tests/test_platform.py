@@ -69,7 +69,14 @@ def test_the_local_platform_file_is_valid() -> None:
         ("inference_pools: {gpu: {endpoints: []}}", "inference_pools.gpu.endpoints: at least one endpoint"),
         ("inference_pools: {gpu: {endpoints: ['nohost']}}", "inference_pools.gpu.endpoints[0]: expected"),
         ("inference_http: {enabled: 'yes'}", "inference_http.enabled: expected bool"),
-        ("inference_http: {enabled: true, endpoints: []}", "inference_http.endpoints: at least one"),
+        (
+            "admission: {placement: edge}\ninference_http: {enabled: true, endpoints: []}",
+            "inference_http.endpoints: at least one",
+        ),
+        (
+            "admission: {placement: gateway}\ninference_http: {enabled: true}",
+            "inference_http.enabled: needs admission.placement: edge",
+        ),
         ("inference_http: {enabeld: true}", "inference_http: unknown key(s) enabeld"),
     ],
 )
@@ -115,6 +122,7 @@ inference_pools:
   gpu: {endpoints: ["127.0.0.1:8101"]}
   cpu: {endpoints: ["127.0.0.1:8001", "file:cpu.json"]}
 inference_http: {enabled: true, endpoints: ["inference:8000"]}
+admission: {placement: edge}
 models:
   fraud: {versions: [{version: '1'}], pools: [gpu, cpu], latency_target_p99_ms: 10}
 """

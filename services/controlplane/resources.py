@@ -51,6 +51,8 @@ MESH_CA_SECRET = "gateway-mesh-ca"
 
 GATEWAY_CLUSTER = "gateway"
 EDGE_CLUSTER = "edge"
+# The inference replicas' KServe v2 HTTP/JSON port, routed only when the platform's inference_http is on.
+INFERENCE_HTTP_CLUSTER = "inference-http"
 TRACING_CLUSTER = "jaeger"
 LISTENER_NAME = "public"
 ROUTE_NAME = "public"
@@ -330,6 +332,41 @@ def gateway_cluster(platform: PlatformConfig, wiring: EnvoyWiring | None = None)
     }
 
 
+def inference_http_cluster(platform: PlatformConfig) -> dict[str, Any]:
+    """The inference replicas' HTTP/JSON port (HTTP/1.1, aiohttp): EDS, active HTTP health checks on /v2/health/ready."""
+    hc = platform.gateway.health_check
+    od = platform.gateway.outlier_detection
+    eds = _eds(INFERENCE_HTTP_CLUSTER)
+    del eds["typed_extension_protocol_options"]  # HTTP/1.1 upstream
+    return {
+        **eds,
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "health_checks": [
+            {
+                "timeout": _ms(hc.timeout_ms),
+                "interval": _ms(hc.interval_ms),
+                "unhealthy_threshold": hc.unhealthy_threshold,
+                "healthy_threshold": hc.healthy_threshold,
+                "no_traffic_interval": _ms(hc.interval_ms),
+                "http_health_check": {"path": "/v2/health/ready"},
+            }
+        ],
+        "outlier_detection": {
+            "consecutive_5xx": od.consecutive_5xx,
+            "consecutive_gateway_failure": od.consecutive_gateway_failure,
+            "base_ejection_time": _ms(od.base_ejection_time_ms),
+            "max_ejection_percent": od.max_ejection_percent,
+            "interval": "1s",
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
+            ]
+        },
+    }
+
+
 def cluster_load_assignment(cluster: str, endpoints: Sequence[str]) -> dict[str, Any]:
     """The ClusterLoadAssignment of a cluster: one locality, one host per resolved `host:port`."""
     lb_endpoints = [{"endpoint": {"address": _socket_address(endpoint)}} for endpoint in endpoints]
@@ -339,8 +376,10 @@ def cluster_load_assignment(cluster: str, endpoints: Sequence[str]) -> dict[str,
 def endpoint_resources(
     platform: PlatformConfig, endpoints: Mapping[str, Sequence[str]]
 ) -> dict[str, Message]:
-    """The EDS resources: the gateway's, and the edge's when admission is at the edge."""
+    """The EDS resources: the gateway's, the edge's when admission is at the edge, the inference HTTP port's when routed."""
     clusters = [GATEWAY_CLUSTER] + ([EDGE_CLUSTER] if platform.admission.placement == "edge" else [])
+    if platform.inference_http.enabled:
+        clusters.append(INFERENCE_HTTP_CLUSTER)
     return {
         name: _parse(
             endpoint_pb2.ClusterLoadAssignment, cluster_load_assignment(name, endpoints.get(name, ()))
@@ -564,10 +603,58 @@ def public_routes(platform: PlatformConfig) -> dict[str, Any]:
                 ],
             }
         )
+    if platform.inference_http.enabled:
+        routes += inference_http_routes(platform)
     return {
         "name": ROUTE_NAME,
         "virtual_hosts": [{"name": LISTENER_NAME, "domains": ["*"], "routes": routes}],
     }
+
+
+# The inference data plane's HTTP paths Envoy may route (KServe v2): server and model metadata, health,
+# readiness, config and infer. Never the repository, statistics, shared-memory, trace or log routes.
+INFERENCE_DATA_PLANE_PATHS = (
+    r"/v2",
+    r"/v2/health/(live|ready)",
+    r"/v2/models/[^/]+(/versions/[0-9]+)?(/ready|/config|/infer)?",
+)
+
+
+def inference_http_routes(platform: PlatformConfig) -> list[dict[str, Any]]:
+    """Routes to the inference HTTP port for the data-plane paths only, behind the edge's admission.
+
+    The platform allows this only with admission at the edge: the listener's ext_authz (key, tenant, the
+    model read from `/v2/models/{model}`) and the same rate-limit descriptors as the gateway routes apply.
+    """
+    http = platform.inference_http
+    # `/v2/models/stats` would match the model pattern (a model named "stats"): it is a statistics route.
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "inference-v2-stats",
+            "match": {"path": "/v2/models/stats"},
+            "direct_response": {"status": 404, "body": {"inline_string": "not routed\n"}},
+        }
+    ]
+    for i, pattern in enumerate(INFERENCE_DATA_PLANE_PATHS):
+        routes.append(
+            {
+                "name": f"inference-v2-{i}",
+                "match": {"safe_regex": {"regex": pattern}},
+                "route": {
+                    "cluster": INFERENCE_HTTP_CLUSTER,
+                    "timeout": _ms(http.timeout_ms),
+                    "retry_policy": {"retry_on": "reset,connect-failure", "num_retries": 1},
+                    "rate_limits": _rate_limits(),
+                },
+                "request_headers_to_add": [
+                    {
+                        "header": {"key": PLACEMENT_HEADER, "value": platform.admission.placement},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            }
+        )
+    return routes
 
 
 def build_resources(
@@ -587,6 +674,8 @@ def build_resources(
     clusters = [gateway_cluster(platform, wiring)]
     if platform.admission.placement == "edge":
         clusters.append(edge_cluster(platform, wiring))
+    if platform.inference_http.enabled:
+        clusters.append(inference_http_cluster(platform))
     if wiring.tracing_otlp_address:
         clusters.append(_static_cluster(TRACING_CLUSTER, wiring.tracing_otlp_address))
     return Resources(

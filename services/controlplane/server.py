@@ -32,6 +32,7 @@ from services.controlplane.resources import (
     EDGE_CLUSTER,
     ENDPOINT_TYPE,
     GATEWAY_CLUSTER,
+    INFERENCE_HTTP_CLUSTER,
     PUSH_ORDER,
     EnvoyWiring,
     build_resources,
@@ -257,6 +258,14 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
         return self._control_plane.stream(request_iterator)
 
 
+def _inference_http_targets(settings: EnvoySettings, platform: PlatformConfig) -> tuple[Target, ...]:
+    """The inference HTTP endpoints as discovery targets; none unless the platform routes the REST API."""
+    if not platform.inference_http.enabled:
+        return ()
+    base = settings.platform_file.resolve().parent
+    return tuple(t for entry in platform.inference_http.endpoints for t in parse_targets(entry, base))
+
+
 def _gateway_targets(settings: EnvoySettings, platform: PlatformConfig) -> tuple[Target, ...]:
     """The platform's gateway endpoints as discovery targets (a relative file: is next to the platform file)."""
     base = settings.platform_file.resolve().parent
@@ -286,6 +295,8 @@ async def create_server(
         try:
             gateway_watcher.set_targets(_gateway_targets(settings, platform))
             await gateway_watcher.refresh()
+            inference_watcher.set_targets(_inference_http_targets(settings, platform))
+            await inference_watcher.refresh()
         finally:
             applying[0] = False
         control_plane_box[0].apply(platform)
@@ -298,7 +309,13 @@ async def create_server(
         interval,
         name=GATEWAY_CLUSTER,
     )
-    watchers = [gateway_watcher]
+    inference_watcher = EndpointWatcher(
+        _inference_http_targets(settings, watcher.current),
+        _endpoints_changed(INFERENCE_HTTP_CLUSTER),
+        interval,
+        name=INFERENCE_HTTP_CLUSTER,
+    )
+    watchers = [gateway_watcher, inference_watcher]
     if watcher.current.admission.placement == "edge":  # fixed for the process's life
         watchers.append(
             EndpointWatcher(
@@ -308,7 +325,8 @@ async def create_server(
     endpoints: dict[str, tuple[str, ...]] = {}
     for endpoint_watcher in watchers:
         await endpoint_watcher.refresh()
-        endpoints[endpoint_watcher.name] = endpoint_watcher.current or ()
+        if endpoint_watcher.targets or endpoint_watcher.name != INFERENCE_HTTP_CLUSTER:
+            endpoints[endpoint_watcher.name] = endpoint_watcher.current or ()
     control_plane = ControlPlane.from_platform(settings, watcher.current, endpoints)
     control_plane_box.append(control_plane)
     log.info(

@@ -4,7 +4,8 @@
 Envoy transcodes HTTP/JSON to gRPC before asking, so a request reaches this module as a gRPC call:
 its path names the method, its body (a gRPC frame) carries the model in field 1 of both
 PredictRequest and PredictBatchRequest (whose rows are field 3: one rate-limit unit each).
-A plain `/v1/models/{model}:...` path is understood too.
+A plain `/v1/models/{model}:...` path is understood too, and the inference service's KServe v2 paths
+(`/v2/models/{model}[/...]`, when the platform routes its REST API): the model is the path's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from libs.errors import PermissionDenied, Unauthenticated
 from libs.platform import PlatformConfig
 
 __all__ = ["KEY_NAME_HEADER", "MODEL_HEADER", "TENANT_HEADER", "TIER_HEADER", "Authorizer", "Decision"]
-_REST_PATH = re.compile(r"^/v1/models/(?P<model>[^/:?]+):")
+_REST_PATH = re.compile(r"^/v1/models/(?P<model>[^/:?]+):|^/v2/models/(?P<v2model>[^/?]+)")
 _BATCH_PATH = "/infergrid.gateway.v1.PredictionService/PredictBatch"
 
 
@@ -111,7 +112,7 @@ def requested_model(path: str, body: bytes) -> str | None:
     """The model a request is for: from a REST path, else from the gRPC body; None if unreadable."""
     match = _REST_PATH.match(path)
     if match:
-        return match.group("model")
+        return match.group("model") or match.group("v2model")
     return model_from_grpc_body(body)
 
 
@@ -147,7 +148,7 @@ class Authorizer:
         rows = 1
         if path_only in self.model_paths or _REST_PATH.match(path_only):
             match = _REST_PATH.match(path_only)
-            read = (match.group("model"), 1) if match else read_grpc_body(body)
+            read = (match.group("model") or match.group("v2model"), 1) if match else read_grpc_body(body)
             if read is None:
                 return _denied(
                     400, "cannot read the model from the request (compressed or malformed gRPC body)"

@@ -208,3 +208,74 @@ def test_admission_in_the_gateway_drops_the_edge_filters_and_strips_identity_hea
         "envoy.filters.http.ratelimit",
         "envoy.filters.http.router",
     ]
+
+
+def test_the_inference_rest_api_is_not_routed_by_default() -> None:
+    d = _dicts()
+    assert "inference-http" not in d[CLUSTER_TYPE] and "inference-http" not in d[ENDPOINT_TYPE]
+    paths = [r["match"] for r in d[ROUTE_TYPE]["public"]["virtual_hosts"][0]["routes"]]
+    assert not any("/v2" in str(match) for match in paths)
+
+
+def test_the_inference_rest_api_when_routed_is_data_plane_only_behind_admission() -> None:
+    import re
+
+    platform = _platform(
+        PLATFORM + 'inference_http: {enabled: true, endpoints: ["127.0.0.1:8000"], timeout_ms: 900}\n'
+    )
+    resources = build_resources(platform, WIRING, {**ENDPOINTS, "inference-http": ("127.0.0.1:8000",)})
+    d = {
+        t: {n: json_format.MessageToDict(m, preserving_proto_field_name=True) for n, m in items.items()}
+        for t, items in resources.by_type.items()
+    }
+    cluster = d[CLUSTER_TYPE]["inference-http"]
+    assert cluster["type"] == "EDS"
+    assert cluster["health_checks"][0]["http_health_check"]["path"] == "/v2/health/ready"
+    assert "typed_extension_protocol_options" not in cluster  # HTTP/1.1 to aiohttp
+    lb = d[ENDPOINT_TYPE]["inference-http"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in lb] == [8000]
+    routes = d[ROUTE_TYPE]["public"]["virtual_hosts"][0]["routes"]
+    v2 = [r for r in routes if r["name"].startswith("inference-")]
+    routed = [r for r in v2 if "route" in r]
+    for r in routed:
+        assert r["route"]["cluster"] == "inference-http"
+        assert r["route"]["timeout"] == "0.900s"
+        assert r["route"]["rate_limits"]  # the same descriptors as the gateway routes
+    # The edge's ext_authz and rate-limit filters are on the listener for every route.
+    assert {"envoy.filters.http.ext_authz", "envoy.filters.http.ratelimit"} <= set(
+        _filters(d[LISTENER_TYPE]["public"])
+    )
+
+    def target(path: str) -> str:
+        """What Envoy does with `path`: the first matching route (safe_regex is a full match)."""
+        for r in v2:
+            match = r["match"]
+            if match.get("path") == path or (
+                "safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path)
+            ):
+                return "inference" if "route" in r else "refused"
+        return "no route"
+
+    for path in (
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/fraud",
+        "/v2/models/fraud/ready",
+        "/v2/models/fraud/config",
+        "/v2/models/fraud/infer",
+        "/v2/models/fraud/versions/2/infer",
+    ):
+        assert target(path) == "inference", path
+    for path in (
+        "/v2/models/stats",
+        "/v2/models/fraud/stats",
+        "/v2/repository/index",
+        "/v2/repository/models/fraud/load",
+        "/v2/systemsharedmemory/region/r/register",
+        "/v2/cudasharedmemory/status",
+        "/v2/trace/setting",
+        "/v2/models/fraud/trace/setting",
+        "/v2/logging",
+    ):
+        assert target(path) in ("refused", "no route"), path

@@ -93,6 +93,21 @@ def test_decisions() -> None:
     }
 
 
+def test_inference_v2_paths_are_admitted_per_model() -> None:
+    """The routed KServe v2 REST paths: the model comes from the path, the tenant's model list applies."""
+    auth = _authorizer(("demo", "secret-demo"))
+    key = {"x-api-key": "secret-demo"}
+    assert requested_model("/v2/models/fraud/versions/1/infer", b"") == "fraud"
+    infer = auth.decide(key, "/v2/models/fraud/infer", b'{"inputs": []}')
+    assert infer.allowed and infer.upstream_headers["x-infergrid-model"] == "fraud" and infer.rows == 1
+    other = auth.decide(key, "/v2/models/ranker/versions/2/infer", b"")
+    assert (other.allowed, other.http_status) == (False, 403)
+    assert auth.decide({}, "/v2/models/fraud/infer", b"").http_status == 401
+    assert auth.decide({}, "/v2/health/ready", b"").http_status == 401
+    health = auth.decide(key, "/v2/health/ready", b"")
+    assert health.allowed and "x-infergrid-model" not in health.upstream_headers
+
+
 def test_no_secret_in_any_message() -> None:
     auth = _authorizer(("demo", "secret-demo"))
     for key in ("secret-demo", "wrong-secret"):
