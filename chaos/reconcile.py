@@ -1,9 +1,11 @@
 """Reconciles the requests that were answered OK against the log's two sinks: Cassandra and the Parquet lake.
 
-For every answered-OK request id the caller saw, the record must be in Cassandra (`inference_log_by_request`,
-and once in `inference_log_by_model`, the table `QueryRecords` pages) and in the lake exactly once. The lake
-is counted twice: as its files hold it (raw rows, where a record the producer re-sent may sit in two
-flushes) and as it is read (`services.logging.lake.read_table`, which keeps one row per request id).
+For every answered-OK request id the caller saw, the record must be in Cassandra
+(`inference_log_by_tenant_request`, and once in `inference_log_by_tenant_model`, the table `QueryRecords`
+pages) and in the lake exactly once. Records are keyed by (tenant, request_id); the chaos load calls as one
+tenant (`TENANT`, the demo key's), so only that tenant's rows are counted, per request id. The lake is
+counted twice: as its files hold it (raw rows, where a record the producer re-sent may sit in two flushes)
+and as it is read (`services.logging.lake.read_table`, which keeps one row per (tenant, request_id)).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from cassandra.query import SimpleStatement
 from services.logging.lake import lake_files, read_table
 
 MODEL = "fraud"
+# The tenant of the demo API key the chaos load uses (deploy/local/platform.yaml).
+TENANT = "demo"
 
 
 @dataclass(frozen=True)
@@ -59,48 +63,64 @@ def count_ids(ids: Iterable[str], wanted: Collection[str]) -> collections.Counte
     return counts
 
 
-def lake_ids(lake_dir: Path, prefix: str) -> collections.Counter[str]:
-    """Rows per request id over every lake file (no dedupe), for the ids that start with `prefix`."""
+def lake_ids(lake_dir: Path, prefix: str, tenant: str | None = None) -> collections.Counter[str]:
+    """Rows per request id over every lake file (no dedupe), for the ids that start with `prefix`.
+
+    Args:
+        lake_dir: The lake folder.
+        prefix: Only ids starting with it.
+        tenant: Only this tenant's rows (None: every tenant's; a run with one tenant counts the same).
+    """
     counts: collections.Counter[str] = collections.Counter()
     for path in lake_files(lake_dir, model=MODEL):
         try:
-            column = pq.read_table(path, columns=["request_id"]).column("request_id")
+            table = pq.read_table(path, columns=["request_id", "tenant"])
         except (OSError, ValueError):  # a file renamed away by a consumer rebalance: it is read next poll
             continue
-        matching = column.filter(pc.starts_with(column, prefix))
-        counts.update(matching.to_pylist())
+        if tenant is not None:
+            table = table.filter(pc.equal(table.column("tenant"), tenant))
+        column = table.column("request_id")
+        counts.update(column.filter(pc.starts_with(column, prefix)).to_pylist())
     return counts
 
 
-def lake_read_ids(lake_dir: Path, prefix: str, wanted: Collection[str]) -> collections.Counter[str]:
-    """Rows per wanted request id in the lake as its readers see it (`read_table`, deduplicating)."""
-    column = read_table(lake_dir, model=MODEL).column("request_id")
+def lake_read_ids(
+    lake_dir: Path, prefix: str, wanted: Collection[str], tenant: str | None = None
+) -> collections.Counter[str]:
+    """Rows per wanted request id in the lake as its readers see it (`read_table`, one per (tenant, id))."""
+    column = read_table(lake_dir, model=MODEL, tenant=tenant).column("request_id")
     return count_ids(column.filter(pc.starts_with(column, prefix)).to_pylist(), wanted)
 
 
 class CassandraSink:
-    """Reads the log tables of one keyspace (full scans with paging: the tables hold only test traffic)."""
+    """Reads one tenant's rows of the log tables of one keyspace (full scans with paging: test traffic only)."""
 
-    def __init__(self, contact_points: list[str], port: int, keyspace: str) -> None:
+    def __init__(self, contact_points: list[str], port: int, keyspace: str, tenant: str = TENANT) -> None:
         self._cluster = Cluster(contact_points, port=port)
         self._session: Session = self._cluster.connect(keyspace)
+        self.tenant = tenant
 
     def by_request(self, prefix: str) -> collections.Counter[str]:
-        """Rows per request id in `inference_log_by_request`."""
+        """Rows per request id of the tenant in `inference_log_by_tenant_request`."""
         rows = self._session.execute(
-            SimpleStatement("SELECT request_id FROM inference_log_by_request", fetch_size=5000), timeout=60
+            SimpleStatement(
+                "SELECT tenant, request_id FROM inference_log_by_tenant_request", fetch_size=5000
+            ),
+            timeout=60,
         )
-        return collections.Counter(r.request_id for r in rows if r.request_id.startswith(prefix))
+        return collections.Counter(
+            r.request_id for r in rows if r.tenant == self.tenant and r.request_id.startswith(prefix)
+        )
 
     def by_model(self, prefix: str, hours: Iterable[int]) -> collections.Counter[str]:
-        """Rows per request id in `inference_log_by_model` over the given hour buckets."""
+        """Rows per request id of the tenant in `inference_log_by_tenant_model` over the given hour buckets."""
         counts: collections.Counter[str] = collections.Counter()
         query = self._session.prepare(
-            "SELECT request_id FROM inference_log_by_model WHERE model = ? AND hour = ?"
+            "SELECT request_id FROM inference_log_by_tenant_model WHERE tenant = ? AND model = ? AND hour = ?"
         )
         query.fetch_size = 5000
         for hour in hours:
-            for row in self._session.execute(query, (MODEL, hour), timeout=60):
+            for row in self._session.execute(query, (self.tenant, MODEL, hour), timeout=60):
                 if row.request_id.startswith(prefix):
                     counts[row.request_id] += 1
         return counts
@@ -126,7 +146,7 @@ def reconcile(
     t0 = time.monotonic()
     while True:
         in_cassandra = count_ids(cassandra.by_request(prefix).elements(), wanted)
-        lake_files_counts = count_ids(lake_ids(lake_dir, prefix).elements(), wanted)
+        lake_files_counts = count_ids(lake_ids(lake_dir, prefix, cassandra.tenant).elements(), wanted)
         missing_c = len(wanted) - len(in_cassandra)
         missing_l = len(wanted) - len(lake_files_counts)
         waited = time.monotonic() - t0
@@ -143,6 +163,8 @@ def reconcile(
         lost_lake=missing_l,
         duplicated_cassandra=sum(1 for n in (*in_cassandra.values(), *by_model.values()) if n > 1),
         duplicated_lake_files=sum(1 for n in lake_files_counts.values() if n > 1),
-        duplicated_lake_read=sum(1 for n in lake_read_ids(lake_dir, prefix, wanted).values() if n > 1),
+        duplicated_lake_read=sum(
+            1 for n in lake_read_ids(lake_dir, prefix, wanted, cassandra.tenant).values() if n > 1
+        ),
         waited_s=round(waited, 1),
     )

@@ -7,9 +7,13 @@ buffer reaches `roll_bytes` or its oldest record `roll_seconds`), each file as
 a temporary dot-file, fsynced, then renamed into place, so readers never see a
 half-written file.
 
-Exactly once per record, given at-least-once delivery from Kafka:
-1. Within a flush, records are deduplicated by request_id (a file never holds a
-   request twice).
+Exactly once per record, given at-least-once delivery from Kafka. A record is
+identified by (tenant, request_id): two tenants' records with the same request id
+are two records; the same tenant's id twice is one prediction logged twice, kept
+once (when the two differ — a caller reused its id — the later request_time wins,
+the rule Cassandra's write timestamps apply too, see services/logging/store.py).
+1. Within a flush, records are deduplicated by (tenant, request_id) (a file never
+   holds a request twice).
 2. Offsets are committed only after the flush's files are renamed. Before the
    renames, a journal `_journal/<topic>-p<partition>-<first>.json` lists the
    files of the flush and their offset range; it is deleted after the commit.
@@ -22,8 +26,8 @@ Exactly once per record, given at-least-once delivery from Kafka:
 4. A record the *producer* sent twice (a delivery that timed out but had landed,
    then re-sent from its spool) arrives at two offsets and may be written in two
    flushes; `read_table` (and the `read` command) therefore deduplicates by
-   request_id, keeping the earliest (partition, offset). The lake read through
-   it holds each record exactly once.
+   (tenant, request_id), keeping the latest request_time, then the earliest
+   (partition, offset). The lake read through it holds each record exactly once.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from infergrid.logging.v1 import logging_pb2
@@ -84,7 +89,8 @@ class _Group:
     first_offset: int
     last_offset: int = -1
     rows: list[tuple[int, logging_pb2.InferenceLogRecord, bytes]] = field(default_factory=list)
-    request_ids: set[str] = field(default_factory=set)
+    # (tenant, request_id) -> index in rows.
+    request_ids: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,16 +123,22 @@ class ParquetLake:
     def add(
         self, partition: int, offset: int, record: logging_pb2.InferenceLogRecord, payload: bytes
     ) -> None:
-        """Buffers one record; a request already buffered in the same group is skipped."""
+        """Buffers one record; a (tenant, request) already buffered in the group is kept once (later time wins)."""
         date = _date_of(record.request_time.seconds)
         key = (date, record.model, partition)
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(first_offset=offset)
         group.last_offset = max(group.last_offset, offset)
-        if record.request_id in group.request_ids:
+        ident = (record.tenant, record.request_id)
+        index = group.request_ids.get(ident)
+        if index is not None:
+            _, known, known_payload = group.rows[index]
+            if record.request_time.ToMicroseconds() > known.request_time.ToMicroseconds():
+                group.rows[index] = (offset, record, payload)
+                self._bytes += len(payload) - len(known_payload)
             return
-        group.request_ids.add(record.request_id)
+        group.request_ids[ident] = len(group.rows)
         group.rows.append((offset, record, payload))
         self._bytes += len(payload)
         if self._oldest is None:
@@ -329,6 +341,7 @@ def read_table(
     model: str | None = None,
     date_from: str | None = None,
     date_to: str | None = None,
+    tenant: str | None = None,
     dedupe: bool = True,
     expand_values: bool = False,
 ) -> pa.Table:
@@ -339,7 +352,9 @@ def read_table(
         model: Only this model.
         date_from: First request date, YYYY-MM-DD.
         date_to: Last request date, YYYY-MM-DD.
-        dedupe: Keep one row per request_id (the earliest partition/offset), as the module docstring explains.
+        tenant: Only this tenant's records.
+        dedupe: Keep one row per (tenant, request_id) (the latest request_time, then the earliest
+            partition/offset), as the module docstring explains.
         expand_values: Add features, request_inputs, outputs and shadow as JSON columns (see `expand`).
 
     Returns:
@@ -349,10 +364,14 @@ def read_table(
     if not files:
         return SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+    if tenant is not None:
+        table = table.filter(pc.equal(table.column("tenant"), tenant))
     if dedupe and table.num_rows:
-        table = table.sort_by([("kafka_partition", "ascending"), ("kafka_offset", "ascending")])
+        table = table.sort_by(
+            [("request_time", "descending"), ("kafka_partition", "ascending"), ("kafka_offset", "ascending")]
+        )
         indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-        first = indexed.group_by("request_id", use_threads=False).aggregate([("_row", "min")])
+        first = indexed.group_by(["tenant", "request_id"], use_threads=False).aggregate([("_row", "min")])
         table = table.take(first["_row_min"])
     table = table.sort_by([("request_time", "ascending"), ("request_id", "ascending")])
     return expand(table) if expand_values else table
@@ -374,21 +393,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m services.logging.lake", description=__doc__.splitlines()[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    read = commands.add_parser("read", help="read records back (deduplicated by request_id)")
+    read = commands.add_parser("read", help="read records back (deduplicated by tenant and request_id)")
     read.add_argument("lake_dir", type=Path)
     read.add_argument("--model")
     read.add_argument("--from", dest="date_from", help="first request date, YYYY-MM-DD")
     read.add_argument("--to", dest="date_to", help="last request date, YYYY-MM-DD")
+    read.add_argument("--tenant", help="only this tenant's records")
     read.add_argument("--format", choices=("jsonl", "count", "parquet"), default="jsonl")
     read.add_argument("--output", type=Path, help="with --format parquet: the file to write")
     read.add_argument("--limit", type=int, default=0, help="at most this many rows (jsonl)")
-    read.add_argument("--raw", action="store_true", help="do not deduplicate by request_id")
+    read.add_argument("--raw", action="store_true", help="do not deduplicate by tenant and request_id")
     args = parser.parse_args(argv)
     table = read_table(
         args.lake_dir,
         model=args.model,
         date_from=args.date_from,
         date_to=args.date_to,
+        tenant=args.tenant,
         dedupe=not args.raw,
         expand_values=args.format == "jsonl",
     )

@@ -22,9 +22,11 @@ class Cursor:
     after_request_id: str = ""
 
 
-def query_fingerprint(model: str, model_version: str, start_us: int, end_us: int) -> str:
-    """A short hash of the query parameters; a token is only valid for the same query."""
+def query_fingerprint(model: str, model_version: str, start_us: int, end_us: int, tenant: str = "") -> str:
+    """A short hash of the query parameters (tenant included); a token is only valid for the same query."""
     text = f"{model}\x00{model_version}\x00{start_us}\x00{end_us}"
+    if tenant:
+        text += f"\x00tenant={tenant}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -59,5 +61,7 @@ def decode_token(token: str, fingerprint: str) -> Cursor:
     except (ValueError, KeyError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument("page_token: malformed; pass the next_page_token of a previous reply") from None
     if body.get("q") != fingerprint:
-        raise InvalidArgument("page_token: belongs to a query with different model, version or time range")
+        raise InvalidArgument(
+            "page_token: belongs to a query with different tenant, model, version or time range"
+        )
     return Cursor(hour=hour, after_time_us=after_time, after_request_id=after_id)

@@ -7,14 +7,14 @@ touched by one thread at a time.
 
 Per batch: every message is validated (invalid ones go to the dead-letter topic
 with the reason in the `infergrid-dlq-reason` header); valid records are
-deduplicated by request_id and upserted into Cassandra (retried until it
+deduplicated by (tenant, request_id) and upserted into Cassandra (retried until it
 succeeds or the service stops) and, once Cassandra has them, buffered for the
 lake. The Cassandra write of one batch overlaps the fetching and validation of
 the next; batches complete in order, so offsets only ever advance over records
 the store holds. When the lake is due
 (size or age) it writes its files, the dead-letter producer is flushed, and only
 then are the offsets committed. A crash anywhere before the commit means
-redelivery, which the sinks absorb (store: upserts by request_id; lake: see
+redelivery, which the sinks absorb (store: upserts by (tenant, request_id); lake: see
 services/logging/lake.py), so every record lands exactly once in each sink.
 
 A rebalance abandons the revoked partitions' uncommitted work (buffered lake
@@ -257,8 +257,8 @@ class LogPipeline:
     # The batch.
 
     def _prepare(self, messages: Sequence[Message]) -> _Batch:
-        """Validates a batch: dead-letters the invalid messages, deduplicates the valid ones by request id."""
-        valid: dict[str, _Valid] = {}
+        """Validates a batch: dead-letters the invalid messages, deduplicates the valid ones by (tenant, request id)."""
+        valid: dict[tuple[str, str], _Valid] = {}
         offsets: dict[int, int] = {}
         dead = 0
         for message in messages:
@@ -283,7 +283,14 @@ class LogPipeline:
                 dead += 1
                 continue
             assert isinstance(value, bytes)
-            valid.setdefault(record.request_id, _Valid(partition, offset, value, headers, record))
+            key = (record.tenant, record.request_id)
+            known = valid.get(key)
+            # One (tenant, id) is one prediction: of two records, the later request time wins (as in the sinks).
+            if (
+                known is None
+                or record.request_time.ToMicroseconds() > known.record.request_time.ToMicroseconds()
+            ):
+                valid[key] = _Valid(partition, offset, value, headers, record)
         metrics.BATCH_SIZE.observe(len(messages))
         if dead:
             self.stats.dead_lettered_total += dead
@@ -322,6 +329,7 @@ class LogPipeline:
     async def _write_store(self, items: list[_Valid]) -> bool:
         rows = [
             StoredRecord(
+                tenant=i.record.tenant,
                 request_id=i.record.request_id,
                 model=i.record.model,
                 model_version=i.record.model_version,

@@ -1,4 +1,11 @@
-"""The logging gRPC server: InferenceLogService over the record store, plus the consumer pipeline."""
+"""The logging gRPC server: InferenceLogService over the record store, plus the consumer pipeline.
+
+The query API is internal: Envoy has no route to it, and in Kubernetes only pods labelled
+`infergrid.io/logging-query: allowed` may connect (the logging NetworkPolicy). It does not authenticate
+its caller; every read names the tenant it is for (a required field) and returns only that tenant's
+records, so a caller serving one tenant (a support tool, a per-tenant export) cannot read another's by
+guessing or reusing a request id.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +32,16 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = logging_pb2.DESCRIPTOR.services_by_name["InferenceLogService"].full_name
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_TENANT_CHARS = 128
+
+
+def _tenant(tenant: str) -> str:
+    """The request's tenant, which every read must name."""
+    if not tenant:
+        raise InvalidArgument("tenant: required (records are read per tenant)")
+    if len(tenant) > MAX_TENANT_CHARS:
+        raise InvalidArgument(f"tenant: longer than {MAX_TENANT_CHARS} characters")
+    return tenant
 
 
 def _micros(ts: Timestamp) -> int:
@@ -45,14 +62,17 @@ class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
             raise InvalidArgument("request_id: required")
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgument(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
-        payload = await self._store.get(request.request_id)
+        tenant = _tenant(request.tenant)
+        payload = await self._store.get(tenant, request.request_id)
         if payload is None:
-            raise NotFound(f"no inference-log record for request_id {request.request_id!r}")
+            # The same answer whether the id is unknown or another tenant's: nothing leaks across tenants.
+            raise NotFound(f"no inference-log record for request_id {request.request_id!r} of this tenant")
         return logging_pb2.InferenceLogRecord.FromString(payload)
 
     async def QueryRecords(  # noqa: N802 - gRPC method names
         self, request: logging_pb2.QueryRecordsRequest, context: grpc.aio.ServicerContext
     ) -> logging_pb2.QueryRecordsResponse:
+        tenant = _tenant(request.tenant)
         if not request.model:
             raise InvalidArgument("model: required")
         if not request.HasField("start_time") or not request.HasField("end_time"):
@@ -62,10 +82,11 @@ class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
             raise InvalidArgument("end_time: must be after start_time")
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size: must be 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})")
-        fingerprint = query_fingerprint(request.model, request.model_version, start_us, end_us)
+        fingerprint = query_fingerprint(request.model, request.model_version, start_us, end_us, tenant)
         cursor = decode_token(request.page_token, fingerprint) if request.page_token else None
         page = await self._store.query(
             RecordQuery(
+                tenant=tenant,
                 model=request.model,
                 model_version=request.model_version,
                 start_us=start_us,

@@ -1,12 +1,21 @@
-"""The record store: the LogStore interface and its Cassandra implementation (by request id, by model and hour).
+"""The record store: the LogStore interface and its Cassandra implementation (by tenant and request id, by model).
 
-Two tables hold every record, both written with upserts keyed by request_id, so
-writing a record again (a redelivered Kafka message, a re-sent spool record)
+A record is identified by (tenant, request_id): request ids are chosen by callers, so
+two tenants may use the same one, and neither may overwrite or read the other's record.
+Two tables hold every record, both written with upserts keyed by (tenant, request_id),
+so writing a record again (a redelivered Kafka message, a re-sent spool record)
 changes nothing:
 
-- `inference_log_by_request`: one partition per request id (GetRecord);
-- `inference_log_by_model`: one partition per (model, hour of request_time),
-  clustered by (request_time_us, request_id) (QueryRecords, oldest first).
+- `inference_log_by_tenant_request`: one partition per (tenant, request id) (GetRecord);
+- `inference_log_by_tenant_model`: one partition per (tenant, model, hour of
+  request_time), clustered by (request_time_us, request_id) (QueryRecords, oldest first).
+
+Every write carries the record's request time as its write timestamp (`USING TIMESTAMP`),
+so when a caller reuses its own request id for a different prediction the by-request row
+keeps the latest request time whatever the order the records arrive in — the rule the
+lake's reader applies too (services/logging/lake.py). (The tables replace the tenant-blind
+`inference_log_by_request` / `inference_log_by_model`, which are no longer written; a
+keyspace that still has them keeps them untouched.)
 
 Writes go in UNLOGGED batches that stay cheap for Cassandra: the by-model rows
 are grouped by partition; the by-request rows by the replica that owns them.
@@ -34,20 +43,23 @@ MAX_BATCH_STATEMENTS = 200
 MAX_READS_PER_QUERY = 200
 
 _SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS inference_log_by_request (
-        request_id text PRIMARY KEY,
+    """CREATE TABLE IF NOT EXISTS inference_log_by_tenant_request (
+        tenant text,
+        request_id text,
         model text,
         model_version text,
         request_time_us bigint,
-        record blob)""",
-    """CREATE TABLE IF NOT EXISTS inference_log_by_model (
+        record blob,
+        PRIMARY KEY ((tenant, request_id)))""",
+    """CREATE TABLE IF NOT EXISTS inference_log_by_tenant_model (
+        tenant text,
         model text,
         hour bigint,
         request_time_us bigint,
         request_id text,
         model_version text,
         record blob,
-        PRIMARY KEY ((model, hour), request_time_us, request_id))
+        PRIMARY KEY ((tenant, model, hour), request_time_us, request_id))
        WITH CLUSTERING ORDER BY (request_time_us ASC, request_id ASC)""",
 )
 
@@ -56,6 +68,7 @@ _SCHEMA = (
 class StoredRecord:
     """What the store keeps of a record: its keys and the serialized InferenceLogRecord."""
 
+    tenant: str
     request_id: str
     model: str
     model_version: str
@@ -65,8 +78,9 @@ class StoredRecord:
 
 @dataclass(frozen=True)
 class RecordQuery:
-    """Records of `model` (optionally one version) with start_us <= request_time < end_us."""
+    """Records of `tenant` for `model` (optionally one version) with start_us <= request_time < end_us."""
 
+    tenant: str
     model: str
     model_version: str
     start_us: int
@@ -90,12 +104,12 @@ class LogStore(Protocol):
         """Stores the records (idempotent: a record written twice is stored once)."""
         ...
 
-    async def get(self, request_id: str) -> bytes | None:
-        """The serialized record of a request, or None."""
+    async def get(self, tenant: str, request_id: str) -> bytes | None:
+        """The serialized record of a tenant's request, or None (another tenant's record is never returned)."""
         ...
 
     async def query(self, query: RecordQuery) -> RecordPage:
-        """One page of a model's records in a time range."""
+        """One page of a tenant's records of a model in a time range."""
         ...
 
     async def ready(self) -> bool:
@@ -143,46 +157,60 @@ class CassandraLogStore:
         self._ttl = ttl_s
         logging.getLogger("cassandra.protocol").addFilter(_BATCH_WARNINGS)
         self._insert_by_request = cassandra.prepare(
-            "INSERT INTO inference_log_by_request (request_id, model, model_version, request_time_us, record) "
-            "VALUES (?, ?, ?, ?, ?) USING TTL ?",
+            "INSERT INTO inference_log_by_tenant_request "
+            "(tenant, request_id, model, model_version, request_time_us, record) "
+            "VALUES (?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
             write=True,
         )
         self._insert_by_model = cassandra.prepare(
-            "INSERT INTO inference_log_by_model "
-            "(model, hour, request_time_us, request_id, model_version, record) "
-            "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
+            "INSERT INTO inference_log_by_tenant_model "
+            "(tenant, model, hour, request_time_us, request_id, model_version, record) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
             write=True,
         )
         self._select_by_request = cassandra.prepare(
-            "SELECT record FROM inference_log_by_request WHERE request_id = ?"
+            "SELECT record FROM inference_log_by_tenant_request WHERE tenant = ? AND request_id = ?"
         )
         self._select_first = cassandra.prepare(
-            "SELECT request_time_us, request_id, model_version, record FROM inference_log_by_model "
-            "WHERE model = ? AND hour = ? AND request_time_us >= ? AND request_time_us < ? LIMIT ?"
+            "SELECT request_time_us, request_id, model_version, record FROM inference_log_by_tenant_model "
+            "WHERE tenant = ? AND model = ? AND hour = ? AND request_time_us >= ? AND request_time_us < ? LIMIT ?"
         )
         self._select_after = cassandra.prepare(
-            "SELECT request_time_us, request_id, model_version, record FROM inference_log_by_model "
-            "WHERE model = ? AND hour = ? AND (request_time_us, request_id) > (?, ?) "
+            "SELECT request_time_us, request_id, model_version, record FROM inference_log_by_tenant_model "
+            "WHERE tenant = ? AND model = ? AND hour = ? AND (request_time_us, request_id) > (?, ?) "
             "AND (request_time_us, request_id) < (?, ?) LIMIT ?"
         )
-        self._select_one = cassandra.prepare("SELECT request_id FROM inference_log_by_request LIMIT 1")
+        self._select_one = cassandra.prepare("SELECT request_id FROM inference_log_by_tenant_request LIMIT 1")
 
     async def write(self, records: Sequence[StoredRecord]) -> None:
         """Upserts every record into both tables, in partition- and replica-grouped UNLOGGED batches."""
-        by_model: dict[tuple[str, int], list[tuple[PreparedStatement, Sequence[Any]]]] = defaultdict(list)
+        by_model: dict[tuple[str, str, int], list[tuple[PreparedStatement, Sequence[Any]]]] = defaultdict(
+            list
+        )
         by_replica: dict[object, list[tuple[PreparedStatement, Sequence[Any]]]] = defaultdict(list)
         for r in records:
             hour = hour_of(r.request_time_us)
-            by_model[(r.model, hour)].append(
+            # The write timestamp is the request time: of two records with one (tenant, id), the later wins.
+            keep = (self._ttl, r.request_time_us)  # USING TTL ? AND TIMESTAMP ?
+            by_model[(r.tenant, r.model, hour)].append(
                 (
                     self._insert_by_model,
-                    (r.model, hour, r.request_time_us, r.request_id, r.model_version, r.payload, self._ttl),
+                    (
+                        r.tenant,
+                        r.model,
+                        hour,
+                        r.request_time_us,
+                        r.request_id,
+                        r.model_version,
+                        r.payload,
+                        *keep,
+                    ),
                 )
             )
-            by_replica[self._replica_of(r.request_id)].append(
+            by_replica[self._replica_of(r.tenant, r.request_id)].append(
                 (
                     self._insert_by_request,
-                    (r.request_id, r.model, r.model_version, r.request_time_us, r.payload, self._ttl),
+                    (r.tenant, r.request_id, r.model, r.model_version, r.request_time_us, r.payload, *keep),
                 )
             )
         batches = [chunk for group in by_model.values() for chunk in _chunks(group)]
@@ -195,15 +223,15 @@ class CassandraLogStore:
         else:
             await self._db.execute_batch(chunk)
 
-    def _replica_of(self, request_id: str) -> object:
+    def _replica_of(self, tenant: str, request_id: str) -> object:
         """The first replica owning the request's partition (batches to one replica stay local)."""
         metadata = self._db.session.cluster.metadata
-        replicas = metadata.get_replicas(self._db.session.keyspace, request_id.encode())
+        replicas = metadata.get_replicas(self._db.session.keyspace, _composite_key(tenant, request_id))
         return replicas[0] if replicas else None
 
-    async def get(self, request_id: str) -> bytes | None:
-        """The serialized record of `request_id`, or None."""
-        rows = await self._db.execute(self._select_by_request, (request_id,))
+    async def get(self, tenant: str, request_id: str) -> bytes | None:
+        """The serialized record of `tenant`'s `request_id`, or None."""
+        rows = await self._db.execute(self._select_by_request, (tenant, request_id))
         return bytes(rows[0].record) if rows else None
 
     async def query(self, query: RecordQuery) -> RecordPage:
@@ -221,12 +249,12 @@ class CassandraLogStore:
             limit = query.page_size - len(payloads)
             if after_time is None:
                 rows = await self._db.execute(
-                    self._select_first, (query.model, hour, query.start_us, query.end_us, limit)
+                    self._select_first, (query.tenant, query.model, hour, query.start_us, query.end_us, limit)
                 )
             else:
                 rows = await self._db.execute(
                     self._select_after,
-                    (query.model, hour, after_time, after_id, query.end_us, "", limit),
+                    (query.tenant, query.model, hour, after_time, after_id, query.end_us, "", limit),
                 )
             reads += 1
             for row in rows:
@@ -243,6 +271,11 @@ class CassandraLogStore:
         return True
 
 
+def _composite_key(*parts: str) -> bytes:
+    """The routing key of a partition key of several text columns (Cassandra's composite encoding)."""
+    return b"".join(len(p.encode()).to_bytes(2, "big") + p.encode() + b"\x00" for p in parts)
+
+
 def _chunks(
     statements: list[tuple[PreparedStatement, Sequence[Any]]],
 ) -> list[list[tuple[PreparedStatement, Sequence[Any]]]]:
@@ -251,8 +284,8 @@ def _chunks(
     current: list[tuple[PreparedStatement, Sequence[Any]]] = []
     size = 0
     for statement in statements:
-        # Both inserts bind (..., record blob, ttl): the blob dominates; ids and names fit in the margin.
-        weight = 256 + len(statement[1][-2])
+        # Both inserts bind (..., record blob, ttl, timestamp): the blob dominates; ids and names fit in the margin.
+        weight = 256 + len(statement[1][-3])
         if current and (size + weight > MAX_BATCH_BYTES or len(current) >= MAX_BATCH_STATEMENTS):
             out.append(current)
             current, size = [], 0

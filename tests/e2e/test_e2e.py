@@ -99,12 +99,16 @@ def _onnx_score(stack: Stack, request: gateway_pb2.PredictRequest, version: str)
     return float(out.reshape(-1)[0])
 
 
-def _get_record(stack: Stack, request_id: str, timeout: float = 60.0) -> logging_pb2.InferenceLogRecord:
-    """The inference-log record of `request_id`, read back from the logging service's sink."""
+def _get_record(
+    stack: Stack, request_id: str, timeout: float = 60.0, tenant: str = "demo"
+) -> logging_pb2.InferenceLogRecord:
+    """The inference-log record of `tenant`'s `request_id`, read back from the logging service's sink."""
     with grpc.insecure_channel(stack.address("logging")) as channel:
         api = logging_pb2_grpc.InferenceLogServiceStub(channel)
         record: logging_pb2.InferenceLogRecord = stack.wait_for(
-            lambda: api.GetRecord(logging_pb2.GetRecordRequest(request_id=request_id), timeout=5),
+            lambda: api.GetRecord(
+                logging_pb2.GetRecordRequest(request_id=request_id, tenant=tenant), timeout=5
+            ),
             timeout=timeout,
             what=f"the log record {request_id}",
         )

@@ -1,7 +1,8 @@
 """The adversarial suite: every hole of issue 14 tried against real servers, refusals counted.
 
-Real gRPC servers (the gateway's and the inference service's `create_server`, bound on free ports, mutual
-TLS with certificates from `libs.mtls`) and a real Redis (the session fixture) for the rate limits. Each
+Real gRPC servers (the gateway's, the inference service's and the logging service's `create_server`, bound
+on free ports, mutual TLS with certificates from `libs.mtls`), a real Redis (the session fixture) for the rate
+limits and a real Cassandra for the log records keyed by tenant. Each
 attempt is recorded with what came back; the summary (attempts vs refusals by hole) is printed at the end
 and every attempt must have been refused. The logs of the whole run are then searched for the API key
 and the admin token: neither may appear.
@@ -9,8 +10,10 @@ and the admin token: neither may appear.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,8 +23,11 @@ import pytest
 from inference import grpc_service_pb2 as ipb
 from inference import grpc_service_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs import mtls
 from libs.admission import RateLimits
+from libs.cassandra import AsyncCassandra, CassandraConfig
+from libs.cassandra import connect as connect_cassandra
 from libs.platform import parse_platform
 from libs.ratelimit import RedisTokenBucketLimiter
 from libs.testing import NO_REDIS_URL, TEST_API_KEY, write_test_admission
@@ -29,6 +35,11 @@ from services.gateway.config import AdmissionConfig, GatewayConfig, GatewayServe
 from services.gateway.server import create_server as create_gateway
 from services.inference.config import ControlConfig, HttpConfig, InferenceConfig, InferenceServerConfig
 from services.inference.server import create_server as create_inference
+from services.logging.config import LoggingConfig, LoggingServerConfig, PipelineConfig
+from services.logging.lake import ParquetLake
+from services.logging.lake import read_table as read_lake
+from services.logging.server import create_server as create_logging
+from services.logging.store import CassandraLogStore, StoredRecord
 
 pytestmark = pytest.mark.integration
 
@@ -340,6 +351,109 @@ async def test_one_tenant_flooding_with_batches_and_redis_down(redis_server: obj
             await _limits_attempt("Redis down (local share)", down, "flood", 1)
     finally:
         await dead.aclose()
+
+
+def _log_record(tenant: str, request_id: str, version: str, time_us: int) -> StoredRecord:
+    record = logging_pb2.InferenceLogRecord(
+        schema_version=logging_pb2.SCHEMA_VERSION_1,
+        request_id=request_id,
+        tenant=tenant,
+        model="fraud",
+        model_version=version,
+    )
+    record.request_time.FromMicroseconds(time_us)
+    return StoredRecord(tenant, request_id, "fraud", version, time_us, record.SerializeToString())
+
+
+async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
+    cassandra_server: object, tmp_path: Path
+) -> None:
+    """The logging sinks and query API keyed by (tenant, request_id), on a real Cassandra and a real lake."""
+    keyspace = f"adv_{uuid.uuid4().hex[:12]}"
+    config = LoggingConfig(
+        server=LoggingServerConfig(port=0, drain_seconds=0),
+        pipeline=PipelineConfig(consume=False),
+        cassandra=CassandraConfig(
+            cassandra_contact_points=tuple(cassandra_server.contact_points),  # type: ignore[attr-defined]
+            cassandra_port=cassandra_server.port,  # type: ignore[attr-defined]
+            cassandra_keyspace=keyspace,
+            cassandra_request_timeout_s=10.0,
+        ),
+    )
+    server = await create_logging(config)  # connects, creates the keyspace and tables
+    await server.start()
+    loop = asyncio.get_running_loop()
+    session = await loop.run_in_executor(None, connect_cassandra, config.cassandra)
+    store = await loop.run_in_executor(None, CassandraLogStore, AsyncCassandra(session, config.cassandra))
+    t0 = 1_780_000_000_000_000
+    acme = [_log_record("acme", f"acme-{i}", "1", t0 + i) for i in range(5)]
+    try:
+        await store.write([*acme, _log_record("acme", "shared-id", "1", t0)])
+        # globex logs the same request id, later (last write wins is what an attacker would hope for).
+        await store.write([_log_record("globex", "shared-id", "2", t0 + 1_000_000)])
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = logging_pb2_grpc.InferenceLogServiceStub(channel)
+            mine = await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="shared-id", tenant="acme"))
+            intact = (mine.tenant, mine.model_version) == ("acme", "1")
+            _record(
+                "overwriting another tenant's log record", None if not intact else grpc.StatusCode.OK, intact
+            )
+            assert intact, mine
+            for request_id in ("acme-0", "acme-4"):
+                await _attempt(
+                    "reading another tenant's log record",
+                    stub.GetRecord(logging_pb2.GetRecordRequest(request_id=request_id, tenant="globex")),
+                    (grpc.StatusCode.NOT_FOUND,),
+                )
+            await _attempt(
+                "reading log records without a tenant",
+                stub.GetRecord(logging_pb2.GetRecordRequest(request_id="acme-0")),
+                (grpc.StatusCode.INVALID_ARGUMENT,),
+                "tenant",
+            )
+            query = logging_pb2.QueryRecordsRequest(model="fraud", page_size=2)
+            query.start_time.FromMicroseconds(t0 - 1)
+            query.end_time.FromMicroseconds(t0 + 3_600_000_000)
+            await _attempt(
+                "reading log records without a tenant",
+                stub.QueryRecords(query),
+                (grpc.StatusCode.INVALID_ARGUMENT,),
+                "tenant",
+            )
+            query.tenant = "globex"
+            theirs = await stub.QueryRecords(query)
+            leaked = [r.request_id for r in theirs.records if r.tenant != "globex"]
+            _record(
+                "listing another tenant's log records", grpc.StatusCode.OK if not leaked else None, not leaked
+            )
+            assert not leaked and [r.request_id for r in theirs.records] == ["shared-id"]
+            query.tenant = "acme"
+            first = await stub.QueryRecords(query)
+            assert first.next_page_token
+            query.tenant, query.page_token = "globex", first.next_page_token
+            await _attempt(
+                "continuing another tenant's query",
+                stub.QueryRecords(query),
+                (grpc.StatusCode.INVALID_ARGUMENT,),
+            )
+    finally:
+        await server.stop(0, 0.5)  # type: ignore[attr-defined]
+        await loop.run_in_executor(
+            None, lambda: session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+        )
+        session.cluster.shutdown()
+    # The lake: globex's record with acme's id neither replaces acme's in a flush nor on read.
+    lake = ParquetLake(tmp_path / "lake", "log", roll_bytes=1 << 20, roll_seconds=60)
+    for offset, stored in enumerate((acme[0], _log_record("globex", "acme-0", "2", t0 + 5))):
+        lake.add(0, offset, logging_pb2.InferenceLogRecord.FromString(stored.payload), stored.payload)
+    lake.flush()
+    kept = read_lake(tmp_path / "lake", tenant="acme").column("model_version").to_pylist()
+    _record(
+        "overwriting another tenant's lake record",
+        grpc.StatusCode.OK if kept == ["1"] else None,
+        kept == ["1"],
+    )
+    assert kept == ["1"] and read_lake(tmp_path / "lake").num_rows == 2
 
 
 def test_no_secret_in_the_logs(module_logs: list[str]) -> None:

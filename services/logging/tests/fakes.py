@@ -9,25 +9,27 @@ from services.logging.store import RecordPage, RecordQuery, StoredRecord, hour_o
 
 
 class MemoryLogStore:
-    """Records by request id; queries walk (hour, time, request id) order like the by-model table."""
+    """Records by (tenant, request id); queries walk one tenant's (hour, time, request id) like the by-model table."""
 
     def __init__(self, *, max_reads: int = 200) -> None:
-        self.records: dict[str, StoredRecord] = {}
+        self.records: dict[tuple[str, str], StoredRecord] = {}
         self.writes = 0
         self.max_reads = max_reads
 
     async def write(self, records: Sequence[StoredRecord]) -> None:
         self.writes += 1
         for r in records:
-            self.records[r.request_id] = r
+            known = self.records.get((r.tenant, r.request_id))
+            if known is None or r.request_time_us >= known.request_time_us:  # the later request time wins
+                self.records[(r.tenant, r.request_id)] = r
 
-    async def get(self, request_id: str) -> bytes | None:
-        record = self.records.get(request_id)
+    async def get(self, tenant: str, request_id: str) -> bytes | None:
+        record = self.records.get((tenant, request_id))
         return record.payload if record else None
 
     async def query(self, query: RecordQuery) -> RecordPage:
         rows = sorted(
-            (r for r in self.records.values() if r.model == query.model),
+            (r for r in self.records.values() if r.model == query.model and r.tenant == query.tenant),
             key=lambda r: (r.request_time_us, r.request_id),
         )
         cursor = query.cursor or Cursor(hour=hour_of(query.start_us))

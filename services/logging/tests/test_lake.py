@@ -89,6 +89,52 @@ def test_duplicates_are_dropped_in_a_file_and_on_read(tmp_path: Path) -> None:
     assert table.column("kafka_offset").to_pylist() == [10]
 
 
+def _of(
+    tenant: str, record: logging_pb2.InferenceLogRecord, **changes: str
+) -> tuple[logging_pb2.InferenceLogRecord, bytes]:
+    copy = logging_pb2.InferenceLogRecord()
+    copy.CopyFrom(record)
+    copy.tenant = tenant
+    for name, value in changes.items():
+        setattr(copy, name, value)
+    return copy, copy.SerializeToString()
+
+
+def test_two_tenants_with_one_request_id_are_two_records_in_a_flush_and_on_read(tmp_path: Path) -> None:
+    lake = _lake(tmp_path)
+    record, _ = _record(1)
+    lake.add(0, 10, *_of("acme", record))
+    lake.add(0, 11, *_of("globex", record, model_version="2"))
+    lake.add(0, 12, *_of("acme", record))  # acme's redelivered: the same prediction, kept once
+    lake.flush()
+    lake.add(0, 40, *_of("globex", record, model_version="2"))  # globex's re-sent in a later flush
+    lake.flush()
+    assert read_table(tmp_path, dedupe=False).num_rows == 3
+    table = read_table(tmp_path)
+    pairs = zip(table.column("tenant").to_pylist(), table.column("model_version").to_pylist(), strict=True)
+    assert sorted(pairs) == [
+        ("acme", "1"),
+        ("globex", "2"),
+    ]
+    only = read_table(tmp_path, tenant="globex")
+    assert only.column("tenant").to_pylist() == ["globex"] and only.column("kafka_offset").to_pylist() == [11]
+
+
+def test_a_reused_id_keeps_the_later_request_time_in_a_flush_and_on_read(tmp_path: Path) -> None:
+    later, _ = _record(1)
+    later.request_time.FromMicroseconds(later.request_time.ToMicroseconds() + 5)
+    earlier, _ = _record(1)
+    for root in (tmp_path / "one-flush", tmp_path / "two-flushes"):
+        lake = _lake(root)
+        lake.add(0, 1, *_of("acme", later, model_version="2"))  # arrived first (re-sent out of order)
+        if root.name == "two-flushes":
+            lake.flush()
+        lake.add(0, 2, *_of("acme", earlier))
+        lake.flush()
+        table = read_table(root)
+        assert table.column("model_version").to_pylist() == ["2"], root.name
+
+
 def test_rolls_by_size_and_by_age(tmp_path: Path) -> None:
     lake = _lake(tmp_path, roll_bytes=200, roll_seconds=0.0)
     assert not lake.due()

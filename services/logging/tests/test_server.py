@@ -18,17 +18,28 @@ BASE_US = 1_780_000_000_000_000
 HOUR_US = 3_600_000_000
 
 
-def _record(i: int, *, model: str = "fraud", version: str = "1", time_us: int | None = None) -> StoredRecord:
+TENANT = "acme"
+
+
+def _record(
+    i: int, *, model: str = "fraud", version: str = "1", time_us: int | None = None, tenant: str = TENANT
+) -> StoredRecord:
     proto = logging_pb2.InferenceLogRecord(
         schema_version=logging_pb2.SCHEMA_VERSION_1,
         request_id=f"req-{i:04d}",
+        tenant=tenant,
         model=model,
         model_version=version,
     )
     proto.request_time.FromMicroseconds(time_us if time_us is not None else BASE_US + i * 600_000_000)
     proto.outputs["score"].float_value = 0.25
     return StoredRecord(
-        proto.request_id, model, version, proto.request_time.ToMicroseconds(), proto.SerializeToString()
+        tenant,
+        proto.request_id,
+        model,
+        version,
+        proto.request_time.ToMicroseconds(),
+        proto.SerializeToString(),
     )
 
 
@@ -38,6 +49,8 @@ async def stub() -> AsyncIterator[logging_pb2_grpc.InferenceLogServiceStub]:
     # 30 records of fraud every 10 minutes (5 hours), alternating versions; 3 of another model.
     await store.write([_record(i, version=str(1 + i % 2)) for i in range(30)])
     await store.write([_record(100 + i, model="churn") for i in range(3)])
+    # Another tenant used the same request ids for records of its own (a different version, other outputs).
+    await store.write([_record(i, version="9", tenant="globex") for i in range(30)])
     config = LoggingConfig(server=LoggingServerConfig(port=0), pipeline=PipelineConfig(consume=False))
     server = await create_server(config, store=store)
     await server.start()
@@ -47,6 +60,7 @@ async def stub() -> AsyncIterator[logging_pb2_grpc.InferenceLogServiceStub]:
 
 
 def _range(start_us: int, end_us: int, **kwargs: object) -> logging_pb2.QueryRecordsRequest:
+    kwargs.setdefault("tenant", TENANT)
     request = logging_pb2.QueryRecordsRequest(model="fraud", **kwargs)  # type: ignore[arg-type]
     request.start_time.FromMicroseconds(start_us)
     request.end_time.FromMicroseconds(end_us)
@@ -68,23 +82,44 @@ def test_malformed_port_exits_naming_the_variable() -> None:
 
 
 async def test_get_record_by_request_id(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
-    record = await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="req-0007"))
+    record = await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="req-0007", tenant=TENANT))
     assert record.model == "fraud"
     assert record.outputs["score"].float_value == 0.25
+    assert (record.tenant, record.model_version) == (TENANT, "2")
+    other = await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="req-0007", tenant="globex"))
+    assert (other.tenant, other.model_version) == ("globex", "9")
+
+
+async def test_another_tenants_record_is_not_found(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="req-0100", tenant="globex"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND  # acme's churn record; globex has no req-0100
+
+
+async def test_a_read_without_a_tenant_is_invalid(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
+    for call in (
+        stub.GetRecord(logging_pb2.GetRecordRequest(request_id="req-0007")),
+        stub.QueryRecords(_range(BASE_US, BASE_US + HOUR_US, tenant="")),
+        stub.GetRecord(logging_pb2.GetRecordRequest(request_id="req-0007", tenant="t" * 129)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tenant" in (error.value.details() or "")
 
 
 async def test_unknown_request_id_is_not_found_naming_it(
     stub: logging_pb2_grpc.InferenceLogServiceStub,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="nope"))
+        await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="nope", tenant=TENANT))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert "nope" in (error.value.details() or "")
 
 
 async def test_empty_request_id_is_invalid(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stub.GetRecord(logging_pb2.GetRecordRequest())
+        await stub.GetRecord(logging_pb2.GetRecordRequest(tenant=TENANT))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request_id" in (error.value.details() or "")
 
@@ -102,8 +137,11 @@ async def test_query_pages_through_a_range_oldest_first(
         token = reply.next_page_token
         if not token:
             break
-    assert seen == [f"req-{i:04d}" for i in range(30)]
+    assert seen == [f"req-{i:04d}" for i in range(30)]  # acme's only: globex's same ids are not listed
     assert pages >= 5
+    other = await stub.QueryRecords(_range(BASE_US, BASE_US + 5 * HOUR_US, page_size=100, tenant="globex"))
+    assert {(r.tenant, r.model_version) for r in other.records} == {("globex", "9")}
+    assert len(other.records) == 30
 
 
 async def test_query_filters_by_version_and_range(stub: logging_pb2_grpc.InferenceLogServiceStub) -> None:
@@ -116,8 +154,8 @@ async def test_query_filters_by_version_and_range(stub: logging_pb2_grpc.Inferen
 @pytest.mark.parametrize(
     ("query", "field"),
     [
-        (logging_pb2.QueryRecordsRequest(), "model"),
-        (logging_pb2.QueryRecordsRequest(model="fraud"), "start_time"),
+        (logging_pb2.QueryRecordsRequest(tenant=TENANT), "model"),
+        (logging_pb2.QueryRecordsRequest(model="fraud", tenant=TENANT), "start_time"),
         (_range(BASE_US, BASE_US), "end_time"),
         (_range(BASE_US, BASE_US + 1, page_size=100_000), "page_size"),
         (_range(BASE_US, BASE_US + 1, page_token="%%%not-a-token"), "page_token"),
@@ -138,6 +176,13 @@ async def test_a_token_of_another_query_is_refused(stub: logging_pb2_grpc.Infere
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.QueryRecords(
             _range(BASE_US, BASE_US + 4 * HOUR_US, page_size=2, page_token=first.next_page_token)
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as error:  # another tenant cannot continue acme's query
+        await stub.QueryRecords(
+            _range(
+                BASE_US, BASE_US + 5 * HOUR_US, page_size=2, page_token=first.next_page_token, tenant="globex"
+            )
         )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 

@@ -144,9 +144,11 @@ def _cassandra_ids(session: object, run: Run) -> tuple[list[str], int]:
     try:
         by_request = [
             r.request_id
-            for r in session.execute(f"SELECT request_id FROM {run.keyspace}.inference_log_by_request")
+            for r in session.execute(f"SELECT request_id FROM {run.keyspace}.inference_log_by_tenant_request")
         ]  # type: ignore[attr-defined]
-        by_model = session.execute(f"SELECT count(*) FROM {run.keyspace}.inference_log_by_model").one()[0]  # type: ignore[attr-defined]
+        by_model = session.execute(
+            f"SELECT count(*) FROM {run.keyspace}.inference_log_by_tenant_model"
+        ).one()[0]  # type: ignore[attr-defined]
     except Exception:  # keyspace or table not there yet
         return [], 0
     return by_request, int(by_model)
@@ -241,12 +243,19 @@ async def _check_api(port: int, published: dict[str, logging_pb2.InferenceLogRec
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = logging_pb2_grpc.InferenceLogServiceStub(channel)
         some = sorted(published)[17]
-        assert await stub.GetRecord(logging_pb2.GetRecordRequest(request_id=some)) == published[some]
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="missing"))
-        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (
+            await stub.GetRecord(logging_pb2.GetRecordRequest(request_id=some, tenant="acme"))
+            == published[some]
+        )
+        for missing in (logging_pb2.GetRecordRequest(request_id="missing", tenant="acme"),
+                        logging_pb2.GetRecordRequest(request_id=some, tenant="globex")):  # fmt: skip
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.GetRecord(missing)
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
-        request = logging_pb2.QueryRecordsRequest(model="fraud", model_version="2", page_size=97)
+        request = logging_pb2.QueryRecordsRequest(
+            model="fraud", model_version="2", page_size=97, tenant="acme"
+        )
         request.start_time.FromMicroseconds(BASE_US)
         request.end_time.FromMicroseconds(BASE_US + 2 * 3_600_000_000)  # 7200 s: records 0..2999 all inside
         got: list[logging_pb2.InferenceLogRecord] = []
