@@ -43,6 +43,18 @@ delivery may still have landed. The consumer's sinks are idempotent by
 request_id (Cassandra upserts; the lake's reader deduplicates, see
 services/logging/lake.py point 4), so each record lands exactly once in each.
 
+Poison records: a record Kafka refuses for good (too large for the topic, an invalid record: the
+non-retriable errors in `PERMANENT_ERRORS`) would otherwise be re-sent forever and keep its segment,
+and a refusal raised while re-sending would stop the re-send of every record after it. Such a record
+is re-sent once more alone (by a producer that puts one record per batch: a broker refuses a whole
+batch, so the other records of a batch that held a poison record fail with it and must not be
+condemned with it); refused again, it goes to the quarantine file `quarantine.spool` in the spool
+folder (the same crc-framed format, with the reason in an `infergrid-quarantine-reason` header; never
+re-sent), counted (`infergrid_inference_log_records{outcome="quarantined"}`) and logged as an error
+that names the error and the size but no content of the record. It then counts as done for its
+segment, which is deleted as usual, and the re-send moves on. A record refused for good by the
+client itself (larger than librdkafka's `message.max.bytes`) is quarantined at once.
+
 Spool format: a folder of append-only segment files `segment-<seq>.spool`, each
 a sequence of frames `MAGIC(4) | length(u32 LE) | crc32(length bytes + payload)(u32 LE) | payload`.
 The payload is the Kafka message: key, headers and value. A process only ever
@@ -92,6 +104,22 @@ _MESSAGE_HEAD = struct.Struct("<IH")
 _HEADER_HEAD = struct.Struct("<HI")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _SEGMENT_GLOB = "segment-*.spool"
+QUARANTINE_FILE = "quarantine.spool"
+QUARANTINE_REASON_HEADER = "infergrid-quarantine-reason"
+# Errors that re-sending the same record cannot cure (Kafka's non-retriable per-record errors).
+PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError._BAD_MSG,
+        KafkaError._INVALID_ARG,
+    }
+)
 _FSYNC_POLICIES = ("always", "interval", "never")
 
 # Kafka record headers as confluent-kafka takes and gives them.
@@ -104,13 +132,14 @@ RECORDS = Counter(
     "Inference-log records by outcome: written (appended to the write-ahead log before the answer), "
     "sent (acknowledged by Kafka on the first attempt), spooled (refused or not delivered at first: kept "
     "in the log for re-sending), resent (acknowledged after a re-send), write_failed (the log could not "
-    "be written: the request was refused), failed (lost: neither written nor delivered).",
+    "be written: the request was refused), failed (lost: neither written nor delivered), quarantined "
+    "(refused by Kafka for good: kept in the spool's quarantine file, never re-sent).",
     ["outcome"],
 )
 SPOOL_BYTES = Gauge(
     "infergrid_inference_log_spool_bytes", "Bytes in the inference-log write-ahead log (the disk spool)."
 )
-for _outcome in ("written", "sent", "spooled", "resent", "write_failed", "failed"):
+for _outcome in ("written", "sent", "spooled", "resent", "write_failed", "failed", "quarantined"):
     RECORDS.labels(_outcome)
 
 
@@ -271,7 +300,7 @@ class SegmentState:
     each of them once. Counters change under the producer's lock.
     """
 
-    __slots__ = ("acked", "failed", "loaded", "opened", "path", "sealed", "written")
+    __slots__ = ("acked", "alone", "failed", "loaded", "opened", "path", "sealed", "written")
 
     def __init__(self, path: Path, *, loaded: bool = True, sealed: bool = False) -> None:
         self.path = path
@@ -279,6 +308,8 @@ class SegmentState:
         self.acked = 0
         # Offsets of records to re-send (refused or not delivered).
         self.failed: list[int] = []
+        # Offsets of records refused for good in a batch: re-sent alone before they are quarantined.
+        self.alone: list[int] = []
         # False for an earlier process's segment until it has been read (its records are unknown).
         self.loaded = loaded
         self.sealed = sealed
@@ -307,6 +338,7 @@ class Spool:
         self._fsync = fsync
         self._segment_bytes = segment_bytes
         self._lock = threading.Lock()
+        self._quarantine_lock = threading.Lock()
         self._lock_file = (self.directory / "LOCK").open("a")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -464,6 +496,32 @@ class Spool:
             except ValueError as exc:  # checksum matched but content is not ours: skip it
                 log.error("spool %s: skipping a frame: %s", segment, exc)
 
+    def quarantine(self, payload: bytes) -> Path:
+        """Appends one encoded message to the quarantine file (fsynced; never re-sent); returns the file.
+
+        Raises:
+            OSError: it could not be written.
+        """
+        path = self.directory / QUARANTINE_FILE
+        with self._quarantine_lock:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                data = frame(payload)
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return path
+
+    def quarantined(self) -> Iterator[SpooledMessage]:
+        """The messages in the quarantine file, oldest first (for operators and tests)."""
+        path = self.directory / QUARANTINE_FILE
+        if path.exists():
+            for payload in read_frames(path.read_bytes()):
+                yield decode_message(payload)
+
     def remove(self, segment: Path) -> None:
         """Deletes a segment whose messages were all delivered."""
         segment.unlink(missing_ok=True)
@@ -514,6 +572,7 @@ class ProducerStats:
     queued: int
     written: int = 0
     write_failed: int = 0
+    quarantined: int = 0
 
 
 class InferenceLogProducer:
@@ -565,6 +624,9 @@ class InferenceLogProducer:
         self._failed = 0
         self._written = 0
         self._write_failed = 0
+        self._quarantined = 0
+        # One record per batch: re-sends a record refused for good alone, so only a poison record fails.
+        self._alone: Producer | None = None
         # Guards the counters and every SegmentState (delivery reports may run on two threads).
         self._count_lock = threading.Lock()
         self._fatal = False
@@ -691,7 +753,12 @@ class InferenceLogProducer:
                     headers=headers,
                     on_delivery=functools.partial(self._on_delivery, state, offset, False),
                 )
-            except (BufferError, KafkaException):
+            except KafkaException as exc:
+                if _permanent(exc.args[0]):  # refused by the client itself (e.g. over message.max.bytes)
+                    self._quarantine(state, key, value, headers, exc.args[0])
+                else:
+                    self._keep(state, offset, count=True)
+            except BufferError:
                 self._keep(state, offset, count=True)  # on disk already: re-sent when Kafka takes it
 
     def publish(self, record: logging_pb2.InferenceLogRecord) -> None:
@@ -709,14 +776,28 @@ class InferenceLogProducer:
                 self._producer.produce(
                     self.topic, value, key, headers=headers, on_delivery=self._on_unwritten
                 )
-            except (BufferError, KafkaException) as exc:
+            except KafkaException as exc:
+                if _permanent(exc.args[0]):
+                    self._quarantine(None, key, value, headers, exc.args[0])
+                else:
+                    self._spool_message(key, value, headers, str(exc) or type(exc).__name__)
+            except BufferError as exc:
                 self._spool_message(key, value, headers, str(exc) or type(exc).__name__)
 
     # Delivery reports (on whichever thread polls: the background thread, flush or close).
 
     def _on_delivery(
-        self, state: SegmentState, offset: int, resend: bool, err: KafkaError | None, _: Message
+        self, state: SegmentState, offset: int, resend: bool, err: KafkaError | None, msg: Message
     ) -> None:
+        if err is not None and _permanent(err):
+            # Maybe only a batch-mate was the poison: once more alone (below), then quarantined.
+            with self._count_lock:
+                state.alone.append(offset)
+                if not resend:
+                    self._spooled += 1
+            if not resend:
+                RECORDS.labels("spooled").inc()
+            return
         if err is not None:
             self._keep(state, offset, count=not resend)
             return
@@ -748,7 +829,60 @@ class InferenceLogProducer:
             return
         raw = msg.headers() or []
         headers: Headers = list(raw.items()) if isinstance(raw, dict) else list(raw)
+        # A permanent refusal goes to the spool too: its re-send alone decides whether it is poison.
         self._spool_message(msg.key() or b"", msg.value() or b"", headers, err.str())
+
+    def _on_alone(
+        self, state: SegmentState, offset: int, message: SpooledMessage, err: KafkaError | None, _: Message
+    ) -> None:
+        """Delivery report of a record re-sent alone after a permanent refusal in a batch."""
+        if err is None:
+            self._on_delivery(state, offset, True, None, _)
+        elif _permanent(err):
+            self._quarantine(state, message.key, message.value, message.headers, err)
+        else:
+            self._keep(state, offset, count=False)
+
+    def _quarantine(
+        self,
+        state: SegmentState | None,
+        key: bytes,
+        value: bytes,
+        headers: Sequence[tuple[str, str | bytes | None]],
+        err: KafkaError,
+    ) -> None:
+        """Moves a record Kafka refused for good to the quarantine file; its segment can then go."""
+        reason = f"{err.name()}: {err.str()}"[:500]
+        try:
+            path = self._spool.quarantine(
+                encode_message(key, value, [*headers, (QUARANTINE_REASON_HEADER, reason)])
+            )
+        except OSError as exc:
+            with self._count_lock:
+                self._failed += 1
+                if state is not None:
+                    state.acked += 1
+            RECORDS.labels("failed").inc()
+            log.error(
+                "inference-log record LOST: Kafka refused it for good (%s) and the quarantine file cannot "
+                "be written: %s",
+                err.name(),
+                exc,
+            )
+            return
+        with self._count_lock:
+            self._quarantined += 1
+            if state is not None:
+                state.acked += 1  # nothing left to deliver for it: its segment may be deleted
+        RECORDS.labels("quarantined").inc()
+        # The error and the size only: the record may hold what callers sent (entities, inputs).
+        log.error(
+            "inference-log record quarantined: Kafka refused it for good (%s, %d bytes); kept in %s, "
+            "never re-sent",
+            err.name(),
+            len(value),
+            path,
+        )
 
     def _spool_message(
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, str | bytes | None]], reason: str
@@ -793,6 +927,8 @@ class InferenceLogProducer:
         while not self._stopping.is_set():
             try:
                 self._producer.poll(0.05)
+                if self._alone is not None:
+                    self._alone.poll(0)
                 now = time.monotonic()
                 if now >= next_fsync:
                     self._spool.sync()
@@ -819,10 +955,10 @@ class InferenceLogProducer:
         old.flush(5.0)
 
     def _collect(self) -> None:
-        """Deletes the segments whose records Kafka has all acknowledged."""
+        """Deletes the segments whose records Kafka has all acknowledged (or that were quarantined)."""
         for state in self._spool.states():
             with self._count_lock:
-                done = state.done and not state.failed
+                done = state.done and not state.failed and not state.alone
             if done:
                 self._spool.remove(state.path)
 
@@ -839,7 +975,7 @@ class InferenceLogProducer:
     def _resend(self) -> None:
         """Re-sends failed records and earlier processes' segments, once Kafka answers."""
         states = self._spool.states()
-        if not any(s.failed or not s.loaded for s in states) or not self._kafka_answers():
+        if not any(s.failed or s.alone or not s.loaded for s in states) or not self._kafka_answers():
             return
         if any(s.failed and not s.sealed for s in states):
             self._spool.seal()  # the active segment has records to re-send: re-send from a sealed file
@@ -848,6 +984,8 @@ class InferenceLogProducer:
                 return
             if state.sealed and (state.failed or not state.loaded):
                 self._resend_segment(state)
+            if state.alone:
+                self._resend_alone(state)
 
     def _resend_segment(self, state: SegmentState) -> None:
         try:
@@ -893,10 +1031,50 @@ class InferenceLogProducer:
                         with self._count_lock:
                             state.failed.extend(todo[i:])
                         return
-                except KafkaException:
+                except KafkaException as exc:
+                    if _permanent(exc.args[0]):  # this record is the poison: the ones after it still go
+                        self._quarantine(state, message.key, message.value, message.headers, exc.args[0])
+                        break
                     with self._count_lock:
                         state.failed.extend(todo[i:])
                     return
+
+    def _resend_alone(self, state: SegmentState) -> None:
+        """Re-sends the records refused for good in a batch, each in a batch of its own."""
+        try:
+            data = state.path.read_bytes()
+        except FileNotFoundError:
+            return
+        if self._alone is None:
+            self._alone = Producer({**self._conf, "batch.num.messages": 1, "linger.ms": 0})
+        with self._count_lock:
+            todo, state.alone = sorted(state.alone), []
+        for offset in todo:
+            payload = _frame_at(data, offset)
+            try:
+                if payload is None:
+                    raise ValueError(f"no intact frame at offset {offset}")
+                message = decode_message(payload)
+            except ValueError as exc:
+                log.error("spool %s: a record cannot be re-sent and is dropped: %s", state.path, exc)
+                with self._count_lock:
+                    state.acked += 1
+                continue
+            try:
+                self._alone.produce(
+                    self.topic,
+                    message.value,
+                    message.key,
+                    headers=message.headers,
+                    on_delivery=functools.partial(self._on_alone, state, offset, message),
+                )
+            except KafkaException as exc:
+                if _permanent(exc.args[0]):
+                    self._quarantine(state, message.key, message.value, message.headers, exc.args[0])
+                else:
+                    self._keep(state, offset, count=False)
+            except BufferError:
+                self._keep(state, offset, count=False)
 
     # Inspection and shutdown.
 
@@ -911,6 +1089,7 @@ class InferenceLogProducer:
             queued=len(self._producer),
             written=self._written,
             write_failed=self._write_failed,
+            quarantined=self._quarantined,
         )
 
     def flush(self, timeout: float = 10.0) -> int:
@@ -937,6 +1116,8 @@ class InferenceLogProducer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._alone is not None:
+            self._alone.flush(timeout)
         remaining = self._producer.flush(timeout)
         if remaining:
             with contextlib.suppress(KafkaException):
@@ -946,6 +1127,11 @@ class InferenceLogProducer:
         self._collect()
         self._spool.close()
         SPOOL_BYTES.set(self._spool.size_bytes())
+
+
+def _permanent(err: object) -> bool:
+    """True for a Kafka error that re-sending the same record cannot cure (`PERMANENT_ERRORS`)."""
+    return isinstance(err, KafkaError) and err.code() in PERMANENT_ERRORS
 
 
 def _traceparent(record: logging_pb2.InferenceLogRecord) -> bytes | None:

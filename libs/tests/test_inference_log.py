@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, Producer
 from infergrid.logging.v1 import logging_pb2
 from libs.inference_log import (
     MAGIC,
+    QUARANTINE_REASON_HEADER,
     SCHEMA_VERSION_HEADER,
     InferenceLogConfig,
     InferenceLogProducer,
@@ -358,4 +359,44 @@ def test_a_segment_an_earlier_process_left_unacknowledged_is_re_sent_whole(tmp_p
         for v in _consume_all(bootstrap, "inference-log-test", 30, timeout=10)
     }
     assert ids == {f"req-{i:06d}" for i in range(30)}
+    del holder
+
+
+def _poison(i: int, size: int) -> logging_pb2.InferenceLogRecord:
+    record = _record(i)
+    record.outputs["blob"].bytes_value = os.urandom(size)  # incompressible
+    return record
+
+
+def test_a_record_kafka_refuses_for_good_is_quarantined_and_the_others_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Larger than the client's message.max.bytes: refused for good, quarantined at once, never re-sent."""
+    holder, bootstrap = _mock_cluster()
+    kafka = KafkaConfig(kafka_bootstrap_servers=bootstrap)
+    # An earlier process left a segment holding a poison record between good ones: the re-send moves on.
+    earlier = Spool(tmp_path / "spool")
+    for message in (_record(0), _poison(1, 8000), _record(2)):
+        earlier.append(message.request_id.encode(), message.SerializeToString(), [])
+    earlier.close()
+    producer = InferenceLogProducer(_config(tmp_path), kafka, extra_conf={"message.max.bytes": 4096})
+    producer.start()
+    producer.publish(_record(3))
+    secret = _poison(4, 8000)
+    producer.publish(secret)
+    producer.publish(_record(5))
+    _wait(lambda: producer.stats().quarantined == 2 and not producer._spool.has_messages())
+    producer.close()
+    stats = producer.stats()
+    assert (stats.sent + stats.resent, stats.quarantined, stats.failed) == (4, 2, 0)
+    delivered = _consume_all(bootstrap, "inference-log-test", 4)
+    ids = sorted(logging_pb2.InferenceLogRecord.FromString(v).request_id for v in delivered)
+    assert ids == [_record(i).request_id for i in (0, 2, 3, 5)]
+    kept = list(Spool(tmp_path / "spool").quarantined())
+    assert sorted(m.key for m in kept) == [b"req-000001", b"req-000004"]
+    assert all(dict(m.headers)[QUARANTINE_REASON_HEADER].startswith(b"MSG_SIZE_TOO_LARGE") for m in kept)
+    (live,) = [m for m in kept if m.key == b"req-000004"]
+    assert logging_pb2.InferenceLogRecord.FromString(live.value) == secret
+    errors = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
+    assert len(errors) == 2 and all(secret.request_id not in e for e in errors)
     del holder

@@ -13,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from inference import grpc_service_pb2 as ipb
 from inference import grpc_service_pb2_grpc
@@ -28,6 +32,8 @@ from libs import mtls
 from libs.admission import RateLimits
 from libs.cassandra import AsyncCassandra, CassandraConfig
 from libs.cassandra import connect as connect_cassandra
+from libs.inference_log import InferenceLogConfig, InferenceLogProducer, Spool
+from libs.kafka import KafkaConfig
 from libs.platform import parse_platform
 from libs.ratelimit import RedisTokenBucketLimiter
 from libs.testing import NO_REDIS_URL, TEST_API_KEY, write_test_admission
@@ -44,6 +50,8 @@ from services.logging.store import CassandraLogStore, StoredRecord
 pytestmark = pytest.mark.integration
 
 ADMIN_TOKEN = "admin-token-that-must-never-be-logged-0123456789"
+# Held by the poison records: their quarantine must not log what they contain.
+CARD_NUMBER = "4111-1111-1111-1111-must-never-be-logged"
 _TRIED: collections.Counter[str] = collections.Counter()
 _REFUSED: collections.Counter[str] = collections.Counter()
 _CODES: collections.Counter[str] = collections.Counter()
@@ -456,10 +464,88 @@ async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
     assert kept == ["1"] and read_lake(tmp_path / "lake").num_rows == 2
 
 
+def _inference_log_record(tag: str, i: int, blob: int = 0) -> logging_pb2.InferenceLogRecord:
+    record = logging_pb2.InferenceLogRecord(
+        schema_version=logging_pb2.SCHEMA_VERSION_1, request_id=f"{tag}-{i:04d}", tenant="acme", model="fraud"
+    )
+    record.request_time.FromMicroseconds(1_780_000_000_000_000 + i)
+    if blob:
+        record.outputs["blob"].bytes_value = os.urandom(blob)  # incompressible: too large for the topic
+        record.entities["card"] = CARD_NUMBER
+    return record
+
+
+def _delivered(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> set[str]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(seen) < expected and time.monotonic() < deadline:
+            for message in consumer.consume(500, 0.5):
+                if message.error() is None:
+                    seen.add(logging_pb2.InferenceLogRecord.FromString(message.value()).request_id)
+    finally:
+        consumer.close()
+    return seen
+
+
+def test_poison_records_are_quarantined_and_never_block_the_inference_log(
+    kafka_server: object, tmp_path: Path
+) -> None:
+    """A real broker refuses records over the topic's max.message.bytes; the ones around them still land."""
+    bootstrap = kafka_server.bootstrap_servers  # type: ignore[attr-defined]
+    topic = f"adv-poison-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    new = NewTopic(topic, num_partitions=1, replication_factor=1, config={"max.message.bytes": "8192"})
+    admin.create_topics([new])[topic].result(30)
+    config = InferenceLogConfig(
+        inference_log_topic=topic,
+        inference_log_spool_dir=tmp_path / "spool",
+        inference_log_resend_interval_s=0.2,
+        inference_log_spool_segment_seconds=0.2,
+        inference_log_linger_ms=20.0,  # good records share batches with the poison ones
+    )
+    # An earlier process left a poison record between good ones in its write-ahead log.
+    earlier = Spool(tmp_path / "spool")
+    for record in (_inference_log_record("old", 0), _inference_log_record("old", 1, 20_000)):
+        earlier.append(record.request_id.encode(), record.SerializeToString(), [])
+    earlier.append(b"old-0002", _inference_log_record("old", 2).SerializeToString(), [])
+    earlier.close()
+    producer = InferenceLogProducer(config, KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    producer.start()
+    poison = {"old-0001"}
+    try:
+        for i in range(30):
+            big = i % 10 == 5
+            record = _inference_log_record("new", i, 20_000 if big else 0)
+            if big:
+                poison.add(record.request_id)
+            producer.publish(record)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            producer.stats().quarantined < len(poison) or producer._spool.has_messages()
+        ):
+            time.sleep(0.2)
+    finally:
+        producer.close()
+    good = {f"old-{i:04d}" for i in (0, 2)} | {f"new-{i:04d}" for i in range(30)} - poison
+    delivered = _delivered(bootstrap, topic, len(good))
+    kept = {m.key.decode() for m in Spool(tmp_path / "spool").quarantined()}
+    for request_id in sorted(poison):
+        quarantined = request_id in kept and request_id not in delivered
+        _record("poison record blocking the log", grpc.StatusCode.OK if quarantined else None, quarantined)
+    lost = good - delivered
+    _record("poison record blocking the log", grpc.StatusCode.OK if not lost else None, not lost)
+    assert kept == poison and delivered == good, (kept, lost)
+    assert producer.stats().quarantined == len(poison)
+    assert not list((tmp_path / "spool").glob("segment-*.spool"))  # the poison's segments were deleted
+
+
 def test_no_secret_in_the_logs(module_logs: list[str]) -> None:
     """Runs last in the module: everything logged by the attempts above, searched for the secrets."""
     text = "\n".join(module_logs)
     assert text  # the servers above did log
-    for secret in (TEST_API_KEY, ADMIN_TOKEN):
+    for secret in (TEST_API_KEY, ADMIN_TOKEN, CARD_NUMBER):
         _record("secret in logs", None if secret in text else grpc.StatusCode.OK, secret not in text)
         assert secret not in text
