@@ -9,6 +9,7 @@ being parsed again. A response is assembled from pre-framed protobuf fields (see
 from __future__ import annotations
 
 import itertools
+import re
 import struct
 from collections.abc import Sequence
 from functools import lru_cache
@@ -43,6 +44,7 @@ EMPTY_TS_FRAME = b"\x1a\x00"
 _INT64_MAX = 2**63 - 1
 _U64 = 2**64 - 1
 _EVENT = struct.Struct(">q")
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,20}")
 _CACHE_VERSION = 1
 NEGATIVE_PAYLOAD = b"\x00"
 
@@ -108,15 +110,32 @@ def ts_frame(event_us: int) -> bytes:
 
 
 def key_part(value: Value, value_type: int) -> bytes | None:
-    """The bytes of one key column value, or None when the Value does not hold `value_type`."""
+    """The bytes of one key column value, or None when the Value does not hold `value_type`.
+
+    A key may also arrive as a string (callers such as the gateway know keys only as text): it is
+    converted to the column's declared type, a decimal integer for INT64 and UTF-8 for BYTES.
+    """
     kind = value.WhichOneof("kind")
     if value_type == VT.VALUE_TYPE_STRING:
         return value.string_value.encode() if kind == "string_value" else None
     if value_type == VT.VALUE_TYPE_INT64:
-        return _EVENT.pack(value.int64_value) if kind == "int64_value" else None
+        if kind == "int64_value":
+            return _EVENT.pack(value.int64_value)
+        number = int_key(value.string_value) if kind == "string_value" else None
+        return None if number is None else _EVENT.pack(number)
     if value_type == VT.VALUE_TYPE_BYTES:
+        if kind == "string_value":
+            return value.string_value.encode()
         return value.bytes_value if kind == "bytes_value" else None
     return None
+
+
+def int_key(text: str) -> int | None:
+    """The INT64 a key given as text stands for (decimal, optional sign), or None."""
+    if not _DECIMAL.fullmatch(text):
+        return None
+    number = int(text)
+    return number if -(2**63) <= number <= _INT64_MAX else None
 
 
 def join_key(parts: Sequence[bytes]) -> bytes:

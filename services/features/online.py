@@ -424,6 +424,11 @@ def _key_parts(column: str, value_type: int, values: Sequence[value_pb2.Value]) 
     if len(parts) != len(values):
         for i, v in enumerate(values):
             if codec.key_part(v, value_type) is None:
+                if value_type == codec.VT.VALUE_TYPE_INT64 and v.WhichOneof("kind") == "string_value":
+                    raise InvalidArgument(
+                        f"entities.{column}: expected an integer, got {v.string_value[:100]!r} (row {i}; "
+                        "the view's key column is INT64)"
+                    )
                 raise InvalidArgument(
                     f"entities[{column!r}][{i}]: expected {codec.type_name(value_type)}, got {codec.kind_name(v)}"
                 )

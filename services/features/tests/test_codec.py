@@ -58,6 +58,14 @@ def test_keys_are_unambiguous() -> None:
     assert codec.key_part(codec.Value(string_value="x"), VT.VALUE_TYPE_INT64) is None
 
 
+def test_keys_given_as_strings_take_the_columns_declared_type() -> None:
+    as_int = codec.key_part(codec.Value(int64_value=-42), VT.VALUE_TYPE_INT64)
+    assert codec.key_part(codec.Value(string_value="-42"), VT.VALUE_TYPE_INT64) == as_int
+    assert codec.key_part(codec.Value(string_value="héllo"), VT.VALUE_TYPE_BYTES) == "héllo".encode()
+    for bad in ("", " 1", "1.0", "4_2", str(2**63)):
+        assert codec.key_part(codec.Value(string_value=bad), VT.VALUE_TYPE_INT64) is None, bad
+
+
 def test_cassandra_ttl_keeps_expired_values_for_the_retention() -> None:
     from services.features.store import cassandra_ttl
 

@@ -105,6 +105,28 @@ async def test_write_is_visible_through_the_cache(harness: Harness) -> None:
     assert second.results[0].values[0].int64_value == 7
 
 
+async def test_keys_given_as_strings_are_read_as_the_views_key_type(harness: Harness) -> None:
+    view = typed_view("numbered", key_type=VT.VALUE_TYPE_INT64)
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    await harness.stub.WriteFeatures(
+        pb.WriteFeaturesRequest(
+            feature_view="numbered",
+            rows=[pb.FeatureRow(entity_key={"id": V(int64_value=42)}, values={"f_int64": V(int64_value=7)})],
+        )
+    )
+    got = await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=["numbered:f_int64"], entities={"id": string_keys("42", "43")})
+    )
+    assert list(got.results[0].statuses) == [OK, NOT_FOUND]
+    assert got.results[0].values[0].int64_value == 7
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.GetOnlineFeatures(
+            pb.GetOnlineFeaturesRequest(features=["numbered:f_int64"], entities={"id": string_keys("4x")})
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "entities.id: expected an integer, got '4x'" in (info.value.details() or "")
+
+
 async def test_expired_value_is_reported_expired(harness: Harness) -> None:
     await harness.stub.ApplyFeatureView(
         pb.ApplyFeatureViewRequest(feature_view=typed_view("short", ttl_s=60))
