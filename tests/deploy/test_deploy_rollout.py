@@ -23,6 +23,7 @@ import ast
 import copy
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ MIN_PRESTOP_SECONDS = 5
 DATA_WORKLOADS = {
     ("StatefulSet", "redis"): "one primary (no replica: see base/data/redis.yaml); a restart is seconds "
     "of cache misses and limiter errors, its buckets come back from the AOF",
+    ("StatefulSet", "redis-buckets"): "one primary, the rate-limit buckets only (see "
+    "base/data/redis-buckets.yaml); while it restarts the limiters charge their local shares",
     ("Deployment", "jaeger"): "traces in memory, off the request path; Recreate avoids two stores",
 }
 SPOOL_DRAIN_JOB = K8S_DIR / "ops" / "gateway-spool-drain-job.yaml"
@@ -285,12 +288,79 @@ def replication_problems(rendered: Rendered) -> Problems:
     return problems
 
 
+def _redis_url_service(rendered: Rendered, url: str) -> tuple[Obj | None, str]:
+    """The Service a redis:// URL names, or None and why not."""
+    match = re.match(r"redis://([^:/]+):(\d+)/", url)
+    if not match:
+        return None, f"{url!r} is not redis://host:port/db"
+    service = rendered.find("Service", match.group(1))
+    if service is None or int(match.group(2)) not in [p["port"] for p in service["spec"]["ports"]]:
+        return None, f"{url!r} names no Service port"
+    return service, ""
+
+
+def _redis_flag(workload: Obj, flag: str) -> str | None:
+    args = [str(a) for a in container(workload).get("args", [])]
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+
+def bucket_problems(rendered: Rendered) -> Problems:
+    """The rate-limit buckets live in a Redis that never evicts, holds no cache, and keeps an AOF on a claim.
+
+    A bucket that eviction erases comes back full (a whole new burst for its tenant); a cache in the same
+    Redis would fill it until bucket writes fail.
+    """
+    problems: Problems = []
+    gateway, _, _ = loaded_config(rendered, "gateway")
+    edge, _, _ = loaded_config(rendered, "edge")
+    features, _, _ = loaded_config(rendered, "features")
+    bucket_services = set()
+    for who, url in (
+        ("gateway admission", gateway.admission.admission_redis_url),
+        ("edge", edge.policy.redis_url),
+    ):
+        service, why = _redis_url_service(rendered, url)
+        if service is None:
+            problems.append(f"{who}: bucket Redis {why}")
+            continue
+        bucket_services.add(service["metadata"]["name"])
+        pods = [
+            w
+            for w in rendered.workloads()
+            if _selects(
+                {"matchLabels": service["spec"]["selector"]}, w["spec"]["template"]["metadata"]["labels"]
+            )
+        ]
+        if not pods:
+            problems.append(f"{who}: Service {service['metadata']['name']} selects no workload")
+        for workload in pods:
+            name = workload["metadata"]["name"]
+            policy = _redis_flag(workload, "--maxmemory-policy")
+            if policy != "noeviction":
+                problems.append(
+                    f"{who}: bucket Redis {name} may evict (maxmemory-policy {policy}), not noeviction"
+                )
+            if _redis_flag(workload, "--appendonly") != "yes":
+                problems.append(f"{who}: bucket Redis {name} has no append-only file")
+            if _claim_template(workload, Path("/data")) is None:
+                problems.append(f"{who}: bucket Redis {name}: /data is not on a claim")
+    for who, url in (
+        ("gateway response cache", gateway.cache.response_cache_redis_url),
+        ("features cache", features.cache.redis_url),
+    ):
+        service, _ = _redis_url_service(rendered, url)
+        if service is not None and service["metadata"]["name"] in bucket_services:
+            problems.append(f"{who}: a cache in the bucket Redis {service['metadata']['name']}")
+    return problems
+
+
 RULES: dict[str, Callable[[Rendered], Problems]] = {
     "rollout": rollout_problems,
     "data-workloads": data_workloads_problems,
     "persistence": persistence_problems,
     "endpoints": endpoint_problems,
     "replication": replication_problems,
+    "buckets": bucket_problems,
 }
 
 
@@ -457,6 +527,39 @@ MUTATIONS: dict[str, tuple[str, Callable[[Rendered], Any], str]] = {
         "persistence",
         lambda r: _c(r, "redis")["args"].__setitem__(_c(r, "redis")["args"].index("--appendonly") + 1, "no"),
         "redis: no append-only file",
+    ),
+    "buckets-evictable": (
+        "buckets",
+        lambda r: _c(r, "redis-buckets")["args"].__setitem__(
+            _c(r, "redis-buckets")["args"].index("--maxmemory-policy") + 1, "allkeys-lru"
+        ),
+        "may evict (maxmemory-policy allkeys-lru)",
+    ),
+    "buckets-in-the-cache-redis": (
+        "buckets",
+        lambda r: _edit_config_map(r, "edge-config", "INFERGRID_EDGE_REDIS_URL", "redis://redis:6379/0"),
+        "edge: bucket Redis redis may evict",
+    ),
+    "gateway-buckets-in-the-cache-redis": (
+        "buckets",
+        lambda r: _edit_config_map(
+            r, "gateway-config", "INFERGRID_GATEWAY_ADMISSION_REDIS_URL", "redis://redis:6379/0"
+        ),
+        "gateway admission: bucket Redis redis may evict",
+    ),
+    "cache-in-the-bucket-redis": (
+        "buckets",
+        lambda r: _edit_config_map(
+            r, "features-config", "INFERGRID_FEATURES_REDIS_URL", "redis://redis-buckets:6379/0"
+        ),
+        "features cache: a cache in the bucket Redis",
+    ),
+    "buckets-without-aof": (
+        "buckets",
+        lambda r: _c(r, "redis-buckets")["args"].__setitem__(
+            _c(r, "redis-buckets")["args"].index("--appendonly") + 1, "no"
+        ),
+        "has no append-only file",
     ),
     "platform-gateway-cluster-ip": (
         "endpoints",

@@ -473,7 +473,12 @@ def test_redis_and_jaeger_urls_resolve_to_their_services(rendered: Rendered) -> 
     gateway, _, _ = loaded_config(rendered, "gateway")
     features, _, _ = loaded_config(rendered, "features")
     edge, _, _ = loaded_config(rendered, "edge")
-    for url in (gateway.cache.response_cache_redis_url, features.cache.redis_url, edge.policy.redis_url):
+    for url in (
+        gateway.cache.response_cache_redis_url,
+        gateway.admission.admission_redis_url,
+        features.cache.redis_url,
+        edge.policy.redis_url,
+    ):
         match = re.match(r"redis://([^:/]+):(\d+)/", url)
         assert match, url
         service = rendered.get("Service", match.group(1))
