@@ -361,6 +361,55 @@ async def test_one_tenant_flooding_with_batches_and_redis_down(redis_server: obj
         await dead.aclose()
 
 
+async def test_filling_the_bucket_redis_cannot_erase_a_drained_bucket(
+    redis_server: object, tmp_path: Path
+) -> None:
+    """The bucket Redis as deployed (noeviction): a flood of other keys up to maxmemory erases no bucket."""
+    import redis.asyncio as redis_async
+    from redis.exceptions import ResponseError
+
+    client = redis_async.Redis.from_url(redis_server.url)  # type: ignore[attr-defined]
+    saved = {k: (await client.config_get(k))[k] for k in ("maxmemory", "maxmemory-policy")}
+    prefix = f"adv-evict:{tmp_path.name}"
+    limits = RateLimits(RedisTokenBucketLimiter(client), place="test", key_prefix=prefix)
+    flood = f"{prefix}:flood"
+    try:
+        await limits.charge(parse_platform(PLATFORM), "flood", "fraud", 100)  # the whole burst, drained
+        buckets = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        assert buckets
+        used = int((await client.info("memory"))["used_memory"])
+        await client.config_set("maxmemory", str(used + 4 * 1024 * 1024))
+        await client.config_set("maxmemory-policy", "noeviction")
+        refused_writes = 0
+        for i in range(2000):  # ~20 MB of cache-like keys: far over maxmemory
+            try:
+                await client.set(f"{flood}:{i}", b"x" * 10_000, ex=60)
+            except ResponseError:  # OOM command not allowed: the flood stops here, nothing is evicted
+                refused_writes += 1
+        assert refused_writes
+        for key in buckets:
+            kept = bool(await client.exists(key))
+            _record("evicting a drained rate-limit bucket", grpc.StatusCode.OK if kept else None, kept)
+            assert kept, key
+    finally:
+        await client.config_set("maxmemory", saved["maxmemory"])
+        await client.config_set("maxmemory-policy", saved["maxmemory-policy"])
+        async for key in client.scan_iter(match=f"{flood}:*"):
+            await client.delete(key)
+        await client.aclose()
+    await _limits_attempt(
+        "evicting a drained rate-limit bucket", limits_after(prefix, redis_server), "flood", 50
+    )
+
+
+def limits_after(prefix: str, redis_server: object) -> RateLimits:
+    """A fresh limiter on the same buckets (as another replica would see them)."""
+    import redis.asyncio as redis_async
+
+    client = redis_async.Redis.from_url(redis_server.url)  # type: ignore[attr-defined]
+    return RateLimits(RedisTokenBucketLimiter(client), place="test", key_prefix=prefix)
+
+
 def _log_record(tenant: str, request_id: str, version: str, time_us: int) -> StoredRecord:
     record = logging_pb2.InferenceLogRecord(
         schema_version=logging_pb2.SCHEMA_VERSION_1,
