@@ -397,17 +397,13 @@ async def test_filling_the_bucket_redis_cannot_erase_a_drained_bucket(
         async for key in client.scan_iter(match=f"{flood}:*"):
             await client.delete(key)
         await client.aclose()
-    await _limits_attempt(
-        "evicting a drained rate-limit bucket", limits_after(prefix, redis_server), "flood", 50
-    )
-
-
-def limits_after(prefix: str, redis_server: object) -> RateLimits:
-    """A fresh limiter on the same buckets (as another replica would see them)."""
-    import redis.asyncio as redis_async
-
-    client = redis_async.Redis.from_url(redis_server.url)  # type: ignore[attr-defined]
-    return RateLimits(RedisTokenBucketLimiter(client), place="test", key_prefix=prefix)
+    # Another replica's limiter on the same buckets: the drained tenant is still refused.
+    other = redis_async.Redis.from_url(redis_server.url)  # type: ignore[attr-defined]
+    try:
+        after = RateLimits(RedisTokenBucketLimiter(other), place="test", key_prefix=prefix)
+        await _limits_attempt("evicting a drained rate-limit bucket", after, "flood", 50)
+    finally:
+        await other.aclose()
 
 
 def _log_record(tenant: str, request_id: str, version: str, time_us: int) -> StoredRecord:
