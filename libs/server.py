@@ -1,7 +1,8 @@
 """The one gRPC server bootstrap: health, reflection, interceptors, readiness, graceful drain, workers.
 
 A service builds its servicers and hands them to `build_server`; its `__main__`
-calls `serve`, which runs the server until SIGTERM/SIGINT and then drains:
+is one call of `main`, which reads its config and calls `serve`, which runs the
+server until SIGTERM/SIGINT and then drains:
 health flips to NOT_SERVING (load balancers stop sending), in-flight calls
 finish within the grace period, and the process exits. With `workers > 1` the
 process becomes a supervisor of that many worker processes sharing one port
@@ -22,12 +23,14 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from libs.config import ConfigError, load_config_or_exit, redacted
 from libs.interceptors import ServerInterceptor
 from libs.telemetry import PROMETHEUS_MULTIPROC_ENV, Telemetry, TelemetryConfig, setup_telemetry
 
@@ -270,6 +273,55 @@ def serve(
         asyncio.run(_main())
     finally:
         telemetry.shutdown()
+
+
+class ServiceConfig(Protocol):
+    """What `main` needs of a service's config dataclass: its server and telemetry sections."""
+
+    @property
+    def server(self) -> ServerConfig: ...
+
+    @property
+    def telemetry(self) -> TelemetryConfig: ...
+
+
+C = TypeVar("C", bound=ServiceConfig)
+
+
+def main(
+    name: str,
+    config_class: type[C],
+    create_server: Callable[[C, Telemetry], Awaitable[Server]],
+    *,
+    prepare: Callable[[C, str | None], C] | None = None,
+) -> None:
+    """Runs service `name` as `python -m services.<name>` does: the whole of every `__main__`.
+
+    Reads `config_class` from the `INFERGRID_<NAME>_*` environment variables, logs it once (redacted)
+    and serves the server `create_server` builds (`serve`: workers, telemetry, drain on SIGTERM). A
+    missing or malformed value, in the environment or found by `create_server` (a `ConfigError`),
+    exits with status 2 and a message naming the variable.
+
+    Args:
+        name: The service's name (`gateway`): its variables' prefix, logs, traces and metrics.
+        config_class: The service's frozen config dataclass.
+        create_server: Builds the server, bound and not started, inside the event loop.
+        prepare: Checks the loaded config beyond its types (raising `ConfigError`) and adjusts it for
+            this process, given the worker's index (None: the only process, or the workers' supervisor).
+    """
+    config = load_config_or_exit(config_class, os.environ, f"INFERGRID_{name.upper()}_")
+
+    async def factory(telemetry: Telemetry) -> Server:
+        log.info("config", extra={"config": redacted(config)})
+        return await create_server(config, telemetry)
+
+    try:
+        if prepare is not None:
+            config = prepare(config, os.environ.get(WORKER_ENV))
+        serve(name, config.server, config.telemetry, factory, os.environ)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _supervise_workers(

@@ -272,7 +272,13 @@ def _gateway_targets(settings: EnvoySettings, platform: PlatformConfig) -> tuple
     return tuple(t for entry in platform.gateway.endpoints for t in parse_targets(entry, base))
 
 
-async def create_server(
+async def create_server(config: ControlPlaneConfig, telemetry: Telemetry | None = None) -> Server:
+    """Builds the control plane server (bound, not started); see `create_control_plane`."""
+    server, _ = await create_control_plane(config, telemetry)
+    return server
+
+
+async def create_control_plane(
     config: ControlPlaneConfig, telemetry: Telemetry | None = None
 ) -> tuple[Server, ControlPlane]:
     """Builds the control plane server (bound, not started); watches the platform file and the endpoints."""

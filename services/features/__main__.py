@@ -1,26 +1,7 @@
 """Runs the features service: `python -m services.features` (configured by INFERGRID_FEATURES_*)."""
 
-from __future__ import annotations
-
-import logging
-import os
-
-from libs.config import load_config_or_exit, redacted
-from libs.server import Server, serve
-from libs.telemetry import Telemetry
-from services.features.config import ENV_PREFIX, FeaturesConfig
+from libs.server import main
+from services.features.config import FeaturesConfig
 from services.features.server import create_server
 
-
-def main() -> None:
-    config = load_config_or_exit(FeaturesConfig, os.environ, ENV_PREFIX)
-
-    async def factory(telemetry: Telemetry) -> Server:
-        logging.getLogger(__name__).info("config", extra={"config": redacted(config)})
-        return await create_server(config, telemetry)
-
-    serve("features", config.server, config.telemetry, factory, os.environ)
-
-
-if __name__ == "__main__":
-    main()
+main("features", FeaturesConfig, create_server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,3 +202,15 @@ class GatewayConfig:
     inference_log: InferenceLogConfig = field(default_factory=InferenceLogConfig)
     # Off: no inference-log records are published (tests, local experiments).
     inference_log_enabled: bool = True
+
+
+def per_process(config: GatewayConfig, worker: str | None) -> GatewayConfig:
+    """The config of this process: an SO_REUSEPORT worker gets its own spool folder (a spool is locked by
+    its producer)."""
+    if worker is None:
+        return config
+    log_config = config.inference_log
+    spool = log_config.inference_log_spool_dir / f"worker-{worker}"
+    return dataclasses.replace(
+        config, inference_log=dataclasses.replace(log_config, inference_log_spool_dir=spool)
+    )

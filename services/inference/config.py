@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from libs.config import ConfigError
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -88,3 +89,15 @@ class InferenceConfig:
     models: ModelServingConfig = field(default_factory=ModelServingConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+
+
+def check_repository(config: InferenceConfig, worker: str | None = None) -> InferenceConfig:
+    """The config as it is, once its model repository (when set) is a directory.
+
+    Raises:
+        ConfigError: The repository is not a directory (naming the variable).
+    """
+    repository = config.models.model_repository
+    if repository is not None and not repository.is_dir():
+        raise ConfigError(f"{ENV_PREFIX}MODEL_REPOSITORY", f"{str(repository)!r} is not a directory")
+    return config

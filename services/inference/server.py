@@ -22,7 +22,7 @@ from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry, tracer
 from services.inference.backends import BackendOptions, ModelBackend, create_backends
 from services.inference.codec import CONTENTS_FIELD, InferRequest, InputTensor, RequestedOutput, tensor_bytes
-from services.inference.config import InferenceConfig
+from services.inference.config import InferenceConfig, check_repository
 from services.inference.control import ControlGate
 from services.inference.dataplane import EXTENSIONS, SERVER_NAME, SERVER_VERSION, DataPlane, InferResult
 from services.inference.errors import InvalidInput, NotSupported
@@ -446,10 +446,7 @@ async def create_server(
         log.warning(
             "no model repository configured (INFERGRID_INFERENCE_MODEL_REPOSITORY): serving no models"
         )
-    elif not models.model_repository.is_dir():
-        raise ConfigError(
-            "INFERGRID_INFERENCE_MODEL_REPOSITORY", f"{models.model_repository} is not a directory"
-        )
+    check_repository(config)
     backends = backends or create_backends(
         BackendOptions(
             ort_intra_op_threads=models.ort_intra_op_threads,

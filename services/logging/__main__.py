@@ -1,26 +1,7 @@
 """Runs the logging service: `python -m services.logging` (configured by INFERGRID_LOGGING_*)."""
 
-from __future__ import annotations
-
-import logging
-import os
-
-from libs.config import load_config_or_exit, redacted
-from libs.server import Server, serve
-from libs.telemetry import Telemetry
-from services.logging.config import ENV_PREFIX, LoggingConfig
+from libs.server import main
+from services.logging.config import LoggingConfig
 from services.logging.server import create_server
 
-
-def main() -> None:
-    config = load_config_or_exit(LoggingConfig, os.environ, ENV_PREFIX)
-
-    async def factory(telemetry: Telemetry) -> Server:
-        logging.getLogger(__name__).info("config", extra={"config": redacted(config)})
-        return await create_server(config, telemetry)
-
-    serve("logging", config.server, config.telemetry, factory, os.environ)
-
-
-if __name__ == "__main__":
-    main()
+main("logging", LoggingConfig, create_server)

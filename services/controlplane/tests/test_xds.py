@@ -23,7 +23,7 @@ from services.controlplane.resources import (
     EnvoyWiring,
     build_resources,
 )
-from services.controlplane.server import create_server
+from services.controlplane.server import create_control_plane
 from services.controlplane.xds import AckEvent, Snapshot, XdsStream
 
 PLATFORM = 'gateway: {endpoints: ["127.0.0.1:50051"], timeout_ms: %d}\n'
@@ -147,7 +147,7 @@ async def test_ads_over_a_real_stream_pushes_an_edited_platform_file(tmp_path: P
         server=ControlPlaneServerConfig(port=0, drain_seconds=0, grace_seconds=0),
         envoy=EnvoySettings(platform_file=platform, platform_poll_seconds=0.05, descriptor_set=descriptors),
     )
-    server, control_plane = await create_server(config)
+    server, control_plane = await create_control_plane(config)
     await server.start()
     requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
@@ -246,7 +246,7 @@ async def test_an_edited_endpoint_file_pushes_one_cluster_load_assignment_and_no
             endpoints_poll_seconds=0.1,
         ),
     )
-    server, control_plane = await create_server(config)
+    server, control_plane = await create_control_plane(config)
     await server.start()
     requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
