@@ -45,22 +45,26 @@ clean:  ## remove generated code and Bazel outputs (keeps the virtualenv and sta
 
 # Local stack (stack/): real Redis, Cassandra, Kafka, Jaeger and Envoy on loopback; state in .state/.
 # Name components to act on some only, e.g. `make up COMPONENTS="redis kafka"`.
+# PROFILE=cluster: 3 Cassandra nodes, 3 Kafka brokers, Redis + replica, 2 replicas of each service and a
+# supervisor; state in .state/cluster/ (see the README's "Cluster profile").
+PROFILE ?= $(or $(INFERGRID_STACK_PROFILE),single)
+STACK := $(PY) -m stack --profile $(PROFILE)
 .PHONY: up down status logs clean-state
 
-up: setup  ## install what is missing, start the local stack, wait until it answers
-	$(PY) -m stack up $(COMPONENTS)
+up: setup  ## install what is missing, start the local stack, wait until it answers (PROFILE=cluster: the cluster)
+	$(STACK) up $(COMPONENTS)
 
 down: setup  ## stop the local stack (TERM, then KILL after a timeout)
-	$(PY) -m stack down $(COMPONENTS)
+	$(STACK) down $(COMPONENTS)
 
 status: setup  ## one table: component, pid, port, health, uptime
-	@$(PY) -m stack status $(COMPONENTS)
+	@$(STACK) status $(COMPONENTS)
 
 logs: setup  ## the last lines of each server's log
-	@$(PY) -m stack logs $(COMPONENTS)
+	@$(STACK) logs $(COMPONENTS)
 
 clean-state: setup  ## stop the stack and delete its data and logs (keeps the install cache)
-	$(PY) -m stack clean-state $(COMPONENTS)
+	$(STACK) clean-state $(COMPONENTS)
 
 # Benchmarks (bench/): never part of `make test`. Results in bench/results/<timestamp>/ and bench/results/latest/.
 .PHONY: bench bench-quick

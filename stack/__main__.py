@@ -1,4 +1,7 @@
-"""CLI: `python -m stack up|down|status|logs|clean-state|install [components...]`."""
+"""CLI: `python -m stack [--profile single|cluster] up|down|status|logs|clean-state|install [components...]`.
+
+`supervise` runs the cluster profile's supervisor in the foreground (the `supervisor` component does).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from stack.config import StackConfig
+from stack.config import PROFILE_VARIABLE, PROFILES, StackConfig
 from stack.errors import StackError
 from stack.lifecycle import clean_state, down, format_status, status, up
 from stack.logs import follow, tail_lines
@@ -21,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
         description="The InferGrid local stack on loopback: Redis, Cassandra, Kafka, Jaeger, the services, Envoy.",
         epilog="Components: " + ", ".join(COMPONENTS) + " (all when none is named). Environment: "
         "INFERGRID_STATE_DIR, INFERGRID_CACHE_DIR, INFERGRID_JAVA_HOME, INFERGRID_<PORT NAME>_PORT.",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=None,
+        help=f"single (default) or cluster (state in .state/cluster); also {PROFILE_VARIABLE}",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -36,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "logs":
             sub.add_argument("-n", "--lines", type=int, default=40, help="lines per log (default 40)")
             sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    commands.add_parser("supervise", help="cluster profile: restart dead replicas, write discovery files")
     return parser
 
 
@@ -43,8 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        config = StackConfig.from_env(os.environ)
-        if args.command == "up":
+        config = StackConfig.from_env(os.environ, profile=args.profile)
+        if args.command == "supervise":
+            if not config.is_cluster:
+                raise StackError("supervise runs in the cluster profile only (--profile cluster)")
+            from stack.supervisor import Supervisor
+
+            Supervisor(config).run()
+        elif args.command == "up":
             up(config, args.components, sys.stdout)
         elif args.command == "down":
             down(config, args.components, sys.stdout)

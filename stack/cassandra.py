@@ -1,12 +1,14 @@
-"""Cassandra 5.0: cassandra-all and its runtime jars from Maven Central, one node on OpenJDK 17."""
+"""Cassandra 5.0: cassandra-all and its runtime jars from Maven Central, one node (or one of N) on OpenJDK 17."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from stack.component import Component
+from stack.config import StackConfig, node_address
 from stack.errors import InstallError
 from stack.java import ensure_java_home, find_java_home
 from stack.maven import copy_dependencies, pom_property
@@ -14,12 +16,25 @@ from stack.probes import tcp_open
 from stack.progress import Progress
 
 MAIN_CLASS = "org.apache.cassandra.service.CassandraDaemon"
+SINGLE_CLUSTER_NAME = "InferGrid Local"
+MULTI_CLUSTER_NAME = "InferGrid Local Cluster"
+_TOKEN_MIN = -(2**63)
+
+
+def initial_token(node: int, nodes: int) -> int:
+    """Node `node` (1-based) of `nodes`: evenly spaced Murmur3 tokens; a lone node keeps token 0."""
+    if nodes == 1:
+        return 0
+    return _TOKEN_MIN + (node - 1) * (2**64 // nodes)
 
 
 class Cassandra(Component):
-    """A single Cassandra node; ready when `SELECT release_version FROM system.local` answers over CQL.
+    """A Cassandra node; ready when `SELECT release_version FROM system.local` answers over CQL.
 
-    Data (keyspaces, tables, rows) lives in the state folder and survives stop/start.
+    Alone (the default) it is `cassandra` on the stack's address. As node `node` of `nodes` it is
+    `cassandra-<node>` on the loopback address 127.0.0.<node> (same ports on every node; Linux routes all
+    of 127/8 to lo), with one token of its own and node 1 as the seed. Data (keyspaces, tables, rows)
+    lives in the state folder and survives stop/start.
     """
 
     kind = "cassandra"
@@ -27,6 +42,37 @@ class Cassandra(Component):
     start_timeout_s = 180.0
     stop_timeout_s = 45.0
     heap = ("512M", "1G")
+    cluster_heap = ("384M", "512M")
+
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        name: str | None = None,
+        ports: Mapping[str, int] | None = None,
+        node: int = 1,
+        nodes: int = 1,
+    ) -> None:
+        """See `Component.__init__`; `node` (1-based) of `nodes` places it in a multi-node cluster."""
+        if not 1 <= node <= nodes:
+            raise ValueError(f"node {node} is not in 1..{nodes}")
+        self.node = node
+        self.nodes = nodes
+        super().__init__(
+            config, name=name or (self.kind if nodes == 1 else f"{self.kind}-{node}"), ports=ports
+        )
+        if nodes > 1:
+            self.heap = self.cluster_heap
+
+    @property
+    def host(self) -> str:
+        """The stack's address when alone, else 127.0.0.<node>."""
+        return node_address(self.config.host, self.node)
+
+    @property
+    def seeds(self) -> str:
+        """The seed list: node 1's storage address."""
+        return f"{node_address(self.config.host, 1)}:{self.ports['cassandra_storage']}"
 
     @property
     def _pom(self) -> Path:
@@ -63,6 +109,9 @@ class Cassandra(Component):
                 "CQL_PORT": self.ports["cassandra"],
                 "STORAGE_PORT": self.ports["cassandra_storage"],
                 "DATA_DIR": self.data_dir,
+                "SEEDS": self.seeds,
+                "INITIAL_TOKEN": initial_token(self.node, self.nodes),
+                "CLUSTER_NAME": SINGLE_CLUSTER_NAME if self.nodes == 1 else MULTI_CLUSTER_NAME,
             },
         )
 
@@ -102,20 +151,51 @@ class Cassandra(Component):
         return {"JAVA_HOME": str(java_home)} if java_home else {}
 
     def ready(self) -> bool:
-        """`SELECT release_version FROM system.local` answers over CQL."""
+        """`SELECT release_version FROM system.local` answers over CQL.
+
+        A node of several must also see a quorum of the ring up: a read of `system_distributed` (three
+        replicas by default) at QUORUM, coordinated by this node, succeeds.
+        """
+        return self.sees_peers("QUORUM" if self.nodes > 1 else None)
+
+    def sees_peers(self, consistency: str | None) -> bool:
+        """This node answers CQL and, given a consistency level (QUORUM, ALL), coordinates a read of
+        `system_distributed` at that level: its failure detector holds that many replicas up."""
         if not tcp_open(self.host, self.port):
             return False
-        from cassandra.cluster import Cluster
+        from cassandra import ConsistencyLevel
+        from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+        from cassandra.policies import WhiteListRoundRobinPolicy
+        from cassandra.query import SimpleStatement
 
         # The driver logs each failed attempt as a warning; while starting, failing probes are expected.
         driver_logger = logging.getLogger("cassandra")
         level = driver_logger.level
         driver_logger.setLevel(logging.CRITICAL)
-        cluster = Cluster([self.host], port=self.port, connect_timeout=3, control_connection_timeout=3)
+        # This node only: the probe must not pass because a peer answered.
+        cluster = Cluster(
+            [self.host],
+            port=self.port,
+            connect_timeout=3,
+            control_connection_timeout=3,
+            execution_profiles={
+                EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                    load_balancing_policy=WhiteListRoundRobinPolicy([self.host])
+                )
+            },
+        )
         try:
             session = cluster.connect()
             row = session.execute("SELECT release_version FROM system.local", timeout=3).one()
-            return row is not None
+            if row is None:
+                return False
+            if consistency is not None:
+                probe = SimpleStatement(
+                    "SELECT * FROM system_distributed.view_build_status LIMIT 1",
+                    consistency_level=ConsistencyLevel.name_to_value[consistency],
+                )
+                session.execute(probe, timeout=3)
+            return True
         except Exception:  # any driver error means "not ready yet"
             return False
         finally:

@@ -232,8 +232,11 @@ class Component(abc.ABC):
         record = self.record()
         if record is None:
             return False
-        terminate(record, self.stop_timeout_s)
+        # The record goes first: a supervisor (stack.supervisor) restarts a process that died while its
+        # record exists, and this one is meant to die. Should TERM and KILL both fail, `down` still finds
+        # the process by its marker.
         self.pid_path.unlink(missing_ok=True)
+        terminate(record, self.stop_timeout_s)
         return True
 
     def status(self) -> ComponentStatus:
@@ -291,3 +294,7 @@ class CommandComponent(Component):
     def ready(self) -> bool:
         """The probe given at construction."""
         return self._probe(self)
+
+    def set_probe(self, probe: Callable[[Component], bool]) -> None:
+        """Replaces the readiness probe (e.g. a health port of its own)."""
+        self._probe = probe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Every server the stack starts listens on loopback only.
 LOOPBACK = "127.0.0.1"
+
+# What `make up` runs: "single" (one of everything, state in .state/) or "cluster" (three Cassandra nodes,
+# three Kafka brokers, a Redis replica, two replicas of each service and a supervisor; state in
+# .state/cluster/). Chosen with `python -m stack --profile NAME` or INFERGRID_STACK_PROFILE.
+PROFILE_VARIABLE = "INFERGRID_STACK_PROFILE"
+PROFILES = ("single", "cluster")
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,9 @@ class StackConfig:
         repo_root: The checkout whose `deploy/local` holds the servers' configuration files.
         host: The address every server binds; loopback only.
         platform_file: The live platform config the control plane, edge and gateway watch
-            (INFERGRID_PLATFORM_FILE, default `<repo>/deploy/local/platform.yaml`).
+            (INFERGRID_PLATFORM_FILE, default `<repo>/deploy/local/platform.yaml`; in the cluster profile
+            `<state>/platform.yaml`, rendered from `deploy/local/platform-cluster.yaml`).
+        profile: "single" or "cluster" (INFERGRID_STACK_PROFILE); see `stack.cluster`.
     """
 
     state_dir: Path
@@ -41,15 +50,24 @@ class StackConfig:
     repo_root: Path = REPO_ROOT
     host: str = LOOPBACK
     platform_file: Path = REPO_ROOT / "deploy" / "local" / "platform.yaml"
+    profile: str = "single"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> StackConfig:
+    def from_env(cls, env: Mapping[str, str], *, profile: str | None = None) -> StackConfig:
         """Builds the config from environment variables (pass `os.environ`).
+
+        Args:
+            env: The environment.
+            profile: Overrides INFERGRID_STACK_PROFILE (the CLI's `--profile`).
 
         Raises:
             ConfigError: a variable holds a malformed value; the message names it.
         """
-        state_dir = Path(env.get("INFERGRID_STATE_DIR") or REPO_ROOT / ".state")
+        profile = profile or env.get(PROFILE_VARIABLE) or "single"
+        if profile not in PROFILES:
+            raise ConfigError(f"{PROFILE_VARIABLE}={profile!r}: the profiles are {', '.join(PROFILES)}")
+        default_state = REPO_ROOT / ".state" if profile == "single" else REPO_ROOT / ".state" / profile
+        state_dir = Path(env.get("INFERGRID_STATE_DIR") or default_state)
         cache_dir = Path(env.get("INFERGRID_CACHE_DIR") or Path.home() / ".cache" / "infergrid")
         ports = dict(DEFAULT_PORTS)
         for key, value in env.items():
@@ -58,14 +76,19 @@ class StackConfig:
                 ports[name] = _parse_port(key, value)
         java_home = env.get("INFERGRID_JAVA_HOME")
         platform_file = env.get("INFERGRID_PLATFORM_FILE")
+        if platform_file:
+            platform = Path(platform_file).absolute()
+        elif profile == "single":
+            platform = REPO_ROOT / "deploy" / "local" / "platform.yaml"
+        else:
+            platform = state_dir.absolute() / "platform.yaml"
         return cls(
             state_dir=state_dir.absolute(),
             cache_dir=cache_dir.absolute(),
             ports=ports,
             java_home=Path(java_home) if java_home else None,
-            platform_file=Path(platform_file).absolute()
-            if platform_file
-            else REPO_ROOT / "deploy" / "local" / "platform.yaml",
+            platform_file=platform,
+            profile=profile,
         )
 
     def port(self, name: str) -> int:
@@ -89,7 +112,13 @@ class StackConfig:
         if self.java_home is not None:
             env["INFERGRID_JAVA_HOME"] = str(self.java_home)
         env["INFERGRID_PLATFORM_FILE"] = str(self.platform_file)
+        env[PROFILE_VARIABLE] = self.profile
         return env
+
+    @property
+    def is_cluster(self) -> bool:
+        """True in the cluster profile."""
+        return self.profile == "cluster"
 
     @property
     def deploy_dir(self) -> Path:
@@ -105,6 +134,14 @@ class StackConfig:
     def run_dir(self) -> Path:
         """One pid file per running component."""
         return self.state_dir / "run"
+
+
+def node_address(host: str, node: int) -> str:
+    """The loopback address of node `node` (1-based) of a multi-node server: 127.0.0.1 → 127.0.0.<node>.
+
+    Linux routes all of 127.0.0.0/8 to lo, so every node binds the same ports on its own address.
+    """
+    return str(ipaddress.ip_address(host) + (node - 1))
 
 
 def _parse_port(variable: str, value: str) -> int:

@@ -36,7 +36,7 @@ def demo_json_body() -> dict[str, object]:
 def how_to_call(config: StackConfig, components: Sequence[Component], minted_key: str = "") -> str:
     """The ready-to-paste commands, given what was started (empty when Envoy or the gateway is not)."""
     names = {c.name for c in components}
-    if not {"envoy", "gateway"} <= names:
+    if "envoy" not in names or not any(n == "gateway" or n.startswith("gateway-") for n in names):
         return ""
     if minted_key:
         key_line = (

@@ -1,14 +1,18 @@
-"""Kafka 4.x: kafka_2.13 and a log4j2 backend from Maven Central, one combined KRaft node on OpenJDK 17."""
+"""Kafka 4.x: kafka_2.13 and a log4j2 backend from Maven Central, combined KRaft nodes on OpenJDK 17."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from stack.component import Component
+from stack.config import StackConfig, node_address
 from stack.errors import InstallError
 from stack.java import ensure_java_home, find_java_home
 from stack.maven import copy_dependencies, pom_property
@@ -29,10 +33,14 @@ def new_cluster_id() -> str:
 
 
 class Kafka(Component):
-    """A single broker+controller node; ready when a metadata request lists the broker.
+    """A broker+controller node; ready when a metadata request to it lists it.
 
-    The storage is formatted once (the cluster id is kept in the state folder), so topics and messages
-    survive stop/start.
+    Alone (the default) it is `kafka`, node id 1, on the stack's address, and every topic has one replica.
+    As node `node` of `nodes` it is `kafka-<node>` (node id `node`) on 127.0.0.<node> with the same ports
+    as its peers, one of a static quorum of `nodes` voters; internal and new topics get
+    min(3, nodes) replicas and min.insync.replicas 2 (1 below three nodes). The nodes of a quorum must
+    start together: none is ready before a majority of voters runs. The storage is formatted once (the
+    cluster id is kept in the state folder, one for all nodes), so topics and messages survive stop/start.
     """
 
     kind = "kafka"
@@ -40,6 +48,47 @@ class Kafka(Component):
     start_timeout_s = 120.0
     stop_timeout_s = 45.0
     heap = ("256M", "512M")
+
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        name: str | None = None,
+        ports: Mapping[str, int] | None = None,
+        node: int = 1,
+        nodes: int = 1,
+    ) -> None:
+        """See `Component.__init__`; `node` (1-based, also the node id) of `nodes` places it in a quorum."""
+        if not 1 <= node <= nodes:
+            raise ValueError(f"node {node} is not in 1..{nodes}")
+        self.node = node
+        self.nodes = nodes
+        super().__init__(
+            config, name=name or (self.kind if nodes == 1 else f"{self.kind}-{node}"), ports=ports
+        )
+
+    @property
+    def host(self) -> str:
+        """The stack's address when alone, else 127.0.0.<node>."""
+        return node_address(self.config.host, self.node)
+
+    @property
+    def node_id(self) -> int:
+        """The broker and controller id."""
+        return self.node
+
+    @property
+    def voters(self) -> str:
+        """`controller.quorum.voters`: every node's controller listener."""
+        port = self.ports["kafka_controller"]
+        return ",".join(f"{n}@{node_address(self.config.host, n)}:{port}" for n in range(1, self.nodes + 1))
+
+    @property
+    def cluster_id_file(self) -> Path:
+        """Where the cluster id is kept: the node's folder when alone, else one file for every node."""
+        if self.nodes == 1:
+            return self.data_dir / "cluster-id"
+        return self.config.state_dir / "kafka-cluster-id"
 
     @property
     def _pom(self) -> Path:
@@ -107,13 +156,23 @@ class Kafka(Component):
                 "BROKER_PORT": self.ports["kafka"],
                 "CONTROLLER_PORT": self.ports["kafka_controller"],
                 "DATA_DIR": self._log_dirs,
+                "NODE_ID": self.node_id,
+                "VOTERS": self.voters,
+                "REPLICATION": min(3, self.nodes),
+                "MIN_ISR": 2 if self.nodes >= 3 else 1,
             },
         )
         if (self._log_dirs / "meta.properties").exists():
             return
-        id_file = self.data_dir / "cluster-id"
+        id_file = self.cluster_id_file
         if not id_file.exists():
-            id_file.write_text(new_cluster_id())
+            # Nodes of one quorum format at the same time: the first id linked into place wins.
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            candidate = id_file.with_name(f".{id_file.name}.{self.name}")
+            candidate.write_text(new_cluster_id())
+            with contextlib.suppress(FileExistsError):
+                os.link(candidate, id_file)
+            candidate.unlink()
         cluster_id = id_file.read_text().strip()
         Progress(self.name).say(f"formatting storage (cluster id {cluster_id})")
         Progress(self.name).run(
@@ -141,7 +200,7 @@ class Kafka(Component):
             metadata = admin.list_topics(timeout=3)
         except KafkaException:
             return False
-        return BROKER_ID in metadata.brokers
+        return self.node_id in metadata.brokers
 
     def endpoints(self) -> dict[str, str]:
         """The bootstrap servers."""

@@ -28,6 +28,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "edge_metrics": 9107,
     "gateway": 50051,
     "gateway_metrics": 9101,
+    # The cluster profile's gateways: plaintext gRPC health beside their mutual-TLS port.
+    "gateway_health": 50056,
     "features": 50052,
     "features_metrics": 9102,
     "logging": 50054,

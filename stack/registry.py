@@ -1,7 +1,11 @@
-"""The components `make up` starts, in start order: the servers, the InferGrid services, then Envoy."""
+"""The components `make up` starts, in start order: the servers, the InferGrid services, then Envoy.
+
+The single profile's are registered here; the cluster profile's come from `stack.cluster`.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from stack.cassandra import Cassandra
@@ -36,14 +40,40 @@ COMPONENTS: dict[str, ComponentFactory] = {
 }
 
 
+def stages(config: StackConfig, names: Sequence[str] = ()) -> list[list[Component]]:
+    """The named components (all of them when `names` is empty) in start order, grouped.
+
+    The components of one group start (and stop) together; `down` stops the groups in reverse order. In
+    the cluster profile a name also selects the numbered instances of a kind: `cassandra` selects
+    `cassandra-1..3`, `gateway` every `gateway-<i>`.
+
+    Raises:
+        StackError: an unknown name; the message lists the known ones.
+    """
+    if config.is_cluster:
+        from stack import cluster
+
+        groups = cluster.stages(config)
+    else:
+        groups = [[factory(config)] for factory in COMPONENTS.values()]
+    known = [component.name for group in groups for component in group]
+
+    def _selected(name: str, wanted: str) -> bool:
+        return name == wanted or re.fullmatch(rf"{re.escape(wanted)}-[0-9]+", name) is not None
+
+    unknown = [wanted for wanted in names if not any(_selected(name, wanted) for name in known)]
+    if unknown:
+        raise StackError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if not names:
+        return groups
+    chosen = [[c for c in group if any(_selected(c.name, wanted) for wanted in names)] for group in groups]
+    return [group for group in chosen if group]
+
+
 def select(config: StackConfig, names: Sequence[str]) -> list[Component]:
     """The named components in start order (all of them when `names` is empty).
 
     Raises:
         StackError: an unknown name; the message lists the known ones.
     """
-    unknown = [name for name in names if name not in COMPONENTS]
-    if unknown:
-        raise StackError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
-    wanted = set(names) or set(COMPONENTS)
-    return [factory(config) for name, factory in COMPONENTS.items() if name in wanted]
+    return [component for group in stages(config, names) for component in group]

@@ -39,15 +39,23 @@ def python_env(config: StackConfig) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
-def _service_env(config: StackConfig, service: str) -> dict[str, str]:
+def _chosen_ports(
+    config: StackConfig, port_names: Sequence[str], ports: Mapping[str, int] | None
+) -> dict[str, int]:
+    """The instance's ports: the config's, overridden by `ports` (another replica's)."""
+    return {name: int((ports or {}).get(name, config.port(name))) for name in port_names}
+
+
+def _service_env(config: StackConfig, service: str, ports: Mapping[str, int] | None = None) -> dict[str, str]:
     """Variables every service gets: import paths, its address and metrics port, traces, a short drain."""
     prefix = f"INFERGRID_{service.upper()}_"
+    chosen = _chosen_ports(config, (service, f"{service}_metrics"), ports)
     env = {
         **python_env(config),
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{config.host}:{config.port('jaeger_otlp_grpc')}",
         f"{prefix}HOST": config.host,
-        f"{prefix}PORT": str(config.port(service)),
-        f"{prefix}METRICS_PORT": str(config.port(f"{service}_metrics")),
+        f"{prefix}PORT": str(chosen[service]),
+        f"{prefix}METRICS_PORT": str(chosen[f"{service}_metrics"]),
     }
     if service != "controlplane":  # its own default is shorter still
         # Locally Envoy stops first on `down`: a long drain would only make `down` slow.
@@ -127,17 +135,32 @@ class _Inference(_Service):
             )
 
 
-def inference(config: StackConfig) -> Component:
-    """KServe v2 gRPC (ONNX Runtime) over the demo model repository in the state folder."""
+def inference(
+    config: StackConfig,
+    *,
+    name: str = "inference",
+    ports: Mapping[str, int] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Component:
+    """KServe v2 gRPC (ONNX Runtime) over the demo model repository in the state folder.
+
+    Every service factory takes the same keywords: `name` (another replica needs another), `ports` (this
+    instance's, overriding the config's for the names given) and `env` (variables added last, e.g. the
+    cluster profile's backends).
+    """
+    port_names = ("inference", "inference_metrics", "inference_http")
+    chosen = _chosen_ports(config, port_names, ports)
     return _Inference(
         config,
-        name="inference",
+        name=name,
         module="inference",
-        port_names=("inference", "inference_metrics", "inference_http"),
+        port_names=port_names,
+        ports=chosen,
         env={
-            **_service_env(config, "inference"),
-            "INFERGRID_INFERENCE_HTTP_PORT": str(config.port("inference_http")),
+            **_service_env(config, "inference", chosen),
+            "INFERGRID_INFERENCE_HTTP_PORT": str(chosen["inference_http"]),
             "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(model_repository(config)),
+            **(env or {}),
         },
     )
 
@@ -145,12 +168,14 @@ def inference(config: StackConfig) -> Component:
 class _Features(_Service):
     """The feature service; once ready, the demo feature views and values are loaded (once per state)."""
 
+    #: Beside Cassandra's data, which holds the values: cleaning Cassandra's state reloads them.
+    demo_marker_dir: Path | None = None
+
     def start(self, progress: Progress | None = None) -> ProcessRecord:
         """Starts (or finds) the service, then loads the demo data unless this state already has it."""
         progress = progress or Progress(self.name)
         record = super().start(progress)
-        # Beside Cassandra's data, which holds the values: cleaning Cassandra's state reloads them.
-        marker = self.config.state_dir / "cassandra" / _DEMO_FEATURES_MARKER
+        marker = (self.demo_marker_dir or self.config.state_dir / "cassandra") / _DEMO_FEATURES_MARKER
         if not marker.exists():
             progress.say("loading the demo feature views and values (python -m services.features.demo)")
             out = _run_step(
@@ -165,44 +190,72 @@ class _Features(_Service):
         return record
 
 
-def features(config: StackConfig) -> Component:
-    """The online feature store on the stack's Cassandra, with its Redis read-through cache."""
-    return _Features(
+def features(
+    config: StackConfig,
+    *,
+    name: str = "features",
+    ports: Mapping[str, int] | None = None,
+    env: Mapping[str, str] | None = None,
+    demo_marker_dir: Path | None = None,
+) -> Component:
+    """The online feature store on the stack's Cassandra, with its Redis read-through cache.
+
+    `demo_marker_dir`: where the "demo values loaded" marker lives (default `<state>/cassandra`).
+    """
+    chosen = _chosen_ports(config, ("features", "features_metrics"), ports)
+    component = _Features(
         config,
-        name="features",
+        name=name,
         module="features",
         port_names=("features", "features_metrics"),
+        ports=chosen,
         env={
-            **_service_env(config, "features"),
+            **_service_env(config, "features", chosen),
             "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(config.port("cassandra")),
             "INFERGRID_FEATURES_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
             "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
+            **(env or {}),
         },
         start_timeout_s=120.0,
     )
+    component.demo_marker_dir = demo_marker_dir
+    return component
 
 
-def logging(config: StackConfig) -> Component:
+def logging(
+    config: StackConfig,
+    *,
+    name: str = "logging",
+    ports: Mapping[str, int] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Component:
     """The inference-log consumer (Kafka → Cassandra + Parquet lake) and its query API."""
+    chosen = _chosen_ports(config, ("logging", "logging_metrics"), ports)
     return _Service(
         config,
-        name="logging",
+        name=name,
         module="logging",
         port_names=("logging", "logging_metrics"),
+        ports=chosen,
         env={
-            **_service_env(config, "logging"),
+            **_service_env(config, "logging", chosen),
             "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
             "INFERGRID_LOGGING_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_LOGGING_CASSANDRA_PORT": str(config.port("cassandra")),
             "INFERGRID_LOGGING_LAKE_DIR": str(config.state_dir / "logging" / "lake"),
+            **(env or {}),
         },
         start_timeout_s=120.0,
     )
 
 
 def gateway(
-    config: StackConfig, *, name: str = "gateway", ports: Mapping[str, int] | None = None
+    config: StackConfig,
+    *,
+    name: str = "gateway",
+    ports: Mapping[str, int] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Component:
     """A gateway replica: PredictionService over features, inference and the Kafka inference log.
 
@@ -210,20 +263,24 @@ def gateway(
         config: The stack config.
         name: Instance name; a second replica needs another (its state folder holds its spool).
         ports: `gateway` and `gateway_metrics` for this replica, overriding the config's.
+        env: Variables added last (the cluster profile's targets and backends).
     """
-    chosen = {
-        "gateway": config.port("gateway"),
-        "gateway_metrics": config.port("gateway_metrics"),
-        **(ports or {}),
-    }
-    return _Service(
+    # With a plaintext health port (`gateway_health` in `ports`: the cluster's mutual-TLS gateways), the
+    # readiness probe goes there.
+    health = "gateway_health" in (ports or {})
+    port_names = (
+        ("gateway", "gateway_metrics", "gateway_health") if health else ("gateway", "gateway_metrics")
+    )
+    chosen = _chosen_ports(config, port_names, ports)
+    component = _Service(
         config,
         name=name,
         module="gateway",
-        port_names=("gateway", "gateway_metrics"),
+        port_names=port_names,
         ports=chosen,
         env={
             **_service_env(config, "gateway"),
+            **({"INFERGRID_GATEWAY_HEALTH_PORT": str(chosen["gateway_health"])} if health else {}),
             # A second replica listens on its own ports.
             "INFERGRID_GATEWAY_PORT": str(chosen["gateway"]),
             "INFERGRID_GATEWAY_METRICS_PORT": str(chosen["gateway_metrics"]),
@@ -236,8 +293,12 @@ def gateway(
             # Used when the platform places admission in the gateway (deploy/local/platform.yaml does).
             "INFERGRID_GATEWAY_ADMISSION_KEYS_FILE": str(keys_file(config)),
             "INFERGRID_GATEWAY_ADMISSION_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            **(env or {}),
         },
     )
+    if health:
+        component.set_probe(lambda c: grpc_health_serving(c.host, c.ports["gateway_health"]))
+    return component
 
 
 class _Edge(_Service):
@@ -274,24 +335,33 @@ class _Edge(_Service):
         Progress(self.name).say(out)
 
 
-def edge(config: StackConfig) -> Component:
+def edge(
+    config: StackConfig,
+    *,
+    name: str = "edge",
+    ports: Mapping[str, int] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Component:
     """The edge service: Envoy's ext_authz (API keys) and rate-limit service (Redis token buckets)."""
+    chosen = _chosen_ports(config, ("edge", "edge_metrics"), ports)
     return _Edge(
         config,
-        name="edge",
+        name=name,
         module="edge",
         port_names=("edge", "edge_metrics"),
+        ports=chosen,
         env={
-            **_service_env(config, "edge"),
+            **_service_env(config, "edge", chosen),
             "INFERGRID_EDGE_PLATFORM_FILE": str(config.platform_file),
             "INFERGRID_EDGE_KEYS_FILE": str(keys_file(config)),
             "INFERGRID_EDGE_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            **(env or {}),
         },
         start_timeout_s=30.0,
     )
 
 
-def controlplane(config: StackConfig) -> Component:
+def controlplane(config: StackConfig, *, env: Mapping[str, str] | None = None) -> Component:
     """The xDS control plane: Envoy's listener, routes, clusters and endpoints from the platform file."""
     return _Service(
         config,
@@ -309,6 +379,7 @@ def controlplane(config: StackConfig) -> Component:
             "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": f"{config.host}:{config.port('jaeger_otlp_grpc')}",
             "INFERGRID_CONTROLPLANE_ACCESS_LOG": str(config.log_dir / "envoy-access.log"),
             "INFERGRID_CONTROLPLANE_TLS_DIR": str(config.state_dir / "controlplane" / "tls"),
+            **(env or {}),
         },
         start_timeout_s=30.0,
     )

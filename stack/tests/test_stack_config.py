@@ -48,3 +48,18 @@ def test_malformed_port_names_the_variable(value: str) -> None:
 def test_unknown_port_name_says_which_variable_to_set() -> None:
     with pytest.raises(ConfigError, match="INFERGRID_NOPE_PORT"):
         StackConfig.from_env({}).port("nope")
+
+
+def test_the_cluster_profile_keeps_its_own_state_and_platform_file() -> None:
+    single = StackConfig.from_env({})
+    clustered = StackConfig.from_env({"INFERGRID_STACK_PROFILE": "cluster"})
+    assert single.profile == "single" and clustered.is_cluster
+    assert clustered.state_dir == single.state_dir / "cluster"
+    assert clustered.platform_file == clustered.state_dir / "platform.yaml"
+    assert single.platform_file == REPO_ROOT / "deploy" / "local" / "platform.yaml"
+    assert StackConfig.from_env({}, profile="cluster") == clustered
+
+
+def test_an_unknown_profile_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="INFERGRID_STACK_PROFILE"):
+        StackConfig.from_env({"INFERGRID_STACK_PROFILE": "mesh"})
