@@ -1,3 +1,3 @@
 """Repository-wide pytest setup: the stack's real-server fixtures are available to every test."""
 
-pytest_plugins = ["tests.stack_fixtures"]
+pytest_plugins = ["tests.stack_fixtures", "tests.cluster_fixtures"]
