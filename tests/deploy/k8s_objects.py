@@ -30,6 +30,8 @@ CRD_KINDS = {
     ("kafka.strimzi.io/v1beta2", "KafkaNodePool"),
     ("kafka.strimzi.io/v1beta2", "KafkaTopic"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
 }
 # The Python services deployed from services/<name> (Envoy is the other Deployment).
 PYTHON_SERVICES = ("gateway", "features", "inference", "logging", "controlplane", "edge")

@@ -354,6 +354,111 @@ def bucket_problems(rendered: Rendered) -> Problems:
     return problems
 
 
+def _secret_files(workload: Obj, directory: Path) -> tuple[str, dict[str, str]] | None:
+    """The Secret mounted at `directory` and its file name -> key map (all keys by their names without items)."""
+    volume = mounts(workload).get(str(directory))
+    if not volume or "secret" not in volume:
+        return None
+    secret = volume["secret"]
+    items = secret.get("items")
+    files = (
+        {i["path"]: i["key"] for i in items} if items else {k: k for k in ("ca.crt", "tls.crt", "tls.key")}
+    )
+    return secret["secretName"], files
+
+
+def _certificate(rendered: Rendered, secret_name: str) -> Obj | None:
+    found = [c for c in rendered.of_kind("Certificate") if c["spec"]["secretName"] == secret_name]
+    return found[0] if len(found) == 1 else None
+
+
+def mesh_problems(rendered: Rendered) -> Problems:
+    """Envoy → gateway mutual TLS: the gateway serves its port with the mesh files, probes on plaintext health.
+
+    In placement `edge` a gateway without the mesh refuses every call (it cannot tell Envoy from any pod);
+    the mesh is required in both placements (with it, the gateway port admits Envoy only).
+    """
+    problems: Problems = []
+    placement = parse_platform(rendered.get("ConfigMap", "infergrid-platform")["data"]["platform.yaml"])
+    where = f"gateway (placement {placement.admission.placement})"
+    gateway = rendered.workload("gateway")
+    config, _, _ = loaded_config(rendered, "gateway")
+    server = config.server
+    issuers: dict[str, str] = {}
+    if not server.mesh:
+        problems.append(f"{where}: no mesh files (INFERGRID_GATEWAY_TLS_{{CA,CERT,KEY}}_FILE)")
+    else:
+        wanted = {"ca.crt": "ca", "tls.crt": "cert", "tls.key": "key"}
+        directories = {
+            Path(p).parent for p in (server.tls_ca_file, server.tls_cert_file, server.tls_key_file)
+        }
+        mounted = _secret_files(gateway, directories.pop()) if len(directories) == 1 else None
+        if mounted is None:
+            problems.append(f"{where}: the mesh files are not in one folder mounted from a Secret")
+        else:
+            secret, files = mounted
+            for path, what in ((server.tls_ca_file, "ca.crt"), (server.tls_cert_file, "tls.crt"),
+                               (server.tls_key_file, "tls.key")):  # fmt: skip
+                if files.get(Path(path).name) != what:
+                    problems.append(
+                        f"{where}: {path} is not the {wanted[what]} key {what} of Secret {secret}"
+                    )
+            cert = _certificate(rendered, secret)
+            if cert is None:
+                problems.append(f"{where}: no Certificate issues Secret {secret}")
+            elif "server auth" not in cert["spec"].get("usages", []):
+                problems.append(f"{where}: Certificate {cert['metadata']['name']} is not for server auth")
+            else:
+                issuers["gateway"] = cert["spec"]["issuerRef"]["name"]
+    health = getattr(server, "health_port", 0)
+    if not health:
+        problems.append(f"{where}: no plaintext health port (the kubelet cannot present a mesh certificate)")
+    else:
+        ports = {p["name"]: p["containerPort"] for p in container(gateway)["ports"]}
+        if ports.get("health") != health:
+            problems.append(f"{where}: no container port 'health' = {health}")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if container(gateway)[probe]["grpc"]["port"] != health:
+                problems.append(f"{where}: {probe} is not on the plaintext health port {health}")
+    controlplane = rendered.workload("controlplane")
+    cp_config, _, _ = loaded_config(rendered, "controlplane")
+    mesh_dir = cp_config.envoy.mesh_dir
+    if mesh_dir is None:
+        problems.append(
+            "controlplane: no INFERGRID_CONTROLPLANE_MESH_DIR (Envoy would dial the gateway in plaintext)"
+        )
+    else:
+        mounted = _secret_files(controlplane, Path(mesh_dir))
+        if mounted is None:
+            problems.append(f"controlplane: mesh dir {mesh_dir} is not mounted from a Secret")
+        else:
+            secret, files = mounted
+            for name, key in (("ca.crt", "ca.crt"), ("envoy.crt", "tls.crt"), ("envoy.key", "tls.key")):
+                if files.get(name) != key:
+                    problems.append(f"controlplane: {mesh_dir}/{name} is not key {key} of Secret {secret}")
+            cert = _certificate(rendered, secret)
+            if cert is None:
+                problems.append(f"controlplane: no Certificate issues Secret {secret}")
+            elif cert["spec"].get("commonName") != "envoy" or "client auth" not in cert["spec"].get(
+                "usages", []
+            ):
+                problems.append(
+                    f"controlplane: Certificate {cert['metadata']['name']} is not Envoy's client certificate"
+                )
+            else:
+                issuers["envoy"] = cert["spec"]["issuerRef"]["name"]
+    if len(issuers) == 2 and len(set(issuers.values())) != 1:
+        problems.append(f"mesh: the gateway's and Envoy's certificates come from different issuers {issuers}")
+    envoys = [
+        c["metadata"]["name"]
+        for c in rendered.of_kind("Certificate")
+        if c["spec"].get("commonName") == "envoy"
+    ]
+    if len(envoys) > 1:
+        problems.append(f"mesh: more than one Certificate is CN=envoy {envoys} (each could forge identities)")
+    return problems
+
+
 RULES: dict[str, Callable[[Rendered], Problems]] = {
     "rollout": rollout_problems,
     "data-workloads": data_workloads_problems,
@@ -361,6 +466,7 @@ RULES: dict[str, Callable[[Rendered], Problems]] = {
     "endpoints": endpoint_problems,
     "replication": replication_problems,
     "buckets": bucket_problems,
+    "mesh": mesh_problems,
 }
 
 
@@ -402,6 +508,18 @@ def _edit_config_map(r: Rendered, prefix: str, key: str, value: str) -> None:
             cm["data"][key] = value
             return
     raise AssertionError(f"no ConfigMap {prefix}* with {key}")
+
+
+def _config_map_name(r: Rendered, prefix: str) -> str:
+    (name,) = [
+        cm["metadata"]["name"] for cm in r.of_kind("ConfigMap") if cm["metadata"]["name"].startswith(prefix)
+    ]
+    return str(name)
+
+
+def _volume(r: Rendered, workload: str, name: str) -> Obj:
+    (volume,) = [v for v in _w(r, workload)["spec"]["template"]["spec"]["volumes"] if v["name"] == name]
+    return volume
 
 
 def _spool_on_empty_dir(r: Rendered) -> None:
@@ -560,6 +678,59 @@ MUTATIONS: dict[str, tuple[str, Callable[[Rendered], Any], str]] = {
             _c(r, "redis-buckets")["args"].index("--appendonly") + 1, "no"
         ),
         "has no append-only file",
+    ),
+    "gateway-without-mesh-files": (
+        "mesh",
+        lambda r: _c(r, "gateway").update(
+            env=[e for e in _c(r, "gateway")["env"] if not e["name"].startswith("INFERGRID_GATEWAY_TLS_")]
+        ),
+        "no mesh files",
+    ),
+    "gateway-mesh-not-mounted": (
+        "mesh",
+        lambda r: _c(r, "gateway").update(
+            volumeMounts=[m for m in _c(r, "gateway")["volumeMounts"] if m["name"] != "mesh"]
+        ),
+        "not in one folder mounted from a Secret",
+    ),
+    "gateway-mesh-wrong-key": (
+        "mesh",
+        lambda r: _set_env(r, "gateway", "INFERGRID_GATEWAY_TLS_CERT_FILE", "/etc/infergrid/mesh/ca.crt"),
+        "is not the cert key tls.crt",
+    ),
+    "gateway-probe-on-the-mesh-port": (
+        "mesh",
+        lambda r: _c(r, "gateway")["readinessProbe"]["grpc"].update(port=50051),
+        "readinessProbe is not on the plaintext health port",
+    ),
+    "gateway-without-health-port": (
+        "mesh",
+        lambda r: _c(r, "gateway").update(
+            env=[e for e in _c(r, "gateway")["env"] if e["name"] != "INFERGRID_GATEWAY_HEALTH_PORT"]
+        ),
+        "no plaintext health port",
+    ),
+    "controlplane-without-mesh": (
+        "mesh",
+        lambda r: r.get("ConfigMap", _config_map_name(r, "controlplane-config"))["data"].pop(
+            "INFERGRID_CONTROLPLANE_MESH_DIR"
+        ),
+        "no INFERGRID_CONTROLPLANE_MESH_DIR",
+    ),
+    "controlplane-mesh-from-the-gateway-secret": (
+        "mesh",
+        lambda r: _volume(r, "controlplane", "mesh")["secret"].update(secretName="gateway-mesh"),
+        "is not Envoy's client certificate",
+    ),
+    "second-envoy-certificate": (
+        "mesh",
+        lambda r: r.objects.append(
+            {
+                **copy.deepcopy(r.get("Certificate", "envoy-mesh")),
+                "metadata": {"name": "sidecar", "labels": {}},
+            }
+        ),
+        "more than one Certificate is CN=envoy",
     ),
     "platform-gateway-cluster-ip": (
         "endpoints",

@@ -179,8 +179,11 @@ def test_ports_probes_and_drain_match_the_code(rendered: Rendered, name: str) ->
         == container_port(deployment, "metrics")
     )
     c = container(deployment)
+    # With mutual TLS on its port the gateway's probes use its plaintext health port (the kubelet cannot
+    # present a client certificate); tests/deploy/test_deploy_rollout.py's mesh rule requires it.
+    probed = getattr(config.server, "health_port", 0) or config.server.port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == config.server.port, f"{name}: {probe} port"
+        assert c[probe]["grpc"]["port"] == probed, f"{name}: {probe} port"
     # Liveness asks for the process, not its backends: a Cassandra outage must not restart pods.
     assert c["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE, f"{name}: liveness service"
     drain = config.server.drain_seconds + config.server.grace_seconds

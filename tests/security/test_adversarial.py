@@ -23,6 +23,7 @@ import grpc
 import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference import grpc_service_pb2 as ipb
 from inference import grpc_service_pb2_grpc
@@ -36,7 +37,7 @@ from libs.inference_log import InferenceLogConfig, InferenceLogProducer, Spool
 from libs.kafka import KafkaConfig
 from libs.platform import parse_platform
 from libs.ratelimit import RedisTokenBucketLimiter
-from libs.testing import NO_REDIS_URL, TEST_API_KEY, write_test_admission
+from libs.testing import NO_REDIS_URL, TEST_API_KEY, free_port, write_test_admission
 from services.gateway.config import AdmissionConfig, GatewayConfig, GatewayServerConfig, ModelsConfig
 from services.gateway.server import create_server as create_gateway
 from services.inference.config import ControlConfig, HttpConfig, InferenceConfig, InferenceServerConfig
@@ -205,6 +206,56 @@ async def test_plaintext_and_foreign_certificates_to_the_mesh_port(
                 (grpc.StatusCode.UNAUTHENTICATED,),
                 "placement disagreement",
             )
+    finally:
+        await server.stop(0, 0.5)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("placement", ["gateway", "edge"])
+async def test_the_plaintext_health_port_serves_health_only(
+    tmp_path: Path, placement: str, mesh: mtls.MeshFiles
+) -> None:
+    """As deployed in Kubernetes: mesh files as the Secret gateway-mesh lays them out, probes on a health port."""
+    secret = tmp_path / "etc-infergrid-mesh"  # ca.crt, tls.crt, tls.key: cert-manager's keys
+    secret.mkdir()
+    for source, name in (
+        (mesh.ca_cert, "ca.crt"),
+        (mesh.gateway_cert, "tls.crt"),
+        (mesh.gateway_key, "tls.key"),
+    ):
+        (secret / name).write_bytes(source.read_bytes())
+    platform_file = write_test_admission(tmp_path, "")
+    if placement == "edge":
+        platform_file.write_text(platform_file.read_text().replace("placement: gateway", "placement: edge"))
+    health = free_port()
+    config = GatewayConfig(
+        server=GatewayServerConfig(
+            port=0,
+            tls_ca_file=secret / "ca.crt",
+            tls_cert_file=secret / "tls.crt",
+            tls_key_file=secret / "tls.key",
+            health_port=health,
+        ),
+        models=ModelsConfig(platform_file=platform_file),
+        admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
+        inference_log_enabled=False,
+    )
+    server = await create_gateway(config)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING  # what the kubelet asks
+            for metadata in (
+                (("x-api-key", TEST_API_KEY),),
+                (*FORGED, ("x-infergrid-placement", placement), ("x-api-key", TEST_API_KEY)),
+            ):
+                await _attempt(
+                    "predicting on the plaintext health port",
+                    _predict(channel, metadata),
+                    (grpc.StatusCode.UNAUTHENTICATED,),
+                )
     finally:
         await server.stop(0, 0.5)  # type: ignore[attr-defined]
 
