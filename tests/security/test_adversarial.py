@@ -80,7 +80,7 @@ async def _attempt(hole: str, call: object, expected: tuple[grpc.StatusCode, ...
 @pytest.fixture(scope="module", autouse=True)
 def summary() -> Iterator[None]:
     yield
-    lines = [f"  {hole:<32} tried {_TRIED[hole]:>3}  refused {_REFUSED[hole]:>3}" for hole in sorted(_TRIED)]
+    lines = [f"  {hole:<42} tried {_TRIED[hole]:>3}  refused {_REFUSED[hole]:>3}" for hole in sorted(_TRIED)]
     total, refused = sum(_TRIED.values()), sum(_REFUSED.values())
     print("\n[adversarial] attempts vs refusals by hole:\n" + "\n".join(lines))
     print(f"[adversarial] total: {total} attempts, {refused} refused; statuses: {dict(_CODES)}")
