@@ -70,6 +70,9 @@ class Redis(Component):
             "--save", "",
             "--dir", str(self.data_dir),
             "--logfile", "",
+            # The rate limiter's token buckets share this Redis with the caches: never evict (an erased
+            # bucket comes back full); no maxmemory is set, so nothing is refused either.
+            "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
         if self.appendonly:
             command += ["--appendonly", "yes", "--appendfsync", "everysec"]
