@@ -18,6 +18,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from stack import cluster
 from stack.component import Component
 from stack.config import StackConfig
 from stack.probes import http_get
@@ -56,11 +57,10 @@ class ClusterHandle:
         return self.config.state_dir / "logging" / "lake"
 
     def cassandra_contact(self) -> tuple[list[str], int]:
-        nodes = [self.components[n] for n in self.cassandra_nodes()]
-        return [n.host for n in nodes], nodes[0].port
+        return cluster.cassandra_contact_points(self.config), self.config.port("cassandra")
 
     def kafka_bootstrap(self) -> str:
-        return ",".join(f"{self.components[b].host}:{self.components[b].port}" for b in self.kafka_brokers())
+        return cluster.kafka_bootstrap_servers(self.config)
 
     # Replicas.
 
@@ -110,9 +110,7 @@ class ClusterHandle:
 
     def add_replica(self, service: str) -> str:
         """Starts one more replica of `service` (supervised, in the discovery file once ready)."""
-        from stack.cluster import add_replica
-
-        component = add_replica(self.config, service)
+        component = cluster.add_replica(self.config, service)
         self.components[component.name] = component
         return component.name
 
