@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,9 @@ class ModelSpec:
     feature_slots: np.ndarray
     # Rows per ModelInfer call (the model config's max_batch_size; 0: no limit known).
     max_batch_size: int = 0
+    # Per store ref (in `store_refs` order): the key field of its `feature_event_times` map entry (the
+    # record's name of that feature), pre-framed for `event_times_wire`.
+    event_time_keys: tuple[bytes, ...] = ()
 
     @property
     def width(self) -> int:
@@ -68,6 +71,7 @@ class ModelSpec:
 
 
 _RECORD_FEATURES_FIELD = 9
+_RECORD_EVENT_TIMES_HEAD = bytes((21 << 3 | 2 | 0x80, 1))  # field 21 (feature_event_times), length-delimited
 
 
 def _features_wire(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +88,35 @@ def _features_wire(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
         parts.append(head + bytes(4))
         position += len(head) + 4
     return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), np.asarray(slots, dtype=np.intp)
+
+
+def event_times_wire(spec: ModelSpec, event_us: Sequence[int]) -> bytes:
+    """The `feature_event_times` entries of a record, in wire format, for one row's store features.
+
+    Args:
+        spec: The model.
+        event_us: Per store ref (in `spec.store_refs` order), the event time of the value used in
+            microseconds since the epoch; 0 where a default was used (no entry is written for it).
+
+    Returns:
+        Bytes to merge into an InferenceLogRecord (empty when no value came from the store).
+    """
+    parts: list[bytes] = []
+    stamps: dict[int, bytes] = {}  # a view's features usually share one event time
+    for key, us in zip(spec.event_time_keys, event_us, strict=True):
+        if not us:
+            continue
+        stamp = stamps.get(us)
+        if stamp is None:
+            seconds, micros = divmod(us, 1_000_000)
+            # Timestamp { 1: seconds (varint), 2: nanos (varint) }; negative seconds are ten-byte varints.
+            body = (b"\x08" + _varint(seconds & 0xFFFFFFFFFFFFFFFF)) if seconds else b""
+            if micros:
+                body += b"\x10" + _varint(micros * 1000)
+            stamp = stamps[us] = b"\x12" + _varint(len(body)) + body
+        entry = key + stamp
+        parts.append(_RECORD_EVENT_TIMES_HEAD + _varint(len(entry)) + entry)
+    return b"".join(parts)
 
 
 def _varint(value: int) -> bytes:
@@ -162,6 +195,9 @@ def parse_spec(
         features_wire=wire,
         feature_slots=slots,
         max_batch_size=max_batch_size,
+        event_time_keys=tuple(
+            b"\x0a" + _varint(len(key)) + key for key in (names[i].encode() for i in store_columns)
+        ),
     )
 
 

@@ -22,6 +22,8 @@ _PRESENT = features_pb2.FEATURE_STATUS_PRESENT
 _NUMERIC_KINDS = {
     kind: operator.attrgetter(kind) for kind in ("float_value", "double_value", "int64_value", "bool_value")
 }
+_SECONDS = operator.attrgetter("seconds")
+_NANOS = operator.attrgetter("nanos")
 
 
 @dataclass(slots=True)
@@ -32,6 +34,9 @@ class FeatureValues:
     values: np.ndarray
     # bool [rows, refs]: True when the value is present and within its view's TTL.
     present: np.ndarray
+    # int64 [rows, refs]: the event time of each present value, microseconds since the epoch (0 where
+    # not present or not known); None when the source does not know event times.
+    event_us: np.ndarray | None = None
 
 
 class FeatureSource(Protocol):
@@ -92,6 +97,7 @@ class GrpcFeatureSource:
         width = len(spec.store_refs)
         values = np.zeros((n, width), dtype=np.float32)
         present = np.zeros((n, width), dtype=bool)
+        event_us = np.zeros((n, width), dtype=np.int64)
         positions = {name: j for j, name in enumerate(spec.store_refs)}
         for name, vector in zip(reply.feature_names, reply.results, strict=False):
             j = positions.get(name)
@@ -109,4 +115,9 @@ class GrpcFeatureSource:
                 continue
             values[:, j] = list(map(getter, vector.values))
             present[:, j] = mask
-        return FeatureValues(values, present)
+            stamps = vector.event_timestamps
+            if len(stamps) == n:
+                seconds = np.fromiter(map(_SECONDS, stamps), dtype=np.int64, count=n)
+                nanos = np.fromiter(map(_NANOS, stamps), dtype=np.int64, count=n)
+                event_us[:, j] = np.where(mask, seconds * 1_000_000 + nanos // 1000, 0)
+        return FeatureValues(values, present, event_us)

@@ -52,7 +52,7 @@ from libs.inference_log import CURRENT_SCHEMA_VERSION
 from services.gateway import metrics as m
 from services.gateway.batcher import MicroBatcher
 from services.gateway.cache import CachedAnswer, ResponseCache, cache_key
-from services.gateway.catalog import ModelCatalog, ModelSpec
+from services.gateway.catalog import ModelCatalog, ModelSpec, event_times_wire
 from services.gateway.features import FeatureSource
 from services.gateway.models import ModelClient
 from services.gateway.publisher import RecordPublisher
@@ -143,6 +143,8 @@ class _Row:
     # The shadow call of the row's batch and the row's index in it.
     shadow_call: asyncio.Task[Outputs] | None = None
     shadow_index: int = 0
+    # Filled by the batch: per store ref, the event time (µs) of the value used, 0 where a default was.
+    event_us: np.ndarray | None = None
 
 
 class Predictor:
@@ -472,6 +474,7 @@ class Predictor:
             )
             values = np.zeros((len(rows), len(spec.store_refs)), dtype=np.float32)
             present = np.zeros_like(values, dtype=bool)
+            event_us: np.ndarray | None = np.zeros(values.shape, dtype=np.int64)
             for i, single in enumerate(singles):
                 if isinstance(single, BaseException):
                     if _is_invalid_argument(single):
@@ -480,8 +483,13 @@ class Predictor:
                         m.FEATURE_ERRORS.labels(_reason(single)).inc()
                 else:
                     values[i], present[i] = single.values[0], single.present[0]
+                    if single.event_us is not None and event_us is not None:
+                        event_us[i] = single.event_us[0]
         else:
-            values, present = block.values, block.present
+            values, present, event_us = block.values, block.present, block.event_us
+        if event_us is not None:
+            for row, times in zip(rows, event_us, strict=True):
+                row.event_us = times
         matrix[:, spec.store_columns] = np.where(present, values, spec.store_defaults)
         if not present.all():
             refs = spec.store_refs
@@ -563,7 +571,8 @@ class Predictor:
         values = row.values if row.values is not None else np.asarray(row.inputs, dtype=np.float32)
         wire = spec.features_wire.copy()
         wire[spec.feature_slots] = np.ascontiguousarray(values).view(np.uint8)
-        record.MergeFromString(wire.tobytes())
+        times = b"" if row.event_us is None else event_times_wire(spec, row.event_us.tolist())
+        record.MergeFromString(wire.tobytes() + times)
         if span_context.is_valid:
             record.trace_id = format(span_context.trace_id, "032x")
             record.span_id = format(span_context.span_id, "016x")

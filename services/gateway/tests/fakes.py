@@ -34,10 +34,15 @@ def toy_spec(versions: tuple[str, ...] = ("1", "2")) -> ModelSpec:
 
 
 class FakeFeatures:
-    """Feature values by (view, entity id); records every call's batch size."""
+    """Feature values (and their event times in µs, default 0: unknown) by (view, entity id); records batch sizes."""
 
-    def __init__(self, values: Mapping[tuple[str, str], Mapping[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        values: Mapping[tuple[str, str], Mapping[str, float]] | None = None,
+        event_us: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         self.values = dict(values or {})
+        self.event_us = dict(event_us or {})
         self.calls: list[int] = []
         self.failure: Exception | None = None
         self.delay_s = 0.0
@@ -55,14 +60,17 @@ class FakeFeatures:
         n, width = len(entities), len(spec.store_refs)
         values = np.zeros((n, width), dtype=np.float32)
         present = np.zeros((n, width), dtype=bool)
+        event_us = np.zeros((n, width), dtype=np.int64)
         for i, row in enumerate(entities):
             for j, ref in enumerate(spec.store_refs):
                 view, feature = ref.split(":", 1)
-                stored = self.values.get((view, row[spec.view_keys[view]]), {})
+                key = (view, row[spec.view_keys[view]])
+                stored = self.values.get(key, {})
                 if feature in stored:
                     values[i, j] = stored[feature]
                     present[i, j] = True
-        return FeatureValues(values, present)
+                    event_us[i, j] = self.event_us.get(key, 0)
+        return FeatureValues(values, present, event_us)
 
 
 class FakeModels:

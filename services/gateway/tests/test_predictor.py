@@ -14,7 +14,7 @@ from infergrid.gateway.v1 import gateway_pb2
 from infergrid.logging.v1 import logging_pb2
 from libs.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from libs.platform import parse_platform
-from services.gateway.catalog import ModelCatalog
+from services.gateway.catalog import ModelCatalog, event_times_wire
 from services.gateway.predictor import CallInfo, Predictor, PredictorSettings
 from services.gateway.routing import TrafficRouter
 from services.gateway.tests.fakes import FakeFeatures, FakeModels, ListPublisher, expected_score, toy_spec
@@ -88,6 +88,40 @@ async def test_a_row_is_assembled_in_model_order_scored_and_logged() -> None:
     assert record.outputs["score"].float_value == pytest.approx(expected_score([5, 40, 3, 3, 0.25], "2"))
     assert record.status_code == 0 and not record.degraded and record.latency_us >= 0
     assert record.request_time.ToNanoseconds() <= record.response_time.ToNanoseconds()
+
+
+async def test_the_record_carries_the_event_time_of_each_store_value_used() -> None:
+    s = Setup()
+    s.features.event_us = {("user", "u1"): 1_700_000_000_123_456, ("merchant", "m1"): 1_600_000_000_000_000}
+    await s.one(request())
+    await s.one(request(user="u-unknown"))  # user:* missing: defaults, no event time
+    known, unknown = s.publisher.records
+    times = {name: t.ToMicroseconds() for name, t in known.feature_event_times.items()}
+    assert times == {
+        "user:age": 1_700_000_000_123_456,
+        "user:count": 1_700_000_000_123_456,
+        "merchant:risk": 1_600_000_000_000_000,
+    }
+    assert {name: t.ToMicroseconds() for name, t in unknown.feature_event_times.items()} == {
+        "merchant:risk": 1_600_000_000_000_000
+    }
+    # A batch carries each row's own times.
+    preds = await s.predictor.predict(
+        "toy", "", [request(user="u2"), request(user="u1")], CallInfo(), batch=True
+    )
+    assert len(preds) == 2
+    assert [r.feature_event_times["merchant:risk"].ToMicroseconds() for r in s.publisher.records[2:]] == [
+        1_600_000_000_000_000
+    ] * 2
+    assert "user:age" not in s.publisher.records[2].feature_event_times  # u2 has no event time: unknown
+
+
+def test_event_times_wire_parses_to_the_map_it_stands_for() -> None:
+    spec = toy_spec()
+    for times in ([1, 0, 0], [0, 0, 0], [-1_500_000, 2_000_000, 1_700_000_000_999_999]):
+        record = logging_pb2.InferenceLogRecord.FromString(event_times_wire(spec, times))
+        expected = {ref: us for ref, us in zip(spec.store_refs, times, strict=True) if us}
+        assert {k: v.ToMicroseconds() for k, v in record.feature_event_times.items()} == expected
 
 
 @pytest.mark.parametrize(
