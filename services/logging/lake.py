@@ -71,6 +71,9 @@ SCHEMA = pa.schema(
         ("trace_id", pa.string()),
         ("span_id", pa.string()),
         ("entities", pa.map_(pa.string(), pa.string())),
+        # The event time of each store feature value used, by feature name (the record's
+        # feature_event_times): what point-in-time exports check. Null in files written before it existed.
+        ("feature_event_times", pa.map_(pa.string(), pa.timestamp("us", tz="UTC"))),
         ("kafka_partition", pa.int32()),
         ("kafka_offset", pa.int64()),
         # The whole serialized InferenceLogRecord: the lossless source of truth; its typed maps
@@ -279,6 +282,10 @@ def _to_table(rows: list[tuple[int, logging_pb2.InferenceLogRecord, bytes]], par
         "trace_id": [r.trace_id for r in records],
         "span_id": [r.span_id for r in records],
         "entities": [list(r.entities.items()) for r in records],
+        "feature_event_times": [
+            [(k, t.seconds * 1_000_000 + t.nanos // 1000) for k, t in r.feature_event_times.items()]
+            for r in records
+        ],
         "kafka_partition": pa.array([partition] * len(rows), pa.int32()),
         "kafka_offset": [offset for offset, _, _ in rows],
         "record": [payload for _, _, payload in rows],

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from infergrid.logging.v1 import logging_pb2
-from services.logging.lake import JOURNAL_DIR, ParquetLake, lake_files, main, read_table, records
+from services.logging.lake import JOURNAL_DIR, SCHEMA, ParquetLake, lake_files, main, read_table, records
 
 DAY_US = 86_400_000_000
 BASE_US = 1_780_000_000_000_000  # 2026-05-28
@@ -73,6 +75,30 @@ def test_content_survives_the_round_trip(tmp_path: Path) -> None:
     assert row["entities"] == [("user", "u0")]
     assert json.loads(row["features"]) == {"user:age": 30.5}
     assert row["kafka_offset"] == 0
+
+
+def test_feature_event_times_are_a_column_and_files_without_it_still_read(tmp_path: Path) -> None:
+    lake = _lake(tmp_path)
+    record, _ = _record(0)
+    record.feature_event_times["user:age"].FromMicroseconds(BASE_US - 5_000_000)
+    lake.add(0, 0, record, record.SerializeToString())
+    (new_file,) = lake.flush().files
+    # A file of the schema before the column existed, beside it.
+    _, old_payload = _record(1)
+    old_table = pq.read_table(new_file).drop_columns(["feature_event_times"])
+    old_table = old_table.set_column(
+        old_table.schema.get_field_index("record"), "record", pa.array([old_payload], pa.binary())
+    ).set_column(old_table.schema.get_field_index("request_id"), "request_id", pa.array(["req-0001"]))
+    pq.write_table(
+        old_table, new_file.with_name("part-log-p1-o00000000000000000000-00000000000000000000.parquet")
+    )
+    table = read_table(tmp_path)
+    assert table.schema.field("feature_event_times").type == SCHEMA.field("feature_event_times").type
+    by_id = {row["request_id"]: row["feature_event_times"] for row in table.to_pylist()}
+    assert by_id["req-0001"] is None  # written before the column: unknown
+    ((name, when),) = by_id["req-0000"]
+    assert name == "user:age"
+    assert when == dt.datetime.fromtimestamp((BASE_US - 5_000_000) / 1e6, dt.UTC)
 
 
 def test_duplicates_are_dropped_in_a_file_and_on_read(tmp_path: Path) -> None:
