@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from cassandra import ConsistencyLevel
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from libs.config import secret
@@ -141,6 +141,68 @@ class AsyncCassandra:
             batch.add(statement, params)
         async with self._slots:
             await _wrap(self.session.execute_async(batch, timeout=self._timeout))
+
+
+T = TypeVar("T")
+
+
+class LazySession(Generic[T]):
+    """The process's one Cassandra session, connected in the background: start-up never waits for it.
+
+    `kick` starts a connection attempt (retried by the next kick until Cassandra answers); once
+    connected, `build` runs once on the session (schema, prepared statements; blocking, so off the
+    loop) and its result is `value`. Readiness checks kick and report NOT_SERVING meanwhile; calls
+    made before then fail fast (`value` is None) instead of waiting.
+    """
+
+    def __init__(self, config: CassandraConfig, build: Callable[[AsyncCassandra], T]) -> None:
+        self._config = config
+        self._build = build
+        self._task: asyncio.Task[None] | None = None
+        self._session: Session | None = None
+        self.value: T | None = None
+
+    def kick(self) -> None:
+        """Starts connecting unless connected or already trying."""
+        if self.value is None and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._connect(), name="cassandra-connect")
+
+    async def open(self) -> T:
+        """Connects now and returns the built value (tools that have nothing to do without Cassandra).
+
+        Raises:
+            NoHostAvailable: Cassandra cannot be reached.
+        """
+        if self.value is None:
+            self.value = await asyncio.to_thread(self._open)
+        return self.value
+
+    def _open(self) -> T:
+        session = connect(self._config)
+        try:
+            value = self._build(AsyncCassandra(session, self._config))
+        except BaseException:
+            session.cluster.shutdown()
+            raise
+        # Reconnect within seconds once Cassandra is back (the driver's default waits up to 10 minutes).
+        session.cluster.reconnection_policy = ExponentialReconnectionPolicy(0.5, 4.0)
+        self._session = session
+        return value
+
+    async def _connect(self) -> None:
+        try:
+            await self.open()
+        except Exception as exc:
+            log.warning("Cassandra is not reachable yet: %s", exc)
+            return
+        log.info("connected to Cassandra %s", ",".join(self._config.cassandra_contact_points))
+
+    async def close(self) -> None:
+        """Stops connecting and shuts the session down."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._session is not None:
+            await asyncio.to_thread(self._session.cluster.shutdown)
 
 
 def _wrap(future: ResponseFuture) -> asyncio.Future[list[Any]]:

@@ -36,6 +36,7 @@ from services.features.config import ENV_PREFIX, FeaturesConfig, StreamConfig
 from services.features.online import OnlineFeatures, RowInput
 from services.features.registry import View
 from services.features.store import WriteRow
+from services.features.wiring import open_feature_store
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -210,24 +211,9 @@ def consumer_conf(config: FeaturesConfig) -> dict[str, Any]:
 async def _main(config: FeaturesConfig) -> None:
     from confluent_kafka import Consumer, Producer
 
-    from services.features.cache import NoCache, RedisCache
-    from services.features.registry import Registry
-    from services.features.store import open_backend
-
-    backend = await asyncio.to_thread(open_backend, config.cassandra, config.store)
-    cache = RedisCache(config.cache) if config.cache.cache_enabled else NoCache()
-    registry = Registry(backend.views)
-    await registry.refresh()
-    online = OnlineFeatures(
-        registry,
-        cache,
-        config.limits,
-        config.store,
-        config.cache,
-        store_timeout_s=config.cassandra.cassandra_request_timeout_s,
-        store_parallelism=config.cassandra.cassandra_max_in_flight,
-    )
-    online.store = backend.store
+    features = open_feature_store(config)
+    await features.open()
+    await features.registry.refresh()
     consumer = Consumer(consumer_conf(config))
     producer = Producer({**config.kafka.client_conf(), "enable.idempotence": True})
     stop = asyncio.Event()
@@ -235,13 +221,11 @@ async def _main(config: FeaturesConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await StreamIngestor(online, consumer, producer, config.stream).run(stop)
+        await StreamIngestor(features.online, consumer, producer, config.stream).run(stop)
     finally:
         consumer.close()
         producer.flush(10)
-        if isinstance(cache, RedisCache):
-            await cache.close()
-        backend.shutdown()
+        await features.close()
 
 
 def main() -> None:

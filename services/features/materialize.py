@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from libs.config import load_config_or_exit
 from services.features import codec
-from services.features.cache import NoCache, RedisCache
 from services.features.config import ENV_PREFIX, FeaturesConfig
 from services.features.online import OnlineFeatures
-from services.features.registry import Registry, View
-from services.features.store import WriteRow, open_backend
+from services.features.registry import View
+from services.features.store import WriteRow
+from services.features.wiring import open_feature_store
 
 VT = codec.VT
 _ARROW_TYPES: dict[int, pa.DataType] = {
@@ -207,20 +207,17 @@ async def materialize(
 
 async def _main(args: argparse.Namespace, config: FeaturesConfig) -> int:
     cassandra = dataclasses.replace(config.cassandra, cassandra_max_in_flight=args.concurrency)
-    backend = await asyncio.to_thread(open_backend, cassandra, config.store)
-    cache = RedisCache(config.cache) if config.cache.cache_enabled else NoCache()
+    features = open_feature_store(dataclasses.replace(config, cassandra=cassandra))
     try:
-        registry = Registry(backend.views)
-        await registry.refresh()
-        view = registry.lookup(args.view)
+        await features.open()
+        await features.registry.refresh()
+        view = features.registry.lookup(args.view)
         if view is None:
             print(f"error: feature view {args.view!r} does not exist", file=sys.stderr)
             return 1
-        online = OnlineFeatures(registry, cache, config.limits, config.store, config.cache)
-        online.store = backend.store
         started = dt.datetime.now()
         summary = await materialize(
-            online,
+            features.online,
             view,
             args.file,
             timestamp_column=args.timestamp_column,
@@ -237,9 +234,7 @@ async def _main(args: argparse.Namespace, config: FeaturesConfig) -> int:
         print(f"error: {args.file}: {exc}", file=sys.stderr)
         return 1
     finally:
-        if isinstance(cache, RedisCache):
-            await cache.close()
-        await asyncio.to_thread(backend.shutdown)
+        await features.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

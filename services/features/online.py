@@ -26,8 +26,8 @@ from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPo
 from services.features import codec
 from services.features.cache import ABSENT, FeatureCache, cache_key
 from services.features.codec import Record
-from services.features.config import CacheConfig, LimitsConfig, StoreConfig
-from services.features.errors import FeatureNotFound, InvalidArgument, StoreUnavailable, ViewNotFound
+from services.features.config import FeaturesConfig
+from services.features.errors import FeatureNotFound, InvalidArgument, ViewNotFound
 from services.features.registry import Registry, View
 from services.features.store import OnlineStore, WriteRow
 
@@ -81,31 +81,28 @@ class OnlineFeatures:
         self,
         registry: Registry,
         cache: FeatureCache,
-        limits: LimitsConfig,
-        store_config: StoreConfig,
-        cache_config: CacheConfig,
+        store: OnlineStore,
+        config: FeaturesConfig,
         *,
-        store_timeout_s: float = 2.0,
-        store_parallelism: int = 128,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
         self.cache = cache
-        self.store: OnlineStore | None = None
-        self._limits = limits
-        self._cache_config = cache_config
-        self._prefix = cache_config.cache_key_prefix.encode()
+        self.store = store
+        self._limits = config.limits
+        self._cache_config = config.cache
+        self._prefix = config.cache.cache_key_prefix.encode()
         self._clock = clock
-        self._store_timeout_s = store_timeout_s
-        self._store_parallelism = max(1, store_parallelism)
+        self._store_timeout_s = config.cassandra.cassandra_request_timeout_s
+        self._store_parallelism = max(1, config.cassandra.cassandra_max_in_flight)
         self._cassandra = Dependency(
             "cassandra",
             DependencyPolicy(
-                timeout_s=store_timeout_s + 0.5,
-                retry=RetryPolicy(max_attempts=store_config.store_max_attempts),
+                timeout_s=self._store_timeout_s + 0.5,
+                retry=RetryPolicy(max_attempts=config.store.store_max_attempts),
                 breaker=BreakerPolicy(
-                    failure_threshold=store_config.store_breaker_failures,
-                    reset_timeout_s=store_config.store_breaker_reset_s,
+                    failure_threshold=config.store.store_breaker_failures,
+                    reset_timeout_s=config.store.store_breaker_reset_s,
                 ),
             ),
         )
@@ -122,15 +119,9 @@ class OnlineFeatures:
 
     # Store access (through the circuit breaker).
 
-    def _store(self) -> OnlineStore:
-        if self.store is None:
-            raise StoreUnavailable("Cassandra is not connected yet")
-        return self.store
-
     async def _read_store(self, view: View, keys: list[bytes]) -> dict[bytes, Record]:
-        store = self._store()
         try:
-            result = await self._cassandra.call(store.read, view, keys)
+            result = await self._cassandra.call(self.store.read, view, keys)
         except (Unavailable, DeadlineExceeded):
             self.store_ok = False
             raise
@@ -139,8 +130,6 @@ class OnlineFeatures:
 
     async def check_store(self) -> bool:
         """Pings the store (bypassing the breaker) and records whether it answered."""
-        if self.store is None:
-            return False
         try:
             await self.store.ping()
         except Exception:
@@ -387,12 +376,11 @@ class OnlineFeatures:
         Raises:
             Unavailable: The store cannot be reached (nothing is acknowledged).
         """
-        store = self._store()
         if timeout_s is None:
             waves = -(-len(rows) // self._store_parallelism)
             timeout_s = self._store_timeout_s * max(1, waves) + 0.5
         try:
-            await self._cassandra.call(store.write, view, rows, timeout=timeout_s)
+            await self._cassandra.call(self.store.write, view, rows, timeout=timeout_s)
         except (Unavailable, DeadlineExceeded):
             self.store_ok = False
             raise

@@ -13,44 +13,23 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from cassandra.policies import ExponentialReconnectionPolicy
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
 from services.features import response
-from services.features.cache import FeatureCache, NoCache, RedisCache
+from services.features.cache import FeatureCache
 from services.features.config import FeaturesConfig
-from services.features.errors import InvalidArgument, StoreUnavailable
+from services.features.errors import InvalidArgument
 from services.features.online import OnlineFeatures, RowInput
 from services.features.registry import Registry, ViewStore
-from services.features.store import CassandraBackend, OnlineStore, open_backend
+from services.features.store import OnlineStore
+from services.features.wiring import open_feature_store
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
 MAX_PAGE_SIZE = 1000
-
-
-class DeferredViewStore:
-    """A ViewStore that answers UNAVAILABLE until the real one is connected."""
-
-    def __init__(self) -> None:
-        self.target: ViewStore | None = None
-
-    def _get(self) -> ViewStore:
-        if self.target is None:
-            raise StoreUnavailable("Cassandra is not connected yet")
-        return self.target
-
-    async def load_all(self) -> list[features_pb2.FeatureView]:
-        return await self._get().load_all()
-
-    async def create(self, view: features_pb2.FeatureView) -> bool:
-        return await self._get().create(view)
-
-    async def update(self, view: features_pb2.FeatureView, expected_revision: int) -> bool:
-        return await self._get().update(view, expected_revision)
 
 
 def _timestamp_us(ts: Any) -> int:
@@ -143,44 +122,6 @@ def register_servicer(servicer: FeatureServiceServicer, server: grpc.aio.Server)
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-class _Connector:
-    """Connects to Cassandra in the background (start-up must not block on it), retrying until it answers."""
-
-    def __init__(self, config: FeaturesConfig, online: OnlineFeatures, views: DeferredViewStore) -> None:
-        self._config = config
-        self._online = online
-        self._views = views
-        self._task: asyncio.Task[None] | None = None
-        self.backend: CassandraBackend | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self.backend is not None
-
-    def kick(self) -> None:
-        if self.backend is None and (self._task is None or self._task.done()):
-            self._task = asyncio.create_task(self._connect(), name="cassandra-connect")
-
-    async def _connect(self) -> None:
-        try:
-            backend = await asyncio.to_thread(open_backend, self._config.cassandra, self._config.store)
-        except Exception as exc:
-            log.warning("Cassandra is not reachable yet: %s", exc)
-            return
-        # Reconnect within seconds once Cassandra is back (the driver's default waits up to 10 minutes).
-        backend.session.cluster.reconnection_policy = ExponentialReconnectionPolicy(0.5, 4.0)
-        self._online.store = backend.store
-        self._views.target = backend.views
-        self.backend = backend
-        log.info("connected to Cassandra %s", ",".join(self._config.cassandra.cassandra_contact_points))
-
-    async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self.backend is not None:
-            await asyncio.to_thread(self.backend.shutdown)
-
-
 async def create_server(
     config: FeaturesConfig,
     telemetry: Telemetry | None = None,
@@ -197,25 +138,8 @@ async def create_server(
         store, view_store: Use these instead of connecting to Cassandra (tests).
         cache: Use this instead of the configured Redis cache (tests).
     """
-    if cache is None:
-        cache = RedisCache(config.cache) if config.cache.cache_enabled else NoCache()
-    deferred = DeferredViewStore()
-    registry = Registry(view_store or deferred)
-    online = OnlineFeatures(
-        registry,
-        cache,
-        config.limits,
-        config.store,
-        config.cache,
-        store_timeout_s=config.cassandra.cassandra_request_timeout_s,
-        store_parallelism=config.cassandra.cassandra_max_in_flight,
-    )
-    connector: _Connector | None = None
-    if store is not None and view_store is not None:
-        online.store = store
-    else:
-        connector = _Connector(config, online, deferred)
-
+    features = open_feature_store(config, store=store, view_store=view_store, cache=cache)
+    registry, online = features.registry, features.online
     loaded = False
     probe: asyncio.Task[bool] | None = None
     refresh: asyncio.Task[None] | None = None
@@ -228,8 +152,7 @@ async def create_server(
 
     async def readiness() -> bool:
         nonlocal loaded, probe, refresh
-        if connector is not None and not connector.connected:
-            connector.kick()
+        if not features.connected:
             return False
         if not loaded:
             try:
@@ -260,11 +183,7 @@ async def create_server(
         for task in (probe, refresh):
             if task is not None:
                 task.cancel()
-        await online.drain()
-        if isinstance(cache, RedisCache):
-            await cache.close()
-        if connector is not None:
-            await connector.close()
+        await features.close()
 
     server.on_stop.append(_close)
     return server

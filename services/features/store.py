@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple, Protocol, TypeVar
 
 from cassandra import DriverException, RequestExecutionException
-from cassandra.cluster import NoHostAvailable, Session
+from cassandra.cluster import NoHostAvailable
 from prometheus_client import Counter, Histogram
 
 from infergrid.features.v1 import features_pb2
-from libs.cassandra import AsyncCassandra, CassandraConfig, connect
+from libs.cassandra import AsyncCassandra, CassandraConfig, LazySession
 from libs.telemetry import tracer
 from services.features.codec import Record
 from services.features.config import StoreConfig
@@ -203,29 +203,44 @@ class CassandraViewStore:
         return bool(rows[0][0])
 
 
-class CassandraBackend(NamedTuple):
-    """An open Cassandra session with the store and the view store on it."""
+class LazyCassandraStore:
+    """The OnlineStore and the registry's ViewStore on the process's one lazily connected session.
 
-    session: Session
-    store: CassandraOnlineStore
-    views: CassandraViewStore
-
-    def shutdown(self) -> None:
-        self.session.cluster.shutdown()
-
-
-def open_backend(cassandra: CassandraConfig, store: StoreConfig) -> CassandraBackend:
-    """Connects, creates the keyspace and tables if missing, and prepares statements (blocking).
-
-    Raises:
-        NoHostAvailable: Cassandra cannot be reached.
+    Connecting (and creating the tables) happens in the background (libs.cassandra.LazySession);
+    until it has, every call fails fast with UNAVAILABLE and starts another attempt.
     """
-    session = connect(cassandra)
-    try:
-        for ddl in SCHEMA:
-            session.execute(ddl, timeout=30)
-        db = AsyncCassandra(session, cassandra)
-        return CassandraBackend(session, CassandraOnlineStore(db, store), CassandraViewStore(db))
-    except BaseException:
-        session.cluster.shutdown()
-        raise
+
+    def __init__(self, cassandra: CassandraConfig, store: StoreConfig) -> None:
+        self.session = LazySession(cassandra, lambda db: _open_stores(db, store))
+
+    def _stores(self) -> tuple[CassandraOnlineStore, CassandraViewStore]:
+        stores = self.session.value
+        if stores is None:
+            self.session.kick()
+            raise StoreUnavailable("Cassandra is not connected yet")
+        return stores
+
+    async def read(self, view: View, keys: Sequence[bytes]) -> dict[bytes, Record]:
+        return await self._stores()[0].read(view, keys)
+
+    async def write(self, view: View, rows: Sequence[WriteRow]) -> None:
+        await self._stores()[0].write(view, rows)
+
+    async def ping(self) -> None:
+        await self._stores()[0].ping()
+
+    async def load_all(self) -> list[features_pb2.FeatureView]:
+        return await self._stores()[1].load_all()
+
+    async def create(self, view: features_pb2.FeatureView) -> bool:
+        return await self._stores()[1].create(view)
+
+    async def update(self, view: features_pb2.FeatureView, expected_revision: int) -> bool:
+        return await self._stores()[1].update(view, expected_revision)
+
+
+def _open_stores(db: AsyncCassandra, config: StoreConfig) -> tuple[CassandraOnlineStore, CassandraViewStore]:
+    """Creates the tables if missing and prepares the statements (blocking)."""
+    for ddl in SCHEMA:
+        db.session.execute(ddl, timeout=30)
+    return CassandraOnlineStore(db, config), CassandraViewStore(db)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infergrid.features.v1 import features_pb2 as pb
-from services.features.config import CacheConfig, LimitsConfig, StoreConfig, StreamConfig
+from services.features.config import FeaturesConfig, StreamConfig
 from services.features.ingest_stream import StreamIngestor
 from services.features.online import OnlineFeatures
 from services.features.registry import Registry
@@ -60,9 +60,8 @@ class FakeProducer:
 async def _ingestor() -> tuple[StreamIngestor, InMemoryOnlineStore, FakeProducer, OnlineFeatures]:
     registry = Registry(InMemoryViewStore())
     await registry.apply(typed_view("v"))
-    online = OnlineFeatures(registry, InMemoryCache(), LimitsConfig(), StoreConfig(), CacheConfig())
     store = InMemoryOnlineStore()
-    online.store = store
+    online = OnlineFeatures(registry, InMemoryCache(), store, FeaturesConfig())
     producer = FakeProducer()
     return (
         StreamIngestor(online, consumer=None, producer=producer, config=StreamConfig()),

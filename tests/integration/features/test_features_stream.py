@@ -16,13 +16,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc
 from libs.kafka import KafkaConfig
-from services.features.cache import RedisCache
 from services.features.config import FeaturesConfig, StreamConfig
 from services.features.ingest_stream import StreamIngestor, consumer_conf
-from services.features.online import OnlineFeatures
-from services.features.registry import Registry
-from services.features.store import open_backend
 from services.features.tests.views import V, string_keys, typed_view
+from services.features.wiring import open_feature_store
 from stack.kafka import Kafka
 
 pytestmark = pytest.mark.integration
@@ -56,23 +53,21 @@ async def stream_config(features_config: FeaturesConfig, kafka_server: Kafka) ->
 
 @pytest.fixture
 async def ingestor(stream_config: FeaturesConfig) -> AsyncIterator[None]:
-    backend = await asyncio.to_thread(open_backend, stream_config.cassandra, stream_config.store)
-    cache = RedisCache(stream_config.cache)
-    registry = Registry(backend.views)
-    online = OnlineFeatures(registry, cache, stream_config.limits, stream_config.store, stream_config.cache)
-    online.store = backend.store
+    features = open_feature_store(stream_config)
+    await features.open()
     consumer = Consumer(consumer_conf(stream_config))
     producer = Producer(stream_config.kafka.client_conf())
     stop = asyncio.Event()
-    task = asyncio.create_task(StreamIngestor(online, consumer, producer, stream_config.stream).run(stop))
+    task = asyncio.create_task(
+        StreamIngestor(features.online, consumer, producer, stream_config.stream).run(stop)
+    )
     try:
         yield
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
         consumer.close()
-        await cache.close()
-        await asyncio.to_thread(backend.shutdown)
+        await features.close()
 
 
 def _update(view: str, user: str, n: int) -> pb.WriteFeaturesRequest:
