@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
-from libs.cassandra import AsyncCassandra, connect
+from libs.cassandra import AsyncCassandra, LazySession
 from libs.errors import InvalidArgument, NotFound
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
@@ -114,15 +114,14 @@ class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
         )
 
 
-async def _cassandra_store(config: LoggingConfig) -> CassandraLogStore:
-    """Connects, creates the tables and prepares the statements (blocking work off the loop)."""
-    loop = asyncio.get_running_loop()
-    session = await loop.run_in_executor(None, connect, config.cassandra)
-    cassandra = AsyncCassandra(session, config.cassandra)
-    await loop.run_in_executor(None, create_schema, cassandra)
-    return await loop.run_in_executor(
-        None, lambda: CassandraLogStore(cassandra, ttl_s=config.pipeline.record_ttl_seconds)
-    )
+def _log_store(config: LoggingConfig) -> LazySession[CassandraLogStore]:
+    """The record store on the process's Cassandra session: tables created, statements prepared."""
+
+    def _build(cassandra: AsyncCassandra) -> CassandraLogStore:
+        create_schema(cassandra)
+        return CassandraLogStore(cassandra, ttl_s=config.pipeline.record_ttl_seconds)
+
+    return LazySession(config.cassandra, _build)
 
 
 async def create_server(
@@ -135,8 +134,12 @@ async def create_server(
         telemetry: Tracing and metrics set up by `__main__` (the consumer traces records when tracing is on).
         store: The record store; by default Cassandra, connected and its tables created here.
     """
+    session = None
     if store is None:
-        store = await _cassandra_store(config)
+        # The consumer writes from its first record: connect before serving (the session then
+        # reconnects by itself through outages).
+        session = _log_store(config)
+        store = await session.open()
     pipeline: LogPipeline | None = None
     stats = PipelineStats()
     pc = config.pipeline
@@ -171,4 +174,6 @@ async def create_server(
     if pipeline is not None:
         pipeline.start()
         server.on_stop.append(pipeline.stop)
+    if session is not None:
+        server.on_stop.append(session.close)
     return server
