@@ -316,13 +316,16 @@ def _added_replicas(config: StackConfig) -> list[tuple[str, int, dict[str, int]]
 def stages(config: StackConfig) -> list[list[Component]]:
     """Every component in start order, grouped: the components of one group start together.
 
-    The Cassandra nodes start together, as do the Kafka brokers (a quorum of voters must run before any
-    is ready); the service replicas one at a time (the first of a service runs its demo step once).
+    The three Cassandra nodes and the three Kafka brokers start together, six JVMs at once: a Kafka quorum
+    of voters must run before any broker is ready, the Cassandra nodes each wait for their peers, and on
+    two cores this is the fastest order measured (warm: 43 s for the whole `up` against 66 s with the
+    Cassandra nodes first, then the brokers; the seed node first, then the two others, is slower still:
+    56 s for Cassandra alone on a restart). The service replicas start one at a time (the first of a
+    service runs its demo step once).
     """
     infra = infrastructure(config)
     groups: list[list[Component]] = [
-        infra[0:NODES],
-        infra[NODES : 2 * NODES],
+        infra[0 : 2 * NODES],
         *([c] for c in infra[2 * NODES :]),
     ]
     added = _added_replicas(config)
