@@ -72,6 +72,8 @@ class ModelSpec:
 
 _RECORD_FEATURES_FIELD = 9
 _RECORD_EVENT_TIMES_HEAD = bytes((21 << 3 | 2 | 0x80, 1))  # field 21 (feature_event_times), length-delimited
+# The head and one-byte length of an entry shorter than 128 bytes (nearly all), by length.
+_EVENT_TIMES_HEADS = tuple(_RECORD_EVENT_TIMES_HEAD + bytes((size,)) for size in range(128))
 
 
 def _features_wire(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +117,12 @@ def event_times_wire(spec: ModelSpec, event_us: Sequence[int]) -> bytes:
                 body += b"\x10" + _varint(micros * 1000)
             stamp = stamps[us] = b"\x12" + _varint(len(body)) + body
         entry = key + stamp
-        parts.append(_RECORD_EVENT_TIMES_HEAD + _varint(len(entry)) + entry)
+        size = len(entry)
+        parts.append(
+            _EVENT_TIMES_HEADS[size] + entry
+            if size < 128
+            else _RECORD_EVENT_TIMES_HEAD + _varint(size) + entry
+        )
     return b"".join(parts)
 
 

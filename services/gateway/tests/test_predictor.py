@@ -14,7 +14,7 @@ from infergrid.gateway.v1 import gateway_pb2
 from infergrid.logging.v1 import logging_pb2
 from libs.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from libs.platform import parse_platform
-from services.gateway.catalog import ModelCatalog, event_times_wire
+from services.gateway.catalog import ModelCatalog, event_times_wire, parse_spec
 from services.gateway.predictor import CallInfo, Predictor, PredictorSettings
 from services.gateway.routing import TrafficRouter
 from services.gateway.tests.fakes import FakeFeatures, FakeModels, ListPublisher, expected_score, toy_spec
@@ -122,6 +122,13 @@ def test_event_times_wire_parses_to_the_map_it_stands_for() -> None:
         record = logging_pb2.InferenceLogRecord.FromString(event_times_wire(spec, times))
         expected = {ref: us for ref, us in zip(spec.store_refs, times, strict=True) if us}
         assert {k: v.ToMicroseconds() for k, v in record.feature_event_times.items()} == expected
+    # A name long enough for a two-byte entry length.
+    long_name = "user:" + "x" * 200
+    spec = parse_spec(
+        "long", {"entities": {"user": "user_id"}, "features": [{"name": long_name, "source": "user"}]}
+    )
+    record = logging_pb2.InferenceLogRecord.FromString(event_times_wire(spec, [1_700_000_000_000_001]))
+    assert record.feature_event_times[long_name].ToMicroseconds() == 1_700_000_000_000_001
 
 
 @pytest.mark.parametrize(
