@@ -5,9 +5,10 @@ by `down`) loops every 0.5 s:
 
 1. Restarts a replica (`<service>-<i>`, stack.cluster.SERVICES) whose pid record exists but whose process
    died: SIGKILL, a crash, or SIGTERM from a rolling restart. `Component.stop()` removes the record before
-   it signals, so a replica stopped through the stack stays stopped. The infrastructure (Cassandra,
-   Kafka, Redis, Jaeger), the control plane and Envoy are never restarted. A replica that fails to start
-   again is retried with a growing back-off (0.5 s doubling to 30 s), like CrashLoopBackOff.
+   it signals, so a replica stopped through the stack stays stopped. The control plane and Envoy (each
+   one Deployment in Kubernetes) are restarted the same way; the infrastructure (Cassandra, Kafka, Redis,
+   Jaeger) never is. A process that fails to start again is retried with a growing back-off (0.5 s
+   doubling to 30 s), like CrashLoopBackOff.
 2. Probes every replica's gRPC health (0.5 s timeout, concurrently) and writes, atomically, one file per
    service, `<state>/discovery/<service>.json` = `{"endpoints": ["127.0.0.1:50051", ...]}`, listing the
    replicas that answer SERVING (a headless Service's DNS / EndpointSlice). A draining replica
@@ -43,6 +44,8 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 # A restarted replica alive this long has its back-off reset.
 STABLE_S = 30.0
+# Single-copy components restarted like replicas (Deployments in Kubernetes), but in no discovery file.
+RESTARTED_SINGLETONS = ("controlplane", "envoy")
 
 
 @dataclass
@@ -100,7 +103,7 @@ class Supervisor:
         """
         _reap_children()
         records = self._replica_records()
-        for name, record in records.items():
+        for name, record in {**records, **self._singleton_records()}.items():
             if record.pid > 0 and not record.is_alive():
                 self._maybe_restart(name, record)
         ready = self.publish(records)
@@ -149,6 +152,14 @@ class Supervisor:
                     records[pid_file.stem] = record
         return records
 
+    def _singleton_records(self) -> dict[str, ProcessRecord]:
+        records = {}
+        for name in RESTARTED_SINGLETONS:
+            record = ProcessRecord.read(self.config.run_dir / f"{name}.json")
+            if record is not None:
+                records[name] = record
+        return records
+
     def _maybe_restart(self, name: str, record: ProcessRecord) -> None:
         running = self._restarting.get(name)
         if running is not None and not running.done():
@@ -171,8 +182,12 @@ class Supervisor:
         for leftover in find_marked_processes(str(self.config.state_dir)):
             if leftover.component == name:
                 terminate_marked(leftover, 5.0)
-        service, index = cluster.parse_replica(name) or ("", 0)
-        replica: Component = cluster.replica(self.config, service, index, dead.ports)
+        parsed = cluster.parse_replica(name)
+        replica: Component = (
+            cluster.replica(self.config, parsed[0], parsed[1], dead.ports)
+            if parsed is not None
+            else cluster.component(self.config, name)
+        )
         started = time.monotonic()
         try:
             record = replica.start(Progress(name, self.out))
