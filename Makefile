@@ -66,6 +66,16 @@ logs: setup  ## the last lines of each server's log
 clean-state: setup  ## stop the stack and delete its data and logs (keeps the install cache)
 	$(STACK) clean-state $(COMPONENTS)
 
+# Chaos (chaos/): faults under load against the cluster profile, every answered request reconciled with the
+# sinks. Results in chaos/results/<timestamp>/ and chaos/results/latest/; `make test` runs the short suite.
+.PHONY: chaos chaos-quick
+
+chaos: setup  ## every fault scenario against the cluster profile (started unless running; about 20 min); CHAOS_ARGS="--only redis-restart"
+	$(PY) -m chaos $(CHAOS_ARGS)
+
+chaos-quick: setup  ## the short suite (a few scenarios, shorter faults)
+	$(PY) -m chaos --quick $(CHAOS_ARGS)
+
 # Benchmarks (bench/): never part of `make test`. Results in bench/results/<timestamp>/ and bench/results/latest/.
 .PHONY: bench bench-quick
 

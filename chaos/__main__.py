@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results, settings, "quick" if args.quick else ("only " + args.only if args.only else "full"), machine
     )
     out = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    say(f"report: {write(doc, out)}")
+    say(f"report: {write(doc, out, latest=RESULTS / 'latest' if args.out is None else None)}")
     broken = [
         r.name for r in results if r.error or r.sinks.get("lost", 1) != 0 or r.sinks.get("duplicated", 1) != 0
     ]

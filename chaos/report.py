@@ -111,14 +111,13 @@ def render_plots(doc: Mapping[str, Any], out: Path) -> dict[str, str]:
     return made
 
 
-def write(doc: Mapping[str, Any], out: Path, *, latest: bool = True) -> Path:
-    """Writes results.json, the plots and report.md into `out`, and copies them to results/latest."""
+def write(doc: Mapping[str, Any], out: Path, *, latest: Path | None = None) -> Path:
+    """Writes results.json, the plots and report.md into `out`, and copies them to `latest` when given."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     plots = render_plots(doc, out)
     (out / "report.md").write_text(render_markdown(doc, plots))
-    if latest:
-        target = out.parent / "latest"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(out, target)
+    if latest is not None:
+        shutil.rmtree(latest, ignore_errors=True)
+        shutil.copytree(out, latest)
     return out / "report.md"

@@ -116,7 +116,7 @@ def test_report_has_a_row_and_a_plot_per_scenario(tmp_path: Path) -> None:
         "load_average_at_start": [0.1],
     }
     doc = document([result], RunSettings(), "quick", machine)
-    report = write(doc, tmp_path / "run", latest=True)
+    report = write(doc, tmp_path / "run", latest=tmp_path / "latest")
     text = report.read_text()
     assert "| kill-x | 100 | 98 | 2 (2.00%)" in text
     assert "![kill-x](kill-x.png)" in text
