@@ -242,17 +242,21 @@ def replica(
     name = f"{service}-{index}"
     chosen = {**replica_ports(config, service, index), **(ports or {})}
     env = _replica_env(config, service)
+    built: Component
     if service == "inference":
-        return inference(config, name=name, ports=chosen, env=env)
-    if service == "features":
-        return features(
+        built = inference(config, name=name, ports=chosen, env=env)
+    elif service == "features":
+        built = features(
             config, name=name, ports=chosen, env=env, demo_marker_dir=config.state_dir / "cassandra-1"
         )
-    if service == "logging":
-        return logging(config, name=name, ports=chosen, env=env)
-    if service == "gateway":
-        return gateway(config, name=name, ports=chosen, env=env)
-    return edge(config, name=name, ports=chosen, env=env)
+    elif service == "logging":
+        built = logging(config, name=name, ports=chosen, env=env)
+    elif service == "gateway":
+        built = gateway(config, name=name, ports=chosen, env=env)
+    else:
+        built = edge(config, name=name, ports=chosen, env=env)
+    built.supervised = True
+    return built
 
 
 class Supervisor(Component):
@@ -338,9 +342,11 @@ def stages(config: StackConfig) -> list[list[Component]]:
         # Envoy's client certificate for the gateways, sent over SDS.
         "INFERGRID_CONTROLPLANE_MESH_DIR": str(mesh_dir(config)),
     }
-    groups.append([controlplane(config, env=plane_env)])
+    plane, envoy = controlplane(config, env=plane_env), Envoy(config)
+    plane.supervised = envoy.supervised = True  # restarted like the replicas (stack.supervisor)
+    groups.append([plane])
     groups.append([Supervisor(config)])
-    groups.append([Envoy(config)])
+    groups.append([envoy])
     return groups
 
 

@@ -43,6 +43,9 @@ class Component(abc.ABC):
 
     #: Registry name and default instance name.
     kind: str = ""
+    #: Restarted by the cluster profile's supervisor when it dies: then the record of a dead process is
+    #: the supervisor's cue and stays until it restarts it (else a stale record is removed when read).
+    supervised: bool = False
     #: Names of the ports (see `stack.ports.DEFAULT_PORTS`); the first is the main one.
     port_names: tuple[str, ...] = ()
     start_timeout_s: float = 60.0
@@ -136,12 +139,14 @@ class Component(abc.ABC):
     # Lifecycle.
 
     def record(self) -> ProcessRecord | None:
-        """The live server process started by the stack, or None (a stale pid file is removed)."""
+        """The live server process started by the stack, or None (a stale pid file is removed, unless the
+        supervisor restarts this component: see `supervised`)."""
         record = ProcessRecord.read(self.pid_path)
         if record is None:
             return None
         if not record.is_alive():
-            self.pid_path.unlink(missing_ok=True)
+            if not self.supervised:
+                self.pid_path.unlink(missing_ok=True)
             return None
         return record
 
@@ -231,6 +236,7 @@ class Component(abc.ABC):
         """Stops the server the stack started (TERM, KILL after `stop_timeout_s`); False if none ran."""
         record = self.record()
         if record is None:
+            self.pid_path.unlink(missing_ok=True)  # a dead supervised process: it stays down
             return False
         # The record goes first: a supervisor (stack.supervisor) restarts a process that died while its
         # record exists, and this one is meant to die. Should TERM and KILL both fail, `down` still finds
