@@ -215,6 +215,8 @@ def _replica_env(config: StackConfig, service: str) -> dict[str, str]:
             f"{prefix}KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap_servers(config),
             f"{prefix}TOPIC_REPLICATION": str(TOPIC_REPLICATION),
             f"{prefix}TOPIC_MIN_INSYNC_REPLICAS": str(TOPIC_MIN_INSYNC_REPLICAS),
+            # Lake files every 5 s (30 s by default): the chaos suite reconciles sooner; smaller files.
+            f"{prefix}LAKE_ROLL_SECONDS": "5",
         }
     if service == "gateway":
         mesh = MeshFiles(mesh_dir(config))
