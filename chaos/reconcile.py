@@ -38,10 +38,15 @@ class SinkCounts:
     in_lake: int
     lost_cassandra: int
     lost_lake: int
-    # Ids with more than one row: Cassandra's by-model table, the lake's files, the lake as read.
+    # Ids held more than once as read: Cassandra (GetRecord's table, and QueryRecords' by-model table
+    # read as the store reads it: the row at the time GetRecord's row holds), the lake as read.
     duplicated_cassandra: int
-    duplicated_lake_files: int
     duplicated_lake_read: int
+    # Ids stored twice, which the reads above fold into one: rows of two lake flushes (a record the
+    # producer re-sent), and by-model rows at two request times (an id executed twice: a request Envoy
+    # retried after a per-try timeout while the first attempt still ran).
+    duplicated_lake_files: int
+    executed_twice: int
     waited_s: float
 
     @property
@@ -103,30 +108,34 @@ class CassandraSink:
         self._session: Session = self._cluster.connect(keyspace)
         self.tenant = tenant
 
-    def by_request(self, prefix: str) -> collections.Counter[str]:
-        """Rows per request id of the tenant in `inference_log_by_tenant_request`."""
+    def by_request(self, prefix: str) -> dict[str, list[int]]:
+        """Request times per request id of the tenant in `inference_log_by_tenant_request` (GetRecord's)."""
         rows = self._session.execute(
             SimpleStatement(
-                "SELECT tenant, request_id FROM inference_log_by_tenant_request", fetch_size=5000
+                "SELECT tenant, request_id, request_time_us FROM inference_log_by_tenant_request",
+                fetch_size=5000,
             ),
             timeout=60,
         )
-        return collections.Counter(
-            r.request_id for r in rows if r.tenant == self.tenant and r.request_id.startswith(prefix)
-        )
+        found: dict[str, list[int]] = collections.defaultdict(list)
+        for r in rows:
+            if r.tenant == self.tenant and r.request_id.startswith(prefix):
+                found[r.request_id].append(r.request_time_us)
+        return found
 
-    def by_model(self, prefix: str, hours: Iterable[int]) -> collections.Counter[str]:
-        """Rows per request id of the tenant in `inference_log_by_tenant_model` over the given hour buckets."""
-        counts: collections.Counter[str] = collections.Counter()
+    def by_model(self, prefix: str, hours: Iterable[int]) -> list[tuple[str, int]]:
+        """(request id, request time) of each of the tenant's rows in `inference_log_by_tenant_model`."""
         query = self._session.prepare(
-            "SELECT request_id FROM inference_log_by_tenant_model WHERE tenant = ? AND model = ? AND hour = ?"
+            "SELECT request_id, request_time_us FROM inference_log_by_tenant_model "
+            "WHERE tenant = ? AND model = ? AND hour = ?"
         )
         query.fetch_size = 5000
-        for hour in hours:
-            for row in self._session.execute(query, (self.tenant, MODEL, hour), timeout=60):
-                if row.request_id.startswith(prefix):
-                    counts[row.request_id] += 1
-        return counts
+        return [
+            (row.request_id, row.request_time_us)
+            for hour in hours
+            for row in self._session.execute(query, (self.tenant, MODEL, hour), timeout=60)
+            if row.request_id.startswith(prefix)
+        ]
 
     def close(self) -> None:
         self._cluster.shutdown()
@@ -148,7 +157,8 @@ def reconcile(
     hours = list(hours)
     t0 = time.monotonic()
     while True:
-        in_cassandra = count_ids(cassandra.by_request(prefix).elements(), wanted)
+        by_request = cassandra.by_request(prefix)
+        in_cassandra = {i: len(by_request[i]) for i in wanted if i in by_request}
         lake_files_counts = count_ids(lake_ids(lake_dir, prefix, cassandra.tenant).elements(), wanted)
         missing_c = len(wanted) - len(in_cassandra)
         missing_l = len(wanted) - len(lake_files_counts)
@@ -157,14 +167,18 @@ def reconcile(
             break
         say(f"waiting for the sinks: {missing_c} id(s) not yet in Cassandra, {missing_l} not yet in the lake")
         time.sleep(poll_s)
-    by_model = count_ids(cassandra.by_model(prefix, hours).elements(), wanted)
+    index_rows = [(i, t) for i, t in cassandra.by_model(prefix, hours) if i in wanted]
+    stored = collections.Counter(i for i, _ in index_rows)
+    # As the store's QueryRecords reads it: only the row at the time GetRecord's row holds.
+    as_read = collections.Counter(i for i, t in index_rows if t in by_request.get(i, ()))
     return SinkCounts(
         answered_ok=len(wanted),
         in_cassandra=len(in_cassandra),
         in_lake=len(lake_files_counts),
         lost_cassandra=missing_c,
         lost_lake=missing_l,
-        duplicated_cassandra=sum(1 for n in (*in_cassandra.values(), *by_model.values()) if n > 1),
+        duplicated_cassandra=sum(1 for n in (*in_cassandra.values(), *as_read.values()) if n > 1),
+        executed_twice=sum(1 for n in stored.values() if n > 1),
         duplicated_lake_files=sum(1 for n in lake_files_counts.values() if n > 1),
         duplicated_lake_read=sum(
             1 for n in lake_read_ids(lake_dir, prefix, wanted, cassandra.tenant).values() if n > 1

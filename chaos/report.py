@@ -36,7 +36,7 @@ def render_markdown(doc: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "Every answered-OK request is then looked up in Cassandra and in the Parquet lake.",
         "",
         "| scenario | sent | OK | failed (by code) | p50 / p99 ms (during fault) | in Cassandra | in lake "
-        "| lost | duplicated (lake files) | targets |",
+        "| lost | duplicated (stored twice: lake files, executed twice) | targets |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["scenarios"]:
@@ -49,14 +49,17 @@ def render_markdown(doc: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             f"| {r['name']} | {r['sent']} | {r['ok']} | {failed} ({share}){': ' + codes if codes else ''} "
             f"| {_fmt(r['p50_ms'])} / {_fmt(r['p99_ms'])} ({_fmt(r['fault_p50_ms'])} / {_fmt(r['fault_p99_ms'])}) "
             f"| {_fmt(sinks.get('in_cassandra'))} | {_fmt(sinks.get('in_lake'))} | {_fmt(sinks.get('lost'))} "
-            f"| {_fmt(sinks.get('duplicated'))} ({_fmt(sinks.get('duplicated_lake_files'))}) | {verdicts} |"
+            f"| {_fmt(sinks.get('duplicated'))} ({_fmt(sinks.get('duplicated_lake_files'))}, "
+            f"{_fmt(sinks.get('executed_twice'))}) | {verdicts} |"
         )
     lines += [
         "",
         "Lost: answered-OK ids missing from Cassandra or the lake after the pipeline caught up. Duplicated: ids "
-        "held more than once in Cassandra's tables or in the lake as read (`read_table`, which keeps one row "
-        "per request id); in brackets, ids whose row sits in two lake files (a record the producer re-sent "
-        "after a crash, which the read deduplicates).",
+        "a reader sees more than once: GetRecord's table, QueryRecords' by-model table as the store reads it, "
+        "and the lake as `read_table` reads it (one row per tenant and request id). In brackets, ids stored "
+        "twice that those reads fold into one: rows in two lake files (a record the producer re-sent after a "
+        "crash) and ids executed twice (a request Envoy retried after its per-try timeout while the first "
+        "attempt still ran: two records at two request times, of which the later is the record).",
         "",
     ]
     for r in doc["scenarios"]:

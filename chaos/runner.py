@@ -215,6 +215,7 @@ async def run_scenario(
     )
     say(
         f"{scenario.name}: failed {result.failed} {result.failed_by_code or ''}, lost {counts.lost}, "
-        f"duplicated {counts.duplicated} (lake files: {counts.duplicated_lake_files})"
+        f"duplicated {counts.duplicated} (stored twice: lake files {counts.duplicated_lake_files}, "
+        f"executed twice {counts.executed_twice})"
     )
     return result

@@ -17,6 +17,11 @@ lake's reader applies too (services/logging/lake.py). (The tables replace the te
 `inference_log_by_request` / `inference_log_by_model`, which are no longer written; a
 keyspace that still has them keeps them untouched.)
 
+One id executed twice (a request Envoy retried after a per-try timeout while the first
+attempt still ran, a caller reusing its id) leaves two by-model rows, at two request
+times; QueryRecords returns only the row whose time the by-request table holds (the
+later one), so every read path shows an id once.
+
 Writes go in UNLOGGED batches that stay cheap for Cassandra: the by-model rows
 are grouped by partition; the by-request rows by the replica that owns them.
 """
@@ -181,6 +186,9 @@ class CassandraLogStore:
             "AND (request_time_us, request_id) < (?, ?) LIMIT ?"
         )
         self._select_one = cassandra.prepare("SELECT request_id FROM inference_log_by_tenant_request LIMIT 1")
+        self._select_time = cassandra.prepare(
+            "SELECT request_time_us FROM inference_log_by_tenant_request WHERE tenant = ? AND request_id = ?"
+        )
 
     async def write(self, records: Sequence[StoredRecord]) -> None:
         """Upserts every record into both tables, in partition- and replica-grouped UNLOGGED batches."""
@@ -257,13 +265,23 @@ class CassandraLogStore:
                     (query.tenant, query.model, hour, after_time, after_id, query.end_us, "", limit),
                 )
             reads += 1
-            for row in rows:
+            current = await self._current(query.tenant, rows)
+            for row, keep in zip(rows, current, strict=True):
                 after_time, after_id = row.request_time_us, row.request_id
-                if not query.model_version or row.model_version == query.model_version:
+                if keep and (not query.model_version or row.model_version == query.model_version):
                     payloads.append(bytes(row.record))
             if len(rows) < limit:
                 hour, after_time, after_id = hour + 1, None, ""
         return RecordPage(payloads, Cursor(hour, after_time, after_id))
+
+    async def _current(self, tenant: str, rows: Sequence[Any]) -> list[bool]:
+        """Whether each by-model row is its id's current record: the one `inference_log_by_tenant_request`
+        holds (an id executed twice, e.g. a request Envoy retried after a per-try timeout, leaves two rows
+        in the by-model table at two request times; the later one is the record, as in the lake)."""
+        ids = {row.request_id for row in rows}
+        found = await asyncio.gather(*(self._db.execute(self._select_time, (tenant, i)) for i in ids))
+        times = {i: (r[0].request_time_us if r else None) for i, r in zip(ids, found, strict=True)}
+        return [times[row.request_id] in (None, row.request_time_us) for row in rows]
 
     async def ready(self) -> bool:
         """True when Cassandra answers a read."""

@@ -76,3 +76,12 @@ async def test_a_reused_id_keeps_the_later_request_time_whatever_the_arrival_ord
     await store.write([late])
     await store.write([early])  # arrives last (a re-send from a spool), but is the earlier prediction
     assert _version(await store.get("acme", "r-9")) == "2"  # as the lake's reader keeps it
+
+
+async def test_an_id_executed_twice_is_queried_once_at_its_later_time(store: CassandraLogStore) -> None:
+    # A request Envoy retried after a per-try timeout while the first attempt still ran: two executions,
+    # two records at two request times (one hour apart here, so in two partitions of the by-model table).
+    first, retried = _stored("acme", "r-7", "1", T0), _stored("acme", "r-7", "2", T0 + HOUR_US)
+    await store.write([first, _stored("acme", "r-8", "1", T0 + 5)])
+    await store.write([retried])
+    assert await _all(store, "acme") == [("r-8", "1"), ("r-7", "2")]
