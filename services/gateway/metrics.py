@@ -50,6 +50,21 @@ LOG_WRITE_FAILED = Counter(
     "Inference-log records the disk log refused (disk full): their rows failed UNAVAILABLE.",
 )
 CACHE = Counter("infergrid_gateway_response_cache_total", "Response cache look-ups, by result.", ["result"])
+# One histogram for the stages of a prediction, so a dashboard stacks them: `admission` (keys, tenant,
+# rate limit; per call), `features` and `inference` (per batch: every row of a batch waits the same
+# time), `publish` (the inference-log record written ahead to the spool; per row).
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0)
+STAGE = Histogram(
+    "infergrid_gateway_stage_duration_seconds",
+    "Time spent in one stage of a prediction (admission per call; features and inference per batch; "
+    "publish per row).",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+)
+ADMISSION_STAGE = STAGE.labels("admission")
+FEATURES_STAGE = STAGE.labels("features")
+INFERENCE_STAGE = STAGE.labels("inference")
+PUBLISH_STAGE = STAGE.labels("publish")
 FEATURE_ERRORS = Counter(
     "infergrid_gateway_feature_fetch_failures_total",
     "Feature fetches that failed (defaults served), by reason.",

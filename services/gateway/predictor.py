@@ -394,6 +394,7 @@ class Predictor:
                 spec, rows, matrix, results, min(timeout, self.settings.features_timeout_s)
             )
             f1 = time.monotonic_ns()
+            m.FEATURES_STAGE.observe((f1 - f0) / 1e9)
         groups: dict[str, list[int]] = {}
         shadows: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
@@ -427,6 +428,7 @@ class Predictor:
                 return_exceptions=True,
             )
         i1 = time.monotonic_ns()
+        m.INFERENCE_STAGE.observe((i1 - i0) / 1e9)
         for version, answer in zip(versions, answers, strict=True):
             indices = groups[version]
             if isinstance(answer, BaseException):
@@ -635,6 +637,7 @@ class Predictor:
     async def _write(self, record: logging_pb2.InferenceLogRecord, traced: bool = False) -> None:
         """Writes the record ahead (the `publish` span); a failure becomes UNAVAILABLE for the caller."""
         with self._tracer.start_as_current_span("publish") if traced else _NO_SPAN:
+            started = time.perf_counter()
             try:
                 await self._publisher.write(record)
             except Exception as exc:
@@ -644,6 +647,8 @@ class Predictor:
                     "the prediction's log record could not be written (the gateway's disk log failed); "
                     "retry, another replica may serve it"
                 ) from None
+            finally:
+                m.PUBLISH_STAGE.observe(time.perf_counter() - started)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

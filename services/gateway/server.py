@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -24,7 +25,7 @@ from libs import apikeys, mtls
 from libs.admission import RateLimits
 from libs.channels import dial
 from libs.discovery import EndpointWatcher
-from libs.errors import InvalidArgument
+from libs.errors import InvalidArgument, ServiceError
 from libs.platform import PlatformConfig, PlatformWatcher
 from libs.pool import ChannelPool
 from libs.ratelimit import LeasedLimiter
@@ -37,8 +38,9 @@ from services.gateway.cache import RedisResponseCache, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
 from services.gateway.features import GrpcFeatureSource
+from services.gateway.metrics import ADMISSION_STAGE, GatewayMetrics
 from services.gateway.models import GrpcModelClient, StreamingModelClient
-from services.gateway.predictor import Prediction, Predictor, PredictorSettings
+from services.gateway.predictor import CallInfo, Prediction, Predictor, PredictorSettings
 from services.gateway.publisher import DiscardingPublisher, RecordPublisher
 from services.gateway.routing import TrafficRouter
 
@@ -86,11 +88,28 @@ class PredictionServiceServicer(gateway_pb2_grpc.PredictionServiceServicer):
         self._predictor = predictor
         self._admission = admission
         self._max_row_bytes = max_row_bytes
+        self._metrics = GatewayMetrics()
+
+    async def _admitted(self, context: grpc.aio.ServicerContext, model: str, rows: int) -> CallInfo:
+        """Admission, timed (the `admission` stage); a refused call's rows count as requests with its status.
+
+        The model label of a refused call is the model only when the catalog serves it (else ""): an
+        unauthenticated caller must not mint label values.
+        """
+        started = time.perf_counter()
+        try:
+            return await self._admission.call_info(context, model, rows)
+        except ServiceError as exc:
+            known = model if model in self._predictor.catalog.names() else ""
+            self._metrics.request(known, "", exc.code.name).inc(rows)
+            raise
+        finally:
+            ADMISSION_STAGE.observe(time.perf_counter() - started)
 
     async def Predict(  # noqa: N802 - gRPC method names
         self, request: gateway_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PredictResponse:
-        info = await self._admission.call_info(context, request.model)
+        info = await self._admitted(context, request.model, 1)
         check_row(request.request_id, request.ByteSize(), self._max_row_bytes, "")
         (prediction,) = await self._predictor.predict(request.model, request.version, (request,), info)
         return _response(prediction)
@@ -98,7 +117,7 @@ class PredictionServiceServicer(gateway_pb2_grpc.PredictionServiceServicer):
     async def PredictBatch(  # noqa: N802 - gRPC method names
         self, request: gateway_pb2.PredictBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PredictBatchResponse:
-        info = await self._admission.call_info(context, request.model, max(1, len(request.rows)))
+        info = await self._admitted(context, request.model, max(1, len(request.rows)))
         for i, row in enumerate(request.rows):
             check_row(row.request_id, row.ByteSize(), self._max_row_bytes, f"rows[{i}].")
         predictions = await self._predictor.predict(
