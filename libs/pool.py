@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from libs.errors import Unavailable, status_code_of
 from libs.resilience import RETRIES, RETRIES_DENIED, DependencyPolicy, RetryBudget, answered_not_failed
@@ -38,6 +38,16 @@ POOL_ENDPOINTS = Gauge(
 POOL_EJECTIONS = Counter(
     "infergrid_pool_ejections_total", "Endpoints taken out of rotation after a failure.", ["dependency"]
 )
+
+# OpenTelemetry's `rpc.client.duration` (semantic conventions for RPC), in Prometheus form: seconds, one
+# sample per attempt, labelled by service, method, the replica that answered and the gRPC status number.
+RPC_CLIENT_DURATION = Histogram(
+    "rpc_client_duration_seconds",
+    "Client-side duration of outbound gRPC calls, per attempt (OpenTelemetry rpc.client.duration).",
+    ["rpc_system", "rpc_service", "rpc_method", "server_address", "rpc_grpc_status_code"],
+    buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5),
+)
+_UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
 
 
 class Closeable(Protocol):
@@ -57,6 +67,17 @@ class Endpoint:
     # Things a client keeps per endpoint (an open stream); closed before the channel.
     extras: dict[str, Closeable] = field(default_factory=dict)
     _stubs: dict[object, Any] = field(default_factory=dict)
+    # rpc_client_duration_seconds children by (method, status number), bound on first use.
+    _durations: dict[tuple[str, int], Any] = field(default_factory=dict)
+
+    def observe(self, method: str, code: int, seconds: float) -> None:
+        """Records one attempt of `method` ("package.Service/Method") that ended with status `code`."""
+        child = self._durations.get((method, code))
+        if child is None:
+            service, _, name = method.rpartition("/")
+            child = RPC_CLIENT_DURATION.labels("grpc", service, name, self.address, str(code))
+            self._durations[(method, code)] = child
+        child.observe(seconds)
 
     def stub(self, factory: Callable[[grpc.aio.Channel], T]) -> T:
         """The stub of `factory` (a generated *Stub class) on this endpoint's channel, made once."""
@@ -173,8 +194,11 @@ class ChannelPool:
             return code in self._codes
         return isinstance(exc, ConnectionError)
 
-    async def call(self, fn: Callable[[Endpoint], Awaitable[T]]) -> T:
+    async def call(self, fn: Callable[[Endpoint], Awaitable[T]], method: str = "") -> T:
         """Runs `fn` on an endpoint; on a retryable failure, again on another (see the module docstring).
+
+        `method` ("package.Service/Method"), when given, times each attempt into
+        `rpc_client_duration_seconds` (per endpoint, method and status).
 
         Raises:
             Unavailable: No endpoints.
@@ -185,9 +209,15 @@ class ChannelPool:
         while True:
             endpoint = self.pick(tried)
             endpoint.in_flight += 1
+            started = time.perf_counter()
             try:
                 result = await fn(endpoint)
             except Exception as exc:
+                if method:
+                    code = status_code_of(exc)
+                    endpoint.observe(
+                        method, _UNKNOWN if code is None else code.value[0], time.perf_counter() - started
+                    )
                 if answered_not_failed(exc) or not self.is_retryable(exc):
                     raise
                 self.eject(endpoint, exc)
@@ -204,6 +234,8 @@ class ChannelPool:
                 continue
             finally:
                 self._release(endpoint)
+            if method:
+                endpoint.observe(method, 0, time.perf_counter() - started)
             endpoint.failures = 0
             self._budget.on_success()
             return result

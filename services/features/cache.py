@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from libs.telemetry import tracer
 from services.features import codec
 from services.features.codec import CorruptPayload, Record
 from services.features.config import CacheConfig
+from services.features.metrics import REDIS_DEL, REDIS_MGET, REDIS_SET
 from services.features.resp import RespClient
 
 log = logging.getLogger(__name__)
@@ -167,12 +169,15 @@ class RedisCache:
         with _tracer.start_as_current_span("redis MGET") as span:
             span.set_attribute("db.system", "redis")
             span.set_attribute("infergrid.keys", len(keys))
+            started = time.perf_counter()
             try:
                 (payloads,) = await self._redis.call(self._client.execute, ("MGET", *keys))
             except Exception as exc:
                 _ERROR.inc(len(keys))
                 log.debug("cache read failed: %s", exc)
                 return [None] * len(keys)
+            finally:
+                REDIS_MGET.observe(time.perf_counter() - started)
         out: list[CacheEntry] = []
         hits = negatives = 0
         decoded = self._decoded
@@ -215,10 +220,13 @@ class RedisCache:
         with _tracer.start_as_current_span("redis SET") as span:
             span.set_attribute("db.system", "redis")
             span.set_attribute("infergrid.keys", len(items))
+            started = time.perf_counter()
             try:
                 await self._redis.call(self._client.execute, *commands)
             except Exception as exc:
                 log.debug("cache fill failed: %s", exc)
+            finally:
+                REDIS_SET.observe(time.perf_counter() - started)
 
     async def invalidate(self, keys: Sequence[bytes]) -> None:
         if not keys:
@@ -226,8 +234,11 @@ class RedisCache:
         with _tracer.start_as_current_span("redis DEL") as span:
             span.set_attribute("db.system", "redis")
             span.set_attribute("infergrid.keys", len(keys))
+            started = time.perf_counter()
             try:
                 await self._redis.call(self._client.execute, ("DEL", *keys))
             except Exception as exc:
                 # The values stay cached until their TTL: say so loudly.
                 log.warning("cache invalidation of %d keys failed: %s", len(keys), exc)
+            finally:
+                REDIS_DEL.observe(time.perf_counter() - started)

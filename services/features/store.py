@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from cassandra import DriverException, RequestExecutionException
 from cassandra.cluster import NoHostAvailable
@@ -28,6 +28,7 @@ from libs.telemetry import tracer
 from services.features.codec import Record
 from services.features.config import StoreConfig
 from services.features.errors import StoreUnavailable
+from services.features.metrics import db_duration
 from services.features.registry import View
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,21 @@ async def _unavailable_on_driver_error(op: str, call: Awaitable[T]) -> T:
     except (NoHostAvailable, RequestExecutionException, DriverException, OSError) as exc:
         raise StoreUnavailable(f"Cassandra {op} failed: {type(exc).__name__}") from exc
     finally:
-        CASSANDRA_SECONDS.labels(op).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        legacy, current = _op_children(op)
+        legacy.observe(elapsed)
+        current.observe(elapsed)
+
+
+_OP_CHILDREN: dict[str, tuple[Any, Any]] = {}
+
+
+def _op_children(op: str) -> tuple[Any, Any]:
+    """The op's bound children of both histograms (a label lookup per call is the costly part)."""
+    children = _OP_CHILDREN.get(op)
+    if children is None:
+        children = _OP_CHILDREN[op] = (CASSANDRA_SECONDS.labels(op), db_duration("cassandra", op))
+    return children
 
 
 class CassandraOnlineStore:

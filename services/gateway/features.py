@@ -19,6 +19,7 @@ from services.gateway.catalog import ModelSpec
 log = logging.getLogger(__name__)
 
 _PRESENT = features_pb2.FEATURE_STATUS_PRESENT
+_GET_ONLINE_FEATURES = "infergrid.features.v1.FeatureService/GetOnlineFeatures"
 _NUMERIC_KINDS = {
     kind: operator.attrgetter(kind) for kind in ("float_value", "double_value", "int64_value", "bool_value")
 }
@@ -73,7 +74,7 @@ class GrpcFeatureSource:
             stub = endpoint.stub(features_pb2_grpc.FeatureServiceStub)
             return await stub.GetOnlineFeatures(request, timeout=max(0.001, deadline - time.monotonic()))
 
-        return await self._pool.call(_on)
+        return await self._pool.call(_on, _GET_ONLINE_FEATURES)
 
     async def close(self) -> None:
         """Closes the pool's channels."""

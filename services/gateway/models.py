@@ -20,6 +20,8 @@ from libs.pool import ChannelPool, Endpoint
 from libs.resilience import Dependency
 from services.gateway.catalog import ModelSpec
 
+_MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
+_MODEL_STREAM_INFER = "inference.GRPCInferenceService/ModelStreamInfer"
 _DTYPES = {
     "FP32": np.float32,
     "FP64": np.float64,
@@ -91,7 +93,7 @@ class GrpcModelClient:
             stub = endpoint.stub(grpc_service_pb2_grpc.GRPCInferenceServiceStub)
             return await stub.ModelInfer(request, timeout=max(0.001, deadline - time.monotonic()))
 
-        return await self._pool.call(_on)
+        return await self._pool.call(_on, _MODEL_INFER)
 
     async def infer(
         self, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float
@@ -148,7 +150,7 @@ class StreamingModelClient:
         async def _on(endpoint: Endpoint) -> pb.ModelInferResponse:
             return await self._stream(endpoint).call(request, deadline)
 
-        return await self._pool.call(_on)
+        return await self._pool.call(_on, _MODEL_STREAM_INFER)
 
     async def infer(
         self, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float

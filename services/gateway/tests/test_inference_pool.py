@@ -235,3 +235,29 @@ def test_targets_are_validated_at_start_up() -> None:
         FEATURES_SERVICE
         and UpstreamConfig(inference_target="dns:///svc:8001,file:x.json").discovery_interval_s
     )
+
+
+async def test_client_latency_per_replica_method_and_status(streaming: bool) -> None:
+    from prometheus_client import REGISTRY
+
+    a = FakeInference()
+    server_a, address_a = await _serve(a)
+    pool = _pool()
+    pool.update([address_a])
+    client = _client(pool, streaming)
+    method = "ModelStreamInfer" if streaming else "ModelInfer"
+    labels = {
+        "rpc_system": "grpc",
+        "rpc_service": "inference.GRPCInferenceService",
+        "rpc_method": method,
+        "server_address": address_a,
+        "rpc_grpc_status_code": "0",
+    }
+    try:
+        before = REGISTRY.get_sample_value("rpc_client_duration_seconds_count", labels) or 0.0
+        for _ in range(3):
+            await _infer(client)
+        assert REGISTRY.get_sample_value("rpc_client_duration_seconds_count", labels) == before + 3
+    finally:
+        await client.close()
+        await server_a.stop(0)

@@ -93,3 +93,21 @@ async def test_redis_down_is_a_fast_miss() -> None:
         await cache.invalidate([b"a"])
     finally:
         await cache.close()
+
+
+async def test_redis_latency_histograms(redis_server: Redis) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(operation: str) -> float:
+        labels = {"db_system_name": "redis", "db_operation_name": operation}
+        return REGISTRY.get_sample_value("db_client_operation_duration_seconds_count", labels) or 0.0
+
+    before = {op: count(op) for op in ("MGET", "SET", "DEL")}
+    cache = RedisCache(CacheConfig(redis_url=redis_server.url))
+    try:
+        await cache.put_many([(b"t:latency:a", _record(1.0))], [60])
+        await cache.get_many([b"t:latency:a"])
+        await cache.invalidate([b"t:latency:a"])
+    finally:
+        await cache.close()
+    assert {op: count(op) - before[op] for op in before} == {"MGET": 1, "SET": 1, "DEL": 1}
