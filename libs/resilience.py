@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -179,9 +180,22 @@ class Dependency:
             exclude=[(Exception, answered_not_failed)],
         )
         self._factory.add_listener(_breaker_listener)
+        self._factory.add_listener(self._on_breaker)
+        # Monotonic time until which the open breaker refuses calls (0: closed or half-open).
+        self._open_until = 0.0
         self._retries = RETRIES.labels(name)
         self._denied = RETRIES_DENIED.labels(name)
         self._rejected = BREAKER_REJECTED.labels(name)
+
+    def _on_breaker(self, name: str, event_type: str, event: object) -> None:
+        if event_type == "state_changed" and name == self.name:
+            opened = getattr(event, "state", "") == "opened"
+            self._open_until = time.monotonic() + self.policy.breaker.reset_timeout_s if opened else 0.0
+
+    @property
+    def breaker_open(self) -> bool:
+        """True while the breaker fails calls fast: opened, and its reset timeout (the next probe) not over."""
+        return self._open_until > 0.0 and time.monotonic() < self._open_until
 
     def is_retryable(self, exc: BaseException) -> bool:
         """True for failures a retry may fix: a retryable status, a timeout or a lost connection."""

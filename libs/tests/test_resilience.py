@@ -80,6 +80,7 @@ async def test_breaker_opens_and_fails_fast() -> None:
     for _ in range(3):
         with pytest.raises(ConnectionError):
             await dep.call(backend)
+    assert dep.breaker_open
     calls = backend.calls
     with pytest.raises(Unavailable, match="cassandra is unavailable \\(circuit open\\)"):
         await dep.call(backend)
@@ -95,10 +96,13 @@ async def test_breaker_half_opens_after_reset_timeout() -> None:
         await dep.call(_Flaky(1, ConnectionError("x")))
     with pytest.raises(Unavailable):
         await dep.call(_Flaky(0, ConnectionError("x")))
+    assert dep.breaker_open
     import asyncio
 
     await asyncio.sleep(0.1)
+    assert not dep.breaker_open  # a probe is due: callers may try it (failover prefers it again)
     assert await dep.call(_Flaky(0, ConnectionError("x"))) == "ok"
+    assert not dep.breaker_open
 
 
 async def test_timeout_becomes_deadline_exceeded() -> None:
