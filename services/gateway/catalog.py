@@ -7,13 +7,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from libs.errors import NotFound
+from services.gateway.records import RecordTemplate, record_template
 
 log = logging.getLogger(__name__)
 
@@ -54,88 +55,14 @@ class ModelSpec:
     versions: tuple[str, ...]
     # The highest known version ("" lets the inference service choose).
     latest_version: str
-    # The `features` map of an InferenceLogRecord holding every input as a float, in wire format,
-    # with the value bytes zeroed; `feature_slots` are the byte positions of the values, in column
-    # order. Filling the slots and parsing the bytes in C costs a third of setting 32 map entries.
-    features_wire: np.ndarray
-    feature_slots: np.ndarray
+    # The pre-framed parts of the model's inference-log records.
+    record: RecordTemplate
     # Rows per ModelInfer call (the model config's max_batch_size; 0: no limit known).
     max_batch_size: int = 0
-    # Per store ref (in `store_refs` order): the key field of its `feature_event_times` map entry (the
-    # record's name of that feature), pre-framed for `event_times_wire`.
-    event_time_keys: tuple[bytes, ...] = ()
 
     @property
     def width(self) -> int:
         return len(self.feature_names)
-
-
-_RECORD_FEATURES_FIELD = 9
-_RECORD_EVENT_TIMES_HEAD = bytes((21 << 3 | 2 | 0x80, 1))  # field 21 (feature_event_times), length-delimited
-# The head and one-byte length of an entry shorter than 128 bytes (nearly all), by length.
-_EVENT_TIMES_HEADS = tuple(_RECORD_EVENT_TIMES_HEAD + bytes((size,)) for size in range(128))
-
-
-def _features_wire(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The wire template of `map<string, Value> features` (see ModelSpec.features_wire)."""
-    parts: list[bytes] = []
-    slots: list[int] = []
-    position = 0
-    for name in names:
-        key = name.encode()
-        # MapEntry { 1: key (string), 2: value (Value { 1: float_value (fixed32) }) }
-        entry = _varint(0x0A) + _varint(len(key)) + key + b"\x12\x05\x0d"
-        head = _varint(_RECORD_FEATURES_FIELD << 3 | 2) + _varint(len(entry) + 4) + entry
-        slots.extend(range(position + len(head), position + len(head) + 4))
-        parts.append(head + bytes(4))
-        position += len(head) + 4
-    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), np.asarray(slots, dtype=np.intp)
-
-
-def event_times_wire(spec: ModelSpec, event_us: Sequence[int]) -> bytes:
-    """The `feature_event_times` entries of a record, in wire format, for one row's store features.
-
-    Args:
-        spec: The model.
-        event_us: Per store ref (in `spec.store_refs` order), the event time of the value used in
-            microseconds since the epoch; 0 where a default was used (no entry is written for it).
-
-    Returns:
-        Bytes to merge into an InferenceLogRecord (empty when no value came from the store).
-    """
-    parts: list[bytes] = []
-    stamps: dict[int, bytes] = {}  # a view's features usually share one event time
-    for key, us in zip(spec.event_time_keys, event_us, strict=True):
-        if not us:
-            continue
-        stamp = stamps.get(us)
-        if stamp is None:
-            seconds, micros = divmod(us, 1_000_000)
-            # Timestamp { 1: seconds (varint), 2: nanos (varint) }; negative seconds are ten-byte varints.
-            body = (b"\x08" + _varint(seconds & 0xFFFFFFFFFFFFFFFF)) if seconds else b""
-            if micros:
-                body += b"\x10" + _varint(micros * 1000)
-            stamp = stamps[us] = b"\x12" + _varint(len(body)) + body
-        entry = key + stamp
-        size = len(entry)
-        parts.append(
-            _EVENT_TIMES_HEADS[size] + entry
-            if size < 128
-            else _RECORD_EVENT_TIMES_HEAD + _varint(size) + entry
-        )
-    return b"".join(parts)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def parse_spec(
@@ -180,7 +107,6 @@ def parse_spec(
     if len(set(names)) != len(names):
         raise CatalogError(f"{name}: a feature name is listed twice")
     used_views = {ref.split(":", 1)[0] for ref in store_refs}
-    wire, slots = _features_wire(tuple(names))
     latest = max(versions, key=lambda v: (int(v) if v.isdigit() else -1, v)) if versions else ""
     default_array = np.asarray(defaults, dtype=np.float32)
     columns = np.asarray(store_columns, dtype=np.intp)
@@ -199,12 +125,8 @@ def parse_spec(
         view_keys=view_keys,
         versions=versions,
         latest_version=latest,
-        features_wire=wire,
-        feature_slots=slots,
+        record=record_template(names, store_columns),
         max_batch_size=max_batch_size,
-        event_time_keys=tuple(
-            b"\x0a" + _varint(len(key)) + key for key in (names[i].encode() for i in store_columns)
-        ),
     )
 
 

@@ -14,8 +14,9 @@ from infergrid.gateway.v1 import gateway_pb2
 from infergrid.logging.v1 import logging_pb2
 from libs.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from libs.platform import parse_platform
-from services.gateway.catalog import ModelCatalog, event_times_wire, parse_spec
+from services.gateway.catalog import ModelCatalog, parse_spec
 from services.gateway.predictor import CallInfo, Predictor, PredictorSettings
+from services.gateway.records import event_times_wire
 from services.gateway.routing import TrafficRouter
 from services.gateway.tests.fakes import FakeFeatures, FakeModels, ListPublisher, expected_score, toy_spec
 
