@@ -37,6 +37,7 @@ from services.gateway.admission import Admission
 from services.gateway.cache import RedisResponseCache, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
+from services.gateway.failover import FailoverModelClient, InferencePools, pool_client
 from services.gateway.features import GrpcFeatureSource
 from services.gateway.metrics import ADMISSION_STAGE, GatewayMetrics
 from services.gateway.models import GrpcModelClient, StreamingModelClient
@@ -267,6 +268,26 @@ async def create_server(
     else:
         models = GrpcModelClient(inference_pool, Dependency("inference", _single_attempt(inference_policy)))
 
+    def _named_pool(name: str) -> tuple[ChannelPool, Dependency, GrpcModelClient | StreamingModelClient]:
+        # A named pool of the platform file (e.g. gpu, cpu): its own channels, breaker and metrics.
+        channels = ChannelPool(
+            f"inference-{name}",
+            lambda address: dial(
+                address, INFERENCE_SERVICE, _single_attempt(inference_policy), telemetry=telemetry
+            ),
+            inference_policy,
+        )
+        dependency = Dependency(f"inference-{name}", _single_attempt(inference_policy))
+        client = pool_client(channels, dependency, up.inference_streaming, up.inference_hang_margin_s)
+        return channels, dependency, client
+
+    platform_file = config.models.platform_file
+    pools = InferencePools(
+        _named_pool,
+        discovery_interval_s=up.discovery_interval_s,
+        base_dir=str(platform_file.parent) if platform_file is not None else None,
+    )
+
     owned_producer = None
     if publisher is None:
         if config.inference_log_enabled:
@@ -280,14 +301,16 @@ async def create_server(
 
     router = TrafficRouter()
     watcher: PlatformWatcher | None = None
-    if config.models.platform_file is not None:
+    if platform_file is not None:
 
         def _apply(platform: PlatformConfig) -> None:
             router.update(platform)
+            pools.apply(platform)
 
-        platform_file = config.models.platform_file
         watcher = PlatformWatcher(platform_file, _apply, config.models.platform_poll_interval_s)
         router.update(watcher.current)
+        pools.apply(watcher.current)
+        await pools.refresh()
     admission, admission_redis, admission_tasks = _admission(config, watcher)
 
     cache: ResponseCache | None = None
@@ -305,7 +328,7 @@ async def create_server(
         catalog,
         router,
         features,
-        models,
+        FailoverModelClient(models, pools.of),
         publisher,
         settings=predictor_settings(config),
         cache=cache,
@@ -349,6 +372,7 @@ async def create_server(
                 await task
         await predictor.close()
         await models.close()
+        await pools.close()
         await features.close()
         if cache is not None:
             await cache.close()
