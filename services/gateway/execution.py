@@ -22,6 +22,7 @@ import numpy as np
 from libs.errors import DeadlineExceeded, InvalidArgument, ServiceError, status_code_of
 from services.gateway import metrics as m
 from services.gateway.catalog import ModelSpec
+from services.gateway.failover import Scores
 from services.gateway.features import FeatureSource, FeatureValues
 from services.gateway.models import ModelClient
 from services.gateway.validation import ValidRow
@@ -153,6 +154,7 @@ class BatchExecutor:
         m.INFERENCE_STAGE.observe((i1 - i0) / 1e9)
         stages = (f0, f1, i0, i1)
         outputs: list[Outputs] = [{} for _ in range(n)]
+        pools = [""] * n
         for version, answer in zip(versions, answers, strict=True):
             indices = groups[version]
             if isinstance(answer, BaseException):
@@ -160,11 +162,20 @@ class BatchExecutor:
                     errors[i] = answer
                 continue
             keys = tuple(answer)
+            pool = answer.pool if isinstance(answer, Scores) else ""
             for position, i in enumerate(indices):
                 outputs[i] = {name: answer[name][position] for name in keys}
+                pools[i] = pool
         return [
             RowResult(
-                matrix[i], degraded[i], outputs[i], errors[i], _row(event_us, i), stages, shadow_calls[i]
+                matrix[i],
+                degraded[i],
+                outputs[i],
+                errors[i],
+                _row(event_us, i),
+                stages,
+                shadow_calls[i],
+                pools[i],
             )
             for i in range(n)
         ]
@@ -224,7 +235,10 @@ class BatchExecutor:
         for chunk in chunks:
             self._metrics.inference_batch.observe(len(chunk))
         parts = await asyncio.gather(*(self._models.infer(spec, version, c, timeout) for c in chunks))
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        joined = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        # Chunks may have failed over separately: every pool that served one, in order ("gpu,cpu").
+        pool = ",".join(dict.fromkeys(p.pool for p in parts if isinstance(p, Scores) and p.pool))
+        return Scores(joined, pool) if pool else joined
 
     async def close(self) -> None:
         """Waits (briefly) for the shadow calls still running."""

@@ -94,6 +94,8 @@ class Prediction:
     outputs: Outputs
     degraded_features: list[str] = field(default_factory=list)
     cached: bool = False
+    # The named inference pool that scored it ("": the default target, or a cached answer).
+    pool: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +260,9 @@ class Predictor:
         finally:
             if rc.traced and result is not None:
                 _stage_spans(self._tracer, row, result)
-        prediction = Prediction(row.request_id, spec.name, row.version, result.outputs, result.degraded)
+        prediction = Prediction(
+            row.request_id, spec.name, row.version, result.outputs, result.degraded, pool=result.pool
+        )
         await self._answer(row, rc, prediction, result.values, result)
         if self._cache is not None and key:
             self._spawn(self._cache.put(key, CachedAnswer(result.outputs, tuple(result.degraded))))
@@ -288,6 +292,7 @@ class Predictor:
         spec = rc.spec
         record = self._record(row, rc, values, result.event_us if result is not None else None)
         records.set_answer(record, prediction.outputs, prediction.degraded_features, cached=prediction.cached)
+        record.inference_pool = prediction.pool
         if result is not None and result.shadow is not None:
             outcome = await result.shadow.outcome(rc.deadline)
             latency_us = (time.time_ns() - rc.start_ns) // 1000

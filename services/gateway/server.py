@@ -72,6 +72,7 @@ def _response(prediction: Prediction) -> gateway_pb2.PredictResponse:
         degraded=bool(prediction.degraded_features),
         degraded_features=prediction.degraded_features,
         cached=prediction.cached,
+        inference_pool=prediction.pool,
     )
     outputs = response.outputs
     for name, array in prediction.outputs.items():
