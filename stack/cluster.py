@@ -43,6 +43,7 @@ from stack.jaeger import Jaeger
 from stack.kafka import Kafka
 from stack.process import ProcessRecord
 from stack.progress import Progress
+from stack.prometheus import Prometheus
 from stack.redis import Redis
 from stack.services import controlplane, edge, features, gateway, inference, logging, python_env
 
@@ -298,12 +299,12 @@ class Supervisor(Component):
 
 
 def infrastructure(config: StackConfig) -> list[Component]:
-    """cassandra-1..3, kafka-1..3, redis, redis-replica, jaeger."""
+    """cassandra-1..3, kafka-1..3, redis, redis-replica, jaeger, prometheus."""
     cassandra_nodes: list[Component] = [Cassandra(config, node=n, nodes=NODES) for n in range(1, NODES + 1)]
     kafka_nodes: list[Component] = [Kafka(config, node=n, nodes=NODES) for n in range(1, NODES + 1)]
     primary = Redis(config, appendonly=True)
     standby = Redis(config, name="redis-replica", node=2, replica_of=primary)
-    return [*cassandra_nodes, *kafka_nodes, primary, standby, Jaeger(config)]
+    return [*cassandra_nodes, *kafka_nodes, primary, standby, Jaeger(config), Prometheus(config)]
 
 
 def _added_replicas(config: StackConfig) -> list[tuple[str, int, dict[str, int]]]:

@@ -20,6 +20,10 @@ DEFAULT_PORTS: dict[str, int] = {
     "jaeger_otlp_http": 4318,
     "jaeger_query": 16686,
     "jaeger_query_grpc": 16685,
+    "prometheus": 9090,
+    # The operator console (services/console): its web page and JSON API.
+    "console": 8090,
+    "console_metrics": 9109,
     "envoy": 8080,
     "envoy_admin": 9901,
     "controlplane": 18000,
@@ -32,6 +36,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "gateway_health": 50056,
     "features": 50052,
     "features_metrics": 9102,
+    # The feature stream ingester (python -m services.features.ingest_stream): metrics only.
+    "features_ingest_metrics": 9108,
     "logging": 50054,
     "logging_metrics": 9104,
     "inference": 8001,

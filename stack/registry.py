@@ -15,6 +15,7 @@ from stack.envoy import Envoy
 from stack.errors import StackError
 from stack.jaeger import Jaeger
 from stack.kafka import Kafka
+from stack.prometheus import Prometheus
 from stack.redis import Redis
 from stack.services import controlplane, edge, features, gateway, inference, logging
 
@@ -28,6 +29,8 @@ COMPONENTS: dict[str, ComponentFactory] = {
     "cassandra": Cassandra,
     "kafka": Kafka,
     "jaeger": Jaeger,
+    # Scrapes every metrics port (file_sd targets written when it starts); rules from deploy/k8s/monitoring.
+    "prometheus": Prometheus,
     "inference": inference,
     # Its start loads the demo feature values once (python -m services.features.demo).
     "features": features,

@@ -37,6 +37,7 @@ from stack.component import Component
 from stack.config import StackConfig
 from stack.process import ProcessRecord, find_marked_processes, terminate_marked
 from stack.progress import Progress
+from stack.prometheus import render_targets_of
 
 INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 0.5
@@ -130,6 +131,8 @@ class Supervisor:
         for service, endpoints in ready.items():
             if cluster.write_discovery(self.config, service, endpoints):
                 self.say(f"{service}: endpoints {sorted(endpoints)}")
+        # Prometheus scrapes every replica with a record, ready or not (a dead one shows as up == 0).
+        render_targets_of(self.config, {name: r.ports for name, r in records.items()}, self.config.host)
         return ready
 
     def close(self) -> None:

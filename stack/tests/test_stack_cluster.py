@@ -30,6 +30,7 @@ def test_components_have_the_stable_names_in_start_order(config: StackConfig) ->
         "redis",
         "redis-replica",
         "jaeger",
+        "prometheus",
         *(f"{s}-{i}" for s in ("inference", "features", "logging", "gateway", "edge") for i in (1, 2)),
         "controlplane",
         "supervisor",

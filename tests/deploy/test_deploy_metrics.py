@@ -61,7 +61,11 @@ def _inference_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
         capture_output=True,
         timeout=300,
     )
-    return {"INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo)}
+    # Its HTTP port free too: the gateway's own inference process may run beside this one.
+    return {
+        "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
+        "INFERGRID_INFERENCE_HTTP_PORT": str(free_port()),
+    }
 
 
 def _gateway_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
