@@ -17,7 +17,7 @@ from stack.jaeger import Jaeger
 from stack.kafka import Kafka
 from stack.prometheus import Prometheus
 from stack.redis import Redis
-from stack.services import controlplane, edge, features, gateway, inference, logging
+from stack.services import controlplane, edge, features, features_ingest, gateway, inference, logging
 
 ComponentFactory = Callable[[StackConfig], Component]
 
@@ -34,6 +34,8 @@ COMPONENTS: dict[str, ComponentFactory] = {
     "inference": inference,
     # Its start loads the demo feature values once (python -m services.features.demo).
     "features": features,
+    # Kafka feature updates (infergrid.features.updates) into the same store; after the demo views exist.
+    "features-ingest": features_ingest,
     "logging": logging,
     "gateway": gateway,
     "edge": edge,

@@ -223,6 +223,48 @@ def features(
     return component
 
 
+def _metrics_answer(component: Component) -> bool:
+    """GET /metrics on the component's first port answers 200 (a process with no gRPC port)."""
+    from stack.probes import http_get
+
+    answer = http_get(f"http://{component.host}:{component.port}/metrics", timeout_s=2)
+    return answer is not None and answer.status == 200
+
+
+def features_ingest(
+    config: StackConfig,
+    *,
+    name: str = "features-ingest",
+    ports: Mapping[str, int] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Component:
+    """The feature stream ingester (`python -m services.features.ingest_stream`): Kafka updates → the store.
+
+    It serves no gRPC, only its metrics port (its consumer lag is its autoscaling signal); it is ready
+    once that port answers.
+    """
+    chosen = _chosen_ports(config, ("features_ingest_metrics",), ports)
+    return CommandComponent(
+        config,
+        name=name,
+        port_names=("features_ingest_metrics",),
+        command=[sys.executable, "-m", "services.features.ingest_stream"],
+        env={
+            **python_env(config),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{config.host}:{config.port('jaeger_otlp_grpc')}",
+            "INFERGRID_FEATURES_STREAM_METRICS_PORT": str(chosen["features_ingest_metrics"]),
+            "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": config.host,
+            "INFERGRID_FEATURES_CASSANDRA_PORT": str(config.port("cassandra")),
+            "INFERGRID_FEATURES_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
+            **(env or {}),
+        },
+        ports=chosen,
+        probe=_metrics_answer,
+        start_timeout_s=60.0,
+    )
+
+
 def logging(
     config: StackConfig,
     *,

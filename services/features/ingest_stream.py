@@ -25,7 +25,7 @@ from cassandra.cluster import NoHostAvailable
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from infergrid.features.v1 import features_pb2
 from libs.config import load_config_or_exit
@@ -44,6 +44,12 @@ _tracer = tracer(__name__)
 RECORDS = Counter(
     "infergrid_features_stream_records_total", "Feature update records consumed, by outcome.", ["outcome"]
 )
+CONSUMER_LAG = Gauge(
+    "infergrid_features_stream_consumer_lag",
+    "Feature update records not yet consumed, summed over the partitions assigned to this ingester "
+    "(the autoscaling signal).",
+)
+_LAG_EVERY_S = 5.0
 _MAX_LINKS = 128
 _WRITTEN = RECORDS.labels("written")
 _DEAD = RECORDS.labels("dead_letter")
@@ -184,7 +190,12 @@ class StreamIngestor:
         """Consumes until `stop` is set; commits each batch after its writes."""
         self._consumer.subscribe([self._config.stream_topic])
         log.info("consuming %s as %s", self._config.stream_topic, self._config.stream_group_id)
+        loop = asyncio.get_running_loop()
+        lag_due = 0.0
         while not stop.is_set():
+            if loop.time() >= lag_due:
+                lag_due = loop.time() + _LAG_EVERY_S
+                await asyncio.to_thread(self._update_lag)
             messages = await asyncio.to_thread(
                 self._consumer.consume, self._config.stream_batch_size, self._config.stream_poll_timeout_s
             )
@@ -195,6 +206,23 @@ class StreamIngestor:
             except (Unavailable, DeadlineExceeded):
                 break  # stopping while the store is down: leave the batch uncommitted
             await asyncio.to_thread(self._consumer.commit, asynchronous=False)
+
+    def _update_lag(self) -> None:
+        """Sets the lag gauge: per assigned partition, the high watermark minus the position."""
+        try:
+            assignment = self._consumer.assignment()
+            lag = 0
+            for tp in self._consumer.position(assignment):
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                if tp.offset >= 0:
+                    lag += max(0, high - tp.offset)
+                else:
+                    committed = self._consumer.committed([tp], timeout=1.0)[0].offset
+                    lag += max(0, high - max(committed, low))
+        except Exception as exc:  # a measurement, never a reason to stop consuming
+            log.debug("lag not measured: %s", exc)
+            return
+        CONSUMER_LAG.set(lag)
 
 
 def consumer_conf(config: FeaturesConfig) -> dict[str, Any]:
