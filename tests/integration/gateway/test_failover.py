@@ -1,0 +1,242 @@
+"""Per-request failover between inference pools, against two real inference servers.
+
+Two inference processes (`python -m services.inference`, both ONNX Runtime, the demo `fraud` model): the
+`gpu` pool, preferred, with its queue bounded to 2 requests and a 100 ms batching delay (so concurrent
+batches overflow it), and the `cpu` pool. The gateway (in this process, over a real gRPC port, its
+inference-log records kept in a list) reads a platform file naming both pools, `fraud` preferring `gpu`;
+its default inference target (for models without pools) is the `cpu` server. No feature service: rows
+are served degraded.
+
+- a saturated `gpu` pool (RESOURCE_EXHAUSTED) sends the overflow to `cpu`: every call succeeds;
+- a stopped (SIGKILLed) `gpu` pool: every call succeeds, served by `cpu`, and the answer, the log
+  record and the failover counter say so; started again, traffic returns to it.
+The latencies of the calls made while `gpu` is down are printed (the benchmark report's failover row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.server import Server
+from libs.testing import (
+    NO_REDIS_URL,
+    REPO_ROOT,
+    WithApiKey,
+    free_port,
+    stop_process,
+    wait_serving,
+    write_test_admission,
+)
+from services.gateway.config import (
+    AdmissionConfig,
+    BatchingConfig,
+    GatewayConfig,
+    GatewayServerConfig,
+    ModelsConfig,
+    UpstreamConfig,
+)
+from services.gateway.server import create_server
+from services.gateway.tests.fakes import ListPublisher
+from services.inference import demo as inference_demo
+
+pytestmark = pytest.mark.integration
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+def _spawn(repo: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
+    env = {
+        "INFERGRID_INFERENCE_PORT": str(port),
+        "INFERGRID_INFERENCE_METRICS_PORT": "0",
+        "INFERGRID_INFERENCE_HTTP_PORT": "0",
+        "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
+        "INFERGRID_INFERENCE_LOG_JSON": "false",
+        "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.inference"],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths), **env},
+            stdout=out,
+            stderr=out,
+        )
+
+
+@dataclass
+class Pools:
+    target: str
+    records: ListPublisher
+    gpu_repo: Path
+    gpu_port: int
+    gpu_log: Path
+    gpu: subprocess.Popen[bytes]
+
+    async def start_gpu(self) -> None:
+        self.gpu = _spawn(self.gpu_repo, self.gpu_port, self.gpu_log)
+        await wait_serving(self.gpu_port, INFERENCE_SERVICE, self.gpu, timeout=90)
+
+
+@pytest.fixture(scope="module")
+async def pools(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pools]:
+    tmp = tmp_path_factory.mktemp("failover")
+    cpu_repo = tmp / "cpu-models"
+    await asyncio.to_thread(inference_demo.write_repository, cpu_repo, 2000)
+    gpu_repo = tmp / "gpu-models"
+    shutil.copytree(cpu_repo, gpu_repo)
+    pbtxt = gpu_repo / "fraud" / "config.pbtxt"
+    text = pbtxt.read_text()
+    assert "max_queue_delay_microseconds: 1000" in text and "max_queue_size: 4096" in text
+    pbtxt.write_text(
+        text.replace("max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 100000").replace(
+            "max_queue_size: 4096", "max_queue_size: 2"
+        )
+    )
+    gpu_port, cpu_port = free_port(), free_port()
+    gpu = _spawn(gpu_repo, gpu_port, tmp / "gpu.log")
+    cpu = _spawn(cpu_repo, cpu_port, tmp / "cpu.log")
+    platform = write_test_admission(
+        tmp,
+        "inference_pools:\n"
+        f"  gpu: {{endpoints: ['127.0.0.1:{gpu_port}']}}\n"
+        f"  cpu: {{endpoints: ['127.0.0.1:{cpu_port}']}}\n"
+        "models:\n"
+        "  fraud: {versions: [{version: '1', weight: 1}], pools: [gpu, cpu]}\n",
+    )
+    records = ListPublisher()
+    server: Server | None = None
+    state = Pools("", records, gpu_repo, gpu_port, tmp / "gpu.log", gpu)
+    try:
+        await wait_serving(gpu_port, INFERENCE_SERVICE, gpu, timeout=120)
+        await wait_serving(cpu_port, INFERENCE_SERVICE, cpu, timeout=120)
+        config = GatewayConfig(
+            server=GatewayServerConfig(port=0),
+            models=ModelsConfig(model_repository=cpu_repo, platform_file=platform),
+            admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
+            upstream=UpstreamConfig(
+                features_target=f"127.0.0.1:{free_port()}",  # nobody: degraded rows
+                # The default target (models without pools; what the gateway learns models from).
+                inference_target=f"127.0.0.1:{cpu_port}",
+                discovery_interval_s=0.2,
+                breaker_reset_s=1.0,
+            ),
+            batching=BatchingConfig(max_batch_rows=1, max_concurrent_batches=8),
+            inference_log_enabled=False,
+        )
+        server = await create_server(config, publisher=records)
+        await server.start()
+        state.target = f"127.0.0.1:{server.port}"
+        yield state
+    finally:
+        if server is not None:
+            await server.stop(0, 0.5)
+        stop_process(state.gpu)
+        stop_process(cpu)
+
+
+def _request(i: int) -> gateway_pb2.PredictRequest:
+    request = gateway_pb2.PredictRequest(
+        model="fraud",
+        request_id=f"failover-{time.monotonic_ns()}-{i}",
+        entities={
+            "user_id": f"u{i % 300:05d}",
+            "merchant_id": f"m{i % 50:04d}",
+            "device_id": f"d{i % 100:05d}",
+        },
+    )
+    request.features["amount"].float_value = 100.0 + i
+    return request
+
+
+def _failovers(*reasons: str) -> float:
+    total = 0.0
+    for reason in reasons or ("down", "breaker_open", "overloaded", "queue_delay"):
+        labels = {"model": "fraud", "from_pool": "gpu", "to_pool": "cpu", "reason": reason}
+        total += REGISTRY.get_sample_value("infergrid_gateway_inference_failovers_total", labels) or 0.0
+    return total
+
+
+def _record_pool(records: ListPublisher, request_id: str) -> str:
+    (record,) = [r for r in records.records if r.request_id == request_id]
+    assert record.status_code == 0
+    return record.inference_pool
+
+
+async def test_a_saturated_preferred_pool_sends_the_overflow_to_the_next_pool(pools: Pools) -> None:
+    served: collections.Counter[str] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    async with grpc.aio.insecure_channel(pools.target, interceptors=[WithApiKey()]) as channel:
+        stub = gateway_pb2_grpc.PredictionServiceStub(channel)
+        first = await stub.Predict(_request(0), timeout=10)
+        assert first.inference_pool == "gpu"  # preferred, idle
+        before, overloaded = _failovers(), _failovers("overloaded")
+
+        async def _caller(worker: int) -> None:
+            for i in range(15):
+                try:
+                    answer = await stub.Predict(_request(worker * 100 + i), timeout=10)
+                    served[answer.inference_pool] += 1
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] += 1
+
+        await asyncio.gather(*(_caller(w) for w in range(24)))
+    print(f"\nsaturated gpu pool: served by {dict(served)}, errors {dict(errors)}")
+    assert not errors  # the overflow is served, not refused
+    assert served["gpu"] > 0 and served["cpu"] > 0
+    assert _failovers() - before == served["cpu"]  # each counted, with its reason
+    assert _failovers("overloaded") > overloaded  # refused by the full queue (or, once slow, skipped)
+
+
+async def test_a_stopped_preferred_pool_fails_over_and_traffic_returns_when_it_is_back(pools: Pools) -> None:
+    async with grpc.aio.insecure_channel(pools.target, interceptors=[WithApiKey()]) as channel:
+        stub = gateway_pb2_grpc.PredictionServiceStub(channel)
+        assert (await stub.Predict(_request(1), timeout=10)).inference_pool == "gpu"
+        before = _failovers()
+        stop_process(pools.gpu)  # SIGKILL: the preferred pool is gone without a word
+        latencies: list[float] = []
+        for i in range(40):
+            request = _request(i)
+            start = time.perf_counter()
+            answer = await stub.Predict(request, timeout=10)  # never fails
+            latencies.append(time.perf_counter() - start)
+            assert answer.inference_pool == "cpu"
+            assert answer.outputs["fraud_probability"].float_value >= 0
+            assert _record_pool(pools.records, request.request_id) == "cpu"
+        assert _failovers() - before == 40
+        assert _failovers("down", "breaker_open") > 0
+        p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
+        print(
+            f"\nfailover latency while the preferred pool is down (40 calls): p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        )
+
+        await pools.start_gpu()
+        back = time.monotonic()
+        for i in range(600):
+            request = _request(i)
+            answer = await stub.Predict(request, timeout=10)
+            if answer.inference_pool == "gpu":
+                assert _record_pool(pools.records, request.request_id) == "gpu"
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("traffic never returned to the gpu pool")
+        print(f"traffic back on the gpu pool {time.monotonic() - back:.1f} s after it served again")
+        for i in range(5):
+            assert (await stub.Predict(_request(i), timeout=10)).inference_pool == "gpu"
