@@ -10,7 +10,8 @@ preferred pool that is usable and fails over, for that batch only, to the next o
   the pool's own retries on its other endpoints;
 - `breaker_open`: the pool's breaker is open (no probe due yet);
 - `overloaded`: the pool answered RESOURCE_EXHAUSTED (its queue is full): load shed by a saturated pool
-  is served by the next one instead of being an error, as long as there is a next one;
+  is served by the next one instead of being an error, as long as there is a next one (when every pool
+  fails, a refusal with its retry hint is the answer rather than a later pool's UNAVAILABLE);
 - `queue_delay`: the pool's expected answer time is longer than the time the batch has left while a later
   pool's fits (see `AnswerTimeEstimate`).
 
@@ -186,6 +187,7 @@ class FailoverModelClient:
         preferred = pools[0]
         why = reasons[0]
         error: BaseException | None = None
+        overload: BaseException | None = None
         for i, pool in enumerate(order):
             left = deadline - clock()
             if left <= 0:
@@ -198,8 +200,13 @@ class FailoverModelClient:
                 code = status_code_of(exc)
                 if code is not None and code.name == "DEADLINE_EXCEEDED":  # it waited at least this long
                     pool.estimate.observe(clock() - start)
-                if not reason or i == len(order) - 1:
+                if not reason:
                     raise
+                if reason == OVERLOADED and overload is None:
+                    overload = exc
+                if i == len(order) - 1:
+                    # A saturated pool's refusal (with its retry hint) says more than a down pool's.
+                    raise (overload or exc) from None
                 if pool is preferred:
                     why = reason
                 error = exc
@@ -210,7 +217,7 @@ class FailoverModelClient:
                 FAILOVERS.labels(spec.name, preferred.name, pool.name, why or DOWN).inc()
             return Scores(outputs, pool.name)
         if error is not None:
-            raise error
+            raise overload or error
         raise Unavailable(
             f"no inference pool can serve model {spec.name!r}: "
             + ", ".join(f"{p.name} {r or 'out of time'}" for p, r in zip(pools, reasons, strict=True))

@@ -145,6 +145,10 @@ async def test_an_overloaded_preferred_pool_fails_over_and_the_last_pool_overloa
     setup.cpu_models.failure = overloaded("queue full")
     with pytest.raises(ResourceExhausted):
         await setup.infer()
+    # A saturated pool then a down one: the refusal with its retry hint is the answer.
+    setup.gpu_models.failure, setup.cpu_models.failure = overloaded("queue full"), Unavailable("gone")
+    with pytest.raises(ResourceExhausted):
+        await setup.infer()
 
 
 async def test_an_unavailable_pool_fails_over_a_not_found_does_not(setup: Setup) -> None:
