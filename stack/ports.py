@@ -23,7 +23,6 @@ DEFAULT_PORTS: dict[str, int] = {
     "prometheus": 9090,
     # The operator console (services/console): its web page and JSON API.
     "console": 8090,
-    "console_metrics": 9109,
     "envoy": 8080,
     "envoy_admin": 9901,
     "controlplane": 18000,

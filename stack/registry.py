@@ -17,7 +17,16 @@ from stack.jaeger import Jaeger
 from stack.kafka import Kafka
 from stack.prometheus import Prometheus
 from stack.redis import Redis
-from stack.services import controlplane, edge, features, features_ingest, gateway, inference, logging
+from stack.services import (
+    console,
+    controlplane,
+    edge,
+    features,
+    features_ingest,
+    gateway,
+    inference,
+    logging,
+)
 
 ComponentFactory = Callable[[StackConfig], Component]
 
@@ -42,6 +51,8 @@ COMPONENTS: dict[str, ComponentFactory] = {
     # Envoy comes after the control plane: it is ready only once its first listener arrived over ADS.
     "controlplane": controlplane,
     "envoy": Envoy,
+    # The operator console: http://127.0.0.1:8090/ (Prometheus, Jaeger and the services, read only).
+    "console": console,
 }
 
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from stack.component import CommandComponent, Component
-from stack.config import StackConfig
+from stack.config import REPO_ROOT, StackConfig
 from stack.errors import StackError
 from stack.probes import grpc_health_serving
 from stack.process import ProcessRecord
@@ -61,6 +61,15 @@ def _service_env(config: StackConfig, service: str, ports: Mapping[str, int] | N
         # Locally Envoy stops first on `down`: a long drain would only make `down` slow.
         env[f"INFERGRID_{service.upper()}_DRAIN_SECONDS"] = LOCAL_DRAIN_SECONDS
     return env
+
+
+# The demo model's input layout, the gateway's configuration (not the model repository's).
+INPUT_LAYOUTS = REPO_ROOT / "deploy" / "local" / "input-layouts"
+
+
+def input_layouts(config: StackConfig) -> Path:
+    """The gateway's input layouts (`<model>.json`), checked in next to the platform file."""
+    return config.repo_root / INPUT_LAYOUTS.relative_to(REPO_ROOT)
 
 
 def model_repository(config: StackConfig) -> Path:
@@ -265,6 +274,32 @@ def features_ingest(
     )
 
 
+def console(config: StackConfig) -> Component:
+    """The operator console (services/console): a web page over Prometheus' and Jaeger's public APIs."""
+
+    def _answers(component: Component) -> bool:
+        from stack.probes import http_get
+
+        answer = http_get(f"http://{component.host}:{component.port}/healthz", timeout_s=2)
+        return answer is not None and answer.status == 200
+
+    return CommandComponent(
+        config,
+        name="console",
+        port_names=("console",),
+        command=[sys.executable, "-m", "services.console"],
+        env={
+            **python_env(config),
+            "INFERGRID_CONSOLE_HOST": config.host,
+            "INFERGRID_CONSOLE_PORT": str(config.port("console")),
+            "INFERGRID_CONSOLE_PROMETHEUS_URL": f"http://{config.host}:{config.port('prometheus')}",
+            "INFERGRID_CONSOLE_JAEGER_URL": f"http://{config.host}:{config.port('jaeger_query')}",
+        },
+        probe=_answers,
+        start_timeout_s=30.0,
+    )
+
+
 def logging(
     config: StackConfig,
     *,
@@ -326,7 +361,7 @@ def gateway(
             # A second replica listens on its own ports.
             "INFERGRID_GATEWAY_PORT": str(chosen["gateway"]),
             "INFERGRID_GATEWAY_METRICS_PORT": str(chosen["gateway_metrics"]),
-            "INFERGRID_GATEWAY_MODEL_REPOSITORY": str(model_repository(config)),
+            "INFERGRID_GATEWAY_INPUT_LAYOUTS": str(input_layouts(config)),
             "INFERGRID_GATEWAY_PLATFORM_FILE": str(config.platform_file),
             "INFERGRID_GATEWAY_FEATURES_TARGET": f"{config.host}:{config.port('features')}",
             "INFERGRID_GATEWAY_INFERENCE_TARGET": f"{config.host}:{config.port('inference')}",

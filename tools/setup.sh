@@ -25,6 +25,11 @@ apt_install() {
 
 # 1. System packages. Bazel: Debian's bazel-bootstrap (4.2.3, WORKSPACE mode, offline).
 apt_install bazel bazel-bootstrap
+# Prometheus for the local stack (the stack also installs it on `make up`), Chromium and its driver for
+# the operator console's browser test (tests/integration/test_console.py).
+apt_install prometheus prometheus
+apt_install chromium chromium
+apt_install chromedriver chromium-driver
 
 # 2. Virtualenv with the locked dependencies (reinstalled only when the lock changes).
 if [ ! -x "$VENV/bin/python" ]; then
