@@ -48,6 +48,7 @@ from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs.testing import REPO_ROOT
 from stack.envoy import Envoy
 from stack.progress import Progress
+from stack.services import INPUT_LAYOUTS
 
 PREDICT = "infergrid.gateway.v1.PredictionService/Predict"
 REQUEST_FEATURES = {"amount": 250.0, "hour_of_day": 3.0, "is_weekend": 1.0, "channel_online": 1.0,
@@ -249,7 +250,7 @@ def body(run: Run, suite: Suite) -> None:
         raise RuntimeError(f"edge keys: {out.stderr[-1000:]}")
     env = service_env("INFERGRID_GATEWAY_", gateway_port, {
         "INFERGRID_GATEWAY_METRICS_PORT": str(gateway_metrics),
-        "INFERGRID_GATEWAY_MODEL_REPOSITORY": str(batch_repo),
+        "INFERGRID_GATEWAY_INPUT_LAYOUTS": str(INPUT_LAYOUTS),
         "INFERGRID_GATEWAY_PLATFORM_FILE": str(platform),
         "INFERGRID_GATEWAY_FEATURES_TARGET": f"127.0.0.1:{features_port}",
         "INFERGRID_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{inference_port}",

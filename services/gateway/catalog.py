@@ -1,11 +1,11 @@
-"""The served models' input layouts (from `<repo>/<model>/features.json`), precomputed for the hot path."""
+"""The served models: their input layouts (the gateway's `<input_layouts>/<model>.json`), precomputed for the
+hot path, with what the inference service says about each (versions, readiness, max_batch_size)."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,12 +19,11 @@ from services.gateway.records import RecordTemplate, record_template
 log = logging.getLogger(__name__)
 
 REQUEST_SOURCE = "request"
-_MAX_BATCH_SIZE = re.compile(r"^\s*max_batch_size\s*:\s*(\d+)", re.MULTILINE)
 _RESCAN_INTERVAL_S = 5.0
 
 
 class CatalogError(ValueError):
-    """A features.json file is malformed; the message names the file and the field."""
+    """An input layout file is malformed; the message names the file and the field."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,9 +50,9 @@ class ModelSpec:
     # The entity key columns the model's views need (sorted), and view -> key column.
     entity_keys: tuple[str, ...]
     view_keys: Mapping[str, str]
-    # Versions found as folders next to features.json; empty when none are (any version is tried).
+    # The versions the inference service serves; empty while not known (any version is tried).
     versions: tuple[str, ...]
-    # The highest known version ("" lets the inference service choose).
+    # The highest ready version ("" lets the inference service choose).
     latest_version: str
     # The pre-framed parts of the model's inference-log records.
     record: RecordTemplate
@@ -68,7 +67,7 @@ class ModelSpec:
 def parse_spec(
     name: str, description: Mapping[str, object], versions: tuple[str, ...] = (), max_batch_size: int = 0
 ) -> ModelSpec:
-    """Builds a ModelSpec from a features.json document.
+    """Builds a ModelSpec from an input layout document.
 
     Raises:
         CatalogError: A required field is missing or has the wrong type (named in the message).
@@ -130,47 +129,73 @@ def parse_spec(
     )
 
 
-def load_spec(model_dir: Path) -> ModelSpec:
-    """Reads `<model_dir>/features.json` and the version folders beside it."""
-    path = model_dir / "features.json"
+def load_layout(path: Path) -> ModelSpec:
+    """Reads the input layout `<folder>/<model>.json` (the model is named by the file); no versions known yet."""
     try:
         description = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CatalogError(f"{path}: {exc}") from None
     if not isinstance(description, dict):
         raise CatalogError(f"{path}: expected a JSON object")
-    versions = tuple(sorted(p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()))
-    max_batch = 0
-    with contextlib.suppress(OSError):
-        found = _MAX_BATCH_SIZE.search((model_dir / "config.pbtxt").read_text())
-        max_batch = int(found.group(1)) if found else 0
-    return parse_spec(model_dir.name, description, versions, max_batch)
+    return parse_spec(path.stem, description)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the inference service says about a model (see model_facts.py)."""
+
+    # The versions it serves, and those of them that are ready.
+    versions: tuple[str, ...]
+    ready: tuple[str, ...]
+    # Rows per ModelInfer call (0: no limit).
+    max_batch_size: int
 
 
 class ModelCatalog:
-    """The models the gateway serves, by name; rescans its folder (rate-limited) when asked for an unknown one."""
+    """The models the gateway serves, by name: input layouts (rescanned, rate-limited, when asked for an
+    unknown model) with the inference service's facts about each applied (`apply`)."""
 
-    def __init__(self, specs: Mapping[str, ModelSpec] | None = None, root: Path | None = None) -> None:
+    def __init__(self, specs: Mapping[str, ModelSpec] | None = None, layouts: Path | None = None) -> None:
         self._specs: dict[str, ModelSpec] = dict(specs or {})
-        self._root = root
+        self._facts: dict[str, ModelFacts] = {}
+        self._layouts = layouts
         self._scanned = 0.0
-        if root is not None:
+        if layouts is not None:
             self.scan()
 
     def scan(self) -> None:
-        """Reloads every `<root>/<model>/features.json`; a malformed one is logged and skipped."""
+        """Reloads every `<layouts>/<model>.json`; a malformed one is logged and skipped."""
         self._scanned = time.monotonic()
-        if self._root is None or not self._root.is_dir():
+        if self._layouts is None or not self._layouts.is_dir():
             return
         specs: dict[str, ModelSpec] = {}
-        for model_dir in sorted(self._root.iterdir()):
-            if not (model_dir / "features.json").is_file():
-                continue
+        for path in sorted(self._layouts.glob("*.json")):
             try:
-                specs[model_dir.name] = load_spec(model_dir)
+                specs[path.stem] = self._with_facts(load_layout(path))
             except CatalogError as exc:
-                log.error("model %s skipped: %s", model_dir.name, exc)
+                log.error("model %s skipped: %s", path.stem, exc)
         self._specs = specs
+
+    def apply(self, facts: Mapping[str, ModelFacts]) -> None:
+        """Applies the inference service's facts to the models they name (the others keep theirs)."""
+        self._facts.update(facts)
+        self._specs = {name: self._with_facts(spec) for name, spec in self._specs.items()}
+
+    def _with_facts(self, spec: ModelSpec) -> ModelSpec:
+        facts = self._facts.get(spec.name)
+        if facts is None:
+            return spec
+        served = facts.ready or facts.versions
+        latest = max(served, key=lambda v: (int(v) if v.isdigit() else -1, v)) if served else ""
+        if (spec.versions, spec.latest_version, spec.max_batch_size) == (
+            facts.versions,
+            latest,
+            facts.max_batch_size,
+        ):
+            return spec  # unchanged: the same object (the micro-batcher keys on it)
+        return dataclasses.replace(
+            spec, versions=facts.versions, latest_version=latest, max_batch_size=facts.max_batch_size
+        )
 
     def get(self, name: str) -> ModelSpec:
         """The spec of model `name`.
@@ -180,7 +205,7 @@ class ModelCatalog:
         """
         spec = self._specs.get(name)
         if spec is None:
-            if self._root is not None and time.monotonic() - self._scanned > _RESCAN_INTERVAL_S:
+            if self._layouts is not None and time.monotonic() - self._scanned > _RESCAN_INTERVAL_S:
                 self.scan()
                 spec = self._specs.get(name)
             if spec is None:

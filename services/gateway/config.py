@@ -50,9 +50,11 @@ class GatewayTelemetryConfig(TelemetryConfig):
 class ModelsConfig:
     """Where the served models are described and how their traffic is split."""
 
-    # Folder of `<model>/features.json` (+ `<model>/<version>/` folders): the model repository
-    # the inference service serves, or a copy of its descriptions. Unset: no models.
-    model_repository: Path | None = None
+    # Folder of input layouts, `<model>.json` each: the model's FP32 input columns in order, each from the
+    # request or a feature view, with its default (deploy/local/input-layouts). Unset: no models.
+    input_layouts: Path | None = None
+    # How often the served versions, readiness and max_batch_size are re-read from the inference service.
+    model_facts_interval_s: float = 5.0
     # The platform config (`models.<name>.versions`, shadow, sticky_key), watched for changes.
     # Unset: every model is served at its highest known version.
     platform_file: Path | None = None

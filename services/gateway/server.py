@@ -40,6 +40,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.failover import FailoverModelClient, InferencePools, pool_client
 from services.gateway.features import GrpcFeatureSource
 from services.gateway.metrics import ADMISSION_STAGE, GatewayMetrics
+from services.gateway.model_facts import refresh_facts, watch_facts
 from services.gateway.models import GrpcModelClient, StreamingModelClient
 from services.gateway.predictor import CallInfo, Prediction, Predictor, PredictorSettings
 from services.gateway.publisher import DiscardingPublisher, RecordPublisher
@@ -322,9 +323,10 @@ async def create_server(
             config.cache.response_cache_timeout_s,
         )
 
-    catalog = ModelCatalog(root=config.models.model_repository)
+    catalog = ModelCatalog(layouts=config.models.input_layouts)
     if not catalog.names():
-        log.warning("no models found in %s", config.models.model_repository)
+        log.warning("no input layouts found in %s", config.models.input_layouts)
+    await refresh_facts(catalog, inference_pool, up.inference_timeout_s)
     predictor = Predictor(
         catalog,
         router,
@@ -363,6 +365,14 @@ async def create_server(
         tasks.append(loop.create_task(watcher.run()))
     tasks += [loop.create_task(coro) for coro in admission_tasks]
     tasks += [loop.create_task(w.run(), name=f"endpoints-{w.name}") for w in endpoint_watchers]
+    tasks.append(
+        loop.create_task(
+            watch_facts(
+                catalog, inference_pool, up.inference_timeout_s, config.models.model_facts_interval_s
+            ),
+            name="model-facts",
+        )
+    )
     if isinstance(models, StreamingModelClient):
         tasks.append(loop.create_task(models.watch(), name="inference-streams"))
 

@@ -10,7 +10,7 @@ from stack.config import StackConfig
 from stack.demo import demo_json_body, how_to_call
 from stack.ports import DEFAULT_PORTS
 from stack.registry import COMPONENTS, select
-from stack.services import gateway, model_repository
+from stack.services import gateway, input_layouts, model_repository
 
 SERVICES = ("inference", "features", "logging", "gateway", "edge", "controlplane")
 
@@ -49,7 +49,8 @@ def test_every_service_port_has_a_default_and_the_services_read_the_stack_ports(
     gw = by_name["gateway"].environment()
     assert by_name["gateway"].port == 15051
     assert gw["INFERGRID_GATEWAY_KAFKA_BOOTSTRAP_SERVERS"] == "127.0.0.1:19092"
-    assert gw["INFERGRID_GATEWAY_MODEL_REPOSITORY"] == str(model_repository(config))
+    assert gw["INFERGRID_GATEWAY_INPUT_LAYOUTS"] == str(input_layouts(config))
+    assert "INFERGRID_GATEWAY_MODEL_REPOSITORY" not in gw  # the gateway asks the inference API instead
     assert gw["INFERGRID_GATEWAY_PLATFORM_FILE"] == str(config.platform_file)
     assert by_name["inference"].environment()["INFERGRID_INFERENCE_MODEL_REPOSITORY"] == str(
         model_repository(config)

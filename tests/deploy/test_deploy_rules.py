@@ -240,7 +240,17 @@ def test_gateway_calls_features_and_inference_through_their_headless_services(re
         assert service["spec"].get("clusterIP") == "None", f"{target}: clients balance over pods (headless)"
         assert port == service_code(callee).defaults.server.port, target
         assert target.startswith("dns:///"), f"{target}: the dns resolver sees every pod"
-    assert config.models.model_repository == Path("/models")
+    assert config.models.input_layouts == Path("/etc/infergrid/input-layouts")
+
+
+def test_the_gateway_mounts_its_input_layouts_and_not_the_model_volume(rendered: Rendered) -> None:
+    config, _, _ = loaded_config(rendered, "gateway")
+    gateway = mounts(rendered.workload("gateway"))
+    assert "/models" not in gateway, "model facts come over the inference API"
+    volume = gateway[str(config.models.input_layouts)]
+    layouts = rendered.get("ConfigMap", volume["configMap"]["name"])["data"]
+    local = REPO_ROOT / "deploy" / "local" / "input-layouts"
+    assert layouts == {p.name: p.read_text() for p in sorted(local.glob("*.json"))}, "same as deploy/local"
 
 
 def test_the_control_plane_points_envoy_at_the_edge_service(rendered: Rendered) -> None:
@@ -268,7 +278,7 @@ def test_inference_reads_the_shared_model_repository(rendered: Rendered) -> None
     config, _, _ = loaded_config(rendered, "inference")
     assert config.models.model_repository == Path("/models")
     assert config.models.strict_readiness, "pods must not take traffic before their models are loaded"
-    for name in ("inference", "gateway"):
+    for name in ("inference",):
         volume = mounts(rendered.workload(name))["/models"]
         claim = rendered.get("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
         assert "ReadOnlyMany" in claim["spec"]["accessModes"]

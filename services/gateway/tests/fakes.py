@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import grpc
 import numpy as np
 
+from inference import grpc_service_pb2 as ipb
+from inference import model_config_pb2
 from infergrid.logging.v1 import logging_pb2
 from libs.errors import Unavailable
 from services.gateway.catalog import ModelSpec, parse_spec
@@ -118,3 +123,42 @@ class ListPublisher:
 
 def unavailable() -> Exception:
     return Unavailable("features is unavailable (test)")
+
+
+class ServedFacts:
+    """A fake inference servicer's model facts: RepositoryIndex, ModelMetadata and ModelConfig answered from
+    `served` (model -> versions, all READY) and `max_batch_size`."""
+
+    served: Mapping[str, Sequence[str]] = {"toy": ("1", "2")}
+    max_batch_size = 0
+
+    async def RepositoryIndex(  # noqa: N802 - gRPC method names
+        self, request: ipb.RepositoryIndexRequest, context: object
+    ) -> ipb.RepositoryIndexResponse:
+        index = ipb.RepositoryIndexResponse.ModelIndex
+        return ipb.RepositoryIndexResponse(
+            models=[index(name=n, version=v, state="READY") for n, vs in self.served.items() for v in vs]
+        )
+
+    async def ModelMetadata(  # noqa: N802 - gRPC method names
+        self, request: ipb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.ModelMetadataResponse:
+        if request.name not in self.served:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not loaded")
+        return ipb.ModelMetadataResponse(name=request.name, versions=list(self.served[request.name]))
+
+    async def ModelConfig(  # noqa: N802 - gRPC method names
+        self, request: ipb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.ModelConfigResponse:
+        if request.name not in self.served:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not loaded")
+        return ipb.ModelConfigResponse(
+            config=model_config_pb2.ModelConfig(name=request.name, max_batch_size=self.max_batch_size)
+        )
+
+
+def write_layout(folder: Path, name: str = "toy", description: Mapping[str, object] = DESCRIPTION) -> Path:
+    """Writes `<folder>/<name>.json` (an input layout); returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(description))
+    return folder

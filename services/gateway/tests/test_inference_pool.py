@@ -34,7 +34,7 @@ from services.gateway.config import (
 )
 from services.gateway.models import GrpcModelClient, StreamingModelClient
 from services.gateway.server import FEATURES_SERVICE, INFERENCE_SERVICE, create_server
-from services.gateway.tests.fakes import DESCRIPTION, toy_spec
+from services.gateway.tests.fakes import toy_spec, write_layout
 from services.gateway.tests.test_service import FakeFeatureService, FakeInference
 
 POLICY = DependencyPolicy(
@@ -174,10 +174,9 @@ async def test_a_removed_endpoint_finishes_its_calls_before_its_channel_closes()
 
 
 async def test_an_endpoint_added_to_the_discovery_file_gets_traffic(tmp_path: Path, streaming: bool) -> None:
-    model_dir = tmp_path / "models" / "toy"
-    (model_dir / "1").mkdir(parents=True)
-    (model_dir / "features.json").write_text(json.dumps(DESCRIPTION))
+    layouts = write_layout(tmp_path / "layouts")
     a, b = FakeInference(), FakeInference()
+    a.served = b.served = {"toy": ("1",)}
     (server_a, address_a), (server_b, address_b) = await _serve(a), await _serve(b)
     features = FakeFeatureService()
     f_server = grpc.aio.server()
@@ -188,9 +187,7 @@ async def test_an_endpoint_added_to_the_discovery_file_gets_traffic(tmp_path: Pa
     endpoints.write_text(json.dumps({"endpoints": [address_a]}))
     config = GatewayConfig(
         server=GatewayServerConfig(port=0),
-        models=ModelsConfig(
-            model_repository=tmp_path / "models", platform_file=write_test_admission(tmp_path)
-        ),
+        models=ModelsConfig(input_layouts=layouts, platform_file=write_test_admission(tmp_path)),
         admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
         upstream=UpstreamConfig(
             features_target=f"localhost:{f_port}",

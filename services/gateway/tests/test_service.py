@@ -9,7 +9,6 @@ the platform file without a restart.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from libs import mtls
 from libs.server import Server
 from services.gateway.config import GatewayConfig, GatewayServerConfig, ModelsConfig, UpstreamConfig
 from services.gateway.server import create_server
-from services.gateway.tests.fakes import DESCRIPTION, WEIGHTS, ListPublisher
+from services.gateway.tests.fakes import WEIGHTS, ListPublisher, ServedFacts, write_layout
 
 STORE = {
     ("user", "u1"): {"age": 40.0, "count": 3.0},
@@ -75,7 +74,7 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
         return reply
 
 
-class FakeInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+class FakeInference(ServedFacts, grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """Scores rows as x @ WEIGHTS + version, over ModelInfer and ModelStreamInfer alike."""
 
     def __init__(self) -> None:
@@ -180,10 +179,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> mtls.MeshFiles:
 
 @pytest.fixture(params=[True, False], ids=["stream", "unary"])
 async def stack(tmp_path: Path, request: pytest.FixtureRequest, mesh: mtls.MeshFiles) -> AsyncIterator[Stack]:
-    model_dir = tmp_path / "models" / "toy"
-    for version in ("1", "2"):
-        (model_dir / version).mkdir(parents=True)
-    (model_dir / "features.json").write_text(json.dumps(DESCRIPTION))
+    layouts = write_layout(tmp_path / "layouts")
     platform = tmp_path / "platform.yaml"
     platform.write_text(_platform((100, 0)))
     features, inference = FakeFeatureService(), FakeInference()
@@ -198,9 +194,7 @@ async def stack(tmp_path: Path, request: pytest.FixtureRequest, mesh: mtls.MeshF
         server=GatewayServerConfig(
             port=0, tls_ca_file=mesh.ca_cert, tls_cert_file=mesh.gateway_cert, tls_key_file=mesh.gateway_key
         ),
-        models=ModelsConfig(
-            model_repository=tmp_path / "models", platform_file=platform, platform_poll_interval_s=0.05
-        ),
+        models=ModelsConfig(input_layouts=layouts, platform_file=platform, platform_poll_interval_s=0.05),
         upstream=UpstreamConfig(
             features_target=f"127.0.0.1:{f_port}",
             inference_target=f"127.0.0.1:{i_port}",

@@ -32,3 +32,8 @@ def test_demo_model_scores_transactions_like_its_training_code(model_repo: Path)
     (y,) = session.run(None, {"features": x})
     assert y.shape == (64, 1) and np.all((y >= 0) & (y <= 1))
     assert session.get_inputs()[0].shape == ["batch", 32]
+
+
+def test_the_gateways_input_layout_of_the_demo_model_is_its_description() -> None:
+    layout = Path(__file__).resolve().parents[3] / "deploy" / "local" / "input-layouts" / "fraud.json"
+    assert json.loads(layout.read_text()) == demo.features_description()

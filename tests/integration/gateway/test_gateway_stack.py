@@ -57,6 +57,7 @@ from services.inference import demo as inference_demo
 from stack.cassandra import Cassandra
 from stack.kafka import Kafka
 from stack.redis import Redis
+from stack.services import INPUT_LAYOUTS
 
 pytestmark = pytest.mark.integration
 
@@ -185,7 +186,9 @@ async def env(
         await features_demo.load(f"127.0.0.1:{features_port}", COUNTS)
         config = GatewayConfig(
             server=GatewayServerConfig(port=0),
-            models=ModelsConfig(model_repository=repo, platform_file=platform, platform_poll_interval_s=0.1),
+            models=ModelsConfig(
+                input_layouts=INPUT_LAYOUTS, platform_file=platform, platform_poll_interval_s=0.1
+            ),
             admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
             upstream=UpstreamConfig(
                 features_target=f"127.0.0.1:{features_port}",
@@ -382,7 +385,7 @@ async def test_bad_input_gets_a_status_naming_the_problem_and_never_crashes(
 async def test_the_response_cache_on_real_redis_answers_repeats(env: Env, redis_server: Redis) -> None:
     config = GatewayConfig(
         server=GatewayServerConfig(port=0),
-        models=ModelsConfig(model_repository=env.repo, platform_file=env.platform),
+        models=ModelsConfig(input_layouts=INPUT_LAYOUTS, platform_file=env.platform),
         admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
         upstream=UpstreamConfig(
             features_target=f"127.0.0.1:{env.features_port}",

@@ -24,6 +24,7 @@ import pytest
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs.testing import REPO_ROOT, free_port, stop_process, wait_serving
 from services.inference import demo as inference_demo
+from stack.services import INPUT_LAYOUTS
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +78,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
             "INFERGRID_GATEWAY_METRICS_PORT": "0",
             "INFERGRID_GATEWAY_DRAIN_SECONDS": "0",
             "INFERGRID_GATEWAY_LOG_JSON": "false",
-            "INFERGRID_GATEWAY_MODEL_REPOSITORY": str(repo),
+            "INFERGRID_GATEWAY_INPUT_LAYOUTS": str(INPUT_LAYOUTS),
             "INFERGRID_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{inference_port}",
             "INFERGRID_GATEWAY_FEATURES_TARGET": f"127.0.0.1:{free_port()}",  # nobody: degraded rows
             "INFERGRID_GATEWAY_INFERENCE_LOG_ENABLED": "false",
