@@ -29,6 +29,11 @@ def dial(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # A replica restarted on its address (a SIGKILL, a rolling update) is dialled again within a
+        # second; gRPC's default backoff grows to two minutes, which kept traffic off a healthy replica.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
     interceptors = telemetry.client_interceptors() if telemetry is not None else []
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)

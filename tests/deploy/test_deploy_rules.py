@@ -63,11 +63,20 @@ def test_the_python_services_and_envoy_are_deployed(rendered: Rendered) -> None:
         )
 
 
+# Runnable services the Kubernetes manifests leave out on purpose, each with the reason.
+NOT_DEPLOYED = {
+    # A page of the local stack over Prometheus' and Jaeger's APIs (HTTP, not gRPC: none of the gRPC
+    # probe, HPA and PodMonitor rules fit it); in a cluster the same queries back the operators' dashboards.
+    "console": "local-stack operator page",
+}
+
+
 def test_every_runnable_service_is_deployed() -> None:
     runnable = {p.parent.name for p in (REPO_ROOT / "services").glob("*/__main__.py")}
-    assert runnable <= set(PYTHON_SERVICES), (
-        f"services without manifests: {sorted(runnable - set(PYTHON_SERVICES))}"
+    assert runnable - set(NOT_DEPLOYED) <= set(PYTHON_SERVICES), (
+        f"services without manifests: {sorted(runnable - set(NOT_DEPLOYED) - set(PYTHON_SERVICES))}"
     )
+    assert not set(NOT_DEPLOYED) & set(PYTHON_SERVICES), "a service listed as not deployed has manifests"
 
 
 def test_one_service_renders_alone(kustomize_binary: str) -> None:

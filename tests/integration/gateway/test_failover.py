@@ -53,6 +53,7 @@ from services.gateway.config import (
 from services.gateway.server import create_server
 from services.gateway.tests.fakes import ListPublisher
 from services.inference import demo as inference_demo
+from stack.services import INPUT_LAYOUTS
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +129,7 @@ async def pools(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pools
         await wait_serving(cpu_port, INFERENCE_SERVICE, cpu, timeout=120)
         config = GatewayConfig(
             server=GatewayServerConfig(port=0),
-            models=ModelsConfig(model_repository=cpu_repo, platform_file=platform),
+            models=ModelsConfig(input_layouts=INPUT_LAYOUTS, platform_file=platform),
             admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
             upstream=UpstreamConfig(
                 features_target=f"127.0.0.1:{free_port()}",  # nobody: degraded rows

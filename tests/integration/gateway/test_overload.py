@@ -22,7 +22,15 @@ import grpc
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from libs.testing import REPO_ROOT, free_port, stop_process, wait_serving
+from libs.testing import (
+    NO_REDIS_URL,
+    REPO_ROOT,
+    WithApiKey,
+    free_port,
+    stop_process,
+    wait_serving,
+    write_test_admission,
+)
 from services.inference import demo as inference_demo
 from stack.services import INPUT_LAYOUTS
 
@@ -70,6 +78,12 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
         },
         tmp / "inference.log",
     )
+    try:
+        # The gateway learns its models from inference at start-up: inference first.
+        await wait_serving(inference_port, INFERENCE_SERVICE, inference, timeout=90)
+    except BaseException:
+        stop_process(inference)
+        raise
     log = tmp / "gateway.log"
     gateway = _spawn(
         "services.gateway",
@@ -79,6 +93,9 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
             "INFERGRID_GATEWAY_DRAIN_SECONDS": "0",
             "INFERGRID_GATEWAY_LOG_JSON": "false",
             "INFERGRID_GATEWAY_INPUT_LAYOUTS": str(INPUT_LAYOUTS),
+            # Admission in the gateway: the test's key, a local bucket (no Redis).
+            "INFERGRID_GATEWAY_PLATFORM_FILE": str(write_test_admission(tmp / "platform")),
+            "INFERGRID_GATEWAY_ADMISSION_REDIS_URL": NO_REDIS_URL,
             "INFERGRID_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{inference_port}",
             "INFERGRID_GATEWAY_FEATURES_TARGET": f"127.0.0.1:{free_port()}",  # nobody: degraded rows
             "INFERGRID_GATEWAY_INFERENCE_LOG_ENABLED": "false",
@@ -119,7 +136,7 @@ async def test_a_saturated_inference_queue_is_resource_exhausted_with_a_hint_and
     codes: collections.Counter[str] = collections.Counter()
     hints: list[dict[str, str]] = []
     messages: set[str] = set()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, interceptors=[WithApiKey()]) as channel:
         stub = gateway_pb2_grpc.PredictionServiceStub(channel)
         await stub.Predict(_request(0), timeout=10)  # warm: the stream to inference is open
 
