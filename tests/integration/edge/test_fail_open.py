@@ -15,7 +15,9 @@ from tests.integration.edge.conftest import EdgeStack, _spawn, _wait_serving
 pytestmark = pytest.mark.integration
 
 
-def test_rate_limits_fall_back_to_the_local_share_when_redis_is_down(edge_stack: EdgeStack, tmp_path: Path) -> None:
+def test_rate_limits_fall_back_to_the_local_share_when_redis_is_down(
+    edge_stack: EdgeStack, tmp_path: Path
+) -> None:
     port, dead_redis = find_free_ports("127.0.0.1", 2)
     edge = _spawn(
         "services.edge",
