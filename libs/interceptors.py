@@ -1,6 +1,8 @@
 """The server interceptor every service runs: typed errors to gRPC status, and per-method metrics.
 
-One wrapper per call does both jobs, so the per-call cost is paid once.
+One wrapper per call does both jobs, so the per-call cost is paid once. A request body that does not
+parse as its message is the caller's error (INVALID_ARGUMENT naming the field, see libs/wire.py), never
+grpc's own "Unexpected <class ...DecodeError>" UNKNOWN: the deserializer is wrapped so that it never raises.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs.errors import ServiceError
+from libs.errors import InvalidArgument, ServiceError
+from libs.wire import wire_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,48 @@ _PASS_THROUGH = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+
+
+class _Undecodable:
+    """What the wrapped deserializer returns for bytes that do not parse: the problem, for the caller."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wraps a request deserializer so that a body it cannot parse becomes an `_Undecodable`."""
+    if deserializer is None:
+        return None
+    # Generated code passes `Message.FromString`, bound to the message class.
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            if descriptor is None:
+                return _Undecodable("the request body is not a valid message")
+            try:
+                problem = wire_problem(descriptor, data)
+            except Exception:  # never let the diagnosis fail the call
+                problem = ""
+            log.info("undecodable %s (%d bytes): %s", descriptor.full_name, len(data), problem or exc)
+            return _Undecodable(
+                f"the request body is not a valid {descriptor.full_name}: {problem or 'it does not parse'}"
+            )
+
+    return deserialize
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that raises InvalidArgument at the first message that did not parse."""
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(request.message)
+        yield request
 
 
 class _MethodMetrics:
@@ -111,7 +156,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         metrics = self._metrics_for(method)
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
@@ -138,6 +183,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(request.message)
+                if hasattr(request, "__aiter__"):  # stream_unary: the request iterator
+                    request = _checked(request)
                 return await behavior(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 code = _final_code(context, grpc.StatusCode.CANCELLED)
@@ -164,6 +213,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(request.message)
+                if hasattr(request, "__aiter__"):  # stream_stream: the request iterator
+                    request = _checked(request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:

@@ -194,3 +194,28 @@ async def test_liveness_is_serving_while_readiness_fails() -> None:
             assert await health_status(channel, LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"\x0a\x02\xff\xfe", "name: not valid UTF-8"),  # a string field holding bytes that are not text
+        (b"\x0f\x00", "name: unsupported wire type 7"),
+        (b"\x0a\x10ab", "name: truncated value"),
+        (b"\x80", "message: truncated field tag"),
+    ],
+)
+async def test_undecodable_request_is_invalid_argument_naming_the_field(
+    echo: tuple[Server, features_pb2_grpc.FeatureServiceStub], body: bytes, field: str
+) -> None:
+    server, stub = echo
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        raw = channel.unary_unary(f"/{SERVICE}/GetFeatureView")  # bytes in, bytes out
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(body)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert field in details and "GetFeatureViewRequest" in details
+    # Never grpc's own "Unexpected <class 'google.protobuf.message.DecodeError'>".
+    assert "<class" not in details and "DecodeError" not in details
+    assert (await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="ok"))).name == "ok"
