@@ -26,6 +26,7 @@ from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F4
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2  # noqa: F401
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.connection_limit.v3 import connection_limit_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,  # noqa: F401
 )
@@ -131,6 +132,21 @@ def _grpc_too_large(max_bytes: int) -> dict[str, Any]:
         ],
         "body": {"inline_string": f"request body larger than max_request_bytes ({max_bytes})"},
     }
+
+
+# Edge hardening of the public listener (the overload manager's heap limit is in the bootstrap,
+# deploy/local/envoy/envoy.yaml: it is not an xDS resource). Sized for a prediction API: small headers,
+# bodies capped by the buffer filter, calls that take seconds, not minutes.
+MAX_DOWNSTREAM_CONNECTIONS = 10_000
+MAX_CONCURRENT_STREAMS = 100  # per HTTP/2 connection
+CONNECTION_BUFFER_BYTES = 32 * 1024  # per connection, read and write
+MAX_REQUEST_HEADERS_KB = 32
+MAX_HEADERS_COUNT = 100
+REQUEST_HEADERS_TIMEOUT_MS = 10_000  # a client that sends headers slowly (slowloris) is cut off
+STREAM_IDLE_TIMEOUT_MS = 30_000
+IDLE_CONNECTION_TIMEOUT_MS = 300_000
+# The whole request, body included; above the longest route timeout so that a route's own answers first.
+MIN_REQUEST_TIMEOUT_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -428,7 +444,11 @@ def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[st
         *(_edge_filters(max_bytes, wiring) if platform.admission.placement == "edge" else []),
         {
             "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                # No x-envoy-* headers in answers (upstream service time, overloaded, ...).
+                "suppress_envoy_headers": True,
+            },
         },
     ]
 
@@ -505,6 +525,31 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
         "stat_prefix": LISTENER_NAME,
         "codec_type": "AUTO",
         "generate_request_id": True,
+        # Every caller is external: the connection's address is the client's, client-sent
+        # x-forwarded-for is not trusted, and x-envoy-* request headers from the client (x-envoy-retry-on,
+        # x-envoy-upstream-rq-timeout-ms, ...) are removed before routing rather than honoured.
+        "use_remote_address": True,
+        "xff_num_trusted_hops": 0,
+        # No client address is internal (0.0.0.0/32 matches no peer): an empty list would mean Envoy's
+        # default, the private ranges, where the other pods of the cluster live.
+        "internal_address_config": {
+            "unix_sockets": False,
+            "cidr_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 32}],
+        },
+        "request_headers_timeout": _ms(REQUEST_HEADERS_TIMEOUT_MS),
+        "request_timeout": _ms(max(MIN_REQUEST_TIMEOUT_MS, platform.gateway.timeout_ms + 5_000)),
+        "stream_idle_timeout": _ms(STREAM_IDLE_TIMEOUT_MS),
+        "max_request_headers_kb": MAX_REQUEST_HEADERS_KB,
+        "common_http_protocol_options": {
+            "idle_timeout": _ms(IDLE_CONNECTION_TIMEOUT_MS),
+            "max_headers_count": MAX_HEADERS_COUNT,
+            "headers_with_underscores_action": "REJECT_REQUEST",
+        },
+        "http2_protocol_options": {
+            "max_concurrent_streams": MAX_CONCURRENT_STREAMS,
+            "initial_stream_window_size": 65_536,
+            "initial_connection_window_size": 1_048_576,
+        },
         "rds": {
             "route_config_name": ROUTE_NAME,
             "config_source": {"ads": {}, "resource_api_version": "V3"},
@@ -525,8 +570,19 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
                 },
             }
         }
+    connection_limit = {
+        "name": "envoy.filters.network.connection_limit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
+            "stat_prefix": LISTENER_NAME,
+            "max_connections": MAX_DOWNSTREAM_CONNECTIONS,
+        },
+    }
     chain: dict[str, Any] = {
-        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+        "filters": [
+            connection_limit,
+            {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm},
+        ]
     }
     if platform.listener.tls.enabled:
         chain["transport_socket"] = {
@@ -548,6 +604,7 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
     return {
         "name": LISTENER_NAME,
         "address": {"socket_address": {"address": platform.listener.host, "port_value": port}},
+        "per_connection_buffer_limit_bytes": CONNECTION_BUFFER_BYTES,
         "filter_chains": [chain],
     }
 

@@ -47,7 +47,7 @@ def _dicts(wiring: EnvoyWiring = WIRING, platform: PlatformConfig | None = None)
 
 
 def _filters(listener: dict) -> dict[str, dict]:
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = listener["filter_chains"][0]["filters"][-1]["typed_config"]
     return {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
 
 
@@ -171,7 +171,7 @@ def test_tracing_tls_access_log_and_port_override() -> None:
 
     assert "jaeger" in out[CLUSTER_TYPE]
     listener = out[LISTENER_TYPE]["public"]
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = listener["filter_chains"][0]["filters"][-1]["typed_config"]
     assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
     assert hcm["access_log"][0]["typed_config"]["path"] == "/tmp/access.log"
     assert listener["address"]["socket_address"]["port_value"] == 9999
@@ -181,7 +181,7 @@ def test_tracing_tls_access_log_and_port_override() -> None:
 
 def test_tracing_is_off_by_default() -> None:
     out = _dicts()
-    hcm = out[LISTENER_TYPE]["public"]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = out[LISTENER_TYPE]["public"]["filter_chains"][0]["filters"][-1]["typed_config"]
 
     assert "tracing" not in hcm
     assert "jaeger" not in out[CLUSTER_TYPE]
@@ -279,3 +279,22 @@ def test_the_inference_rest_api_when_routed_is_data_plane_only_behind_admission(
         "/v2/logging",
     ):
         assert target(path) in ("refused", "no route"), path
+
+
+def test_the_public_listener_is_hardened() -> None:
+    """Connection and stream limits, header and request timeouts, buffer limits, no trusted x-envoy-*."""
+    listener = _dicts()[LISTENER_TYPE]["public"]
+    assert listener["per_connection_buffer_limit_bytes"] == 32 * 1024
+    first, hcm_filter = listener["filter_chains"][0]["filters"]
+    assert first["name"] == "envoy.filters.network.connection_limit"
+    assert int(first["typed_config"]["max_connections"]) == 10_000
+    hcm = hcm_filter["typed_config"]
+    assert hcm["use_remote_address"] is True and hcm.get("xff_num_trusted_hops", 0) == 0
+    assert hcm["internal_address_config"]["cidr_ranges"] == [{"address_prefix": "0.0.0.0", "prefix_len": 32}]
+    assert hcm["request_headers_timeout"] == "10s"
+    assert hcm["request_timeout"] == "60s"  # above the route's 1.5 s
+    assert hcm["stream_idle_timeout"] == "30s"
+    assert hcm["max_request_headers_kb"] == 32
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 100
+    assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "REJECT_REQUEST"
+    assert _filters(listener)["envoy.filters.http.router"]["suppress_envoy_headers"] is True
