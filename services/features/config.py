@@ -55,6 +55,10 @@ class StoreConfig:
     store_breaker_reset_s: float = 2.0
     # Attempts per Cassandra call (1: no retry); retries are budgeted.
     store_max_attempts: int = 2
+    # The latest expiration time (seconds since the epoch) Cassandra accepts: 2038-01-19 unless every
+    # node runs with `storage_compatibility_mode: NONE` (Cassandra 5; then up to 4294967294, 2106).
+    # A value whose TTL would end later is stored without one (reads still apply the view's TTL).
+    store_max_expiration_s: int = 2_147_483_646
 
     def __post_init__(self) -> None:
         if not 1 <= self.store_read_chunk <= 1000:
@@ -68,8 +72,17 @@ class LimitsConfig:
     max_entities_per_request: int = 1000
     max_features_per_request: int = 1000
     max_rows_per_write: int = 10_000
+    # Writes with an event time more than this many seconds after the server's clock are refused
+    # (a far-future event time would win over every later write of the feature, forever).
+    max_event_time_skew_s: float = 300.0
+    # Writes with an event time before this (seconds since the epoch; 2000-01-01) are refused.
+    min_event_time_s: int = 946_684_800
     # How often feature views are re-read from Cassandra (changes applied through other replicas).
     registry_refresh_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_event_time_skew_s < 0:
+            raise ValueError(f"max_event_time_skew_s must not be negative, got {self.max_event_time_skew_s}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,14 @@ rows are written to the store (the newest event time wins, so replays are
 harmless), the bad records go to the dead-letter topic with an `error` header,
 and only then are the offsets committed. While the store is down the batch is
 retried with backoff and nothing is committed.
+
+A record is bad when it does not decode, names an unknown view or feature, or
+fails the checks of WriteFeatures (types, event-time bounds, NaN/±Inf); a record
+is dead-lettered whole, like a WriteFeatures call is refused whole. When the store
+refuses a batch for something a record carries, the batch is written record by
+record and the refused ones are dead-lettered. No record stops the consumer: an
+unexpected error on one is logged and that record dead-lettered, never re-read in
+a crash loop.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from prometheus_client import Counter, Gauge
 
 from infergrid.features.v1 import features_pb2
 from libs.config import load_config_or_exit
-from libs.errors import DeadlineExceeded, ServiceError, Unavailable
+from libs.errors import DeadlineExceeded, ServiceError, Unavailable, is_client_error
 from libs.kafka import context_from_headers
 from libs.telemetry import setup_telemetry, tracer
 from services.features.config import ENV_PREFIX, FeaturesConfig, StreamConfig
@@ -37,6 +45,7 @@ from services.features.online import OnlineFeatures, RowInput
 from services.features.registry import View
 from services.features.store import WriteRow
 from services.features.wiring import open_feature_store
+from services.features.write_bounds import timestamp_us
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -110,9 +119,11 @@ class StreamIngestor:
             RowInput(
                 row.entity_key,
                 row.values,
-                row.event_timestamp.ToMicroseconds() if row.HasField("event_timestamp") else None,
+                timestamp_us(f"rows[{i}].event_timestamp", row.event_timestamp)
+                if row.HasField("event_timestamp")
+                else None,
             )
-            for row in request.rows
+            for i, row in enumerate(request.rows)
         ]
         return view, self._online.prepare_rows(view, rows)
 
@@ -139,7 +150,7 @@ class StreamIngestor:
     async def process(self, messages: Sequence[Message], stop: asyncio.Event | None = None) -> BatchOutcome:
         """Writes the good records of a batch and dead-letters the bad ones (offsets are not touched)."""
         outcome = BatchOutcome()
-        by_view: dict[str, tuple[View, list[WriteRow]]] = {}
+        by_view: dict[str, tuple[View, list[tuple[Message, list[WriteRow]]]]] = {}
         # The batch span links to the traces of the producers that sent its records.
         links = [
             trace.Link(ctx)
@@ -164,14 +175,69 @@ class StreamIngestor:
                     self._dead_letter(message, str(getattr(exc, "message", exc)))
                     outcome.dead_lettered += 1
                     continue
-                by_view.setdefault(view.name, (view, []))[1].extend(rows)
-            for view, rows in by_view.values():
-                await self._write_until_done(view, rows, stop)
-                outcome.written_rows += len(rows)
+                except Exception:  # one record must never stop (and crash-loop) the consumer
+                    log.exception(
+                        "record %s/%s/%s: unexpected error",
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                    )
+                    self._dead_letter(message, "internal error while validating the record")
+                    outcome.dead_lettered += 1
+                    continue
+                by_view.setdefault(view.name, (view, []))[1].append((message, rows))
+            for view, records in by_view.values():
+                await self._write_records(view, records, outcome, stop)
             _WRITTEN.inc(outcome.written_rows)
             if outcome.dead_lettered:
                 await asyncio.to_thread(self._producer.flush, 30)
         return outcome
+
+    async def _write_records(
+        self,
+        view: View,
+        records: list[tuple[Message, list[WriteRow]]],
+        outcome: BatchOutcome,
+        stop: asyncio.Event | None,
+    ) -> None:
+        """Writes the records' rows in one call; when the store refuses them, record by record."""
+        rows = [row for _, record_rows in records for row in record_rows]
+        try:
+            await self._write_until_done(view, rows, stop)
+        except (Unavailable, DeadlineExceeded):
+            raise
+        except Exception as exc:
+            if len(records) == 1:
+                self._refused(records[0][0], exc)
+                outcome.dead_lettered += 1
+                return
+            log.warning("the store refused a batch of %d records, writing them one by one", len(records))
+            for message, record_rows in records:
+                try:
+                    await self._write_until_done(view, record_rows, stop)
+                except (Unavailable, DeadlineExceeded):
+                    raise
+                except Exception as one:
+                    self._refused(message, one)
+                    outcome.dead_lettered += 1
+                else:
+                    outcome.written_rows += len(record_rows)
+            return
+        outcome.written_rows += len(rows)
+
+    def _refused(self, message: Message, exc: Exception) -> None:
+        """Dead-letters a record the store refused: the store's reason when it blames the record."""
+        if is_client_error(exc):
+            self._dead_letter(message, str(getattr(exc, "message", exc)))
+            return
+        log.error(
+            "record %s/%s/%s: the store failed on it",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            exc_info=exc,
+        )
+        self._dead_letter(message, "internal error while writing the record")
 
     async def _write_until_done(self, view: View, rows: list[WriteRow], stop: asyncio.Event | None) -> None:
         delay = 0.2

@@ -30,6 +30,7 @@ from services.features.config import FeaturesConfig
 from services.features.errors import FeatureNotFound, InvalidArgument, ViewNotFound
 from services.features.registry import Registry, View
 from services.features.store import OnlineStore, WriteRow
+from services.features.write_bounds import EventTimeBounds, non_finite
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ class OnlineFeatures:
         self.cache = cache
         self.store = store
         self._limits = config.limits
+        self._event_bounds = EventTimeBounds(
+            min_us=config.limits.min_event_time_s * 1_000_000,
+            max_skew_us=int(config.limits.max_event_time_skew_s * 1_000_000),
+        )
         self._cache_config = config.cache
         self._prefix = config.cache.cache_key_prefix.encode()
         self._clock = clock
@@ -313,8 +318,13 @@ class OnlineFeatures:
     def prepare_rows(self, view: View, rows: Sequence[RowInput]) -> list[WriteRow]:
         """Checks rows against the view and encodes them for the store.
 
+        Nothing is written unless every row is good: the first bad row refuses the batch,
+        named by its index (`rows[2].event_timestamp`, `rows[0].values['amount']`).
+
         Raises:
-            InvalidArgument: A row is malformed (named by index, column and problem).
+            InvalidArgument: A row is malformed (named by index, column and problem): a wrong type,
+                an event time out of bounds (see write_bounds), NaN or ±Inf in a feature that does
+                not allow them.
             FeatureNotFound: A value names a feature the view does not have.
         """
         if not rows:
@@ -348,7 +358,11 @@ class OnlineFeatures:
                 parts.append(part)
             if not row.values:
                 raise InvalidArgument(f"rows[{i}].values: at least one feature value is required")
-            event_us = now_us if row.event_us is None else row.event_us
+            if row.event_us is None:
+                event_us = now_us
+            else:
+                event_us = row.event_us
+                self._event_bounds.check(f"rows[{i}].event_timestamp", event_us, now_us)
             cells: dict[str, bytes] = {}
             for name, value in row.values.items():
                 index = view.index.get(name)
@@ -360,6 +374,13 @@ class OnlineFeatures:
                         f"rows[{i}].values[{name!r}]: expected {codec.type_name(expected)}, "
                         f"got {codec.kind_name(value)}"
                     )
+                if view.finite_only[index]:
+                    where = non_finite(value)
+                    if where is not None:
+                        raise InvalidArgument(
+                            f"rows[{i}].values[{name!r}]{where}: NaN and infinities are refused (feature "
+                            f"{name!r} of view {view.name!r} does not set allow_non_finite)"
+                        )
                 cells[name] = codec.cell(event_us, value.SerializeToString())
             out.append(WriteRow(codec.join_key(parts), cells, event_us))
         return out

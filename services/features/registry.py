@@ -20,6 +20,7 @@ from typing import Protocol
 from infergrid.features.v1 import features_pb2
 from services.features import codec
 from services.features.errors import IncompatibleChange, InvalidArgument, ViewNotFound
+from services.features.write_bounds import non_finite
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,14 @@ FeatureView = features_pb2.FeatureView
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_FEATURES_PER_VIEW = 4096
 MAX_KEY_COLUMNS = 8
+_FLOATING = frozenset(
+    {
+        codec.VT.VALUE_TYPE_FLOAT,
+        codec.VT.VALUE_TYPE_DOUBLE,
+        codec.VT.VALUE_TYPE_FLOAT_LIST,
+        codec.VT.VALUE_TYPE_DOUBLE_LIST,
+    }
+)
 
 
 class ViewStore(Protocol):
@@ -55,6 +64,8 @@ class View:
     key_columns: tuple[tuple[str, int], ...]
     feature_names: tuple[str, ...]
     feature_types: tuple[int, ...]
+    # Per feature: whether writes must be finite (a FLOAT or DOUBLE type without `allow_non_finite`).
+    finite_only: tuple[bool, ...]
     index: dict[str, int]
     # 0: values never expire.
     ttl_us: int
@@ -69,6 +80,7 @@ class View:
             key_columns=tuple((c.name, int(c.type)) for c in spec.entity.key_columns),
             feature_names=tuple(f.name for f in spec.features),
             feature_types=tuple(int(f.type) for f in spec.features),
+            finite_only=tuple(f.type in _FLOATING and not f.allow_non_finite for f in spec.features),
             index={f.name: i for i, f in enumerate(spec.features)},
             ttl_us=spec.ttl.seconds * 1_000_000 + spec.ttl.nanos // 1000,
             revision=spec.revision,
@@ -132,6 +144,13 @@ def validate(spec: FeatureView) -> None:
                 f"feature_view.features: the default value of {feature.name!r} is "
                 f"{codec.kind_name(feature.default_value)}, not {codec.type_name(feature.type)}"
             )
+        if not feature.allow_non_finite and feature.HasField("default_value"):
+            where = non_finite(feature.default_value)
+            if where is not None:
+                raise InvalidArgument(
+                    f"feature_view.features: the default value{where} of {feature.name!r} is NaN or infinite "
+                    "(set allow_non_finite on the feature to allow it)"
+                )
     if spec.ttl.seconds < 0 or spec.ttl.nanos < 0:
         raise InvalidArgument("feature_view.ttl must not be negative")
 

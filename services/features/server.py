@@ -25,15 +25,12 @@ from services.features.online import OnlineFeatures, RowInput
 from services.features.registry import Registry, ViewStore
 from services.features.store import OnlineStore
 from services.features.wiring import open_feature_store
+from services.features.write_bounds import timestamp_us
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
 MAX_PAGE_SIZE = 1000
-
-
-def _timestamp_us(ts: Any) -> int:
-    return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
 
 
 class FeatureServiceServicer(features_pb2_grpc.FeatureServiceServicer):
@@ -91,9 +88,11 @@ class FeatureServiceServicer(features_pb2_grpc.FeatureServiceServicer):
             RowInput(
                 row.entity_key,
                 row.values,
-                _timestamp_us(row.event_timestamp) if row.HasField("event_timestamp") else None,
+                timestamp_us(f"rows[{i}].event_timestamp", row.event_timestamp)
+                if row.HasField("event_timestamp")
+                else None,
             )
-            for row in request.rows
+            for i, row in enumerate(request.rows)
         ]
         written = await self._online.write_inputs(request.feature_view, rows)
         return features_pb2.WriteFeaturesResponse(rows_written=written)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-from cassandra import DriverException, RequestExecutionException
+from cassandra import DriverException, InvalidRequest, RequestExecutionException
 from cassandra.cluster import NoHostAvailable
 from prometheus_client import Counter, Histogram
 
@@ -27,7 +27,7 @@ from libs.cassandra import AsyncCassandra, CassandraConfig, LazySession
 from libs.telemetry import tracer
 from services.features.codec import Record
 from services.features.config import StoreConfig
-from services.features.errors import StoreUnavailable
+from services.features.errors import InvalidArgument, StoreUnavailable
 from services.features.metrics import db_duration
 from services.features.registry import View
 
@@ -46,6 +46,8 @@ ROWS_WRITTEN = Counter("infergrid_features_rows_written_total", "Entity rows wri
 
 # Cassandra refuses TTLs above 20 years.
 _MAX_TTL_S = 630_720_000
+# Cassandra's clock may be ahead of ours: TTLs end this long before its latest expiration time.
+_EXPIRATION_MARGIN_S = 86_400
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS feature_values (
@@ -86,22 +88,38 @@ class OnlineStore(Protocol):
         ...
 
 
-def cassandra_ttl(view_ttl_us: int, event_us: int, now_us: int, retention_s: int) -> int:
+def cassandra_ttl(
+    view_ttl_us: int,
+    event_us: int,
+    now_us: int,
+    retention_s: int,
+    max_expiration_s: int = 2_147_483_646,
+) -> int:
     """Seconds Cassandra keeps a value: until the view's TTL passes, plus `retention_s` (0: forever).
 
     Values are kept a while after they expire so that reads can say EXPIRED
     rather than NOT_FOUND; a value older than its TTL is never served as present.
+    A TTL Cassandra would refuse (over 20 years, or ending after `max_expiration_s`)
+    is not sent: the value is kept without one, and reads still apply the view's TTL.
     """
     if view_ttl_us <= 0:
         return 0
     remaining_s = (event_us + view_ttl_us - now_us) // 1_000_000
-    return max(1, min(_MAX_TTL_S, max(0, remaining_s) + retention_s))
+    ttl = max(1, max(0, remaining_s) + retention_s)
+    limit = min(_MAX_TTL_S, max_expiration_s - _EXPIRATION_MARGIN_S - now_us // 1_000_000)
+    return ttl if ttl <= limit else 0
 
 
 async def _unavailable_on_driver_error(op: str, call: Awaitable[T]) -> T:
     started = time.perf_counter()
     try:
         return await call
+    except InvalidRequest as exc:
+        # Cassandra answered, and blamed the request (a value out of its range): the caller's error,
+        # never a store failure, so that it cannot open the breaker that guards reads. Writes are
+        # checked before they get here (write_bounds); this is the last line.
+        log.warning("Cassandra refused a %s: %s", op, str(exc)[:500])
+        raise InvalidArgument(f"rows: the store refused the {op}: {_cassandra_reason(exc)}") from exc
     except (NoHostAvailable, RequestExecutionException, DriverException, OSError) as exc:
         raise StoreUnavailable(f"Cassandra {op} failed: {type(exc).__name__}") from exc
     finally:
@@ -109,6 +127,15 @@ async def _unavailable_on_driver_error(op: str, call: Awaitable[T]) -> T:
         legacy, current = _op_children(op)
         legacy.observe(elapsed)
         current.observe(elapsed)
+
+
+def _cassandra_reason(exc: InvalidRequest) -> str:
+    """Cassandra's own words, without the driver's wrapping (`Error from server: code=2200 ...`)."""
+    text = str(exc)
+    start = text.find('message="')
+    if start >= 0:
+        text = text[start + 9 :].rstrip('"}')
+    return text[:300]
 
 
 _OP_CHILDREN: dict[str, tuple[Any, Any]] = {}
@@ -132,6 +159,7 @@ class CassandraOnlineStore:
         self._db = db
         self._chunk = config.store_read_chunk
         self._retention_s = config.store_expired_retention_s
+        self._max_expiration_s = config.store_max_expiration_s
         self._clock = clock
         self._read = db.prepare(
             "SELECT entity_key, cells FROM feature_values WHERE view_name = ? AND entity_key IN ?"
@@ -165,7 +193,7 @@ class CassandraOnlineStore:
         now_us = int(self._clock() * 1_000_000)
         params = [
             (
-                cassandra_ttl(view.ttl_us, row.event_us, now_us, self._retention_s),
+                cassandra_ttl(view.ttl_us, row.event_us, now_us, self._retention_s, self._max_expiration_s),
                 row.event_us,
                 row.cells,
                 view.name,

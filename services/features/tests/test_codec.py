@@ -73,3 +73,16 @@ def test_cassandra_ttl_keeps_expired_values_for_the_retention() -> None:
     assert cassandra_ttl(0, now, now, 86_400) == 0
     assert cassandra_ttl(60_000_000, now, now, 100) == 160
     assert cassandra_ttl(60_000_000, now - 3_600_000_000, now, 100) == 100
+
+
+def test_cassandra_ttl_never_sends_a_ttl_cassandra_would_refuse() -> None:
+    from services.features.store import cassandra_ttl
+
+    now = 1_800_000_000 * 1_000_000  # 2027
+    year_us = 365 * 86_400 * 1_000_000
+    assert cassandra_ttl(5 * year_us, now, now, 0) == 5 * 365 * 86_400
+    # Past 2038 (Cassandra's latest expiration unless storage_compatibility_mode is NONE): no TTL,
+    # reads still apply the view's; over 20 years: refused by every Cassandra, so none either.
+    assert cassandra_ttl(15 * year_us, now, now, 0) == 0
+    assert cassandra_ttl(15 * year_us, now, now, 0, max_expiration_s=4_294_967_294) == 15 * 365 * 86_400
+    assert cassandra_ttl(21 * year_us, now, now, 0, max_expiration_s=4_294_967_294) == 0

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from infergrid.features.v1 import features_pb2 as pb
 from services.features.config import FeaturesConfig, StreamConfig
+from services.features.errors import InvalidArgument
 from services.features.ingest_stream import StreamIngestor
 from services.features.online import OnlineFeatures
 from services.features.registry import Registry
@@ -133,3 +138,72 @@ async def test_a_batch_is_retried_while_the_store_is_down() -> None:
     outcome = await asyncio.wait_for(ingestor.process([FakeMessage(_update("c", 3))]), 10)  # type: ignore[list-item]
     await recovery
     assert outcome.written_rows == 1 and (("v", b"c") in store.rows)
+
+
+async def test_bad_values_and_times_are_dead_lettered_and_the_rest_written() -> None:
+    ingestor, store, producer, _ = await _ingestor()
+    future = pb.WriteFeaturesRequest.FromString(_update("f", 1))
+    future.rows[0].event_timestamp.FromSeconds(int(time.time()) + 86_400)
+    overflow = pb.WriteFeaturesRequest.FromString(_update("o", 1))
+    overflow.rows[0].event_timestamp.seconds = 2**62  # past what ToMicroseconds/">q" can hold
+    nan = pb.WriteFeaturesRequest(
+        feature_view="v",
+        rows=[
+            pb.FeatureRow(
+                entity_key={"id": V(string_value="n")}, values={"f_float": V(float_value=float("nan"))}
+            )
+        ],
+    )
+    messages = [
+        FakeMessage(future.SerializeToString(), 0),
+        FakeMessage(overflow.SerializeToString(), 1),
+        FakeMessage(nan.SerializeToString(), 2),
+        FakeMessage(_update("good", 1), 3),
+    ]
+    outcome = await ingestor.process(messages)  # type: ignore[arg-type]
+    assert outcome.written_rows == 1 and outcome.dead_lettered == 3
+    assert {key for _, key in store.rows} == {b"good"}
+    errors = [m["headers"]["error"] for m in producer.sent]
+    assert b"rows[0].event_timestamp" in errors[0] and b"future" in errors[0]
+    assert b"rows[0].event_timestamp" in errors[1]
+    assert b"rows[0].values['f_float']" in errors[2]
+
+
+async def test_a_record_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ingestor, store, producer, _online = await _ingestor()
+    real_write = store.write
+
+    async def refuse_b(view: Any, rows: Any) -> None:
+        if any(row.key == b"b" for row in rows):
+            raise InvalidArgument("rows: the store refused the write: out of bound timestamp")
+        if any(row.key == b"c" for row in rows):
+            raise RuntimeError("a bug in the store")
+        await real_write(view, rows)
+
+    monkeypatch.setattr(store, "write", refuse_b)
+    messages = [FakeMessage(_update(user, 1), i) for i, user in enumerate("abcd")]
+    outcome = await ingestor.process(messages)  # type: ignore[arg-type]
+    assert outcome.written_rows == 2 and outcome.dead_lettered == 2
+    assert {key for _, key in store.rows} == {b"a", b"d"}
+    assert [m["headers"]["source.offset"] for m in producer.sent] == [b"1", b"2"]
+    assert b"out of bound timestamp" in producer.sent[0]["headers"]["error"]
+    assert producer.sent[1]["headers"]["error"] == b"internal error while writing the record"
+
+
+async def test_an_unexpected_error_on_one_record_never_stops_the_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ingestor, _store, producer, online = await _ingestor()
+    real_prepare = online.prepare_rows
+
+    def explode_on_b(view: Any, rows: Any) -> Any:
+        if rows and rows[0].entity_key["id"].string_value == "b":
+            raise struct.error("a bug")
+        return real_prepare(view, rows)
+
+    monkeypatch.setattr(online, "prepare_rows", explode_on_b)
+    outcome = await ingestor.process([FakeMessage(_update(u, 1), i) for i, u in enumerate("ab")])  # type: ignore[arg-type]
+    assert outcome.written_rows == 1 and outcome.dead_lettered == 1
+    assert producer.sent[0]["headers"]["error"] == b"internal error while validating the record"

@@ -12,8 +12,10 @@ import pytest
 
 from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc
+from infergrid.types.v1 import value_pb2
 from libs.testing import assert_bad_config_exits, assert_serves
 from services.features.config import FeaturesConfig, FeaturesServerConfig, LimitsConfig
+from services.features.errors import InvalidArgument
 from services.features.server import SERVICE_NAME, create_server
 from services.features.tests.fakes import InMemoryCache, InMemoryOnlineStore, InMemoryViewStore
 from services.features.tests.views import ALL_TYPES, VT, V, string_keys, typed_row, typed_view
@@ -369,3 +371,115 @@ async def test_store_down_serves_cache_as_possibly_stale_and_fails_misses_fast(h
             await asyncio.sleep(0.2)
     assert list(got.results[0].statuses) == [NOT_FOUND]
     assert not (await harness.stub.GetOnlineFeatures(hot)).possibly_stale
+
+
+# Feature writes trust nothing (issue 14, item 7): every bad write is INVALID_ARGUMENT naming the field,
+# the batch is refused whole, and nothing reaches the store.
+
+
+def _finite_view(allow: bool = False) -> pb.FeatureView:
+    view = typed_view("finite")
+    view.features.append(pb.FeatureSpec(name="ratio", type=VT.VALUE_TYPE_DOUBLE, allow_non_finite=allow))
+    view.features.append(pb.FeatureSpec(name="doubles", type=VT.VALUE_TYPE_DOUBLE_LIST))
+    return view
+
+
+async def _refused(harness: Harness, rows: list[pb.FeatureRow], view: str = "finite") -> str:
+    before = dict(harness.store.rows)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view=view, rows=rows))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert dict(harness.store.rows) == before, "a refused batch wrote something"
+    return info.value.details() or ""
+
+
+def _row(entity: str, ts_s: float | None = None, **values: V) -> pb.FeatureRow:
+    row = pb.FeatureRow(
+        entity_key={"id": V(string_value=entity)}, values=values or {"f_int64": V(int64_value=1)}
+    )
+    if ts_s is not None:
+        row.event_timestamp.FromMicroseconds(round(ts_s * 1e6))
+    return row
+
+
+async def test_event_times_are_bounded(harness: Harness) -> None:
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_finite_view()))
+    now = time.time()
+    # A minute ahead (clock skew) is accepted; an hour ahead, or before 2000, is not.
+    await harness.stub.WriteFeatures(
+        pb.WriteFeaturesRequest(feature_view="finite", rows=[_row("a", now + 60)])
+    )
+    details = await _refused(harness, [_row("b", now), _row("c", now), _row("d", now + 3600)])
+    assert details.startswith("rows[2].event_timestamp: ") and "in the future" in details
+    assert "rows[0].event_timestamp" in await _refused(harness, [_row("e", 100.0)])
+    assert "before the earliest" in await _refused(harness, [_row("e", -1e9)])
+    # Out of every range: Cassandra's microseconds, Timestamp's own, malformed nanos.
+    far = _row("f")
+    far.event_timestamp.seconds = 2**62
+    assert "rows[0].event_timestamp" in await _refused(harness, [far])
+    far.event_timestamp.seconds = -(2**62)
+    assert "rows[0].event_timestamp" in await _refused(harness, [far])
+    bad_nanos = _row("g")
+    bad_nanos.event_timestamp.seconds = int(now)
+    bad_nanos.event_timestamp.nanos = -5
+    assert "rows[0].event_timestamp: nanos" in await _refused(harness, [bad_nanos])
+
+
+async def test_nan_and_infinities_need_allow_non_finite(harness: Harness) -> None:
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_finite_view()))
+    cases = {
+        "f_float": V(float_value=float("nan")),
+        "f_double": V(double_value=float("inf")),
+        "f_floats": V(float_list_value=value_pb2.FloatList(values=[1.0, float("-inf")])),
+        "doubles": V(double_list_value=value_pb2.DoubleList(values=[float("nan")])),
+        "ratio": V(double_value=float("-inf")),
+    }
+    for name, value in cases.items():
+        details = await _refused(harness, [_row("a"), _row("b", **{name: value})])
+        assert details.startswith(f"rows[1].values[{name!r}]"), details
+        assert "allow_non_finite" in details
+    assert "values['f_floats'][1]" in await _refused(harness, [_row("a", f_floats=cases["f_floats"])])
+    # Declared: the feature may hold them.
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_finite_view(allow=True)))
+    await harness.stub.WriteFeatures(
+        pb.WriteFeaturesRequest(feature_view="finite", rows=[_row("nan", ratio=V(double_value=float("nan")))])
+    )
+    got = await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=["finite:ratio"], entities={"id": string_keys("nan")})
+    )
+    assert got.results[0].statuses[0] == OK and got.results[0].values[0].double_value != 0
+
+
+async def test_a_non_finite_default_value_is_refused(harness: Harness) -> None:
+    view = _finite_view()
+    view.features[-2].default_value.double_value = float("nan")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'ratio'" in (info.value.details() or "")
+    view.features[-2].allow_non_finite = True
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+
+
+async def test_bad_writes_never_open_the_breaker_that_guards_reads(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_finite_view()))
+    await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="finite", rows=[_row("a")]))
+    failures = FeaturesConfig().store.store_breaker_failures
+    # Refused before the store is called...
+    for _ in range(3 * failures):
+        await _refused(harness, [_row("x", time.time() + 86_400)])
+        await _refused(harness, [_row("x", f_double=V(double_value=float("nan")))])
+
+    # ...and when the store itself blames the request (store.py maps Cassandra's InvalidRequest so).
+    async def refuse(view: object, rows: object) -> None:
+        raise InvalidArgument("rows: the store refused the write: out of bound timestamp")
+
+    monkeypatch.setattr(harness.store, "write", refuse)
+    for _ in range(3 * failures):
+        assert "out of bound" in await _refused(harness, [_row("y")])
+    got = await harness.stub.GetOnlineFeatures(
+        pb.GetOnlineFeaturesRequest(features=["finite:f_int64"], entities={"id": string_keys("a", "zz")})
+    )
+    assert list(got.results[0].statuses) == [OK, NOT_FOUND] and not got.possibly_stale
