@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cassandra.cluster import NoHostAvailable
+from confluent_kafka import KafkaError, KafkaException
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
@@ -271,7 +272,12 @@ class StreamIngestor:
                 await self.process(messages, stop)
             except (Unavailable, DeadlineExceeded):
                 break  # stopping while the store is down: leave the batch uncommitted
-            await asyncio.to_thread(self._consumer.commit, asynchronous=False)
+            try:
+                await asyncio.to_thread(self._consumer.commit, asynchronous=False)
+            except KafkaException as exc:
+                # A poll that returned only error events (the topic not created yet) stored no offset.
+                if exc.args[0].code() != KafkaError._NO_OFFSET:
+                    raise
 
     def _update_lag(self) -> None:
         """Sets the lag gauge: per assigned partition, the high watermark minus the position."""

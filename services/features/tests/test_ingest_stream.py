@@ -207,3 +207,48 @@ async def test_an_unexpected_error_on_one_record_never_stops_the_consumer(
     outcome = await ingestor.process([FakeMessage(_update(u, 1), i) for i, u in enumerate("ab")])  # type: ignore[arg-type]
     assert outcome.written_rows == 1 and outcome.dead_lettered == 1
     assert producer.sent[0]["headers"]["error"] == b"internal error while validating the record"
+
+
+class _ErrorOnlyConsumer:
+    """A consumer whose polls return only error events (the topic not created yet): nothing to commit."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.polls = 0
+
+    def subscribe(self, topics: list[str]) -> None:
+        pass
+
+    def assignment(self) -> list[Any]:
+        return []
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        return []
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        from confluent_kafka import KafkaError
+
+        self.polls += 1
+        if self.polls >= 3:
+            self.stop.set()
+        error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+
+        class _ErrorEvent(FakeMessage):
+            def error(self) -> Any:
+                return error
+
+        return [_ErrorEvent(None)]
+
+    def commit(self, asynchronous: bool) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        raise KafkaException(KafkaError(KafkaError._NO_OFFSET))
+
+
+async def test_polls_of_error_events_only_never_crash_the_consumer() -> None:
+    _, _store, producer, online = await _ingestor()
+    stop = asyncio.Event()
+    consumer = _ErrorOnlyConsumer(stop)
+    ingestor = StreamIngestor(online, consumer=consumer, producer=producer, config=StreamConfig())
+    await asyncio.wait_for(ingestor.run(stop), 10)
+    assert consumer.polls == 3 and not producer.sent
