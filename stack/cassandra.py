@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from stack.component import Component
+from stack.component import NodeComponent
 from stack.config import StackConfig, node_address
 from stack.errors import InstallError
 from stack.java import ensure_java_home, find_java_home
@@ -28,7 +28,7 @@ def initial_token(node: int, nodes: int) -> int:
     return _TOKEN_MIN + (node - 1) * (2**64 // nodes)
 
 
-class Cassandra(Component):
+class Cassandra(NodeComponent):
     """A Cassandra node; ready when `SELECT release_version FROM system.local` answers over CQL.
 
     Alone (the default) it is `cassandra` on the stack's address. As node `node` of `nodes` it is
@@ -53,21 +53,10 @@ class Cassandra(Component):
         node: int = 1,
         nodes: int = 1,
     ) -> None:
-        """See `Component.__init__`; `node` (1-based) of `nodes` places it in a multi-node cluster."""
-        if not 1 <= node <= nodes:
-            raise ValueError(f"node {node} is not in 1..{nodes}")
-        self.node = node
-        self.nodes = nodes
-        super().__init__(
-            config, name=name or (self.kind if nodes == 1 else f"{self.kind}-{node}"), ports=ports
-        )
-        if nodes > 1:
+        """See `NodeComponent.__init__`; a node of a cluster gets the smaller heap."""
+        super().__init__(config, name=name, ports=ports, node=node, nodes=nodes)
+        if self.nodes > 1:
             self.heap = self.cluster_heap
-
-    @property
-    def host(self) -> str:
-        """The stack's address when alone, else 127.0.0.<node>."""
-        return node_address(self.config.host, self.node)
 
     @property
     def seeds(self) -> str:

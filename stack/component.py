@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stack.config import StackConfig
+from stack.config import StackConfig, node_address
 from stack.errors import PortInUseError, StackError, StartupError
 from stack.logs import tail_lines
 from stack.ports import find_port_holder, is_port_free, port_env_var
@@ -252,6 +252,34 @@ class Component(abc.ABC):
             return ComponentStatus(self.name, None, self.ports, "stopped", None)
         health = "healthy" if self.ready() else "unhealthy"
         return ComponentStatus(self.name, record.pid, record.ports, health, time.time() - record.started_at)
+
+
+class NodeComponent(Component):
+    """A server that may run as node `node` (1-based) of `nodes` (a Cassandra ring, a Kafka quorum): alone
+    it is named after its kind and binds the stack's address, in a cluster `<kind>-<node>` on 127.0.0.<node>."""
+
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        name: str | None = None,
+        ports: Mapping[str, int] | None = None,
+        node: int = 1,
+        nodes: int = 1,
+    ) -> None:
+        """See `Component.__init__`; `node` of `nodes` places it in a multi-node cluster."""
+        if not 1 <= node <= nodes:
+            raise ValueError(f"node {node} is not in 1..{nodes}")
+        self.node = node
+        self.nodes = nodes
+        super().__init__(
+            config, name=name or (self.kind if nodes == 1 else f"{self.kind}-{node}"), ports=ports
+        )
+
+    @property
+    def host(self) -> str:
+        """The stack's address when alone, else 127.0.0.<node>."""
+        return node_address(self.config.host, self.node)
 
 
 class CommandComponent(Component):

@@ -7,12 +7,11 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stack.component import Component
-from stack.config import StackConfig, node_address
+from stack.component import NodeComponent
+from stack.config import node_address
 from stack.errors import InstallError
 from stack.java import ensure_java_home, find_java_home
 from stack.maven import copy_dependencies, pom_property
@@ -32,7 +31,7 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-class Kafka(Component):
+class Kafka(NodeComponent):
     """A broker+controller node; ready when a metadata request to it lists it.
 
     Alone (the default) it is `kafka`, node id 1, on the stack's address, and every topic has one replica.
@@ -48,29 +47,6 @@ class Kafka(Component):
     start_timeout_s = 120.0
     stop_timeout_s = 45.0
     heap = ("256M", "512M")
-
-    def __init__(
-        self,
-        config: StackConfig,
-        *,
-        name: str | None = None,
-        ports: Mapping[str, int] | None = None,
-        node: int = 1,
-        nodes: int = 1,
-    ) -> None:
-        """See `Component.__init__`; `node` (1-based, also the node id) of `nodes` places it in a quorum."""
-        if not 1 <= node <= nodes:
-            raise ValueError(f"node {node} is not in 1..{nodes}")
-        self.node = node
-        self.nodes = nodes
-        super().__init__(
-            config, name=name or (self.kind if nodes == 1 else f"{self.kind}-{node}"), ports=ports
-        )
-
-    @property
-    def host(self) -> str:
-        """The stack's address when alone, else 127.0.0.<node>."""
-        return node_address(self.config.host, self.node)
 
     @property
     def node_id(self) -> int:
