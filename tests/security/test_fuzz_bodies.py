@@ -36,8 +36,8 @@ from services.gateway.config import (
     UpstreamConfig,
 )
 from services.gateway.server import create_server as create_gateway
+from services.gateway.tests.fake_servers import FakeFeatureService, FakeInference
 from services.gateway.tests.fakes import write_layout
-from services.gateway.tests.test_service import FakeFeatureService, FakeInference
 from services.inference.config import (
     ControlConfig,
     HttpConfig,

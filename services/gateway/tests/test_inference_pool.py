@@ -34,8 +34,8 @@ from services.gateway.config import (
 )
 from services.gateway.models import GrpcModelClient, StreamingModelClient
 from services.gateway.server import FEATURES_SERVICE, INFERENCE_SERVICE, create_server
+from services.gateway.tests.fake_servers import FakeFeatureService, FakeInference
 from services.gateway.tests.fakes import toy_spec, write_layout
-from services.gateway.tests.test_service import FakeFeatureService, FakeInference
 
 POLICY = DependencyPolicy(
     timeout_s=0.5,
