@@ -265,26 +265,39 @@ async def test_traced_requests_get_queue_compute_and_batch_spans(monkeypatch: py
 
 
 async def test_latency_target_adapts_the_delay_from_zero_within_the_bounds() -> None:
-    """With a p99 target the configured delay is a ceiling: a lone caller gets no wait, load grows it."""
+    """With a p99 target the configured delay is a ceiling: a lone caller gets no wait, load grows it.
+
+    The target is loose (1 s) so every window is under the headroom whatever the machine's load: the
+    controller then always tries a delay step, and whether the gradient check keeps or undoes it (a
+    question of how many rows the step gathered, which depends on scheduling) the delay stays within
+    its bounds and the batcher applies exactly what the controller decided.
+    """
     model = FakeModel(delay=0.0005)
-    batcher = _batcher(model, max_queue_delay_us=2_000, latency_target_us=50_000, max_batch_size=64)
+    batcher = _batcher(model, max_queue_delay_us=2_000, latency_target_us=1_000_000, max_batch_size=64)
     controller = batcher.controller
     assert controller is not None
-    assert batcher._delay_ns == 0
-    controller.target = type(controller.target)(  # a short window, so the test takes a second
-        p99_s=0.05, max_delay_s=0.002, max_batch=64, interval_s=0.02, min_samples=5
+    assert batcher._delay_ns == 0  # a lone first caller is not held
+    controller.target = type(controller.target)(  # a short window, so the test takes well under a second
+        p99_s=1.0, max_delay_s=0.002, max_batch=64, interval_s=0.005, min_samples=5
     )
-    started = time.perf_counter()
-    await batcher.infer(_rows(1.0), 1)
-    assert time.perf_counter() - started < 0.015  # not held for a fixed delay
+    delays: list[float] = []
+    decide = controller._decide
+
+    def recording_decide(now: float) -> bool:
+        changed = decide(now)
+        delays.append(controller.delay_s)
+        return changed
+
+    controller._decide = recording_decide  # type: ignore[method-assign]
 
     async def client() -> None:
         for _ in range(40):
             await batcher.infer(_rows(1.0), 1)
 
     await asyncio.gather(*(client() for _ in range(16)))
-    assert controller.decisions > 0
-    assert 0 < controller.delay_s <= 0.002
+    assert delays, "640 requests in 5 ms windows gave the controller no decision"
+    assert max(delays) > 0  # under load it tried a delay
+    assert all(0 <= delay <= 0.002 for delay in delays)
     assert batcher._delay_ns == int(controller.delay_s * 1e9)
     await batcher.close()
 
