@@ -9,10 +9,14 @@ by `down`) loops every 0.5 s:
    one Deployment in Kubernetes) are restarted the same way; the infrastructure (Cassandra, Kafka, Redis,
    Jaeger) never is. A process that fails to start again is retried with a growing back-off (0.5 s
    doubling to 30 s), like CrashLoopBackOff.
-2. Probes every replica's gRPC health (0.5 s timeout, concurrently) and writes, atomically, one file per
+2. Probes every replica's gRPC health (1 s timeout, concurrently) and writes, atomically, one file per
    service, `<state>/discovery/<service>.json` = `{"endpoints": ["127.0.0.1:50051", ...]}`, listing the
-   replicas that answer SERVING (a headless Service's DNS / EndpointSlice). A draining replica
-   (NOT_SERVING after SIGTERM) leaves the file before it stops.
+   READY replicas (a headless Service's DNS / EndpointSlice), with a kubelet's readiness rules
+   (`Readiness`): a replica joins on its first SERVING answer; it leaves at once when it answers
+   NOT_SERVING (a draining replica, after SIGTERM, leaves the file before it stops) or when its process
+   is gone, but a live replica that merely fails to answer leaves only after `FAILURE_THRESHOLD`
+   consecutive misses (Kubernetes' default failureThreshold), so one slow probe on a loaded machine
+   does not empty the service's endpoints.
 3. Touches `<state>/run/supervisor.heartbeat` (its readiness).
 """
 
@@ -40,7 +44,9 @@ from stack.progress import Progress
 from stack.prometheus import render_targets_of
 
 INTERVAL_S = 0.5
-PROBE_TIMEOUT_S = 0.5
+PROBE_TIMEOUT_S = 1.0
+# Consecutive unanswered probes before a live replica leaves its discovery file (kubelet's default).
+FAILURE_THRESHOLD = 3
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 # A restarted replica alive this long has its back-off reset.
@@ -58,6 +64,36 @@ class _Restarts:
     last_started: float = 0.0
 
 
+Replica = tuple[str, int]  # (name, pid): a restarted replica is a new one, READY only once it answers
+
+
+class Readiness:
+    """Which replicas are READY, from each round's probe verdicts (see the module docstring, step 2)."""
+
+    def __init__(self, failure_threshold: int = FAILURE_THRESHOLD) -> None:
+        self.failure_threshold = failure_threshold
+        self._ready: set[Replica] = set()
+        self._misses: dict[Replica, int] = {}
+
+    def update(self, verdicts: dict[Replica, bool | None]) -> set[Replica]:
+        """Takes one round's verdicts of the live replicas (True SERVING, False another answer, None no
+        answer) and returns the READY ones; a replica missing from `verdicts` has no live process."""
+        self._ready &= set(verdicts)
+        self._misses = {replica: n for replica, n in self._misses.items() if replica in verdicts}
+        for replica, verdict in verdicts.items():
+            if verdict is None:
+                self._misses[replica] = self._misses.get(replica, 0) + 1
+                if self._misses[replica] >= self.failure_threshold:
+                    self._ready.discard(replica)
+                continue
+            self._misses[replica] = 0
+            if verdict:
+                self._ready.add(replica)
+            else:
+                self._ready.discard(replica)
+        return set(self._ready)
+
+
 class Supervisor:
     """One supervision loop over a cluster's state folder (see the module docstring)."""
 
@@ -70,6 +106,7 @@ class Supervisor:
         self._restarts: dict[str, _Restarts] = {}
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="supervisor")
         self._stopping = threading.Event()
+        self._readiness = Readiness()
 
     def say(self, message: str) -> None:
         """One timestamped line."""
@@ -124,10 +161,10 @@ class Supervisor:
         alive = {name: r for name, r in records.items() if r.pid > 0 and r.is_alive()}
         probes = {name: self._pool.submit(self._serving, r) for name, r in alive.items()}
         ready: dict[str, list[str]] = {service: [] for service in cluster.SERVICES}
-        for name, probe in probes.items():
-            if probe.result():
-                service = name.rsplit("-", 1)[0]
-                ready[service].append(_endpoint(self.config, alive[name]))
+        verdicts = {(name, alive[name].pid): probe.result() for name, probe in probes.items()}
+        for name, _ in sorted(self._readiness.update(verdicts)):
+            service = name.rsplit("-", 1)[0]
+            ready[service].append(_endpoint(self.config, alive[name]))
         for service, endpoints in ready.items():
             if cluster.write_discovery(self.config, service, endpoints):
                 self.say(f"{service}: endpoints {sorted(endpoints)}")
@@ -208,7 +245,8 @@ class Supervisor:
 
     # Probes.
 
-    def _serving(self, record: ProcessRecord) -> bool:
+    def _serving(self, record: ProcessRecord) -> bool | None:
+        """True if the replica answers SERVING, False for another answer, None when it does not answer."""
         # A mutual-TLS gateway answers health on its plaintext health port.
         port = record.ports.get("gateway_health") or record.ports[_main_port_name(record)]
         address = f"{self.config.host}:{port}"
@@ -220,7 +258,7 @@ class Supervisor:
                 health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S
             )
         except grpc.RpcError:
-            return False
+            return None
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
