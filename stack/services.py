@@ -28,6 +28,10 @@ DEMO_MODEL = "fraud"
 # Marks a state folder whose Cassandra holds the demo feature values (the loader is idempotent anyway).
 _DEMO_FEATURES_MARKER = "demo-features-loaded"
 LOCAL_DRAIN_SECONDS = "1"
+# The cluster profile's replicas drain like Kubernetes pods: long enough for the supervisor (a 0.5 s round
+# and a probe of up to 1 s), the control plane (a 1 s discovery poll) and Envoy's EDS update to take a
+# replica out of rotation before it stops taking calls; with 1 s a rolling restart failed requests.
+CLUSTER_DRAIN_SECONDS = "5"
 _MINTED_KEY = re.compile(r"\(shown once\): (\S+)")
 
 
@@ -59,7 +63,8 @@ def _service_env(config: StackConfig, service: str, ports: Mapping[str, int] | N
     }
     if service != "controlplane":  # its own default is shorter still
         # Locally Envoy stops first on `down`: a long drain would only make `down` slow.
-        env[f"INFERGRID_{service.upper()}_DRAIN_SECONDS"] = LOCAL_DRAIN_SECONDS
+        drain = CLUSTER_DRAIN_SECONDS if config.profile == "cluster" else LOCAL_DRAIN_SECONDS
+        env[f"INFERGRID_{service.upper()}_DRAIN_SECONDS"] = drain
     return env
 
 

@@ -80,3 +80,17 @@ def test_up_prints_a_curl_with_the_key_and_a_body_of_the_demo_model(config: Stac
 
 def test_nothing_to_call_without_envoy_and_the_gateway(config: StackConfig) -> None:
     assert how_to_call(config, select(config, ["redis", "kafka"])) == ""
+
+
+def test_replicas_of_the_cluster_profile_drain_longer_than_the_single_stack(tmp_path: Path) -> None:
+    """A cluster replica stays in NOT_SERVING long enough for discovery and EDS to route around it."""
+
+    def drain(profile: str) -> float:
+        config = StackConfig.from_env(
+            {"INFERGRID_STATE_DIR": str(tmp_path / profile), "INFERGRID_CACHE_DIR": str(tmp_path)},
+            profile=profile,
+        )
+        return float(gateway(config).environment()["INFERGRID_GATEWAY_DRAIN_SECONDS"])
+
+    assert drain("single") == 1.0
+    assert drain("cluster") >= 5.0
