@@ -61,6 +61,9 @@ class BatcherSettings:
     # 0: the delay is max_queue_delay_us; otherwise a BatchController adapts the delay (up to
     # max_queue_delay_us) and the batch cap (up to max_batch_size) to hold this p99 (µs).
     latency_target_us: int = 0
+    # 0: one FIFO queue; otherwise a request at level L is queued behind every request at levels <= L and
+    # ahead of those above it (1 is the highest), so batches take the highest levels first.
+    priority_levels: int = 0
 
 
 class _Job:
@@ -69,6 +72,7 @@ class _Job:
         "enqueued_ns",
         "future",
         "inputs",
+        "priority",
         "rows",
         "shape_key",
         "trace_ctx",
@@ -89,6 +93,7 @@ class _Job:
         self.enqueued_ns = _perf_ns()
         self.deadline_ns = deadline_ns
         self.shape_key = shape_key
+        self.priority = 0
         self.trace_ctx: otel_context.Context | None = None
         self.wall_ns = 0
 
@@ -179,13 +184,16 @@ class DynamicBatcher:
             thread.start()
             self._threads.append(thread)
 
-    async def infer(self, inputs: dict[str, np.ndarray], rows: int, timeout_ns: int = 0) -> list[np.ndarray]:
+    async def infer(
+        self, inputs: dict[str, np.ndarray], rows: int, timeout_ns: int = 0, priority: int = 0
+    ) -> list[np.ndarray]:
         """Queues one request and waits for its outputs (in the batcher's output order).
 
         Args:
             inputs: Validated input arrays; with batching, the first dimension is `rows`.
             rows: Batch items in this request (1 for models without batching).
             timeout_ns: Fail with DEADLINE_EXCEEDED if not started within this time; 0: no limit.
+            priority: The request's level (1 is the highest) when the settings have priority_levels.
 
         Raises:
             QueueFull: The queue is at its bound.
@@ -214,7 +222,11 @@ class DynamicBatcher:
             job.wall_ns = time.time_ns()
         metrics.queue_depth.inc()
         with self._cond:
-            self._queue.append(job)
+            if self.settings.priority_levels and priority:
+                job.priority = priority
+                self._enqueue_by_priority(job)
+            else:
+                self._queue.append(job)
             before = self._queued_rows
             self._queued_rows = before + rows
             # Wake a scheduler only when it has something new to decide: work after an empty
@@ -222,6 +234,14 @@ class DynamicBatcher:
             if not before or (before < self._ready_rows <= self._queued_rows):
                 self._cond.notify()
         return await future
+
+    def _enqueue_by_priority(self, job: _Job) -> None:
+        """Inserts `job` after the last queued job of its level or a higher one (holding `_cond`)."""
+        queue = self._queue
+        index = len(queue)
+        while index and queue[index - 1].priority > job.priority:
+            index -= 1
+        queue.insert(index, job)
 
     async def close(self) -> None:
         """Stops taking requests, finishes the queued and running ones, then stops the threads."""

@@ -62,6 +62,8 @@ class InferRequest:
     timeout_us: int = 0
     # Seconds the caller still waits (the gRPC deadline); None: no deadline.
     deadline_s: float | None = None
+    # Triton's `priority` parameter (1 is the highest level); 0: the model's default level.
+    priority: int = 0
 
 
 @dataclass(slots=True)

@@ -165,13 +165,17 @@ class DataPlane:
             serving.metrics.failed("invalid", 0)
             raise
         batching = serving.spec.batching
-        timeout_ns = batching.default_timeout_us * 1000
-        if request.timeout_us > 0 and batching.allow_timeout_override:
-            timeout_ns = request.timeout_us * 1000
+        try:
+            level = batching.level(request.priority)
+        except InvalidArgument:
+            serving.metrics.requests.inc()
+            serving.metrics.failed("invalid", 0)
+            raise
+        timeout_ns = batching.timeout_us(level, request.timeout_us) * 1000
         if request.deadline_s is not None:
             deadline_ns = max(int(request.deadline_s * 1e9), 1)
             timeout_ns = min(timeout_ns, deadline_ns) if timeout_ns else deadline_ns
-        arrays = await serving.batcher.infer(inputs, rows, timeout_ns)
+        arrays = await serving.batcher.infer(inputs, rows, timeout_ns, level)
         specs = serving.spec.outputs
         outputs = []
         for index, requested in selected:

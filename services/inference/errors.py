@@ -44,6 +44,12 @@ class ModelConfigError(ModelLoadError):
     """A model configuration is malformed or inconsistent with the model file."""
 
 
+class InvalidConfig(ModelConfigError):
+    """A configuration field this server does not support, or a value it cannot use: the caller's to fix."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class BackendUnavailable(ModelLoadError):
     """The backend a model asks for cannot run here (e.g. no GPU or no TensorRT)."""
 

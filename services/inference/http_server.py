@@ -254,10 +254,13 @@ def parse_infer_request(
     if not isinstance(binary_output, bool):
         raise InvalidArgument("parameters.binary_data_output: expected a boolean")
     timeout_us = _int(params.get("timeout", 0), "parameters.timeout") if "timeout" in params else 0
+    priority = _int(params.get("priority", 0), "parameters.priority")
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidArgument("id: expected a string")
-    return InferRequest(model, version, request_id, inputs, outputs, timeout_us), binary_output
+    return InferRequest(
+        model, version, request_id, inputs, outputs, timeout_us, priority=priority
+    ), binary_output
 
 
 def infer_response(result: InferResult, binary_output: bool) -> web.Response:

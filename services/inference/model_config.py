@@ -2,21 +2,24 @@
 
 The on-disk format is exactly Triton's (protobuf text format of
 `inference.ModelConfig`), so a Triton model repository works here unchanged
-for the fields this server understands; the rest are kept and echoed by the
-ModelConfig RPC but have no effect.
+for the fields this server understands. A field it does not act on is refused
+with INVALID_ARGUMENT naming it (SUPPORTED_FIELDS), never silently ignored.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
+from google.protobuf.message import Message
 
 from inference import model_config_pb2 as mc
+from libs.errors import InvalidArgument
 from services.inference.datatypes import BY_CONFIG_TYPE, DataType
-from services.inference.errors import ModelConfigError
+from services.inference.errors import InvalidConfig, ModelConfigError
 
 CONFIG_FILE = "config.pbtxt"
 ONNXRUNTIME = "onnxruntime"
@@ -30,6 +33,40 @@ _DEFAULT_FILENAME = {ONNXRUNTIME: "model.onnx", TENSORRT: "model.onnx"}
 FALLBACK_PARAMETER = "fallback_backend"
 # The p99 latency objective (milliseconds, a number as string_value) the batcher adapts to.
 LATENCY_TARGET_PARAMETER = "latency_target_p99_ms"
+# TensorRT's bound for dynamic non-batch dimensions (backends/tensorrt.py).
+TENSORRT_MAX_DIM_PARAMETER = "tensorrt_max_dim"
+KNOWN_PARAMETERS = (FALLBACK_PARAMETER, LATENCY_TARGET_PARAMETER, TENSORRT_MAX_DIM_PARAMETER)
+
+# The config.pbtxt fields this server acts on: True for a field whose whole value is understood, a
+# nested mapping for a message of which only those fields are. Any other field that is set (proto3:
+# differs from its default) is refused. `parameters` keys are checked against KNOWN_PARAMETERS.
+_QUEUE_POLICY: dict[str, object] = {
+    "default_timeout_microseconds": True,
+    "allow_timeout_override": True,
+    "max_queue_size": True,
+}
+SUPPORTED_FIELDS: dict[str, object] = {
+    "name": True,
+    "platform": True,
+    "backend": True,
+    "version_policy": True,
+    "max_batch_size": True,
+    "input": {"name": True, "data_type": True, "dims": True, "optional": True},
+    "output": {"name": True, "data_type": True, "dims": True},
+    "instance_group": {"name": True, "kind": True, "count": True, "gpus": True},
+    "dynamic_batching": {
+        "preferred_batch_size": True,
+        "max_queue_delay_microseconds": True,
+        "preserve_ordering": True,  # responses always keep each request's own order
+        "default_queue_policy": _QUEUE_POLICY,
+        "priority_levels": True,
+        "default_priority_level": True,
+        "priority_queue_policy": True,  # checked in _priority_levels
+    },
+    "parameters": True,
+    "default_model_filename": True,
+    "model_warmup": True,  # checked in warmup.py when the model loads
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +102,34 @@ class BatchingPolicy:
     allow_timeout_override: bool
     # 0: fixed max_queue_delay; otherwise the p99 (µs) the batcher adapts delay and batch size to.
     latency_target_us: int = 0
+    # 0: one level; otherwise requests are taken level 1 first, then 2, ... (Triton's priority_levels).
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    # Per level (Triton's priority_queue_policy): (default_timeout_us, allow_timeout_override).
+    level_timeouts: tuple[tuple[int, int, bool], ...] = ()
+
+    def timeout_us(self, priority: int, requested_us: int) -> int:
+        """The queue timeout of a request at `priority` (a level, 0 before it is resolved) asking for `requested_us`."""
+        default_us, allow = self.default_timeout_us, self.allow_timeout_override
+        for level, level_us, level_allow in self.level_timeouts:
+            if level == priority:
+                default_us, allow = level_us, level_allow
+        return requested_us if requested_us > 0 and allow else default_us
+
+    def level(self, priority: int) -> int:
+        """The queue level of a request's `priority` parameter; 0 when the model has no levels.
+
+        Raises:
+            InvalidArgument: `priority` is above the model's priority_levels.
+        """
+        if not self.priority_levels:
+            return 0
+        if priority > self.priority_levels:
+            raise InvalidArgument(
+                f"parameters.priority: {priority} is outside 0..{self.priority_levels} (the model's priority_levels; "
+                "0 is the default level)"
+            )
+        return priority or self.default_priority_level
 
 
 @dataclass(frozen=True)
@@ -209,7 +274,8 @@ def spec_from_config(config: mc.ModelConfig, model_name: str) -> ModelSpec:
         )
     scheduling = config.WhichOneof("scheduling_choice")
     if scheduling not in (None, "dynamic_batching"):
-        raise ModelConfigError(f"model '{model_name}': {scheduling} is not supported")
+        raise InvalidConfig(f"model '{model_name}': {scheduling} is not supported")
+    check_supported(config, model_name)
     if not config.input or not config.output:
         raise ModelConfigError(f"model '{model_name}': the config lists no inputs or no outputs")
     inputs = tuple(_tensor(i, "input", model_name) for i in config.input)
@@ -231,7 +297,11 @@ def spec_from_config(config: mc.ModelConfig, model_name: str) -> ModelSpec:
         raise ModelConfigError(
             f"model '{model_name}': parameter {LATENCY_TARGET_PARAMETER} needs dynamic_batching and max_batch_size > 0"
         )
+    levels, default_level, level_timeouts = _priority_levels(dyn, config.max_batch_size, model_name)
     batching = BatchingPolicy(
+        priority_levels=levels,
+        default_priority_level=default_level,
+        level_timeouts=level_timeouts,
         latency_target_us=target_us,
         dynamic=dynamic,
         max_batch_size=config.max_batch_size,
@@ -265,6 +335,67 @@ def spec_from_config(config: mc.ModelConfig, model_name: str) -> ModelSpec:
         version_policy=version_policy,
         model_filename=filename,
     )
+
+
+def _priority_levels(
+    dyn: mc.ModelDynamicBatching, max_batch_size: int, model_name: str
+) -> tuple[int, int, tuple[tuple[int, int, bool], ...]]:
+    """priority_levels, default_priority_level and each level's queue timeout policy, checked."""
+    where = f"model '{model_name}': dynamic_batching"
+    levels, default = int(dyn.priority_levels), int(dyn.default_priority_level)
+    if not levels:
+        if default or dyn.priority_queue_policy:
+            raise InvalidConfig(
+                f"{where}: default_priority_level and priority_queue_policy need priority_levels"
+            )
+        return 0, 0, ()
+    if max_batch_size <= 0:
+        raise InvalidConfig(f"{where}: priority_levels needs max_batch_size > 0")
+    if not 1 <= default <= levels:
+        raise InvalidConfig(f"{where}: default_priority_level must be in 1..{levels}, got {default}")
+    timeouts = []
+    for level, policy in sorted(dyn.priority_queue_policy.items()):
+        if not 1 <= level <= levels:
+            raise InvalidConfig(f"{where}: priority_queue_policy level {level} is outside 1..{levels}")
+        if policy.timeout_action or policy.max_queue_size:
+            raise InvalidConfig(
+                f"{where}: priority_queue_policy[{level}]: only default_timeout_microseconds and "
+                "allow_timeout_override are supported per level (timeout_action DELAY and a per-level "
+                "max_queue_size are not)"
+            )
+        timeout = int(policy.default_timeout_microseconds)
+        timeouts.append((int(level), timeout, bool(policy.allow_timeout_override) or not timeout))
+    return levels, default, tuple(timeouts)
+
+
+def check_supported(config: mc.ModelConfig, model_name: str) -> None:
+    """Refuses every set field this server would not act on (SUPPORTED_FIELDS, KNOWN_PARAMETERS).
+
+    Raises:
+        InvalidConfig: Names the first such field by its path, e.g. `input[0].reshape`.
+    """
+    _check_message(config, SUPPORTED_FIELDS, "", model_name)
+    unknown = sorted(set(config.parameters) - set(KNOWN_PARAMETERS))
+    if unknown:
+        raise InvalidConfig(
+            f"model '{model_name}': parameters {unknown} are not supported; known: {list(KNOWN_PARAMETERS)}"
+        )
+
+
+def _check_message(message: Message, allowed: Mapping[str, object], prefix: str, model_name: str) -> None:
+    for descriptor, value in message.ListFields():
+        path = f"{prefix}{descriptor.name}"
+        rule = allowed.get(descriptor.name)
+        if rule is None:
+            raise InvalidConfig(f"model '{model_name}': config field {path} is not supported by this server")
+        if rule is True:
+            continue
+        assert isinstance(rule, Mapping)
+        if isinstance(value, Message):
+            _check_message(value, rule, f"{path}.", model_name)
+        else:  # a repeated message field
+            for i, item in enumerate(value):
+                _check_message(item, rule, f"{path}[{i}].", model_name)
 
 
 def _latency_target_us(config: mc.ModelConfig, model_name: str) -> int:

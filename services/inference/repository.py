@@ -16,8 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from inference import model_config_pb2 as mc
 from services.inference.backends import LoadedModel, ModelBackend
 from services.inference.batcher import BatcherSettings, DynamicBatcher
@@ -30,6 +28,7 @@ from services.inference.model_config import (
     read_config,
     spec_from_config,
 )
+from services.inference.warmup import warmup_samples
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +100,6 @@ def _numeric_versions(model_dir: Path) -> list[int]:
         if child.is_dir() and child.name.isdigit() and not child.name.startswith("0"):
             versions.append(int(child.name))
     return sorted(versions)
-
-
-def warmup_inputs(spec: ModelSpec) -> dict[str, np.ndarray]:
-    """Zero (or empty-bytes) inputs with batch size 1 and every dynamic dimension 1."""
-    inputs: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
-        if tensor.optional:
-            continue
-        shape = tuple(1 if d < 0 else d for d in tensor.shape(spec.batched))
-        if tensor.datatype.name == "BYTES":
-            inputs[tensor.name] = np.full(shape, b"", dtype=object)
-        else:
-            inputs[tensor.name] = np.zeros(shape, dtype=tensor.datatype.numpy)
-    return inputs
 
 
 class ModelRepository:
@@ -309,6 +294,10 @@ class ModelRepository:
             raise ModelLoadError(
                 f"model '{name}': {spec.instance_count} instances, at most {self._settings.max_instances}"
             )
+        if self._settings.warmup:
+            warmup_samples(
+                spec, model_dir
+            )  # a bad model_warmup is the config's error, before any version loads
         return spec
 
     def _load_version(
@@ -329,11 +318,19 @@ class ModelRepository:
             spec = spec.with_backend(spec.fallback_backend)
             loaded = self._backends[spec.backend].load(path, spec)
         if self._settings.warmup:
+            outputs = [t.name for t in spec.outputs]
             try:
-                loaded.run(warmup_inputs(spec), [t.name for t in spec.outputs])
-            except Exception as exc:
+                for sample in warmup_samples(spec, model_dir):
+                    for _ in range(sample.count):
+                        try:
+                            loaded.run(sample.inputs, outputs)
+                        except Exception as exc:
+                            raise ModelLoadError(
+                                f"warm-up '{sample.name}' failed: {type(exc).__name__}: {exc}"
+                            ) from None
+            except ModelLoadError:
                 loaded.close()
-                raise ModelLoadError(f"warm-up inference failed: {type(exc).__name__}: {exc}") from None
+                raise
         return spec, loaded, note
 
     def _serve(self, spec: ModelSpec, version: int, loaded: LoadedModel, note: str) -> ServingVersion:
@@ -350,6 +347,7 @@ class ModelRepository:
             max_queue_size=batching.max_queue_size or self._settings.max_queue_size,
             variable_shapes=any(d < 0 for t in spec.inputs for d in t.dims),
             instances=spec.instance_count,
+            priority_levels=batching.priority_levels,
         )
         batcher = DynamicBatcher(settings, loaded, [t.name for t in spec.outputs], metrics)
         batcher.start()

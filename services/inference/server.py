@@ -139,11 +139,33 @@ def _infer_request(request: pb.ModelInferRequest, deadline_s: float | None) -> I
                 requested.classification = params["classification"].int64_param
         outputs.append(requested)
     timeout_us = 0
-    if request.parameters and "timeout" in request.parameters:
-        timeout_us = request.parameters["timeout"].int64_param
+    priority = 0
+    if request.parameters:
+        if "timeout" in request.parameters:
+            timeout_us = request.parameters["timeout"].int64_param
+        if "priority" in request.parameters:
+            priority = _priority(request.parameters["priority"])
     return InferRequest(
-        request.model_name, request.model_version, request.id, inputs, outputs, timeout_us, deadline_s
+        request.model_name,
+        request.model_version,
+        request.id,
+        inputs,
+        outputs,
+        timeout_us,
+        deadline_s,
+        priority=priority,
     )
+
+
+def _priority(param: pb.InferParameter) -> int:
+    """Triton's clients send `priority` as uint64_param; int64_param is taken too."""
+    which = param.WhichOneof("parameter_choice")
+    value = (
+        param.uint64_param if which == "uint64_param" else param.int64_param if which == "int64_param" else -1
+    )
+    if value < 0:
+        raise InvalidInput(f"parameters.priority: expected a non-negative integer, got {which or 'nothing'}")
+    return int(value)
 
 
 def _infer_response(result: InferResult) -> pb.ModelInferResponse:
