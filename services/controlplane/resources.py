@@ -404,8 +404,31 @@ def endpoint_resources(
     }
 
 
-def _grpc_service(cluster: str, timeout_ms: int) -> dict[str, Any]:
-    return {"envoy_grpc": {"cluster_name": cluster}, "timeout": _ms(timeout_ms)}
+# A retry goes to a host the request has not tried yet (three picks at most to find one).
+_RETRY_ANOTHER_HOST: dict[str, Any] = {
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+}
+
+
+def _grpc_service(cluster: str, timeout_ms: int, *, retried: bool = False) -> dict[str, Any]:
+    """A gRPC side call of Envoy's; `retried`: a lost replica's call is re-sent to another (idempotent calls only)."""
+    service: dict[str, Any] = {"envoy_grpc": {"cluster_name": cluster}, "timeout": _ms(timeout_ms)}
+    if retried:
+        service["retry_policy"] = {
+            "retry_on": "connect-failure,refused-stream,reset,unavailable",
+            "num_retries": 2,
+            "retry_back_off": {"base_interval": "0.010s", "max_interval": "0.100s"},
+            **_RETRY_ANOTHER_HOST,
+        }
+    return service
 
 
 def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[str, Any]]:
@@ -460,7 +483,9 @@ def _edge_filters(max_bytes: int, wiring: EnvoyWiring) -> list[dict[str, Any]]:
             "name": "envoy.filters.http.ext_authz",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.edge_timeout_ms),
+                # A check is idempotent: one that a SIGKILLed edge replica never answered is asked again of
+                # another (within the timeout), instead of refusing a valid caller.
+                "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.edge_timeout_ms, retried=True),
                 "transport_api_version": "V3",
                 # Authorization fails closed: no answer from the edge service, no request.
                 "failure_mode_allow": False,
@@ -637,15 +662,7 @@ def public_routes(platform: PlatformConfig) -> dict[str, Any]:
                         "retry_on": retry.retry_on,
                         "num_retries": retry.num_retries,
                         "per_try_timeout": _ms(retry.per_try_timeout_ms),
-                        "retry_host_predicate": [
-                            {
-                                "name": "envoy.retry_host_predicates.previous_hosts",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                                },
-                            }
-                        ],
-                        "host_selection_retry_max_attempts": 3,
+                        **_RETRY_ANOTHER_HOST,
                     },
                     **({"rate_limits": _rate_limits()} if edge else {}),
                 },
