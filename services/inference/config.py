@@ -74,10 +74,14 @@ class ControlConfig:
     control_token_file: Path | None = None
     # Instances one model config may ask for (instance_group counts summed).
     control_max_instances: int = 8
+    # Bytes of model files one RepositoryModelLoad may carry (`file:` parameters, all together).
+    control_max_file_bytes: int = 32 << 20
 
     def __post_init__(self) -> None:
         if self.control_max_instances < 1:
             raise ValueError(f"control_max_instances must be at least 1, got {self.control_max_instances}")
+        if self.control_max_file_bytes < 1:
+            raise ValueError(f"control_max_file_bytes must be at least 1, got {self.control_max_file_bytes}")
 
 
 @dataclass(frozen=True)

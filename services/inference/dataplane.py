@@ -196,24 +196,28 @@ class DataPlane:
         """(Re)loads a model, with a JSON `config` parameter instead of its config.pbtxt when given.
 
         Raises:
-            InvalidArgument: An empty name or a malformed config; NotSupported: `file:` parameters;
+            InvalidArgument: An empty name, a malformed config, `file:` parameters without `config`, outside
+                the model's folder or above the size limit;
             ModelNotFound / ModelLoadError: from the repository.
             PermissionDenied / Unauthenticated: the control API is off or the admin token is wrong.
         """
         self.control.check(headers)
         config = None
+        files: dict[str, bytes] = {}
         for key, value in parameters.items():
             if key == "config":
                 if not isinstance(value, str):
                     raise InvalidArgument("parameter 'config': expected the model configuration as JSON text")
                 config = parse_config_json(value, "RepositoryModelLoad parameter 'config'")
             elif key.startswith("file:"):
-                raise NotSupported(
-                    "loading model files sent in the request ('file:' parameters) is not supported"
-                )
+                if not isinstance(value, bytes):
+                    raise InvalidArgument(f"parameter '{key}': expected the file's content as bytes")
+                files[key.removeprefix("file:")] = value
         if not name:
             raise InvalidArgument("model_name: must not be empty")
-        await self.repository.load(name, config)
+        if files and config is None:
+            raise InvalidArgument("parameter 'config': required with 'file:' parameters (as in Triton)")
+        await self.repository.load(name, config, files)
 
     async def unload(self, name: str, headers: Mapping[str, str]) -> None:
         self.control.check(headers)

@@ -10,6 +10,8 @@ version, 409 a region registered twice, 429 queue full, 503 not ready, 504 timed
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -488,9 +490,16 @@ class HttpFrontDoor:
 
     async def load(self, request: web.Request) -> web.Response:
         doc = await _body(request, "model load request", required=False)
-        await self._plane.load(
-            request.match_info["model"], _params(doc, "model load request"), dict(request.headers.items())
-        )
+        params: dict[str, Any] = dict(_params(doc, "model load request"))
+        for key, value in params.items():
+            if key.startswith("file:"):  # Triton's HTTP client sends the file base64-encoded
+                try:
+                    params[key] = base64.b64decode(_str(value, f"parameters.{key}"), validate=True)
+                except binascii.Error:
+                    raise InvalidArgument(
+                        f"parameters.{key}: expected the file's content in base64"
+                    ) from None
+        await self._plane.load(request.match_info["model"], params, dict(request.headers.items()))
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:

@@ -28,6 +28,7 @@ from services.inference.model_config import (
     read_config,
     spec_from_config,
 )
+from services.inference.model_files import check_model_files, write_model_files
 from services.inference.warmup import warmup_samples
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class RepositorySettings:
     startup_models: tuple[str, ...] = ()
     # Model instances one config may ask for (a RepositoryModelLoad config must not exhaust the host).
     max_instances: int = 8
+    # Bytes of model files one RepositoryModelLoad may send (`file:` parameters, all together).
+    max_file_bytes: int = 32 << 20
 
 
 @dataclass
@@ -193,23 +196,37 @@ class ModelRepository:
                 log.error("model %s failed to load: %s", name, result)
         self.started = True
 
-    async def load(self, name: str, config: mc.ModelConfig | None = None) -> None:
+    async def load(
+        self, name: str, config: mc.ModelConfig | None = None, files: Mapping[str, bytes] | None = None
+    ) -> None:
         """Loads (or reloads) every version of `name` its version policy selects.
 
         Args:
             name: The model folder name.
             config: A config to use instead of the folder's config.pbtxt (RepositoryModelLoad's
                 `config` parameter).
+            files: Model files to write into the folder first (`file:` parameters: path relative to
+                the folder → bytes; model_files.py); the folder is created when absent. If the load
+                fails, the folder is put back as it was.
 
         Raises:
-            ModelNotFound: No such model folder.
+            ModelNotFound: No such model folder (and no files to create it).
+            InvalidArgument: A file path leaves the folder, or the files are above max_file_bytes.
             ModelLoadError: The config is bad or a version failed to load; says why.
         """
-        if self._root is None or not _safe_name(name) or not (self._root / name).is_dir():
+        if files:
+            check_model_files(files, self._settings.max_file_bytes)
+        if self._root is None or not _safe_name(name) or not (files or (self._root / name).is_dir()):
             raise ModelNotFound(f"model '{name}' is not in the model repository")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            await self._load_locked(name, self._root / name, config)
+            undo = await asyncio.to_thread(write_model_files, self._root / name, files) if files else None
+            try:
+                await self._load_locked(name, self._root / name, config)
+            except BaseException:
+                if undo is not None:
+                    await asyncio.to_thread(undo)
+                raise
 
     async def _load_locked(self, name: str, model_dir: Path, override: mc.ModelConfig | None) -> None:
         try:

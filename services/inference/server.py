@@ -371,7 +371,12 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
     async def RepositoryModelLoad(  # noqa: N802 - gRPC method name
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        parameters = {key: value.string_param for key, value in request.parameters.items()}
+        parameters: dict[str, str | bytes | None] = {
+            key: (value.bytes_param if value.WhichOneof("parameter_choice") == "bytes_param" else None)
+            if key.startswith("file:")
+            else value.string_param
+            for key, value in request.parameters.items()
+        }
         await self._plane.load(request.model_name, parameters, _metadata(context))
         return pb.RepositoryModelLoadResponse()
 
@@ -485,6 +490,7 @@ async def create_server(
             warmup=models.warmup,
             startup_models=models.startup_models,
             max_instances=config.control.control_max_instances,
+            max_file_bytes=config.control.control_max_file_bytes,
         ),
     )
     token = ""

@@ -37,6 +37,7 @@ from services.inference.model_config import ModelSpec
 from services.inference.server import create_server
 
 HOLD = -1.0
+MAX_FILE_BYTES = 1 << 16
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -162,7 +163,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.GRPCInferenceSer
         server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
         models=ModelServingConfig(model_repository=repo, startup_models=("prio", "preferred", "digits")),
         http=HttpConfig(http_port=0),
-        control=ControlConfig(control_enabled=True),
+        control=ControlConfig(control_enabled=True, control_max_file_bytes=MAX_FILE_BYTES),
     )
     server: Server = await create_server(config, backends={"onnxruntime": gate})  # type: ignore[dict-item]
     await server.start()
@@ -386,3 +387,50 @@ async def test_a_string_model_loads_serves_and_warms_up_as_configured(
     code, details = await _error(stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="digits")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "warm-up 'empty' failed" in details
     assert await _digits_sum(stub, b"1") == [2]
+
+
+def _load_files(
+    stub: pb_grpc.GRPCInferenceServiceStub, model: str, files: dict[str, bytes], config: dict[str, object]
+) -> object:
+    parameters = {
+        f"file:{path}": pb.ModelRepositoryParameter(bytes_param=data) for path, data in files.items()
+    }
+    parameters["config"] = pb.ModelRepositoryParameter(string_param=json.dumps(config))
+    return stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=model, parameters=parameters))
+
+
+async def test_model_files_in_the_load_request_are_bounded_confined_and_undone_on_failure(
+    served: tuple[pb_grpc.GRPCInferenceServiceStub, _Gate, Path], tmp_path: Path
+) -> None:
+    stub, _gate, repo = served
+    good = (repo / "plain" / "1" / "model.onnx").read_bytes()
+    await _load_files(stub, "plain", {"1/model.onnx": good}, PLAIN)
+    assert (await stub.ModelReady(pb.ModelReadyRequest(name="plain", version="1"))).ready
+
+    # A file the backend cannot load: the load fails and the folder is as it was; version 1 keeps serving.
+    code, details = await _error(_load_files(stub, "plain", {"1/model.onnx": b"not onnx"}, PLAIN))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "failed to load model 'plain'" in details
+    assert (repo / "plain" / "1" / "model.onnx").read_bytes() == good
+    answer = await stub.ModelInfer(_request("plain", 5.0))
+    assert np.frombuffer(answer.raw_output_contents[0], np.float32)[0] == 10.0
+    # A new model whose load fails leaves no folder behind; a new version folder neither.
+    code, _ = await _error(_load_files(stub, "newcomer", {"1/model.onnx": b"not onnx"}, PLAIN))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and not (repo / "newcomer").exists()
+    code, _ = await _error(_load_files(stub, "plain", {"3/model.onnx": b"not onnx"}, PLAIN))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and not (repo / "plain" / "3").exists()
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (repo / "plain" / "link").symlink_to(outside)
+    for files, named in (
+        ({"../prio/1/model.onnx": good}, "parameter 'file:../prio/1/model.onnx': the path must be relative"),
+        ({"/etc/model.onnx": good}, "parameter 'file:/etc/model.onnx'"),
+        ({"1/.model.onnx": good}, "parameter 'file:1/.model.onnx'"),
+        ({"link/model.onnx": good}, "parameter 'file:link/model.onnx': does not name a file inside"),
+        ({"1/model.onnx": bytes(MAX_FILE_BYTES + 1)}, f"at most {MAX_FILE_BYTES}"),
+    ):
+        code, details = await _error(_load_files(stub, "plain", files, PLAIN))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and named in details, details
+    assert list(outside.iterdir()) == []
+    assert (repo / "plain" / "1" / "model.onnx").read_bytes() == good
+    assert (repo / "prio" / "1" / "model.onnx").read_bytes() == good

@@ -33,6 +33,7 @@ HTTP_SCENARIOS = (
     "http_statistics_and_repository",
     "system_shared_memory_round_trips_over_grpc_and_http",
     "trace_and_log_settings_over_http_and_grpc",
+    "load_model_with_files_in_the_request",
 )
 SCENARIOS = (
     "metadata_and_config_match_the_repository",
@@ -175,8 +176,10 @@ def test_perf_analyzer_drives_the_server_unmodified(
     binary, env = found
     _proc, port, _metrics, _repo = server
     url = f"127.0.0.1:{http_port if protocol == 'http' else port}"
+    # A compatibility check, not a measurement: any latency spread is "stable" (-s 1000: max/min of the
+    # last 3 windows within 10x), so a loaded test machine cannot fail it.
     command = [str(binary), "-m", "fraud", "-x", "1", "-u", url, "-i", protocol, "--concurrency-range", "2:2",
-               "-p", "500", "-r", "4", "-s", "100"]  # fmt: skip
+               "-p", "500", "-r", "6", "-s", "1000"]  # fmt: skip
     if shared_memory:
         command += ["--shared-memory", "system", "--output-shared-memory-size", "64"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, check=False)

@@ -664,6 +664,46 @@ def http_statistics_and_repository(url: str, grpc_url: str, repo: Path) -> None:
     assert client.get_model_metadata("fraud")["versions"] == ["1", "2"]
 
 
+@http_scenario
+def load_model_with_files_in_the_request(url: str, grpc_url: str, repo: Path) -> None:
+    """Triton's `file:` parameters from both clients: the model need not be on disk beforehand."""
+    onnx_bytes = (repo / "double" / "1" / "model.onnx").read_bytes()
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for name, client, module in (
+        ("sent_http", httpclient.InferenceServerClient(url), httpclient),
+        ("sent_grpc", grpcclient.InferenceServerClient(grpc_url), grpcclient),
+    ):
+        config = json.dumps({
+            "name": name, "max_batch_size": 0,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, -1]}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1, -1]}],
+        })  # fmt: skip
+        client.load_model(name, config=config, files={"file:1/model.onnx": onnx_bytes})
+        assert client.is_model_ready(name, "1")
+        assert (repo / name / "1" / "model.onnx").read_bytes() == onnx_bytes
+        inp = module.InferInput("x", [2, 3], "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(client.infer(name, [inp]).as_numpy("y"), 2 * x)
+        # a path out of the model's folder, and files without a config, are refused naming the parameter
+        for files, cfg, named in (
+            (
+                {"file:../escaped/1/model.onnx": onnx_bytes},
+                config,
+                "parameter 'file:../escaped/1/model.onnx'",
+            ),
+            ({"file:2/model.onnx": onnx_bytes}, None, "parameter 'config': required with 'file:'"),
+        ):
+            try:
+                client.load_model(name, config=cfg, files=files)
+            except InferenceServerException as exc:
+                assert named in str(exc.message()), exc.message()
+                assert str(exc.status()) in ("400", "StatusCode.INVALID_ARGUMENT"), exc.status()
+            else:
+                raise AssertionError(f"{name}: load with {sorted(files)} succeeded")
+        assert not (repo / "escaped").exists() and not (repo / name / "2").exists()
+        assert client.is_model_ready(name, "1")
+
+
 def _region(name: str, size: int) -> Any:
     key = f"/{name}-{os.getpid()}"
     return key, shm.create_shared_memory_region(name, key, size)
