@@ -90,15 +90,23 @@ class ClusterHandle:
         os.kill(self.pid(name), signum)
 
     def wait_restarted(self, name: str, old_pid: int, timeout_s: float) -> None:
-        """Waits until the supervisor has restarted `name` (a new pid) and it answers its readiness probe."""
+        """Waits until the supervisor has restarted `name` (a new pid), it answers its readiness probe and
+        its service's discovery file lists it: Ready as a rollout counts a pod (in the endpoints)."""
         component = self.components[name]
+        service = name.rsplit("-", 1)[0]
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             record = component.record()
-            if record is not None and record.pid != old_pid and component.ready():
+            if (
+                record is not None
+                and record.pid != old_pid
+                and component.ready()
+                and cluster.replica_endpoint(self.config, record)
+                in cluster.read_discovery(self.config, service)
+            ):
                 return
             time.sleep(0.2)
-        raise ChaosError(f"{name} was not restarted and ready within {timeout_s:.0f} s")
+        raise ChaosError(f"{name} was not restarted, ready and in its endpoints within {timeout_s:.0f} s")
 
     def stop(self, name: str) -> None:
         """Stops a component through the stack (the supervisor leaves a stopped component alone)."""

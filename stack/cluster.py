@@ -137,6 +137,16 @@ def read_discovery(config: StackConfig, service: str) -> list[str]:
     return [str(endpoint) for endpoint in endpoints]
 
 
+def main_port_name(record: ProcessRecord) -> str:
+    """The replica's main port's name: its service's first port name."""
+    return SERVICE_PORT_NAMES[record.component.rsplit("-", 1)[0]][0]
+
+
+def replica_endpoint(config: StackConfig, record: ProcessRecord) -> str:
+    """The replica's main gRPC address, what clients dial and what its discovery file lists."""
+    return f"{config.host}:{record.ports[main_port_name(record)]}"
+
+
 def write_discovery(config: StackConfig, service: str, endpoints: list[str]) -> bool:
     """Writes the service's discovery file atomically (temp file + rename) when its content changes.
 

@@ -164,7 +164,7 @@ class Supervisor:
         verdicts = {(name, alive[name].pid): probe.result() for name, probe in probes.items()}
         for name, _ in sorted(self._readiness.update(verdicts)):
             service = name.rsplit("-", 1)[0]
-            ready[service].append(_endpoint(self.config, alive[name]))
+            ready[service].append(cluster.replica_endpoint(self.config, alive[name]))
         for service, endpoints in ready.items():
             if cluster.write_discovery(self.config, service, endpoints):
                 self.say(f"{service}: endpoints {sorted(endpoints)}")
@@ -248,7 +248,7 @@ class Supervisor:
     def _serving(self, record: ProcessRecord) -> bool | None:
         """True if the replica answers SERVING, False for another answer, None when it does not answer."""
         # A mutual-TLS gateway answers health on its plaintext health port.
-        port = record.ports.get("gateway_health") or record.ports[_main_port_name(record)]
+        port = record.ports.get("gateway_health") or record.ports[cluster.main_port_name(record)]
         address = f"{self.config.host}:{port}"
         channel = self._channels.get(address)
         if channel is None:
@@ -260,15 +260,6 @@ class Supervisor:
         except grpc.RpcError:
             return None
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def _main_port_name(record: ProcessRecord) -> str:
-    return cluster.SERVICE_PORT_NAMES[record.component.rsplit("-", 1)[0]][0]
-
-
-def _endpoint(config: StackConfig, record: ProcessRecord) -> str:
-    """The replica's main gRPC address (its service's first port name), what clients dial."""
-    return f"{config.host}:{record.ports[_main_port_name(record)]}"
 
 
 def _reap_children() -> None:
