@@ -177,12 +177,20 @@ def perf_analyzer(
     interval_ms: int,
     csv_path: Path,
     streaming: bool = False,
+    protocol: str = "grpc",
+    shared_memory: bool = False,
     server_cpu: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """Triton's perf_analyzer at one concurrency (its own stability loop: up to 5 windows of interval_ms)."""
-    command = [binary, "-m", model, "-x", version, "-u", url, "-i", "grpc", "-b", "1",
+    """Triton's perf_analyzer at one concurrency (its own stability loop: up to 5 windows of interval_ms).
+
+    `protocol` "http" drives the KServe v2 REST API; `shared_memory` passes tensors through system shared
+    memory (`--shared-memory system`) instead of the request body.
+    """
+    command = [binary, "-m", model, "-x", version, "-u", url, "-i", protocol, "-b", "1",
                "--concurrency-range", f"{concurrency}:{concurrency}", "-p", str(interval_ms), "-r", "10",
                "-s", "1000", "--percentile", "99", "-f", str(csv_path)]  # fmt: skip
+    if shared_memory:
+        command += ["--shared-memory", "system", "--output-shared-memory-size", "64"]
     if streaming:
         command.append("--streaming")
     else:

@@ -6,7 +6,8 @@ Systems (each alone on the server CPU, h2load on the other; single-row ModelInfe
   ours-batch            python -m services.inference, the demo repository (dynamic batching, 1 ms queue delay)
   ours-nobatch          the same repository with `dynamic_batching` removed from config.pbtxt
   pytriton              PyTriton 0.7 (Triton 2.51 inside) serving the same model.onnx, DynamicBatcher(delay 0)
-Cross-checks with ghz and with Triton's perf_analyzer (unary and streaming) at concurrency 32, and a py-spy flame graph
+Cross-checks with ghz and with Triton's perf_analyzer (gRPC unary and streaming; for ours-batch also `-i http`, with
+and without `--shared-memory system`) at concurrency 32, and a py-spy flame graph
 of ours-batch at concurrency 32 (a separate, unmeasured run).
 """
 
@@ -99,13 +100,14 @@ def wait_model_ready(server: Server, port: int, timeout: float = 180.0, model: s
 
 
 def start_ours(
-    run: Run, name: str, repo: Path, *, workers: int = 1, cpus: str | None = "pin"
+    run: Run, name: str, repo: Path, *, workers: int = 1, cpus: str | None = "pin", http_port: int = 0
 ) -> tuple[Server, int]:
+    """Our server on `repo`; returns (server, gRPC port). `http_port` 0: no REST API."""
     port = free_port()
     env = service_env("INFERGRID_INFERENCE_", port, {
         "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
         "INFERGRID_INFERENCE_WORKERS": str(workers),
-        "INFERGRID_INFERENCE_HTTP_PORT": "0",
+        "INFERGRID_INFERENCE_HTTP_PORT": str(http_port),
     })  # fmt: skip
     server = run.procs.start(name, [sys.executable, "-m", "services.inference"], env=env,
                              cpus=server_cpus() if cpus == "pin" else cpus)  # fmt: skip
@@ -215,14 +217,15 @@ def body(run: Run, suite: Suite) -> None:
         say(f"perf_analyzer unavailable: {exc}")
     for key, system, repo in (("ours-batch", "InferGrid inference (batching on, 1 ms delay)", batch_repo),
                               ("ours-nobatch", "InferGrid inference (batching off)", nobatch_repo)):  # fmt: skip
-        server, port = start_ours(run, key, repo)
+        http_port = free_port() if key == "ours-batch" else 0
+        server, port = start_ours(run, key, repo, http_port=http_port)
         for i in (0, 7, 33):
             check_answer(port, x[i], float(expected[i]))
         sweep(server, port, key, system, settings.inference_concurrency)
         if key == "ours-batch":
             ghz_check(server, port, key, system)
         if key == "ours-batch" and pa is not None:
-            cross_check(run, suite, pa, server, port, key=key, system=system)
+            cross_check(run, suite, pa, server, port, key=key, system=system, http_port=http_port)
         if key == "ours-batch" and not settings.quick:
             load = [h2.binary, "-t1", "-c8", "-m4", "-D", "8", "-d", str(body_file), "-H", "content-type: application/grpc",
                     "-H", "te: trailers", f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"]  # fmt: skip
@@ -245,18 +248,30 @@ def body(run: Run, suite: Suite) -> None:
     run.procs.stop(server)
 
 
-def cross_check(run: Run, suite: Suite, pa: Any, server: Server, port: int, *, key: str, system: str) -> None:
-    """perf_analyzer (Triton's tool) at concurrency 32: unary, and streaming (ModelStreamInfer)."""
+def cross_check(
+    run: Run, suite: Suite, pa: Any, server: Server, port: int, *, key: str, system: str, http_port: int = 0
+) -> None:
+    """perf_analyzer (Triton's tool) at concurrency 32: unary, streaming (ModelStreamInfer), and with an
+    `http_port` the REST API (`-i http`) with tensors in the body and in system shared memory."""
     interval = 2000 if run.settings.quick else 3000
-    # PyTriton's tritonserver hung or aborted (std::length_error in TRITONBACKEND_OutputBuffer) under
-    # perf_analyzer's streaming mode in rehearsals: unary only there.
-    for streaming in (False, True) if key != "pytriton" else (False,):
-        mode = "stream" if streaming else "unary"
+    # (mode, protocol, port, streaming, shared memory). PyTriton's tritonserver hung or aborted
+    # (std::length_error in TRITONBACKEND_OutputBuffer) under perf_analyzer's streaming mode in
+    # rehearsals: unary only there.
+    modes = [("unary", "grpc", port, False, False)]
+    if key != "pytriton":
+        modes.append(("stream", "grpc", port, True, False))
+    if http_port:
+        modes += [("http", "http", http_port, False, False), ("http-shm", "http", http_port, False, True)]
+    for entry in modes:
 
-        def rep(duration: float, i: int, streaming: bool = streaming, mode: str = mode) -> dict[str, Any]:
-            return perf_analyzer(pa.binary, pa.env, url=f"127.0.0.1:{port}", model=MODEL, version=VERSION,
-                                 concurrency=32, interval_ms=interval, streaming=streaming,
-                                 csv_path=run.raw_dir / f"perf-{key}-{mode}.csv", server_cpu=server.cpu_seconds)  # fmt: skip
+        def rep(duration: float, i: int, entry: tuple[str, str, int, bool, bool] = entry) -> dict[str, Any]:
+            mode, protocol, target, streaming, shm = entry
+            return perf_analyzer(pa.binary, pa.env, url=f"127.0.0.1:{target}", model=MODEL, version=VERSION,
+                                 concurrency=32, interval_ms=interval, streaming=streaming, protocol=protocol,
+                                 shared_memory=shm, csv_path=run.raw_dir / f"perf-{key}-{mode}.csv",
+                                 server_cpu=server.cpu_seconds)  # fmt: skip
 
-        run.measure(suite, system=f"{system}, perf_analyzer {mode}", key=f"{key}-pa-{mode}", protocol="gRPC",
-                    tool="perf_analyzer", params={"concurrency": 32, "mode": mode}, rep=rep, warmup=False, reps=1)  # fmt: skip
+        mode, protocol = entry[0], entry[1]
+        run.measure(suite, system=f"{system}, perf_analyzer {mode}", key=f"{key}-pa-{mode}",
+                    protocol="HTTP/JSON" if protocol == "http" else "gRPC", tool="perf_analyzer",
+                    params={"concurrency": 32, "mode": mode}, rep=rep, warmup=False, reps=1)  # fmt: skip
