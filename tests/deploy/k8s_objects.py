@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,41 @@ CRD_KINDS = {
 }
 # The Python services deployed from services/<name> (Envoy is the other Deployment).
 PYTHON_SERVICES = ("gateway", "features", "inference", "logging", "controlplane", "edge")
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A workload that runs another module of a Python service's code: that service's image and config.
+
+    It serves no gRPC, only its metrics port (its probes ask it), and has no Service.
+    """
+
+    service: str
+    module: str
+    # The variable (after the service's prefix) that sets its metrics port, and that port in its config.
+    metrics_port_variable: str
+    metrics_port: Callable[[Any], int]
+    # How long it takes to stop after SIGTERM, from its config (the rollout rules check it against the
+    # pod's terminationGracePeriodSeconds).
+    drain_seconds: Callable[[Any], float]
+
+
+# The Kafka consumers deployed beside the services (their HPAs scale on consumer lag).
+WORKERS = {
+    # services/features/ingest_stream.py on SIGTERM: the poll in hand returns, the batch is written (each
+    # Cassandra call its attempts' timeouts), the offsets committed, dead letters flushed (at most 10 s).
+    "features-ingest": Worker(
+        service="features",
+        module="services.features.ingest_stream",
+        metrics_port_variable="STREAM_METRICS_PORT",
+        metrics_port=lambda c: int(c.stream.stream_metrics_port),
+        drain_seconds=lambda c: (
+            c.stream.stream_poll_timeout_s
+            + c.store.store_max_attempts * c.cassandra.cassandra_request_timeout_s
+            + 10.0
+        ),
+    ),
+}
 ADAPTER_VALUES = K8S_DIR / "monitoring" / "prometheus-adapter-values.yaml"
 NAME_LABEL = "app.kubernetes.io/name"
 PART_OF_LABEL = "app.kubernetes.io/part-of"
@@ -215,9 +250,11 @@ def secret_file_variables(cls: type, prefix: str) -> set[str]:
 def loaded_config(rendered: Rendered, name: str) -> tuple[Any, dict[str, str], dict[str, str]]:
     """The service's config class filled from its workload's environment (Secret files left out).
 
+    A worker (WORKERS) loads the config class of the service whose code it runs.
+
     Returns the config, the whole environment, and the `<VAR>_FILE` variables of secrets with their paths.
     """
-    code = service_code(name)
+    code = service_code(WORKERS[name].service if name in WORKERS else name)
     env = container_env(rendered, rendered.workload(name))
     secret_files = secret_file_variables(code.config_class, code.prefix)
     files = {k: v for k, v in env.items() if k in secret_files}

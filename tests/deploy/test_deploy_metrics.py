@@ -27,7 +27,7 @@ from google.protobuf import descriptor_pool
 from prometheus_client.parser import text_string_to_metric_families
 
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
-from tests.deploy.k8s_objects import PYTHON_SERVICES, Rendered, adapter_rules, service_code
+from tests.deploy.k8s_objects import PYTHON_SERVICES, WORKERS, Rendered, adapter_rules, service_code
 
 pytestmark = pytest.mark.integration
 
@@ -133,6 +133,19 @@ def _logging_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
     }
 
 
+def _features_ingest_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
+    """The feature stream ingester on the features service's backends and a topic of its own."""
+    kafka = request.getfixturevalue("kafka_server")
+    topic = f"deploy-features-stream-{os.getpid()}"
+    return {
+        **_features_env(request, tmp),
+        "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "INFERGRID_FEATURES_STREAM_TOPIC": topic,
+        "INFERGRID_FEATURES_STREAM_DEAD_LETTER_TOPIC": f"{topic}.dlq",
+        "INFERGRID_FEATURES_STREAM_GROUP_ID": topic,
+    }
+
+
 # A realistic call per service, so that its per-request series exist (others get a generic call).
 EXERCISES: dict[str, Callable[[int], Coroutine[Any, Any, None]]] = {"gateway": _predict}
 
@@ -142,22 +155,26 @@ STARTERS: dict[str, Callable[[pytest.FixtureRequest, Path], Env]] = {
     "gateway": _gateway_env,
     "features": _features_env,
     "logging": _logging_env,
+    "features-ingest": _features_ingest_env,
 }
 
 
 class Running:
-    """A service process on free ports; its logs are kept for failure messages."""
+    """A service (or worker) process on free ports; its logs are kept for failure messages."""
 
     def __init__(self, name: str, env: Env) -> None:
-        code = service_code(name)
+        worker = WORKERS.get(name)
+        code = service_code(worker.service if worker else name)
         self.name = name
         self.port = free_port()
         self.metrics_port = free_port()
+        # A worker serves no gRPC: only its metrics port, set by a variable of its own.
+        metrics_variable = worker.metrics_port_variable if worker else "METRICS_PORT"
         self.proc = spawn_module(
-            f"services.{name}",
+            worker.module if worker else f"services.{name}",
             {
                 f"{code.prefix}PORT": str(self.port),
-                f"{code.prefix}METRICS_PORT": str(self.metrics_port),
+                f"{code.prefix}{metrics_variable}": str(self.metrics_port),
                 f"{code.prefix}DRAIN_SECONDS": "0",
                 f"{code.prefix}GRACE_SECONDS": "1",
                 f"{code.prefix}LOG_JSON": "false",
@@ -165,6 +182,23 @@ class Running:
                 **env,
             },
         )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """A service: its health SERVING; a worker: its /metrics answering (what its probes ask)."""
+        if self.name not in WORKERS:
+            module = __import__(f"services.{self.name}.server", fromlist=["SERVICE_NAME"])
+            asyncio.run(wait_serving(self.port, module.SERVICE_NAME, self.proc, timeout=timeout))
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited early with {self.proc.returncode}: {self.output()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"{self.name}: /metrics did not answer in {timeout:g} s")
 
     def scrape(self) -> dict[str, list[dict[str, str]]]:
         """Sample name -> the label sets it has."""
@@ -206,21 +240,22 @@ def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
         stop_process(service.proc)
 
 
-@pytest.mark.parametrize("name", PYTHON_SERVICES)
+@pytest.mark.parametrize("name", PYTHON_SERVICES + tuple(WORKERS))
 def test_hpa_metrics_are_exported_by_the_running_service(
     name: str, overlays: dict[str, Rendered], running: Callable[[str], Running]
 ) -> None:
     metrics = _custom_metrics(overlays, name)
     if not metrics:
         pytest.skip(f"{name}: its HPA scales on CPU only")
-    assert (REPO_ROOT / "services" / name / "__main__.py").exists(), f"services/{name} cannot be started"
+    code = WORKERS[name].service if name in WORKERS else name
+    assert (REPO_ROOT / "services" / code / "__main__.py").exists(), f"services/{code} cannot be started"
     assert name in STARTERS, f"tests/deploy does not know how to start {name}: add it to STARTERS"
     rules = adapter_rules()
     wanted = {metric: _series(rules[metric]["seriesQuery"]) for metric in metrics}
-    service_module = __import__(f"services.{name}.server", fromlist=["SERVICE_NAME"])  # registers its protos
+    __import__(f"services.{code}.server", fromlist=["SERVICE_NAME"])  # registers its protos
     service = running(name)
     try:
-        asyncio.run(wait_serving(service.port, service_module.SERVICE_NAME, service.proc, timeout=120))
+        service.wait_ready()
         if name in EXERCISES:
             asyncio.run(EXERCISES[name](service.port))
         for _series_name, labels in wanted.values():

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from libs.testing import free_port, stop_process, wait_serving
+from libs.testing import free_port, stop_process
 from stack.config import StackConfig
 from stack.prometheus import ALERT_RULES, Prometheus, recorded_name, recording_rules, write_targets
 from tests.deploy.k8s_objects import Rendered, adapter_rules
@@ -96,8 +96,7 @@ def test_prometheus_answers_every_hpa_metric(
             folder.mkdir()
             running.append(Running(name, STARTERS[name](request, folder)))
         for service in running:
-            module = __import__(f"services.{service.name}.server", fromlist=["SERVICE_NAME"])
-            asyncio.run(wait_serving(service.port, module.SERVICE_NAME, service.proc, timeout=120))
+            service.wait_ready()
         write_targets(
             prometheus.config,
             "static",

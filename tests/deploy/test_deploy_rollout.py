@@ -38,6 +38,7 @@ from tests.deploy.k8s_objects import (
     K8S_DIR,
     NAME_LABEL,
     PYTHON_SERVICES,
+    WORKERS,
     Obj,
     Rendered,
     container,
@@ -77,6 +78,9 @@ def _drain_seconds(rendered: Rendered, workload: Obj) -> float:
     if name in PYTHON_SERVICES:
         config, _, _ = loaded_config(rendered, name)
         return float(config.server.drain_seconds + config.server.grace_seconds)
+    if name in WORKERS:
+        config, _, _ = loaded_config(rendered, name)
+        return float(WORKERS[name].drain_seconds(config))
     args = container(workload).get("args", [])
     assert "--drain-time-s" in args, f"{name}: no drain time known"
     return float(args[args.index("--drain-time-s") + 1])
@@ -605,6 +609,13 @@ MUTATIONS: dict[str, tuple[str, Callable[[Rendered], Any], str]] = {
         "rollout",
         lambda r: _set_env(r, "logging", "INFERGRID_LOGGING_GRACE_SECONDS", "60"),
         "Deployment/logging/logging: preStop 5 s + drain 65 s",
+    ),
+    "worker-drain-outlasts-grace": (
+        "rollout",
+        lambda r: _w(r, "features-ingest")["spec"]["template"]["spec"].update(
+            terminationGracePeriodSeconds=15
+        ),
+        "Deployment/features-ingest/features-ingest: preStop 5 s + drain 14.5 s >= terminationGracePeriodSeconds 15",
     ),
     "envoy-drain-outlasts-grace": (
         "rollout",

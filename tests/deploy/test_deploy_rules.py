@@ -8,6 +8,7 @@ names match the code's defaults; the backends' operator resources match the serv
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.deploy.k8s_objects import (
     K8S_DIR,
     NAME_LABEL,
     PYTHON_SERVICES,
+    WORKERS,
     Rendered,
     adapter_rules,
     container,
@@ -56,7 +58,7 @@ def _selects(selector: dict, labels: dict) -> bool:
 
 def test_the_python_services_and_envoy_are_deployed(rendered: Rendered) -> None:
     names = {d["metadata"]["name"] for d in rendered.app_workloads()}
-    assert names == {*PYTHON_SERVICES, "envoy"}
+    assert names == {*PYTHON_SERVICES, *WORKERS, "envoy"}
     for name in PYTHON_SERVICES:
         assert (REPO_ROOT / "services" / name / "config.py").exists(), (
             f"services/{name} is gone: drop its manifests"
@@ -173,6 +175,47 @@ def test_variables_are_ones_the_service_reads(rendered: Rendered, name: str) -> 
     )
     others = sorted(k for k in env if k.startswith("INFERGRID_") and not k.startswith(code.prefix))
     assert others == [], f"{name}: variables of another service {others}"
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_run_their_module_with_the_service_image_and_settings(rendered: Rendered, name: str) -> None:
+    worker = WORKERS[name]
+    code = service_code(worker.service)
+    deployment = rendered.workload(name)
+    c = container(deployment)
+    env = container_env(rendered, deployment)
+    known = known_variables(code.config_class, code.prefix)
+    unknown = sorted(k for k in env if k.startswith("INFERGRID_") and k not in known)
+    assert unknown == [], f"{name} does not read {unknown} ({code.config_class.__name__})"
+    # The service's image, with the module run from its runfiles (what the Bazel :server target packs).
+    assert c["image"] == container(rendered.workload(worker.service))["image"], name
+    assert c["command"] == ["python", "-m", worker.module], name
+    module_file = REPO_ROOT / Path(*worker.module.split(".")).with_suffix(".py")
+    assert module_file.parent == REPO_ROOT / "services" / worker.service and module_file.exists()
+    runfiles = f"/app/services/{worker.service}/server.runfiles/infergrid"
+    assert env["PYTHONPATH"].split(":") == [runfiles, f"{runfiles}/protos"], name
+    # Its metrics port: the code's default, the container's "metrics" port, what the probes ask.
+    config, _, _ = loaded_config(rendered, name)
+    defaults = code.defaults
+    assert config.telemetry.metrics_host == "0.0.0.0", name
+    assert env[code.prefix + worker.metrics_port_variable] == str(worker.metrics_port(config))
+    assert (
+        worker.metrics_port(config) == worker.metrics_port(defaults) == container_port(deployment, "metrics")
+    )
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe].get("httpGet") == {"path": "/metrics", "port": "metrics"}, f"{name}: {probe}"
+    assert rendered.get("PodMonitor", name)["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    # A consumer: no Service sends it requests.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for service in rendered.of_kind("Service"):
+        selector = service["spec"].get("selector") or {}
+        assert not (selector and selector.items() <= labels.items()), f"Service {service['metadata']['name']}"
+    # It shares the service's settings but the process's own (server, telemetry): the same backends.
+    service_config, _, _ = loaded_config(rendered, worker.service)
+    for part in dataclasses.fields(config):
+        if part.name not in ("server", "telemetry"):
+            ours, theirs = getattr(config, part.name), getattr(service_config, part.name)
+            assert ours == theirs, f"{name}: {part.name} {ours} is not {worker.service}'s {theirs}"
 
 
 @pytest.mark.parametrize("name", PYTHON_SERVICES)
@@ -380,6 +423,7 @@ CALLS = {
     "logging": set(),
     "controlplane": set(),
     "edge": set(),
+    "features-ingest": set(),
 }
 
 
@@ -485,6 +529,12 @@ def test_kafka_cluster_and_topics_match_the_services(rendered: Rendered) -> None
     # Consumers beyond the partitions idle: the logging HPA stops at the topic's partitions.
     hpa = rendered.get("HorizontalPodAutoscaler", "logging")
     assert hpa["spec"]["maxReplicas"] <= topics[logging.pipeline.topic]["spec"]["partitions"]
+    # ... and the feature stream ingester's at the updates topic's.
+    ingest, _, _ = loaded_config(rendered, "features-ingest")
+    assert ingest.kafka.kafka_bootstrap_servers == features.kafka.kafka_bootstrap_servers
+    assert ingest.stream.stream_topic == features.stream.stream_topic
+    hpa = rendered.get("HorizontalPodAutoscaler", "features-ingest")
+    assert hpa["spec"]["maxReplicas"] <= topics[ingest.stream.stream_topic]["spec"]["partitions"]
     if rendered.overlay.startswith("prod"):
         assert size["brokers"] >= 3
         assert topics[logging.pipeline.topic]["spec"]["replicas"] >= 3
@@ -574,3 +624,4 @@ def test_the_custom_metrics_are_the_designed_signals(overlays: dict[str, Rendere
     assert custom("gateway") == {"infergrid_gateway_requests_per_second"}
     assert custom("inference") == {"infergrid_inference_queue_depth"}
     assert custom("logging") == {"infergrid_logging_consumer_lag"}
+    assert custom("features-ingest") == {"infergrid_features_stream_consumer_lag"}
