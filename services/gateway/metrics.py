@@ -44,6 +44,13 @@ QUEUED = Gauge(
     ["target"],
     multiprocess_mode="livesum",
 )
+ROUTE_SHARE = Gauge(
+    "infergrid_gateway_route_share_ratio",
+    "The traffic split the gateway applies now, from the platform config: role primary, each version's "
+    "share of its model's requests (0 once no longer routed); role shadow, 1 for the model's shadow version.",
+    ["model", "version", "role"],
+    multiprocess_mode="livemax",
+)
 SHED = Counter("infergrid_gateway_shed_total", "Rows refused with RESOURCE_EXHAUSTED (load shedding).")
 LOG_WRITE_FAILED = Counter(
     "infergrid_gateway_log_write_failures_total",

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from libs.platform import ModelRoute, PlatformConfig
+from services.gateway.metrics import ROUTE_SHARE
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,44 @@ def sticky_bucket(value: str, total: int) -> int:
     return zlib.crc32(value.encode()) % total
 
 
+def route_shares(splits: Mapping[str, Split]) -> dict[tuple[str, str, str], float]:
+    """(model, version, "primary") -> the version's share of the model's requests, and
+    (model, shadow, "shadow") -> 1 for each model's shadow version."""
+    shares: dict[tuple[str, str, str], float] = {}
+    for model, split in splits.items():
+        previous = 0
+        for version, cumulative in zip(split.versions, split.cumulative, strict=True):
+            key = (model, version, "primary")
+            shares[key] = shares.get(key, 0.0) + (cumulative - previous) / split.total
+            previous = cumulative
+        if split.shadow:
+            shares[(model, split.shadow, "shadow")] = 1.0
+    return shares
+
+
 class TrafficRouter:
     """Chooses versions from the platform config's model routes; `update` swaps the routes atomically."""
 
     def __init__(self, config: PlatformConfig | None = None, rng: random.Random | None = None) -> None:
         self._splits: dict[str, Split] = {}
+        self._published: set[tuple[str, str, str]] = set()
         self._random = (rng or random.Random()).random
         if config is not None:
             self.update(config)
 
     def update(self, config: PlatformConfig) -> None:
-        """Applies the routes of a (validated) platform config; requests after this call see them."""
+        """Applies the routes of a (validated) platform config; requests after this call see them.
+
+        The applied split is published as `infergrid_gateway_route_share_ratio` (the operator console reads
+        it from Prometheus); a version or shadow no longer routed drops to 0.
+        """
         self._splits = {name: Split.of(route) for name, route in config.models.items()}
+        shares = route_shares(self._splits)
+        for labels in self._published - shares.keys():
+            ROUTE_SHARE.labels(*labels).set(0)
+        for labels, share in shares.items():
+            ROUTE_SHARE.labels(*labels).set(share)
+        self._published = set(shares)
 
     def split(self, model: str) -> Split | None:
         return self._splits.get(model)

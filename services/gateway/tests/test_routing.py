@@ -56,3 +56,23 @@ def test_a_model_without_a_route_uses_the_fallback_and_updates_apply() -> None:
     assert router.choose("toy", {}, "4").version == "4"
     router.update(parse_platform(SPLIT.replace("90", "0")))
     assert {router.choose("toy", {}, "4").version for _ in range(100)} == {"2"}
+
+
+def _published(model: str) -> dict[tuple[str, str], float]:
+    """(version, role) -> the route share gauge's value for `model`, as /metrics exports it."""
+    from prometheus_client import REGISTRY
+
+    return {
+        (s.labels["version"], s.labels["role"]): s.value
+        for family in REGISTRY.collect()
+        if family.name == "infergrid_gateway_route_share_ratio"
+        for s in family.samples
+        if s.labels["model"] == model
+    }
+
+
+def test_the_applied_split_and_shadow_are_published_and_a_dropped_version_goes_to_zero() -> None:
+    router = TrafficRouter(parse_platform(SPLIT.replace("toy", "published")))
+    assert _published("published") == {("1", "primary"): 0.9, ("2", "primary"): 0.1, ("3", "shadow"): 1.0}
+    router.update(parse_platform('models:\n  published:\n    versions: [{version: "2", weight: 5}]\n'))
+    assert _published("published") == {("1", "primary"): 0.0, ("2", "primary"): 1.0, ("3", "shadow"): 0.0}
