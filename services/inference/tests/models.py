@@ -22,7 +22,8 @@ TYPES = (
 TYPES_DIMS = 3
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Checks `model` and writes it to `path` (IR version 9, which the pinned ONNX Runtime reads)."""
     model.ir_version = 9
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,14 +84,14 @@ TRT_ONLY_CONFIG = TRT_FALLBACK_CONFIG.replace("trt_fallback", "trt_only").split(
 def write_repository(root: Path, *, fraud_samples: int = 4000, broken: bool = True) -> Path:
     """Writes fraud (demo, 2 versions), types, double, trt_fallback, trt_only and (optionally) broken."""
     demo.write_repository(root, samples=fraud_samples)
-    _save(types_model(), root / "types" / "1" / "model.onnx")
+    save_model(types_model(), root / "types" / "1" / "model.onnx")
     (root / "types" / "config.pbtxt").write_text(TYPES_CONFIG)
     for name, config in (
         ("double", DOUBLE_CONFIG),
         ("trt_fallback", TRT_FALLBACK_CONFIG),
         ("trt_only", TRT_ONLY_CONFIG),
     ):
-        _save(double_model(), root / name / "1" / "model.onnx")
+        save_model(double_model(), root / name / "1" / "model.onnx")
         (root / name / "config.pbtxt").write_text(config)
     if broken:
         (root / "broken" / "1").mkdir(parents=True)

@@ -35,16 +35,10 @@ from services.inference.config import (
 )
 from services.inference.model_config import ModelSpec
 from services.inference.server import create_server
+from services.inference.tests.models import save_model
 
 HOLD = -1.0
 MAX_FILE_BYTES = 1 << 16
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
 
 
 def _scale_model() -> onnx.ModelProto:
@@ -108,9 +102,9 @@ def _repository(root: Path) -> Path:
         ("warmed", WARMED_CONFIG),
         ("plain", "max_batch_size: 8\n" + SCALE_IO),
     ):
-        _save(_scale_model(), root / name / "1" / "model.onnx")
+        save_model(_scale_model(), root / name / "1" / "model.onnx")
         (root / name / "config.pbtxt").write_text(config)
-    _save(_string_model(), root / "digits" / "1" / "model.onnx")
+    save_model(_string_model(), root / "digits" / "1" / "model.onnx")
     (root / "digits" / "config.pbtxt").write_text(DIGITS_CONFIG)
     (root / "digits" / "warmup").mkdir()
     (root / "digits" / "warmup" / "seven").write_bytes(struct.pack("<I", 1) + b"7")
