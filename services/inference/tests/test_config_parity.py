@@ -12,8 +12,11 @@ import asyncio
 import json
 import struct
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,6 +28,7 @@ from prometheus_client import REGISTRY
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from libs.server import Server
+from libs.testing import free_port
 from services.inference.backends import BackendOptions, LoadedModel, create_backends
 from services.inference.config import (
     ControlConfig,
@@ -38,6 +42,7 @@ from services.inference.server import create_server
 from services.inference.tests.models import save_model
 
 HOLD = -1.0
+Served = tuple[pb_grpc.GRPCInferenceServiceStub, "_Gate", Path, int]
 MAX_FILE_BYTES = 1 << 16
 
 
@@ -150,20 +155,20 @@ class _Gate:
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.GRPCInferenceServiceStub, _Gate, Path]]:
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
     repo = _repository(tmp_path / "models")
     gate = _Gate()
     config = InferenceConfig(
         server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
         models=ModelServingConfig(model_repository=repo, startup_models=("prio", "preferred", "digits")),
-        http=HttpConfig(http_port=0),
+        http=HttpConfig(http_port=free_port(), http_host="127.0.0.1"),
         control=ControlConfig(control_enabled=True, control_max_file_bytes=MAX_FILE_BYTES),
     )
-    server: Server = await create_server(config, backends={"onnxruntime": gate})  # type: ignore[dict-item]
+    server: Server = await create_server(config, backends={"onnxruntime": gate})
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.GRPCInferenceServiceStub(channel), gate, repo
+            yield pb_grpc.GRPCInferenceServiceStub(channel), gate, repo, config.http.http_port
     finally:
         gate.release.set()
         await server.stop(0, 1.0)
@@ -209,9 +214,9 @@ async def _hold(stub: pb_grpc.GRPCInferenceServiceStub, gate: _Gate, model: str)
 
 
 async def test_priority_levels_take_level_1_first_and_level_timeouts_apply(
-    served: tuple[pb_grpc.GRPCInferenceServiceStub, _Gate, Path],
+    served: Served,
 ) -> None:
-    stub, gate, _ = served
+    stub, gate, _, _ = served
     held = await _hold(stub, gate, "prio")
     # Level 2 (the default): its queue policy times out after 50 ms unless the request overrides it.
     expires = asyncio.ensure_future(stub.ModelInfer(_request("prio", 1.0)))
@@ -238,9 +243,9 @@ async def test_priority_levels_take_level_1_first_and_level_timeouts_apply(
 
 
 async def test_preferred_batch_size_shapes_the_batches(
-    served: tuple[pb_grpc.GRPCInferenceServiceStub, _Gate, Path],
+    served: Served,
 ) -> None:
-    stub, gate, _ = served
+    stub, gate, _, _ = served
     held = await _hold(stub, gate, "preferred")
     calls = []
     for i in range(5):
@@ -255,7 +260,7 @@ async def test_preferred_batch_size_shapes_the_batches(
     assert batches == [[1.0, 2.0, 3.0, 4.0], [5.0]]
 
 
-def _load(stub: pb_grpc.GRPCInferenceServiceStub, model: str, config: dict[str, object]) -> object:
+def _load(stub: pb_grpc.GRPCInferenceServiceStub, model: str, config: dict[str, object]) -> Any:
     return stub.RepositoryModelLoad(
         pb.RepositoryModelLoadRequest(
             model_name=model,
@@ -326,9 +331,9 @@ PLAIN: dict[str, object] = {
     ],
 )
 async def test_unsupported_config_fields_are_invalid_argument_naming_them(
-    served: tuple[pb_grpc.GRPCInferenceServiceStub, _Gate, Path], change: dict[str, object], named: str
+    served: Served, change: dict[str, object], named: str
 ) -> None:
-    stub, _gate, _ = served
+    stub, _gate, _, _ = served
     code, details = await _error(_load(stub, "plain", {**PLAIN, **change}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert named in details
@@ -336,9 +341,9 @@ async def test_unsupported_config_fields_are_invalid_argument_naming_them(
 
 
 async def test_warmup_follows_model_warmup_instead_of_synthetic_inputs(
-    served: tuple[pb_grpc.GRPCInferenceServiceStub, _Gate, Path],
+    served: Served,
 ) -> None:
-    stub, gate, _ = served
+    stub, gate, _, _ = served
     before = len(gate.runs)
     await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="warmed"))
     warmups = gate.runs[before:]
@@ -361,9 +366,9 @@ async def _digits_sum(stub: pb_grpc.GRPCInferenceServiceStub, *texts: bytes) -> 
 
 
 async def test_a_string_model_loads_serves_and_warms_up_as_configured(
-    served: tuple[pb_grpc.GRPCInferenceServiceStub, _Gate, Path],
+    served: Served,
 ) -> None:
-    stub, _gate, repo = served
+    stub, _gate, repo, _ = served
     # Loaded at start-up without model_warmup: no synthetic strings are fed to it.
     assert (await stub.ModelReady(pb.ModelReadyRequest(name="digits"))).ready
     assert await _digits_sum(stub, b"41", b"-3") == [42, -2]
@@ -385,7 +390,7 @@ async def test_a_string_model_loads_serves_and_warms_up_as_configured(
 
 def _load_files(
     stub: pb_grpc.GRPCInferenceServiceStub, model: str, files: dict[str, bytes], config: dict[str, object]
-) -> object:
+) -> Any:
     parameters = {
         f"file:{path}": pb.ModelRepositoryParameter(bytes_param=data) for path, data in files.items()
     }
@@ -394,9 +399,9 @@ def _load_files(
 
 
 async def test_model_files_in_the_load_request_are_bounded_confined_and_undone_on_failure(
-    served: tuple[pb_grpc.GRPCInferenceServiceStub, _Gate, Path], tmp_path: Path
+    served: Served, tmp_path: Path
 ) -> None:
-    stub, _gate, repo = served
+    stub, _gate, repo, _ = served
     good = (repo / "plain" / "1" / "model.onnx").read_bytes()
     await _load_files(stub, "plain", {"1/model.onnx": good}, PLAIN)
     assert (await stub.ModelReady(pb.ModelReadyRequest(name="plain", version="1"))).ready
@@ -428,3 +433,26 @@ async def test_model_files_in_the_load_request_are_bounded_confined_and_undone_o
     assert list(outside.iterdir()) == []
     assert (repo / "plain" / "1" / "model.onnx").read_bytes() == good
     assert (repo / "prio" / "1" / "model.onnx").read_bytes() == good
+
+
+def _http_infer(port: int, priority: int) -> tuple[int, dict[str, object]]:
+    body = {
+        "inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.5]}],
+        "parameters": {"priority": priority},
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/models/prio/infer", data=json.dumps(body).encode(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status), json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return int(err.code), json.loads(err.read())
+
+
+async def test_priority_over_http(served: Served) -> None:
+    _stub, _gate, _repo, http_port = served
+    status, answer = await asyncio.to_thread(_http_infer, http_port, 1)
+    assert status == 200 and answer["outputs"][0]["data"] == [3.0], answer  # type: ignore[index]
+    status, answer = await asyncio.to_thread(_http_infer, http_port, 7)
+    assert status == 400 and "parameters.priority: 7 is outside 0..2" in str(answer["error"]), answer
