@@ -265,6 +265,18 @@ def edge_cluster(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any
         "lb_policy": "LEAST_REQUEST",
         # "": the whole server's health (SERVING once its backends answer, NOT_SERVING while draining).
         "health_checks": [_health_check(platform, "")],
+        # A replica that refuses or resets a connection (SIGKILLed, gone) is ejected at its first such
+        # failure, before the health checks or EDS catch up: each check sent there meanwhile fails closed.
+        # At most half the replicas at a time, so admission never loses every replica to ejection.
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "enforcing_consecutive_5xx": 0,  # a check's answer is never a reason to eject
+            "base_ejection_time": _ms(platform.gateway.outlier_detection.base_ejection_time_ms),
+            "max_ejection_percent": 50,
+            "interval": "1s",
+        },
         "circuit_breakers": {
             "thresholds": [
                 {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
@@ -402,20 +414,6 @@ def endpoint_resources(
         )
         for name in clusters
     }
-
-
-# A retry goes to a host the request has not tried yet (three picks at most to find one).
-_RETRY_ANOTHER_HOST: dict[str, Any] = {
-    "retry_host_predicate": [
-        {
-            "name": "envoy.retry_host_predicates.previous_hosts",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-            },
-        }
-    ],
-    "host_selection_retry_max_attempts": 3,
-}
 
 
 def _grpc_service(cluster: str, timeout_ms: int) -> dict[str, Any]:
@@ -654,7 +652,15 @@ def public_routes(platform: PlatformConfig) -> dict[str, Any]:
                         "retry_on": retry.retry_on,
                         "num_retries": retry.num_retries,
                         "per_try_timeout": _ms(retry.per_try_timeout_ms),
-                        **_RETRY_ANOTHER_HOST,
+                        "retry_host_predicate": [
+                            {
+                                "name": "envoy.retry_host_predicates.previous_hosts",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                                },
+                            }
+                        ],
+                        "host_selection_retry_max_attempts": 3,
                     },
                     **({"rate_limits": _rate_limits()} if edge else {}),
                 },

@@ -101,6 +101,13 @@ def test_the_edge_cluster_follows_eds_with_health_checks() -> None:
     check = cluster["health_checks"][0]
     assert (check["interval"], check["timeout"], check["unhealthy_threshold"]) == ("2s", "0.400s", 3)
     assert check["grpc_health_check"] == {}  # service "": the edge server's own health
+    # A replica that refuses connections (SIGKILLed) is ejected at its first failure, at most half at once.
+    outlier = cluster["outlier_detection"]
+    assert outlier["split_external_local_origin_errors"] is True
+    assert outlier["consecutive_local_origin_failure"] == 1
+    assert outlier["enforcing_consecutive_local_origin_failure"] == 100
+    assert outlier["enforcing_consecutive_5xx"] == 0
+    assert outlier["max_ejection_percent"] == 50
 
 
 def test_a_cluster_without_endpoints_gets_an_empty_assignment() -> None:
