@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-# The defaults of DESIGN.md. Each name `x` is overridden by the variable INFERGRID_<X>_PORT.
+# The default ports (docs/architecture.md lists them). Each name `x` is overridden by the variable INFERGRID_<X>_PORT.
 DEFAULT_PORTS: dict[str, int] = {
     "redis": 6379,
     "cassandra": 9042,

@@ -412,7 +412,7 @@ def read_yaml_text(text: str) -> dict:
     return yaml.safe_load(text)
 
 
-# --- network policies follow DESIGN.md's calls --------------------------------------------------------
+# --- network policies follow the calls of docs/architecture.md --------------------------------------------------------
 
 # caller -> callees (InferGrid pods only; DNS and Jaeger are allowed to all).
 CALLS = {
@@ -436,7 +436,7 @@ def test_network_policies_allow_only_the_designed_calls(rendered: Rendered) -> N
                 app = (peer.get("podSelector", {}).get("matchLabels") or {}).get(NAME_LABEL)
                 if app in CALLS:
                     allowed.add(app)
-        assert allowed == callees, f"{caller} may call {sorted(allowed)}, DESIGN.md says {sorted(callees)}"
+        assert allowed == callees, f"{caller} may call {sorted(allowed)}, docs/architecture.md says {sorted(callees)}"
         # ... and each callee admits exactly its callers on its gRPC port.
         for callee in callees:
             ingress = rendered.get("NetworkPolicy", callee)["spec"]["ingress"]
