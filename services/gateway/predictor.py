@@ -40,6 +40,7 @@ from services.gateway import records
 from services.gateway.batcher import MicroBatcher
 from services.gateway.cache import CachedAnswer, ResponseCache, cache_key
 from services.gateway.catalog import ModelCatalog, ModelSpec
+from services.gateway.config import BatchingConfig, ResponseCacheConfig, UpstreamConfig
 from services.gateway.execution import DEADLINE_MARGIN_S, BatchExecutor, Outputs, RowResult
 from services.gateway.features import FeatureSource
 from services.gateway.models import ModelClient
@@ -52,25 +53,6 @@ _tracer = trace.get_tracer(__name__)
 
 # Stands in for a span when the request is not sampled (`with` yields None).
 _NO_SPAN = contextlib.nullcontext()
-
-
-@dataclass(frozen=True)
-class PredictorSettings:
-    """The pipeline's knobs (from GatewayConfig's upstream, batching and cache sections)."""
-
-    features_timeout_s: float = 0.1
-    inference_timeout_s: float = 0.5
-    request_timeout_s: float = 1.0
-    max_batch_rows: int = 256
-    max_batch_delay_s: float = 0.0
-    max_concurrent_batches: int = 1
-    max_pending_rows: int = 4096
-    max_in_flight_rows: int = 4096
-    # Rows one tenant may have in flight (0: half of max_in_flight_rows, at least one full batch), so one tenant's batches
-    # cannot take the whole process and starve the others.
-    max_tenant_in_flight_rows: int = 0
-    max_batch_request_rows: int = 1000
-    cache_key_prefix: str = "igw:"
 
 
 @dataclass(frozen=True)
@@ -121,7 +103,9 @@ class Predictor:
         models: ModelClient,
         publisher: RecordPublisher,
         *,
-        settings: PredictorSettings | None = None,
+        upstream: UpstreamConfig | None = None,
+        batching: BatchingConfig | None = None,
+        cache_config: ResponseCacheConfig | None = None,
         cache: ResponseCache | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
@@ -130,14 +114,17 @@ class Predictor:
         self.router = router
         self._publisher = publisher
         self._cache = cache
-        self.settings = s = settings or PredictorSettings()
+        # The knobs are GatewayConfig's sections (their defaults are the only ones).
+        self.upstream = up = upstream or UpstreamConfig()
+        self.batching = s = batching or BatchingConfig()
+        self._cache_key_prefix = (cache_config or ResponseCacheConfig()).response_cache_key_prefix
         self._metrics = m.GatewayMetrics()
         self._validator = RowValidator(router, s.max_batch_request_rows)
         self._executor = BatchExecutor(
             features,
             models,
-            features_timeout_s=s.features_timeout_s,
-            inference_timeout_s=s.inference_timeout_s,
+            features_timeout_s=up.features_timeout_s,
+            inference_timeout_s=up.inference_timeout_s,
             metrics=self._metrics,
         )
         self.batcher: MicroBatcher[ModelSpec, ValidRow, RowResult] = MicroBatcher(
@@ -180,7 +167,7 @@ class Predictor:
         tenant_rows = self._admit(n, call.tenant)
         left = call.time_remaining
         deadline = asyncio.get_running_loop().time() + (
-            self.settings.request_timeout_s if left is None else left
+            self.upstream.request_timeout_s if left is None else left
         )
         current = trace.get_current_span()
         # Stage spans only for sampled requests: a non-recording span still costs microseconds.
@@ -201,14 +188,14 @@ class Predictor:
 
     def _admit(self, n: int, tenant: str) -> int:
         """Sheds `n` more rows past the process's or the tenant's in-flight limit; the tenant's rows now."""
-        limit = self.settings.max_in_flight_rows
+        limit = self.batching.max_in_flight_rows
         if self.in_flight + n > limit:
             m.SHED.inc(n)
             raise overloaded(f"gateway overloaded: {self.in_flight} rows in flight (limit {limit})")
         tenant_rows = self.tenant_in_flight.get(tenant, 0)
         # Default: half the process, but never less than one full batch.
-        tenant_cap = self.settings.max_tenant_in_flight_rows or max(
-            limit // 2, self.settings.max_batch_request_rows
+        tenant_cap = self.batching.max_tenant_in_flight_rows or max(
+            limit // 2, self.batching.max_batch_request_rows
         )
         if tenant_rows + n > tenant_cap:
             m.SHED.inc(n)
@@ -230,7 +217,7 @@ class Predictor:
         try:
             if self._cache is not None:
                 key = cache_key(
-                    self.settings.cache_key_prefix,
+                    self._cache_key_prefix,
                     spec.name,
                     row.version,
                     row.source.entities,
@@ -245,7 +232,7 @@ class Predictor:
                     await self._answer(row, rc, prediction, np.asarray(row.inputs, dtype=np.float32), None)
                     return prediction
             timeout = _time_left(
-                rc.deadline, self.settings.features_timeout_s + self.settings.inference_timeout_s
+                rc.deadline, self.upstream.features_timeout_s + self.upstream.inference_timeout_s
             )
             result = await self.batcher.submit(spec, row, timeout)
             if result.error is not None:

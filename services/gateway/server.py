@@ -42,7 +42,7 @@ from services.gateway.features import GrpcFeatureSource
 from services.gateway.metrics import ADMISSION_STAGE, GatewayMetrics
 from services.gateway.model_facts import refresh_facts, watch_facts
 from services.gateway.models import GrpcModelClient, StreamingModelClient
-from services.gateway.predictor import CallInfo, Prediction, Predictor, PredictorSettings
+from services.gateway.predictor import CallInfo, Prediction, Predictor
 from services.gateway.publisher import DiscardingPublisher, RecordPublisher
 from services.gateway.routing import TrafficRouter
 
@@ -182,24 +182,6 @@ def _admission(
     return admission, redis, tasks
 
 
-def predictor_settings(config: GatewayConfig) -> PredictorSettings:
-    """The pipeline knobs from the service config."""
-    up, batching = config.upstream, config.batching
-    return PredictorSettings(
-        features_timeout_s=up.features_timeout_s,
-        inference_timeout_s=up.inference_timeout_s,
-        request_timeout_s=up.request_timeout_s,
-        max_batch_rows=batching.max_batch_rows,
-        max_batch_delay_s=batching.max_batch_delay_s,
-        max_concurrent_batches=batching.max_concurrent_batches,
-        max_pending_rows=batching.max_pending_rows,
-        max_in_flight_rows=batching.max_in_flight_rows,
-        max_batch_request_rows=batching.max_batch_request_rows,
-        max_tenant_in_flight_rows=batching.max_tenant_in_flight_rows,
-        cache_key_prefix=config.cache.response_cache_key_prefix,
-    )
-
-
 def dependency_policy(timeout_s: float, attempts: int, config: GatewayConfig) -> DependencyPolicy:
     """A dependency's policy: gRPC retries UNAVAILABLE (reads only) within the budget; the breaker fails fast."""
     return DependencyPolicy(
@@ -333,7 +315,9 @@ async def create_server(
         features,
         FailoverModelClient(models, pools.of),
         publisher,
-        settings=predictor_settings(config),
+        upstream=config.upstream,
+        batching=config.batching,
+        cache_config=config.cache,
         cache=cache,
         tracer=telemetry.tracer_provider.get_tracer(__name__)
         if telemetry and telemetry.tracer_provider

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import random
 from collections import Counter
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from infergrid.logging.v1 import logging_pb2
 from libs.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from libs.platform import parse_platform
 from services.gateway.catalog import ModelCatalog, parse_spec
-from services.gateway.predictor import CallInfo, Predictor, PredictorSettings
+from services.gateway.config import BatchingConfig, UpstreamConfig
+from services.gateway.predictor import CallInfo, Predictor
 from services.gateway.records import event_times_wire
 from services.gateway.routing import TrafficRouter
 from services.gateway.tests.fakes import FakeFeatures, FakeModels, ListPublisher, expected_score, toy_spec
@@ -53,8 +55,19 @@ def request(
     return req
 
 
+T = TypeVar("T")
+
+
+def _section(section: type[T], knobs: dict[str, object]) -> T:
+    """The config section with the knobs among `knobs` that are its fields; its defaults otherwise."""
+    names = {field.name for field in dataclasses.fields(section)}  # type: ignore[arg-type]
+    return section(**{name: value for name, value in knobs.items() if name in names})
+
+
 class Setup:
     def __init__(self, router: TrafficRouter | None = None, **settings: object) -> None:
+        known = {f.name for section in (UpstreamConfig, BatchingConfig) for f in dataclasses.fields(section)}
+        assert set(settings) <= known, f"not a gateway setting: {sorted(set(settings) - known)}"
         self.features = FakeFeatures(STORE)
         self.models = FakeModels()
         self.publisher = ListPublisher()
@@ -64,7 +77,8 @@ class Setup:
             self.features,
             self.models,
             self.publisher,
-            settings=PredictorSettings(**settings),  # type: ignore[arg-type]
+            upstream=_section(UpstreamConfig, settings),
+            batching=_section(BatchingConfig, settings),
         )
 
     async def one(self, req: gateway_pb2.PredictRequest, call: CallInfo | None = None) -> object:

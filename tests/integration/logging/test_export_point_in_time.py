@@ -36,8 +36,9 @@ from libs.testing import wait_serving
 from services.features.config import CacheConfig, FeaturesConfig, FeaturesServerConfig
 from services.features.server import SERVICE_NAME, create_server
 from services.gateway.catalog import ModelCatalog
+from services.gateway.config import UpstreamConfig
 from services.gateway.features import GrpcFeatureSource
-from services.gateway.predictor import CallInfo, Predictor, PredictorSettings
+from services.gateway.predictor import CallInfo, Predictor
 from services.gateway.routing import TrafficRouter
 from services.gateway.tests.fakes import FakeModels, toy_spec
 from services.logging import export
@@ -100,9 +101,7 @@ async def env(tmp_path: Path, cassandra_server: Cassandra, redis_server: Redis) 
             FakeModels(),
             publisher,
             # A loaded 2-core box: give the real feature service time rather than serve defaults.
-            settings=PredictorSettings(
-                features_timeout_s=5.0, inference_timeout_s=5.0, request_timeout_s=15.0
-            ),
+            upstream=UpstreamConfig(features_timeout_s=5.0, inference_timeout_s=5.0, request_timeout_s=15.0),
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = features_pb2_grpc.FeatureServiceStub(channel)
