@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from libs.checkout import checkout_env
 from libs.testing import REPO_ROOT
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -45,10 +46,7 @@ def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
 
 def repo_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of libs.testing.spawn_module: the repository and generated code importable."""
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
-    if os.environ.get("PYTHONPATH"):
-        paths.append(os.environ["PYTHONPATH"])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **(extra or {})}
+    return checkout_env(extra)
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from libs.checkout import REPO_ROOT, checkout_env
 
 
 def free_port() -> int:
@@ -48,10 +47,7 @@ async def reflected_services(channel: grpc.aio.Channel) -> set[str]:
 
 def spawn_module(module: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
     """Runs `python -m module` from the repository root with the generated code importable."""
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
-    if os.environ.get("PYTHONPATH"):
-        paths.append(os.environ["PYTHONPATH"])
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **env}
+    full_env = checkout_env(env)
     return subprocess.Popen(
         [sys.executable, "-m", module],
         cwd=REPO_ROOT,

@@ -4,7 +4,6 @@ Envoy's /clusters within seconds, pushed over EDS alone (no cluster or listener 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from libs.checkout import checkout_env
 from stack.config import REPO_ROOT
 from stack.ports import find_free_ports
 from stack.probes import grpc_health_serving, http_get
@@ -77,8 +77,7 @@ def test_envoy_picks_up_a_replica_added_to_the_discovery_file(
         "admission: {placement: gateway}\n"
     )
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]),
+        **checkout_env(),
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         "INFERGRID_CONTROLPLANE_PORT": str(xds),
         "INFERGRID_CONTROLPLANE_METRICS_PORT": "0",

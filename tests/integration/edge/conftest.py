@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.checkout import checkout_env
 from services.edge.keys import add_key
 from stack.config import REPO_ROOT
 from stack.envoy import Envoy
@@ -90,13 +91,7 @@ class Process:
 
 
 def _spawn(module: str, env: Mapping[str, str], log: Path, port: int) -> Process:
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(paths),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
-        **env,
-    }
+    full_env = checkout_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "", **env})
     handle = log.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", module], cwd=REPO_ROOT, env=full_env, stdout=handle, stderr=subprocess.STDOUT

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc
 from infergrid.types.v1.value_pb2 import ValueList
+from libs.checkout import checkout_env
 from libs.testing import REPO_ROOT
 from services.features.config import FeaturesConfig
 from services.features.tests.views import VT, V
@@ -40,11 +40,7 @@ def _env(config: FeaturesConfig) -> dict[str, str]:
 
 
 def _run(config: FeaturesConfig, *args: str) -> str:
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'build' / 'gen'}",
-        **_env(config),
-    }
+    env = checkout_env(_env(config))
     done = subprocess.run(
         [sys.executable, "-m", "services.features.materialize", *args],
         cwd=REPO_ROOT,

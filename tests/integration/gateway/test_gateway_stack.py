@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from infergrid.logging.v1 import logging_pb2
 from infergrid.types.v1 import value_pb2
+from libs.checkout import checkout_env
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
 from libs.kafka import KafkaConfig
 from libs.server import Server
@@ -92,8 +92,7 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        paths = [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **self.env}
+        env = checkout_env(self.env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module], cwd=REPO_ROOT, env=env, stdout=log, stderr=log

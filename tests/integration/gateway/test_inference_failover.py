@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.checkout import checkout_env
 from libs.server import Server
 from libs.testing import (
     NO_REDIS_URL,
@@ -61,7 +61,6 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
 def _spawn(repo: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
     env = {
         "INFERGRID_INFERENCE_PORT": str(port),
         "INFERGRID_INFERENCE_METRICS_PORT": "0",
@@ -75,7 +74,7 @@ def _spawn(repo: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "services.inference"],
             cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths), **env},
+            env=checkout_env(env),
             stdout=out,
             stderr=out,
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ import grpc
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.checkout import checkout_env
 from libs.testing import (
     NO_REDIS_URL,
     REPO_ROOT,
@@ -41,12 +41,11 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
 def _spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", module],
             cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths), **env},
+            env=checkout_env(env),
             stdout=out,
             stderr=out,
         )

@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
+from libs.checkout import checkout_env
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
 from libs.kafka import KafkaConfig
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
@@ -378,12 +379,7 @@ def own_kafka(stack: object) -> Iterator[Kafka]:
 
 
 def _publish_in_process(run: Run, bootstrap: str, first: int, count: int, timeout_ms: int) -> dict[str, int]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO_ROOT), str(REPO_ROOT / "build" / "gen"), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
+    env = checkout_env()
     done = subprocess.run(
         [
             sys.executable,
