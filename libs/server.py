@@ -21,9 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -98,6 +98,14 @@ class Server:
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _readiness_task: asyncio.Task[None] | None = None
     _stopping: bool = False
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def run_in_background(self, work: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        """Runs `work` for the server's lifetime: `stop` cancels it (and waits) before the on_stop hooks."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def start(self) -> None:
         """Starts serving; health turns SERVING once readiness passes (at once without a check).
@@ -150,6 +158,16 @@ class Server:
         if drain_seconds > 0:
             await asyncio.sleep(drain_seconds)
         await self.grpc_server.stop(grace_seconds)
+        background = list(self._background)
+        for task in background:
+            task.cancel()
+        for task in background:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("background task %s failed", task.get_name())
         for hook in self.on_stop:
             try:
                 await hook()

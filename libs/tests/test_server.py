@@ -124,6 +124,31 @@ async def test_readiness_gates_serving() -> None:
         await server.stop(0, 0.5)
 
 
+async def test_background_work_is_cancelled_at_stop_before_the_stop_hooks() -> None:
+    started = asyncio.Event()
+    events: list[str] = []
+
+    async def work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            events.append("work cancelled")
+            raise
+
+    async def hook() -> None:
+        events.append("stop hook")
+
+    server = build(ServerConfig(port=0))
+    task = server.run_in_background(work(), name="work")
+    server.on_stop.append(hook)
+    await server.start()
+    await started.wait()
+    await server.stop(0, 0.5)
+    assert task.cancelled()
+    assert events == ["work cancelled", "stop hook"]
+
+
 def _spawn_echo(port: int, **env: str) -> subprocess.Popen[bytes]:
     return spawn_module("libs.tests.echo_service", {"ECHO_PORT": str(port), **env})
 

@@ -349,15 +349,7 @@ async def create_control_plane(
         ],
         telemetry=telemetry,
     )
-    tasks = [asyncio.create_task(watcher.run(), name="platform-watcher")]
-    tasks += [asyncio.create_task(w.run(), name=f"endpoints-{w.name}") for w in watchers]
-
-    async def _stop_watchers() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    server.on_stop.append(_stop_watchers)
+    server.run_in_background(watcher.run(), name="platform-watcher")
+    for w in watchers:
+        server.run_in_background(w.run(), name=f"endpoints-{w.name}")
     return server, control_plane

@@ -9,8 +9,6 @@ read the platform file and the key file, reloaded on change without a restart.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -247,23 +245,13 @@ async def create_server(
         ],
         telemetry=telemetry,
     )
-    tasks = [
-        asyncio.create_task(watcher.run(), name="platform-watcher"),
-        asyncio.create_task(
-            apikeys.watch_keys(
-                keys_path(policy, watcher.current), lambda keys: state.update(keys=keys), policy.poll_seconds
-            ),
-            name="keys-watcher",
+    server.run_in_background(watcher.run(), name="platform-watcher")
+    server.run_in_background(
+        apikeys.watch_keys(
+            keys_path(policy, watcher.current), lambda keys: state.update(keys=keys), policy.poll_seconds
         ),
-    ]
-
-    async def _stop() -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if client is not None:
-            await client.aclose()
-
-    server.on_stop.append(_stop)
+        name="keys-watcher",
+    )
+    if client is not None:
+        server.on_stop.append(client.aclose)
     return server

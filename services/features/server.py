@@ -140,8 +140,8 @@ async def create_server(
     features = open_feature_store(config, store=store, view_store=view_store, cache=cache)
     registry, online = features.registry, features.online
     loaded = False
-    probe: asyncio.Task[bool] | None = None
-    refresh: asyncio.Task[None] | None = None
+    probe: asyncio.Task[Any] | None = None
+    refresh: asyncio.Task[Any] | None = None
 
     async def _refresh_views() -> None:
         try:
@@ -165,9 +165,9 @@ async def create_server(
         # Cassandra is away (cached values are still served). The probe keeps `possibly_stale`
         # honest even when no request misses the cache.
         if refresh is None or refresh.done():
-            refresh = asyncio.create_task(_refresh_views(), name="views-refresh")
+            refresh = server.run_in_background(_refresh_views(), name="views-refresh")
         if probe is None or probe.done():
-            probe = asyncio.create_task(online.check_store(), name="cassandra-probe")
+            probe = server.run_in_background(online.check_store(), name="cassandra-probe")
         return True
 
     servicer = FeatureServiceServicer(registry, online)
@@ -178,11 +178,5 @@ async def create_server(
         readiness=readiness,
     )
 
-    async def _close() -> None:
-        for task in (probe, refresh):
-            if task is not None:
-                task.cancel()
-        await features.close()
-
-    server.on_stop.append(_close)
+    server.on_stop.append(features.close)
     return server

@@ -9,7 +9,6 @@ ids and row sizes are checked: an id the log consumer would refuse is INVALID_AR
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -343,28 +342,21 @@ async def create_server(
         host = f"[{sc.host}]" if ":" in sc.host else sc.host
         if server.grpc_server.add_insecure_port(f"{host}:{sc.health_port}") == 0:
             raise OSError(f"could not bind the health port {sc.host}:{sc.health_port}")
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(predictor.report_gauges())]
+    server.run_in_background(predictor.report_gauges(), name="gauges")
     if watcher is not None:
-        tasks.append(loop.create_task(watcher.run()))
-    tasks += [loop.create_task(coro) for coro in admission_tasks]
-    tasks += [loop.create_task(w.run(), name=f"endpoints-{w.name}") for w in endpoint_watchers]
-    tasks.append(
-        loop.create_task(
-            watch_facts(
-                catalog, inference_pool, up.inference_timeout_s, config.models.model_facts_interval_s
-            ),
-            name="model-facts",
-        )
+        server.run_in_background(watcher.run(), name="platform-watcher")
+    for coro in admission_tasks:
+        server.run_in_background(coro)
+    for w in endpoint_watchers:
+        server.run_in_background(w.run(), name=f"endpoints-{w.name}")
+    server.run_in_background(
+        watch_facts(catalog, inference_pool, up.inference_timeout_s, config.models.model_facts_interval_s),
+        name="model-facts",
     )
     if isinstance(models, StreamingModelClient):
-        tasks.append(loop.create_task(models.watch(), name="inference-streams"))
+        server.run_in_background(models.watch(), name="inference-streams")
 
     async def _close() -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await predictor.close()
         await models.close()
         await pools.close()
