@@ -3,7 +3,7 @@
 The recording rules that the local stack's Prometheus loads are rendered from the prometheus-adapter values
 (deploy/k8s/monitoring/prometheus-adapter-values.yaml), the one source of the HPAs' custom metrics;
 `promtool check rules` accepts them and the alert rules. Then the services whose HPAs scale on a custom
-metric run for real (as in test_deploy_metrics), a real Prometheus scrapes them through file_sd target
+metric run for real (tests/deploy/service_processes.py), a real Prometheus scrapes them through file_sd target
 files labelled like PodMonitor targets, and it answers a query for every HPA metric.
 """
 
@@ -27,7 +27,7 @@ from libs.testing import free_port, stop_process
 from stack.config import StackConfig
 from stack.prometheus import ALERT_RULES, Prometheus, recorded_name, recording_rules, write_targets
 from tests.deploy.k8s_objects import Rendered, adapter_rules
-from tests.deploy.test_deploy_metrics import EXERCISES, STARTERS, Running, _call_any_unary_method, _series
+from tests.deploy.service_processes import EXERCISES, STARTERS, Running, _call_any_unary_method, _series
 
 
 def _hpa_metrics(overlays: dict[str, Rendered]) -> dict[str, str]:

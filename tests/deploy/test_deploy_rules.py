@@ -403,7 +403,7 @@ def test_envoy_bootstrap_points_at_the_control_plane(rendered: Rendered) -> None
     assert namespace == NAMESPACE
     assert rendered.get("Service", name)["spec"]["selector"][NAME_LABEL] == "controlplane"
     assert address["port_value"] == service_code("controlplane").defaults.server.port
-    assert bootstrap["admin"]["address"]["socket_address"]["port_value"] == container_port(envoy, "admin")
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"  # served through `ops`
 
 
 def read_yaml_text(text: str) -> dict:
@@ -436,7 +436,9 @@ def test_network_policies_allow_only_the_designed_calls(rendered: Rendered) -> N
                 app = (peer.get("podSelector", {}).get("matchLabels") or {}).get(NAME_LABEL)
                 if app in CALLS:
                     allowed.add(app)
-        assert allowed == callees, f"{caller} may call {sorted(allowed)}, docs/architecture.md says {sorted(callees)}"
+        assert allowed == callees, (
+            f"{caller} may call {sorted(allowed)}, docs/architecture.md says {sorted(callees)}"
+        )
         # ... and each callee admits exactly its callers on its gRPC port.
         for callee in callees:
             ingress = rendered.get("NetworkPolicy", callee)["spec"]["ingress"]
