@@ -280,7 +280,7 @@ def features_ingest(
 
 
 def console(config: StackConfig) -> Component:
-    """The operator console (services/console): a web page over Prometheus' and Jaeger's public APIs."""
+    """The operator console (services/console): a page over Prometheus, Jaeger and the features API."""
 
     def _answers(component: Component) -> bool:
         from stack.probes import http_get
@@ -299,6 +299,7 @@ def console(config: StackConfig) -> Component:
             "INFERGRID_CONSOLE_PORT": str(config.port("console")),
             "INFERGRID_CONSOLE_PROMETHEUS_URL": f"http://{config.host}:{config.port('prometheus')}",
             "INFERGRID_CONSOLE_JAEGER_URL": f"http://{config.host}:{config.port('jaeger_query')}",
+            "INFERGRID_CONSOLE_FEATURES_TARGET": f"{config.host}:{config.port('features')}",
         },
         probe=_answers,
         start_timeout_s=30.0,

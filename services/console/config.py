@@ -17,18 +17,20 @@ class ConsoleConfig:
     # Prometheus' HTTP API and Jaeger's query API (base URLs).
     prometheus_url: str = "http://127.0.0.1:9090"
     jaeger_url: str = "http://127.0.0.1:16686"
+    # The feature service's gRPC API (host:port): its feature views (ListFeatureViews).
+    features_target: str = "127.0.0.1:50052"
     timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ConsoleConfig:
-        """Reads INFERGRID_CONSOLE_{HOST,PORT,PROMETHEUS_URL,JAEGER_URL,TIMEOUT_S}.
+        """Reads INFERGRID_CONSOLE_{HOST,PORT,PROMETHEUS_URL,JAEGER_URL,FEATURES_TARGET,TIMEOUT_S}.
 
         Raises:
             ValueError: a malformed number, naming the variable.
         """
         values: dict[str, object] = {}
         for name, kind in (("host", str), ("port", int), ("prometheus_url", str), ("jaeger_url", str),
-                           ("timeout_s", float)):  # fmt: skip
+                           ("features_target", str), ("timeout_s", float)):  # fmt: skip
             variable = f"{ENV_PREFIX}{name.upper()}"
             if variable in env:
                 try:
