@@ -42,11 +42,10 @@ from libs.errors import DeadlineExceeded, ServiceError, Unavailable, is_client_e
 from libs.kafka import context_from_headers
 from libs.telemetry import setup_telemetry, tracer
 from services.features.config import ENV_PREFIX, FeaturesConfig, StreamConfig
-from services.features.online import OnlineFeatures, RowInput
+from services.features.online import OnlineFeatures, row_inputs
 from services.features.registry import View
 from services.features.store import WriteRow
 from services.features.wiring import open_feature_store
-from services.features.write_bounds import timestamp_us
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -116,16 +115,7 @@ class StreamIngestor:
     def _prepare(self, message: Message) -> tuple[View, list[WriteRow]]:
         request = decode(message.value())
         view = self._online.registry.get(request.feature_view)
-        rows = [
-            RowInput(
-                row.entity_key,
-                row.values,
-                timestamp_us(f"rows[{i}].event_timestamp", row.event_timestamp)
-                if row.HasField("event_timestamp")
-                else None,
-            )
-            for i, row in enumerate(request.rows)
-        ]
+        rows = row_inputs(request.rows)
         return view, self._online.prepare_rows(view, rows)
 
     def _dead_letter(self, message: Message, reason: str) -> None:

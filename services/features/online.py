@@ -30,7 +30,7 @@ from services.features.config import FeaturesConfig
 from services.features.errors import FeatureNotFound, InvalidArgument, ViewNotFound
 from services.features.registry import Registry, View
 from services.features.store import OnlineStore, WriteRow
-from services.features.write_bounds import EventTimeBounds, non_finite
+from services.features.write_bounds import EventTimeBounds, non_finite, timestamp_us
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,20 @@ class RowInput:
     values: Mapping[str, value_pb2.Value]
     # None: the time of the write.
     event_us: int | None = None
+
+
+def row_inputs(rows: Sequence[Any]) -> list[RowInput]:
+    """The `FeatureRow`s of a WriteFeaturesRequest (over gRPC or from the stream) as RowInputs."""
+    return [
+        RowInput(
+            row.entity_key,
+            row.values,
+            timestamp_us(f"rows[{i}].event_timestamp", row.event_timestamp)
+            if row.HasField("event_timestamp")
+            else None,
+        )
+        for i, row in enumerate(rows)
+    ]
 
 
 class OnlineFeatures:

@@ -21,11 +21,10 @@ from services.features import response
 from services.features.cache import FeatureCache
 from services.features.config import FeaturesConfig
 from services.features.errors import InvalidArgument
-from services.features.online import OnlineFeatures, RowInput
+from services.features.online import OnlineFeatures, row_inputs
 from services.features.registry import Registry, ViewStore
 from services.features.store import OnlineStore
 from services.features.wiring import open_feature_store
-from services.features.write_bounds import timestamp_us
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +83,7 @@ class FeatureServiceServicer(features_pb2_grpc.FeatureServiceServicer):
             raise InvalidArgument("feature_view is required")
         if self._registry.lookup(request.feature_view) is None:
             await self._registry.refresh_if_older(1.0)
-        rows = [
-            RowInput(
-                row.entity_key,
-                row.values,
-                timestamp_us(f"rows[{i}].event_timestamp", row.event_timestamp)
-                if row.HasField("event_timestamp")
-                else None,
-            )
-            for i, row in enumerate(request.rows)
-        ]
+        rows = row_inputs(request.rows)
         written = await self._online.write_inputs(request.feature_view, rows)
         return features_pb2.WriteFeaturesResponse(rows_written=written)
 
