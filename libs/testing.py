@@ -45,16 +45,23 @@ async def reflected_services(channel: grpc.aio.Channel) -> set[str]:
     return set()
 
 
-def spawn_module(module: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """Runs `python -m module` from the repository root with the generated code importable."""
-    full_env = checkout_env(env)
-    return subprocess.Popen(
-        [sys.executable, "-m", module],
-        cwd=REPO_ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+def spawn_module(module: str, env: Mapping[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Runs `python -m module` from the repository root with the generated code importable.
+
+    Its output is piped, or appended to `log` when given.
+    """
+    if log is None:
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=REPO_ROOT,
+            env=checkout_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", module], cwd=REPO_ROOT, env=checkout_env(env), stdout=out, stderr=out
+        )
 
 
 async def wait_serving(

@@ -19,7 +19,6 @@ import asyncio
 import collections
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,13 +30,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from libs.checkout import checkout_env
 from libs.server import Server
 from libs.testing import (
     NO_REDIS_URL,
-    REPO_ROOT,
     WithApiKey,
     free_port,
+    spawn_module,
     stop_process,
     wait_serving,
     write_test_admission,
@@ -70,14 +68,7 @@ def _spawn(repo: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
     }
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.inference"],
-            cwd=REPO_ROOT,
-            env=checkout_env(env),
-            stdout=out,
-            stderr=out,
-        )
+    return spawn_module("services.inference", env, log)
 
 
 @dataclass

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,12 +19,11 @@ import grpc
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from libs.checkout import checkout_env
 from libs.testing import (
     NO_REDIS_URL,
-    REPO_ROOT,
     WithApiKey,
     free_port,
+    spawn_module,
     stop_process,
     wait_serving,
     write_test_admission,
@@ -38,17 +35,6 @@ pytestmark = pytest.mark.integration
 
 GATEWAY_SERVICE = "infergrid.gateway.v1.PredictionService"
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
-
-
-def _spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", module],
-            cwd=REPO_ROOT,
-            env=checkout_env(env),
-            stdout=out,
-            stderr=out,
-        )
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +51,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
         )
     )
     inference_port, gateway_port = free_port(), free_port()
-    inference = _spawn(
+    inference = spawn_module(
         "services.inference",
         {
             "INFERGRID_INFERENCE_PORT": str(inference_port),
@@ -84,7 +70,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
         stop_process(inference)
         raise
     log = tmp / "gateway.log"
-    gateway = _spawn(
+    gateway = spawn_module(
         "services.gateway",
         {
             "INFERGRID_GATEWAY_PORT": str(gateway_port),
