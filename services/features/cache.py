@@ -23,7 +23,7 @@ from services.features import codec
 from services.features.codec import CorruptPayload, Record
 from services.features.config import CacheConfig
 from services.features.metrics import REDIS_DEL, REDIS_MGET, REDIS_SET
-from services.features.resp import RespClient
+from services.features.redis_client import RespClient
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -93,7 +93,7 @@ class NoCache:
 
 
 class RedisCache:
-    """FeatureCache on Redis (a minimal pipelined client, see resp.py), behind a circuit breaker.
+    """FeatureCache on Redis (a minimal pipelined client, see redis_client.py), behind a circuit breaker.
 
     Look-ups from concurrent requests are coalesced: keys asked for while
     `max_in_flight` MGETs are already on their way wait and leave together in the

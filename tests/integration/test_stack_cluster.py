@@ -25,7 +25,7 @@ from cassandra.policies import WhiteListRoundRobinPolicy
 from cassandra.query import SimpleStatement
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from services.features.resp import RespClient
+from services.features.redis_client import RespClient
 from stack import cluster
 from stack.demo import demo_json_body
 from stack.process import ProcessRecord, find_marked_processes

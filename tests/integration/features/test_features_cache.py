@@ -13,7 +13,7 @@ from services.features import codec
 from services.features.cache import ABSENT, RedisCache
 from services.features.codec import Record
 from services.features.config import CacheConfig
-from services.features.resp import RedisReplyError, RespClient
+from services.features.redis_client import RedisReplyError, RespClient
 from stack.redis import Redis
 
 pytestmark = pytest.mark.integration
