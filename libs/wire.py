@@ -14,11 +14,12 @@ _WIRE_TYPE_NAMES = {_VARINT: "varint", _I64: "64-bit", _LEN: "length-delimited",
 _MAX_DEPTH = 64
 
 
-class _Truncated(Exception):
+class _Truncated(ValueError):
     pass
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it; ValueError when it is truncated or too long."""
     value, shift = 0, 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -69,7 +70,7 @@ def wire_problem(descriptor: Descriptor, data: bytes, prefix: str = "", depth: i
     pos = 0
     while pos < len(data):
         try:
-            key, pos = _varint(data, pos)
+            key, pos = read_varint(data, pos)
         except _Truncated:
             return f"{where}: truncated field tag"
         number, wire_type = key >> 3, key & 7
@@ -79,7 +80,7 @@ def wire_problem(descriptor: Descriptor, data: bytes, prefix: str = "", depth: i
             return f"{where}: field number 0 is not valid"
         try:
             if wire_type == _VARINT:
-                _, pos = _varint(data, pos)
+                _, pos = read_varint(data, pos)
                 payload = b""
             elif wire_type in (_I64, _I32):
                 size = 8 if wire_type == _I64 else 4
@@ -88,7 +89,7 @@ def wire_problem(descriptor: Descriptor, data: bytes, prefix: str = "", depth: i
                 pos += size
                 payload = b""
             elif wire_type == _LEN:
-                size, pos = _varint(data, pos)
+                size, pos = read_varint(data, pos)
                 if pos + size > len(data):
                     raise _Truncated
                 payload, pos = data[pos : pos + size], pos + size

@@ -25,6 +25,7 @@ from libs.admission import (
 from libs.apikeys import ApiKey
 from libs.errors import PermissionDenied, Unauthenticated
 from libs.platform import PlatformConfig
+from libs.wire import read_varint
 
 __all__ = ["KEY_NAME_HEADER", "MODEL_HEADER", "TENANT_HEADER", "TIER_HEADER", "Authorizer", "Decision"]
 _REST_PATH = re.compile(r"^/v1/models/(?P<model>[^/:?]+):|^/v2/models/(?P<v2model>[^/?]+)")
@@ -45,19 +46,6 @@ class Decision:
 
 def _denied(status: int, message: str) -> Decision:
     return Decision(allowed=False, http_status=status, message=message)
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
 
 
 def model_from_grpc_body(body: bytes) -> str | None:
@@ -84,16 +72,16 @@ def read_grpc_body(body: bytes) -> tuple[str, int] | None:
     pos = 0
     try:
         while pos < len(message):
-            tag, pos = _varint(message, pos)
+            tag, pos = read_varint(message, pos)
             number, wire = tag >> 3, tag & 7
             if wire == 0:
-                _, pos = _varint(message, pos)
+                _, pos = read_varint(message, pos)
             elif wire == 1:
                 pos += 8
             elif wire == 5:
                 pos += 4
             elif wire == 2:
-                size, pos = _varint(message, pos)
+                size, pos = read_varint(message, pos)
                 if number == 1:
                     model = message[pos : pos + size].decode()
                 elif number == 3:

@@ -38,6 +38,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from infergrid.logging.v1 import logging_pb2
+from libs.wire import read_varint
 from services.logging import lake
 
 REQUEST_ID = "request_id"
@@ -465,36 +466,25 @@ def _wire_feature_order(payload: bytes) -> list[str]:
     position, end = 0, len(payload)
     try:
         while position < end:
-            tag, position = _read_varint(payload, position)
+            tag, position = read_varint(payload, position)
             number, wire_type = tag >> 3, tag & 7
             if wire_type == 0:
-                _, position = _read_varint(payload, position)
+                _, position = read_varint(payload, position)
             elif wire_type == 1:
                 position += 8
             elif wire_type == 5:
                 position += 4
             elif wire_type == 2:
-                length, position = _read_varint(payload, position)
+                length, position = read_varint(payload, position)
                 if number == _RECORD_FEATURES_FIELD and payload[position] == 0x0A:  # entry.key comes first
-                    size, start = _read_varint(payload, position + 1)
+                    size, start = read_varint(payload, position + 1)
                     names.append(payload[start : start + size].decode())
                 position += length
             else:
                 return names
-    except (IndexError, UnicodeDecodeError):
+    except (IndexError, ValueError, UnicodeDecodeError):
         return names
     return names
-
-
-def _read_varint(data: bytes, position: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, position
-        shift += 7
 
 
 def _duration_us(text: str) -> int:
