@@ -101,8 +101,11 @@ class ClusterHandle:
                 record is not None
                 and record.pid != old_pid
                 and component.ready()
-                and cluster.replica_endpoint(self.config, record)
-                in cluster.read_discovery(self.config, service)
+                and (
+                    service not in cluster.SERVICES  # a singleton (the control plane) has no discovery file
+                    or cluster.replica_endpoint(self.config, record)
+                    in cluster.read_discovery(self.config, service)
+                )
             ):
                 return
             time.sleep(0.2)
