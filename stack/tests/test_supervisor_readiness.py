@@ -42,4 +42,3 @@ def test_a_restarted_replica_under_the_same_name_is_new() -> None:
     restarted = (A[0], 101)
     assert readiness.update({restarted: None}) == set()  # not ready until the new process answers
     assert readiness.update({restarted: True}) == {restarted}
-
