@@ -1,12 +1,14 @@
-"""Property-based fuzzing (Hypothesis, derandomized) of the gRPC bodies of Predict, PredictBatch and ModelInfer.
+"""Property-based fuzzing (Hypothesis, derandomized) of the gRPC bodies of Predict, PredictBatch, ModelInfer
+and WriteFeatures.
 
 Real servers on port 0 (the gateway with in-memory feature and inference fakes, the inference server with
-the test model repository), run in a thread of their own; every generated body, well-formed message or
+the test model repository, the features server on in-memory stores with a view of every value type), run
+in a thread of their own; every generated body, well-formed message or
 mutated bytes, must be answered OK or with a client-error status whose message says what is wrong: never
 INTERNAL or UNKNOWN, never a class name, and the server answers a valid call afterwards.
 
-`make test` runs a few thousand inputs in all; `INFERGRID_FUZZ_EXAMPLES=10000` raises the examples per
-property (six properties: 60,000 inputs) for the long run. The figures print at the end of the run.
+`make test` runs 1,250 inputs per property, 10,000 in all (eight properties);
+`INFERGRID_FUZZ_EXAMPLES=10000` raises the examples per property (80,000 inputs) for the long run. The figures print at the end of the run.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from hypothesis import strategies as st
 
 from inference import grpc_service_pb2 as ipb
 from inference import grpc_service_pb2_grpc
-from infergrid.features.v1 import features_pb2_grpc
+from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2
 from libs.testing import NO_REDIS_URL, TEST_API_KEY, write_test_admission
+from services.features.config import FeaturesConfig, FeaturesServerConfig
+from services.features.server import create_server as create_features
+from services.features.tests.fakes import InMemoryCache, InMemoryOnlineStore, InMemoryViewStore
+from services.features.tests.views import typed_row, typed_view
 from services.gateway.config import (
     AdmissionConfig,
     GatewayConfig,
@@ -48,7 +54,7 @@ from services.inference.config import (
 from services.inference.server import create_server as create_inference
 from services.inference.tests.models import write_repository
 
-EXAMPLES = int(os.environ.get("INFERGRID_FUZZ_EXAMPLES", "400"))
+EXAMPLES = int(os.environ.get("INFERGRID_FUZZ_EXAMPLES", "1250"))
 FUZZ = settings(
     derandomize=True,
     max_examples=EXAMPLES,
@@ -123,8 +129,22 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]
             )
         )
         await real_inference.start()
-        started.extend([("ours", gateway), ("ours", real_inference), *(("grpc", s) for s in grpc_servers)])
-        return {"gateway": gateway.port, "inference": real_inference.port}
+        real_features = await create_features(
+            FeaturesConfig(server=FeaturesServerConfig(port=0, drain_seconds=0, grace_seconds=0.5)),
+            store=InMemoryOnlineStore(),
+            view_store=InMemoryViewStore(),
+            cache=InMemoryCache(),
+        )
+        await real_features.start()
+        started.extend(
+            [
+                ("ours", gateway),
+                ("ours", real_inference),
+                ("ours", real_features),
+                *(("grpc", s) for s in grpc_servers),
+            ]
+        )
+        return {"gateway": gateway.port, "inference": real_inference.port, "features": real_features.port}
 
     async def stop() -> None:
         for kind, server in started:
@@ -160,6 +180,14 @@ def gateway_channel(servers: dict[str, int]) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="module")
 def inference_channel(servers: dict[str, int]) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(f"127.0.0.1:{servers['inference']}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def features_channel(servers: dict[str, int]) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{servers['features']}") as channel:
+        stub = features_pb2_grpc.FeatureServiceStub(channel)
+        stub.ApplyFeatureView(features_pb2.ApplyFeatureViewRequest(feature_view=typed_view()), timeout=10)
         yield channel
 
 
@@ -345,8 +373,70 @@ def test_model_infer_mutated_bytes(inference_channel: grpc.Channel, body: bytes)
     _check("ModelInfer (bytes)", lambda: _raw(inference_channel, _INFER)(body, timeout=10))
 
 
+_WRITE = "/infergrid.features.v1.FeatureService/WriteFeatures"
+_VALID_WRITE = features_pb2.WriteFeaturesRequest(
+    feature_view="typed", rows=[typed_row("a", ts_s=1_700_000_000.5)]
+)
+_list_value = st.one_of(
+    st.builds(lambda v: {"float_list_value": {"values": v}}, st.lists(st.floats(width=32), max_size=4)),
+    st.builds(
+        lambda v: {"int64_list_value": {"values": v}}, st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4)
+    ),
+    st.builds(lambda v: {"string_list_value": {"values": v}}, st.lists(_text, max_size=4)),
+    st.builds(lambda b: {"bytes_value": b}, st.binary(max_size=64)),
+)
+
+
+@st.composite
+def write_requests(draw: st.DrawFn) -> features_pb2.WriteFeaturesRequest:
+    """Rows for the typed view (or a made-up one): valid rows, valid rows with one part replaced, and rows
+    with keys, values and event times of any kind."""
+    view = draw(st.sampled_from(["typed", "typed", "typed", "nope"]) | _text)
+    request = features_pb2.WriteFeaturesRequest(feature_view=view)
+    names = st.one_of(
+        st.sampled_from(["f_float", "f_double", "f_int64", "f_string", "f_bytes", "f_bool", "f_floats"]),
+        _text,
+    )
+    hostile = st.one_of(_value, _list_value)
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["valid", "edited", "hostile"]))
+        row = request.rows.add()
+        if kind != "hostile":
+            row.CopyFrom(typed_row(draw(_text), ts_s=draw(st.floats(1e9, 2e9))))
+        if kind == "valid":
+            continue
+        part = draw(st.sampled_from(["key", "value", "time"])) if kind == "edited" else "all"
+        if part in ("key", "all"):
+            for key, value in draw(
+                st.dictionaries(st.just("id") | _text, hostile, min_size=1, max_size=2)
+            ).items():
+                row.entity_key[key].MergeFrom(type(row.entity_key[key])(**value))
+        if part in ("value", "all"):
+            for name, value in draw(st.dictionaries(names, hostile, min_size=1, max_size=3)).items():
+                row.values[name].MergeFrom(type(row.values[name])(**value))
+        if part in ("time", "all"):
+            row.event_timestamp.seconds = draw(st.integers(-(2**63), 2**63 - 1))
+            row.event_timestamp.nanos = draw(st.integers(-(2**31), 2**31 - 1))
+    return request
+
+
+@FUZZ
+@given(request=write_requests())
+def test_write_features_messages(
+    features_channel: grpc.Channel, request: features_pb2.WriteFeaturesRequest
+) -> None:
+    body = request.SerializeToString()
+    _check("WriteFeatures (messages)", lambda: _raw(features_channel, _WRITE)(body, timeout=10))
+
+
+@FUZZ
+@given(body=_mutated(_VALID_WRITE.SerializeToString()))
+def test_write_features_mutated_bytes(features_channel: grpc.Channel, body: bytes) -> None:
+    _check("WriteFeatures (bytes)", lambda: _raw(features_channel, _WRITE)(body, timeout=10))
+
+
 def test_servers_still_answer_valid_calls(
-    gateway_channel: grpc.Channel, inference_channel: grpc.Channel
+    gateway_channel: grpc.Channel, inference_channel: grpc.Channel, features_channel: grpc.Channel
 ) -> None:
     """After the fuzzing above (module order), a valid call to each method is OK."""
     _valid_call_still_ok(gateway_channel, _PREDICT, _VALID_PREDICT.SerializeToString())
@@ -355,4 +445,8 @@ def test_servers_still_answer_valid_calls(
         _raw(inference_channel, _INFER)(_VALID_INFER.SerializeToString())
     )
     assert reply.model_name == "fraud"
+    written = features_pb2.WriteFeaturesResponse.FromString(
+        _raw(features_channel, _WRITE)(_VALID_WRITE.SerializeToString(), timeout=10)
+    )
+    assert written.rows_written == 1
     assert not CRASHES, CRASHES
