@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from libs.checkout import python_path
 from stack.component import CommandComponent, Component
 from stack.config import REPO_ROOT, StackConfig
 from stack.errors import StackError
@@ -37,10 +38,7 @@ _MINTED_KEY = re.compile(r"\(shown once\): (\S+)")
 
 def python_env(config: StackConfig) -> dict[str, str]:
     """What an InferGrid service needs from the checkout: its modules and the generated code."""
-    paths = [str(config.repo_root), str(config.repo_root / "build" / "gen")]
-    if os.environ.get("PYTHONPATH"):
-        paths.append(os.environ["PYTHONPATH"])
-    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    return {"PYTHONPATH": python_path(config.repo_root)}
 
 
 def _chosen_ports(

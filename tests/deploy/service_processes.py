@@ -24,6 +24,7 @@ import pytest
 from google.protobuf import descriptor_pool
 from prometheus_client.parser import text_string_to_metric_families
 
+from libs.checkout import checkout_env
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
 from tests.deploy.k8s_objects import WORKERS, service_code
 
@@ -43,7 +44,7 @@ def _inference_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
     subprocess.run(
         [sys.executable, "-m", "services.inference.demo", "--repo", str(repo)],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'build' / 'gen'}"},
+        env=checkout_env(),
         check=True,
         capture_output=True,
         timeout=300,
