@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -169,6 +170,9 @@ async def run_scenario(
         )
     )
     marks = Marks(load.now_s)
+    # The machine's state as the scenario starts: on a small host the load average says whether the rate
+    # leaves headroom (failures from a saturated machine are deadline expiries, not the fault's).
+    marks.notes.append("load average at start: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     cluster.scale_out_s.clear()
     say(f"{scenario.name}: {scenario.description}")
     t0 = time.monotonic()

@@ -17,6 +17,7 @@ from chaos.cluster import ClusterHandle
 
 # What each kind of fault is held to (issue targets): the share of failed requests allowed.
 FAILED_BUDGET = {
+    "baseline": 0.0,  # no fault: the load alone; a failure here means the rate is past what the cluster sustains
     "sigkill": 0.001,  # one replica SIGKILLed: at most 0.1 % failed
     "rolling": 0.0,  # a rolling restart: none
     "node": 0.0,  # one Cassandra node or one Kafka broker down: none
@@ -61,6 +62,15 @@ class Scenario:
     description: str
     fault: Fault
     quick: bool = False
+
+
+def _steady(seconds: float) -> Fault:
+    async def fault(cluster: ClusterHandle, marks: Marks) -> None:
+        del cluster
+        marks.mark(f"no fault for {seconds:.0f} s")
+        await asyncio.sleep(seconds)
+
+    return fault
 
 
 def _sigkill(service: str) -> Fault:
@@ -177,6 +187,15 @@ def all_scenarios(node_down_s: float = 60.0, outage_s: float = 30.0) -> list[Sce
     """Every scenario of the full suite (`make chaos`), in run order; `quick` ones form the short suite."""
     quick_kill = {"gateway", "inference"}
     scenarios = [
+        Scenario(
+            "baseline",
+            "baseline",
+            "no fault: the load alone for 60 s, the latencies each fault is read against (and a rate the "
+            "cluster does not sustain shows up here as failures)",
+            _steady(60.0),
+        )
+    ]
+    scenarios += [
         Scenario(
             f"sigkill-{service}",
             "sigkill",

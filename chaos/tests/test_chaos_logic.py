@@ -14,7 +14,7 @@ from chaos.load import OK, Outcome, grpc_request, http_body
 from chaos.reconcile import count_ids, lake_ids, lake_read_ids
 from chaos.report import render_markdown, write
 from chaos.runner import RunSettings, summarize, timeline
-from chaos.scenarios import Marks, Scenario, all_scenarios
+from chaos.scenarios import FAILED_BUDGET, Marks, Scenario, all_scenarios
 from services.logging.lake import ParquetLake
 
 
@@ -103,7 +103,9 @@ def test_quick_suite_is_a_subset_and_names_are_checked() -> None:
     with pytest.raises(SystemExit, match="unknown scenario"):
         choose(scenarios, quick=False, only="nope")
     kinds = {s.kind for s in scenarios}
-    assert kinds == {"sigkill", "rolling", "node", "outage", "scale"}
+    assert kinds == {"baseline", "sigkill", "rolling", "node", "outage", "scale"}
+    assert kinds == set(FAILED_BUDGET)  # every kind is judged
+    assert scenarios[0].name == "baseline"  # the faults are read against it
 
 
 def test_report_has_a_row_and_a_plot_per_scenario(tmp_path: Path) -> None:
