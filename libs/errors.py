@@ -1,8 +1,9 @@
-"""Typed errors that carry their gRPC status code; the server bootstrap turns them into aborts."""
+"""Typed errors that carry their gRPC status code, and `to_status`: the status any exception ends a call with."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import grpc
 
@@ -137,3 +138,42 @@ OVERLOAD_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
 def is_overload(exc: BaseException) -> bool:
     """True when the exception says the dependency is overloaded (shed load), not failing."""
     return status_code_of(exc) in OVERLOAD_CODES
+
+
+# Outbound failures whose status is worth passing on as is; any other dependency failure becomes INTERNAL.
+_PASS_THROUGH = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What a failed call (or one failed message of a stream) tells its caller."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
+    # A bug rather than a typed failure: the caller sees only "internal error", the server logs the trace.
+    unexpected: bool = False
+
+
+_INTERNAL = Status(grpc.StatusCode.INTERNAL, "internal error", unexpected=True)
+
+
+def to_status(exc: BaseException) -> Status:
+    """The status `exc` stands for: ours as raised, a timeout or a passed-on dependency status, else INTERNAL.
+
+    Used by the server interceptor (the call's status) and by streams that report errors in band.
+    """
+    if isinstance(exc, ServiceError):
+        return Status(exc.code, exc.message, exc.trailing_metadata)
+    if isinstance(exc, TimeoutError):
+        return Status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for a dependency")
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _PASS_THROUGH:
+        return Status(exc.code(), f"dependency call failed: {exc.details()}")
+    return _INTERNAL

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs.errors import InvalidArgument, ServiceError
+from libs.errors import InvalidArgument, to_status
 from libs.wire import wire_problem
 
 log = logging.getLogger(__name__)
@@ -39,16 +39,6 @@ GRPC_LATENCY = Histogram(
 )
 GRPC_IN_FLIGHT = Gauge(
     "grpc_server_in_flight", "RPCs being handled now.", ["grpc_service"], multiprocess_mode="livesum"
-)
-
-# Outbound failures whose status is worth passing on as is; anything else becomes INTERNAL.
-_PASS_THROUGH = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-    }
 )
 
 
@@ -122,15 +112,11 @@ def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> 
 
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
-    """Aborts the call with the status `exc` stands for; always raises."""
-    if isinstance(exc, ServiceError):
-        await context.abort(exc.code, exc.message, exc.trailing_metadata)
-    if isinstance(exc, TimeoutError):
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for a dependency")
-    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _PASS_THROUGH:
-        await context.abort(exc.code(), f"dependency call failed: {exc.details()}")
-    log.error("unhandled error in %s", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    """Aborts the call with the status `exc` stands for (`to_status`); always raises."""
+    status = to_status(exc)
+    if status.unexpected:
+        log.error("unhandled error in %s", method, exc_info=exc)
+    await context.abort(status.code, status.message, status.trailing_metadata)
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):

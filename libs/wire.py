@@ -1,7 +1,10 @@
-"""Protobuf wire format: where a request body that does not parse as its message goes wrong.
+"""Protobuf wire format, by hand where it pays: varints, tags and frames, and where a body goes wrong.
 
-protobuf's own DecodeError says only "Error parsing message"; a caller needs the field. `wire_problem`
-walks the bytes against the message's descriptor and names the first field that breaks it.
+Writers (`varint`, `tag`, `frame`) serve the hot paths that pre-frame message parts instead of building
+messages field by field (the gateway's log records, the feature service's responses); tags come from the
+generated descriptors, and `libs/tests/test_wire.py` checks the bytes against `SerializeToString`.
+Readers: `read_varint`, and `wire_problem`, which names the first field of a body that does not parse
+(protobuf's own DecodeError says only "Error parsing message"; a caller needs the field).
 """
 
 from __future__ import annotations
@@ -14,8 +17,43 @@ _WIRE_TYPE_NAMES = {_VARINT: "varint", _I64: "64-bit", _LEN: "length-delimited",
 _MAX_DEPTH = 64
 
 
+_U64 = (1 << 64) - 1
+
+
 class _Truncated(ValueError):
     pass
+
+
+def _encode_varint(n: int) -> bytes:
+    n &= _U64
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# Lengths and counts are mostly small: look them up.
+_SMALL_VARINTS = tuple(_encode_varint(i) for i in range(1 << 14))
+
+
+def varint(n: int) -> bytes:
+    """Base-128 varint of an int64 or uint64 (a negative number takes ten bytes, as protobuf writes it)."""
+    if 0 <= n < 16384:
+        return _SMALL_VARINTS[n]
+    return _encode_varint(n)
+
+
+def tag(field: FieldDescriptor) -> bytes:
+    """The key of one `field` entry: its number and wire type (length-delimited when packed)."""
+    wire_type = _LEN if field.is_packed else _expected_wire_type(field)
+    return varint(field.number << 3 | wire_type)
+
+
+def frame(key: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: its tag `key`, the payload's length, the payload."""
+    return key + varint(len(payload)) + payload
 
 
 def read_varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -13,18 +13,7 @@ from google.protobuf.message import Message
 from bench.procs import Server, free_port, loadgen_cpus, pinned, repo_env
 from bench.tools import ensure_venv, say
 from libs.testing import wait_serving
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+from libs.wire import varint
 
 
 def write_delimited(path: Path, messages: Iterable[Message]) -> Path:

@@ -15,7 +15,11 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from google.protobuf import timestamp_pb2
+
+from infergrid.features.v1 import features_pb2
 from infergrid.types.v1 import value_pb2
+from libs.wire import frame, tag, varint
 
 VT = value_pb2.ValueType
 Value = value_pb2.Value
@@ -38,11 +42,21 @@ KEY_TYPES = frozenset({VT.VALUE_TYPE_STRING, VT.VALUE_TYPE_INT64, VT.VALUE_TYPE_
 
 # An event time that marks "no value stored" in a record.
 MISSING = -(2**63)
-# `values` entry (field 1) and `event_timestamps` entry (field 3) of a FeatureVector with no value.
-EMPTY_VALUE_FRAME = b"\x0a\x00"
-EMPTY_TS_FRAME = b"\x1a\x00"
+# The tags of GetOnlineFeaturesResponse's and its FeatureVector's fields (from the generated descriptors),
+# and a vector's entries with no value.
+_RESPONSE_FIELDS = features_pb2.GetOnlineFeaturesResponse.DESCRIPTOR.fields_by_name
+FEATURE_NAMES_TAG = tag(_RESPONSE_FIELDS["feature_names"])
+RESULTS_TAG = tag(_RESPONSE_FIELDS["results"])
+POSSIBLY_STALE_TAG = tag(_RESPONSE_FIELDS["possibly_stale"])
+_VECTOR_FIELDS = features_pb2.GetOnlineFeaturesResponse.FeatureVector.DESCRIPTOR.fields_by_name
+VALUES_TAG = tag(_VECTOR_FIELDS["values"])
+STATUSES_TAG = tag(_VECTOR_FIELDS["statuses"])
+EVENT_TIMESTAMPS_TAG = tag(_VECTOR_FIELDS["event_timestamps"])
+_SECONDS_TAG = tag(timestamp_pb2.Timestamp.DESCRIPTOR.fields_by_name["seconds"])
+_NANOS_TAG = tag(timestamp_pb2.Timestamp.DESCRIPTOR.fields_by_name["nanos"])
+EMPTY_VALUE_FRAME = frame(VALUES_TAG, b"")
+EMPTY_TS_FRAME = frame(EVENT_TIMESTAMPS_TAG, b"")
 _INT64_MAX = 2**63 - 1
-_U64 = 2**64 - 1
 _EVENT = struct.Struct(">q")
 _DECIMAL = re.compile(r"[+-]?[0-9]{1,20}")
 _CACHE_VERSION = 1
@@ -63,47 +77,21 @@ def kind_name(value: Value) -> str:
     return kind.removesuffix("_value").upper() if kind else "null"
 
 
-def _varint(n: int) -> bytes:
-    n &= _U64
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-# Lengths and counts in responses are mostly small: look them up.
-_SMALL_VARINTS = tuple(_varint(i) for i in range(1 << 14))
-
-
-def varint(n: int) -> bytes:
-    """Protobuf base-128 varint of an int64 (negative numbers take ten bytes, as protobuf does)."""
-    if 0 <= n < 16384:
-        return _SMALL_VARINTS[n]
-    return _varint(n)
-
-
-def frame(tag: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field: one-byte `tag`, length, payload."""
-    return bytes((tag,)) + varint(len(payload)) + payload
-
-
 def value_frame(raw_value: bytes) -> bytes:
-    """`FeatureVector.values` entry (field 1) holding a serialized Value."""
-    return b"\x0a" + varint(len(raw_value)) + raw_value
+    """`FeatureVector.values` entry holding a serialized Value."""
+    return frame(VALUES_TAG, raw_value)
 
 
 @lru_cache(maxsize=65_536)
 def ts_frame(event_us: int) -> bytes:
-    """`FeatureVector.event_timestamps` entry (field 3): a Timestamp for `event_us` microseconds."""
+    """`FeatureVector.event_timestamps` entry: a Timestamp for `event_us` microseconds."""
     seconds, micros = divmod(event_us, 1_000_000)
     body = b""
     if seconds:
-        body += b"\x08" + varint(seconds)
+        body += _SECONDS_TAG + varint(seconds)
     if micros:
-        body += b"\x10" + varint(micros * 1000)
-    return b"\x1a" + varint(len(body)) + body
+        body += _NANOS_TAG + varint(micros * 1000)
+    return frame(EVENT_TIMESTAMPS_TAG, body)
 
 
 # Entity keys.
@@ -203,9 +191,9 @@ class Record:
         if len(distinct) == 1:
             # The common case: every feature was written together, at one event time.
             (event,) = distinct
-            frame = EMPTY_TS_FRAME if event == MISSING else ts_frame(event)
-            self.uniform_ts: bytes | None = frame
-            self.ts_frames: tuple[bytes, ...] = (frame,) * len(self.events)
+            stamp = EMPTY_TS_FRAME if event == MISSING else ts_frame(event)
+            self.uniform_ts: bytes | None = stamp
+            self.ts_frames: tuple[bytes, ...] = (stamp,) * len(self.events)
             self.complete = event != MISSING
             self.min_event = event
             return

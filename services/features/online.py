@@ -23,6 +23,7 @@ from prometheus_client import Counter
 from infergrid.types.v1 import value_pb2
 from libs.errors import DeadlineExceeded, Unavailable
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
+from libs.wire import frame
 from services.features import codec
 from services.features.cache import ABSENT, FeatureCache, cache_key
 from services.features.codec import Record
@@ -195,7 +196,7 @@ class OnlineFeatures:
                 raise FeatureNotFound(view_name, feature[:200])
             views.setdefault(view_name, view)
             columns.append((view, index))
-        names_frame = b"".join(codec.frame(0x0A, ref.encode()) for ref in key)
+        names_frame = b"".join(frame(codec.FEATURE_NAMES_TAG, ref.encode()) for ref in key)
         plan = Plan(key, tuple(columns), tuple(views.values()), names_frame)
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()

@@ -11,22 +11,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.features import codec
-from services.features.codec import EMPTY_TS_FRAME, EMPTY_VALUE_FRAME, MISSING, Record
+from infergrid.features.v1 import features_pb2
+from libs.wire import frame, varint
+from services.features.codec import (
+    EMPTY_TS_FRAME,
+    EMPTY_VALUE_FRAME,
+    MISSING,
+    POSSIBLY_STALE_TAG,
+    RESULTS_TAG,
+    STATUSES_TAG,
+    Record,
+)
 from services.features.online import ReadResult
 
-PRESENT = 1
-NOT_FOUND = 2
-EXPIRED = 3
+PRESENT = features_pb2.FEATURE_STATUS_PRESENT
+NOT_FOUND = features_pb2.FEATURE_STATUS_NOT_FOUND
+EXPIRED = features_pb2.FEATURE_STATUS_EXPIRED
 _PRESENT_B = bytes((PRESENT,))
+_POSSIBLY_STALE = POSSIBLY_STALE_TAG + varint(1)
 _MIN_EVENT = -(2**63)
 # Below this many rows, joining frames is cheaper than building an array.
 _MATRIX_MIN_ROWS = 8
 
 
 def _frame_vector(values: bytes, statuses: bytes, stamps: bytes, n: int) -> bytes:
-    body = b"".join((values, b"\x12", codec.varint(n), statuses, stamps))
-    return b"\x12" + codec.varint(len(body)) + body
+    return frame(RESULTS_TAG, b"".join((values, STATUSES_TAG, varint(n), statuses, stamps)))
 
 
 def _slow_vector(recs: list[Record | None], index: int, cutoff: int) -> bytes:
@@ -101,5 +110,5 @@ def encode(result: ReadResult) -> bytes:
         else:
             parts.append(_slow_vector(result.rows[view.name], index, cutoffs[view.name]))
     if result.possibly_stale:
-        parts.append(b"\x18\x01")
+        parts.append(_POSSIBLY_STALE)
     return b"".join(parts)

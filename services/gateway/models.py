@@ -271,9 +271,9 @@ class _Stream:
                     continue  # its caller gave up (deadline)
                 if reply.error_message:
                     status = reply.infer_response.parameters.get("status_code")
-                    code = _CODES.get(
-                        status.int64_param if status is not None else 13, grpc.StatusCode.INTERNAL
-                    )
+                    code = grpc.StatusCode.INTERNAL
+                    if status is not None:
+                        code = _CODES.get(status.int64_param, code)
                     future.set_exception(StreamMessageError(code, reply.error_message))
                 else:
                     future.set_result(reply.infer_response)

@@ -12,58 +12,35 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
-from google.protobuf.descriptor import FieldDescriptor
 from opentelemetry import trace
 
 from infergrid.logging.v1 import logging_pb2
 from infergrid.types.v1 import value_pb2
 from libs.errors import ServiceError, status_code_of
 from libs.inference_log import CURRENT_SCHEMA_VERSION
+from libs.wire import frame, tag, varint
 
 if TYPE_CHECKING:
     from services.gateway.catalog import ModelSpec
 
 Record = logging_pb2.InferenceLogRecord
 
-_WIRE_TYPES = {
-    FieldDescriptor.TYPE_INT32: 0,
-    FieldDescriptor.TYPE_INT64: 0,
-    FieldDescriptor.TYPE_FLOAT: 5,
-    FieldDescriptor.TYPE_STRING: 2,
-    FieldDescriptor.TYPE_MESSAGE: 2,
-}
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _tag(field: FieldDescriptor) -> bytes:
-    return _varint(field.number << 3 | _WIRE_TYPES[field.type])
-
 
 def _map_tags(name: str) -> tuple[bytes, bytes, bytes]:
     """The tags of a record map field and of its entries' key and value."""
     field = Record.DESCRIPTOR.fields_by_name[name]
     entry = field.message_type.fields_by_name
-    return _tag(field), _tag(entry["key"]), _tag(entry["value"])
+    return tag(field), tag(entry["key"]), tag(entry["value"])
 
 
 _FEATURES_TAG, _FEATURE_KEY_TAG, _FEATURE_VALUE_TAG = _map_tags("features")
-_FLOAT_VALUE_TAG = _tag(value_pb2.Value.DESCRIPTOR.fields_by_name["float_value"])
+_FLOAT_VALUE_TAG = tag(value_pb2.Value.DESCRIPTOR.fields_by_name["float_value"])
 _EVENT_TIMES_TAG, _EVENT_KEY_TAG, _EVENT_VALUE_TAG = _map_tags("feature_event_times")
-_SECONDS_TAG = _tag(timestamp_pb2.Timestamp.DESCRIPTOR.fields_by_name["seconds"])
-_NANOS_TAG = _tag(timestamp_pb2.Timestamp.DESCRIPTOR.fields_by_name["nanos"])
+_SECONDS_TAG = tag(timestamp_pb2.Timestamp.DESCRIPTOR.fields_by_name["seconds"])
+_NANOS_TAG = tag(timestamp_pb2.Timestamp.DESCRIPTOR.fields_by_name["nanos"])
 # The tag and one-byte length of an event-time entry shorter than 128 bytes (nearly all), by length.
 _EVENT_TIMES_HEADS = tuple(_EVENT_TIMES_TAG + bytes((size,)) for size in range(128))
 
@@ -88,10 +65,8 @@ def record_template(feature_names: Sequence[str], store_columns: Sequence[int]) 
     value = _FLOAT_VALUE_TAG  # Value { float_value (fixed32) }, its 4 bytes follow
     for name in feature_names:
         key = name.encode()
-        entry = (
-            _FEATURE_KEY_TAG + _varint(len(key)) + key + _FEATURE_VALUE_TAG + _varint(len(value) + 4) + value
-        )
-        head = _FEATURES_TAG + _varint(len(entry) + 4) + entry
+        entry = frame(_FEATURE_KEY_TAG, key) + _FEATURE_VALUE_TAG + varint(len(value) + 4) + value
+        head = _FEATURES_TAG + varint(len(entry) + 4) + entry
         slots.extend(range(position + len(head), position + len(head) + 4))
         parts.append(head + bytes(4))
         position += len(head) + 4
@@ -99,7 +74,7 @@ def record_template(feature_names: Sequence[str], store_columns: Sequence[int]) 
     return RecordTemplate(
         features_wire=np.frombuffer(b"".join(parts), dtype=np.uint8).copy(),
         feature_slots=np.asarray(slots, dtype=np.intp),
-        event_time_keys=tuple(_EVENT_KEY_TAG + _varint(len(key)) + key for key in keys),
+        event_time_keys=tuple(frame(_EVENT_KEY_TAG, key) for key in keys),
     )
 
 
@@ -122,16 +97,13 @@ def event_times_wire(spec: ModelSpec, event_us: Sequence[int]) -> bytes:
         stamp = stamps.get(us)
         if stamp is None:
             seconds, micros = divmod(us, 1_000_000)
-            # Negative seconds are ten-byte varints.
-            body = (_SECONDS_TAG + _varint(seconds & 0xFFFFFFFFFFFFFFFF)) if seconds else b""
+            body = (_SECONDS_TAG + varint(seconds)) if seconds else b""  # negative: ten bytes
             if micros:
-                body += _NANOS_TAG + _varint(micros * 1000)
-            stamp = stamps[us] = _EVENT_VALUE_TAG + _varint(len(body)) + body
+                body += _NANOS_TAG + varint(micros * 1000)
+            stamp = stamps[us] = frame(_EVENT_VALUE_TAG, body)
         entry = key + stamp
         size = len(entry)
-        parts.append(
-            _EVENT_TIMES_HEADS[size] + entry if size < 128 else _EVENT_TIMES_TAG + _varint(size) + entry
-        )
+        parts.append(_EVENT_TIMES_HEADS[size] + entry if size < 128 else frame(_EVENT_TIMES_TAG, entry))
     return b"".join(parts)
 
 
@@ -217,9 +189,9 @@ def set_shadow(
         for name, array in outcome.items():
             set_value(shadow.outputs[name], array)
         return "OK"
-    code = status_code_of(outcome)
-    shadow.status_code = code.value[0] if code is not None else 2
-    return code.name if code is not None else "UNKNOWN"
+    code = status_code_of(outcome) or grpc.StatusCode.UNKNOWN
+    shadow.status_code = code.value[0]
+    return code.name
 
 
 def set_value(target: value_pb2.Value, array: np.ndarray) -> None:

@@ -8,11 +8,13 @@ here once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from libs.errors import InvalidArgument
+from libs.errors import InvalidArgument, Status, to_status
 from services.inference.codec import (
     InferRequest,
     OutputTensor,
@@ -28,6 +30,13 @@ from services.inference.model_config import TENSORRT, parse_config_json
 from services.inference.repository import IndexEntry, ModelRepository, ServingVersion
 from services.inference.runtime_settings import LogSettings, TraceSettings
 from services.inference.shared_memory import RegionStatus, SharedMemoryRegistry
+
+log = logging.getLogger(__name__)
+_Request = TypeVar("_Request")
+_Answer = TypeVar("_Answer")
+
+# A streamed request's own deadline: none (see `DataPlane.infer_stream`).
+STREAM_MESSAGE_DEADLINE_S: float | None = None
 
 SERVER_NAME = "infergrid-inference"
 SERVER_VERSION = "0.1.0"
@@ -186,6 +195,59 @@ class DataPlane:
                 self.shared_memory.write(requested.shm, data, f"output '{spec.name}'")
             outputs.append(OutputTensor(spec.name, spec.datatype.name, array, requested))
         return InferResult(serving.model, serving.version_str, request.id, outputs)
+
+    async def infer_stream(
+        self,
+        requests: AsyncIterator[_Request],
+        run: Callable[[_Request, float | None], Awaitable[_Answer]],
+        failed: Callable[[_Request, Status], _Answer],
+    ) -> AsyncGenerator[_Answer, None]:
+        """Runs each streamed request as it arrives (so concurrent ones batch); yields answers as they finish.
+
+        Timeouts: a stream message has no deadline of its own (the call's deadline bounds the whole
+        stream), so `run` gets None; its `timeout` parameter applies as in a unary call. Errors: one
+        failing request never ends the stream; `failed` turns its status (`to_status`) into an answer.
+        Leaving the iterator early cancels the requests still running.
+
+        Args:
+            requests: The front door's requests, in arrival order.
+            run: Answers one request given its deadline in seconds (decode, `infer`, encode).
+            failed: The answer for a request that failed with a status.
+        """
+        answers: asyncio.Queue[_Answer | None] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def _one(request: _Request) -> None:
+            try:
+                answer = await run(request, STREAM_MESSAGE_DEADLINE_S)
+            except Exception as exc:
+                status = to_status(exc)
+                if status.unexpected:
+                    log.exception("stream inference failed")
+                answer = failed(request, status)
+            answers.put_nowait(answer)
+
+        async def _read() -> None:
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(_one(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                while pending:
+                    await asyncio.gather(*list(pending), return_exceptions=True)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(_read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader
+        finally:
+            if not reader.done():
+                reader.cancel()
+            for task in list(pending):
+                task.cancel()
 
     # --- repository ---
 

@@ -7,7 +7,7 @@ become gRPC statuses in the shared interceptor.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -17,7 +17,7 @@ from opentelemetry import propagate, trace
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 from libs.config import ConfigError
-from libs.errors import ServiceError
+from libs.errors import ServiceError, Status
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry, tracer
 from services.inference.backends import BackendOptions, ModelBackend, create_backends
@@ -195,6 +195,19 @@ def _infer_response(result: InferResult) -> pb.ModelInferResponse:
     )
 
 
+def _stream_failure(request: pb.ModelInferRequest, status: Status) -> pb.ModelStreamInferResponse:
+    """A failed streamed request, in band as Triton sends it: `error_message`, and in the response's
+    `status_code` parameter the status a unary call would have ended with (for callers that map errors)."""
+    reply = pb.ModelStreamInferResponse(
+        error_message=status.message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
+    reply.infer_response.parameters["status_code"].int64_param = status.code.value[0]
+    return reply
+
+
 def _trace_response(values: Mapping[str, list[str]]) -> pb.TraceSettingResponse:
     response = pb.TraceSettingResponse()
     for key, value in values.items():
@@ -271,10 +284,9 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
 
     # --- inference ---
 
-    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        deadline = context.time_remaining() if context is not None else None
+    async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         try:
-            infer_request = _infer_request(request, deadline)
+            infer_request = _infer_request(request, deadline_s)
         except InvalidInput:
             self._count_invalid(request)
             raise
@@ -290,7 +302,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         serving.metrics.failed("invalid", 0)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
-        return await self._infer(request, context)
+        return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -301,59 +313,19 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         status a unary call would have had is in the response's `status_code` parameter. A request whose
         `traceparent` parameter names a trace gets its own span in it (a stream has no per-message metadata).
         """
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
-
-        async def _one(request: pb.ModelInferRequest) -> None:
-            try:
-                if "traceparent" in request.parameters:  # the caller's trace, per message
-                    parent = propagate.extract(
-                        {"traceparent": request.parameters["traceparent"].string_param}
-                    )
-                    with _tracer.start_as_current_span(
-                        STREAM_SPAN, context=parent, kind=trace.SpanKind.SERVER
-                    ):
-                        response = await self._infer(request, None)
-                else:
-                    response = await self._infer(request, None)
-                reply = pb.ModelStreamInferResponse(infer_response=response)
-            except ServiceError as exc:
-                reply = pb.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    ),
-                )
-                # The status a unary call would have ended with, for callers that map errors.
-                reply.infer_response.parameters["status_code"].int64_param = exc.code.value[0]
-            except Exception:
-                log.exception("stream inference failed")
-                reply = pb.ModelStreamInferResponse(
-                    error_message="internal error", infer_response=pb.ModelInferResponse(id=request.id)
-                )
-            responses.put_nowait(reply)
-
-        async def _read() -> None:
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(_one(request))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                while pending:
-                    await asyncio.gather(*list(pending), return_exceptions=True)
-            finally:
-                responses.put_nowait(None)
-
-        reader = asyncio.create_task(_read())
-        try:
-            while (reply := await responses.get()) is not None:
+        replies = self._plane.infer_stream(request_iterator, self._stream_one, _stream_failure)
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
                 yield reply
-            await reader
-        finally:
-            if not reader.done():
-                reader.cancel()
-            for task in list(pending):
-                task.cancel()
+
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, deadline_s: float | None
+    ) -> pb.ModelStreamInferResponse:
+        if "traceparent" in request.parameters:  # the caller's trace, per message
+            parent = propagate.extract({"traceparent": request.parameters["traceparent"].string_param})
+            with _tracer.start_as_current_span(STREAM_SPAN, context=parent, kind=trace.SpanKind.SERVER):
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline_s))
+        return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline_s))
 
     # --- repository ---
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from infergrid.features.v1 import features_pb2 as pb
 from services.features import codec
@@ -14,6 +15,10 @@ from services.features.tests.views import ALL_TYPES, VT
 def test_timestamp_frames_parse(event_us: int) -> None:
     vector = pb.GetOnlineFeaturesResponse.FeatureVector.FromString(codec.ts_frame(event_us))
     assert vector.event_timestamps[0].ToMicroseconds() == event_us
+    stamp = Timestamp()
+    stamp.FromMicroseconds(event_us)
+    golden = pb.GetOnlineFeaturesResponse.FeatureVector(event_timestamps=[stamp]).SerializeToString()
+    assert codec.ts_frame(event_us) == golden
 
 
 def test_value_frames_and_records_round_trip() -> None:
@@ -23,6 +28,8 @@ def test_value_frames_and_records_round_trip() -> None:
     assert codec.decode_record(codec.encode_record(None)) is None
     assert not record.complete and record.min_event == 0
     vector = pb.GetOnlineFeaturesResponse.FeatureVector.FromString(b"".join(record.frames))
+    golden = pb.GetOnlineFeaturesResponse.FeatureVector(values=[v for _, v in ALL_TYPES.values()])
+    assert b"".join(codec.value_frame(r) for r in raw) == golden.SerializeToString()
     assert [v for v in vector.values] == [v for _, v in ALL_TYPES.values()]
     with pytest.raises(codec.CorruptPayload):
         codec.decode_record(codec.encode_record(record)[:-1])

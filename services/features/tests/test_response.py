@@ -8,6 +8,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from infergrid.features.v1 import features_pb2 as pb
+from libs.wire import frame
 from services.features import codec, response
 from services.features.codec import MISSING, Record
 from services.features.online import Plan, ReadResult
@@ -88,7 +89,12 @@ def test_encoding_matches_the_message_api(n: int, uniform: bool, holes: bool, st
         rows[view.name], values[view.name] = _rows(n, types, uniform=uniform, holes=holes, rng=rng)
     columns = [(floats, 5), (mixed, 0), (floats, 0), (mixed, 6), (floats, 2)]
     refs = tuple(f"{v.name}:f{i}" for v, i in columns)
-    plan = Plan(refs, tuple(columns), (floats, mixed), b"".join(codec.frame(0x0A, r.encode()) for r in refs))
+    plan = Plan(
+        refs,
+        tuple(columns),
+        (floats, mixed),
+        b"".join(frame(codec.FEATURE_NAMES_TAG, r.encode()) for r in refs),
+    )
     got = pb.GetOnlineFeaturesResponse.FromString(response.encode(ReadResult(plan, rows, n, NOW_US, stale)))
     assert list(got.feature_names) == list(refs)
     assert got.possibly_stale == stale

@@ -18,7 +18,7 @@ from libs.platform import parse_platform
 from services.gateway.catalog import ModelCatalog, parse_spec
 from services.gateway.config import BatchingConfig, UpstreamConfig
 from services.gateway.predictor import CallInfo, Predictor
-from services.gateway.records import event_times_wire
+from services.gateway.records import event_times_wire, record_template
 from services.gateway.routing import TrafficRouter
 from services.gateway.tests.fakes import FakeFeatures, FakeModels, ListPublisher, expected_score, toy_spec
 
@@ -144,6 +144,21 @@ def test_event_times_wire_parses_to_the_map_it_stands_for() -> None:
     )
     record = logging_pb2.InferenceLogRecord.FromString(event_times_wire(spec, [1_700_000_000_000_001]))
     assert record.feature_event_times[long_name].ToMicroseconds() == 1_700_000_000_000_001
+
+
+@pytest.mark.parametrize("event_us", [1, -1_500_000, 1_700_000_000_999_999])
+def test_record_parts_are_what_the_generated_class_serializes(event_us: int) -> None:
+    name = "user:" + "x" * 200
+    golden = logging_pb2.InferenceLogRecord()
+    golden.feature_event_times[name].FromMicroseconds(event_us)
+    template = record_template([name], [0])
+    spec = parse_spec(
+        "long", {"entities": {"user": "user_id"}, "features": [{"name": name, "source": "user"}]}
+    )
+    assert event_times_wire(spec, [event_us]) == golden.SerializeToString()
+    golden = logging_pb2.InferenceLogRecord()
+    golden.features[name].float_value = 0.0
+    assert template.features_wire.tobytes() == golden.SerializeToString()
 
 
 @pytest.mark.parametrize(
