@@ -76,7 +76,7 @@ class MicroBatcher(Generic[K, I, R]):
         max_batch: int,
         max_delay_s: float,
         max_pending: int,
-        max_concurrent: int = 2,
+        max_concurrent: int,
         observe_size: SizeObserver | None = None,
         target_of: TargetLookup[K] | None = None,
     ) -> None:

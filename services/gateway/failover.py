@@ -235,7 +235,7 @@ class InferencePools:
         self,
         make: Callable[[str], tuple[ChannelPool, Dependency, ModelClient]],
         *,
-        discovery_interval_s: float = 1.0,
+        discovery_interval_s: float,
         base_dir: str | None = None,
         clock: Clock = time.monotonic,
     ) -> None:

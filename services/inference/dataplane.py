@@ -104,7 +104,7 @@ class DataPlane:
         self,
         repository: ModelRepository,
         *,
-        strict_readiness: bool = False,
+        strict_readiness: bool,
         trace: TraceSettings | None = None,
         log: LogSettings | None = None,
         control: ControlGate | None = None,

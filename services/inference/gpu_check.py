@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from services.inference import demo
-from services.inference.backends import BackendOptions
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.backends.tensorrt import TensorRTBackend
+from services.inference.config import ModelServingConfig
 from services.inference.errors import BackendUnavailable
 from services.inference.model_config import read_config, spec_from_config
 
@@ -50,7 +50,7 @@ def check(root: Path, cache_dir: Path, seconds: float) -> dict[str, Any]:
     model_dir = demo.write_repository(root, samples=8000)
     path = model_dir / "1" / "model.onnx"
     spec = spec_from_config(read_config(model_dir), demo.MODEL_NAME)
-    options = BackendOptions(tensorrt_cache_dir=cache_dir)
+    options = ModelServingConfig(tensorrt_cache_dir=cache_dir)
     t0 = time.perf_counter()
     trt_model = TensorRTBackend(options).load(path, spec.with_backend("tensorrt"))
     first_load = time.perf_counter() - t0

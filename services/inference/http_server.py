@@ -324,10 +324,10 @@ class HttpFrontDoor:
         *,
         host: str,
         port: int,
-        reuse_port: bool = False,
-        max_body_bytes: int = 64 * 1024 * 1024,
-        tracing: bool = False,
-        grace_seconds: float = 10.0,
+        reuse_port: bool,
+        max_body_bytes: int,
+        tracing: bool,
+        grace_seconds: float,
     ) -> None:
         self._plane = dataplane
         self._host = host

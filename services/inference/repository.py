@@ -19,6 +19,7 @@ from pathlib import Path
 from inference import model_config_pb2 as mc
 from services.inference.backends import LoadedModel, ModelBackend
 from services.inference.batcher import BatcherSettings, DynamicBatcher
+from services.inference.config import ControlConfig, ModelServingConfig
 from services.inference.errors import BackendUnavailable, ModelLoadError, ModelNotFound
 from services.inference.metrics import VersionMetrics
 from services.inference.model_config import (
@@ -37,22 +38,6 @@ READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
-
-
-@dataclass(frozen=True)
-class RepositorySettings:
-    """Server-wide defaults of the repository."""
-
-    # Queue bound for models whose config leaves max_queue_size at 0.
-    max_queue_size: int = 1024
-    # Run one inference per version while loading, before it serves.
-    warmup: bool = True
-    # Models to load at start-up; empty: every model folder.
-    startup_models: tuple[str, ...] = ()
-    # Model instances one config may ask for (a RepositoryModelLoad config must not exhaust the host).
-    max_instances: int = 8
-    # Bytes of model files one RepositoryModelLoad may send (`file:` parameters, all together).
-    max_file_bytes: int = 32 << 20
 
 
 @dataclass
@@ -109,11 +94,14 @@ class ModelRepository:
     """Loaded models and their states; the single owner of backends' loaded instances."""
 
     def __init__(
-        self, root: Path | None, backends: Mapping[str, ModelBackend], settings: RepositorySettings
+        self, models: ModelServingConfig, control: ControlConfig, backends: Mapping[str, ModelBackend]
     ) -> None:
-        self._root = root
+        """The repository at `models.model_repository` (None: no models), with the models section's
+        start-up list, queue bound and warm-up, and the control section's limits on loaded configs."""
+        self._root = models.model_repository
         self._backends = backends
-        self._settings = settings
+        self._models = models
+        self._control = control
         # name -> {"1": version, "2": ..., "": the latest}; replaced whole on change (readers never lock).
         self._serving: dict[str, dict[str, ServingVersion]] = {}
         self._states: dict[str, dict[int, tuple[str, str]]] = {}
@@ -188,7 +176,7 @@ class ModelRepository:
 
     async def load_startup(self) -> None:
         """Loads the start-up models concurrently; a failure is recorded and logged, never raised."""
-        names = list(self._settings.startup_models) or self.models_on_disk()
+        names = list(self._models.startup_models) or self.models_on_disk()
         self._startup_names = tuple(names)
         results = await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
         for name, result in zip(names, results, strict=True):
@@ -215,7 +203,7 @@ class ModelRepository:
             ModelLoadError: The config is bad or a version failed to load; says why.
         """
         if files:
-            check_model_files(files, self._settings.max_file_bytes)
+            check_model_files(files, self._control.control_max_file_bytes)
         if self._root is None or not _safe_name(name) or not (files or (self._root / name).is_dir()):
             raise ModelNotFound(f"model '{name}' is not in the model repository")
         lock = self._locks.setdefault(name, asyncio.Lock())
@@ -307,11 +295,11 @@ class ModelRepository:
             inputs, outputs = backend.signature(path)
             complete_config(config, inputs, outputs)
         spec = spec_from_config(config, name)
-        if spec.instance_count > self._settings.max_instances:
+        if spec.instance_count > self._control.control_max_instances:
             raise ModelLoadError(
-                f"model '{name}': {spec.instance_count} instances, at most {self._settings.max_instances}"
+                f"model '{name}': {spec.instance_count} instances, at most {self._control.control_max_instances}"
             )
-        if self._settings.warmup:
+        if self._models.warmup:
             warmup_samples(
                 spec, model_dir
             )  # a bad model_warmup is the config's error, before any version loads
@@ -334,7 +322,7 @@ class ModelRepository:
             log.warning("model %s version %d: %s", spec.name, version, note)
             spec = spec.with_backend(spec.fallback_backend)
             loaded = self._backends[spec.backend].load(path, spec)
-        if self._settings.warmup:
+        if self._models.warmup:
             outputs = [t.name for t in spec.outputs]
             try:
                 for sample in warmup_samples(spec, model_dir):
@@ -361,7 +349,7 @@ class ModelRepository:
             max_queue_delay_us=batching.max_queue_delay_us,
             latency_target_us=batching.latency_target_us,
             preferred_batch_sizes=batching.preferred_batch_sizes,
-            max_queue_size=batching.max_queue_size or self._settings.max_queue_size,
+            max_queue_size=batching.max_queue_size or self._models.max_queue_size,
             variable_shapes=any(d < 0 for t in spec.inputs for d in t.dims),
             instances=spec.instance_count,
             priority_levels=batching.priority_levels,

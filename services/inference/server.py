@@ -20,7 +20,7 @@ from libs.config import ConfigError
 from libs.errors import ServiceError, Status
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry, tracer
-from services.inference.backends import BackendOptions, ModelBackend, create_backends
+from services.inference.backends import ModelBackend, create_backends
 from services.inference.codec import CONTENTS_FIELD, InferRequest, InputTensor, RequestedOutput, tensor_bytes
 from services.inference.config import InferenceConfig, check_repository
 from services.inference.control import ControlGate
@@ -28,7 +28,7 @@ from services.inference.dataplane import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 from services.inference.errors import InvalidInput, NotSupported
 from services.inference.http_server import HttpFrontDoor
 from services.inference.metrics import Duration, VersionStatistics
-from services.inference.repository import ModelRepository, RepositorySettings, ServingVersion
+from services.inference.repository import ModelRepository, ServingVersion
 from services.inference.runtime_settings import LogSettings, TraceSettings
 from services.inference.shared_memory import SharedMemoryRef
 
@@ -446,25 +446,7 @@ async def create_server(
             "no model repository configured (INFERGRID_INFERENCE_MODEL_REPOSITORY): serving no models"
         )
     check_repository(config)
-    backends = backends or create_backends(
-        BackendOptions(
-            ort_intra_op_threads=models.ort_intra_op_threads,
-            ort_inter_op_threads=models.ort_inter_op_threads,
-            tensorrt_cache_dir=models.tensorrt_cache_dir,
-            tensorrt_fp16=models.tensorrt_fp16,
-        )
-    )
-    repository = ModelRepository(
-        models.model_repository,
-        backends,
-        RepositorySettings(
-            max_queue_size=models.max_queue_size,
-            warmup=models.warmup,
-            startup_models=models.startup_models,
-            max_instances=config.control.control_max_instances,
-            max_file_bytes=config.control.control_max_file_bytes,
-        ),
-    )
+    repository = ModelRepository(models, config.control, backends or create_backends(models))
     token = ""
     if config.control.control_token_file is not None:
         token = config.control.control_token_file.read_text().strip()

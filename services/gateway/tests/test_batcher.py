@@ -25,7 +25,7 @@ class Recorder:
 async def test_concurrent_items_share_one_call_and_get_their_own_results_in_order() -> None:
     recorder = Recorder()
     batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t", recorder.run, max_batch=100, max_delay_s=0.001, max_pending=1000
+        "t", recorder.run, max_batch=100, max_delay_s=0.001, max_pending=1000, max_concurrent=2
     )
     futures = [batcher.submit("a" if i % 2 else "b", i, 1.0) for i in range(20)]
     results = await asyncio.gather(*futures)
@@ -37,7 +37,7 @@ async def test_concurrent_items_share_one_call_and_get_their_own_results_in_orde
 async def test_a_full_batch_is_sent_at_once_and_the_rest_waits_for_the_next() -> None:
     recorder = Recorder()
     batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t", recorder.run, max_batch=4, max_delay_s=0.0, max_pending=1000
+        "t", recorder.run, max_batch=4, max_delay_s=0.0, max_pending=1000, max_concurrent=2
     )
     results = await asyncio.gather(*(batcher.submit("k", i, 1.0) for i in range(10)))
     assert [r[1] for r in results] == [i * 10 for i in range(10)]
@@ -47,7 +47,7 @@ async def test_a_full_batch_is_sent_at_once_and_the_rest_waits_for_the_next() ->
 async def test_one_failing_item_fails_alone_and_a_failing_call_fails_all() -> None:
     recorder = Recorder()
     batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t", recorder.run, max_batch=10, max_delay_s=0.0, max_pending=1000
+        "t", recorder.run, max_batch=10, max_delay_s=0.0, max_pending=1000, max_concurrent=2
     )
     results = await asyncio.gather(*(batcher.submit("k", i, 1.0) for i in (1, -1, 2)), return_exceptions=True)
     assert results[0] == ("k", 10) and results[2] == ("k", 20)
@@ -57,7 +57,7 @@ async def test_one_failing_item_fails_alone_and_a_failing_call_fails_all() -> No
         raise ConnectionError("down")
 
     failing: MicroBatcher[str, int, object] = MicroBatcher(
-        "t", broken, max_batch=10, max_delay_s=0.0, max_pending=1000
+        "t", broken, max_batch=10, max_delay_s=0.0, max_pending=1000, max_concurrent=2
     )
     results = await asyncio.gather(*(failing.submit("k", i, 1.0) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results)
@@ -66,7 +66,7 @@ async def test_one_failing_item_fails_alone_and_a_failing_call_fails_all() -> No
 async def test_past_max_pending_submit_sheds_load() -> None:
     recorder = Recorder(delay=0.05)
     batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t", recorder.run, max_batch=2, max_delay_s=0.0, max_pending=3
+        "t", recorder.run, max_batch=2, max_delay_s=0.0, max_pending=3, max_concurrent=2
     )
     accepted = [batcher.submit("k", i, 1.0) for i in range(3)]
     with pytest.raises(ResourceExhausted, match="overloaded"):
@@ -84,7 +84,7 @@ async def test_the_batch_call_gets_the_longest_timeout_of_its_items() -> None:
         return items
 
     batcher: MicroBatcher[str, int, int] = MicroBatcher(
-        "t", run, max_batch=10, max_delay_s=0.0, max_pending=10
+        "t", run, max_batch=10, max_delay_s=0.0, max_pending=10, max_concurrent=2
     )
     await asyncio.gather(batcher.submit("k", 1, 0.1), batcher.submit("k", 2, 2.0))
     assert 1.5 < seen[0] <= 2.0

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from services.inference.config import ModelServingConfig
 from services.inference.datatypes import DataType
 from services.inference.model_config import ModelSpec
 
@@ -51,23 +51,8 @@ class ModelBackend(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class BackendOptions:
-    """Settings of the backends, from the service config."""
-
-    # ONNX Runtime intra-op threads per session: 1 is best for small models (hand-off costs more).
-    ort_intra_op_threads: int = 1
-    ort_inter_op_threads: int = 1
-    # Where TensorRT keeps built engine plans; None: a folder under the system temp dir.
-    tensorrt_cache_dir: Path | None = None
-    # Build TensorRT engines with FP16 kernels where the GPU supports them.
-    tensorrt_fp16: bool = True
-    # TensorRT builder workspace limit.
-    tensorrt_workspace_bytes: int = 1 << 30
-
-
-def create_backends(options: BackendOptions) -> dict[str, ModelBackend]:
-    """Every backend by name; each imports its runtime lazily, so a missing one fails only its models."""
+def create_backends(options: ModelServingConfig) -> dict[str, ModelBackend]:
+    """Every backend by name, set up from the models section (threads, TensorRT cache and FP16); each imports its runtime lazily, so a missing one fails only its models."""
     from services.inference.backends.onnxruntime import OnnxRuntimeBackend
     from services.inference.backends.tensorrt import TensorRTBackend
 

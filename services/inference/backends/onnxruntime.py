@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from services.inference.backends import BackendOptions, LoadedModel, Signature
+from services.inference.backends import LoadedModel, Signature
+from services.inference.config import ModelServingConfig
 from services.inference.datatypes import BY_ONNX
 from services.inference.errors import InvalidInput, ModelConfigError, ModelLoadError
 from services.inference.model_config import ONNXRUNTIME, ModelSpec, TensorSpec
@@ -32,10 +33,10 @@ def _signature(args: Sequence[ort.NodeArg], path: Path) -> Signature:
     return out
 
 
-def _session(path: Path, options: BackendOptions) -> ort.InferenceSession:
+def _session(path: Path, intra_op_threads: int, inter_op_threads: int) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.intra_op_num_threads = options.ort_intra_op_threads
-    so.inter_op_num_threads = options.ort_inter_op_threads
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = inter_op_threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning threads burn the cores the gRPC server needs; small models gain nothing from it.
@@ -107,15 +108,15 @@ class OnnxRuntimeBackend:
 
     name = ONNXRUNTIME
 
-    def __init__(self, options: BackendOptions) -> None:
+    def __init__(self, options: ModelServingConfig) -> None:
         self._options = options
 
     def signature(self, model_path: Path) -> tuple[Signature, Signature]:
-        session = _session(model_path, BackendOptions(ort_intra_op_threads=1))
+        session = _session(model_path, 1, 1)
         return _signature(session.get_inputs(), model_path), _signature(session.get_outputs(), model_path)
 
     def load(self, model_path: Path, spec: ModelSpec) -> LoadedModel:
-        session = _session(model_path, self._options)
+        session = _session(model_path, self._options.ort_intra_op_threads, self._options.ort_inter_op_threads)
         inputs = _signature(session.get_inputs(), model_path)
         check_signature(spec, inputs, spec.inputs, "input")
         check_signature(spec, _signature(session.get_outputs(), model_path), spec.outputs, "output")

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from services.inference.backends import BackendOptions, LoadedModel, Signature
+from services.inference.backends import LoadedModel, Signature
+from services.inference.config import ModelServingConfig
 from services.inference.errors import BackendUnavailable, ModelConfigError, ModelLoadError
 from services.inference.model_config import TENSORRT, ModelSpec
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 # Upper bound for non-batch dynamic (-1) dimensions in the optimization profile, unless the
 # config sets the `tensorrt_max_dim` parameter.
 DEFAULT_MAX_DYNAMIC_DIM = 64
+# The TensorRT builder's workspace limit.
+_WORKSPACE_BYTES = 1 << 30
 _build_lock = threading.Lock()
 
 
@@ -192,7 +195,7 @@ class TensorRTBackend:
 
     name = TENSORRT
 
-    def __init__(self, options: BackendOptions) -> None:
+    def __init__(self, options: ModelServingConfig) -> None:
         self._options = options
         self._cache_dir = options.tensorrt_cache_dir or Path(tempfile.gettempdir()) / "infergrid-trt-plans"
 
@@ -267,7 +270,7 @@ class TensorRTBackend:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelLoadError(f"model '{spec.name}': TensorRT cannot parse the ONNX file: {errors}")
         config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self._options.tensorrt_workspace_bytes)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, _WORKSPACE_BYTES)
         if self._options.tensorrt_fp16 and builder.platform_has_fast_fp16:
             config.set_flag(trt.BuilderFlag.FP16)
         preferred = spec.batching.preferred_batch_sizes

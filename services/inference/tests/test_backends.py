@@ -9,9 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from services.inference.backends import BackendOptions
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.backends.tensorrt import TensorRTBackend, plan_cache_key, profile_shapes
+from services.inference.config import ModelServingConfig
 from services.inference.errors import BackendUnavailable, ModelConfigError, ModelLoadError
 from services.inference.model_config import read_config, spec_from_config
 
@@ -22,7 +22,7 @@ def _spec(root: Path, name: str):  # type: ignore[no-untyped-def]
 
 def test_onnxruntime_runs_like_a_plain_session(model_repo: Path) -> None:
     path = model_repo / "fraud" / "2" / "model.onnx"
-    model = OnnxRuntimeBackend(BackendOptions()).load(path, _spec(model_repo, "fraud"))
+    model = OnnxRuntimeBackend(ModelServingConfig()).load(path, _spec(model_repo, "fraud"))
     x = np.random.default_rng(1).normal(20, 10, (7, 32)).astype(np.float32)
     (y,) = model.run({"features": x}, ["fraud_probability"])
     expected = ort.InferenceSession(str(path)).run(None, {"features": x})[0]
@@ -31,7 +31,7 @@ def test_onnxruntime_runs_like_a_plain_session(model_repo: Path) -> None:
 
 
 def test_onnxruntime_carries_every_datatype(model_repo: Path) -> None:
-    model = OnnxRuntimeBackend(BackendOptions()).load(
+    model = OnnxRuntimeBackend(ModelServingConfig()).load(
         model_repo / "types" / "1" / "model.onnx", _spec(model_repo, "types")
     )
     inputs = {
@@ -54,14 +54,14 @@ def test_onnxruntime_carries_every_datatype(model_repo: Path) -> None:
 
 def test_onnxruntime_rejects_an_unreadable_file(model_repo: Path) -> None:
     with pytest.raises(ModelLoadError, match="ONNX Runtime cannot load"):
-        OnnxRuntimeBackend(BackendOptions()).load(
+        OnnxRuntimeBackend(ModelServingConfig()).load(
             model_repo / "broken" / "1" / "model.onnx", _spec(model_repo, "broken")
         )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_tensorrt_without_tensorrt_fails_with_a_clear_reason(model_repo: Path) -> None:
-    backend = TensorRTBackend(BackendOptions())
+    backend = TensorRTBackend(ModelServingConfig())
     with pytest.raises(BackendUnavailable, match="TensorRT backend unavailable: cannot import tensorrt"):
         backend.load(model_repo / "trt_only" / "1" / "model.onnx", _spec(model_repo, "trt_only"))
 
@@ -69,11 +69,13 @@ def test_tensorrt_without_tensorrt_fails_with_a_clear_reason(model_repo: Path) -
 def test_tensorrt_refuses_bytes_tensors_before_touching_the_gpu(model_repo: Path) -> None:
     spec = _spec(model_repo, "types").with_backend("tensorrt")
     with pytest.raises(ModelConfigError, match="TensorRT cannot take BYTES tensor 'in_bytes'"):
-        TensorRTBackend(BackendOptions()).load(model_repo / "types" / "1" / "model.onnx", spec)
+        TensorRTBackend(ModelServingConfig()).load(model_repo / "types" / "1" / "model.onnx", spec)
 
 
 def test_tensorrt_signature_comes_from_the_onnx_file(model_repo: Path) -> None:
-    inputs, outputs = TensorRTBackend(BackendOptions()).signature(model_repo / "fraud" / "1" / "model.onnx")
+    inputs, outputs = TensorRTBackend(ModelServingConfig()).signature(
+        model_repo / "fraud" / "1" / "model.onnx"
+    )
     assert [(n, t.name, s) for n, t, s in inputs] == [("features", "FP32", [-1, 32])]
     assert [(n, t.name, s) for n, t, s in outputs] == [("fraud_probability", "FP32", [-1, 1])]
 

@@ -29,7 +29,7 @@ from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from libs.server import Server
 from libs.testing import free_port
-from services.inference.backends import BackendOptions, LoadedModel, create_backends
+from services.inference.backends import LoadedModel, create_backends
 from services.inference.config import (
     ControlConfig,
     HttpConfig,
@@ -142,7 +142,7 @@ class _Gate:
     name = "onnxruntime"
 
     def __init__(self) -> None:
-        self._real = create_backends(BackendOptions())["onnxruntime"]
+        self._real = create_backends(ModelServingConfig())["onnxruntime"]
         self.runs: list[list[float]] = []
         self.held = threading.Event()
         self.release = threading.Event()

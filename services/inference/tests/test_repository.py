@@ -11,14 +11,18 @@ import onnxruntime as ort
 import pytest
 
 from inference import model_config_pb2 as mc
-from services.inference.backends import BackendOptions, create_backends
+from services.inference.backends import create_backends
+from services.inference.config import ControlConfig, ModelServingConfig
 from services.inference.errors import ModelLoadError, ModelNotFound
 from services.inference.model_config import parse_config_text
-from services.inference.repository import ModelRepository, RepositorySettings
+from services.inference.repository import ModelRepository
 
 
-def _repo(root: Path, **settings: object) -> ModelRepository:
-    return ModelRepository(root, create_backends(BackendOptions()), RepositorySettings(**settings))  # type: ignore[arg-type]
+def _repo(root: Path, max_instances: int = 8, **models: object) -> ModelRepository:
+    config = ModelServingConfig(model_repository=root, **models)  # type: ignore[arg-type]
+    return ModelRepository(
+        config, ControlConfig(control_max_instances=max_instances), create_backends(config)
+    )
 
 
 def _states(repo: ModelRepository, name: str) -> dict[str, tuple[str, str]]:

@@ -21,7 +21,7 @@ from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from libs.server import Server
 from libs.testing import assert_bad_config_exits, assert_serves
-from services.inference.backends import BackendOptions, LoadedModel, create_backends
+from services.inference.backends import LoadedModel, create_backends
 from services.inference.config import (
     ControlConfig,
     HttpConfig,
@@ -663,7 +663,7 @@ class _SlowBackend:
     name = "onnxruntime"
 
     def __init__(self, delay: float) -> None:
-        self._real = create_backends(BackendOptions())["onnxruntime"]
+        self._real = create_backends(ModelServingConfig())["onnxruntime"]
         self._delay = delay
 
     def signature(self, model_path: Path):  # type: ignore[no-untyped-def]
