@@ -6,8 +6,8 @@ awaits `InferenceLogProducer.write(record)`: records of concurrent requests that
 arrive in the same event-loop turn, or while a write is in flight, form one group,
 and each group is one `write()` system call (group commit). The write runs inline
 on the event loop by default — a write() into the page cache takes microseconds,
-and handing it to a thread cost more than it saved (bench `logwal`: p99 0.9 vs
-4.0 ms at 32 concurrent requests, 19 vs 24 µs CPU per record) — or on a writer
+and handing it to a thread cost more than it saved (figures: bench/results/code-figures.md)
+— or on a writer
 thread (`write_in_thread`, always with `spool_fsync=always`, whose fsync blocks),
 for disks slow enough that a write() can stall. `publish(record)` is the same
 path for synchronous callers (one write per record). A background thread serves Kafka's delivery
@@ -22,7 +22,7 @@ is re-sent whole: its acknowledgements died with that process.
 Why the WAL and not "answer after the broker acknowledges": a SIGKILL cannot
 lose what reached the kernel with write(), so the WAL makes an answered record
 survive the death of the process at the cost of one write() per group
-(microseconds, see bench `logwal`), and keeps answering, durably, while Kafka is
+(microseconds, see bench/results/code-figures.md), and keeps answering, durably, while Kafka is
 down. Waiting for the broker's acknowledgement (acks=all, linger) would add a
 network round trip plus the linger and the replication to every answer
 (milliseconds), and during a Kafka outage would turn every prediction into an
@@ -168,7 +168,7 @@ class InferenceLogConfig:
     # what a restart after a SIGKILL re-sends twice (and the disk used) to about this much traffic.
     inference_log_spool_segment_seconds: float = 1.0
     # Group writes on a writer thread (for slow disks: the loop never waits for one); false: inline on the
-    # event loop (cheaper: see bench `logwal`). "always" fsync runs on the writer thread regardless.
+    # event loop (cheaper: bench/results/code-figures.md). "always" fsync runs on the writer thread regardless.
     inference_log_write_in_thread: bool = False
     # How often failed records are re-sent when Kafka answers again.
     inference_log_resend_interval_s: float = 1.0

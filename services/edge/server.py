@@ -139,7 +139,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     """
 
     def __init__(
-        self, state: PolicyState, limiter: RateLimiter, key_prefix: str, timeout_s: float, replicas: int = 1
+        self, state: PolicyState, limiter: RateLimiter, key_prefix: str, timeout_s: float, replicas: int
     ) -> None:
         self._state = state
         self._prefix = key_prefix

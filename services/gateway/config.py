@@ -118,8 +118,8 @@ class BatchingConfig:
     # A batch goes out when it holds this many rows, or when its first row has waited this long
     # (0: the event loop's next turn) and fewer than max_concurrent_batches calls of the model are
     # running; while that many run, arriving rows wait and go together as soon as one returns.
-    # One in flight makes the biggest batches: on one core shared with Envoy, features and inference
-    # (bench e2e, c=32) 1 gives ~7 rows per batch and 744 req/s, 2 gives ~1.6 rows and 338 req/s.
+    # One in flight makes the biggest batches, and the most requests per second on a shared core
+    # (figures: bench/results/code-figures.md).
     max_batch_rows: int = 256
     max_batch_delay_s: float = 0.0
     max_concurrent_batches: int = 1

@@ -119,7 +119,7 @@ class StreamingModelClient:
 
     A unary call pays gRPC's per-call set-up on both sides (call object, metadata, status); a message
     on an open stream does not, and the inference server batches streamed requests the same way
-    (bench: 7.1k vs 2.5k req/s per core on the server). Requests carry an `id`; replies come back
+    (figures: bench/results/code-figures.md). Requests carry an `id`; replies come back
     in completion order and are matched by it. A failed message comes back with `error_message` and
     our server's `status_code` parameter (a gRPC status number), mapped like a unary call's status. The
     trace context travels per message in the `traceparent` parameter, so each batch is still one span

@@ -86,7 +86,7 @@ def _response(prediction: Prediction) -> gateway_pb2.PredictResponse:
 class PredictionServiceServicer(gateway_pb2_grpc.PredictionServiceServicer):
     """Translates PredictionService protos to the Predictor and back."""
 
-    def __init__(self, predictor: Predictor, admission: Admission, max_row_bytes: int = 64 * 1024) -> None:
+    def __init__(self, predictor: Predictor, admission: Admission, max_row_bytes: int) -> None:
         self._predictor = predictor
         self._admission = admission
         self._max_row_bytes = max_row_bytes
