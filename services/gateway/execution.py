@@ -24,7 +24,7 @@ from services.gateway import metrics as m
 from services.gateway.catalog import ModelSpec
 from services.gateway.failover import Scores
 from services.gateway.features import FeatureSource, FeatureValues
-from services.gateway.models import ModelClient
+from services.gateway.inference_client import ModelClient
 from services.gateway.validation import ValidRow
 
 Outputs = dict[str, np.ndarray]

@@ -44,7 +44,7 @@ from libs.platform import PlatformConfig
 from libs.pool import ChannelPool
 from libs.resilience import Dependency
 from services.gateway.catalog import ModelSpec
-from services.gateway.models import GrpcModelClient, ModelClient, StreamingModelClient
+from services.gateway.inference_client import GrpcModelClient, ModelClient, StreamingModelClient
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from services.gateway.catalog import ModelCatalog, ModelSpec
 from services.gateway.config import BatchingConfig, ResponseCacheConfig, UpstreamConfig
 from services.gateway.execution import DEADLINE_MARGIN_S, BatchExecutor, Outputs, RowResult
 from services.gateway.features import FeatureSource
-from services.gateway.models import ModelClient
+from services.gateway.inference_client import ModelClient
 from services.gateway.publisher import RecordPublisher
 from services.gateway.routing import TrafficRouter
 from services.gateway.validation import RowInput, RowValidator, ValidRow, check_model

@@ -38,9 +38,9 @@ from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
 from services.gateway.failover import FailoverModelClient, InferencePools, pool_client
 from services.gateway.features import GrpcFeatureSource
+from services.gateway.inference_client import GrpcModelClient, StreamingModelClient
 from services.gateway.metrics import ADMISSION_STAGE, GatewayMetrics
 from services.gateway.model_facts import refresh_facts, watch_facts
-from services.gateway.models import GrpcModelClient, StreamingModelClient
 from services.gateway.predictor import CallInfo, Prediction, Predictor
 from services.gateway.publisher import DiscardingPublisher, RecordPublisher
 from services.gateway.routing import TrafficRouter

@@ -32,7 +32,7 @@ from services.gateway.config import (
     ModelsConfig,
     UpstreamConfig,
 )
-from services.gateway.models import GrpcModelClient, StreamingModelClient
+from services.gateway.inference_client import GrpcModelClient, StreamingModelClient
 from services.gateway.server import FEATURES_SERVICE, INFERENCE_SERVICE, create_server
 from services.gateway.tests.fake_servers import FakeFeatureService, FakeInference
 from services.gateway.tests.fakes import toy_spec, write_layout
