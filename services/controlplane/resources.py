@@ -257,6 +257,34 @@ def _eds(name: str) -> dict[str, Any]:
     }
 
 
+def _outlier_detection(platform: PlatformConfig, *, eject_on_answers: bool = True) -> dict[str, Any]:
+    """Ejection for a cluster of our replicas.
+
+    A replica that refuses or resets a connection (SIGKILLed, gone) is ejected at its first such failure,
+    before the health checks or EDS catch up, so retries and new requests meanwhile go to the others
+    (local-origin errors counted apart from the answers). With `eject_on_answers`, a replica is also
+    ejected after consecutive 5xx / gateway-error answers (the platform file's outlier_detection).
+    """
+    od = platform.gateway.outlier_detection
+    return {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 1,
+        "enforcing_consecutive_local_origin_failure": 100,
+        **(
+            {
+                "consecutive_5xx": od.consecutive_5xx,
+                "consecutive_gateway_failure": od.consecutive_gateway_failure,
+                "enforcing_consecutive_gateway_failure": 100,
+            }
+            if eject_on_answers
+            else {"enforcing_consecutive_5xx": 0}
+        ),
+        "base_ejection_time": _ms(od.base_ejection_time_ms),
+        "max_ejection_percent": od.max_ejection_percent if eject_on_answers else 50,
+        "interval": "1s",
+    }
+
+
 def edge_cluster(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any]:
     """The edge replicas (ext_authz + rate-limit service): EDS with the gateway's health-check timings."""
     return {
@@ -265,18 +293,9 @@ def edge_cluster(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any
         "lb_policy": "LEAST_REQUEST",
         # "": the whole server's health (SERVING once its backends answer, NOT_SERVING while draining).
         "health_checks": [_health_check(platform, "")],
-        # A replica that refuses or resets a connection (SIGKILLed, gone) is ejected at its first such
-        # failure, before the health checks or EDS catch up: each check sent there meanwhile fails closed.
-        # At most half the replicas at a time, so admission never loses every replica to ejection.
-        "outlier_detection": {
-            "split_external_local_origin_errors": True,
-            "consecutive_local_origin_failure": 1,
-            "enforcing_consecutive_local_origin_failure": 100,
-            "enforcing_consecutive_5xx": 0,  # a check's answer is never a reason to eject
-            "base_ejection_time": _ms(platform.gateway.outlier_detection.base_ejection_time_ms),
-            "max_ejection_percent": 50,
-            "interval": "1s",
-        },
+        # A check's answer is never a reason to eject; at most half the replicas at a time, so admission
+        # never loses every replica to ejection.
+        "outlier_detection": _outlier_detection(platform, eject_on_answers=False),
         "circuit_breakers": {
             "thresholds": [
                 {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
@@ -329,21 +348,14 @@ def secret_resources(wiring: EnvoyWiring) -> dict[str, Message]:
 def gateway_cluster(platform: PlatformConfig, wiring: EnvoyWiring | None = None) -> dict[str, Any]:
     """The gateway replicas: HTTP/2, EDS, active gRPC health checks, outlier detection, breakers, mTLS."""
     gw = platform.gateway
-    od, retry = gw.outlier_detection, gw.retry
+    retry = gw.retry
     return {
         **({"transport_socket": mesh_transport_socket()} if wiring is not None and wiring.mesh else {}),
         **_eds(GATEWAY_CLUSTER),
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "health_checks": [_health_check(platform, PREDICTION_SERVICE)],
-        "outlier_detection": {
-            "consecutive_5xx": od.consecutive_5xx,
-            "consecutive_gateway_failure": od.consecutive_gateway_failure,
-            "enforcing_consecutive_gateway_failure": 100,
-            "base_ejection_time": _ms(od.base_ejection_time_ms),
-            "max_ejection_percent": od.max_ejection_percent,
-            "interval": "1s",
-        },
+        "outlier_detection": _outlier_detection(platform),
         "circuit_breakers": {
             "thresholds": [
                 {
@@ -363,7 +375,6 @@ def gateway_cluster(platform: PlatformConfig, wiring: EnvoyWiring | None = None)
 def inference_http_cluster(platform: PlatformConfig) -> dict[str, Any]:
     """The inference replicas' HTTP/JSON port (HTTP/1.1, aiohttp): EDS, active HTTP health checks on /v2/health/ready."""
     hc = platform.gateway.health_check
-    od = platform.gateway.outlier_detection
     eds = _eds(INFERENCE_HTTP_CLUSTER)
     del eds["typed_extension_protocol_options"]  # HTTP/1.1 upstream
     return {
@@ -380,13 +391,7 @@ def inference_http_cluster(platform: PlatformConfig) -> dict[str, Any]:
                 "http_health_check": {"path": "/v2/health/ready"},
             }
         ],
-        "outlier_detection": {
-            "consecutive_5xx": od.consecutive_5xx,
-            "consecutive_gateway_failure": od.consecutive_gateway_failure,
-            "base_ejection_time": _ms(od.base_ejection_time_ms),
-            "max_ejection_percent": od.max_ejection_percent,
-            "interval": "1s",
-        },
+        "outlier_detection": _outlier_detection(platform),
         "circuit_breakers": {
             "thresholds": [
                 {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}

@@ -70,6 +70,15 @@ def test_gateway_cluster_has_health_checks_outlier_detection_and_a_retry_budget(
     outlier = cluster["outlier_detection"]
     assert (outlier["consecutive_5xx"], outlier["consecutive_gateway_failure"]) == (7, 4)
     assert (outlier["base_ejection_time"], outlier["max_ejection_percent"]) == ("3s", 40)
+    # A replica that refuses connections (SIGKILLed) is ejected at its first refusal, before EDS drops it.
+    assert outlier["split_external_local_origin_errors"] is True
+    assert (
+        outlier["consecutive_local_origin_failure"],
+        outlier["enforcing_consecutive_local_origin_failure"],
+    ) == (
+        1,
+        100,
+    )
     budget = cluster["circuit_breakers"]["thresholds"][0]["retry_budget"]
     assert budget == {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 5}
     assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
