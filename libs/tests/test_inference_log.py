@@ -17,11 +17,14 @@ from confluent_kafka import Consumer, Producer
 
 from infergrid.logging.v1 import logging_pb2
 from libs.inference_log import (
-    MAGIC,
     QUARANTINE_REASON_HEADER,
     SCHEMA_VERSION_HEADER,
     InferenceLogConfig,
     InferenceLogProducer,
+)
+from libs.kafka import KafkaConfig
+from libs.spool import (
+    MAGIC,
     ReadReport,
     Spool,
     SpoolLockedError,
@@ -30,7 +33,6 @@ from libs.inference_log import (
     frame,
     read_frames,
 )
-from libs.kafka import KafkaConfig
 from libs.testing import free_port
 
 

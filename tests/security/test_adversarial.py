@@ -33,10 +33,11 @@ from libs import mtls
 from libs.admission import RateLimits
 from libs.cassandra import AsyncCassandra, CassandraConfig
 from libs.cassandra import connect as connect_cassandra
-from libs.inference_log import InferenceLogConfig, InferenceLogProducer, Spool
+from libs.inference_log import InferenceLogConfig, InferenceLogProducer
 from libs.kafka import KafkaConfig
 from libs.platform import parse_platform
 from libs.ratelimit import RedisTokenBucketLimiter
+from libs.spool import Spool
 from libs.testing import NO_REDIS_URL, TEST_API_KEY, free_port, write_test_admission
 from services.gateway.config import AdmissionConfig, GatewayConfig, GatewayServerConfig, ModelsConfig
 from services.gateway.server import create_server as create_gateway
