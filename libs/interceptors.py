@@ -18,6 +18,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from libs.errors import InvalidArgument, to_status
+from libs.metrics import LabelCache
 from libs.wire import wire_problem
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,10 @@ class _MethodMetrics:
         self.started = GRPC_STARTED.labels(service, method)
         self.latency = GRPC_LATENCY.labels(service, method)
         self.in_flight = GRPC_IN_FLIGHT.labels(service)
-        self._handled: dict[grpc.StatusCode, Any] = {}
+        self._handled = LabelCache(GRPC_HANDLED, service, method)
 
     def handled(self, code: grpc.StatusCode) -> Any:
-        child = self._handled.get(code)
-        if child is None:
-            child = self._handled[code] = GRPC_HANDLED.labels(self.service, self.method, code.name)
-        return child
+        return self._handled(code.name)
 
 
 def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:

@@ -24,6 +24,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from libs.errors import Unavailable, status_code_of
+from libs.metrics import LabelCache
 from libs.resilience import RETRIES, RETRIES_DENIED, DependencyPolicy, RetryBudget, answered_not_failed
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,16 @@ class Endpoint:
     # Things a client keeps per endpoint (an open stream); closed before the channel.
     extras: dict[str, Closeable] = field(default_factory=dict)
     _stubs: dict[object, Any] = field(default_factory=dict)
-    # rpc_client_duration_seconds children by (method, status number), bound on first use.
-    _durations: dict[tuple[str, int], Any] = field(default_factory=dict)
+    # rpc_client_duration_seconds children by (service, method, status number), bound on first use.
+    _durations: LabelCache[Histogram] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._durations = LabelCache(RPC_CLIENT_DURATION, "grpc")
 
     def observe(self, method: str, code: int, seconds: float) -> None:
         """Records one attempt of `method` ("package.Service/Method") that ended with status `code`."""
-        child = self._durations.get((method, code))
-        if child is None:
-            service, _, name = method.rpartition("/")
-            child = RPC_CLIENT_DURATION.labels("grpc", service, name, self.address, str(code))
-            self._durations[(method, code)] = child
-        child.observe(seconds)
+        service, _, name = method.rpartition("/")
+        self._durations(service, name, self.address, str(code)).observe(seconds)
 
     def stub(self, factory: Callable[[grpc.aio.Channel], T]) -> T:
         """The stub of `factory` (a generated *Stub class) on this endpoint's channel, made once."""

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc, discovery_pb2
-from prometheus_client import Counter, Gauge
 
 from libs.discovery import EndpointWatcher, Target, parse_targets
 from libs.mtls import MeshFiles
@@ -28,6 +27,7 @@ from libs.platform import PlatformConfig, PlatformWatcher
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
 from services.controlplane.config import ControlPlaneConfig, EnvoySettings
+from services.controlplane.metrics import ANSWERS, ENDPOINT_CHANGES, ENDPOINTS, NACKED, SNAPSHOTS, STREAMS
 from services.controlplane.resources import (
     EDGE_CLUSTER,
     ENDPOINT_TYPE,
@@ -44,15 +44,6 @@ from services.controlplane.xds import AckEvent, Snapshot, XdsStream
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
-
-_STREAMS = Gauge("infergrid_xds_streams", "Open ADS streams (connected Envoys)")
-_ANSWERS = Counter("infergrid_xds_answers_total", "ACKs and NACKs from Envoys", ["type", "result"])
-_SNAPSHOTS = Counter("infergrid_xds_snapshots_total", "Snapshots built from the platform config", ["result"])
-_NACKED = Gauge("infergrid_xds_last_answer_nack", "1 while the last answer for a type was a NACK", ["type"])
-_ENDPOINTS = Gauge("infergrid_xds_endpoints", "Endpoints served to Envoy over EDS, by cluster", ["cluster"])
-_ENDPOINT_CHANGES = Counter(
-    "infergrid_xds_endpoint_changes_total", "Endpoint sets changed (EDS pushed), by cluster", ["cluster"]
-)
 
 
 @dataclass
@@ -88,9 +79,9 @@ class ControlPlane:
         """Builds the first snapshot (failing loudly: there is no last good one yet)."""
         endpoints = dict(endpoints or {})
         resources = build_resources(platform, wiring(settings, platform), endpoints)
-        _SNAPSHOTS.labels("built").inc()
+        SNAPSHOTS.labels("built").inc()
         for cluster, addresses in endpoints.items():
-            _ENDPOINTS.labels(cluster).set(len(addresses))
+            ENDPOINTS.labels(cluster).set(len(addresses))
         return cls(
             settings=settings,
             snapshot=Snapshot(f"1-{platform.version}", resources),
@@ -104,7 +95,7 @@ class ControlPlane:
             resources = build_resources(platform, wiring(self.settings, platform), self.endpoints)
         except Exception as exc:  # a failed build must never take the served config away
             self.last_error = str(exc)
-            _SNAPSHOTS.labels("failed").inc()
+            SNAPSHOTS.labels("failed").inc()
             log.error(
                 "platform version %s not translated, keeping %s: %s",
                 platform.version,
@@ -132,8 +123,8 @@ class ControlPlane:
         if endpoints == before and cluster in self.endpoints:
             return False
         self.endpoints[cluster] = endpoints
-        _ENDPOINTS.labels(cluster).set(len(endpoints))
-        _ENDPOINT_CHANGES.labels(cluster).inc()
+        ENDPOINTS.labels(cluster).set(len(endpoints))
+        ENDPOINT_CHANGES.labels(cluster).inc()
         added, removed = sorted(set(endpoints) - set(before)), sorted(set(before) - set(endpoints))
         if not push:
             log.info(
@@ -157,7 +148,7 @@ class ControlPlane:
 
     def _push(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-        _SNAPSHOTS.labels("built").inc()
+        SNAPSHOTS.labels("built").inc()
         log.info("snapshot %s built; pushing to %d Envoy stream(s)", snapshot.version, len(self._queues))
         for queue in self._queues:
             queue.put_nowait(snapshot)
@@ -168,12 +159,12 @@ class ControlPlane:
         short = event.type_url.rsplit(".", 1)[-1]
         if event.accepted:
             status.acked_version = event.version
-            _ANSWERS.labels(short, "ack").inc()
-            _NACKED.labels(short).set(0)
+            ANSWERS.labels(short, "ack").inc()
+            NACKED.labels(short).set(0)
         else:
             status.nacked_version, status.nack_error = event.version, event.error
-            _ANSWERS.labels(short, "nack").inc()
-            _NACKED.labels(short).set(1)
+            ANSWERS.labels(short, "nack").inc()
+            NACKED.labels(short).set(1)
 
     async def stream(
         self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest]
@@ -191,7 +182,7 @@ class ControlPlane:
                 queue.put_nowait(done)
 
         self._queues.add(queue)
-        _STREAMS.inc()
+        STREAMS.inc()
         reader = asyncio.create_task(_read(), name="ads-reader")
         try:
             while True:
@@ -207,7 +198,7 @@ class ControlPlane:
                     yield response
         finally:
             self._queues.discard(queue)
-            _STREAMS.dec()
+            STREAMS.dec()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await reader

@@ -23,7 +23,6 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
-from prometheus_client import Counter
 
 from libs import apikeys
 from libs.admission import PLACEMENT_HEADER, RateLimits
@@ -40,6 +39,7 @@ from libs.ratelimit import (
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
 from services.edge.config import EdgeConfig, PolicyConfig
+from services.edge.metrics import DECISIONS, LIMITS
 from services.edge.policy import (
     KEY_NAME_HEADER,
     MODEL_HEADER,
@@ -54,9 +54,6 @@ AUTH_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].fu
 RLS_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 _IDENTITY_HEADERS = (TENANT_HEADER, TIER_HEADER, MODEL_HEADER, KEY_NAME_HEADER, PLACEMENT_HEADER)
 _GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED}
-
-_DECISIONS = Counter("infergrid_edge_authz_total", "Authorization decisions", ["result"])
-_LIMITS = Counter("infergrid_edge_ratelimit_total", "Rate-limit decisions", ["result"])
 
 
 class PolicyState:
@@ -97,7 +94,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         http = request.attributes.request.http
         decision = self._state.authorizer.decide(http.headers, http.path, http.raw_body)
         if not decision.allowed:
-            _DECISIONS.labels(str(decision.http_status)).inc()
+            DECISIONS.labels(str(decision.http_status)).inc()
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(
                     code=_GRPC_CODE.get(decision.http_status, code_pb2.PERMISSION_DENIED)
@@ -108,7 +105,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                     headers=[_header("content-type", "text/plain")],
                 ),
             )
-        _DECISIONS.labels("ok").inc()
+        DECISIONS.labels("ok").inc()
         # Identity headers are ours alone: whatever a client sent under those names is dropped.
         remove = [*CREDENTIAL_HEADERS, *(h for h in _IDENTITY_HEADERS if h not in decision.upstream_headers)]
         metadata = struct_pb2.Struct()
@@ -170,7 +167,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         ]
         buckets = [p.bucket for p in plans if p.bucket is not None]
         result = await self._limits.hit(buckets)
-        _LIMITS.labels("ok" if result.allowed else "over_limit").inc()
+        LIMITS.labels("ok" if result.allowed else "over_limit").inc()
         return _response(plans, result)
 
 

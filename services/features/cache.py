@@ -15,24 +15,17 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from prometheus_client import Counter
-
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
 from libs.telemetry import tracer
 from services.features import codec
 from services.features.codec import CorruptPayload, Record
 from services.features.config import CacheConfig
-from services.features.metrics import REDIS_DEL, REDIS_MGET, REDIS_SET
+from services.features.metrics import CACHE_LOOKUPS, REDIS_DEL, REDIS_MGET, REDIS_SET
 from services.features.redis_client import RespClient
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-CACHE_LOOKUPS = Counter(
-    "infergrid_features_cache_lookups_total",
-    "Entity look-ups in the cache by result (hit, negative hit, miss, error).",
-    ["result"],
-)
 _HIT = CACHE_LOOKUPS.labels("hit")
 _NEGATIVE = CACHE_LOOKUPS.labels("negative")
 _MISS = CACHE_LOOKUPS.labels("miss")

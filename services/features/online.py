@@ -18,10 +18,9 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter
-
 from infergrid.types.v1 import value_pb2
 from libs.errors import DeadlineExceeded, Unavailable
+from libs.metrics import LabelCache
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
 from libs.wire import frame
 from services.features import codec
@@ -29,16 +28,13 @@ from services.features.cache import ABSENT, FeatureCache, cache_key
 from services.features.codec import Record
 from services.features.config import FeaturesConfig
 from services.features.errors import FeatureNotFound, InvalidArgument, ViewNotFound
+from services.features.metrics import ENTITY_ROWS, STALE_READS
 from services.features.registry import Registry, View
 from services.features.store import OnlineStore, WriteRow
 from services.features.write_bounds import EventTimeBounds, non_finite, timestamp_us
 
 log = logging.getLogger(__name__)
 
-ENTITY_ROWS = Counter("infergrid_features_entity_rows_total", "Entity rows requested, by view.", ["view"])
-STALE_READS = Counter(
-    "infergrid_features_stale_reads_total", "Reads answered from the cache alone while the store was down."
-)
 MAX_KEY_BYTES = 1024
 _PLAN_CACHE_SIZE = 4096
 
@@ -129,13 +125,7 @@ class OnlineFeatures:
         self.store_ok = True
         self._plans: dict[tuple[str, ...], tuple[int, Plan]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._rows_counters: dict[str, Any] = {}
-
-    def _entity_rows(self, view: str) -> Any:
-        counter = self._rows_counters.get(view)
-        if counter is None:
-            counter = self._rows_counters[view] = ENTITY_ROWS.labels(view)
-        return counter
+        self._entity_rows = LabelCache(ENTITY_ROWS)
 
     # Store access (through the circuit breaker).
 

@@ -16,11 +16,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from cassandra import DriverException, InvalidRequest, RequestExecutionException
 from cassandra.cluster import NoHostAvailable
-from prometheus_client import Counter, Histogram
 
 from infergrid.features.v1 import features_pb2
 from libs.cassandra import AsyncCassandra, CassandraConfig, LazySession
@@ -28,21 +27,13 @@ from libs.telemetry import tracer
 from services.features.codec import Record
 from services.features.config import StoreConfig
 from services.features.errors import InvalidArgument, StoreUnavailable
-from services.features.metrics import db_duration
+from services.features.metrics import ROWS_READ, ROWS_WRITTEN, cassandra_seconds, db_duration
 from services.features.registry import View
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 T = TypeVar("T")
 
-CASSANDRA_SECONDS = Histogram(
-    "infergrid_features_cassandra_seconds",
-    "Latency of Cassandra calls made by the online store.",
-    ["op"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-)
-ROWS_READ = Counter("infergrid_features_rows_read_total", "Entity rows read from Cassandra.", ["view"])
-ROWS_WRITTEN = Counter("infergrid_features_rows_written_total", "Entity rows written to Cassandra.", ["view"])
 
 # Cassandra refuses TTLs above 20 years.
 _MAX_TTL_S = 630_720_000
@@ -124,9 +115,8 @@ async def _unavailable_on_driver_error(op: str, call: Awaitable[T]) -> T:
         raise StoreUnavailable(f"Cassandra {op} failed: {type(exc).__name__}") from exc
     finally:
         elapsed = time.perf_counter() - started
-        legacy, current = _op_children(op)
-        legacy.observe(elapsed)
-        current.observe(elapsed)
+        cassandra_seconds(op).observe(elapsed)
+        db_duration("cassandra", op).observe(elapsed)
 
 
 def _cassandra_reason(exc: InvalidRequest) -> str:
@@ -136,17 +126,6 @@ def _cassandra_reason(exc: InvalidRequest) -> str:
     if start >= 0:
         text = text[start + 9 :].rstrip('"}')
     return text[:300]
-
-
-_OP_CHILDREN: dict[str, tuple[Any, Any]] = {}
-
-
-def _op_children(op: str) -> tuple[Any, Any]:
-    """The op's bound children of both histograms (a label lookup per call is the costly part)."""
-    children = _OP_CHILDREN.get(op)
-    if children is None:
-        children = _OP_CHILDREN[op] = (CASSANDRA_SECONDS.labels(op), db_duration("cassandra", op))
-    return children
 
 
 class CassandraOnlineStore:

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Mapping
 
 import grpc
-from prometheus_client import Counter
 
 from libs import mtls
 from libs.admission import (
@@ -45,14 +44,11 @@ from libs.admission import (
 from libs.apikeys import CREDENTIAL_HEADERS, ApiKey
 from libs.errors import PermissionDenied, Unauthenticated
 from libs.platform import PlatformConfig
+from services.gateway.metrics import PLACEMENT_DISAGREEMENTS
 from services.gateway.predictor import CallInfo
 
 log = logging.getLogger(__name__)
 
-_DISAGREEMENTS = Counter(
-    "infergrid_gateway_placement_disagreements_total",
-    "Calls refused because Envoy's admission placement differs from the gateway's",
-)
 _READ_HEADERS = frozenset(
     (*CREDENTIAL_HEADERS, TENANT_HEADER, MODEL_HEADER, KEY_NAME_HEADER, PLACEMENT_HEADER)
 )
@@ -158,7 +154,7 @@ class Admission:
         DECISIONS.labels("gateway", why).inc()
 
     def _disagree(self, announced: str) -> None:
-        _DISAGREEMENTS.inc()
+        PLACEMENT_DISAGREEMENTS.inc()
         self._refuse("placement_disagreement")
         now = self._clock()
         if now - self._last_disagreement_log > 5:

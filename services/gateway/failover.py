@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import Counter
 
 from libs.discovery import EndpointWatcher, parse_targets
 from libs.errors import Unavailable, is_overload, status_code_of
@@ -45,14 +44,10 @@ from libs.pool import ChannelPool
 from libs.resilience import Dependency
 from services.gateway.catalog import ModelSpec
 from services.gateway.inference_client import GrpcModelClient, ModelClient, StreamingModelClient
+from services.gateway.metrics import FAILOVERS
 
 log = logging.getLogger(__name__)
 
-FAILOVERS = Counter(
-    "infergrid_gateway_inference_failovers_total",
-    "Inference batches served by another pool than the model's most preferred one, by why it did not serve.",
-    ["model", "from_pool", "to_pool", "reason"],
-)
 
 DOWN = "down"
 BREAKER_OPEN = "breaker_open"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import Counter, Gauge, Histogram
+
+from libs.metrics import LabelCache
 
 REQUESTS = Counter(
     "infergrid_gateway_requests_total",
@@ -78,32 +78,24 @@ FEATURE_ERRORS = Counter(
     ["reason"],
 )
 
+PLACEMENT_DISAGREEMENTS = Counter(
+    "infergrid_gateway_placement_disagreements_total",
+    "Calls refused because Envoy's admission placement differs from the gateway's",
+)
+FAILOVERS = Counter(
+    "infergrid_gateway_inference_failovers_total",
+    "Inference batches served by another pool than the model's most preferred one, by why it did not serve.",
+    ["model", "from_pool", "to_pool", "reason"],
+)
+
 
 class GatewayMetrics:
     """Cached label children: a label lookup per request is the costly part of a metric update."""
 
     def __init__(self) -> None:
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._latency: dict[str, Any] = {}
-        self._degraded: dict[str, Any] = {}
+        # request(model, version, status), latency(model), degraded(model): the bound children.
+        self.request = LabelCache(REQUESTS)
+        self.latency = LabelCache(LATENCY)
+        self.degraded = LabelCache(DEGRADED)
         self.features_batch = BATCH_SIZE.labels("features")
         self.inference_batch = BATCH_SIZE.labels("inference")
-
-    def request(self, model: str, version: str, status: str) -> Any:
-        key = (model, version, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = REQUESTS.labels(model, version, status)
-        return child
-
-    def latency(self, model: str) -> Any:
-        child = self._latency.get(model)
-        if child is None:
-            child = self._latency[model] = LATENCY.labels(model)
-        return child
-
-    def degraded(self, model: str) -> Any:
-        child = self._degraded.get(model)
-        if child is None:
-            child = self._degraded[model] = DEGRADED.labels(model)
-        return child

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from libs.metrics import LabelCache
+
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
@@ -158,12 +160,9 @@ class VersionMetrics:
         self.queue_delay = QUEUE_DELAY.labels(*self._labels)
         self.batch_cap = BATCH_CAP.labels(*self._labels)
         self.ready = MODEL_READY.labels(*self._labels)
-        self._failures: dict[str, Counter] = {}
+        self._failures = LabelCache(FAILURES, *self._labels)
         self.stats = VersionStatistics()
 
     def failed(self, reason: str, elapsed_ns: int) -> None:
-        child = self._failures.get(reason)
-        if child is None:
-            child = self._failures[reason] = FAILURES.labels(*self._labels, reason)
-        child.inc()
+        self._failures(reason).inc()
         self.stats.fail.add(elapsed_ns)
