@@ -19,10 +19,6 @@ class ServiceError(Exception):
         # Sent with the status (e.g. `retry-after`); Envoy's transcoder turns it into HTTP headers.
         self.trailing_metadata = trailing_metadata
 
-    def grpc_status_code(self) -> grpc.StatusCode:
-        """Returns the gRPC status code the caller sees."""
-        return self.code
-
 
 class InvalidArgument(ServiceError):
     """The request is malformed; the message names the field and what is wrong with it."""

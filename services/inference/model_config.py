@@ -8,7 +8,6 @@ with INVALID_ARGUMENT naming it (SUPPORTED_FIELDS), never silently ignored.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +80,6 @@ class TensorSpec:
     def shape(self, batched: bool) -> list[int]:
         """The full shape as clients see it: -1 leads when the model batches."""
         return [-1, *self.dims] if batched else list(self.dims)
-
-    def element_count(self, shape: tuple[int, ...]) -> int:
-        return math.prod(shape)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,6 @@ SCHEMA = pa.schema(
         ("record", pa.binary()),
     ]
 )
-EXPANDED = ("features", "request_inputs", "outputs", "shadow")
 
 
 @dataclass
