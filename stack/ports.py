@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import errno
-import os
 import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 # The default ports (docs/architecture.md lists them). Each name `x` is overridden by the variable INFERGRID_<X>_PORT.
 DEFAULT_PORTS: dict[str, int] = {
@@ -94,7 +95,7 @@ def find_free_ports(host: str, count: int, exclude: set[int] | None = None) -> l
 
 @dataclass(frozen=True)
 class PortHolder:
-    """The process listening on a port, as far as /proc tells (empty when it belongs to another user)."""
+    """The process listening on a port, as far as the socket table tells (empty when it belongs to another user)."""
 
     pid: int | None
     command: str
@@ -106,51 +107,21 @@ class PortHolder:
         return f"pid {self.pid} ({self.command})"
 
 
-def _listening_inodes(port: int) -> set[str]:
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                inodes.add(inode)
-    return inodes
-
-
 def find_port_holder(port: int) -> PortHolder:
-    """Finds the process that listens on `port` by matching socket inodes under /proc (Linux)."""
-    targets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
-    if targets:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            if _fd_links(entry / "fd") & targets:
-                return PortHolder(int(entry.name), _command_line(int(entry.name)))
-    return PortHolder(None, "")
-
-
-def _fd_links(fd_dir: Path) -> set[str]:
-    links: set[str] = set()
+    """Finds the process that listens on `port` (TCP, IPv4 or IPv6) in the kernel's socket table."""
     try:
-        fds = list(fd_dir.iterdir())
-    except OSError:
-        return links
-    for fd in fds:
-        try:
-            links.add(os.readlink(fd))
-        except OSError:  # closed meanwhile
-            continue
-    return links
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return PortHolder(None, "")
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return PortHolder(conn.pid, _command_line(conn.pid))
+    return PortHolder(None, "")
 
 
 def _command_line(pid: int) -> str:
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        text = " ".join(psutil.Process(pid).cmdline()).strip()
+    except psutil.Error:
         return "?"
-    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
     return text if len(text) <= 120 else text[:117] + "..."

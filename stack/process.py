@@ -12,10 +12,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 # Set in the environment of every process the stack starts; its value is the state directory. It marks
 # the processes as ours (children inherit it), so `down` can find strays without touching foreign ones.
 MARKER_VARIABLE = "INFERGRID_STACK_STATE_DIR"
 COMPONENT_VARIABLE = "INFERGRID_STACK_COMPONENT"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -50,21 +53,23 @@ class ProcessRecord:
         return _start_ticks(self.pid) == self.start_ticks
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _ticks_of(process: psutil.Process) -> int | None:
+    """The process start time in clock ticks since boot (/proc/<pid>/stat's starttime, which pid files
+    hold); None when it is gone or a zombie."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        # psutil's create_time is boot time + starttime / ticks per second: back to the exact ticks.
+        return round((process.create_time() - psutil.boot_time()) * _CLOCK_TICKS)
+    except psutil.Error:
         return None
-    # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
-    return raw[raw.rindex(")") + 2 :].split()
 
 
 def _start_ticks(pid: int) -> int | None:
-    """The process start time in clock ticks since boot; None when it is gone or a zombie."""
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
+    try:
+        return _ticks_of(psutil.Process(pid))
+    except psutil.Error:
         return None
-    return int(fields[19])
 
 
 def spawn(
@@ -156,23 +161,19 @@ class MarkedProcess:
 
 def find_marked_processes(marker: str) -> Iterator[MarkedProcess]:
     """Yields the live processes started by the stack whose marker equals `marker` (a state dir)."""
-    needle = f"{MARKER_VARIABLE}={marker}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process in psutil.process_iter():
         try:
-            variables = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
+            variables = process.environ()
+        except psutil.Error:  # gone, or another user's
             continue
-        if needle not in variables:
+        if variables.get(MARKER_VARIABLE) != marker:
             continue
-        pid = int(entry.name)
-        ticks = _start_ticks(pid)
+        ticks = _ticks_of(process)
         if ticks is None:
             continue
-        prefix = f"{COMPONENT_VARIABLE}=".encode()
-        component = next((v[len(prefix) :].decode() for v in variables if v.startswith(prefix)), "?")
-        yield MarkedProcess(pid=pid, component=component, start_ticks=ticks)
+        yield MarkedProcess(
+            pid=process.pid, component=variables.get(COMPONENT_VARIABLE, "?"), start_ticks=ticks
+        )
 
 
 def terminate_marked(process: MarkedProcess, timeout_s: float) -> None:
