@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from infergrid.logging.v1 import logging_pb2
@@ -369,9 +369,10 @@ def read_table(
     files = lake_files(root, model=model, date_from=date_from, date_to=date_to)
     if not files:
         return SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
-    if tenant is not None:
-        table = table.filter(pc.equal(table.column("tenant"), tenant))
+    # One scan over the files, batch by batch, keeping only the tenant's rows (files written before a
+    # column existed read it as null).
+    dataset = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet")
+    table = dataset.to_table(filter=ds.field("tenant") == tenant if tenant is not None else None)
     if dedupe and table.num_rows:
         table = table.sort_by(
             [("request_time", "descending"), ("kafka_partition", "ascending"), ("kafka_offset", "ascending")]
