@@ -69,7 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick", action="store_true", help="the short suite (a few scenarios, shorter faults)"
     )
     parser.add_argument("--only", default="", help="comma-separated scenario names")
-    parser.add_argument("--rate", type=float, default=200.0, help="requests per second (default 200)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=RunSettings.rate,
+        help=f"requests per second (default {RunSettings.rate:g})",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument(
         "--out", type=Path, default=None, help="results folder (default chaos/results/<time>)"

@@ -59,7 +59,7 @@ class LoadSettings:
 
     target: str
     api_key: str
-    rate: float = 200.0
+    rate: float
     http_share: float = 0.5
     timeout_s: float = 3.0
     max_in_flight: int = 256
