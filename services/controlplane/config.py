@@ -48,6 +48,11 @@ class EnvoySettings:
     access_log: str = "stdout"
     # OTLP gRPC endpoint (host:port) Envoy sends its spans to; "" turns Envoy's tracing off.
     tracing_otlp_address: str = ""
+    # The share of requests Envoy starts a trace for (0-100; its random_sampling). Envoy decides at the
+    # edge and every service behind it follows the decision (W3C traceparent, ParentBased samplers), so
+    # this one knob sets the tracing cost of the whole path: 100 for development (every request in
+    # Jaeger), about 1 in production (bench/results: what each costs per request).
+    tracing_sample_percent: float = 100.0
     # Where a self-signed certificate is written when TLS is on without a certificate file.
     tls_dir: Path = Path(".state/controlplane/tls")
     # The Envoy → gateway mutual TLS (libs/mtls.py): a folder holding ca.crt, envoy.crt and envoy.key,
@@ -57,6 +62,8 @@ class EnvoySettings:
     def __post_init__(self) -> None:
         if self.platform_poll_seconds <= 0 or self.endpoints_poll_seconds <= 0:
             raise ValueError("platform_poll_seconds and endpoints_poll_seconds must be positive")
+        if not 0.0 <= self.tracing_sample_percent <= 100.0:
+            raise ValueError("tracing_sample_percent must be between 0 and 100")
         try:
             parse_targets(self.edge_address)
         except TargetError as exc:

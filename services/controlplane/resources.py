@@ -159,6 +159,7 @@ class EnvoyWiring:
     listener_port: int = 0
     access_log: str = "stdout"
     tracing_otlp_address: str = ""
+    tracing_sample_percent: float = 100.0
     # The certificate and key the listener serves when the platform turns TLS on.
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -581,6 +582,7 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
     }
     if wiring.tracing_otlp_address:
         hcm["tracing"] = {
+            "random_sampling": {"value": wiring.tracing_sample_percent},
             "provider": {
                 "name": "envoy.tracers.opentelemetry",
                 "typed_config": {
@@ -588,7 +590,7 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
                     "grpc_service": _grpc_service(TRACING_CLUSTER, 1000),
                     "service_name": "envoy",
                 },
-            }
+            },
         }
     connection_limit = {
         "name": "envoy.filters.network.connection_limit",

@@ -230,6 +230,7 @@ def wiring(settings: EnvoySettings, platform: PlatformConfig) -> EnvoyWiring:
         listener_port=settings.listener_port,
         access_log=settings.access_log,
         tracing_otlp_address=settings.tracing_otlp_address,
+        tracing_sample_percent=settings.tracing_sample_percent,
         tls_cert_file=cert,
         tls_key_file=key,
     )

@@ -175,6 +175,7 @@ def test_tracing_tls_access_log_and_port_override() -> None:
     wiring = dataclasses.replace(
         WIRING,
         tracing_otlp_address="127.0.0.1:4317",
+        tracing_sample_percent=1.5,
         listener_port=9999,
         access_log="/tmp/access.log",
         tls_cert_file="/c.crt",
@@ -189,6 +190,7 @@ def test_tracing_tls_access_log_and_port_override() -> None:
     listener = out[LISTENER_TYPE]["public"]
     hcm = listener["filter_chains"][0]["filters"][-1]["typed_config"]
     assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
+    assert hcm["tracing"]["random_sampling"] == {"value": 1.5}
     assert hcm["access_log"][0]["typed_config"]["path"] == "/tmp/access.log"
     assert listener["address"]["socket_address"]["port_value"] == 9999
     tls = listener["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]

@@ -306,3 +306,10 @@ def test_config_defaults() -> None:
     assert config.server.port == 18000
     assert config.envoy.edge_address == "127.0.0.1:50060"
     assert config.envoy.tracing_otlp_address == ""
+    assert config.envoy.tracing_sample_percent == 100.0
+
+
+@pytest.mark.parametrize("percent", [-1.0, 100.5])
+def test_a_sample_share_outside_0_to_100_is_refused(percent: float) -> None:
+    with pytest.raises(ValueError, match="tracing_sample_percent"):
+        EnvoySettings(tracing_sample_percent=percent)
