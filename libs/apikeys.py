@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from libs.platform import PlatformConfig, load_platform
+from libs.schema import problem
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,30 @@ KEY_PREFIX = "ig_"
 _HEADER = (
     "# InferGrid API keys: sha256 of each key, never the key. Written by `python -m services.edge.keys`.\n"
 )
+
+
+# The key file: `keys`, a list of {name, tenant, sha256}; other keys of an entry are kept for people.
+_KEY_FILE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "keys": {
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "required": ["name", "tenant", "sha256"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "tenant": {"type": "string", "minLength": 1},
+                    "sha256": {
+                        "type": "string",
+                        "pattern": "^[0-9a-fA-F]{64}$",
+                        "description": "expected 64 hex digits",
+                    },
+                },
+            },
+        }
+    },
+}
 
 
 class KeyFileError(ValueError):
@@ -70,20 +95,15 @@ def parse_keys(text: str) -> dict[str, ApiKey]:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise KeyFileError(f"not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("keys", []), list):
+    if not isinstance(raw, dict) or not isinstance(raw.get("keys", []), (list, type(None))):
         raise KeyFileError("expected a mapping with a `keys` list")
+    error = problem(raw, _KEY_FILE_SCHEMA, "key file")
+    if error:
+        raise KeyFileError(error)
     out: dict[str, ApiKey] = {}
-    for i, entry in enumerate(raw.get("keys") or []):
-        if not isinstance(entry, dict):
-            raise KeyFileError(f"keys[{i}]: expected a mapping")
-        values = {f: entry.get(f) for f in ("name", "tenant", "sha256")}
-        for name, value in values.items():
-            if not isinstance(value, str) or not value:
-                raise KeyFileError(f"keys[{i}].{name}: required string")
-        digest = str(values["sha256"]).lower()
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise KeyFileError(f"keys[{i}].sha256: expected 64 hex digits")
-        out[digest] = ApiKey(name=str(values["name"]), tenant=str(values["tenant"]), sha256=digest)
+    for entry in raw.get("keys") or []:
+        digest = entry["sha256"].lower()
+        out[digest] = ApiKey(name=entry["name"], tenant=entry["tenant"], sha256=digest)
     return out
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from libs.discovery import TargetError, parse_targets
+from libs.schema import problem
 
 log = logging.getLogger(__name__)
 
@@ -185,49 +186,115 @@ class PlatformConfig:
     version: str = ""
 
 
-def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise PlatformConfigError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Builds a (nested) dataclass from a mapping, refusing unknown keys and wrong types."""
-    data = _expect(data if data is not None else {}, dict, where)
-    fields = dataclasses.fields(cls)
-    _section(data, where, {f.name for f in fields})
-    kwargs: dict[str, Any] = {}
-    for f in fields:
-        name = f.name
-        if name not in data:
-            continue
-        value, path = data[name], f"{where}.{name}"
+def _section_schema(cls: type) -> dict[str, Any]:
+    """The JSON Schema of a section dataclass: its fields, typed as their defaults, and nothing else."""
+    properties: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
         default = f.default_factory() if callable(f.default_factory) else f.default
         if hasattr(default, "__dataclass_fields__"):
-            kwargs[name] = _build(type(default), value, path)
+            properties[f.name] = _section_schema(type(default))
         elif isinstance(default, tuple):
-            kwargs[name] = tuple(
-                _expect(v, str, f"{path}[{i}]") for i, v in enumerate(_expect(value, list, path))
-            )
+            properties[f.name] = {"type": "array", "items": {"type": "string"}}
         elif isinstance(default, bool):
-            kwargs[name] = _expect(value, bool, path)
+            properties[f.name] = {"type": "boolean"}
         elif isinstance(default, float):
-            kwargs[name] = float(_expect(value, (int, float), path))
+            properties[f.name] = {"type": "number"}
         elif isinstance(default, int):
-            kwargs[name] = _expect(value, int, path)
+            properties[f.name] = {"type": "integer"}
         else:
-            kwargs[name] = _expect(value, str, path)
+            properties[f.name] = {"type": "string"}
+    # A section left empty in YAML (`listener:`) is null: its defaults.
+    return {"type": ["object", "null"], "additionalProperties": False, "properties": properties}
+
+
+def _mapping_of(values: dict[str, Any]) -> dict[str, Any]:
+    """Named entries (tiers, tenants, models, pools), each fitting `values`."""
+    return {"type": "object", "additionalProperties": values}
+
+
+def _build(cls: type, data: dict[str, Any] | None) -> Any:
+    """Builds a (nested) section dataclass from a mapping that fits `_section_schema(cls)`."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not data or f.name not in data:
+            continue
+        value = data[f.name]
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if hasattr(default, "__dataclass_fields__"):
+            kwargs[f.name] = _build(type(default), value)
+        elif isinstance(default, tuple):
+            kwargs[f.name] = tuple(value)
+        elif isinstance(default, float):
+            kwargs[f.name] = float(value)
+        else:
+            kwargs[f.name] = value
     return cls(**kwargs)
 
 
-def _section(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    """A mapping with only the `allowed` keys."""
-    section: dict[str, Any] = _expect(value, dict, where)
-    unknown = sorted(set(section) - allowed)
-    if unknown:
-        raise PlatformConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    return section
+_ADMISSION_SCHEMA = _section_schema(AdmissionConfig)
+_ADMISSION_SCHEMA["properties"]["placement"]["enum"] = list(ADMISSION_PLACEMENTS)
+# Sections of named entries; empty ones (null, or any other falsy value) count as none.
+_MAPPINGS = ("rate_limit_tiers", "tenants", "models", "inference_pools")
+# The platform file's shape: every key, every type. What the schema cannot say (references between
+# sections, weights that add up, endpoints that parse) `parse_platform` checks after it.
+PLATFORM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "listener": _section_schema(ListenerConfig),
+        "gateway": _section_schema(GatewayUpstream),
+        "api_keys_file": {"type": "string"},
+        "rate_limit_tiers": _mapping_of(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["requests_per_second"],
+                "properties": {"requests_per_second": {"type": "number"}, "burst": {"type": "integer"}},
+            }
+        ),
+        "tenants": _mapping_of(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["tier"],
+                "properties": {
+                    "tier": {"type": "string"},
+                    "models": {"type": "array", "items": {"type": "string"}},
+                },
+            }
+        ),
+        "models": _mapping_of(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["versions"],
+                "properties": {
+                    "versions": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["version"],
+                            "properties": {
+                                "version": {"type": ["string", "integer"]},
+                                "weight": {"type": "integer"},
+                            },
+                        },
+                    },
+                    # A version (a string or a number), as the versions' entries.
+                    "shadow": {},
+                    "sticky_key": {"type": "string"},
+                    "rate_limit_tier": {},
+                    "latency_target_p99_ms": {"type": "number"},
+                    "pools": {"type": "array", "items": {"type": "string"}},
+                },
+            }
+        ),
+        "admission": _ADMISSION_SCHEMA,
+        "inference_pools": _mapping_of(_section_schema(InferencePool)),
+        "inference_http": _section_schema(InferenceHttpRoute),
+    },
+}
 
 
 def _positive(value: float, where: str) -> None:
@@ -260,28 +327,14 @@ def parse_platform(text: str) -> PlatformConfig:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise PlatformConfigError(f"not valid YAML: {exc}") from None
-    raw = _section(
-        raw,
-        "platform",
-        {
-            "listener",
-            "gateway",
-            "api_keys_file",
-            "rate_limit_tiers",
-            "tenants",
-            "models",
-            "admission",
-            "inference_pools",
-            "inference_http",
-        },
-    )
-    admission = _build(AdmissionConfig, raw.get("admission"), "admission")
-    if admission.placement not in ADMISSION_PLACEMENTS:
-        raise PlatformConfigError(
-            f"admission.placement: expected one of {', '.join(ADMISSION_PLACEMENTS)}, got {admission.placement!r}"
-        )
-    listener = _build(ListenerConfig, raw.get("listener"), "listener")
-    gateway = _build(GatewayUpstream, raw.get("gateway"), "gateway")
+    if isinstance(raw, dict):
+        raw = {key: (value or {}) if key in _MAPPINGS else value for key, value in raw.items()}
+    error = problem(raw, PLATFORM_SCHEMA, "platform")
+    if error:
+        raise PlatformConfigError(error)
+    admission = _build(AdmissionConfig, raw.get("admission"))
+    listener = _build(ListenerConfig, raw.get("listener"))
+    gateway = _build(GatewayUpstream, raw.get("gateway"))
     _check_retry_on(gateway.retry.retry_on)
     if not gateway.endpoints:
         raise PlatformConfigError("gateway.endpoints: at least one endpoint is required")
@@ -291,32 +344,24 @@ def parse_platform(text: str) -> PlatformConfig:
         except TargetError as exc:
             raise PlatformConfigError(f"gateway.endpoints[{i}]: {exc}") from None
     tiers: dict[str, RateLimitTier] = {}
-    for name, raw_tier in _expect(raw.get("rate_limit_tiers") or {}, dict, "rate_limit_tiers").items():
+    for name, spec in raw.get("rate_limit_tiers", {}).items():
         where = f"rate_limit_tiers.{name}"
-        spec = _section(raw_tier, where, {"requests_per_second", "burst"})
-        rps = float(_expect(spec.get("requests_per_second"), (int, float), f"{where}.requests_per_second"))
-        burst = _expect(spec.get("burst", max(1, int(rps))), int, f"{where}.burst")
+        rps = float(spec["requests_per_second"])
+        burst = spec.get("burst", max(1, int(rps)))
         _positive(rps, f"{where}.requests_per_second")
         _positive(burst, f"{where}.burst")
         tiers[str(name)] = RateLimitTier(rps, burst)
     tenants: dict[str, Tenant] = {}
-    for name, raw_tenant in _expect(raw.get("tenants") or {}, dict, "tenants").items():
-        where = f"tenants.{name}"
-        spec = _section(raw_tenant, where, {"tier", "models"})
-        tier = _expect(spec.get("tier"), str, f"{where}.tier")
-        if tier not in tiers:
-            raise PlatformConfigError(f"{where}.tier: unknown rate-limit tier {tier!r}")
-        allowed = tuple(
-            _expect(m, str, f"{where}.models") for m in _expect(spec.get("models", []), list, where)
-        )
-        tenants[str(name)] = Tenant(tier=tier, models=allowed)
+    for name, spec in raw.get("tenants", {}).items():
+        if spec["tier"] not in tiers:
+            raise PlatformConfigError(f"tenants.{name}.tier: unknown rate-limit tier {spec['tier']!r}")
+        tenants[str(name)] = Tenant(tier=spec["tier"], models=tuple(spec.get("models", ())))
     pools: dict[str, InferencePool] = {}
-    for name, raw_pool in _expect(raw.get("inference_pools") or {}, dict, "inference_pools").items():
-        where = f"inference_pools.{name}"
-        pool = _build(InferencePool, raw_pool, where)
-        _check_targets(pool.endpoints, f"{where}.endpoints")
+    for name, raw_pool in raw.get("inference_pools", {}).items():
+        pool = _build(InferencePool, raw_pool)
+        _check_targets(pool.endpoints, f"inference_pools.{name}.endpoints")
         pools[str(name)] = pool
-    inference_http = _build(InferenceHttpRoute, raw.get("inference_http"), "inference_http")
+    inference_http = _build(InferenceHttpRoute, raw.get("inference_http"))
     if inference_http.enabled:
         if admission.placement != "edge":
             # With placement "gateway" the keys and limits are checked inside the gateway, which a
@@ -328,9 +373,9 @@ def parse_platform(text: str) -> PlatformConfig:
         _check_targets(inference_http.endpoints, "inference_http.endpoints")
         _positive(inference_http.timeout_ms, "inference_http.timeout_ms")
     models: dict[str, ModelRoute] = {}
-    for name, model_spec in _expect(raw.get("models") or {}, dict, "models").items():
+    for name, model_spec in raw.get("models", {}).items():
         models[str(name)] = _parse_model(str(name), model_spec, tiers, pools)
-    keys_file = _expect(raw.get("api_keys_file", "keys.yaml"), str, "api_keys_file")
+    keys_file = raw.get("api_keys_file", "keys.yaml")
     return PlatformConfig(
         listener=listener,
         gateway=gateway,
@@ -359,19 +404,12 @@ def _parse_model(
     name: str, spec: dict[str, Any], tiers: Mapping[str, RateLimitTier], pools: Mapping[str, InferencePool]
 ) -> ModelRoute:
     where = f"models.{name}"
-    _section(
-        spec,
-        where,
-        {"versions", "shadow", "sticky_key", "rate_limit_tier", "latency_target_p99_ms", "pools"},
-    )
     versions: list[ModelVersionWeight] = []
-    for i, raw_entry in enumerate(_expect(spec.get("versions"), list, f"{where}.versions")):
-        entry = _section(raw_entry, f"{where}.versions[{i}]", {"version", "weight"})
-        version = str(_expect(entry.get("version"), (str, int), f"{where}.versions[{i}].version"))
-        weight = _expect(entry.get("weight", 100), int, f"{where}.versions[{i}].weight")
+    for i, entry in enumerate(spec["versions"]):
+        weight = entry.get("weight", 100)
         if weight < 0:
             raise PlatformConfigError(f"{where}.versions[{i}].weight: must not be negative")
-        versions.append(ModelVersionWeight(version, weight))
+        versions.append(ModelVersionWeight(str(entry["version"]), weight))
     if not versions or sum(v.weight for v in versions) <= 0:
         raise PlatformConfigError(
             f"{where}.versions: at least one version with a positive weight is required"
@@ -381,17 +419,12 @@ def _parse_model(
     tier = str(spec.get("rate_limit_tier", ""))
     if tier and tier not in tiers:
         raise PlatformConfigError(f"{where}.rate_limit_tier: unknown rate-limit tier {tier!r}")
-    target = float(
-        _expect(spec.get("latency_target_p99_ms", 0.0), (int, float), f"{where}.latency_target_p99_ms")
-    )
+    target = float(spec.get("latency_target_p99_ms", 0.0))
     if not 0 <= target <= 3_600_000:  # also NaN
         raise PlatformConfigError(
             f"{where}.latency_target_p99_ms: must be 0 (none) or positive, got {target}"
         )
-    chosen = tuple(
-        _expect(p, str, f"{where}.pools[{i}]")
-        for i, p in enumerate(_expect(spec.get("pools", []), list, f"{where}.pools"))
-    )
+    chosen = tuple(spec.get("pools", ()))
     for i, pool in enumerate(chosen):
         if pool not in pools:
             raise PlatformConfigError(
@@ -402,7 +435,7 @@ def _parse_model(
     return ModelRoute(
         versions=tuple(versions),
         shadow=str(spec.get("shadow", "") or ""),
-        sticky_key=_expect(spec.get("sticky_key", ""), str, f"{where}.sticky_key"),
+        sticky_key=spec.get("sticky_key", ""),
         rate_limit_tier=tier,
         latency_target_p99_ms=target,
         pools=chosen,

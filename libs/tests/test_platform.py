@@ -29,6 +29,12 @@ def test_the_local_platform_file_is_valid() -> None:
     ("text", "message"),
     [
         ("listener: {port: 'x'}", "listener.port: expected int, got str 'x'"),
+        ("listener: {port: 8080.0}", "listener.port: expected int, got float 8080.0"),
+        (
+            "gateway: {retry: {budget_percent: true}}",
+            "gateway.retry.budget_percent: expected int or float, got bool",
+        ),
+        ("tenants: {t: {models: [fraud]}}", "tenants.t.tier: required"),
         ("listener: {prot: 1}", "listener: unknown key(s) prot"),
         ("gateway: {endpoints: ['nohost']}", "gateway.endpoints[0]: expected host:port"),
         ("tenants: {t: {tier: gold}}", "tenants.t.tier: unknown rate-limit tier 'gold'"),
