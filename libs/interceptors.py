@@ -117,6 +117,46 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort(status.code, status.message, status.trailing_metadata)
 
 
+def _decoded(request: Any) -> Any:
+    """The request, or INVALID_ARGUMENT for one that did not parse; a request stream checks each message."""
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(request.message)
+    if hasattr(request, "__aiter__"):  # stream_unary / stream_stream: the request iterator
+        return _checked(request)
+    return request
+
+
+class _Call:
+    """One call's metrics, and its exception turned into the call's status (`_abort_for`)."""
+
+    __slots__ = ("_context", "_method", "_metrics", "_start")
+
+    def __init__(self, metrics: _MethodMetrics, method: str, context: grpc.aio.ServicerContext) -> None:
+        self._metrics, self._method, self._context = metrics, method, context
+        self._start = 0.0
+
+    async def __aenter__(self) -> None:
+        self._metrics.started.inc()
+        self._metrics.in_flight.inc()
+        self._start = time.perf_counter()
+
+    async def __aexit__(self, _: type[BaseException] | None, exc: BaseException | None, __: Any) -> bool:
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)):
+                code = _final_code(self._context, grpc.StatusCode.CANCELLED)
+            elif isinstance(exc, Exception):
+                try:
+                    await _abort_for(exc, self._context, self._method)
+                finally:
+                    code = _final_code(self._context, grpc.StatusCode.INTERNAL)
+            return False
+        finally:
+            self._metrics.in_flight.dec()
+            self._metrics.latency.observe(time.perf_counter() - self._start)
+            self._metrics.handled(code).inc()
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions to statuses (unknown ones to INTERNAL, logged once) and records metrics."""
 
@@ -162,28 +202,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     def _wrap_unary(behavior: Callable[..., Any], method: str, metrics: _MethodMetrics) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics.started.inc()
-            metrics.in_flight.inc()
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                if isinstance(request, _Undecodable):
-                    raise InvalidArgument(request.message)
-                if hasattr(request, "__aiter__"):  # stream_unary: the request iterator
-                    request = _checked(request)
-                return await behavior(request, context)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                code = _final_code(context, grpc.StatusCode.CANCELLED)
-                raise
-            except Exception as exc:
-                try:
-                    await _abort_for(exc, context, method)
-                finally:
-                    code = _final_code(context, grpc.StatusCode.INTERNAL)
-            finally:
-                metrics.in_flight.dec()
-                metrics.latency.observe(time.perf_counter() - start)
-                metrics.handled(code).inc()
+            async with _Call(metrics, method, context):
+                return await behavior(_decoded(request), context)
 
         return wrapper
 
@@ -192,32 +212,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         behavior: Callable[..., Any], method: str, metrics: _MethodMetrics
     ) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            metrics.started.inc()
-            metrics.in_flight.inc()
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                if isinstance(request, _Undecodable):
-                    raise InvalidArgument(request.message)
-                if hasattr(request, "__aiter__"):  # stream_stream: the request iterator
-                    request = _checked(request)
-                result = behavior(request, context)
+            async with _Call(metrics, method, context):
+                result = behavior(_decoded(request), context)
                 if inspect.isasyncgen(result):
                     async for item in result:
                         yield item
                 else:  # a coroutine that writes with context.write()
                     await result
-            except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
-                code = _final_code(context, grpc.StatusCode.CANCELLED)
-                raise
-            except Exception as exc:
-                try:
-                    await _abort_for(exc, context, method)
-                finally:
-                    code = _final_code(context, grpc.StatusCode.INTERNAL)
-            finally:
-                metrics.in_flight.dec()
-                metrics.latency.observe(time.perf_counter() - start)
-                metrics.handled(code).inc()
 
         return wrapper
