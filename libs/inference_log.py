@@ -622,15 +622,8 @@ class InferenceLogProducer:
                 )
             todo, state.failed = sorted(state.failed), []
         for i, offset in enumerate(todo):
-            payload = frame_at(data, offset)
-            try:
-                if payload is None:
-                    raise ValueError(f"no intact frame at offset {offset}")
-                message = decode_message(payload)
-            except ValueError as exc:
-                log.error("spool %s: a record cannot be re-sent and is dropped: %s", state.path, exc)
-                with self._count_lock:
-                    state.acked += 1  # nothing left to deliver for it
+            message = self._message_at(state, data, offset)
+            if message is None:
                 continue
             while True:
                 try:
@@ -656,6 +649,19 @@ class InferenceLogProducer:
                         state.failed.extend(todo[i:])
                     return
 
+    def _message_at(self, state: SegmentState, data: bytes, offset: int) -> SpooledMessage | None:
+        """The message at `offset` of a segment's bytes; None (and counted as done) when it is damaged."""
+        payload = frame_at(data, offset)
+        try:
+            if payload is None:
+                raise ValueError(f"no intact frame at offset {offset}")
+            return decode_message(payload)
+        except ValueError as exc:
+            log.error("spool %s: a record cannot be re-sent and is dropped: %s", state.path, exc)
+            with self._count_lock:
+                state.acked += 1  # nothing left to deliver for it
+            return None
+
     def _resend_alone(self, state: SegmentState) -> None:
         """Re-sends the records refused for good in a batch, each in a batch of its own."""
         try:
@@ -667,15 +673,8 @@ class InferenceLogProducer:
         with self._count_lock:
             todo, state.alone = sorted(state.alone), []
         for offset in todo:
-            payload = frame_at(data, offset)
-            try:
-                if payload is None:
-                    raise ValueError(f"no intact frame at offset {offset}")
-                message = decode_message(payload)
-            except ValueError as exc:
-                log.error("spool %s: a record cannot be re-sent and is dropped: %s", state.path, exc)
-                with self._count_lock:
-                    state.acked += 1
+            message = self._message_at(state, data, offset)
+            if message is None:
                 continue
             try:
                 self._alone.produce(
