@@ -61,8 +61,6 @@ def _message(error: ValidationError, root: str) -> str:
         return f"{where}: expected one of {', '.join(map(str, error.validator_value))}, got {value!r}"
     if kind == "minLength":
         return f"{where}: must not be empty"
-    if kind == "minItems":
-        return f"{where}: at least {error.validator_value} required"
     if kind == "pattern":
         return f"{where}: {error.schema.get('description', 'does not match ' + error.validator_value)}"
     return f"{where}: {error.message}"
