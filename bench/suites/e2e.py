@@ -172,6 +172,24 @@ def wait_predict(target: str, key: str, timeout: float = 60.0) -> gateway_pb2.Pr
             time.sleep(0.5)
 
 
+def wait_echo(target: str, key: str, timeout: float = 60.0) -> None:
+    """Calls Predict through Envoy until the echo's fixed answer comes back (xDS pushed, upstream healthy)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                reply = gateway_pb2_grpc.PredictionServiceStub(ch).Predict(
+                    predict_request(4242), metadata=[("x-api-key", key)], timeout=5
+                )
+            if reply.request_id == "0" * 32:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("Envoy never answered with the echo's reply")
+        time.sleep(0.5)
+
+
 class Chain:
     """The running request path and its backends; `cpu()` sums every process, `breakdown()` per process."""
 
@@ -414,20 +432,7 @@ def body(run: Run, suite: Suite) -> None:
                                         str(echo_port)], env=repo_env(), cpus=cpus)  # fmt: skip
     wait_grpc_serving(echo, echo_port, timeout=30)
     platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=echo_port))
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with grpc.insecure_channel(target) as ch:
-                reply = gateway_pb2_grpc.PredictionServiceStub(ch).Predict(
-                    predict_request(4242), metadata=[("x-api-key", key)], timeout=5
-                )
-            if reply.request_id == "0" * 32:
-                break
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("Envoy never switched to the echo upstream")
-        time.sleep(0.5)
+    wait_echo(target, key, timeout=30)
     for server in (inference, feats):  # not on the path any more: free the core
         run.procs.stop(server)
         chain.servers.remove(server)

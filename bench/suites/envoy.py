@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import secrets
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
-
-import grpc
 
 from bench.core import Run, Suite
 from bench.loadgen import WRK_DONE, H2load, Wrk, grpc_frame
 from bench.procs import free_port, loadgen_cpus, repo_env, server_cpus, set_affinity, wait_port
 from bench.suites.common import service_env, wait_grpc_serving
-from bench.suites.e2e import PLATFORM, PREDICT, WRK_PREDICT, Chain, predict_request, with_breakdown
+from bench.suites.e2e import PLATFORM, PREDICT, WRK_PREDICT, Chain, predict_request, wait_echo, with_breakdown
 from bench.tools import ensure_debian, say
-from infergrid.gateway.v1 import gateway_pb2_grpc
 from libs.testing import REPO_ROOT
 from stack.envoy import Envoy
 from stack.jaeger import Jaeger
@@ -117,7 +113,7 @@ def body(run: Run, suite: Suite) -> None:
             chain.pids["envoy"] = record.pid
             chain.servers.append(controlplane)
             wait_port(envoy_port, 60)
-            _wait_echo(target)
+            wait_echo(target, key)
             frame = h2.response_bytes(url=f"http://{target}/{PREDICT}", body_file=body_file)
 
             def grpc_rep(duration: float, i: int, chain: Chain = chain, frame: int = frame) -> dict[str, Any]:
@@ -140,19 +136,3 @@ def body(run: Run, suite: Suite) -> None:
             envoy.stop()
             run.procs.stop(controlplane)
     say("envoy done")
-
-
-def _wait_echo(target: str, timeout: float = 60.0) -> None:
-    """Calls Predict through Envoy until the echo's fixed answer comes back (xDS pushed, upstream healthy)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with grpc.insecure_channel(target) as ch:
-                reply = gateway_pb2_grpc.PredictionServiceStub(ch).Predict(predict_request(1), timeout=5)
-            if reply.request_id == "0" * 32:
-                return
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("Envoy never answered with the echo's reply")
-        time.sleep(0.5)
