@@ -33,7 +33,7 @@ from collections import Counter as Tally
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -66,13 +66,15 @@ class PipelineStats:
     consumer_lag: int = 0
 
 
-@dataclass
-class _Valid:
+class _Valid(NamedTuple):
+    """A valid record of a batch (a tuple: built once per record)."""
+
     partition: int
     offset: int
     value: bytes
     headers: list[tuple[str, bytes | None]]
     record: logging_pb2.InferenceLogRecord
+    time_us: int  # request_time in microseconds
 
 
 @dataclass
@@ -274,7 +276,9 @@ class LogPipeline:
                 if deleted:
                     log.warning("partition %d: removed %d uncommitted lake files", partition, len(deleted))
             offsets[partition] = offset + 1
-            headers = _headers(message)
+            raw = message.headers()
+            # A consumed message's headers come as a list of (str, bytes | None): used as they are.
+            headers = cast(list[tuple[str, bytes | None]], raw) if type(raw) is list else _headers(message)
             value = message.value()
             try:
                 record = validate(value if isinstance(value, bytes) else None, headers)
@@ -283,14 +287,12 @@ class LogPipeline:
                 dead += 1
                 continue
             assert isinstance(value, bytes)
+            time_us = record.request_time.ToMicroseconds()
             key = (record.tenant, record.request_id)
             known = valid.get(key)
             # One (tenant, id) is one prediction: of two records, the later request time wins (as in the sinks).
-            if (
-                known is None
-                or record.request_time.ToMicroseconds() > known.record.request_time.ToMicroseconds()
-            ):
-                valid[key] = _Valid(partition, offset, value, headers, record)
+            if known is None or time_us > known.time_us:
+                valid[key] = _Valid(partition, offset, value, headers, record, time_us)
         metrics.BATCH_SIZE.observe(len(messages))
         if dead:
             self.stats.dead_lettered_total += dead
@@ -316,10 +318,14 @@ class LogPipeline:
         if not await batch.write:
             return  # stopping while the store is down: abandoned; nothing of this batch is committed
         ended_ns = time.time_ns()
-        items = [i for i in batch.items if self._current(batch, i.partition)]
+        if all(self._current(batch, p) for p in batch.offsets):
+            items = batch.items
+        else:
+            items = [i for i in batch.items if self._current(batch, i.partition)]
+        add = self._lake.add
         for item in items:
-            self._lake.add(item.partition, item.offset, item.record, item.value)
-            self.stats.records_by_model[item.record.model] += 1
+            add(item.partition, item.offset, item.record, item.value)
+        self.stats.records_by_model.update(item.record.model for item in items)
         self._apply_offsets(batch)
         self.stats.records_total += len(items)
         metrics.RECORDS.labels("written").inc(len(items))
@@ -328,15 +334,9 @@ class LogPipeline:
 
     async def _write_store(self, items: list[_Valid]) -> bool:
         rows = [
-            StoredRecord(
-                tenant=i.record.tenant,
-                request_id=i.record.request_id,
-                model=i.record.model,
-                model_version=i.record.model_version,
-                request_time_us=i.record.request_time.ToMicroseconds(),
-                payload=i.value,
-            )
+            StoredRecord(r.tenant, r.request_id, r.model, r.model_version, i.time_us, i.value)
             for i in items
+            for r in (i.record,)
         ]
         delay = 0.1
         while True:

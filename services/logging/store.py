@@ -6,9 +6,14 @@ Two tables hold every record, both written with upserts keyed by (tenant, reques
 so writing a record again (a redelivered Kafka message, a re-sent spool record)
 changes nothing:
 
-- `inference_log_by_tenant_request`: one partition per (tenant, request id) (GetRecord);
 - `inference_log_by_tenant_model`: one partition per (tenant, model, hour of
-  request_time), clustered by (request_time_us, request_id) (QueryRecords, oldest first).
+  request_time), clustered by (request_time_us, request_id), holding the serialized record
+  (QueryRecords, oldest first; GetRecord's second read);
+- `inference_log_by_tenant_request`: one partition per (tenant, request id) holding only where
+  the record is (its model and request time: the by-model row's key), not the record itself
+  (GetRecord's first read; QueryRecords' check below). The record's bytes are stored once.
+  Rows written by earlier versions also hold `model_version` and `record`; they are no longer
+  written nor read (their model and request time lead to the same by-model row).
 
 Every write carries the record's request time as its write timestamp (`USING TIMESTAMP`),
 so when a caller reuses its own request id for a different prediction the by-request row
@@ -23,7 +28,8 @@ times; QueryRecords returns only the row whose time the by-request table holds (
 later one), so every read path shows an id once.
 
 Writes go in UNLOGGED batches that stay cheap for Cassandra: the by-model rows
-are grouped by partition; the by-request rows by the replica that owns them.
+are grouped by partition; the by-request rows (a few dozen bytes each) by the replica that owns them,
+and only once the by-model rows are written, so a by-request row never leads to a missing record.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from cassandra.query import PreparedStatement
 
@@ -52,9 +58,7 @@ _SCHEMA = (
         tenant text,
         request_id text,
         model text,
-        model_version text,
         request_time_us bigint,
-        record blob,
         PRIMARY KEY ((tenant, request_id)))""",
     """CREATE TABLE IF NOT EXISTS inference_log_by_tenant_model (
         tenant text,
@@ -69,9 +73,8 @@ _SCHEMA = (
 )
 
 
-@dataclass(frozen=True)
-class StoredRecord:
-    """What the store keeps of a record: its keys and the serialized InferenceLogRecord."""
+class StoredRecord(NamedTuple):
+    """What the store keeps of a record: its keys and the serialized InferenceLogRecord (a tuple: cheap per record)."""
 
     tenant: str
     request_id: str
@@ -162,9 +165,8 @@ class CassandraLogStore:
         self._ttl = ttl_s
         logging.getLogger("cassandra.protocol").addFilter(_BATCH_WARNINGS)
         self._insert_by_request = cassandra.prepare(
-            "INSERT INTO inference_log_by_tenant_request "
-            "(tenant, request_id, model, model_version, request_time_us, record) "
-            "VALUES (?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
+            "INSERT INTO inference_log_by_tenant_request (tenant, request_id, model, request_time_us) "
+            "VALUES (?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
             write=True,
         )
         self._insert_by_model = cassandra.prepare(
@@ -174,7 +176,11 @@ class CassandraLogStore:
             write=True,
         )
         self._select_by_request = cassandra.prepare(
-            "SELECT record FROM inference_log_by_tenant_request WHERE tenant = ? AND request_id = ?"
+            "SELECT model, request_time_us FROM inference_log_by_tenant_request WHERE tenant = ? AND request_id = ?"
+        )
+        self._select_record = cassandra.prepare(
+            "SELECT record FROM inference_log_by_tenant_model "
+            "WHERE tenant = ? AND model = ? AND hour = ? AND request_time_us = ? AND request_id = ?"
         )
         self._select_first = cassandra.prepare(
             "SELECT request_time_us, request_id, model_version, record FROM inference_log_by_tenant_model "
@@ -191,56 +197,67 @@ class CassandraLogStore:
         )
 
     async def write(self, records: Sequence[StoredRecord]) -> None:
-        """Upserts every record into both tables, in partition- and replica-grouped UNLOGGED batches."""
-        by_model: dict[tuple[str, str, int], list[tuple[PreparedStatement, Sequence[Any]]]] = defaultdict(
-            list
-        )
-        by_replica: dict[object, list[tuple[PreparedStatement, Sequence[Any]]]] = defaultdict(list)
-        for r in records:
-            hour = hour_of(r.request_time_us)
+        """Upserts the records: their by-model rows, then their by-request rows (module docstring)."""
+        ttl = self._ttl
+        by_model: dict[tuple[str, str, int], list[Sequence[Any]]] = {}
+        for tenant, request_id, model, version, time_us, payload in records:
+            hour = time_us // HOUR_US
             # The write timestamp is the request time: of two records with one (tenant, id), the later wins.
-            keep = (self._ttl, r.request_time_us)  # USING TTL ? AND TIMESTAMP ?
-            by_model[(r.tenant, r.model, hour)].append(
-                (
-                    self._insert_by_model,
-                    (
-                        r.tenant,
-                        r.model,
-                        hour,
-                        r.request_time_us,
-                        r.request_id,
-                        r.model_version,
-                        r.payload,
-                        *keep,
-                    ),
-                )
+            params = (tenant, model, hour, time_us, request_id, version, payload, ttl, time_us)
+            group = by_model.get((tenant, model, hour))
+            if group is None:
+                by_model[(tenant, model, hour)] = [params]
+            else:
+                group.append(params)
+        insert = self._insert_by_model
+        await asyncio.gather(
+            *(
+                self._write_chunk(insert, chunk)
+                for group in by_model.values()
+                for chunk in _chunks(group, _weight_by_model)
             )
-            by_replica[self._replica_of(r.tenant, r.request_id)].append(
-                (
-                    self._insert_by_request,
-                    (r.tenant, r.request_id, r.model, r.model_version, r.request_time_us, r.payload, *keep),
-                )
+        )
+        by_replica = self._by_replica(records)
+        insert = self._insert_by_request
+        await asyncio.gather(
+            *(
+                self._write_chunk(insert, chunk)
+                for group in by_replica.values()
+                for chunk in _chunks(group, _weight_by_request)
             )
-        batches = [chunk for group in by_model.values() for chunk in _chunks(group)]
-        batches += [chunk for group in by_replica.values() for chunk in _chunks(group)]
-        await asyncio.gather(*(self._write_chunk(batch) for batch in batches))
+        )
 
-    async def _write_chunk(self, chunk: list[tuple[PreparedStatement, Sequence[Any]]]) -> None:
-        if len(chunk) == 1:  # a lone statement (maybe one big record): no batch, no batch size limit
-            await self._db.execute(*chunk[0])
-        else:
-            await self._db.execute_batch(chunk)
-
-    def _replica_of(self, tenant: str, request_id: str) -> object:
-        """The first replica owning the request's partition (batches to one replica stay local)."""
+    def _by_replica(self, records: Sequence[StoredRecord]) -> dict[object, list[Sequence[Any]]]:
+        """The by-request rows grouped by the first replica owning each (one group on a one-node cluster)."""
+        ttl = self._ttl
+        # (tenant, request_id, model, request_time_us), TTL, TIMESTAMP
+        rows: list[Sequence[Any]] = [(r[0], r[1], r[2], r[4], ttl, r[4]) for r in records]
         metadata = self._db.session.cluster.metadata
-        replicas = metadata.get_replicas(self._db.session.keyspace, _composite_key(tenant, request_id))
-        return replicas[0] if replicas else None
+        if len(metadata.all_hosts()) <= 1:
+            return {None: rows}
+        groups: dict[object, list[Sequence[Any]]] = defaultdict(list)
+        keyspace = self._db.session.keyspace
+        for row in rows:
+            replicas = metadata.get_replicas(keyspace, _composite_key(row[0], row[1]))
+            groups[replicas[0] if replicas else None].append(row)
+        return groups
+
+    async def _write_chunk(self, statement: PreparedStatement, chunk: list[Sequence[Any]]) -> None:
+        if len(chunk) == 1:  # a lone statement (maybe one big record): no batch, no batch size limit
+            await self._db.execute(statement, chunk[0])
+        else:
+            await self._db.execute_batch([(statement, params) for params in chunk])
 
     async def get(self, tenant: str, request_id: str) -> bytes | None:
-        """The serialized record of `tenant`'s `request_id`, or None."""
+        """The serialized record of `tenant`'s `request_id`, or None: where it is, then the record."""
         rows = await self._db.execute(self._select_by_request, (tenant, request_id))
-        return bytes(rows[0].record) if rows else None
+        if not rows:
+            return None
+        model, time_us = rows[0].model, rows[0].request_time_us
+        found = await self._db.execute(
+            self._select_record, (tenant, model, hour_of(time_us), time_us, request_id)
+        )
+        return bytes(found[0].record) if found else None
 
     async def query(self, query: RecordQuery) -> RecordPage:
         """Walks the hour partitions from the cursor on, filtering by version, until the page is full."""
@@ -294,21 +311,28 @@ def _composite_key(*parts: str) -> bytes:
     return b"".join(len(p.encode()).to_bytes(2, "big") + p.encode() + b"\x00" for p in parts)
 
 
-def _chunks(
-    statements: list[tuple[PreparedStatement, Sequence[Any]]],
-) -> list[list[tuple[PreparedStatement, Sequence[Any]]]]:
-    """Splits statements into batches under MAX_BATCH_BYTES and MAX_BATCH_STATEMENTS."""
-    out: list[list[tuple[PreparedStatement, Sequence[Any]]]] = []
-    current: list[tuple[PreparedStatement, Sequence[Any]]] = []
+def _weight_by_model(params: Sequence[Any]) -> int:
+    """A by-model row's share of a batch: the record dominates; ids and names fit in the margin."""
+    return 256 + len(params[6])
+
+
+def _weight_by_request(params: Sequence[Any]) -> int:
+    """A by-request row's share of a batch (no record: ids, model name, two longs and the margin)."""
+    return 128 + len(params[0]) + len(params[1]) + len(params[2])
+
+
+def _chunks(rows: list[Sequence[Any]], weight: Callable[[Sequence[Any]], int]) -> list[list[Sequence[Any]]]:
+    """Splits one statement's parameter rows into batches under MAX_BATCH_BYTES and MAX_BATCH_STATEMENTS."""
+    out: list[list[Sequence[Any]]] = []
+    current: list[Sequence[Any]] = []
     size = 0
-    for statement in statements:
-        # Both inserts bind (..., record blob, ttl, timestamp): the blob dominates; ids and names fit in the margin.
-        weight = 256 + len(statement[1][-3])
-        if current and (size + weight > MAX_BATCH_BYTES or len(current) >= MAX_BATCH_STATEMENTS):
+    for row in rows:
+        w = weight(row)
+        if current and (size + w > MAX_BATCH_BYTES or len(current) >= MAX_BATCH_STATEMENTS):
             out.append(current)
             current, size = [], 0
-        current.append(statement)
-        size += weight
+        current.append(row)
+        size += w
     if current:
         out.append(current)
     return out

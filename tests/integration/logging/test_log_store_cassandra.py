@@ -85,3 +85,35 @@ async def test_an_id_executed_twice_is_queried_once_at_its_later_time(store: Cas
     await store.write([first, _stored("acme", "r-8", "1", T0 + 5)])
     await store.write([retried])
     assert await _all(store, "acme") == [("r-8", "1"), ("r-7", "2")]
+
+
+# The by-request table as versions before the locator rows created it (the record's bytes in both tables).
+_EARLIER_BY_REQUEST = """CREATE TABLE inference_log_by_tenant_request (
+    tenant text, request_id text, model text, model_version text, request_time_us bigint, record blob,
+    PRIMARY KEY ((tenant, request_id)))"""
+
+
+async def test_a_keyspace_written_by_earlier_versions_reads_the_same(store: CassandraLogStore) -> None:
+    session = store._db.session
+    old = _stored("acme", "r-old", "1", T0)
+
+    def earlier_table() -> CassandraLogStore:
+        session.execute("DROP TABLE inference_log_by_tenant_request", timeout=60)
+        session.execute(_EARLIER_BY_REQUEST, timeout=60)
+        return CassandraLogStore(store._db)
+
+    current = await asyncio.get_running_loop().run_in_executor(None, earlier_table)
+    await current.write([old])  # the by-model row as every version wrote it (and a locator in the old table)
+    insert = await asyncio.get_running_loop().run_in_executor(
+        None,
+        session.prepare,
+        "INSERT INTO inference_log_by_tenant_request "
+        "(tenant, request_id, model, model_version, request_time_us, record) VALUES (?, ?, ?, ?, ?, ?) "
+        "USING TIMESTAMP ?",
+    )
+    await store._db.execute(insert, (*old, old.request_time_us))  # the earlier version's row, bytes included
+    assert await current.get("acme", "r-old") == old.payload
+    assert await _all(current, "acme") == [("r-old", "1")]
+    await current.write([_stored("acme", "r-old", "2", T0 + 1000)])  # the id reused later
+    assert _version(await current.get("acme", "r-old")) == "2"
+    assert await _all(current, "acme") == [("r-old", "2")]
