@@ -24,7 +24,7 @@ from bench.report import render
 from bench.tools import say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES = ("inference", "features", "e2e", "peers", "logging", "logwal", "scaling", "slo")
+SUITES = ("inference", "features", "e2e", "peers", "logging", "logwal", "scaling", "slo", "failover", "envoy")
 LATEST_MAX_BYTES = 400_000  # per file copied to results/latest (the repository keeps only small files)
 
 
@@ -53,6 +53,14 @@ def _suite_body(name: str):  # type: ignore[no-untyped-def]
         from bench.suites import slo
 
         return slo.body
+    if name == "failover":
+        from bench.suites import failover
+
+        return failover.body
+    if name == "envoy":
+        from bench.suites import envoy
+
+        return envoy.body
     if name == "peers":
         from bench.suites import peers
 

@@ -292,7 +292,78 @@ def ratios(doc: Doc) -> list[str]:
                        "Feast p99 ms", "Feast (Cassandra) req/s", "Feast (Cassandra) p99 ms", "hit / Feast",
                        "miss / Feast (Cassandra)"], rows)  # fmt: skip
         out.append("")
+    out += latency_target_section(doc) + failover_section(doc)
     return out
+
+
+def _counts(counts: Mapping[str, Any] | None) -> str:
+    """`{"UNAVAILABLE": 3, "DEADLINE_EXCEEDED": 1}` as "DEADLINE_EXCEEDED 1, UNAVAILABLE 3" ("0" when empty)."""
+    cells = [f"{k} {_f(v, 0)}" for k, v in sorted((counts or {}).items()) if v]
+    return ", ".join(cells) or "0"
+
+
+def latency_target_rows(doc: Doc) -> list[list[str]]:
+    """Per concurrency: the inference batcher with the fixed delay vs with the p99 target (suite `slo`)."""
+    suite = doc.get("suites", {}).get("slo") or {}
+    target_ms = (suite.get("extra") or {}).get("target_p99_ms")
+    settled = (suite.get("extra") or {}).get("settled (after each point)") or {}
+    rows = []
+    concs = {(p.get("params") or {}).get("concurrency") for p in points(doc, "slo")} - {None}
+    for c in sorted(concs):
+        fixed = stats.at_param(points(doc, "slo", "slo-fixed"), concurrency=c)
+        target = stats.at_param(points(doc, "slo", "slo-target"), concurrency=c)
+        p99 = _med(target, "p99_ms")
+        held = (
+            "\u2013" if p99 is None or target_ms is None else ("yes" if p99 <= float(target_ms) else "**no**")
+        )
+        gauges = settled.get(f"target c={c}") or {}
+        rows.append([str(c), _f(_med(fixed, "rps"), 0), _f(_med(fixed, "p99_ms")), _f(_med(target, "rps"), 0),
+                     _f(p99), held, _x(stats.ratio(_med(target, "rps"), _med(fixed, "rps"))),
+                     _f(gauges.get("delay_us"), 0), _f(gauges.get("batch_cap"), 0)])  # fmt: skip
+    return rows
+
+
+def latency_target_section(doc: Doc) -> list[str]:
+    rows = latency_target_rows(doc)
+    if not rows:
+        return []
+    target_ms = ((doc.get("suites", {}).get("slo") or {}).get("extra") or {}).get("target_p99_ms")
+    out = [
+        f"### Latency target: inference batcher, fixed 1 ms delay vs p99 target {_f(target_ms, 0)} ms (same run)",
+        "",
+    ]
+    out += _table(["c", "fixed req/s", "fixed p99 ms", "target req/s", "target p99 ms", f"p99 {LE} target",
+                   "target / fixed req/s", "settled delay \u00b5s", "settled batch cap"], rows)  # fmt: skip
+    return [*out, ""]
+
+
+def failover_rows(doc: Doc) -> list[list[str]]:
+    """Per phase of the `failover` suite: throughput, latency, what failed, which pool served, failovers."""
+    pts = points(doc, "failover")
+    healthy = stats.at_param(pts, phase="healthy")
+    rows = []
+    for p in pts:
+        totals = p.get("totals") or {}
+        share = totals.get("served_share") or {}
+        served = (
+            ", ".join(f"{pool} {v:.1%}" for pool, v in sorted(share.items(), key=lambda kv: -kv[1]))
+            or "\u2013"
+        )
+        rows.append([str((p.get("params") or {}).get("phase")), _f(_med(p, "rps"), 0), _f(_med(p, "p50_ms")),
+                     _f(_med(p, "p99_ms")), _f(totals.get("calls"), 0), _f(totals.get("ok"), 0),
+                     _counts(totals.get("failed_by_code")), served, _counts(totals.get("failovers")),
+                     _x(stats.ratio(_med(p, "rps"), _med(healthy, "rps")))])  # fmt: skip
+    return rows
+
+
+def failover_section(doc: Doc) -> list[str]:
+    rows = failover_rows(doc)
+    if not rows:
+        return []
+    out = ["### Failover: Predict via the gateway, gpu pool preferred, cpu pool next (same run)", ""]
+    out += _table(["phase", "req/s", "p50 ms", "p99 ms", "calls", "OK", "failed by code", "served by",
+                   "failovers by reason", "req/s / healthy"], rows)  # fmt: skip
+    return [*out, ""]
 
 
 CAVEATS = (

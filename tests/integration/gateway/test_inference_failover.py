@@ -10,14 +10,15 @@ are served degraded.
 - a saturated `gpu` pool (RESOURCE_EXHAUSTED) sends the overflow to `cpu`: every call succeeds;
 - a stopped (SIGKILLed) `gpu` pool: every call succeeds, served by `cpu`, and the answer, the log
   record and the failover counter say so; started again, traffic returns to it.
-The latencies of the calls made while `gpu` is down are printed (the benchmark report's failover row).
+The latencies of the calls made while `gpu` is down are printed. The pools, their repositories and the
+gateway's settings come from `bench/inference_pools.py`, shared with the `failover` benchmark suite, which
+measures throughput and latency in each of these states side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -29,13 +30,29 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from bench.inference_pools import (
+    BREAKER_RESET_S,
+    DISCOVERY_INTERVAL_S,
+    FALLBACK,
+    INFERENCE_SERVICE,
+    MAX_BATCH_ROWS,
+    MAX_CONCURRENT_BATCHES,
+    PREFERRED,
+    SATURABLE,
+    batching_variant,
+    failovers_by_reason,
+    pools_yaml,
+    predict_request,
+    served_pool,
+    spawn_pool,
+    write_demo_repository,
+)
+from infergrid.gateway.v1 import gateway_pb2_grpc
 from libs.server import Server
 from libs.testing import (
     NO_REDIS_URL,
     WithApiKey,
     free_port,
-    spawn_module,
     stop_process,
     wait_serving,
     write_test_admission,
@@ -50,25 +67,9 @@ from services.gateway.config import (
 )
 from services.gateway.server import create_server
 from services.gateway.tests.fakes import ListPublisher
-from services.inference import demo as inference_demo
 from stack.services import INPUT_LAYOUTS
 
 pytestmark = pytest.mark.integration
-
-INFERENCE_SERVICE = "inference.GRPCInferenceService"
-
-
-def _spawn(repo: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        "INFERGRID_INFERENCE_PORT": str(port),
-        "INFERGRID_INFERENCE_METRICS_PORT": "0",
-        "INFERGRID_INFERENCE_HTTP_PORT": "0",
-        "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
-        "INFERGRID_INFERENCE_LOG_JSON": "false",
-        "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
-    }
-    return spawn_module("services.inference", env, log)
 
 
 @dataclass
@@ -81,35 +82,20 @@ class Pools:
     gpu: subprocess.Popen[bytes]
 
     async def start_gpu(self) -> None:
-        self.gpu = _spawn(self.gpu_repo, self.gpu_port, self.gpu_log)
+        self.gpu = spawn_pool(self.gpu_repo, self.gpu_port, self.gpu_log)
         await wait_serving(self.gpu_port, INFERENCE_SERVICE, self.gpu, timeout=90)
 
 
 @pytest.fixture(scope="module")
 async def pools(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pools]:
     tmp = tmp_path_factory.mktemp("failover")
-    cpu_repo = tmp / "cpu-models"
-    await asyncio.to_thread(inference_demo.write_repository, cpu_repo, 2000)
-    gpu_repo = tmp / "gpu-models"
-    shutil.copytree(cpu_repo, gpu_repo)
-    pbtxt = gpu_repo / "fraud" / "config.pbtxt"
-    text = pbtxt.read_text()
-    assert "max_queue_delay_microseconds: 1000" in text and "max_queue_size: 4096" in text
-    pbtxt.write_text(
-        text.replace("max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 100000").replace(
-            "max_queue_size: 4096", "max_queue_size: 2"
-        )
-    )
+    cpu_repo = await asyncio.to_thread(write_demo_repository, tmp / "cpu-models")
+    gpu_repo = batching_variant(cpu_repo, tmp / "gpu-models", SATURABLE)
     gpu_port, cpu_port = free_port(), free_port()
-    gpu = _spawn(gpu_repo, gpu_port, tmp / "gpu.log")
-    cpu = _spawn(cpu_repo, cpu_port, tmp / "cpu.log")
+    gpu = spawn_pool(gpu_repo, gpu_port, tmp / "gpu.log")
+    cpu = spawn_pool(cpu_repo, cpu_port, tmp / "cpu.log")
     platform = write_test_admission(
-        tmp,
-        "inference_pools:\n"
-        f"  gpu: {{endpoints: ['127.0.0.1:{gpu_port}']}}\n"
-        f"  cpu: {{endpoints: ['127.0.0.1:{cpu_port}']}}\n"
-        "models:\n"
-        "  fraud: {versions: [{version: '1', weight: 1}], pools: [gpu, cpu]}\n",
+        tmp, pools_yaml({PREFERRED: f"127.0.0.1:{gpu_port}", FALLBACK: f"127.0.0.1:{cpu_port}"})
     )
     records = ListPublisher()
     server: Server | None = None
@@ -125,10 +111,12 @@ async def pools(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pools
                 features_target=f"127.0.0.1:{free_port()}",  # nobody: degraded rows
                 # The default target (models without pools; what the gateway learns models from).
                 inference_target=f"127.0.0.1:{cpu_port}",
-                discovery_interval_s=0.2,
-                breaker_reset_s=1.0,
+                discovery_interval_s=DISCOVERY_INTERVAL_S,
+                breaker_reset_s=BREAKER_RESET_S,
             ),
-            batching=BatchingConfig(max_batch_rows=1, max_concurrent_batches=8),
+            batching=BatchingConfig(
+                max_batch_rows=MAX_BATCH_ROWS, max_concurrent_batches=MAX_CONCURRENT_BATCHES
+            ),
             inference_log_enabled=False,
         )
         server = await create_server(config, publisher=records)
@@ -142,32 +130,9 @@ async def pools(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pools
         stop_process(cpu)
 
 
-def _request(i: int) -> gateway_pb2.PredictRequest:
-    request = gateway_pb2.PredictRequest(
-        model="fraud",
-        request_id=f"failover-{time.monotonic_ns()}-{i}",
-        entities={
-            "user_id": f"u{i % 300:05d}",
-            "merchant_id": f"m{i % 50:04d}",
-            "device_id": f"d{i % 100:05d}",
-        },
-    )
-    request.features["amount"].float_value = 100.0 + i
-    return request
-
-
 def _failovers(*reasons: str) -> float:
-    total = 0.0
-    for reason in reasons or ("down", "breaker_open", "overloaded", "queue_delay"):
-        labels = {"model": "fraud", "from_pool": "gpu", "to_pool": "cpu", "reason": reason}
-        total += REGISTRY.get_sample_value("infergrid_gateway_inference_failovers_total", labels) or 0.0
-    return total
-
-
-def _record_pool(records: ListPublisher, request_id: str) -> str:
-    (record,) = [r for r in records.records if r.request_id == request_id]
-    assert record.status_code == 0
-    return record.inference_pool
+    counts = failovers_by_reason(REGISTRY.collect())
+    return sum(counts[r] for r in reasons) if reasons else sum(counts.values())
 
 
 async def test_a_saturated_preferred_pool_sends_the_overflow_to_the_next_pool(pools: Pools) -> None:
@@ -175,14 +140,14 @@ async def test_a_saturated_preferred_pool_sends_the_overflow_to_the_next_pool(po
     errors: collections.Counter[str] = collections.Counter()
     async with grpc.aio.insecure_channel(pools.target, interceptors=[WithApiKey()]) as channel:
         stub = gateway_pb2_grpc.PredictionServiceStub(channel)
-        first = await stub.Predict(_request(0), timeout=10)
+        first = await stub.Predict(predict_request(0), timeout=10)
         assert first.inference_pool == "gpu"  # preferred, idle
         before, overloaded = _failovers(), _failovers("overloaded")
 
         async def _caller(worker: int) -> None:
             for i in range(15):
                 try:
-                    answer = await stub.Predict(_request(worker * 100 + i), timeout=10)
+                    answer = await stub.Predict(predict_request(worker * 100 + i), timeout=10)
                     served[answer.inference_pool] += 1
                 except grpc.aio.AioRpcError as exc:
                     errors[exc.code().name] += 1
@@ -198,18 +163,18 @@ async def test_a_saturated_preferred_pool_sends_the_overflow_to_the_next_pool(po
 async def test_a_stopped_preferred_pool_fails_over_and_traffic_returns_when_it_is_back(pools: Pools) -> None:
     async with grpc.aio.insecure_channel(pools.target, interceptors=[WithApiKey()]) as channel:
         stub = gateway_pb2_grpc.PredictionServiceStub(channel)
-        assert (await stub.Predict(_request(1), timeout=10)).inference_pool == "gpu"
+        assert (await stub.Predict(predict_request(1), timeout=10)).inference_pool == "gpu"
         before = _failovers()
         stop_process(pools.gpu)  # SIGKILL: the preferred pool is gone without a word
         latencies: list[float] = []
         for i in range(40):
-            request = _request(i)
+            request = predict_request(i)
             start = time.perf_counter()
             answer = await stub.Predict(request, timeout=10)  # never fails
             latencies.append(time.perf_counter() - start)
             assert answer.inference_pool == "cpu"
             assert answer.outputs["fraud_probability"].float_value >= 0
-            assert _record_pool(pools.records, request.request_id) == "cpu"
+            assert served_pool(pools.records.records, request.request_id) == "cpu"
         assert _failovers() - before == 40
         assert _failovers("down", "breaker_open") > 0
         p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
@@ -220,14 +185,14 @@ async def test_a_stopped_preferred_pool_fails_over_and_traffic_returns_when_it_i
         await pools.start_gpu()
         back = time.monotonic()
         for i in range(600):
-            request = _request(i)
+            request = predict_request(i)
             answer = await stub.Predict(request, timeout=10)
             if answer.inference_pool == "gpu":
-                assert _record_pool(pools.records, request.request_id) == "gpu"
+                assert served_pool(pools.records.records, request.request_id) == "gpu"
                 break
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("traffic never returned to the gpu pool")
         print(f"traffic back on the gpu pool {time.monotonic() - back:.1f} s after it served again")
         for i in range(5):
-            assert (await stub.Predict(_request(i), timeout=10)).inference_pool == "gpu"
+            assert (await stub.Predict(predict_request(i), timeout=10)).inference_pool == "gpu"
