@@ -5,24 +5,32 @@ A service declares one frozen dataclass; `load_config` fills each field from
 naming the variable when a value is malformed or a required one is missing.
 Nested dataclass fields are read with the same prefix (they group settings, they
 do not namespace them). Secrets come from files: a field marked `secret()` may be
-given as `<VAR>_FILE=/path`, and `redacted()` hides its value for logging.
+given as `<VAR>_FILE=/path` (a file nobody but its owner and group may read: mode 0600, 0640 or 0440,
+as Kubernetes mounts a Secret with `defaultMode`), and `redacted()` hides its value for logging, as
+well as the password of any `scheme://user:password@host` URL among the other values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import stat
 import sys
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _REDACTED = "***"
+# The password of a URL's userinfo: `scheme://user:password@host` → `scheme://user:***@host`.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:@/\s]*:)[^@/\s]+(?=@)")
 
 
 class ConfigError(ValueError):
@@ -83,10 +91,52 @@ def _convert(variable: str, raw: str, kind: Any) -> Any:
 
 
 def _read_secret_file(variable: str, path: str) -> str:
+    """The secret in `path`, stripped; refused when the file is missing, empty or readable by others."""
     try:
-        return Path(path).read_text().strip()
+        mode = os.stat(path).st_mode
     except OSError as exc:
         raise ConfigError(variable, f"cannot read secret file {path!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(variable, f"secret file {path!r} is not a regular file")
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(
+            variable,
+            f"secret file {path!r} is readable or writable by others (mode {stat.S_IMODE(mode):04o}); "
+            "allow its owner (and group) only, e.g. chmod 600",
+        )
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read secret file {path!r}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(variable, f"secret file {path!r} is empty")
+    return value
+
+
+def url_with_credentials(url: str, username: str, password: str) -> str:
+    """`url` with `username` and `password` (URL-quoted) as its userinfo, for clients that take credentials
+    only in the URL (redis://user:password@host:port/db). The result holds a secret: pass it to the
+    client, never to a log.
+
+    `url` itself when both are empty, or when it carries credentials of its own (they win, as in
+    redis-py's `from_url`).
+    """
+    parts = urlsplit(url)
+    if (not username and not password) or parts.username is not None or parts.password is not None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    userinfo = quote(username, safe="")
+    if password:
+        userinfo += ":" + quote(password, safe="")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc}"))
+
+
+def hide_url_password(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@` URL in it replaced by '***'."""
+    return _URL_PASSWORD.sub(lambda m: m["head"] + _REDACTED, text)
 
 
 def load_config(cls: type[T], environ: Mapping[str, str], prefix: str) -> T:
@@ -134,6 +184,8 @@ def redacted(config: Any) -> dict[str, Any]:
             out[field.name] = redacted(value)
         elif field.metadata.get("secret"):
             out[field.name] = _REDACTED if value else ""
+        elif isinstance(value, str):
+            out[field.name] = hide_url_password(value)
         else:
             out[field.name] = str(value) if isinstance(value, Path) else value
     return out

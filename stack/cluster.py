@@ -44,7 +44,7 @@ from stack.kafka import Kafka
 from stack.process import ProcessRecord
 from stack.progress import Progress
 from stack.prometheus import Prometheus
-from stack.redis import Redis
+from stack.redis import Redis, credential_env
 from stack.services import controlplane, edge, features, gateway, inference, logging, python_env
 
 NODES = 3
@@ -106,7 +106,8 @@ def kafka_bootstrap_servers(config: StackConfig) -> str:
 
 
 def redis_url(config: StackConfig) -> str:
-    """The primary (the replica is a standby: nobody reads from it)."""
+    """The primary (the replica is a standby: nobody reads from it); without credentials: each service
+    logs in as its own user (`stack.redis.credential_env`), the administrator with `Redis.url`."""
     return f"redis://{config.host}:{config.port('redis')}/0"
 
 
@@ -218,6 +219,7 @@ def _replica_env(config: StackConfig, service: str) -> dict[str, str]:
         return {
             **_cassandra_env(config, service),
             f"{prefix}REDIS_URL": redis_url(config),
+            **credential_env(config, "features", f"{prefix}REDIS"),
             f"{prefix}KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap_servers(config),
         }
     if service == "logging":
@@ -240,9 +242,11 @@ def _replica_env(config: StackConfig, service: str) -> dict[str, str]:
             f"{prefix}INFERENCE_TARGET": discovery_target(config, "inference"),
             f"{prefix}KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap_servers(config),
             f"{prefix}ADMISSION_REDIS_URL": redis_url(config),
+            **credential_env(config, "gateway", f"{prefix}ADMISSION_REDIS"),
+            **credential_env(config, "gateway", f"{prefix}RESPONSE_CACHE_REDIS"),
         }
     if service == "edge":
-        return {f"{prefix}REDIS_URL": redis_url(config)}
+        return {f"{prefix}REDIS_URL": redis_url(config), **credential_env(config, "edge", f"{prefix}REDIS")}
     return {}
 
 
@@ -437,6 +441,7 @@ def shared_state(config: StackConfig) -> list[Path]:
     paths = [
         discovery_dir(config),
         mesh_dir(config),
+        config.secrets_dir,
         config.state_dir / "kafka-cluster-id",
         *(config.state_dir / service for service in SERVICES),
     ]

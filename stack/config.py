@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +138,11 @@ class StackConfig:
         """One pid file per running component."""
         return self.state_dir / "run"
 
+    @property
+    def secrets_dir(self) -> Path:
+        """The backends' generated credentials (mode 0700, one file per secret, mode 0600)."""
+        return self.state_dir / "secrets"
+
 
 def node_address(host: str, node: int) -> str:
     """The loopback address of node `node` (1-based) of a multi-node server: 127.0.0.1 → 127.0.0.<node>.
@@ -152,3 +160,31 @@ def _parse_port(variable: str, value: str) -> int:
     if not 0 < port < 65536:
         raise ConfigError(f"{variable}={port} is outside 1..65535")
     return port
+
+
+def secret_file(config: StackConfig, name: str) -> Path:
+    """The file holding the stack's secret `name` (e.g. `redis-gateway`), generated once per state folder.
+
+    A random 32-character password is written on first use with mode 0600 in `config.secrets_dir`
+    (mode 0700) and kept: the backends and the services read the same file, and stop/start keeps it.
+    Concurrent callers (the nodes of a cluster starting together) agree on one value: each writes a
+    candidate and the first linked into place wins.
+    """
+    folder = config.secrets_dir
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)
+    path = folder / name
+    if not path.exists():
+        candidate = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        descriptor = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_urlsafe(24) + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(candidate, path)
+        candidate.unlink()
+    return path
+
+
+def read_secret(config: StackConfig, name: str) -> str:
+    """The value of the stack's secret `name` (generated when missing, see `secret_file`)."""
+    return secret_file(config, name).read_text().strip()

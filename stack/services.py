@@ -23,6 +23,7 @@ from stack.errors import StackError
 from stack.probes import grpc_health_serving
 from stack.process import ProcessRecord
 from stack.progress import Progress
+from stack.redis import credential_env as redis_credentials
 
 DEMO_KEY_VARIABLE = "INFERGRID_DEMO_API_KEY"
 DEMO_MODEL = "fraud"
@@ -226,6 +227,7 @@ def features(
             "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(config.port("cassandra")),
             "INFERGRID_FEATURES_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            **redis_credentials(config, "features", "INFERGRID_FEATURES_REDIS"),
             "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
             **(env or {}),
         },
@@ -268,6 +270,7 @@ def features_ingest(
             "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(config.port("cassandra")),
             "INFERGRID_FEATURES_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            **redis_credentials(config, "features", "INFERGRID_FEATURES_REDIS"),
             "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
             **(env or {}),
         },
@@ -374,6 +377,8 @@ def gateway(
             # Used when the platform places admission in the gateway (deploy/local/platform.yaml does).
             "INFERGRID_GATEWAY_ADMISSION_KEYS_FILE": str(keys_file(config)),
             "INFERGRID_GATEWAY_ADMISSION_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            **redis_credentials(config, "gateway", "INFERGRID_GATEWAY_ADMISSION_REDIS"),
+            **redis_credentials(config, "gateway", "INFERGRID_GATEWAY_RESPONSE_CACHE_REDIS"),
             **(env or {}),
         },
     )
@@ -436,6 +441,7 @@ def edge(
             "INFERGRID_EDGE_PLATFORM_FILE": str(config.platform_file),
             "INFERGRID_EDGE_KEYS_FILE": str(keys_file(config)),
             "INFERGRID_EDGE_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            **redis_credentials(config, "edge", "INFERGRID_EDGE_REDIS"),
             **(env or {}),
         },
         start_timeout_s=30.0,

@@ -5,7 +5,10 @@ a state folder of its own (`.state/test/session-<pid>`), and stops it when the s
 not. A fixture yields the started component, which tells clients where to connect:
 
     def test_cache(redis_server):
-        client = redis.Redis(host=redis_server.host, port=redis_server.port)
+        client = redis.Redis.from_url(redis_server.url)  # as the administrator (`default`)
+
+The backends authenticate every client: `redis_server.url` carries the administrator's password (never
+print it); the services' own users and passwords are in the session's state folder (`stack.redis`).
 
 With INFERGRID_REUSE_STACK=1 the fixtures use the stack that `make up` started (its state folder and
 ports, from the same environment variables as the CLI) and leave it running; a server that is not
@@ -161,7 +164,7 @@ def stack(stack_config: StackConfig, request: pytest.FixtureRequest) -> Iterator
 
 @pytest.fixture(scope="session")
 def redis_server(stack: StackSession) -> Redis:
-    """A running Redis: `.host`, `.port`, `.url`."""
+    """A running Redis: `.host`, `.port`, `.url` (the administrator's, with its password)."""
     return stack.ensure(Redis(stack.config))
 
 

@@ -76,6 +76,7 @@ def test_malformed_value_names_the_variable(var: str, value: str, problem: str) 
 def test_secret_from_file_and_redacted(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("s3cr3t\n")
+    token_file.chmod(0o600)
     cfg = load_config(_Config, {"X_NAME": "n", "X_TOKEN_FILE": str(token_file)}, "X_")
     assert cfg.token == "s3cr3t"
     shown = redacted(cfg)

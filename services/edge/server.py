@@ -219,7 +219,7 @@ async def create_server(
     if limiter is None:
         timeout = policy.redis_timeout_ms / 1000
         client = redis_async.Redis.from_url(
-            policy.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+            policy.redis_client_url(), socket_timeout=timeout, socket_connect_timeout=timeout
         )
         limiter = RedisTokenBucketLimiter(client)
     boxed: list[PolicyState] = []

@@ -97,7 +97,7 @@ class RedisCache:
     enabled = True
 
     def __init__(self, config: CacheConfig, max_in_flight: int = 1) -> None:
-        self._client = RespClient(config.redis_url, connect_timeout_s=config.cache_timeout_s)
+        self._client = RespClient(config.redis_client_url(), connect_timeout_s=config.cache_timeout_s)
         self._redis = Dependency(
             "redis",
             DependencyPolicy(

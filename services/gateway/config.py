@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from libs.config import secret, url_with_credentials
 from libs.discovery import TargetError, parse_targets
 from libs.inference_log import InferenceLogConfig
 from libs.kafka import KafkaConfig
@@ -152,10 +153,21 @@ class ResponseCacheConfig:
 
     response_cache_enabled: bool = False
     response_cache_redis_url: str = "redis://127.0.0.1:6379/0"
+    # The cache's Redis ACL user and its password (..._PASSWORD_FILE: a file holding it); empty: no AUTH.
+    response_cache_redis_username: str = ""
+    response_cache_redis_password: str = secret("")
     response_cache_ttl_s: float = 5.0
     response_cache_key_prefix: str = "igw:"
     # Per Redis command; a slow or absent Redis is a miss, never an error.
     response_cache_timeout_s: float = 0.02
+
+    def redis_client_url(self) -> str:
+        """`response_cache_redis_url` with the credentials in it, for the client only (never log it)."""
+        return url_with_credentials(
+            self.response_cache_redis_url,
+            self.response_cache_redis_username,
+            self.response_cache_redis_password,
+        )
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,9 @@ class AdmissionConfig:
     # The rate limiter's Redis (the edge's buckets: same keys, same semantics). Its own Redis (or db)
     # with maxmemory-policy noeviction: a cache's eviction must never erase a bucket (stack/redis.py).
     admission_redis_url: str = "redis://127.0.0.1:6379/0"
+    # The rate limiter's Redis ACL user and its password (..._PASSWORD_FILE: a file holding it); empty: no AUTH.
+    admission_redis_username: str = ""
+    admission_redis_password: str = secret("")
     # Per lease round trip; past it the local fallback bucket answers (see libs/admission.py).
     admission_redis_timeout_s: float = 0.2
     admission_key_prefix: str = "infergrid:rl"
@@ -187,6 +202,12 @@ class AdmissionConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.admission_replicas < 0:
             raise ValueError(f"admission_replicas must be >= 0, got {self.admission_replicas}")
+
+    def redis_client_url(self) -> str:
+        """`admission_redis_url` with the credentials in it, for the client only (never log it)."""
+        return url_with_credentials(
+            self.admission_redis_url, self.admission_redis_username, self.admission_redis_password
+        )
 
 
 @dataclass(frozen=True)

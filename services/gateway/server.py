@@ -142,7 +142,7 @@ def _admission(
     limiter = None
     if placement == "gateway":
         redis = redis_async.Redis.from_url(
-            settings.admission_redis_url,
+            settings.redis_client_url(),
             socket_timeout=settings.admission_redis_timeout_s,
             socket_connect_timeout=settings.admission_redis_timeout_s,
         )
@@ -299,7 +299,7 @@ async def create_server(
     cache: ResponseCache | None = None
     if config.cache.response_cache_enabled:
         cache = RedisResponseCache(
-            config.cache.response_cache_redis_url,
+            config.cache.redis_client_url(),
             config.cache.response_cache_ttl_s,
             config.cache.response_cache_timeout_s,
         )

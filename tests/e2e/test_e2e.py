@@ -167,7 +167,7 @@ def test_the_90_10_split_holds_and_the_shadow_only_reaches_the_log(whole_stack: 
 
 def test_a_trace_spans_envoy_gateway_features_inference_kafka_and_logging(whole_stack: Stack) -> None:
     # With the feature cache emptied, the lookup misses Redis and reads Cassandra: both show.
-    cache = redis.Redis(host=whole_stack.config.host, port=whole_stack.config.port("redis"))
+    cache = redis.Redis.from_url(whole_stack.components["redis"].url)  # type: ignore[attr-defined]
     with cache:
         emptied = [cache.delete(name) for name in list(cache.scan_iter(match="ifs:*", count=1000))]
     assert emptied, "no feature cache entries: the cache prefix changed?"

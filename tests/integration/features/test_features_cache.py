@@ -70,10 +70,10 @@ async def test_concurrent_lookups_share_round_trips(redis_server: Redis) -> None
 
 
 async def test_resp_client_database_errors_and_reconnect(redis_server: Redis) -> None:
-    client = RespClient(f"redis://{redis_server.host}:{redis_server.port}/3")
+    client = RespClient(redis_server.url.removesuffix("/0") + "/3")
     try:
         assert await client.execute(("SET", "t:resp", "x"), ("GET", "t:resp")) == [b"OK", b"x"]
-        assert redis.Redis(host=redis_server.host, port=redis_server.port, db=3).get("t:resp") == b"x"
+        assert redis.Redis.from_url(redis_server.url.removesuffix("/0") + "/3").get("t:resp") == b"x"
         with pytest.raises(RedisReplyError):
             await client.execute(("INCR", "t:resp"))
         await client.close()
