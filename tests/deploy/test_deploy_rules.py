@@ -477,11 +477,9 @@ def test_cassandra_cluster_matches_the_services(rendered: Rendered) -> None:
         assert cassandra.cassandra_write_consistency == "LOCAL_QUORUM", name
         assert cassandra.cassandra_read_consistency.startswith("LOCAL_"), name
         assert cassandra.cassandra_keyspace == "infergrid"
-        # Credentials: cass-operator's superuser Secret.
-        assert (
-            cassandra.cassandra_username
-            == f"<{cluster['spec']['cassandra']['superuserSecretRef']['name']}/username>"
-        )
+        # Credentials: the service's own role (deploy/README.md, "Backend credentials"), never the superuser.
+        assert cassandra.cassandra_username == f"<infergrid-cassandra-{name}/username>", name
+        assert cluster["spec"]["cassandra"]["superuserSecretRef"]["name"] not in cassandra.cassandra_username
     if rendered.overlay.startswith("prod"):
         assert all(dc["size"] >= 3 for dc in dcs.values())
         assert all(
