@@ -51,6 +51,8 @@ def test_gateway_artifact_builds_and_serves(tmp_path: Path) -> None:
             f"{runfiles}/protos/infergrid/gateway/v1/gateway_pb2.py",
         ):
             assert needed in names, f"{needed} missing from {tarball}"
+        # Test helpers are a testonly target (//libs:testing): never in an image.
+        assert f"{runfiles}/libs/testing.py" not in names
         archive.extractall(tmp_path, filter="data")
 
     # Run the launcher as the image does, from an unrelated directory, without PYTHONPATH.
