@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -80,63 +81,27 @@ def test_tensorrt_signature_comes_from_the_onnx_file(model_repo: Path) -> None:
     assert [(n, t.name, s) for n, t, s in outputs] == [("fraud_probability", "FP32", [-1, 1])]
 
 
+_PLAN: dict[str, Any] = {
+    "gpu_name": "NVIDIA H200",
+    "compute_capability": (9, 0),
+    "trt_version": "10.3.0",
+    "max_batch_size": 256,
+    "fp16": True,
+    "max_dim": 64,
+}
+
+
 def test_plan_cache_key_changes_with_model_gpu_version_and_profile() -> None:
-    base = plan_cache_key(
-        b"model",
-        gpu_name="NVIDIA H200",
-        compute_capability=(9, 0),
-        trt_version="10.3.0",
-        max_batch_size=256,
-        fp16=True,
-        max_dim=64,
-    )
+    base = plan_cache_key(b"model", **_PLAN)
     assert base.endswith(".plan") and "nvidia-h200-sm90-trt10.3.0-b256" in base
-    others = {
-        plan_cache_key(
-            b"model2",
-            gpu_name="NVIDIA H200",
-            compute_capability=(9, 0),
-            trt_version="10.3.0",
-            max_batch_size=256,
-            fp16=True,
-            max_dim=64,
-        ),
-        plan_cache_key(
-            b"model",
-            gpu_name="NVIDIA A100",
-            compute_capability=(8, 0),
-            trt_version="10.3.0",
-            max_batch_size=256,
-            fp16=True,
-            max_dim=64,
-        ),
-        plan_cache_key(
-            b"model",
-            gpu_name="NVIDIA H200",
-            compute_capability=(9, 0),
-            trt_version="10.4.0",
-            max_batch_size=256,
-            fp16=True,
-            max_dim=64,
-        ),
-        plan_cache_key(
-            b"model",
-            gpu_name="NVIDIA H200",
-            compute_capability=(9, 0),
-            trt_version="10.3.0",
-            max_batch_size=128,
-            fp16=True,
-            max_dim=64,
-        ),
-        plan_cache_key(
-            b"model",
-            gpu_name="NVIDIA H200",
-            compute_capability=(9, 0),
-            trt_version="10.3.0",
-            max_batch_size=256,
-            fp16=False,
-            max_dim=64,
-        ),
+    changes: list[dict[str, Any]] = [
+        {"gpu_name": "NVIDIA A100", "compute_capability": (8, 0)},
+        {"trt_version": "10.4.0"},
+        {"max_batch_size": 128},
+        {"fp16": False},
+    ]
+    others = {plan_cache_key(b"model2", **_PLAN)} | {
+        plan_cache_key(b"model", **{**_PLAN, **change}) for change in changes
     }
     assert base not in others and len(others) == 5
 
