@@ -37,6 +37,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from libs.platform import PlatformConfig
+from services.controlplane.config import EnvoySettings
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -151,20 +152,12 @@ MIN_REQUEST_TIMEOUT_MS = 60_000
 
 @dataclass(frozen=True)
 class EnvoyWiring:
-    """What the translation needs beyond the platform config (from the control plane's settings)."""
+    """What the translation needs beyond the platform config: the control plane's settings and the files
+    they lead to (the listener's certificate and key; the Envoy → gateway mesh PEMs, empty: plaintext)."""
 
-    descriptor_set: str
-    edge_address: str
-    edge_timeout_ms: int = 1000
-    listener_port: int = 0
-    access_log: str = "stdout"
-    tracing_otlp_address: str = ""
-    tracing_sample_percent: float = 100.0
-    # The certificate and key the listener serves when the platform turns TLS on.
+    settings: EnvoySettings
     tls_cert_file: str = ""
     tls_key_file: str = ""
-    # The Envoy → gateway mutual TLS (libs/mtls.py), sent to Envoy over SDS: the mesh CA and Envoy's
-    # client certificate and key (PEM). Empty: plaintext to the gateway (which then admits no edge identity).
     mesh_ca_pem: bytes = b""
     mesh_cert_pem: bytes = b""
     mesh_key_pem: bytes = b""
@@ -290,7 +283,7 @@ def edge_cluster(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any
     """The edge replicas (ext_authz + rate-limit service): EDS with the gateway's health-check timings."""
     return {
         **_eds(EDGE_CLUSTER),
-        "connect_timeout": _ms(wiring.edge_timeout_ms),
+        "connect_timeout": _ms(wiring.settings.edge_timeout_ms),
         "lb_policy": "LEAST_REQUEST",
         # "": the whole server's health (SERVING once its backends answer, NOT_SERVING while draining).
         "health_checks": [_health_check(platform, "")],
@@ -448,7 +441,7 @@ def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[st
             "name": "envoy.filters.http.grpc_json_transcoder",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-                "proto_descriptor": wiring.descriptor_set,
+                "proto_descriptor": str(wiring.settings.descriptor_set),
                 "services": [PREDICTION_SERVICE],
                 "convert_grpc_status": True,
                 "print_options": {"always_print_primitive_fields": True, "preserve_proto_field_names": True},
@@ -481,7 +474,7 @@ def _edge_filters(max_bytes: int, wiring: EnvoyWiring) -> list[dict[str, Any]]:
                 # No retry_policy on this side call: with one (Envoy 1.40), about one check in ten failed
                 # as ext_authz_error under load in the chaos suite, with no edge replica down. A check a
                 # SIGKILLed edge replica never answers fails closed (503); a drained one is never asked.
-                "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.edge_timeout_ms),
+                "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.settings.edge_timeout_ms),
                 "transport_api_version": "V3",
                 # Authorization fails closed: no answer from the edge service, no request.
                 "failure_mode_allow": False,
@@ -499,13 +492,13 @@ def _edge_filters(max_bytes: int, wiring: EnvoyWiring) -> list[dict[str, Any]]:
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
                 "domain": RATE_LIMIT_DOMAIN,
-                "timeout": _ms(wiring.edge_timeout_ms),
+                "timeout": _ms(wiring.settings.edge_timeout_ms),
                 # Rate limiting fails open: a Redis or edge outage must not take the API down.
                 "failure_mode_deny": False,
                 "rate_limited_as_resource_exhausted": True,
                 "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
                 "rate_limit_service": {
-                    "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.edge_timeout_ms),
+                    "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.settings.edge_timeout_ms),
                     "transport_api_version": "V3",
                 },
             },
@@ -514,10 +507,10 @@ def _edge_filters(max_bytes: int, wiring: EnvoyWiring) -> list[dict[str, Any]]:
 
 
 def _access_logs(wiring: EnvoyWiring) -> list[dict[str, Any]]:
-    if not wiring.access_log:
+    if not wiring.settings.access_log:
         return []
     log_format = {"json_format": _ACCESS_LOG_FORMAT}
-    if wiring.access_log == "stdout":
+    if wiring.settings.access_log == "stdout":
         return [
             {
                 "name": "envoy.access_loggers.stdout",
@@ -532,7 +525,7 @@ def _access_logs(wiring: EnvoyWiring) -> list[dict[str, Any]]:
             "name": "envoy.access_loggers.file",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": wiring.access_log,
+                "path": wiring.settings.access_log,
                 "log_format": log_format,
             },
         }
@@ -580,9 +573,9 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
         # Envoy would derive UNKNOWN from a 413; a gRPC server says RESOURCE_EXHAUSTED for a message too large.
         "local_reply_config": {"mappers": [_grpc_too_large(platform.listener.max_request_bytes), _NO_ROUTE]},
     }
-    if wiring.tracing_otlp_address:
+    if wiring.settings.tracing_otlp_address:
         hcm["tracing"] = {
-            "random_sampling": {"value": wiring.tracing_sample_percent},
+            "random_sampling": {"value": wiring.settings.tracing_sample_percent},
             "provider": {
                 "name": "envoy.tracers.opentelemetry",
                 "typed_config": {
@@ -622,7 +615,7 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
                 },
             },
         }
-    port = wiring.listener_port or platform.listener.port
+    port = wiring.settings.listener_port or platform.listener.port
     return {
         "name": LISTENER_NAME,
         "address": {"socket_address": {"address": platform.listener.host, "port_value": port}},
@@ -755,8 +748,8 @@ def build_resources(
         clusters.append(edge_cluster(platform, wiring))
     if platform.inference_http.enabled:
         clusters.append(inference_http_cluster(platform))
-    if wiring.tracing_otlp_address:
-        clusters.append(_static_cluster(TRACING_CLUSTER, wiring.tracing_otlp_address))
+    if wiring.settings.tracing_otlp_address:
+        clusters.append(_static_cluster(TRACING_CLUSTER, wiring.settings.tracing_otlp_address))
     return Resources(
         by_type={
             CLUSTER_TYPE: {c["name"]: _parse(cluster_pb2.Cluster, c) for c in clusters},

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -223,16 +223,10 @@ def wiring(settings: EnvoySettings, platform: PlatformConfig) -> EnvoyWiring:
             "mesh_key_pem": files.envoy_key.read_bytes(),
         }
     return EnvoyWiring(
-        **mesh,
-        descriptor_set=str(settings.descriptor_set.resolve()),
-        edge_address=settings.edge_address,
-        edge_timeout_ms=settings.edge_timeout_ms,
-        listener_port=settings.listener_port,
-        access_log=settings.access_log,
-        tracing_otlp_address=settings.tracing_otlp_address,
-        tracing_sample_percent=settings.tracing_sample_percent,
+        replace(settings, descriptor_set=settings.descriptor_set.resolve()),
         tls_cert_file=cert,
         tls_key_file=key,
+        **mesh,
     )
 
 

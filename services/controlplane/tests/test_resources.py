@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from google.protobuf import json_format
 
 from libs.platform import PlatformConfig, parse_platform
+from services.controlplane.config import EnvoySettings
 from services.controlplane.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -28,7 +30,7 @@ rate_limit_tiers: {free: {requests_per_second: 1, burst: 2}}
 tenants: {demo: {tier: free, models: [fraud]}}
 models: {fraud: {versions: [{version: "1", weight: 1}]}}
 """
-WIRING = EnvoyWiring(descriptor_set="/d.pb", edge_address="127.0.0.1:50060")
+WIRING = EnvoyWiring(EnvoySettings(descriptor_set=Path("/d.pb")))
 ENDPOINTS = {"gateway": ("127.0.0.1:50051", "127.0.0.1:50052"), "edge": ("127.0.0.1:50060", "[::1]:50061")}
 
 
@@ -172,15 +174,14 @@ def test_routes_carry_timeouts_retries_and_rate_limit_descriptors() -> None:
 
 
 def test_tracing_tls_access_log_and_port_override() -> None:
-    wiring = dataclasses.replace(
-        WIRING,
+    settings = dataclasses.replace(
+        WIRING.settings,
         tracing_otlp_address="127.0.0.1:4317",
         tracing_sample_percent=1.5,
         listener_port=9999,
         access_log="/tmp/access.log",
-        tls_cert_file="/c.crt",
-        tls_key_file="/c.key",
     )
+    wiring = EnvoyWiring(settings, tls_cert_file="/c.crt", tls_key_file="/c.key")
     platform = _platform(
         PLATFORM.replace("max_request_bytes: 4096}", "max_request_bytes: 4096, tls: {enabled: true}}")
     )

@@ -27,7 +27,7 @@ from services.controlplane.server import create_control_plane
 from services.controlplane.xds import AckEvent, Snapshot, XdsStream
 
 PLATFORM = 'gateway: {endpoints: ["127.0.0.1:50051"], timeout_ms: %d}\n'
-WIRING = EnvoyWiring(descriptor_set="/d.pb", edge_address="127.0.0.1:50060")
+WIRING = EnvoyWiring(EnvoySettings(descriptor_set=Path("/d.pb")))
 ENDPOINTS = {"gateway": ("127.0.0.1:50051",), "edge": ("127.0.0.1:50060",)}
 
 
