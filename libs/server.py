@@ -189,19 +189,16 @@ def build_server(
     Args:
         config: Bind address, limits and shutdown timings.
         services: The service's own servicers.
-        telemetry: Adds OpenTelemetry's server interceptor when tracing is on.
+        telemetry: Server spans when tracing is on (`libs.interceptors`).
         readiness: Checked every `readiness_interval_seconds`; health is SERVING only while it passes.
-        interceptors: Extra interceptors, run after tracing and error mapping.
+        interceptors: Extra interceptors, run after the standard one (errors, metrics, spans).
         credentials: TLS server credentials for the port (e.g. `libs.mtls.server_credentials`); None: plaintext.
 
     Returns:
         The server, bound but not started, with the port it bound.
     """
-    chain: list[grpc.aio.ServerInterceptor] = []
-    if telemetry is not None:
-        chain.extend(telemetry.server_interceptors())
-    chain.append(ServerInterceptor())
-    chain.extend(interceptors)
+    tracer = telemetry.server_tracer() if telemetry is not None else None
+    chain: list[grpc.aio.ServerInterceptor] = [ServerInterceptor(tracer), *interceptors]
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

@@ -159,13 +159,11 @@ class Telemetry:
     def tracing(self) -> bool:
         return self.tracer_provider is not None
 
-    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """OpenTelemetry's gRPC server interceptor when tracing is on (it costs per call)."""
-        if not self.tracing:
-            return []
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-        return [aio_server_interceptor(tracer_provider=self.tracer_provider)]
+    def server_tracer(self) -> trace.Tracer | None:
+        """The tracer of the server spans (`libs.interceptors`); None when tracing is off."""
+        if self.tracer_provider is None:
+            return None
+        return self.tracer_provider.get_tracer("libs.interceptors")
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """OpenTelemetry's gRPC client interceptors: child spans plus traceparent propagation."""
