@@ -6,7 +6,7 @@ Shared by `tests/integration/gateway/test_inference_failover.py` and the `failov
 pool; the preferred one) and `cpu`. The platform file names both pools and has `fraud` prefer `gpu`.
 `batching_variant` rewrites a repository's dynamic batching, which is how the `gpu` pool is made
 saturable (`SATURABLE`: a queue of 2 requests and a 100 ms batching delay, so concurrent batches overflow
-it) or slow (a batching delay longer than the callers' deadline). The gateway settings both use are
+it) or slow (`SLOW`: a batching delay longer than the callers' `DEADLINE_S`). The gateway settings both use are
 here too: single-row batches (so the failover counter counts requests), 8 batches in flight per model,
 a short discovery interval and breaker reset.
 """
@@ -24,13 +24,13 @@ from typing import Any
 
 from infergrid.gateway.v1 import gateway_pb2
 from libs.testing import spawn_module
-from services.gateway.failover import BREAKER_OPEN, DOWN, OVERLOADED, QUEUE_DELAY
+from services.gateway.failover import BREAKER_OPEN, DOWN, DRAINING, OVERLOADED, QUEUE_DELAY
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 POOL_MODULE = "services.inference"
 MODEL = "fraud"
 PREFERRED, FALLBACK = "gpu", "cpu"
-REASONS = (DOWN, BREAKER_OPEN, OVERLOADED, QUEUE_DELAY)
+REASONS = (DOWN, DRAINING, BREAKER_OPEN, OVERLOADED, QUEUE_DELAY)
 FAILOVERS_METRIC = "infergrid_gateway_inference_failovers"  # a Counter: its sample is <name>_total
 DEMO_SAMPLES = 2000  # training rows of the demo model: enough for a working model, fast to write
 
@@ -51,6 +51,9 @@ class Batching:
 
 DEMO = Batching(queue_delay_us=1000, max_queue_size=4096)  # what services/inference/demo.py writes
 SATURABLE = Batching(queue_delay_us=100_000, max_queue_size=2)
+# The callers' deadline, and a pool whose queue delay is past it: every batch it takes answers too late.
+DEADLINE_S = 0.25
+SLOW = Batching(queue_delay_us=400_000, max_queue_size=DEMO.max_queue_size)
 
 
 def write_demo_repository(repo: Path, samples: int = DEMO_SAMPLES) -> Path:

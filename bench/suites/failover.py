@@ -11,12 +11,13 @@ must read each answer's `inference_pool`), closed loop at `CONCURRENCY` calls in
 `DEADLINE_S` deadline. Side by side in one run, each phase a point:
 
 - `healthy`: both pools serving (the demo batching, 1 ms delay);
-- `sigterm`: `gpu` gets SIGTERM `KILL_AT_S` into one measured run (the transition; it drains for 0 s);
+- `sigterm`: `gpu` gets SIGTERM `KILL_AT_S` into one measured run (the transition: it refuses new
+  batches on its stream at once, finishes those it has, and stops after its grace period);
 - `sigkill`: `gpu` (restarted) gets SIGKILL `KILL_AT_S` into one measured run;
 - `down`: `gpu` stays down (steady state, warm-up and repetitions as usual);
 - `saturated`: `gpu` restarted with its queue bounded to 2 requests and a 100 ms batching delay (the
   integration test's `SATURABLE`): concurrent batches overflow its queue (RESOURCE_EXHAUSTED);
-- `slow`: `gpu` restarted with a batching delay of `SLOW_DELAY_US` (longer than the deadline): its queue
+- `slow`: `gpu` restarted with the batching delay of `SLOW` (longer than the deadline): its queue
   delay is past every call's deadline.
 
 Per phase: calls, OK, failed by status code, the share each pool served (from the answers'
@@ -57,17 +58,16 @@ from libs.testing import NO_REDIS_URL
 from stack.services import INPUT_LAYOUTS
 
 CONCURRENCY = 16
-DEADLINE_S = 0.25
+DEADLINE_S = ip.DEADLINE_S
 KILL_AT_S = 1.0
-SLOW_DELAY_US = 400_000  # past DEADLINE_S: every batch the slow pool takes answers too late
-SLOW = ip.Batching(queue_delay_us=SLOW_DELAY_US, max_queue_size=ip.DEMO.max_queue_size)
+SLOW = ip.SLOW  # its queue delay is past DEADLINE_S: every batch the slow pool takes answers too late
 PHASES = {
     "healthy": "both pools serving",
     "sigterm": f"gpu pool SIGTERMed {KILL_AT_S:.0f} s into the run",
     "sigkill": f"gpu pool SIGKILLed {KILL_AT_S:.0f} s into the run",
     "down": "gpu pool down (after the SIGKILL)",
     "saturated": "gpu pool saturated (queue of 2, 100 ms batching delay)",
-    "slow": f"gpu pool's queue delay past the deadline ({SLOW_DELAY_US // 1000} ms batching delay, "
+    "slow": f"gpu pool's queue delay past the deadline ({SLOW.queue_delay_us // 1000} ms batching delay, "
     f"{DEADLINE_S * 1000:.0f} ms deadline)",
 }
 PLATFORM = """admission: {placement: gateway}

@@ -8,15 +8,20 @@ preferred pool that is usable and fails over, for that batch only, to the next o
 
 - `down`: the pool has no endpoint, or every endpoint is ejected, or the call failed UNAVAILABLE after
   the pool's own retries on its other endpoints;
+- `draining`: every endpoint of the pool drains (SIGTERM: its open stream refused a batch for draining),
+  or the call was refused so; in-flight batches there still finish;
 - `breaker_open`: the pool's breaker is open (no probe due yet);
 - `overloaded`: the pool answered RESOURCE_EXHAUSTED (its queue is full): load shed by a saturated pool
   is served by the next one instead of being an error, as long as there is a next one (when every pool
   fails, a refusal with its retry hint is the answer rather than a later pool's UNAVAILABLE);
 - `queue_delay`: the pool's expected answer time is longer than the time the batch has left while a later
-  pool's fits (see `AnswerTimeEstimate`).
+  pool's fits (see `AnswerTimeEstimate`). A pool skipped so is re-measured by probes: at most one at a
+  time and one per `PROBE_INTERVAL_S`, a copy of a skipped batch is sent to it with twice its expected
+  answer time to answer in, and its answer time (or its running out of time) updates the estimate; the
+  batch itself is served by the next pool, so no caller waits on a probe.
 
 When no pool passes these checks, the pools are still tried in order (those whose answer time does not
-fit first, then the down ones; an open breaker never): a check is a guess, refusing the batch would be
+fit first, then the down and draining ones; an open breaker never): a check is a guess, refusing the batch would be
 certain failure. Other errors (NOT_FOUND, DEADLINE_EXCEEDED, INTERNAL) are the batch's answer, as with a
 single pool. A model without `pools` goes to the gateway's default inference target, exactly as before.
 The answer (`Scores.pool`) names the pool that served the batch; a served batch whose most preferred pool
@@ -43,18 +48,26 @@ from libs.platform import PlatformConfig
 from libs.pool import ChannelPool
 from libs.resilience import Dependency
 from services.gateway.catalog import ModelSpec
-from services.gateway.inference_client import GrpcModelClient, ModelClient, StreamingModelClient
+from services.gateway.inference_client import (
+    Draining,
+    GrpcModelClient,
+    ModelClient,
+    StreamingModelClient,
+    draining,
+)
 from services.gateway.metrics import FAILOVERS
 
 log = logging.getLogger(__name__)
 
 
 DOWN = "down"
+DRAINING = "draining"
 BREAKER_OPEN = "breaker_open"
 OVERLOADED = "overloaded"
 QUEUE_DELAY = "queue_delay"
 
 Clock = Callable[[], float]
+PROBE_INTERVAL_S = 0.5
 
 
 class Scores(dict[str, np.ndarray]):
@@ -71,32 +84,32 @@ class AnswerTimeEstimate:
     """How long a batch sent to a pool now can expect to wait for its answer (seconds).
 
     An exponentially weighted moving average of the answer times the gateway observed for this pool's
-    recent batches (send to answer, so the pool's queue delay at its current load, compute and the hop;
-    a batch that ran out of time counts with the time it waited). Our inference server does not report
-    its queue time per answer, and the round trip is what the caller's deadline is spent on anyway. The
-    average ages while no answer comes: it halves every `half_life_s` since the last one, so a pool
-    skipped for being slow is probed again once its estimate fits a batch's time, and the probe's answer
-    brings the estimate back up to date.
+    recent batches (send to answer, so the pool's queue delay at its current load, compute and the hop).
+    Our inference server does not report its queue time per answer, and the round trip is what the
+    caller's deadline is spent on anyway. A batch that ran out of time after waiting `w` says only that
+    the answer takes longer than `w`: the estimate becomes at least `2 w` at once (`timed_out`), so the
+    next batch with the same time left skips the pool instead of waiting out its deadline there too. The
+    estimate does not age: a pool skipped for being slow is re-measured by probes (see the module).
     """
 
-    def __init__(self, alpha: float = 0.2, half_life_s: float = 1.0, clock: Clock = time.monotonic) -> None:
+    def __init__(self, alpha: float = 0.2) -> None:
         self._alpha = alpha
-        self._half_life = half_life_s
-        self._clock = clock
         self._mean = 0.0
-        self._at = 0.0
+        self._seen = False
 
     def observe(self, seconds: float) -> None:
         """Adds one batch's answer time."""
-        self._mean = self.value() + self._alpha * (seconds - self.value()) if self._at else seconds
-        self._at = self._clock()
+        self._mean = self._mean + self._alpha * (seconds - self._mean) if self._seen else seconds
+        self._seen = True
+
+    def timed_out(self, waited: float) -> None:
+        """A batch got no answer in `waited` seconds: the answer time is at least that, and likely more."""
+        self._mean = max(self._mean, 2 * waited)
+        self._seen = True
 
     def value(self) -> float:
-        """The expected answer time now (0 before the first answer)."""
-        if not self._at:
-            return 0.0
-        age = self._clock() - self._at
-        return self._mean * math.pow(0.5, age / self._half_life) if age > 0 else self._mean
+        """The expected answer time (0 before the first answer)."""
+        return self._mean
 
 
 @dataclass(eq=False)
@@ -112,20 +125,27 @@ class PoolClient:
     watcher: EndpointWatcher | None = None
     # The discovery task, and the hung-stream check of a streaming client.
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # The probe in flight (queue_delay), and when the last one started (FailoverModelClient's clock).
+    probe: asyncio.Task[None] | None = None
+    probed_at: float = -math.inf
 
     def skip_reason(self, left: float) -> str:
         """Why a batch with `left` seconds should not go here ("" when it may)."""
         if self.dependency.breaker_open:
             return BREAKER_OPEN
+        endpoints = self.channels.endpoints
+        live = [e for e in endpoints if not draining(e)]
+        if endpoints and not live:
+            return DRAINING
         now = time.monotonic()  # the endpoints' ejections are on the real clock
-        if not any(e.healthy(now) for e in self.channels.endpoints):
+        if not any(e.healthy(now) for e in live):
             return DOWN
         if self.estimate.value() > left:
             return QUEUE_DELAY
         return ""
 
     async def close(self) -> None:
-        for task in self.tasks:
+        for task in [*self.tasks, *([self.probe] if self.probe else [])]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -140,6 +160,8 @@ def failover_reason(exc: BaseException) -> str:
     """The reason a failed call may go to the next pool ("" when the error is the batch's answer)."""
     if is_overload(exc):
         return OVERLOADED
+    if isinstance(exc, Draining):
+        return DRAINING
     code = status_code_of(exc)
     if isinstance(exc, Unavailable) or (code is not None and code.name in ("UNAVAILABLE", "CANCELLED")):
         return DOWN
@@ -159,7 +181,7 @@ class FailoverModelClient:
         """Args:
         default: The client of the default inference target (models without pools).
         pools: The pools of a model, most preferred first (those the platform file names and exist).
-        clock: Monotonic seconds (the estimates' clock; a fake one in tests).
+        clock: Monotonic seconds (answer times and probes; a fake one in tests).
         """
         self._default = default
         self._pools = pools
@@ -178,7 +200,11 @@ class FailoverModelClient:
         # the down ones; an open breaker would fail the call at once.
         order = [p for p, r in zip(pools, reasons, strict=True) if not r]
         order += [p for p, r in zip(pools, reasons, strict=True) if r == QUEUE_DELAY]
-        order += [p for p, r in zip(pools, reasons, strict=True) if r == DOWN]
+        order += [p for p, r in zip(pools, reasons, strict=True) if r in (DOWN, DRAINING)]
+        # The slow pools preferred to the one this batch goes to are skipped: they get a probe.
+        for pool, reason in zip(pools[: pools.index(order[0])] if order else (), reasons, strict=False):
+            if reason == QUEUE_DELAY:
+                self._probe(pool, spec, version, inputs, timeout)
         preferred = pools[0]
         why = reasons[0]
         error: BaseException | None = None
@@ -193,8 +219,8 @@ class FailoverModelClient:
             except Exception as exc:
                 reason = failover_reason(exc)
                 code = status_code_of(exc)
-                if code is not None and code.name == "DEADLINE_EXCEEDED":  # it waited at least this long
-                    pool.estimate.observe(clock() - start)
+                if code is not None and code.name == "DEADLINE_EXCEEDED":
+                    pool.estimate.timed_out(clock() - start)
                 if not reason:
                     raise
                 if reason == OVERLOADED and overload is None:
@@ -218,6 +244,34 @@ class FailoverModelClient:
             + ", ".join(f"{p.name} {r or 'out of time'}" for p, r in zip(pools, reasons, strict=True))
         )
 
+    def _probe(
+        self, pool: PoolClient, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float
+    ) -> None:
+        """Sends a copy of a batch skipped for `queue_delay` to `pool`, to re-measure its answer time (see
+        the module docstring); its answer is dropped."""
+        now = self._clock()
+        if pool.probe is not None or now - pool.probed_at < PROBE_INTERVAL_S:
+            return
+        pool.probed_at = now
+        budget = max(timeout, 2 * pool.estimate.value())
+        clock = self._clock
+
+        async def _run() -> None:
+            start = clock()
+            try:
+                await pool.client.infer(spec, version, inputs, budget)
+            except Exception as exc:
+                code = status_code_of(exc)
+                if code is not None and code.name == "DEADLINE_EXCEEDED":
+                    pool.estimate.timed_out(clock() - start)
+                log.debug("probe of inference pool %s for %s failed: %s", pool.name, spec.name, exc)
+            else:
+                pool.estimate.observe(clock() - start)
+            finally:
+                pool.probe = None
+
+        pool.probe = asyncio.get_running_loop().create_task(_run(), name=f"probe-{pool.name}")
+
 
 class InferencePools:
     """The platform file's named inference pools, each a PoolClient following its discovery targets.
@@ -232,18 +286,15 @@ class InferencePools:
         *,
         discovery_interval_s: float,
         base_dir: str | None = None,
-        clock: Clock = time.monotonic,
     ) -> None:
         """Args:
         make: The channels, dependency and client of the pool with this name.
         discovery_interval_s: How often each pool's targets are re-resolved.
         base_dir: The folder relative `file:` targets resolve against (the platform file's).
-        clock: The answer-time estimates' clock.
         """
         self._make = make
         self._interval = discovery_interval_s
         self._base_dir = base_dir
-        self._clock = clock
         self._pools: dict[str, PoolClient] = {}
         self._preferences: dict[str, tuple[PoolClient, ...]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -265,7 +316,7 @@ class InferencePools:
             pool = self._pools.get(name)
             if pool is None:
                 channels, dependency, client = self._make(name)
-                pool = PoolClient(name, channels, dependency, client, AnswerTimeEstimate(clock=self._clock))
+                pool = PoolClient(name, channels, dependency, client, AnswerTimeEstimate())
                 self._pools[name] = pool
                 if isinstance(client, StreamingModelClient):
                     pool.tasks.append(

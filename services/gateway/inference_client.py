@@ -112,6 +112,19 @@ class GrpcModelClient:
 
 
 _STREAM = "model-stream"
+# The parameter our inference server puts on a streamed refusal when it drains (shuts down).
+_DRAINING = "draining"
+
+
+class Draining(Unavailable):
+    """The inference endpoint refused a streamed batch because it is draining (SIGTERM): it takes no new
+    work on its open stream, finishes what it has, and goes away."""
+
+
+def draining(endpoint: Endpoint) -> bool:
+    """True while the endpoint's open inference stream has been refused for draining (until it ends)."""
+    stream = endpoint.extras.get(_STREAM)
+    return isinstance(stream, _Stream) and stream.broken is None and stream.draining
 
 
 class StreamingModelClient:
@@ -129,7 +142,11 @@ class StreamingModelClient:
     of the pool's next healthy endpoint, so a gateway process spreads over every replica. When a stream
     breaks (the server restarted, the connection dropped), its pending batches fail UNAVAILABLE, the
     pool retries them on another endpoint and the next batch for that endpoint opens a new stream. A
-    stream with an unanswered request past its deadline by `hang_margin_s` is hung (a server
+    stream refused for draining (the server got SIGTERM and answers new messages with the parameter
+    `draining`) fails every later batch at once with `Draining`, without sending it, until the server
+    ends it: the pool retries them on another endpoint, and failover (`draining`) skips an inference
+    pool whose endpoints all drain. A stream with an unanswered request past its deadline by
+    `hang_margin_s` is hung (a server
     that accepts messages and never answers): `check_hung` (run by `watch`) fails its pending batches
     UNAVAILABLE the same way, ejects the endpoint and drops the stream, instead of waiting for keepalive.
     """
@@ -231,6 +248,8 @@ class _Stream:
         self._write_lock = asyncio.Lock()
         self._address = address
         self.broken: Exception | None = None
+        # The server refused a message because it drains: no new message goes on this stream.
+        self.draining = False
         # Outside any request's trace: the stream outlives the batch that happened to open it.
         token = otel_context.attach(otel_context.Context())
         try:
@@ -242,6 +261,8 @@ class _Stream:
     async def call(self, request: pb.ModelInferRequest, deadline: float) -> pb.ModelInferResponse:
         if self.broken is not None:
             raise self.broken
+        if self.draining:
+            raise Draining(f"the inference server {self._address} is draining")
         request_id = str(next(self._ids))
         request.id = request_id
         future: asyncio.Future[pb.ModelInferResponse] = asyncio.get_running_loop().create_future()
@@ -266,10 +287,14 @@ class _Stream:
         try:
             async for reply in self._call:
                 self._sent.pop(reply.infer_response.id, None)
+                refused = bool(reply.error_message) and _DRAINING in reply.infer_response.parameters
+                self.draining = self.draining or refused
                 future = self._pending.get(reply.infer_response.id)
                 if future is None or future.done():
                     continue  # its caller gave up (deadline)
-                if reply.error_message:
+                if refused:
+                    future.set_exception(Draining(f"the inference server {self._address} is draining"))
+                elif reply.error_message:
                     status = reply.infer_response.parameters.get("status_code")
                     code = grpc.StatusCode.INTERNAL
                     if status is not None:

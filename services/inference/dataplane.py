@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
+
 from libs.errors import InvalidArgument, Status, to_status
 from services.inference.codec import (
     InferRequest,
@@ -37,6 +39,12 @@ _Answer = TypeVar("_Answer")
 
 # A streamed request's own deadline: none (see `DataPlane.infer_stream`).
 STREAM_MESSAGE_DEADLINE_S: float | None = None
+# A streamed request that arrived after the server started draining (SIGTERM): refused, so the caller
+# (the gateway, whose stream outlives any balancer's decision) sends it to another replica or pool at once.
+DRAINING = Status(
+    grpc.StatusCode.UNAVAILABLE,
+    "the inference server is draining (shutting down): send new requests to another replica",
+)
 
 SERVER_NAME = "infergrid-inference"
 SERVER_VERSION = "0.1.0"
@@ -207,7 +215,8 @@ class DataPlane:
         Timeouts: a stream message has no deadline of its own (the call's deadline bounds the whole
         stream), so `run` gets None; its `timeout` parameter applies as in a unary call. Errors: one
         failing request never ends the stream; `failed` turns its status (`to_status`) into an answer.
-        Leaving the iterator early cancels the requests still running.
+        Leaving the iterator early cancels the requests still running. Once the server drains, every new
+        request is answered `failed(request, DRAINING)` without running; those already running finish.
 
         Args:
             requests: The front door's requests, in arrival order.
@@ -230,6 +239,9 @@ class DataPlane:
         async def _read() -> None:
             try:
                 async for request in requests:
+                    if self.draining():
+                        answers.put_nowait(failed(request, DRAINING))
+                        continue
                     task = asyncio.create_task(_one(request))
                     pending.add(task)
                     task.add_done_callback(pending.discard)

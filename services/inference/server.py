@@ -24,7 +24,14 @@ from services.inference.backends import ModelBackend, create_backends
 from services.inference.codec import CONTENTS_FIELD, InferRequest, InputTensor, RequestedOutput, tensor_bytes
 from services.inference.config import InferenceConfig, check_repository
 from services.inference.control import ControlGate
-from services.inference.dataplane import EXTENSIONS, SERVER_NAME, SERVER_VERSION, DataPlane, InferResult
+from services.inference.dataplane import (
+    DRAINING,
+    EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    DataPlane,
+    InferResult,
+)
 from services.inference.errors import InvalidInput, NotSupported
 from services.inference.http_server import HttpFrontDoor
 from services.inference.metrics import Duration, VersionStatistics
@@ -34,6 +41,8 @@ from services.inference.shared_memory import SharedMemoryRef
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+# The parameter (bool, true) on a streamed refusal that says the server is draining: send it elsewhere.
+DRAINING_PARAMETER = "draining"
 # The span of one streamed request that carried the caller's trace context.
 STREAM_SPAN = "/inference.GRPCInferenceService/ModelStreamInfer request"
 
@@ -197,7 +206,8 @@ def _infer_response(result: InferResult) -> pb.ModelInferResponse:
 
 def _stream_failure(request: pb.ModelInferRequest, status: Status) -> pb.ModelStreamInferResponse:
     """A failed streamed request, in band as Triton sends it: `error_message`, and in the response's
-    `status_code` parameter the status a unary call would have ended with (for callers that map errors)."""
+    `status_code` parameter the status a unary call would have ended with (for callers that map errors);
+    a refusal because the server drains also has the parameter `draining` (true)."""
     reply = pb.ModelStreamInferResponse(
         error_message=status.message,
         infer_response=pb.ModelInferResponse(
@@ -205,6 +215,8 @@ def _stream_failure(request: pb.ModelInferRequest, status: Status) -> pb.ModelSt
         ),
     )
     reply.infer_response.parameters["status_code"].int64_param = status.code.value[0]
+    if status is DRAINING:
+        reply.infer_response.parameters[DRAINING_PARAMETER].bool_param = True
     return reply
 
 

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from libs.channels import dial
-from libs.errors import NotFound, ResourceExhausted, Unavailable, overloaded
+from libs.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable, overloaded
 from libs.platform import parse_platform
 from libs.pool import ChannelPool
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
@@ -25,6 +25,7 @@ from services.gateway.failover import (
     PoolClient,
     Scores,
 )
+from services.gateway.inference_client import Draining
 from services.gateway.server import INFERENCE_SERVICE
 from services.gateway.tests.fakes import DESCRIPTION, FakeModels, toy_spec
 
@@ -61,7 +62,7 @@ def _pool(name: str, client: TimedModels, clock: FakeClock) -> PoolClient:
     channels = ChannelPool(f"test-{name}", lambda a: dial(a, INFERENCE_SERVICE, POLICY), POLICY)
     channels.update([f"127.0.0.1:{1 + len(name)}"])
     return PoolClient(
-        name, channels, Dependency(f"test-{name}", POLICY), client, AnswerTimeEstimate(clock=clock)
+        name, channels, Dependency(f"test-{name}", POLICY), client, AnswerTimeEstimate(alpha=0.5)
     )
 
 
@@ -95,44 +96,87 @@ async def setup() -> AsyncIterator[Setup]:
     await s.cpu.channels.close()
 
 
-async def test_a_pool_whose_answer_time_would_break_the_deadline_is_skipped_until_its_estimate_ages(
+async def _probed(pool: PoolClient) -> None:
+    assert pool.probe is not None
+    await pool.probe
+
+
+async def test_a_pool_whose_answer_time_would_break_the_deadline_is_skipped_and_probed_until_it_fits(
     setup: Setup,
 ) -> None:
     setup.gpu_models.service_s = 0.3
     assert await setup.infer(timeout=0.5) == "gpu"  # no estimate yet: the preferred pool
     assert setup.gpu.estimate.value() == pytest.approx(0.3)
     before = _failovers("cpu", "queue_delay")
-    # 0.3 s expected, 0.2 s left: the batch goes to the CPU pool (no estimate: expected to fit).
+    # 0.3 s expected, 0.2 s left: the batch goes to the CPU pool (no estimate: expected to fit), and a
+    # copy probes the GPU pool (with twice its expected answer time), whose answer is dropped.
     assert await setup.infer(timeout=0.2) == "cpu"
     assert _failovers("cpu", "queue_delay") == before + 1
-    assert await setup.infer(timeout=0.5) == "gpu"  # with time to spare the preferred pool serves
-    # Unused, the estimate halves every second: 2 s later it is under a quarter and the GPU pool is
-    # probed again with a short deadline; its fast answer brings the estimate down.
-    setup.gpu_models.service_s = 0.02
+    await _probed(setup.gpu)
+    assert len(setup.gpu_models.calls) == 2
+    assert setup.gpu.estimate.value() == pytest.approx(0.3)  # still slow
+    # Within PROBE_INTERVAL_S of the last probe: skipped without one.
     assert await setup.infer(timeout=0.2) == "cpu"
-    setup.clock.now += 2.0
-    assert setup.gpu.estimate.value() < 0.1
-    assert await setup.infer(timeout=0.2) == "gpu"
-    assert setup.gpu.estimate.value() < 0.1
+    assert setup.gpu.probe is None and len(setup.gpu_models.calls) == 2
+    assert await setup.infer(timeout=0.5) == "gpu"  # with time to spare the preferred pool serves
+    # The GPU pool is fast again: probes bring its estimate down until it fits, then it serves.
+    setup.gpu_models.service_s = 0.02
+    served = []
+    for _ in range(3):
+        setup.clock.now += 1.0
+        served.append(await setup.infer(timeout=0.2))
+        if setup.gpu.probe is not None:
+            await setup.gpu.probe
+    assert served == ["cpu", "gpu", "gpu"]
+    assert setup.gpu.estimate.value() < 0.2
+
+
+async def test_a_timed_out_batch_makes_the_estimate_at_least_twice_its_wait(setup: Setup) -> None:
+    setup.gpu.estimate.observe(0.01)
+    setup.gpu_models.service_s = 0.25
+    setup.gpu_models.failure = DeadlineExceeded("no answer in time")
+    with pytest.raises(DeadlineExceeded):
+        await setup.infer(timeout=0.25)
+    assert setup.gpu.estimate.value() == pytest.approx(0.5)
+    before = _failovers("cpu", "queue_delay")
+    assert await setup.infer(timeout=0.25) == "cpu"  # no second caller waits out its deadline there
+    assert _failovers("cpu", "queue_delay") == before + 1
+    # The probe (0.5 s expected: 1 s to answer) runs out of time too: the estimate doubles again.
+    await _probed(setup.gpu)
+    assert setup.gpu.estimate.value() == pytest.approx(0.5)  # it waited 0.25 on the fake clock
+    setup.gpu_models.service_s = 0.6
+    setup.clock.now += 1.0
+    assert await setup.infer(timeout=0.25) == "cpu"
+    await _probed(setup.gpu)
+    assert setup.gpu.estimate.value() == pytest.approx(1.2)
 
 
 async def test_when_no_pool_fits_the_deadline_the_preferred_one_is_tried(setup: Setup) -> None:
     setup.gpu.estimate.observe(0.4)
     setup.cpu.estimate.observe(0.3)
     assert await setup.infer(timeout=0.2) == "gpu"
+    assert setup.gpu.probe is None and setup.cpu.probe is None  # the batch itself measures
 
 
-def test_the_estimate_is_an_ewma_that_halves_per_half_life_without_answers() -> None:
-    clock = FakeClock()
-    estimate = AnswerTimeEstimate(alpha=0.5, half_life_s=1.0, clock=clock)
+def test_the_estimate_is_an_ewma_and_a_timeout_a_lower_bound() -> None:
+    estimate = AnswerTimeEstimate(alpha=0.5)
     assert estimate.value() == 0.0
     estimate.observe(0.1)
     estimate.observe(0.3)
     assert estimate.value() == pytest.approx(0.2)
-    clock.now += 1.0
-    assert estimate.value() == pytest.approx(0.1)
+    estimate.timed_out(0.05)  # less than expected: says nothing new
+    assert estimate.value() == pytest.approx(0.2)
+    estimate.timed_out(0.25)
+    assert estimate.value() == pytest.approx(0.5)
     estimate.observe(0.1)
-    assert estimate.value() == pytest.approx(0.1)
+    assert estimate.value() == pytest.approx(0.3)
+
+
+async def test_a_draining_preferred_pool_fails_over_and_is_skipped_while_it_drains(setup: Setup) -> None:
+    before = _failovers("cpu", "draining")
+    setup.gpu_models.failure = Draining("the inference server 127.0.0.1:4 is draining")
+    assert await setup.infer() == "cpu"
+    assert _failovers("cpu", "draining") == before + 1
 
 
 async def test_an_overloaded_preferred_pool_fails_over_and_the_last_pool_overloaded_is_the_answer(

@@ -567,6 +567,38 @@ async def test_stream_infer_answers_each_request_and_reports_errors_in_band(
     assert all(len(r.infer_response.raw_output_contents[0]) == 4 for r in ok)
 
 
+async def test_a_draining_server_refuses_new_stream_messages_in_band_and_says_it_drains(
+    model_repo: Path,
+) -> None:
+    server = await create_server(_config(model_repo))
+    await server.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+            request = _fraud_request(np.ones((1, 32), np.float32), "1")
+            await call.write(request)
+            first = await call.read()
+            assert not first.error_message
+            # SIGTERM's drain: NOT_SERVING while still answering (2 s here), then the grace period.
+            stopping = asyncio.create_task(server.stop(2.0, 0.5))
+            await asyncio.sleep(0.1)
+            request.id = "after-sigterm"
+            await call.write(request)
+            refused = await call.read()
+            assert refused.infer_response.id == "after-sigterm"
+            assert refused.error_message.startswith("the inference server is draining")
+            parameters = refused.infer_response.parameters
+            assert parameters["status_code"].int64_param == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert parameters["draining"].bool_param
+            # A unary call is still answered while the server drains (balancers move away meanwhile).
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert (await stub.ModelInfer(request)).outputs
+            call.cancel()
+    finally:
+        await (stopping or server.stop(0, 0.5))
+
+
 async def test_statistics_count_requests_and_batches(served: pb_grpc.GRPCInferenceServiceStub) -> None:
     before = (
         await served.ModelStatistics(pb.ModelStatisticsRequest(name="double", version="1"))

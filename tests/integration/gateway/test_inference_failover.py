@@ -9,7 +9,11 @@ are served degraded.
 
 - a saturated `gpu` pool (RESOURCE_EXHAUSTED) sends the overflow to `cpu`: every call succeeds;
 - a stopped (SIGKILLed) `gpu` pool: every call succeeds, served by `cpu`, and the answer, the log
-  record and the failover counter say so; started again, traffic returns to it.
+  record and the failover counter say so; started again, traffic returns to it;
+- a SIGTERMed (draining) `gpu` pool: the batches it holds finish there, every later call is served by
+  `cpu` at once (failovers counted `draining`), none fails;
+- a `gpu` pool whose queue delay is past the callers' deadline (`SLOW`): after the first batches sent
+  there run out of time, calls are served by `cpu` (failovers counted `queue_delay`), and none fails.
 The latencies of the calls made while `gpu` is down are printed. The pools, their repositories and the
 gateway's settings come from `bench/inference_pools.py`, shared with the `failover` benchmark suite, which
 measures throughput and latency in each of these states side by side.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -28,10 +33,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from bench.inference_pools import (
     BREAKER_RESET_S,
+    DEADLINE_S,
     DISCOVERY_INTERVAL_S,
     FALLBACK,
     INFERENCE_SERVICE,
@@ -39,6 +46,7 @@ from bench.inference_pools import (
     MAX_CONCURRENT_BATCHES,
     PREFERRED,
     SATURABLE,
+    SLOW,
     batching_variant,
     failovers_by_reason,
     pools_yaml,
@@ -53,6 +61,7 @@ from libs.testing import (
     NO_REDIS_URL,
     WithApiKey,
     free_port,
+    health_status,
     stop_process,
     wait_serving,
     write_test_admission,
@@ -80,9 +89,11 @@ class Pools:
     gpu_port: int
     gpu_log: Path
     gpu: subprocess.Popen[bytes]
+    slow_repo: Path
 
-    async def start_gpu(self) -> None:
-        self.gpu = spawn_pool(self.gpu_repo, self.gpu_port, self.gpu_log)
+    async def start_gpu(self, repo: Path | None = None) -> None:
+        stop_process(self.gpu)
+        self.gpu = spawn_pool(repo or self.gpu_repo, self.gpu_port, self.gpu_log)
         await wait_serving(self.gpu_port, INFERENCE_SERVICE, self.gpu, timeout=90)
 
 
@@ -91,6 +102,7 @@ async def pools(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pools
     tmp = tmp_path_factory.mktemp("failover")
     cpu_repo = await asyncio.to_thread(write_demo_repository, tmp / "cpu-models")
     gpu_repo = batching_variant(cpu_repo, tmp / "gpu-models", SATURABLE)
+    slow_repo = batching_variant(cpu_repo, tmp / "gpu-slow-models", SLOW)
     gpu_port, cpu_port = free_port(), free_port()
     gpu = spawn_pool(gpu_repo, gpu_port, tmp / "gpu.log")
     cpu = spawn_pool(cpu_repo, cpu_port, tmp / "cpu.log")
@@ -99,7 +111,7 @@ async def pools(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pools
     )
     records = ListPublisher()
     server: Server | None = None
-    state = Pools("", records, gpu_repo, gpu_port, tmp / "gpu.log", gpu)
+    state = Pools("", records, gpu_repo, gpu_port, tmp / "gpu.log", gpu, slow_repo)
     try:
         await wait_serving(gpu_port, INFERENCE_SERVICE, gpu, timeout=120)
         await wait_serving(cpu_port, INFERENCE_SERVICE, cpu, timeout=120)
@@ -196,3 +208,86 @@ async def test_a_stopped_preferred_pool_fails_over_and_traffic_returns_when_it_i
         print(f"traffic back on the gpu pool {time.monotonic() - back:.1f} s after it served again")
         for i in range(5):
             assert (await stub.Predict(predict_request(i), timeout=10)).inference_pool == "gpu"
+
+
+async def _back_on_gpu(stub: gateway_pb2_grpc.PredictionServiceStub) -> None:
+    for i in range(600):
+        if (await stub.Predict(predict_request(i), timeout=10)).inference_pool == "gpu":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("traffic never returned to the gpu pool")
+
+
+async def _until_not_serving(port: int) -> None:
+    """Waits until the server on `port` reports NOT_SERVING (it drains) or refuses new calls."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        while True:
+            try:
+                if await health_status(channel, "") != health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_a_sigtermed_preferred_pool_finishes_its_batches_and_new_ones_fail_over_at_once(
+    pools: Pools,
+) -> None:
+    await pools.start_gpu()
+    async with grpc.aio.insecure_channel(pools.target, interceptors=[WithApiKey()]) as channel:
+        stub = gateway_pb2_grpc.PredictionServiceStub(channel)
+        await _back_on_gpu(stub)
+        # Two calls wait in the gpu pool's queue (its 100 ms batching delay) when SIGTERM arrives.
+        held = [asyncio.ensure_future(stub.Predict(predict_request(100 + i), timeout=10)) for i in range(2)]
+        await asyncio.sleep(0.03)
+        before = _failovers("draining")
+        pools.gpu.send_signal(signal.SIGTERM)
+        await _until_not_serving(pools.gpu_port)
+        served = collections.Counter(answer.inference_pool for answer in await asyncio.gather(*held))
+        assert served == {"gpu": 2}  # in-flight work finishes on the draining pool
+        assert pools.gpu.poll() is None  # still draining (its grace period) while the calls below run
+        for i in range(40):
+            answer = await stub.Predict(predict_request(i), timeout=DEADLINE_S)
+            assert answer.inference_pool == "cpu"
+        assert pools.gpu.poll() is None
+        assert _failovers("draining") - before == 40
+    stop_process(pools.gpu)
+
+
+async def test_a_preferred_pool_slower_than_the_deadline_is_skipped_for_its_queue_delay(pools: Pools) -> None:
+    await pools.start_gpu(pools.slow_repo)
+    async with grpc.aio.insecure_channel(pools.target, interceptors=[WithApiKey()]) as channel:
+        stub = gateway_pb2_grpc.PredictionServiceStub(channel)
+        await _back_on_gpu(stub)  # its answers take 400 ms: served within a 10 s deadline
+
+        async def _round(calls: int) -> tuple[collections.Counter[str], collections.Counter[str]]:
+            served: collections.Counter[str] = collections.Counter()
+            failed: collections.Counter[str] = collections.Counter()
+
+            async def _caller(worker: int) -> None:
+                for i in range(calls):
+                    try:
+                        answer = await stub.Predict(predict_request(worker * 1000 + i), timeout=DEADLINE_S)
+                        served[answer.inference_pool] += 1
+                    except grpc.aio.AioRpcError as exc:
+                        failed[exc.code().name] += 1
+
+            await asyncio.gather(*(_caller(w) for w in range(MAX_CONCURRENT_BATCHES)))
+            return served, failed
+
+        # The first batches sent there after the slow answer may run out of time: each teaches the
+        # estimate twice its wait, so at most one round of concurrent batches fails.
+        served, failed = await _round(30)
+        print(f"\nslow gpu pool, first round: served by {dict(served)}, failed {dict(failed)}")
+        assert sum(failed.values()) <= MAX_CONCURRENT_BATCHES
+        assert set(failed) <= {"DEADLINE_EXCEEDED"}
+        await asyncio.sleep(BREAKER_RESET_S + 0.5)  # the breaker its timed-out batches opened lets a probe by
+        before = failovers_by_reason(REGISTRY.collect())
+        served, failed = await _round(30)
+        after = failovers_by_reason(REGISTRY.collect())
+        print(f"slow gpu pool, second round: served by {dict(served)}, failed {dict(failed)}")
+        assert not failed
+        assert served == {"cpu": 30 * MAX_CONCURRENT_BATCHES}
+        assert after["queue_delay"] - before["queue_delay"] == 30 * MAX_CONCURRENT_BATCHES
+        # Probes (copies of skipped batches) keep measuring it: the estimate stays past the deadline.
+    stop_process(pools.gpu)
