@@ -1,6 +1,8 @@
-"""The server interceptor every service runs: typed errors to gRPC status, per-method metrics, server spans.
+"""The wrapper around every service's method handlers: typed errors to gRPC status, per-method metrics,
+server spans.
 
-One wrapper per call does all three jobs, so the per-call cost is paid once. With a tracer (tracing on),
+One wrapper per call does all three jobs, so the per-call cost is paid once, and it is put around each
+handler when the services register, so grpc.aio runs no interceptor per call. With a tracer (tracing on),
 the call continues the caller's W3C trace context (`traceparent` metadata): a sampled or absent parent
 gets a SERVER span named after the method (the root sampler decides for the absent one), a parent that
 was not sampled gets none, only its context attached, so outgoing calls carry the decision on. This is
@@ -16,7 +18,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -218,33 +220,22 @@ class _Call:
                 self._end_span(code, exc)
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class ServerInterceptor:
     """Maps exceptions to statuses (unknown ones to INTERNAL, logged once), records metrics and spans.
+
+    It wraps each method handler once, when the services register (`libs.server.build_server`), not per
+    call: grpc.aio then runs no interceptor chain (a coroutine and a new handler per call) at all.
 
     Args:
         tracer: Server spans (see the module docstring); None: tracing is off.
     """
 
     def __init__(self, tracer: trace.Tracer | None = None) -> None:
-        self._metrics: dict[str, _MethodMetrics] = {}
         self._tracer = tracer
 
-    def _metrics_for(self, method: str) -> _MethodMetrics:
-        m = self._metrics.get(method)
-        if m is None:
-            m = self._metrics[method] = _MethodMetrics(method)
-        return m
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        metrics = self._metrics_for(method)
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler of `method` ("/package.Service/Method") with errors, metrics and spans."""
+        metrics = _MethodMetrics(method)
         kwargs = {
             "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
@@ -264,6 +255,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(handler.stream_stream, method, metrics), **kwargs
         )
+
+    def generic(self, handler: grpc.GenericRpcHandler) -> grpc.GenericRpcHandler:
+        """`handler` whose method handlers are wrapped (each once, on its first call)."""
+        return _WrappedGeneric(handler, self.wrap)
 
     def _wrap_unary(
         self, behavior: Callable[..., Any], method: str, metrics: _MethodMetrics
@@ -291,3 +286,25 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     await result
 
         return wrapper
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped once each (by method, while the same)."""
+
+    def __init__(
+        self,
+        inner: grpc.GenericRpcHandler,
+        wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler],
+    ) -> None:
+        self._inner, self._wrap = inner, wrap
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is None or known[0] is not handler:
+            known = self._wrapped[method] = (handler, self._wrap(handler, method))
+        return known[1]

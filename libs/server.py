@@ -1,4 +1,4 @@
-"""The one gRPC server bootstrap: health, reflection, interceptors, readiness, graceful drain, workers.
+"""The one gRPC server bootstrap: health, reflection, error/metric/span wrapping, readiness, graceful drain, workers.
 
 A service builds its servicers and hands them to `build_server`; its `__main__`
 is one call of `main`, which reads its config and calls `serve`, which runs the
@@ -21,14 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from libs.config import ConfigError, load_config_or_exit, redacted
 from libs.interceptors import ServerInterceptor
@@ -175,30 +175,45 @@ class Server:
                 log.exception("shutdown hook failed")
 
 
+class _Registrar:
+    """The grpc.aio server as the services see it while they register: their handlers go in wrapped."""
+
+    def __init__(self, server: grpc.aio.Server, wrapper: ServerInterceptor) -> None:
+        self._server, self._wrapper = server, wrapper
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(self._wrapper.generic(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrap = self._wrapper.wrap
+        self._server.add_registered_method_handlers(
+            service, {name: wrap(h, f"/{service}/{name}") for name, h in handlers.items()}
+        )
+
+
 def build_server(
     config: ServerConfig,
     services: Sequence[GrpcService],
     *,
     telemetry: Telemetry | None = None,
     readiness: ReadinessCheck | None = None,
-    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
 ) -> Server:
-    """Creates a grpc.aio server with the services, health, reflection and the standard interceptors.
+    """Creates a grpc.aio server with the services, health, reflection, each handler wrapped (errors, metrics, spans).
 
     Args:
         config: Bind address, limits and shutdown timings.
         services: The service's own servicers.
         telemetry: Server spans when tracing is on (`libs.interceptors`).
         readiness: Checked every `readiness_interval_seconds`; health is SERVING only while it passes.
-        interceptors: Extra interceptors, run after the standard one (errors, metrics, spans).
         credentials: TLS server credentials for the port (e.g. `libs.mtls.server_credentials`); None: plaintext.
 
     Returns:
         The server, bound but not started, with the port it bound.
     """
-    tracer = telemetry.server_tracer() if telemetry is not None else None
-    chain: list[grpc.aio.ServerInterceptor] = [ServerInterceptor(tracer), *interceptors]
+    wrapper = ServerInterceptor(telemetry.server_tracer() if telemetry is not None else None)
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -207,19 +222,18 @@ def build_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
-    server = grpc.aio.server(
-        interceptors=chain,
-        options=options,
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
-    )
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    registrar = cast(grpc.aio.Server, _Registrar(server, wrapper))
     for service in services:
-        service.register(server)
+        service.register(registrar)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     names = tuple(s.name for s in services)
-    reflection.enable_server_reflection(
-        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        ),
+        registrar,
     )
     host = f"[{config.host}]" if ":" in config.host else config.host
     address = f"{host}:{config.port}"
