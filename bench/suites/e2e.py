@@ -8,24 +8,38 @@ transport limit of this path).
 The serving path — Envoy, control plane, gateway, features, inference and Redis — is pinned to CPU 0 (the
 one-core budget of the peers' numbers in peers.md, whose Redis shares their core too). Kafka and Cassandra,
 which the peers do not have and which run on their own machines in production (deploy/k8s), share CPU 1
-with the load generator. Envoy's access log and all tracing are off. Errors come from the gateway's own
-counters (infergrid_gateway_requests_total by status) and degraded answers (a feature default served
-because the feature call missed its 50 ms budget) from infergrid_gateway_degraded_total.
+with the load generator. Envoy's access log is off; tracing is on at production-like sampling: Envoy samples
+1 % of requests (its random_sampling, as the Kubernetes manifests run it), the gateway follows Envoy's
+decision (1 % for roots of its own), and both export over OTLP to a sink in the harness that counts the
+spans (suite detail `spans_exported`). Errors come from the gateway's own counters
+(infergrid_gateway_requests_total by status) and degraded answers (a feature default served because the
+feature call missed its 50 ms budget) from infergrid_gateway_degraded_total.
+
+With INFERGRID_BENCH_E2E_BASELINE=<checkout>[,<checkout>...] (`git worktree`s of earlier commits, each
+with its own `build/gen`), each checkout's gateway runs beside this one (own ports, same platform file,
+backends, features and inference), and each Predict point is measured for every gateway in turn: Envoy is
+pointed at one gateway, then at the next (an idle one costs next to nothing), the first one rotating from
+point to point. Keys `e2e-grpc`/`e2e-json` are this checkout; one other checkout is `...-baseline`, several
+are `...-<commit>`. With INFERGRID_BENCH_E2E_FLAME=1 (or in a full run) py-spy records each gateway's
+flame graph (`flame-gateway.svg`, `flame-gateway-baseline.svg` or `flame-gateway-<commit>.svg`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from bench.core import Run, Skipped, Suite
 from bench.loadgen import WRK_DONE, H2load, Wrk, grpc_frame
@@ -45,12 +59,16 @@ from bench.suites import inference as inference_suite
 from bench.suites.common import flame_graph, service_env, wait_grpc_serving
 from bench.tools import ensure_debian, say
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.checkout import python_path
 from libs.testing import REPO_ROOT
 from stack.envoy import Envoy
 from stack.progress import Progress
 from stack.services import INPUT_LAYOUTS
 
 PREDICT = "infergrid.gateway.v1.PredictionService/Predict"
+BASELINE_ENV = "INFERGRID_BENCH_E2E_BASELINE"
+FLAME_ENV = "INFERGRID_BENCH_E2E_FLAME"
+TRACE_PERCENT = 1.0  # production-like: Envoy's random_sampling in deploy/k8s
 REQUEST_FEATURES = {"amount": 250.0, "hour_of_day": 3.0, "is_weekend": 1.0, "channel_online": 1.0,
                     "card_present": 0.0, "distance_from_home_km": 120.0, "is_foreign": 1.0, "device_new": 1.0}  # fmt: skip
 
@@ -190,6 +208,37 @@ def wait_echo(target: str, key: str, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
+class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace receiver that counts the spans it is sent (tracing stays on without a Jaeger)."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
+        self.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def route_to(platform: Path, envoy_port: int, upstream: tuple[int, int], target: str, key: str) -> None:
+    """Points Envoy at the gateway (gRPC port, metrics port) and waits until five calls in a row reach it."""
+    upstream_port, metrics_port = upstream
+    platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=upstream_port))
+    deadline = time.monotonic() + 60
+    while True:
+        before = scrape(metrics_port)["ok"]
+        for _ in range(5):
+            wait_predict(target, key)
+        if scrape(metrics_port)["ok"] - before >= 5:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Envoy never moved to the gateway on port {upstream_port}")
+        time.sleep(0.5)
+
+
 class Chain:
     """The running request path and its backends; `cpu()` sums every process, `breakdown()` per process."""
 
@@ -256,6 +305,8 @@ def body(run: Run, suite: Suite) -> None:
     gateway_port, gateway_metrics = free_port(), free_port()
     envoy_port = run.backends.config.port("envoy")
     platform = work / "platform.yaml"
+    sink = OtlpSink()
+    run.procs.on_stop(lambda: sink.server.stop(None))
     platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=gateway_port))
     # The bench tenant's API key (hashed in the key file the gateway watches).
     key = secrets.token_urlsafe(24)
@@ -277,10 +328,29 @@ def body(run: Run, suite: Suite) -> None:
         "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(work / "spool"),
         "INFERGRID_GATEWAY_ADMISSION_KEYS_FILE": str(keys_file),
         "INFERGRID_GATEWAY_ADMISSION_REDIS_URL": redis.url,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
+        "OTEL_TRACES_SAMPLER_ARG": str(TRACE_PERCENT / 100),
     })  # fmt: skip
     gateway = run.procs.start("e2e-gateway", [sys.executable, "-m", "services.gateway"], env=env, cpus=cpus)
     wait_grpc_serving(gateway, gateway_port, timeout=90)
     chain.servers.append(gateway)
+    # (key suffix, gRPC port, metrics port, server) of each gateway measured side by side.
+    gateways: list[tuple[str, int, int, Server]] = [("", gateway_port, gateway_metrics, gateway)]
+    roots = [Path(r).resolve() for r in os.environ.get(BASELINE_ENV, "").split(",") if r.strip()]
+    for root in roots:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], check=False,
+                                capture_output=True, text=True).stdout.strip() or root.name  # fmt: skip
+        suffix = "-baseline" if len(roots) == 1 else f"-{commit}"
+        base_port, base_metrics = free_port(), free_port()
+        base_env = {**env, "PYTHONPATH": python_path(root, inherit=False), "INFERGRID_GATEWAY_PORT": str(base_port),
+                    "INFERGRID_GATEWAY_METRICS_PORT": str(base_metrics),
+                    "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(work / f"spool{suffix}")}  # fmt: skip
+        base = run.procs.start(f"e2e-gateway{suffix}", [sys.executable, "-m", "services.gateway"], env=base_env,
+                               cwd=root, cpus=cpus)  # fmt: skip
+        wait_grpc_serving(base, base_port, timeout=90)
+        chain.servers.append(base)
+        gateways.append((suffix, base_port, base_metrics, base))
+        suite.extra[f"gateway{suffix}"] = f"{root} at {commit}"
 
     cp_port = run.backends.config.port("controlplane")
     controlplane = run.procs.start("e2e-controlplane", [sys.executable, "-m", "services.controlplane"], cpus=cpus,
@@ -289,7 +359,8 @@ def body(run: Run, suite: Suite) -> None:
                                        "INFERGRID_CONTROLPLANE_DESCRIPTOR_SET": str(REPO_ROOT / "build" / "gen" / "descriptors.pb"),
                                        "INFERGRID_CONTROLPLANE_LISTENER_PORT": str(envoy_port),
                                        "INFERGRID_CONTROLPLANE_ACCESS_LOG": "",
-                                       "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": "",
+                                       "INFERGRID_CONTROLPLANE_TRACING_OTLP_ADDRESS": f"127.0.0.1:{sink.port}",
+                                       "INFERGRID_CONTROLPLANE_TRACING_SAMPLE_PERCENT": str(TRACE_PERCENT),
                                        "INFERGRID_CONTROLPLANE_TLS_DIR": str(work / "tls")}))  # fmt: skip
     wait_grpc_serving(controlplane, cp_port, timeout=60)
     chain.servers.append(controlplane)
@@ -375,19 +446,41 @@ def body(run: Run, suite: Suite) -> None:
         return rep
 
     frame = h2.response_bytes(url=url, body_file=body_file, extra_headers=[f"x-api-key: {key}"])
-    for c in s.e2e_concurrency:
-        run.measure(suite, system="InferGrid Predict via Envoy (gRPC)", key="e2e-grpc", protocol="gRPC", tool="h2load",
-                    params={"concurrency": c}, rep=grpc_rep(chain.cpu, frame, c, gateway_metrics))  # fmt: skip
-    for c in s.e2e_concurrency:
-        run.measure(suite, system="InferGrid Predict via Envoy (HTTP/JSON)", key="e2e-json", protocol="HTTP/JSON",
-                    tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, gateway_metrics))  # fmt: skip
+    label = {suffix: f", {suffix[1:]}" if suffix else "" for suffix, *_ in gateways}
+    # Side by side: the gateways take turns, the first one rotating from point to point.
+    turns = [(protocol, c, i) for protocol in ("grpc", "json") for i, c in enumerate(s.e2e_concurrency)]
+    routed = gateway_port
+    for protocol, c, i in turns:
+        shift = i % len(gateways)
+        for suffix, port, metrics_port, _ in gateways[shift:] + gateways[:shift]:
+            if port != routed:
+                route_to(platform, envoy_port, (port, metrics_port), target, key)
+                routed = port
+            if protocol == "grpc":
+                run.measure(suite, system=f"InferGrid Predict via Envoy (gRPC){label[suffix]}", key=f"e2e-grpc{suffix}",
+                            protocol="gRPC", tool="h2load", params={"concurrency": c},
+                            rep=grpc_rep(chain.cpu, frame, c, metrics_port))  # fmt: skip
+            else:
+                run.measure(suite, system=f"InferGrid Predict via Envoy (HTTP/JSON){label[suffix]}",
+                            key=f"e2e-json{suffix}", protocol="HTTP/JSON", tool="wrk", params={"concurrency": c},
+                            rep=json_rep(chain.cpu, c, metrics_port))  # fmt: skip
 
-    if not s.quick:  # where the gateway's CPU goes (a separate, unmeasured run)
+    if not s.quick or os.environ.get(FLAME_ENV):  # where the gateway's CPU goes (separate, unmeasured runs)
         load = [h2.binary, "-t1", "-c8", "-m4", "-D", "8", "-d", str(body_file), "-H", "content-type: application/grpc",
                 "-H", "te: trailers", "-H", f"x-api-key: {key}", url]  # fmt: skip
-        svg = flame_graph(gateway, run.out_dir / "flame-gateway.svg", load)
-        if svg:
-            suite.extra["flame_graph"] = svg.name
+        for suffix, port, metrics_port, server in gateways:
+            if port != routed:
+                route_to(platform, envoy_port, (port, metrics_port), target, key)
+                routed = port
+            svg = flame_graph(server, run.out_dir / f"flame-gateway{suffix}.svg", load)
+            if svg:
+                suite.extra[f"flame_graph{suffix}"] = svg.name
+    if routed != gateway_port:
+        route_to(platform, envoy_port, (gateway_port, gateway_metrics), target, key)
+    for *_, server in gateways[1:]:  # the baseline is done: free the core
+        run.procs.stop(server)
+        chain.servers.remove(server)
+    suite.extra["spans_exported"] = sink.spans
 
     # Scaling: the same Predict benchmark with one and with two gateway worker processes (SO_REUSEPORT). Two
     # workers need two cores: the whole chain and h2load are unpinned for these rows (suite `scaling`).
