@@ -9,15 +9,24 @@ maximums, from the latencies the batcher reports:
 - every `interval_s` (with at least `min_samples` requests seen) it takes the p99 of the window's
   request latencies (enqueue to result; a windowed estimate, not a running one, so it follows load
   changes within an interval);
-- **over the target**: multiplicative decrease of the delay (times `decrease`); once the delay is 0,
-  of the batch-size cap too, but only when the batches' own execution is what breaks the budget (p99
-  of the window's batch compute times over `compute_share` of the target): when the server is simply
-  overloaded, smaller batches would only cost throughput and make the queue longer;
+- **batches too slow**: when the p99 of the window's batch compute times exceeds `compute_share` of the
+  target (a request may wait for the batch running before its own), the batch-size cap drops at once to
+  the rows whose compute fits that share at the window's cost per row (compute over rows, which
+  includes each batch's fixed cost: an upper bound for bigger batches), whatever the delay;
+- **over the target** otherwise: multiplicative decrease of the delay (times `decrease`). The cap stays:
+  when the server is simply overloaded (the queue, not a batch's execution, breaks the budget), smaller
+  batches would only cost throughput and make the queue longer;
 - **under `headroom` times the target**: additive increase, first of the batch cap back to its maximum
-  (while the compute times leave room), then of the delay by `delay_step_s` — kept only if the batches grew (rows per batch up by
-  `min_gain`): a delay that gathers no extra rows is undone and not tried again for `cooldown`
-  intervals (the gradient check; it keeps the delay near 0 at low concurrency);
+  (never past the rows that fit the compute share), then of the delay by `delay_step_s` — kept only if
+  the batches grew (rows per batch up by `min_gain`): a delay that gathers no extra rows is undone and
+  not tried again for `cooldown` intervals (the gradient check; it keeps the delay near 0 at low
+  concurrency);
 - in between: hold.
+
+What it cannot see: the latencies are the batcher's (enqueue to result). Time a request spends before it
+reaches the batcher (a saturated server's transport and event loop) is outside them; when that is what
+breaks the target (bench/results: the closed-loop latency c / throughput of a CPU-bound server), no
+delay or batch size holds it.
 
 The delay never exceeds `max_delay_s` nor half the target. The controller is pure: time comes in as
 arguments (monotonic seconds), so unit tests drive it with a fake clock; its attributes are read by
@@ -117,6 +126,10 @@ class BatchController:
         observed = p99(self._samples)
         rows_per_batch = self._rows / max(self._batches, 1)
         compute = p99(self._compute) if self._compute else 0.0
+        compute_budget = t.p99_s * t.compute_share
+        # The rows whose compute fits the budget at this window's cost per row (no cost seen: any).
+        cost = sum(self._compute)
+        fit = int(compute_budget * self._rows / cost) if cost > 0 else t.max_batch
         self._samples, self._compute, self._rows, self._batches = [], [], 0, 0
         self._window_start = now
         self.last_p99 = observed
@@ -124,20 +137,18 @@ class BatchController:
         pending, self._pending = self._pending, None
         if self._cool:
             self._cool -= 1
-        compute_budget = t.p99_s * t.compute_share
-        if observed > t.p99_s:
+        if compute > compute_budget and self.max_batch > 1:
+            # The batches' own execution breaks the budget: cap them at what fits (always smaller).
+            self.max_batch = max(1, min(self.max_batch - 1, fit))
+        elif observed > t.p99_s:
             if self.delay_s > 0:
                 self.delay_s *= t.decrease
                 if self.delay_s < self._step_d / 4:
                     self.delay_s = 0.0
-            elif compute > compute_budget and self.max_batch > 1:
-                # The batch's own execution breaks the budget: a smaller one, in proportion.
-                cut = min(self.max_batch * t.decrease, self.max_batch * compute_budget / compute)
-                self.max_batch = max(1, int(cut))
         elif observed < t.p99_s * t.headroom:
             if self.max_batch < t.max_batch:
                 if compute < compute_budget * t.headroom:
-                    self.max_batch = min(t.max_batch, self.max_batch + self._step_b)
+                    self.max_batch = max(self.max_batch, min(t.max_batch, self.max_batch + self._step_b, fit))
             elif pending is not None and rows_per_batch < pending[1] * (1 + t.min_gain):
                 self.delay_s = pending[0]  # waiting longer gathered no more rows: undo it
                 self._cool = t.cooldown

@@ -7,7 +7,10 @@ Two repositories of the demo model that differ in one line: `fixed` is the demo'
 by `python -m services.inference` alone on the server CPU and driven by h2load (single-row ModelInfer)
 at concurrency 1, 8, 32 and 128. Before each point the load runs `SETTLE_S` unmeasured (both variants),
 so the controller has settled; the delay and batch cap it settled on are read from /metrics after the
-point (`infergrid_inference_queue_delay_seconds`, `infergrid_inference_batch_cap`).
+point (`infergrid_inference_queue_delay_seconds`, `infergrid_inference_batch_cap`), and so is where the
+time went during the point (both variants): the batcher's own mean latency (enqueue to result, what the
+controller sees), the mean compute time of a batch and the mean rows per batch (the histograms'
+increase over the point).
 """
 
 from __future__ import annotations
@@ -59,20 +62,41 @@ def start(run: Run, name: str, repo: Path) -> tuple[Server, int, int]:
     return server, port, metrics_port
 
 
+_SERIES = (
+    ("infergrid_inference_queue_delay_seconds", "delay_us", 1e6),
+    ("infergrid_inference_batch_cap", "batch_cap", 1.0),
+    ("infergrid_inference_request_seconds_sum", "request_s", 1.0),
+    ("infergrid_inference_request_seconds_count", "requests", 1.0),
+    ("infergrid_inference_compute_seconds_sum", "compute_s", 1.0),
+    ("infergrid_inference_batch_size_sum", "rows", 1.0),
+    ("infergrid_inference_batch_size_count", "batches", 1.0),
+)
+
+
 def _gauges(port: int) -> dict[str, float]:
-    """The batcher's current delay (µs) and batch cap from the server's /metrics."""
+    """The batcher's current delay (µs) and batch cap, and its histograms' sums and counts, from /metrics."""
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     except OSError:
         return {}
     out: dict[str, float] = {}
-    for name, key, scale in (
-        ("infergrid_inference_queue_delay_seconds", "delay_us", 1e6),
-        ("infergrid_inference_batch_cap", "batch_cap", 1.0),
-    ):
+    for name, key, scale in _SERIES:
         match = re.search(rf'^{name}\{{[^}}]*version="{VERSION}"[^}}]*\}} ([0-9.e+-]+)$', text, re.MULTILINE)
         if match:
-            out[key] = round(float(match.group(1)) * scale, 1)
+            out[key] = float(match.group(1)) * scale
+    return out
+
+
+def settled_point(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """After a point: the delay (µs) and batch cap, and over the point the batcher's mean latency (ms), a
+    batch's mean compute time (µs) and the mean rows per batch."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    out = {k: round(after[k], 1) for k in ("delay_us", "batch_cap") if k in after}
+    if d.get("requests", 0) > 0:
+        out["batcher_mean_ms"] = round(d["request_s"] / d["requests"] * 1e3, 3)
+    if d.get("batches", 0) > 0:
+        out["compute_us_per_batch"] = round(d["compute_s"] / d["batches"] * 1e6, 1)
+        out["rows_per_batch"] = round(d["rows"] / d["batches"], 2)
     return out
 
 
@@ -99,9 +123,10 @@ def body(run: Run, suite: Suite) -> None:
                               server_cpu=server.cpu_seconds)  # fmt: skip
 
             rep(SETTLE_S, -1)
+            before = _gauges(metrics_port)
             run.measure(suite, system=system, key=f"slo-{variant}", protocol="gRPC", tool="h2load",
                         params={"concurrency": c, "variant": variant}, rep=rep)  # fmt: skip
-            settled[f"{variant} c={c}"] = _gauges(metrics_port)
+            settled[f"{variant} c={c}"] = settled_point(before, _gauges(metrics_port))
         run.procs.stop(server)
     suite.extra["target_p99_ms"] = TARGET_MS
     suite.extra["settled (after each point)"] = settled

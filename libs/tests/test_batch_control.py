@@ -114,3 +114,21 @@ def test_overload_keeps_the_batch_cap() -> None:
     history = _drive(c, lambda delay, cap: (128 / (2000 + 300 * cap), cap, cap * 15e-6), 30.0, clock)
     assert history[-1][0] == 0.0  # the delay went (it only adds to the wait)
     assert all(b == 64 for _, b, _ in history)
+
+
+def test_the_cap_drops_at_once_to_the_rows_whose_compute_fits_whatever_the_delay() -> None:
+    """A batch computes in 0.2 ms + 40 µs a row: 256 rows take 10.4 ms, past half the 10 ms target."""
+    clock = [0.0]
+    target = LatencyTarget(p99_s=10 * MS, max_delay_s=2 * MS, max_batch=256, min_samples=1)
+    c = BatchController(target, clock[0])
+    c.delay_s = 1 * MS
+
+    def compute(cap: int) -> float:
+        return 0.2 * MS + cap * 40e-6
+
+    history = _drive(c, lambda delay, cap: (delay + compute(cap), cap, compute(cap)), 2.0, clock)
+    first_delay, first_cap, _ = history[0]
+    assert first_delay == 1 * MS  # the delay was not the first thing cut
+    assert compute(first_cap) <= 5.2 * MS  # one step: the rows that fit at 256 rows' cost per row
+    assert all(compute(cap) <= 5 * MS for _, cap, _ in history[2:])
+    assert min(cap for _, cap, _ in history) >= 100  # no needless halving below what fits
