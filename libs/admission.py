@@ -158,17 +158,21 @@ def share(bucket: Bucket, replicas: int) -> Bucket:
 
 
 class RateLimits:
-    """The tenant's (and the model's) buckets in the shared store, with the local fallback (see the module doc)."""
+    """The tenant's (and the model's) buckets in the shared store, with the local fallback (see the module doc).
+
+    `key_prefix`, `timeout_s` (per store round trip) and `retry_store_after_s` (how long the local share
+    answers after a store failure) come from the placing service's config section, which holds their defaults.
+    """
 
     def __init__(
         self,
         limiter: RateLimiter | None,
         *,
         place: str,
+        key_prefix: str,
+        timeout_s: float,
+        retry_store_after_s: float,
         replicas: Callable[[], int] = lambda: 1,
-        key_prefix: str = "infergrid:rl",
-        timeout_s: float = 0.2,
-        retry_store_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._limiter = limiter

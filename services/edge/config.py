@@ -44,6 +44,8 @@ class PolicyConfig:
     redis_timeout_ms: int = 200
     # Prefix of the rate limiter's Redis keys.
     key_prefix: str = "infergrid:rl"
+    # After a Redis failure, this replica's local share answers for this long before Redis is tried again.
+    fail_open_s: float = 1.0
     # Edge replicas sharing the tiers: while Redis is down each allows 1/replicas of a tier's rate.
     replicas: int = 1
 

@@ -135,13 +135,16 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     (`libs.admission.RateLimits`): never unlimited.
     """
 
-    def __init__(
-        self, state: PolicyState, limiter: RateLimiter, key_prefix: str, timeout_s: float, replicas: int
-    ) -> None:
+    def __init__(self, state: PolicyState, limiter: RateLimiter, policy: PolicyConfig) -> None:
         self._state = state
-        self._prefix = key_prefix
+        self._prefix = policy.key_prefix
         self._limits = RateLimits(
-            limiter, place="edge", replicas=lambda: replicas, key_prefix=key_prefix, timeout_s=timeout_s
+            limiter,
+            place="edge",
+            key_prefix=policy.key_prefix,
+            timeout_s=policy.redis_timeout_ms / 1000,
+            retry_store_after_s=policy.fail_open_s,
+            replicas=lambda: policy.replicas,
         )
 
     def _plan(self, domain: str, entries: Mapping[str, str], cost: int) -> _Planned:
@@ -229,9 +232,7 @@ async def create_server(
     state = PolicyState(watcher.current, load_keys(keys_path(policy, watcher.current)))
     boxed.append(state)
     authz = AuthorizationServicer(state)
-    rls = RateLimitServicer(
-        state, limiter, policy.key_prefix, policy.redis_timeout_ms / 1000, replicas=policy.replicas
-    )
+    rls = RateLimitServicer(state, limiter, policy)
     server = build_server(
         config.server,
         [

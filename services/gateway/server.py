@@ -9,6 +9,7 @@ ids and row sizes are checked: an id the log consumer would refuse is INVALID_AR
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Coroutine
@@ -134,9 +135,16 @@ def _admission(
     """Admission in-process: the placement, the hashed keys (watched) and the leased Redis token buckets."""
     settings = config.admission
     mesh = config.server.mesh
+    limits = functools.partial(
+        RateLimits,
+        place="gateway",
+        key_prefix=settings.admission_key_prefix,
+        timeout_s=settings.admission_redis_timeout_s,
+        retry_store_after_s=settings.admission_fail_open_s,
+    )
     if watcher is None:
         log.error("no platform file: the gateway knows no tenants and refuses every call (UNAUTHENTICATED)")
-        return Admission(lambda: None, "gateway", RateLimits(None, place="gateway"), mesh=mesh), None, []
+        return Admission(lambda: None, "gateway", limits(None), mesh=mesh), None, []
     placement = watcher.current.admission.placement
     redis = None
     limiter = None
@@ -153,15 +161,7 @@ def _admission(
     def _replicas() -> int:
         return settings.admission_replicas or len(watcher.current.gateway.endpoints)
 
-    limits = RateLimits(
-        limiter,
-        place="gateway",
-        replicas=_replicas,
-        key_prefix=settings.admission_key_prefix,
-        timeout_s=settings.admission_redis_timeout_s,
-        retry_store_after_s=settings.admission_fail_open_s,
-    )
-    admission = Admission(lambda: watcher.current, placement, limits, mesh=mesh)
+    admission = Admission(lambda: watcher.current, placement, limits(limiter, replicas=_replicas), mesh=mesh)
     tasks: list[Coroutine[Any, Any, None]] = []
     if placement == "gateway":
         keys_file = apikeys.keys_path(watcher.path, watcher.current, settings.admission_keys_file)

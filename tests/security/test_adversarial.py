@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -376,6 +377,10 @@ tenants: {flood: {tier: t, models: ["*"]}, quiet: {tier: t, models: ["*"]}}
 """
 
 
+# RateLimits' settings as the services' config sections default them.
+_LIMITS: dict[str, Any] = {"place": "test", "timeout_s": 0.2, "retry_store_after_s": 1.0}
+
+
 async def _limits_attempt(hole: str, limits: RateLimits, tenant: str, rows: int) -> None:
     from libs.errors import ResourceExhausted
 
@@ -392,7 +397,7 @@ async def test_one_tenant_flooding_with_batches_and_redis_down(redis_server: obj
     import redis.asyncio as redis_async
 
     client = redis_async.Redis.from_url(redis_server.url)  # type: ignore[attr-defined]
-    limits = RateLimits(RedisTokenBucketLimiter(client), place="test", key_prefix=f"adv:{tmp_path.name}")
+    limits = RateLimits(RedisTokenBucketLimiter(client), key_prefix=f"adv:{tmp_path.name}", **_LIMITS)
     try:
         await limits.charge(parse_platform(PLATFORM), "flood", "fraud", 100)  # the whole burst, in rows
         for _ in range(5):
@@ -402,7 +407,7 @@ async def test_one_tenant_flooding_with_batches_and_redis_down(redis_server: obj
     finally:
         await client.aclose()
     dead = redis_async.Redis.from_url(NO_REDIS_URL, socket_timeout=0.2, socket_connect_timeout=0.2)
-    down = RateLimits(RedisTokenBucketLimiter(dead), place="test", replicas=lambda: 4)
+    down = RateLimits(RedisTokenBucketLimiter(dead), key_prefix="infergrid:rl", replicas=lambda: 4, **_LIMITS)
     try:
         await down.charge(
             parse_platform(PLATFORM), "flood", "fraud", 25
@@ -423,7 +428,7 @@ async def test_filling_the_bucket_redis_cannot_erase_a_drained_bucket(
     client = redis_async.Redis.from_url(redis_server.url)  # type: ignore[attr-defined]
     saved = {k: (await client.config_get(k))[k] for k in ("maxmemory", "maxmemory-policy")}
     prefix = f"adv-evict:{tmp_path.name}"
-    limits = RateLimits(RedisTokenBucketLimiter(client), place="test", key_prefix=prefix)
+    limits = RateLimits(RedisTokenBucketLimiter(client), key_prefix=prefix, **_LIMITS)
     flood = f"{prefix}:flood"
     try:
         await limits.charge(parse_platform(PLATFORM), "flood", "fraud", 100)  # the whole burst, drained
@@ -452,7 +457,7 @@ async def test_filling_the_bucket_redis_cannot_erase_a_drained_bucket(
     # Another replica's limiter on the same buckets: the drained tenant is still refused.
     other = redis_async.Redis.from_url(redis_server.url)  # type: ignore[attr-defined]
     try:
-        after = RateLimits(RedisTokenBucketLimiter(other), place="test", key_prefix=prefix)
+        after = RateLimits(RedisTokenBucketLimiter(other), key_prefix=prefix, **_LIMITS)
         await _limits_attempt("evicting a drained rate-limit bucket", after, "flood", 50)
     finally:
         await other.aclose()

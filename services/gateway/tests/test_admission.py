@@ -46,7 +46,13 @@ def _admission(
     add_key(keys_file, "nobody", "k-orphan", "ig_orphan")
     now = clock if clock is not None else [0.0]
     limits = RateLimits(
-        limiter, place="gateway", replicas=lambda: replicas, retry_store_after_s=1.0, clock=lambda: now[0]
+        limiter,
+        place="gateway",
+        key_prefix="infergrid:rl",
+        timeout_s=0.2,
+        retry_store_after_s=1.0,
+        replicas=lambda: replicas,
+        clock=lambda: now[0],
     )
     admission = Admission(lambda: platform, placement, limits, mesh=mesh)
     admission.set_keys(load_keys(keys_file))
@@ -130,7 +136,10 @@ async def test_a_placement_disagreement_refuses_every_call(tmp_path: Path, mine:
 async def test_without_a_platform_nobody_is_admitted(tmp_path: Path) -> None:
     missing: list[PlatformConfig] = []
     admission = Admission(
-        lambda: missing[0] if missing else None, "gateway", RateLimits(None, place="t"), mesh=False
+        lambda: missing[0] if missing else None,
+        "gateway",
+        RateLimits(None, place="t", key_prefix="t", timeout_s=0.2, retry_store_after_s=1.0),
+        mesh=False,
     )
     add_key(tmp_path / "keys.yaml", "demo", "k-demo", "ig_demo")
     admission.set_keys(load_keys(tmp_path / "keys.yaml"))
