@@ -15,14 +15,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from libs.checkout import checkout_env
 from libs.testing import REPO_ROOT
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_count() -> int:
@@ -71,31 +71,16 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = 
 
 def group_cpu_seconds(pgid: int) -> float:
     """utime+stime of every live process in process group `pgid` (all threads), in seconds."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        # fields[0] is state (field 3); pgrp is field 5, utime 14, stime 15.
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+    return pids_cpu_seconds(group_pids(pgid))
 
 
 def pids_cpu_seconds(pids: Sequence[int]) -> float:
-    total = 0
+    total = 0.0
     for pid in pids:
-        try:
-            raw = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
 
 
 @dataclass
@@ -196,23 +181,14 @@ class ProcessSet:
                 print(f"[bench] cleanup failed: {exc!r}", flush=True)
 
 
-def proc_stats() -> Iterator[tuple[int, list[str]]]:
-    """(pid, the fields of /proc/<pid>/stat after the command name) of every live process.
-
-    Field 1 is the parent pid, field 2 the process group.
-    """
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            yield int(entry), raw[raw.rindex(")") + 2 :].split()
-
-
 def group_pids(pgid: int) -> list[int]:
     """The live processes of process group `pgid`."""
-    return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid]
+    out = []
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pgid:
+                out.append(pid)
+    return out
 
 
 def set_affinity(pid: int, cpus: str | None) -> None:

@@ -26,9 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.core import Run, Suite
 from bench.loadgen import WRK_DONE, Wrk
-from bench.procs import Server, free_port, proc_stats, repo_env, server_cpus, set_affinity
+from bench.procs import Server, free_port, repo_env, server_cpus, set_affinity
 from bench.suites import inference as inference_suite
 from bench.suites.e2e import write_entity_table
 from bench.tools import ensure_debian, ensure_venv, say
@@ -58,66 +60,45 @@ end
 # -- processes -------------------------------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(raw[raw.rindex(")") + 2 :].split()[19])
+def _start_time(pid: int) -> float | None:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).create_time()
+    return None
 
 
 def _pgid(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(raw[raw.rindex(")") + 2 :].split()[2])
+    with contextlib.suppress(OSError):
+        return os.getpgid(pid)
+    return None
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for pid, fields in proc_stats():
-        out.setdefault(int(fields[1]), []).append(pid)
-    return out
-
-
-def process_tree(pid: int) -> dict[int, int]:
+def process_tree(pid: int) -> dict[int, float]:
     """`pid` and its live descendants (also those in other sessions: Ray's actors, BentoML's workers) -> start time."""
-    children = _children()
-    out: dict[int, int] = {}
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        started = _start_time(p)
-        if started is not None and p not in out:
-            out[p] = started
-            todo += children.get(p, [])
-    return out
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        return {
+            p.pid: t for p in [root, *root.children(recursive=True)] if (t := _start_time(p.pid)) is not None
+        }
+    return {}
 
 
-def _using(path: str) -> dict[int, int]:
+def _using(path: str) -> dict[int, float]:
     """Live processes whose command line names `path` (Ray's daemons carry their session dir)."""
-    out: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            started = _start_time(int(entry))
-            if path.encode() in cmdline and started is not None:
-                out[int(entry)] = started
-    return out
+    return {
+        p.pid: p.info["create_time"]
+        for p in psutil.process_iter(["cmdline", "create_time"])
+        if p.pid != os.getpid() and path in " ".join(p.info["cmdline"] or ())
+    }
 
 
-def _alive(procs: dict[int, int]) -> dict[int, int]:
+def _alive(procs: dict[int, float]) -> dict[int, float]:
     """The ones still running (same pid and start time; zombies count as gone)."""
     out = {}
     for pid, started in procs.items():
-        if _start_time(pid) == started:
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z":
-                    out[pid] = started
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
+                out[pid] = started
     return out
 
 
@@ -126,7 +107,7 @@ class Peer:
 
     def __init__(self, run: Run, server: Server, marker: str | None = None) -> None:
         self.run, self.server, self.marker = run, server, marker
-        self.known: dict[int, int] = {}
+        self.known: dict[int, float] = {}
         self.stopped = False
         run.procs.on_stop(self.cleanup)  # also on errors and interruptions
 
@@ -166,8 +147,8 @@ class Peer:
             time.sleep(0.2)
         out = []
         for pid in _alive(self.known):
-            with contextlib.suppress(OSError):
-                out.append(f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes()[:120]!r}")
+            with contextlib.suppress(psutil.Error):
+                out.append(f"{pid} {' '.join(psutil.Process(pid).cmdline())[:120]!r}")
         return out
 
 
