@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import shutil
 import signal
@@ -29,45 +30,7 @@ LATEST_MAX_BYTES = 400_000  # per file copied to results/latest (the repository 
 
 
 def _suite_body(name: str):  # type: ignore[no-untyped-def]
-    if name == "inference":
-        from bench.suites import inference
-
-        return inference.body
-    if name == "features":
-        from bench.suites import features
-
-        return features.body
-    if name == "logging":
-        from bench.suites import logging as logging_suite
-
-        return logging_suite.body
-    if name == "logwal":
-        from bench.suites import logwal
-
-        return logwal.body
-    if name == "scaling":
-        from bench.suites import scaling
-
-        return scaling.body
-    if name == "slo":
-        from bench.suites import slo
-
-        return slo.body
-    if name == "failover":
-        from bench.suites import failover
-
-        return failover.body
-    if name == "envoy":
-        from bench.suites import envoy
-
-        return envoy.body
-    if name == "peers":
-        from bench.suites import peers
-
-        return peers.body
-    from bench.suites import e2e
-
-    return e2e.body
+    return importlib.import_module(f"bench.suites.{name}").body
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
