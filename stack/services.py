@@ -18,7 +18,7 @@ from pathlib import Path
 
 from libs.checkout import python_path
 from stack.component import CommandComponent, Component
-from stack.config import REPO_ROOT, StackConfig
+from stack.config import REPO_ROOT, StackConfig, secret_file
 from stack.errors import StackError
 from stack.probes import grpc_health_serving
 from stack.process import ProcessRecord
@@ -27,6 +27,8 @@ from stack.redis import credential_env as redis_credentials
 
 DEMO_KEY_VARIABLE = "INFERGRID_DEMO_API_KEY"
 DEMO_MODEL = "fraud"
+# The logging query API's admin token (every tenant's records), a stack secret (stack.config.secret_file).
+LOGGING_ADMIN_SECRET = "logging-query-admin"
 # Marks a state folder whose Cassandra holds the demo feature values (the loader is idempotent anyway).
 _DEMO_FEATURES_MARKER = "demo-features-loaded"
 LOCAL_DRAIN_SECONDS = "1"
@@ -328,6 +330,11 @@ def logging(
             "INFERGRID_LOGGING_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_LOGGING_CASSANDRA_PORT": str(config.port("cassandra")),
             "INFERGRID_LOGGING_LAKE_DIR": str(config.state_dir / "logging" / "lake"),
+            # The query API: tenants read their own records with their API keys; the operator (tests,
+            # tools) every tenant's with the admin token (services/logging/access.py).
+            "INFERGRID_LOGGING_QUERY_PLATFORM_FILE": str(config.platform_file),
+            "INFERGRID_LOGGING_QUERY_KEYS_FILE": str(keys_file(config)),
+            "INFERGRID_LOGGING_QUERY_ADMIN_TOKEN_FILE": str(secret_file(config, LOGGING_ADMIN_SECRET)),
             **(env or {}),
         },
         start_timeout_s=120.0,

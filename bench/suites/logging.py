@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,8 @@ BASELINE_ENV = "INFERGRID_BENCH_LOGGING_BASELINE"
 FLAME_ENV = "INFERGRID_BENCH_LOGGING_FLAME"
 CASSANDRA_CPUS = "1"  # Cassandra alone
 PIPELINE_CPUS = "0"  # Kafka, the logging service, the publisher
+# The query API's operator credential (GetStats), fresh per run.
+ADMIN_TOKEN = secrets.token_urlsafe(24)
 PRODUCER_KEYS = ("publish_us_p50", "publish_us_p99", "publish_us_p999", "publish_us_mean",
                  "producer_cpu_us_per_record", "producer_loop_cpu_us_per_record", "publish_only_rps",
                  "record_bytes")  # fmt: skip
@@ -52,7 +55,7 @@ PRODUCER_KEYS = ("publish_us_p50", "publish_us_p99", "publish_us_p999", "publish
 async def records_total(port: int) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         reply = await logging_pb2_grpc.InferenceLogServiceStub(ch).GetStats(
-            logging_pb2.GetStatsRequest(), timeout=5
+            logging_pb2.GetStatsRequest(), metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),), timeout=5
         )
     return int(reply.records_total)
 
@@ -84,6 +87,7 @@ def _start(run: Run, key: str, label: str, root: Path, *, kafka: Any, cassandra:
         "INFERGRID_LOGGING_CASSANDRA_PORT": str(cassandra.port),
         "INFERGRID_LOGGING_CASSANDRA_KEYSPACE": f"bench_logging_{key.replace('-', '_')}",
         "INFERGRID_LOGGING_CASSANDRA_WRITE_CONSISTENCY": "ONE",
+        "INFERGRID_LOGGING_QUERY_ADMIN_TOKEN": ADMIN_TOKEN,
     })  # fmt: skip
     server = run.procs.start(
         f"logging-{key}", [sys.executable, "-m", "services.logging"], env=env, cwd=root, cpus=PIPELINE_CPUS

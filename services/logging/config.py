@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.cassandra import CassandraConfig
+from libs.config import secret
 from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
@@ -69,6 +70,22 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class QueryConfig:
+    """Who may call the query API (services/logging/access.py): tenants' API keys and the operator."""
+
+    # The platform file whose tenants may read their own records with their API keys, as the gateway
+    # and the edge check them. Unset: no tenant key is accepted (the admin token only).
+    query_platform_file: Path | None = None
+    # The hashed API-key file; unset: the platform's `api_keys_file`, next to the platform file.
+    query_keys_file: Path | None = None
+    # How often both files are re-read (a key removed from the file is refused from then on).
+    query_keys_poll_s: float = 1.0
+    # The operator's credential: every tenant's records, and GetStats. Unset: no operator; with no
+    # platform file either, every call is UNAUTHENTICATED.
+    query_admin_token: str = secret("")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Everything the logging service reads at start-up."""
 
@@ -77,3 +94,4 @@ class LoggingConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     kafka: LoggingKafkaConfig = field(default_factory=LoggingKafkaConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)

@@ -1,9 +1,10 @@
 """The logging gRPC server: InferenceLogService over the record store, plus the consumer pipeline.
 
 The query API is internal: Envoy has no route to it, and in Kubernetes only pods labelled
-`infergrid.io/logging-query: allowed` may connect (the logging NetworkPolicy). It does not authenticate
-its caller; every read names the tenant it is for (a required field) and returns only that tenant's
-records, so a caller serving one tenant (a support tool, a per-tenant export) cannot read another's by
+`infergrid.io/logging-query: allowed` may connect (the logging NetworkPolicy). Every call presents a
+credential (services/logging/access.py): a tenant's API key reads only that tenant's records, the
+operator's admin token any tenant's and GetStats; no credential, an unknown or a revoked key is
+UNAUTHENTICATED. Records are keyed by (tenant, request id), so a caller cannot read another tenant's by
 guessing or reusing a request id.
 """
 
@@ -11,15 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
+from libs import apikeys
+from libs.admission import AdmissionPolicy
 from libs.cassandra import AsyncCassandra, LazySession
 from libs.errors import InvalidArgument, NotFound
+from libs.platform import PlatformWatcher
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
+from services.logging.access import QueryAccess
 from services.logging.config import LoggingConfig
 from services.logging.lake import ParquetLake
 from services.logging.paging import decode_token, encode_token, query_fingerprint
@@ -36,7 +44,7 @@ MAX_TENANT_CHARS = 128
 
 
 def _tenant(tenant: str) -> str:
-    """The request's tenant, which every read must name."""
+    """The request's tenant, which every read of the operator must name."""
     if not tenant:
         raise InvalidArgument("tenant: required (records are read per tenant)")
     if len(tenant) > MAX_TENANT_CHARS:
@@ -51,18 +59,19 @@ def _micros(ts: Timestamp) -> int:
 class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
     """Translates InferenceLogService protos to the store and the pipeline's counters."""
 
-    def __init__(self, store: LogStore, stats: PipelineStats) -> None:
+    def __init__(self, store: LogStore, stats: PipelineStats, access: QueryAccess) -> None:
         self._store = store
         self._stats = stats
+        self._access = access
 
     async def GetRecord(  # noqa: N802 - gRPC method names
         self, request: logging_pb2.GetRecordRequest, context: grpc.aio.ServicerContext
     ) -> logging_pb2.InferenceLogRecord:
+        tenant = _tenant(self._access.tenant(context, request.tenant))
         if not request.request_id:
             raise InvalidArgument("request_id: required")
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgument(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
-        tenant = _tenant(request.tenant)
         payload = await self._store.get(tenant, request.request_id)
         if payload is None:
             # The same answer whether the id is unknown or another tenant's: nothing leaks across tenants.
@@ -72,7 +81,7 @@ class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
     async def QueryRecords(  # noqa: N802 - gRPC method names
         self, request: logging_pb2.QueryRecordsRequest, context: grpc.aio.ServicerContext
     ) -> logging_pb2.QueryRecordsResponse:
-        tenant = _tenant(request.tenant)
+        tenant = _tenant(self._access.tenant(context, request.tenant))
         if not request.model:
             raise InvalidArgument("model: required")
         if not request.HasField("start_time") or not request.HasField("end_time"):
@@ -103,6 +112,7 @@ class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
     async def GetStats(  # noqa: N802 - gRPC method names
         self, request: logging_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> logging_pb2.GetStatsResponse:
+        self._access.operator(context, "GetStats (counts over every tenant)")
         by_model = dict(self._stats.records_by_model)
         if request.model:
             by_model = {request.model: by_model.get(request.model, 0)}
@@ -124,6 +134,23 @@ def _log_store(config: LoggingConfig) -> LazySession[CassandraLogStore]:
     return LazySession(config.cassandra, _build)
 
 
+def _key_policy(
+    config: LoggingConfig,
+) -> tuple[AdmissionPolicy | None, list[Callable[[], Coroutine[Any, Any, None]]]]:
+    """Tenants' API keys as the gateway reads them (platform file and key file, both watched); None: no keys."""
+    query = config.query
+    if query.query_platform_file is None:
+        return None, []
+    platform = PlatformWatcher(query.query_platform_file, lambda _: None, query.query_keys_poll_s)
+    keys_file = apikeys.keys_path(platform.path, platform.current, query.query_keys_file)
+    policy = AdmissionPolicy(lambda: platform.current, apikeys.load_keys(keys_file))
+    log.info("query API: tenants' API keys from %s", keys_file)
+    return policy, [
+        platform.run,
+        partial(apikeys.watch_keys, keys_file, policy.set_keys, query.query_keys_poll_s),
+    ]
+
+
 async def create_server(
     config: LoggingConfig, telemetry: Telemetry | None = None, *, store: LogStore | None = None
 ) -> Server:
@@ -134,6 +161,7 @@ async def create_server(
         telemetry: Tracing and metrics set up by `__main__` (the consumer traces records when tracing is on).
         store: The record store; by default Cassandra, connected and its tables created here.
     """
+    policy, watchers = _key_policy(config)  # first: a missing platform file fails before any connection
     session = None
     if store is None:
         # The consumer writes from its first record: connect before serving (the session then
@@ -152,7 +180,7 @@ async def create_server(
             pc, config.kafka, store, lake, trace_records=telemetry is not None and telemetry.tracing
         )
         stats = pipeline.stats
-    servicer = InferenceLogServiceServicer(store, stats)
+    servicer = InferenceLogServiceServicer(store, stats, QueryAccess(config.query.query_admin_token, policy))
     checked_store = store
 
     async def _ready() -> bool:
@@ -171,6 +199,8 @@ async def create_server(
         telemetry=telemetry,
         readiness=_ready,
     )
+    for watcher in watchers:
+        server.run_in_background(watcher())
     if pipeline is not None:
         pipeline.start()
         server.on_stop.append(pipeline.stop)

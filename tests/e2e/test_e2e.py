@@ -107,7 +107,9 @@ def _get_record(
         api = logging_pb2_grpc.InferenceLogServiceStub(channel)
         record: logging_pb2.InferenceLogRecord = stack.wait_for(
             lambda: api.GetRecord(
-                logging_pb2.GetRecordRequest(request_id=request_id, tenant=tenant), timeout=5
+                logging_pb2.GetRecordRequest(request_id=request_id, tenant=tenant),
+                metadata=(("x-api-key", stack.keys[tenant]),),  # the tenant's own key reads its records
+                timeout=5,
             ),
             timeout=timeout,
             what=f"the log record {request_id}",

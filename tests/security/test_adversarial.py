@@ -32,8 +32,10 @@ from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs import mtls
 from libs.admission import RateLimits
+from libs.apikeys import add_key
 from libs.cassandra import AsyncCassandra, CassandraConfig
 from libs.cassandra import connect as connect_cassandra
+from libs.config import load_config
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
 from libs.kafka import KafkaConfig
 from libs.platform import parse_platform
@@ -44,7 +46,8 @@ from services.gateway.config import AdmissionConfig, GatewayConfig, GatewayServe
 from services.gateway.server import create_server as create_gateway
 from services.inference.config import ControlConfig, HttpConfig, InferenceConfig, InferenceServerConfig
 from services.inference.server import create_server as create_inference
-from services.logging.config import LoggingConfig, LoggingServerConfig, PipelineConfig
+from services.logging.config import ENV_PREFIX as LOGGING_ENV
+from services.logging.config import LoggingConfig, LoggingServerConfig, PipelineConfig, QueryConfig
 from services.logging.lake import ParquetLake
 from services.logging.lake import read_table as read_lake
 from services.logging.server import create_server as create_logging
@@ -53,6 +56,13 @@ from services.logging.store import CassandraLogStore, StoredRecord
 pytestmark = pytest.mark.integration
 
 ADMIN_TOKEN = "admin-token-that-must-never-be-logged-0123456789"
+# The logging query API's callers: acme's and globex's API keys (their own tenant's records only).
+ACME_KEY, GLOBEX_KEY = "ig_acme-log-key-never-logged", "ig_globex-log-key-never-logged"
+LOG_TENANTS = """
+admission: {placement: gateway}
+rate_limit_tiers: {t: {requests_per_second: 1, burst: 1}}
+tenants: {acme: {tier: t, models: ['*']}, globex: {tier: t, models: ['*']}}
+"""
 # Held by the poison records: their quarantine must not log what they contain.
 CARD_NUMBER = "4111-1111-1111-1111-must-never-be-logged"
 _TRIED: collections.Counter[str] = collections.Counter()
@@ -478,9 +488,21 @@ def _log_record(tenant: str, request_id: str, version: str, time_us: int) -> Sto
 async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
     cassandra_server: object, tmp_path: Path
 ) -> None:
-    """The logging sinks and query API keyed by (tenant, request_id), on a real Cassandra and a real lake."""
+    """The logging sinks and query API keyed by (tenant, request_id), on a real Cassandra and a real lake; the
+    query API's callers: no key, another tenant's key, the tenant's own key, the operator's admin token."""
     keyspace = f"adv_{uuid.uuid4().hex[:12]}"
+    platform = tmp_path / "platform.yaml"
+    platform.write_text(LOG_TENANTS)
+    for tenant, key in (("acme", ACME_KEY), ("globex", GLOBEX_KEY)):
+        add_key(tmp_path / "keys.yaml", tenant, tenant, key)
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    token_file.chmod(0o600)
+    variables = {"QUERY_ADMIN_TOKEN_FILE": token_file, "QUERY_PLATFORM_FILE": platform}  # as deployed
     config = LoggingConfig(
+        query=load_config(
+            QueryConfig, {f"{LOGGING_ENV}{k}": str(v) for k, v in variables.items()}, LOGGING_ENV
+        ),
         server=LoggingServerConfig(port=0, drain_seconds=0),
         pipeline=PipelineConfig(consume=False),
         cassandra=CassandraConfig(
@@ -503,7 +525,10 @@ async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
         await store.write([_log_record("globex", "shared-id", "2", t0 + 1_000_000)])
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = logging_pb2_grpc.InferenceLogServiceStub(channel)
-            mine = await stub.GetRecord(logging_pb2.GetRecordRequest(request_id="shared-id", tenant="acme"))
+            admin = (("authorization", f"Bearer {ADMIN_TOKEN}"),)  # the operator: any tenant it names
+            mine = await stub.GetRecord(
+                logging_pb2.GetRecordRequest(request_id="shared-id", tenant="acme"), metadata=admin
+            )
             intact = (mine.tenant, mine.model_version) == ("acme", "1")
             _record(
                 "overwriting another tenant's log record", None if not intact else grpc.StatusCode.OK, intact
@@ -512,12 +537,14 @@ async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
             for request_id in ("acme-0", "acme-4"):
                 await _attempt(
                     "reading another tenant's log record",
-                    stub.GetRecord(logging_pb2.GetRecordRequest(request_id=request_id, tenant="globex")),
+                    stub.GetRecord(
+                        logging_pb2.GetRecordRequest(request_id=request_id, tenant="globex"), metadata=admin
+                    ),
                     (grpc.StatusCode.NOT_FOUND,),
                 )
             await _attempt(
                 "reading log records without a tenant",
-                stub.GetRecord(logging_pb2.GetRecordRequest(request_id="acme-0")),
+                stub.GetRecord(logging_pb2.GetRecordRequest(request_id="acme-0"), metadata=admin),
                 (grpc.StatusCode.INVALID_ARGUMENT,),
                 "tenant",
             )
@@ -526,26 +553,65 @@ async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
             query.end_time.FromMicroseconds(t0 + 3_600_000_000)
             await _attempt(
                 "reading log records without a tenant",
-                stub.QueryRecords(query),
+                stub.QueryRecords(query, metadata=admin),
                 (grpc.StatusCode.INVALID_ARGUMENT,),
                 "tenant",
             )
             query.tenant = "globex"
-            theirs = await stub.QueryRecords(query)
+            theirs = await stub.QueryRecords(query, metadata=admin)
             leaked = [r.request_id for r in theirs.records if r.tenant != "globex"]
             _record(
                 "listing another tenant's log records", grpc.StatusCode.OK if not leaked else None, not leaked
             )
             assert not leaked and [r.request_id for r in theirs.records] == ["shared-id"]
             query.tenant = "acme"
-            first = await stub.QueryRecords(query)
+            first = await stub.QueryRecords(query, metadata=admin)
             assert first.next_page_token
             query.tenant, query.page_token = "globex", first.next_page_token
             await _attempt(
                 "continuing another tenant's query",
-                stub.QueryRecords(query),
+                stub.QueryRecords(query, metadata=admin),
                 (grpc.StatusCode.INVALID_ARGUMENT,),
             )
+            # Who asks: nothing or an unknown key is UNAUTHENTICATED; globex's key is refused acme's records
+            # and the stats (every tenant's counts); acme's own key is served its own records only.
+            everything = logging_pb2.QueryRecordsRequest(model="fraud", tenant="acme", page_size=100)
+            everything.start_time.CopyFrom(query.start_time)
+            everything.end_time.CopyFrom(query.end_time)
+            unauthenticated, denied = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+            get = logging_pb2.GetRecordRequest(request_id="acme-0", tenant="acme")
+            for hole, metadata, code in (
+                ("log query without a credential", (), unauthenticated),
+                ("log query with an unknown key", (("x-api-key", "ig_guessed"),), unauthenticated),
+                ("log query with another tenant's key", (("x-api-key", GLOBEX_KEY),), denied),
+            ):
+                for call in (
+                    stub.GetRecord(get, metadata=metadata),
+                    stub.QueryRecords(everything, metadata=metadata),
+                    stub.GetStats(logging_pb2.GetStatsRequest(), metadata=metadata),
+                ):
+                    await _attempt(hole, call, (code,))
+            own = (("authorization", f"Bearer {ACME_KEY}"),)
+            await _attempt(
+                "log stats with a tenant's key",
+                stub.GetStats(logging_pb2.GetStatsRequest(), metadata=own),
+                (denied,),
+                "admin token",
+            )
+            everything.tenant = ""  # a tenant's key reads its own tenant's
+            served = [
+                (r.tenant, r.request_id) for r in (await stub.QueryRecords(everything, metadata=own)).records
+            ]
+            ok = sorted(served) == sorted(
+                ("acme", r.request_id) for r in [*acme, _log_record("acme", "shared-id", "1", t0)]
+            )
+            _record(
+                "log query with the tenant's own key (served, its own only)",
+                grpc.StatusCode.OK if ok else None,
+                ok,
+            )
+            assert ok, served
+            await stub.GetStats(logging_pb2.GetStatsRequest(), metadata=admin)  # the operator's: served
     finally:
         await server.stop(0, 0.5)  # type: ignore[attr-defined]
         await loop.run_in_executor(
@@ -648,6 +714,6 @@ def test_no_secret_in_the_logs(module_logs: list[str]) -> None:
     """Runs last in the module: everything logged by the attempts above, searched for the secrets."""
     text = "\n".join(module_logs)
     assert text  # the servers above did log
-    for secret in (TEST_API_KEY, ADMIN_TOKEN, CARD_NUMBER):
+    for secret in (TEST_API_KEY, ADMIN_TOKEN, CARD_NUMBER, ACME_KEY, GLOBEX_KEY):
         _record("secret in logs", None if secret in text else grpc.StatusCode.OK, secret not in text)
         assert secret not in text

@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
-from libs.testing import assert_bad_config_exits, assert_serves
-from services.logging.config import LoggingConfig, LoggingServerConfig, PipelineConfig
+from libs.testing import TEST_API_KEY, WithApiKey, assert_bad_config_exits, assert_serves
+from services.logging.config import LoggingConfig, LoggingServerConfig, PipelineConfig, QueryConfig
 from services.logging.server import SERVICE_NAME, create_server
 from services.logging.store import StoredRecord
 from services.logging.tests.fakes import MemoryLogStore
@@ -51,10 +51,15 @@ async def stub() -> AsyncIterator[logging_pb2_grpc.InferenceLogServiceStub]:
     await store.write([_record(100 + i, model="churn") for i in range(3)])
     # Another tenant used the same request ids for records of its own (a different version, other outputs).
     await store.write([_record(i, version="9", tenant="globex") for i in range(30)])
-    config = LoggingConfig(server=LoggingServerConfig(port=0), pipeline=PipelineConfig(consume=False))
+    # The operator's admin token (every tenant's records, GetStats), sent on every call (WithApiKey).
+    config = LoggingConfig(
+        server=LoggingServerConfig(port=0),
+        pipeline=PipelineConfig(consume=False),
+        query=QueryConfig(query_admin_token=TEST_API_KEY),
+    )
     server = await create_server(config, store=store)
     await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", interceptors=[WithApiKey()]) as channel:
         yield logging_pb2_grpc.InferenceLogServiceStub(channel)
     await server.stop(0, 0.5)
 

@@ -44,6 +44,8 @@ from stack.probes import http_get
 pytestmark = pytest.mark.integration
 
 PUBLISHER = Path(__file__).with_name("inference_log_publisher.py")
+# The query API's operator credential (every tenant's records and GetStats; services/logging/access.py).
+ADMIN = (("authorization", "Bearer logging-pipeline-test-admin-token"),)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class LoggingService:
             "INFERGRID_LOGGING_CASSANDRA_KEYSPACE": run.keyspace,
             "INFERGRID_LOGGING_CASSANDRA_WRITE_CONSISTENCY": "ONE",
             "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+            "INFERGRID_LOGGING_QUERY_ADMIN_TOKEN": ADMIN[0][1].removeprefix("Bearer "),
             **extra,
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -245,13 +248,13 @@ async def _check_api(port: int, published: dict[str, logging_pb2.InferenceLogRec
         stub = logging_pb2_grpc.InferenceLogServiceStub(channel)
         some = sorted(published)[17]
         assert (
-            await stub.GetRecord(logging_pb2.GetRecordRequest(request_id=some, tenant="acme"))
+            await stub.GetRecord(logging_pb2.GetRecordRequest(request_id=some, tenant="acme"), metadata=ADMIN)
             == published[some]
         )
         for missing in (logging_pb2.GetRecordRequest(request_id="missing", tenant="acme"),
                         logging_pb2.GetRecordRequest(request_id=some, tenant="globex")):  # fmt: skip
             with pytest.raises(grpc.aio.AioRpcError) as error:
-                await stub.GetRecord(missing)
+                await stub.GetRecord(missing, metadata=ADMIN)
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
         request = logging_pb2.QueryRecordsRequest(
@@ -261,7 +264,7 @@ async def _check_api(port: int, published: dict[str, logging_pb2.InferenceLogRec
         request.end_time.FromMicroseconds(BASE_US + 2 * 3_600_000_000)  # 7200 s: records 0..2999 all inside
         got: list[logging_pb2.InferenceLogRecord] = []
         while True:
-            reply = await stub.QueryRecords(request)
+            reply = await stub.QueryRecords(request, metadata=ADMIN)
             got.extend(reply.records)
             if not reply.next_page_token:
                 break
@@ -272,11 +275,11 @@ async def _check_api(port: int, published: dict[str, logging_pb2.InferenceLogRec
         )
         assert got == wanted
 
-        stats = await stub.GetStats(logging_pb2.GetStatsRequest())
+        stats = await stub.GetStats(logging_pb2.GetStatsRequest(), metadata=ADMIN)
         deadline = time.monotonic() + 20
         while stats.consumer_lag != 0 and time.monotonic() < deadline:  # measured every 5 s
             await asyncio.sleep(0.5)
-            stats = await stub.GetStats(logging_pb2.GetStatsRequest())
+            stats = await stub.GetStats(logging_pb2.GetStatsRequest(), metadata=ADMIN)
         assert stats.consumer_lag == 0
         assert stats.records_total == len(published)
         assert stats.dead_lettered_total == 1
@@ -286,7 +289,7 @@ async def _check_api(port: int, published: dict[str, logging_pb2.InferenceLogRec
 async def _records_written(port: int) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = logging_pb2_grpc.InferenceLogServiceStub(channel)
-        return int((await stub.GetStats(logging_pb2.GetStatsRequest())).records_total)
+        return int((await stub.GetStats(logging_pb2.GetStatsRequest(), metadata=ADMIN)).records_total)
 
 
 def _consume_one(bootstrap: str, topic: str, timeout: float = 60.0) -> object:
