@@ -11,6 +11,7 @@ from itertools import repeat
 from typing import Protocol
 
 import numpy as np
+from opentelemetry import propagate
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from libs.pool import ChannelPool, Endpoint
@@ -60,7 +61,8 @@ class GrpcFeatureSource:
 
     A call that fails UNAVAILABLE on one endpoint is retried on another (the pool's failover).
 
-    Entity keys go as strings: the feature service converts each to the type its view declares.
+    Entity keys go as strings: the feature service converts each to the type its view declares. Each
+    call carries the current trace context (`traceparent`) in its metadata.
     """
 
     def __init__(self, pool: ChannelPool, dependency: Dependency) -> None:
@@ -71,9 +73,15 @@ class GrpcFeatureSource:
     async def _get(
         self, request: features_pb2.GetOnlineFeaturesRequest, deadline: float
     ) -> features_pb2.GetOnlineFeaturesResponse:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # the batch's trace context (sampled or not); nothing with tracing off
+        metadata = tuple(carrier.items()) or None
+
         async def _on(endpoint: Endpoint) -> features_pb2.GetOnlineFeaturesResponse:
             stub = endpoint.stub(features_pb2_grpc.FeatureServiceStub)
-            return await stub.GetOnlineFeatures(request, timeout=max(0.001, deadline - time.monotonic()))
+            return await stub.GetOnlineFeatures(
+                request, timeout=max(0.001, deadline - time.monotonic()), metadata=metadata
+            )
 
         return await self._pool.call(_on, _GET_ONLINE_FEATURES)
 

@@ -216,12 +216,12 @@ async def create_server(
     up = config.upstream
     features_policy = dependency_policy(up.features_timeout_s, up.features_max_attempts, config)
     inference_policy = dependency_policy(up.inference_timeout_s, up.inference_max_attempts, config)
-    # One channel per replica, without gRPC's own retries: the pool retries on another replica.
+    # One channel per replica, without gRPC's own retries: the pool retries on another replica. The
+    # features channel has no client interceptors (grpc.aio runs each intercepted call as an extra task):
+    # GrpcFeatureSource puts the trace context into each call's metadata itself.
     features_pool = ChannelPool(
         "features",
-        lambda address: dial(
-            address, FEATURES_SERVICE, _single_attempt(features_policy), telemetry=telemetry
-        ),
+        lambda address: dial(address, FEATURES_SERVICE, _single_attempt(features_policy)),
         features_policy,
     )
     inference_pool = ChannelPool(

@@ -26,12 +26,15 @@ class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
         self.down = False
         self.user_key_type = value_pb2.VALUE_TYPE_STRING
         self.time_remaining: list[float | None] = []
+        # Each call's `traceparent` metadata ("" when it had none).
+        self.traceparents: list[str] = []
 
     async def GetOnlineFeatures(  # noqa: N802
         self, request: features_pb2.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.GetOnlineFeaturesResponse:
         self.calls += 1
         self.time_remaining.append(context.time_remaining())
+        self.traceparents.append(dict(context.invocation_metadata() or ()).get("traceparent", ""))
         if self.down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "store down")
         reply = features_pb2.GetOnlineFeaturesResponse(feature_names=request.features)

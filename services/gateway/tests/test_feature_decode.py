@@ -1,11 +1,18 @@
-"""GrpcFeatureSource's reading of a real GetOnlineFeaturesResponse into the batch's value, presence and time arrays."""
+"""GrpcFeatureSource: a real GetOnlineFeaturesResponse read into the batch's value, presence and time arrays,
+and the trace context carried to a real feature server."""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
+from opentelemetry import context, trace
 
-from infergrid.features.v1 import features_pb2
+from infergrid.features.v1 import features_pb2, features_pb2_grpc
+from libs.channels import dial
+from libs.pool import ChannelPool
+from libs.resilience import Dependency, DependencyPolicy
 from services.gateway.features import GrpcFeatureSource
+from services.gateway.tests.fake_servers import FakeFeatureService
 from services.gateway.tests.fakes import toy_spec
 
 PRESENT = features_pb2.FEATURE_STATUS_PRESENT
@@ -52,3 +59,29 @@ def test_columns_in_spec_order_with_presence_times_and_unusable_columns_left_def
     short = features_pb2.GetOnlineFeaturesResponse()
     _column(short, "user:count", [("int64_value", 7, PRESENT)], None)
     assert not source._decode(spec, short, 2).present.any()
+
+
+async def test_each_call_carries_the_current_trace_context_sampled_or_not() -> None:
+    service = FakeFeatureService()
+    server = grpc.aio.server()
+    features_pb2_grpc.add_FeatureServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    policy = DependencyPolicy(timeout_s=5.0)
+    name = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+    pool = ChannelPool("features", lambda address: dial(address, name, policy), policy)
+    pool.update([f"127.0.0.1:{port}"])
+    source = GrpcFeatureSource(pool, Dependency("features", policy))
+    try:
+        spec, rows = toy_spec(), [{"user_id": "u1", "merchant_id": "m1"}]
+        await source.fetch(spec, rows, 5.0)  # no current trace: nothing to carry
+        ids = trace.SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True)
+        token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(ids)))
+        try:
+            await source.fetch(spec, rows, 5.0)
+        finally:
+            context.detach(token)
+    finally:
+        await source.close()
+        await server.stop(0)
+    assert service.traceparents == ["", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"]
