@@ -272,7 +272,7 @@ class Spool:
         self._active = self._states[path] = SegmentState(path)
         self._active_size = 0
         if self._fsync == "always":
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         else:  # the background sync makes the new name durable; a process crash does not need it
             self._dir_dirty = True
 
@@ -298,7 +298,7 @@ class Spool:
             fd = os.dup(self._fd) if self._fd is not None and self._dirty else None
             self._dirty = False
         if dir_dirty:
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         if fd is not None:
             try:
                 os.fsync(fd)
@@ -384,7 +384,7 @@ class Spool:
         segment.unlink(missing_ok=True)
         with self._lock:
             self._states.pop(segment, None)
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
 
     def size_bytes(self) -> int:
         """Bytes in all segments."""
@@ -409,8 +409,9 @@ def _close_durably(fd: int) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync of a file, or of a folder (its entries: a file created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 
 from infergrid.logging.v1 import logging_pb2
 from infergrid.types.v1 import value_pb2
+from libs.spool import fsync_path
 
 JOURNAL_DIR = "_journal"
 
@@ -178,7 +179,7 @@ class ParquetLake:
             final.parent.mkdir(parents=True, exist_ok=True)
             temp = final.with_name(f".{final.name}.tmp")
             pq.write_table(_to_table(group.rows, partition), temp, compression="zstd")
-            _fsync_file(temp)
+            fsync_path(temp)
             staged.append((temp, final))
             span = ranges.setdefault(partition, [group.first_offset, group.last_offset])
             span[0], span[1] = min(span[0], group.first_offset), max(span[1], group.last_offset)
@@ -194,14 +195,14 @@ class ParquetLake:
             }
             temp_journal = journal.with_name(f".{journal.name}.tmp")
             temp_journal.write_text(json.dumps(body))
-            _fsync_file(temp_journal)
+            fsync_path(temp_journal)
             os.replace(temp_journal, journal)
             journals.append(journal)
-        _fsync_dir(self.root / JOURNAL_DIR)
+        fsync_path(self.root / JOURNAL_DIR)
         for temp, final in staged:
             os.replace(temp, final)
         for directory in {final.parent for _, final in staged}:
-            _fsync_dir(directory)
+            fsync_path(directory)
         self._groups.clear()
         self._bytes, self._oldest = 0, None
         return FlushResult([final for _, final in staged], journals)
@@ -312,18 +313,6 @@ def expand(table: pa.Table) -> pa.Table:
         values = [_values_json(getattr(r, name)) for r in parsed]
         table = table.append_column(name, pa.array(values, pa.string()))
     return table.append_column("shadow", pa.array([_shadow_json(r) for r in parsed], pa.string()))
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    _fsync_file(directory)
 
 
 def lake_files(
