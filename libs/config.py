@@ -20,6 +20,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -132,6 +133,21 @@ def url_with_credentials(url: str, username: str, password: str) -> str:
     if password:
         userinfo += ":" + quote(password, safe="")
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc}"))
+
+
+@dataclass(frozen=True)
+class RedisClientConfig:
+    """A Redis and its ACL user: a section's base (its fields read as <PREFIX>REDIS_URL, ...)."""
+
+    # The Redis, without credentials (redis[s]://host:port/db).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Redis ACL user and its password; both empty: no AUTH. Kept out of the URL so the URL can be logged.
+    redis_username: str = ""
+    redis_password: str = secret("")
+
+    def redis_client_url(self) -> str:
+        """`redis_url` with the credentials in it, for the client only (never log it)."""
+        return url_with_credentials(self.redis_url, self.redis_username, self.redis_password)
 
 
 def hide_url_password(text: str) -> str:

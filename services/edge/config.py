@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.config import secret, url_with_credentials
+from libs.config import RedisClientConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -23,8 +23,9 @@ class EdgeTelemetryConfig(TelemetryConfig):
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
-    """Where tenants, tiers and keys come from, and the rate limiter's store."""
+class PolicyConfig(RedisClientConfig):
+    """Where tenants, tiers and keys come from, and the rate limiter's store: its Redis (`redis_url`), its own
+    instance or db with maxmemory-policy noeviction (a cache's eviction must never erase a bucket)."""
 
     # The declarative platform config; the hashed key file is named by its `api_keys_file`.
     platform_file: Path = Path("deploy/local/platform.yaml")
@@ -33,13 +34,6 @@ class PolicyConfig:
     keys_file: str = ""
     # How often the platform and key files are checked for changes.
     poll_seconds: float = 1.0
-    # The rate limiter's Redis: its own instance or db with maxmemory-policy noeviction (a cache's
-    # eviction must never erase a bucket).
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # The rate limiter's Redis ACL user and its password (INFERGRID_EDGE_REDIS_PASSWORD_FILE: a file
-    # holding it); both empty: no AUTH. Kept out of the URL so the URL can be logged.
-    redis_username: str = ""
-    redis_password: str = secret("")
     # Deadline of one rate-limit round trip to Redis; past it this replica's local share of the tier answers.
     redis_timeout_ms: int = 200
     # Prefix of the rate limiter's Redis keys.
@@ -52,10 +46,6 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
-
-    def redis_client_url(self) -> str:
-        """`redis_url` with the credentials in it, for the client only (never log it)."""
-        return url_with_credentials(self.redis_url, self.redis_username, self.redis_password)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from libs.cassandra import CassandraConfig
-from libs.config import secret, url_with_credentials
+from libs.config import RedisClientConfig
 from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
@@ -24,16 +24,11 @@ class FeaturesTelemetryConfig(TelemetryConfig):
 
 
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(RedisClientConfig):
     """The Redis read-through cache in front of Cassandra."""
 
     # Off: every read goes to Cassandra.
     cache_enabled: bool = True
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # The cache's Redis ACL user and its password (INFERGRID_FEATURES_REDIS_PASSWORD_FILE: a file holding
-    # it); both empty: no AUTH. Kept out of the URL so the URL can be logged.
-    redis_username: str = ""
-    redis_password: str = secret("")
     # Upper bound on how long an entity's values stay cached; a view's TTL lowers it.
     cache_ttl_s: float = 300.0
     # How long "this entity has no values" is remembered (writes invalidate it at once).
@@ -45,10 +40,6 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.cache_ttl_s <= 0 or self.cache_negative_ttl_s <= 0:
             raise ValueError("cache_ttl_s and cache_negative_ttl_s must be positive")
-
-    def redis_client_url(self) -> str:
-        """`redis_url` with the credentials in it, for the client only (never log it)."""
-        return url_with_credentials(self.redis_url, self.redis_username, self.redis_password)
 
 
 @dataclass(frozen=True)
