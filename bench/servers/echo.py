@@ -1,10 +1,11 @@
 """The transport limit: a gRPC server answering KServe v2 ModelInfer with a fixed, valid response, computing nothing.
 
-    python -m bench.servers.echo --mode aio|sync|predict --port PORT
+    python -m bench.servers.echo --mode aio|sync|predict|predict-sync --port PORT
 
 `aio`: one grpc.aio server on the default asyncio loop; `sync`: grpc.server with a ThreadPoolExecutor(10);
 `predict`: grpc.aio answering infergrid.gateway.v1.PredictionService/Predict with a fixed PredictResponse and
-serving grpc.health.v1 (Envoy health-checks its upstream): the stand-in for the gateway behind Envoy.
+serving grpc.health.v1 (Envoy health-checks its upstream): the stand-in for the gateway behind Envoy;
+`predict-sync`: the same on grpc.server with a ThreadPoolExecutor(10).
 Both use a generic handler without (de)serializers, so the request bytes are never parsed and the
 response is pre-serialized: what is left is gRPC's own per-call cost. The response is what the inference
 service answers for one row of the demo `fraud` model (output `fraud_probability`, FP32 [1, 1]).
@@ -95,15 +96,36 @@ def serve_sync(port: int) -> None:
     server.wait_for_termination()
 
 
+def serve_predict_sync(port: int) -> None:
+    """`predict` on a threaded grpc.server (what a threaded gateway transport would cost behind Envoy)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    answer = predict_response_bytes()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=10))
+    method = grpc.unary_unary_rpc_method_handler(lambda request, context: answer)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(PREDICT_SERVICE, {"Predict": method}),)
+    )
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", PREDICT_SERVICE):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("aio", "sync", "predict"), required=True)
+    parser.add_argument("--mode", choices=("aio", "sync", "predict", "predict-sync"), required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     if args.mode == "aio":
         asyncio.run(serve_aio(args.port))
     elif args.mode == "predict":
         asyncio.run(serve_predict(args.port))
+    elif args.mode == "predict-sync":
+        serve_predict_sync(args.port)
     else:
         serve_sync(args.port)
 

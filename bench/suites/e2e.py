@@ -3,7 +3,8 @@
 (admission placement "gateway", as `make up` runs it), features from Redis (the demo views, cache warm),
 the model (inference service, batching on) and one Kafka inference-log record per request; vs the same
 Envoy and control plane in front of a bare echo service answering Predict with a fixed response (the
-transport limit of this path).
+transport limit of this path), and in front of the same answer from a threaded grpc.server (what another
+transport would buy the gateway).
 
 The serving path — Envoy, control plane, gateway, features, inference and Redis — is pinned to CPU 0 (the
 one-core budget of the peers' numbers in peers.md, whose Redis shares their core too). Kafka and Cassandra,
@@ -536,6 +537,22 @@ def body(run: Run, suite: Suite) -> None:
                     tool="h2load", params={"concurrency": c}, rep=grpc_rep(chain.cpu, frame, c, None))  # fmt: skip
     for c in s.e2e_concurrency:
         run.measure(suite, system="Envoy → echo (HTTP/JSON)", key="envoy-echo-json",
+                    protocol="HTTP/JSON", tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, None))  # fmt: skip
+    # The same fixed answer from a threaded grpc.server: what another transport would buy the gateway (item 1).
+    run.procs.stop(echo)
+    chain.servers.remove(echo)
+    echo_port = free_port()
+    echo = run.procs.start("e2e-echo-sync", [sys.executable, "-m", "bench.servers.echo", "--mode", "predict-sync",
+                                             "--port", str(echo_port)], env=repo_env(), cpus=cpus)  # fmt: skip
+    wait_grpc_serving(echo, echo_port, timeout=30)
+    platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=echo_port))
+    wait_echo(target, key, timeout=30)
+    chain.servers.append(echo)
+    for c in s.e2e_concurrency:
+        run.measure(suite, system="Envoy → threaded echo (gRPC)", key="envoy-echo-sync-grpc", protocol="gRPC",
+                    tool="h2load", params={"concurrency": c}, rep=grpc_rep(chain.cpu, frame, c, None))  # fmt: skip
+    for c in s.e2e_concurrency:
+        run.measure(suite, system="Envoy → threaded echo (HTTP/JSON)", key="envoy-echo-sync-json",
                     protocol="HTTP/JSON", tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, None))  # fmt: skip
     for server in list(chain.servers):
         run.procs.stop(server)
