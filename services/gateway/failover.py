@@ -17,7 +17,7 @@ preferred pool that is usable and fails over, for that batch only, to the next o
 - `queue_delay`: the pool's expected answer time is longer than the time the batch has left while a later
   pool's fits (see `AnswerTimeEstimate`). A pool skipped so is re-measured by probes: at most one at a
   time and one per `PROBE_INTERVAL_S`, a copy of a skipped batch is sent to it with twice its expected
-  answer time to answer in, and its answer time (or its running out of time) updates the estimate; the
+  answer time to answer in, and its answer time becomes the estimate (or, out of time, doubles it); the
   batch itself is served by the next pool, so no caller waits on a probe.
 
 When no pool passes these checks, the pools are still tried in order (those whose answer time does not
@@ -100,6 +100,12 @@ class AnswerTimeEstimate:
     def observe(self, seconds: float) -> None:
         """Adds one batch's answer time."""
         self._mean = self._mean + self._alpha * (seconds - self._mean) if self._seen else seconds
+        self._seen = True
+
+    def measured(self, seconds: float) -> None:
+        """A probe's answer time: the pool's answer time now, replacing the average (probes are sparse, and
+        after a timeout the average holds a guess, not a measurement)."""
+        self._mean = seconds
         self._seen = True
 
     def timed_out(self, waited: float) -> None:
@@ -266,7 +272,7 @@ class FailoverModelClient:
                     pool.estimate.timed_out(clock() - start)
                 log.debug("probe of inference pool %s for %s failed: %s", pool.name, spec.name, exc)
             else:
-                pool.estimate.observe(clock() - start)
+                pool.estimate.measured(clock() - start)
             finally:
                 pool.probe = None
 

@@ -158,7 +158,7 @@ async def test_when_no_pool_fits_the_deadline_the_preferred_one_is_tried(setup: 
     assert setup.gpu.probe is None and setup.cpu.probe is None  # the batch itself measures
 
 
-def test_the_estimate_is_an_ewma_and_a_timeout_a_lower_bound() -> None:
+def test_the_estimate_is_an_ewma_a_timeout_a_lower_bound_and_a_probe_the_current_value() -> None:
     estimate = AnswerTimeEstimate(alpha=0.5)
     assert estimate.value() == 0.0
     estimate.observe(0.1)
@@ -170,6 +170,8 @@ def test_the_estimate_is_an_ewma_and_a_timeout_a_lower_bound() -> None:
     assert estimate.value() == pytest.approx(0.5)
     estimate.observe(0.1)
     assert estimate.value() == pytest.approx(0.3)
+    estimate.measured(0.02)  # a probe's answer: the pool's answer time now
+    assert estimate.value() == pytest.approx(0.02)
 
 
 async def test_a_draining_preferred_pool_fails_over_and_is_skipped_while_it_drains(setup: Setup) -> None:
