@@ -9,10 +9,12 @@ maximums, from the latencies the batcher reports:
 - every `interval_s` (with at least `min_samples` requests seen) it takes the p99 of the window's
   request latencies (enqueue to result; a windowed estimate, not a running one, so it follows load
   changes within an interval);
-- **batches too slow**: when the p99 of the window's batch compute times exceeds `compute_share` of the
-  target (a request may wait for the batch running before its own), the batch-size cap drops at once to
-  the rows whose compute fits that share at the window's cost per row (compute over rows, which
-  includes each batch's fixed cost: an upper bound for bigger batches), whatever the delay;
+- **batches too slow**: the window's cost per row (compute time over rows, which includes each batch's
+  fixed cost: an upper bound for bigger batches; an average, so a batch preempted by other work on the
+  machine does not count as a slow one) times the p99 of its rows per batch is the compute time of a
+  big batch. When that exceeds `compute_share` of the target (a request may wait for the batch running
+  before its own), the batch-size cap drops at once to the rows whose compute fits that share, whatever
+  the delay;
 - **over the target** otherwise: multiplicative decrease of the delay (times `decrease`). The cap stays:
   when the server is simply overloaded (the queue, not a batch's execution, breaks the budget), smaller
   batches would only cost throughput and make the queue longer;
@@ -60,7 +62,7 @@ class LatencyTarget:
     min_gain: float = 0.05
     # Intervals to wait after a delay step that gathered nothing.
     cooldown: int = 5
-    # The batch cap is cut only while a batch's compute p99 exceeds this fraction of the target.
+    # The batch cap is cut only while a big batch's compute exceeds this fraction of the target.
     compute_share: float = 0.5
 
     def __post_init__(self) -> None:
@@ -94,7 +96,8 @@ class BatchController:
         self.decisions = 0
         self._window_start = now
         self._samples: list[float] = []
-        self._compute: list[float] = []
+        self._compute = 0.0
+        self._sizes: list[int] = []
         self._rows = 0
         self._batches = 0
         self._step_d = target.delay_step_s or target.delay_bound_s / 10
@@ -113,7 +116,8 @@ class BatchController:
             compute_s: How long the batch itself executed.
         """
         self._samples.extend(latencies_s)
-        self._compute.append(compute_s)
+        self._compute += compute_s
+        self._sizes.append(rows)
         self._rows += rows
         self._batches += 1
         if now - self._window_start < self.target.interval_s or len(self._samples) < self.target.min_samples:
@@ -125,12 +129,12 @@ class BatchController:
         self.decisions += 1
         observed = p99(self._samples)
         rows_per_batch = self._rows / max(self._batches, 1)
-        compute = p99(self._compute) if self._compute else 0.0
         compute_budget = t.p99_s * t.compute_share
+        per_row = self._compute / self._rows if self._rows else 0.0
+        compute = per_row * p99([float(n) for n in self._sizes]) if self._sizes else 0.0
         # The rows whose compute fits the budget at this window's cost per row (no cost seen: any).
-        cost = sum(self._compute)
-        fit = int(compute_budget * self._rows / cost) if cost > 0 else t.max_batch
-        self._samples, self._compute, self._rows, self._batches = [], [], 0, 0
+        fit = int(compute_budget / per_row) if per_row > 0 else t.max_batch
+        self._samples, self._sizes, self._compute, self._rows, self._batches = [], [], 0.0, 0, 0
         self._window_start = now
         self.last_p99 = observed
         before = (self.delay_s, self.max_batch)

@@ -132,3 +132,19 @@ def test_the_cap_drops_at_once_to_the_rows_whose_compute_fits_whatever_the_delay
     assert compute(first_cap) <= 5.2 * MS  # one step: the rows that fit at 256 rows' cost per row
     assert all(compute(cap) <= 5 * MS for _, cap, _ in history[2:])
     assert min(cap for _, cap, _ in history) >= 100  # no needless halving below what fits
+
+
+def test_a_batch_slowed_by_other_work_on_the_machine_does_not_cut_the_cap() -> None:
+    """One single-row batch in fifty takes 20 ms (preempted); a row costs 50 µs: nothing about batch size."""
+    clock = [0.0]
+    target = LatencyTarget(p99_s=10 * MS, max_delay_s=1 * MS, max_batch=256)
+    c = BatchController(target, clock[0])
+    n = [0]
+
+    def plant(delay: float, cap: int) -> tuple[float, int, float]:
+        n[0] += 1
+        compute = 20 * MS if n[0] % 50 == 0 else 50e-6
+        return delay + compute, 1, compute
+
+    _drive(c, plant, 10.0, clock)
+    assert c.decisions > 0 and c.max_batch == 256
