@@ -86,7 +86,9 @@ def connect(config: CassandraConfig, *, create_keyspace: bool = True) -> Session
         connect_timeout=config.cassandra_connect_timeout_s,
     )
     session = cluster.connect()
-    if create_keyspace:
+    # Only when missing: a service's role may create tables in its keyspace but no keyspace, and even
+    # CREATE KEYSPACE IF NOT EXISTS needs that permission.
+    if create_keyspace and config.cassandra_keyspace not in cluster.metadata.keyspaces:
         # Identifiers cannot be bound as parameters; the keyspace name is validated above.
         session.execute(
             f"CREATE KEYSPACE IF NOT EXISTS {config.cassandra_keyspace} "

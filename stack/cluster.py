@@ -36,6 +36,7 @@ from typing import TextIO
 from libs.mtls import MeshFiles, ensure_mesh_certificates
 from stack.cassandra import Cassandra
 from stack.component import Component
+from stack.cassandra import credential_env as cassandra_credentials
 from stack.config import StackConfig, node_address
 from stack.envoy import Envoy
 from stack.errors import StackError, StartupError
@@ -220,6 +221,8 @@ def _replica_env(config: StackConfig, service: str) -> dict[str, str]:
             **_cassandra_env(config, service),
             f"{prefix}REDIS_URL": redis_url(config),
             **credential_env(config, "features", f"{prefix}REDIS"),
+        # features' and logging's own roles (the ingester is a features process).
+        **cassandra_credentials(config, service, f"{prefix}CASSANDRA"),
             f"{prefix}KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap_servers(config),
         }
     if service == "logging":
@@ -455,10 +458,12 @@ RING_TIMEOUT_S = 90.0
 
 def after_group(config: StackConfig, group: list[Component], out: TextIO | None = None) -> None:
     """What `up` does after a group started: the ring formed (all Cassandra nodes started together see
-    each other up), then the discovery files refreshed so the next replica finds the ones before it.
+    each other up) and its roles set up, then the discovery files refreshed so the next replica finds the
+    ones before it.
 
     Raises:
-        StartupError: the Cassandra nodes did not all see each other within RING_TIMEOUT_S.
+        StartupError: the Cassandra nodes did not all see each other within RING_TIMEOUT_S, or their
+            roles could not be set up.
     """
     nodes = [c for c in group if isinstance(c, Cassandra)]
     if len(nodes) == NODES:
@@ -479,3 +484,4 @@ def after_group(config: StackConfig, group: list[Component], out: TextIO | None 
     from stack.supervisor import publish_discovery
 
     publish_discovery(config)
+        nodes[0].setup_roles(KEYSPACE_REPLICATION)  # system_auth on every node, the services' roles

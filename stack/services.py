@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from libs.checkout import python_path
+from stack.cassandra import credential_env as cassandra_credentials
 from stack.component import CommandComponent, Component
 from stack.config import REPO_ROOT, StackConfig, secret_file
 from stack.errors import StackError
@@ -229,6 +230,7 @@ def features(
             "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(config.port("cassandra")),
             "INFERGRID_FEATURES_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            **cassandra_credentials(config, "features", "INFERGRID_FEATURES_CASSANDRA"),
             **redis_credentials(config, "features", "INFERGRID_FEATURES_REDIS"),
             "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
             **(env or {}),
@@ -272,6 +274,7 @@ def features_ingest(
             "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(config.port("cassandra")),
             "INFERGRID_FEATURES_REDIS_URL": f"redis://{config.host}:{config.port('redis')}/0",
+            **cassandra_credentials(config, "features", "INFERGRID_FEATURES_CASSANDRA"),
             **redis_credentials(config, "features", "INFERGRID_FEATURES_REDIS"),
             "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
             **(env or {}),
@@ -332,6 +335,7 @@ def logging(
             "INFERGRID_LOGGING_LAKE_DIR": str(config.state_dir / "logging" / "lake"),
             # The query API: tenants read their own records with their API keys; the operator (tests,
             # tools) every tenant's with the admin token (services/logging/access.py).
+            **cassandra_credentials(config, "logging", "INFERGRID_LOGGING_CASSANDRA"),
             "INFERGRID_LOGGING_QUERY_PLATFORM_FILE": str(config.platform_file),
             "INFERGRID_LOGGING_QUERY_KEYS_FILE": str(keys_file(config)),
             "INFERGRID_LOGGING_QUERY_ADMIN_TOKEN_FILE": str(secret_file(config, LOGGING_ADMIN_SECRET)),

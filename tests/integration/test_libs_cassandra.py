@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from libs.cassandra import AsyncCassandra, CassandraConfig, connect
+from stack.cassandra import ADMIN_ROLE
 
 pytestmark = pytest.mark.integration
 
@@ -15,6 +16,8 @@ def _config(cassandra_server, keyspace: str) -> CassandraConfig:  # type: ignore
     return CassandraConfig(
         cassandra_contact_points=tuple(cassandra_server.contact_points),
         cassandra_port=cassandra_server.port,
+        cassandra_username=ADMIN_ROLE,
+        cassandra_password=cassandra_server.admin_password,
         cassandra_keyspace=keyspace,
         cassandra_write_consistency="ONE",
         # Generous: this checks behaviour, not speed, on a busy 2-core machine.

@@ -14,7 +14,7 @@ from libs.cassandra import CassandraConfig
 from libs.testing import wait_serving
 from services.features.config import CacheConfig, FeaturesConfig, FeaturesServerConfig, LimitsConfig
 from services.features.server import SERVICE_NAME, create_server
-from stack.cassandra import Cassandra
+from stack.cassandra import ADMIN_ROLE, Cassandra
 from stack.redis import Redis
 
 
@@ -26,6 +26,9 @@ def features_config(cassandra_server: Cassandra, redis_server: Redis) -> Iterato
         cassandra=CassandraConfig(
             cassandra_contact_points=tuple(cassandra_server.contact_points),
             cassandra_port=cassandra_server.port,
+            # The administrator: the tests' keyspaces are their own (the stack's roles may create none).
+            cassandra_username=ADMIN_ROLE,
+            cassandra_password=cassandra_server.admin_password,
             cassandra_keyspace=f"features_it_{os.getpid()}",
             cassandra_request_timeout_s=2.0,
         ),
@@ -33,7 +36,11 @@ def features_config(cassandra_server: Cassandra, redis_server: Redis) -> Iterato
         limits=LimitsConfig(max_entities_per_request=1000),
     )
     # When the session borrows a developer's stack (INFERGRID_REUSE_STACK=1), leave nothing behind.
-    cluster = Cluster(cassandra_server.contact_points, port=cassandra_server.port)
+    cluster = Cluster(
+        cassandra_server.contact_points,
+        port=cassandra_server.port,
+        auth_provider=cassandra_server.auth_provider,
+    )
     try:
         session = cluster.connect()
         for keyspace in (f"features_it_{os.getpid()}", f"features_demo_{os.getpid()}"):

@@ -32,6 +32,8 @@ def _env(config: FeaturesConfig) -> dict[str, str]:
     return {
         "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": ",".join(c.cassandra_contact_points),
         "INFERGRID_FEATURES_CASSANDRA_PORT": str(c.cassandra_port),
+        "INFERGRID_FEATURES_CASSANDRA_USERNAME": c.cassandra_username,
+        "INFERGRID_FEATURES_CASSANDRA_PASSWORD": c.cassandra_password,
         "INFERGRID_FEATURES_CASSANDRA_KEYSPACE": c.cassandra_keyspace,
         "INFERGRID_FEATURES_REDIS_URL": config.cache.redis_url,
         "INFERGRID_FEATURES_CACHE_KEY_PREFIX": config.cache.cache_key_prefix,

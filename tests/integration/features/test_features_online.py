@@ -263,7 +263,11 @@ async def test_crafted_entity_keys_are_stored_and_read_as_data(
         pb.GetOnlineFeaturesRequest(features=[f"{view}:f_float"], entities={"id": string_keys(CRAFTED)})
     )
     assert list(got.results[0].statuses) == [OK]
-    cluster = Cluster(cassandra_server.contact_points, port=cassandra_server.port)
+    cluster = Cluster(
+        cassandra_server.contact_points,
+        port=cassandra_server.port,
+        auth_provider=cassandra_server.auth_provider,
+    )
     try:
         session = cluster.connect(features_config.cassandra.cassandra_keyspace)
         tables = {

@@ -32,6 +32,8 @@ async def test_service_process_serves_the_demo_features(
             "INFERGRID_FEATURES_METRICS_PORT": "0",
             "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": ",".join(c.cassandra_contact_points),
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(c.cassandra_port),
+            "INFERGRID_FEATURES_CASSANDRA_USERNAME": c.cassandra_username,
+            "INFERGRID_FEATURES_CASSANDRA_PASSWORD": c.cassandra_password,
             "INFERGRID_FEATURES_CASSANDRA_KEYSPACE": f"features_demo_{os.getpid()}",
             "INFERGRID_FEATURES_REDIS_URL": features_config.cache.redis_url,
             "INFERGRID_FEATURES_CACHE_KEY_PREFIX": f"demo{os.getpid()}:",

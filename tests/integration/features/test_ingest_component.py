@@ -11,6 +11,7 @@ import pytest
 
 from libs.testing import free_port
 from stack.cassandra import Cassandra
+from stack.cassandra import credential_env as cassandra_credentials
 from stack.config import StackConfig
 from stack.kafka import Kafka
 from stack.redis import Redis
@@ -33,6 +34,7 @@ def test_the_ingester_component_starts_and_reports_consumer_lag(
         ports={"features_ingest_metrics": port},
         env={
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(cassandra_server.port),
+            **cassandra_credentials(cassandra_server.config, "features", "INFERGRID_FEATURES_CASSANDRA"),
             "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": kafka_server.bootstrap_servers,
             "INFERGRID_FEATURES_REDIS_URL": redis_server.url,
             "INFERGRID_FEATURES_CASSANDRA_WRITE_CONSISTENCY": "ONE",
