@@ -21,8 +21,8 @@ preferred pool that is usable and fails over, for that batch only, to the next o
   batch itself is served by the next pool, so no caller waits on a probe.
 
 When no pool passes these checks, the pools are still tried in order (those whose answer time does not
-fit first, then the down and draining ones; an open breaker never): a check is a guess, refusing the batch would be
-certain failure. Other errors (NOT_FOUND, DEADLINE_EXCEEDED, INTERNAL) are the batch's answer, as with a
+fit first, then the down and draining ones; an open breaker never): a check is a guess, refusing the
+batch would be certain failure. Other errors (NOT_FOUND, DEADLINE_EXCEEDED, INTERNAL) are the batch's answer, as with a
 single pool. A model without `pools` goes to the gateway's default inference target, exactly as before.
 The answer (`Scores.pool`) names the pool that served the batch; a served batch whose most preferred pool
 did not serve it counts once in `infergrid_gateway_inference_failovers_total{model, from_pool, to_pool,
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -203,7 +204,7 @@ class FailoverModelClient:
         deadline = clock() + timeout
         reasons = [pool.skip_reason(timeout) for pool in pools]
         # Usable pools first in preference order, then (a guess is not a certainty) the slow ones, then
-        # the down ones; an open breaker would fail the call at once.
+        # the down and draining ones; an open breaker would fail the call at once.
         order = [p for p, r in zip(pools, reasons, strict=True) if not r]
         order += [p for p, r in zip(pools, reasons, strict=True) if r == QUEUE_DELAY]
         order += [p for p, r in zip(pools, reasons, strict=True) if r in (DOWN, DRAINING)]
@@ -276,7 +277,10 @@ class FailoverModelClient:
             finally:
                 pool.probe = None
 
-        pool.probe = asyncio.get_running_loop().create_task(_run(), name=f"probe-{pool.name}")
+        # In a context of its own: the probe is no part of the trace of the batch it copies.
+        pool.probe = asyncio.get_running_loop().create_task(
+            _run(), name=f"probe-{pool.name}", context=contextvars.Context()
+        )
 
 
 class InferencePools:
