@@ -4,7 +4,10 @@ Every public route (gRPC `Predict` and `PredictBatch`, their HTTP/JSON transcodi
 revoked key, another tenant's key (a model that tenant may not use), forged `x-infergrid-*` identity
 headers, valid} by {admission in the gateway, admission at the edge}, each with its expected status. The
 placement is moved the way an operator does it: the platform file edited, then the gateways, the edge service
-and the control plane restarted. The figures (requests tried, statuses by code) are printed at the end.
+and the control plane restarted. Last, the Envoy → gateway hop over mutual TLS (as the cluster profile and
+Kubernetes run it): with admission at the edge the matrix is served as expected, and the identity headers
+Envoy sets are refused when they come over plaintext. The figures (requests tried, statuses by code) are
+printed at the end.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from infergrid.gateway.v1 import gateway_pb2
+from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs import mtls
 from libs.apikeys import add_key, load_keys, write_keys
 from stack.demo import DEMO_REQUEST_FEATURES
+from stack.ports import find_free_ports
 from stack.progress import Progress
-from stack.services import keys_file
+from stack.services import controlplane, gateway, keys_file
 from tests.e2e.whole_stack import Stack, whole_stack
 
 __all__ = ["whole_stack"]
@@ -114,16 +119,17 @@ def _move_admission(stack: Stack, placement: str) -> None:
         stack.components[name].start(Progress(name))
 
 
-def _matrix(stack: Stack, placement: str, *, served: bool = True) -> None:
+def _matrix(stack: Stack, placement: str, *, served: bool = True, label: str = "") -> None:
     """The matrix; with `served` False the gateway cannot verify the hop, so nothing may be answered OK."""
+    label = label or placement
     demo = stack.keys["demo"]
     revoked = f"ig_revoked_{uuid.uuid4().hex}"
-    add_key(keys_file(stack.config), "demo", f"revoked-{placement}", revoked)
+    add_key(keys_file(stack.config), "demo", f"revoked-{label}", revoked)
     key = (("x-api-key", revoked),)
     # Every replica (Envoy balances over two gateways, each watching the keys file) must have seen the change.
     if served:
         stack.wait_for(lambda: _everywhere(stack, key, "OK"), 30, "the new key admitted by every replica")
-    _revoke(stack, f"revoked-{placement}")
+    _revoke(stack, f"revoked-{label}")
     stack.wait_for(lambda: _everywhere(stack, key, "UNAUTHENTICATED"), 30, "its revocation by every replica")
 
     cases: dict[str, tuple[str, tuple[tuple[str, str], ...], str]] = {
@@ -146,10 +152,10 @@ def _matrix(stack: Stack, placement: str, *, served: bool = True) -> None:
             got = _call(stack, route, model, headers)
             if not served and got in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
                 expected = got if case != "valid" else "UNAUTHENTICATED"
-            _TRIED[f"{placement:<8} {route:<18} {case}"] += 1
+            _TRIED[f"{label:<8} {route:<18} {case}"] += 1
             _CODES[got] += 1
             if got != expected:
-                wrong.append(f"{placement} {route} {case}: {got}, expected {expected}")
+                wrong.append(f"{label} {route} {case}: {got}, expected {expected}")
     assert not wrong, "\n".join(wrong)
 
 
@@ -166,3 +172,72 @@ def test_admission_moved_to_the_edge_over_a_plaintext_hop_serves_nobody(whole_st
         lambda: _everywhere(whole_stack, valid, "UNAUTHENTICATED"), 60, "every process moved"
     )
     _matrix(whole_stack, "edge", served=False)
+
+
+def _with_mesh(stack: Stack) -> dict[str, int]:
+    """As the cluster profile runs it: the gateways serve the mesh certificates (libs.mtls; probes on a
+    plaintext health port), the control plane sends Envoy its client certificate over SDS, admission at
+    the edge. Returns each gateway's health port."""
+    mesh = mtls.ensure_mesh_certificates(stack.config.state_dir / "mesh")
+    stack.write_platform(stack.platform_text().replace("placement: gateway", "placement: edge"))
+    tls = {
+        "INFERGRID_GATEWAY_TLS_CA_FILE": str(mesh.ca_cert),
+        "INFERGRID_GATEWAY_TLS_CERT_FILE": str(mesh.gateway_cert),
+        "INFERGRID_GATEWAY_TLS_KEY_FILE": str(mesh.gateway_key),
+    }
+    taken = {p for c in stack.components.values() for p in c.ports.values()}
+    health = dict(
+        zip(("gateway", "gateway-2"), find_free_ports(stack.config.host, 2, exclude=taken), strict=True)
+    )
+    for name in ("gateway", "gateway-2", "controlplane"):
+        old = stack.components[name]
+        old.stop()  # the module's teardown stops the replacement (same name, same pid file)
+        if name == "controlplane":
+            new = controlplane(stack.config, env={"INFERGRID_CONTROLPLANE_MESH_DIR": str(mesh.directory)})
+        else:
+            new = gateway(
+                stack.config, name=name, ports={**old.ports, "gateway_health": health[name]}, env=tls
+            )
+        stack.components[name] = new
+        new.start(Progress(name))
+    stack.components["edge"].stop()
+    stack.components["edge"].start(Progress("edge"))
+    return health
+
+
+def test_admission_at_the_edge_over_envoys_mutual_tls_hop_is_served(whole_stack: Stack) -> None:
+    """The positive cell: over the mesh hop a valid key is served through Envoy (the whole matrix, with the edge
+    admitting), while the identity headers Envoy would set, sent to a gateway over plaintext, are refused."""
+    health = _with_mesh(whole_stack)
+    valid = (("x-api-key", whole_stack.keys["demo"]),)
+    whole_stack.wait_for(lambda: _everywhere(whole_stack, valid, "OK"), 60, "the mesh hop serving")
+    _matrix(whole_stack, "edge", label="edge+mTLS")
+    # What Envoy adds after the edge admitted demo's key for fraud, sent straight to each gateway.
+    identity = (
+        ("x-infergrid-tenant", "demo"),
+        ("x-infergrid-tier", "standard"),
+        ("x-infergrid-model", "fraud"),
+        ("x-infergrid-key-name", "e2e-demo"),
+        ("x-infergrid-placement", "edge"),
+        *valid,
+    )
+    request = gateway_pb2.PredictRequest(model="fraud", request_id=uuid.uuid4().hex, entities=ENTITIES)
+    wrong = []
+    for name in ("gateway", "gateway-2"):
+        for which, port, refused in (
+            ("mesh port", whole_stack.components[name].port, "UNAVAILABLE"),  # no plaintext handshake
+            ("health port", health[name], "UNAUTHENTICATED"),  # it serves health only
+        ):
+            with grpc.insecure_channel(f"{whole_stack.config.host}:{port}") as channel:
+                try:
+                    gateway_pb2_grpc.PredictionServiceStub(channel).Predict(
+                        request, metadata=identity, timeout=10
+                    )
+                    got = "OK"
+                except grpc.RpcError as exc:
+                    got = exc.code().name
+            _TRIED[f"plaintext to the {name} {which} with Envoy's identity headers + key"] += 1
+            _CODES[got] += 1
+            if got != refused:
+                wrong.append(f"plaintext to the {name} {which}: {got}, expected {refused}")
+    assert not wrong, "\n".join(wrong)
