@@ -68,6 +68,32 @@ def _error(call: Callable[[], Any]) -> tuple[str, str]:
     raise AssertionError("expected an error")
 
 
+# The "types" model's inputs; each comes back unchanged as out_<datatype>.
+ARRAYS = {
+    "FP32": np.array([[1.5, -2, 3], [0, 1, 2]], np.float32),
+    "FP16": np.array([[0.5, 1, -8], [2, 4, 8]], np.float16),
+    "INT32": np.array([[1, -2, 3], [4, 5, 2**31 - 1]], np.int32),
+    "INT64": np.array([[2**40, -1, 7], [0, 1, 2]], np.int64),
+    "BOOL": np.array([[True, False, True], [False, False, True]]),
+    "BYTES": np.array([[b"a", b"", "\u00e9t\u00e9".encode()], [b"x", b"yy", b"zzz"]], dtype=np.object_),
+}
+
+
+def _check_types(result: Any, binary: bool) -> None:
+    """Every ARRAYS entry came back with its shape, dtype and values (BYTES as text over JSON)."""
+    for datatype, array in ARRAYS.items():
+        got = result.as_numpy(f"out_{datatype.lower()}")
+        assert got.shape == array.shape, (binary, datatype, got.shape)
+        if datatype == "BYTES":
+            want = array.reshape(-1).tolist()
+            if not binary:  # JSON carries text
+                want = [w.decode() for w in want]
+            assert got.reshape(-1).tolist() == want, (binary, got)
+        else:
+            assert got.dtype == array.dtype, (binary, datatype, got.dtype)
+            np.testing.assert_array_equal(got, array)
+
+
 @scenario
 def metadata_and_config_match_the_repository(url: str, repo: Path, metrics: str) -> None:
     client = grpcclient.InferenceServerClient(url)
@@ -131,28 +157,12 @@ def infer_matches_onnxruntime_on_the_same_file(url: str, repo: Path, metrics: st
 @scenario
 def every_datatype_round_trips(url: str, repo: Path, metrics: str) -> None:
     client = grpcclient.InferenceServerClient(url)
-    arrays = {
-        "FP32": np.array([[1.5, -2, 3], [0, 1, 2]], np.float32),
-        "FP16": np.array([[0.5, 1, -8], [2, 4, 8]], np.float16),
-        "INT32": np.array([[1, -2, 3], [4, 5, 2**31 - 1]], np.int32),
-        "INT64": np.array([[2**40, -1, 7], [0, 1, 2]], np.int64),
-        "BOOL": np.array([[True, False, True], [False, False, True]]),
-        "BYTES": np.array([[b"a", b"", "\u00e9t\u00e9".encode()], [b"x", b"yy", b"zzz"]], dtype=np.object_),
-    }
     inputs = []
-    for datatype, array in arrays.items():
+    for datatype, array in ARRAYS.items():
         inp = grpcclient.InferInput(f"in_{datatype.lower()}", list(array.shape), datatype)
         inp.set_data_from_numpy(array)
         inputs.append(inp)
-    result = client.infer("types", inputs)
-    for datatype, array in arrays.items():
-        got = result.as_numpy(f"out_{datatype.lower()}")
-        assert got.shape == array.shape, (datatype, got.shape)
-        if datatype == "BYTES":
-            assert got.reshape(-1).tolist() == array.reshape(-1).tolist(), got
-        else:
-            assert got.dtype == array.dtype, (datatype, got.dtype)
-            np.testing.assert_array_equal(got, array)
+    _check_types(client.infer("types", inputs), binary=True)
 
 
 @scenario
@@ -490,42 +500,14 @@ def http_infer_matches_onnxruntime_binary_and_json(url: str, grpc_url: str, repo
 @http_scenario
 def http_every_datatype_round_trips(url: str, grpc_url: str, repo: Path) -> None:
     client = httpclient.InferenceServerClient(url)
-    arrays = {
-        "FP32": np.array([[1.5, -2, 3], [0, 1, 2]], np.float32),
-        "FP16": np.array([[0.5, 1, -8], [2, 4, 8]], np.float16),
-        "INT32": np.array([[1, -2, 3], [4, 5, 2**31 - 1]], np.int32),
-        "INT64": np.array([[2**40, -1, 7], [0, 1, 2]], np.int64),
-        "BOOL": np.array([[True, False, True], [False, False, True]]),
-        "BYTES": np.array([[b"a", b"", "\u00e9t\u00e9".encode()], [b"x", b"yy", b"zzz"]], dtype=np.object_),
-    }
     for binary in (True, False):
         inputs, outputs = [], []
-        for datatype, array in arrays.items():
+        for datatype, array in ARRAYS.items():
             inp = httpclient.InferInput(f"in_{datatype.lower()}", list(array.shape), datatype)
             inp.set_data_from_numpy(array, binary_data=binary)
             inputs.append(inp)
             outputs.append(httpclient.InferRequestedOutput(f"out_{datatype.lower()}", binary_data=binary))
-        result = client.infer("types", inputs, outputs=outputs)
-        for datatype, array in arrays.items():
-            got = result.as_numpy(f"out_{datatype.lower()}")
-            assert got.shape == array.shape, (binary, datatype, got.shape)
-            if datatype == "BYTES":
-                want = array.reshape(-1).tolist()
-                have = got.reshape(-1).tolist()
-                if not binary:  # JSON carries text
-                    want = [w.decode() for w in want]
-                assert have == want, (binary, have)
-            else:
-                assert got.dtype == array.dtype, (binary, datatype, got.dtype)
-                np.testing.assert_array_equal(got, array)
-
-
-def _http_error(call: Callable[[], Any]) -> tuple[str, str]:
-    try:
-        call()
-    except InferenceServerException as exc:
-        return str(exc.status()), str(exc.message())
-    raise AssertionError("expected an error")
+        _check_types(client.infer("types", inputs, outputs=outputs), binary)
 
 
 @http_scenario
@@ -572,7 +554,7 @@ def http_errors_are_statuses_with_a_json_error(url: str, grpc_url: str, repo: Pa
         ),
     ]
     for call, status, message in cases:
-        got_status, got_message = _http_error(call)
+        got_status, got_message = _error(call)
         assert got_status == status and message in got_message, (status, message, got_status, got_message)
 
     # The wire itself: every error is {"error": "..."} with the status.
@@ -638,7 +620,7 @@ def http_statistics_and_repository(url: str, grpc_url: str, repo: Path) -> None:
     assert broken["state"] == "UNAVAILABLE" and "ONNX Runtime cannot load" in broken["reason"], broken
     client.unload_model("double")
     assert not client.is_model_ready("double")
-    status, message = _http_error(lambda: client.infer("double", []))
+    status, message = _error(lambda: client.infer("double", []))
     assert status == "404", (status, message)
     client.load_model("double")
     assert client.is_model_ready("double")
@@ -646,9 +628,9 @@ def http_statistics_and_repository(url: str, grpc_url: str, repo: Path) -> None:
     inp = httpclient.InferInput("x", [2, 3], "FP32")
     inp.set_data_from_numpy(x)
     np.testing.assert_array_equal(client.infer("double", [inp]).as_numpy("y"), 2 * x)
-    status, message = _http_error(lambda: client.load_model("broken"))
+    status, message = _error(lambda: client.load_model("broken"))
     assert status == "400" and "failed to load model 'broken'" in message, (status, message)
-    status, message = _http_error(lambda: client.unload_model("nope"))
+    status, message = _error(lambda: client.unload_model("nope"))
     assert status == "404", (status, message)
     # a config sent with the load: serve only version 1, then both again
     on_disk = model_config_pb2.ModelConfig()
@@ -781,15 +763,15 @@ def system_shared_memory_round_trips_over_grpc_and_http(url: str, grpc_url: str,
                 ),
                 (_bad_output(client, mod, 512), "exceeds the 256 bytes of shared memory region 'ig-out'"),
             ):
-                status, got = _http_error(call) if client is http else _error(call)
+                status, got = _error(call)
                 assert status == invalid and message in got, (status, message, got)
-        status, got = _http_error(lambda: http.register_system_shared_memory("ig-big", in_key, 1 << 30))
+        status, got = _error(lambda: http.register_system_shared_memory("ig-big", in_key, 1 << 30))
         assert status == "400" and got.startswith("offset + byte_size"), (status, got)
         status, got = _error(lambda: grpc.register_system_shared_memory("ig-in", in_key, 8))
         assert status == "StatusCode.ALREADY_EXISTS", (status, got)
 
         # CUDA shared memory: a clear refusal on this (CPU) backend.
-        status, got = _http_error(lambda: http.register_cuda_shared_memory("c", b"aGFuZGxl", 0, 8))
+        status, got = _error(lambda: http.register_cuda_shared_memory("c", b"aGFuZGxl", 0, 8))
         assert status == "400" and "CUDA shared memory is not supported on this backend" in got, got
         status, got = _error(lambda: grpc.register_cuda_shared_memory("c", b"aGFuZGxl", 0, 8))
         assert status == "StatusCode.UNIMPLEMENTED" and "not supported on this backend" in got, got
@@ -813,9 +795,9 @@ def trace_and_log_settings_over_http_and_grpc(url: str, grpc_url: str, repo: Pat
     assert http.update_trace_settings(settings={"trace_rate": "4"})["trace_rate"] == "4"
     assert grpc.get_trace_settings(as_json=True)["settings"]["trace_rate"]["value"] == ["4"]
     assert http.get_trace_settings(model_name="fraud")["trace_rate"] == "4"
-    status, message = _http_error(lambda: http.update_trace_settings(settings={"trace_rate": "0"}))
+    status, message = _error(lambda: http.update_trace_settings(settings={"trace_rate": "0"}))
     assert status == "400" and message.startswith("trace_rate"), (status, message)
-    status, message = _http_error(lambda: http.update_trace_settings(settings={"bogus": "1"}))
+    status, message = _error(lambda: http.update_trace_settings(settings={"bogus": "1"}))
     assert status == "400" and "bogus" in message, (status, message)
     http.update_trace_settings(settings={"trace_rate": None})
     logs = http.update_log_settings({"log_info": False})
@@ -824,7 +806,7 @@ def trace_and_log_settings_over_http_and_grpc(url: str, grpc_url: str, repo: Pat
     logs = grpc.update_log_settings({"log_info": True}, as_json=True)["settings"]
     assert logs["log_info"]["bool_param"] is True
     assert http.get_log_settings()["log_info"] is True
-    status, message = _http_error(lambda: http.update_log_settings({"log_file": "/tmp/x"}))
+    status, message = _error(lambda: http.update_log_settings({"log_file": "/tmp/x"}))
     assert status == "400" and message.startswith("log_file"), (status, message)
 
 
