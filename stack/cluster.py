@@ -35,8 +35,8 @@ from typing import TextIO
 
 from libs.mtls import MeshFiles, ensure_mesh_certificates
 from stack.cassandra import Cassandra
-from stack.component import Component
 from stack.cassandra import credential_env as cassandra_credentials
+from stack.component import Component
 from stack.config import StackConfig, node_address
 from stack.envoy import Envoy
 from stack.errors import StackError, StartupError
@@ -210,6 +210,8 @@ def _cassandra_env(config: StackConfig, service: str) -> dict[str, str]:
         f"{prefix}CASSANDRA_REPLICATION": KEYSPACE_REPLICATION,
         f"{prefix}CASSANDRA_READ_CONSISTENCY": CONSISTENCY,
         f"{prefix}CASSANDRA_WRITE_CONSISTENCY": CONSISTENCY,
+        # features' and logging's own roles (the ingester is a features process).
+        **cassandra_credentials(config, service, f"{prefix}CASSANDRA"),
     }
 
 
@@ -221,8 +223,6 @@ def _replica_env(config: StackConfig, service: str) -> dict[str, str]:
             **_cassandra_env(config, service),
             f"{prefix}REDIS_URL": redis_url(config),
             **credential_env(config, "features", f"{prefix}REDIS"),
-        # features' and logging's own roles (the ingester is a features process).
-        **cassandra_credentials(config, service, f"{prefix}CASSANDRA"),
             f"{prefix}KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap_servers(config),
         }
     if service == "logging":
@@ -481,7 +481,7 @@ def after_group(config: StackConfig, group: list[Component], out: TextIO | None 
             if waiting:
                 time.sleep(0.5)
         Progress("cassandra", out).say(f"ring of {NODES} nodes formed in {time.monotonic() - started:.1f} s")
+        nodes[0].setup_roles(KEYSPACE_REPLICATION)  # system_auth on every node, the services' roles
     from stack.supervisor import publish_discovery
 
     publish_discovery(config)
-        nodes[0].setup_roles(KEYSPACE_REPLICATION)  # system_auth on every node, the services' roles

@@ -332,10 +332,10 @@ def logging(
             "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
             "INFERGRID_LOGGING_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_LOGGING_CASSANDRA_PORT": str(config.port("cassandra")),
+            **cassandra_credentials(config, "logging", "INFERGRID_LOGGING_CASSANDRA"),
             "INFERGRID_LOGGING_LAKE_DIR": str(config.state_dir / "logging" / "lake"),
             # The query API: tenants read their own records with their API keys; the operator (tests,
             # tools) every tenant's with the admin token (services/logging/access.py).
-            **cassandra_credentials(config, "logging", "INFERGRID_LOGGING_CASSANDRA"),
             "INFERGRID_LOGGING_QUERY_PLATFORM_FILE": str(config.platform_file),
             "INFERGRID_LOGGING_QUERY_KEYS_FILE": str(keys_file(config)),
             "INFERGRID_LOGGING_QUERY_ADMIN_TOKEN_FILE": str(secret_file(config, LOGGING_ADMIN_SECRET)),
