@@ -19,7 +19,7 @@ def dial(
     """Opens an insecure aio channel to `target` for `service` (a full gRPC service name).
 
     The channel carries the dependency's retry policy and retry budget as a gRPC
-    service config (pass `timeout=` on each call; see `remaining_timeout`), keepalives, and OpenTelemetry's client interceptors when
+    service config (pass `timeout=` on each call: what is left of the inbound deadline), keepalives, and OpenTelemetry's client interceptors when
     tracing is on (they propagate `traceparent`).
     """
     options = [

@@ -131,7 +131,7 @@ def grpc_service_config(service: str, policy: DependencyPolicy) -> str:
     retry = policy.retry
     # No "timeout" here: in gRPC Python a service-config timeout fires far too early
     # (grpc/grpc#34547, #40633). Callers pass `timeout=` per call instead, which also
-    # lets them propagate the inbound deadline (see `remaining_timeout`).
+    # lets them pass on what is left of the inbound deadline.
     method: dict[str, Any] = {"name": [{"service": service}]}
     if retry.max_attempts > 1:
         method["retryPolicy"] = {
@@ -278,21 +278,3 @@ class Dependency:
                 result = await self._attempt(fn, args, timeout)
         self.budget.on_success()
         return result
-
-
-def remaining_timeout(
-    context: grpc.aio.ServicerContext | None, default_s: float, margin_s: float = 0.005
-) -> float:
-    """The timeout for an outbound call: the inbound deadline left (less a margin), capped by default.
-
-    Raises:
-        DeadlineExceeded: The inbound deadline has already passed.
-    """
-    if context is None:
-        return default_s
-    left = context.time_remaining()
-    if left is None:
-        return default_s
-    if left <= margin_s:
-        raise DeadlineExceeded("the request deadline has passed")
-    return min(default_s, left - margin_s)
