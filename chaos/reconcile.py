@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cassandra import ConsistencyLevel
+from cassandra.auth import AuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.query import SimpleStatement
 
@@ -101,10 +102,22 @@ def lake_read_ids(
 class CassandraSink:
     """Reads one tenant's rows of the log tables of one keyspace (full scans with paging: test traffic only)."""
 
-    def __init__(self, contact_points: list[str], port: int, keyspace: str, tenant: str = TENANT) -> None:
+    def __init__(
+        self,
+        contact_points: list[str],
+        port: int,
+        keyspace: str,
+        tenant: str = TENANT,
+        auth_provider: AuthProvider | None = None,
+    ) -> None:
         # Quorum reads: a row written at LOCAL_QUORUM while a node was down is still seen (RF 3).
         profile = ExecutionProfile(consistency_level=ConsistencyLevel.LOCAL_QUORUM, request_timeout=60)
-        self._cluster = Cluster(contact_points, port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+        self._cluster = Cluster(
+            contact_points,
+            port=port,
+            auth_provider=auth_provider,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        )
         self._session: Session = self._cluster.connect(keyspace)
         self.tenant = tenant
 

@@ -21,6 +21,7 @@ from chaos.cluster import ClusterHandle
 from chaos.load import OK, LoadRun, LoadSettings, Outcome
 from chaos.reconcile import CassandraSink, SinkCounts, reconcile
 from chaos.scenarios import FAILED_BUDGET, Marks, Scenario
+from stack.cassandra import admin_auth
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ async def run_scenario(
     ok_ids = [o.request_id for o in outcomes if o.code == OK]
     say(f"{scenario.name}: {len(outcomes)} sent, {len(ok_ids)} OK; reconciling with Cassandra and the lake")
     hosts, port = cluster.cassandra_contact()
-    sink = await asyncio.to_thread(CassandraSink, hosts, port, settings.keyspace)
+    auth = admin_auth(cluster.config)
+    sink = await asyncio.to_thread(CassandraSink, hosts, port, settings.keyspace, auth_provider=auth)
     try:
         counts = await asyncio.to_thread(
             reconcile,

@@ -1,6 +1,7 @@
 """The cluster profile without running servers: names, ports, start and stop order, rendered configs, discovery files."""
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,14 @@ def test_cassandra_nodes_render_their_token_seed_and_address(config: StackConfig
     assert f'seeds: "127.0.0.1:{config.port("cassandra_storage")}"' in text
     assert f"initial_token: {initial_token(2, 3)}" in text
     assert "auto_bootstrap: false" in text
+    assert "authenticator: PasswordAuthenticator" in text
+    assert "authorizer: CassandraAuthorizer" in text
+    for service in ("features", "logging"):  # each logs in as its own role, its password a 0600 file
+        env = cluster.components(config)[f"{service}-2"].environment()
+        assert env[f"INFERGRID_{service.upper()}_CASSANDRA_USERNAME"] == service
+        password = Path(env[f"INFERGRID_{service.upper()}_CASSANDRA_PASSWORD_FILE"])
+        assert password == config.secrets_dir / f"cassandra-{service}"
+        assert stat.S_IMODE(password.stat().st_mode) == 0o600
     assert [initial_token(n, 3) for n in (1, 2, 3)] == sorted({initial_token(n, 3) for n in (1, 2, 3)})
     assert initial_token(1, 1) == 0  # the single node keeps its token
 

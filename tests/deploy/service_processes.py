@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from libs.checkout import checkout_env
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
+from stack.cassandra import admin_env as cassandra_admin_env
 from tests.deploy.k8s_objects import WORKERS, service_code
 
 Env = dict[str, str]
@@ -94,6 +95,7 @@ def _cassandra_env(request: pytest.FixtureRequest, prefix: str, keyspace: str) -
         f"{prefix}CASSANDRA_CONTACT_POINTS": ",".join(cassandra.contact_points),
         f"{prefix}CASSANDRA_PORT": str(cassandra.port),
         f"{prefix}CASSANDRA_KEYSPACE": keyspace,
+        **cassandra_admin_env(cassandra.config, f"{prefix}CASSANDRA"),
         f"{prefix}CASSANDRA_WRITE_CONSISTENCY": "ONE",
     }
 

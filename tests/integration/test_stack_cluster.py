@@ -27,6 +27,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from services.features.redis_client import RespClient
 from stack import cluster
+from stack.cassandra import admin_auth
 from stack.demo import demo_json_body
 from stack.process import ProcessRecord, find_marked_processes
 from tests.cluster_fixtures import RunningCluster, free_cluster_ports
@@ -47,7 +48,11 @@ def _wait(condition: Callable[[], object], timeout_s: float, what: str, poll_s: 
 @pytest.fixture
 def session(stack_cluster: RunningCluster) -> Iterator[Session]:
     config = stack_cluster.config
-    driver = Cluster(cluster.cassandra_contact_points(config), port=config.port("cassandra"))
+    driver = Cluster(
+        cluster.cassandra_contact_points(config),
+        port=config.port("cassandra"),
+        auth_provider=admin_auth(config),
+    )
     try:
         yield driver.connect()
     finally:
@@ -62,7 +67,10 @@ def test_every_cassandra_node_sees_the_two_others(stack_cluster: RunningCluster)
     for address in cluster.cassandra_contact_points(config):
         only = ExecutionProfile(load_balancing_policy=WhiteListRoundRobinPolicy([address]))
         node = Cluster(
-            [address], port=config.port("cassandra"), execution_profiles={EXEC_PROFILE_DEFAULT: only}
+            [address],
+            port=config.port("cassandra"),
+            auth_provider=admin_auth(config),
+            execution_profiles={EXEC_PROFILE_DEFAULT: only},
         )
         try:
             local = node.connect()

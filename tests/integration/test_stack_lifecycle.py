@@ -15,6 +15,7 @@ import pytest
 from cassandra.cluster import Cluster
 from confluent_kafka import Consumer, Producer
 
+from stack.cassandra import admin_auth
 from stack.config import REPO_ROOT, StackConfig
 from stack.ports import DEFAULT_PORTS, find_free_ports, is_port_free, port_env_var
 from stack.probes import tcp_open
@@ -79,7 +80,7 @@ def test_up_down_up_keeps_data_and_down_leaves_nothing_running(own_stack: StackC
 
     # A Cassandra row and a Kafka message.
     keyspace, topic = f"persist_{uuid.uuid4().hex[:8]}", f"persist-{uuid.uuid4().hex[:8]}"
-    cluster = Cluster([config.host], port=config.port("cassandra"))
+    cluster = Cluster([config.host], port=config.port("cassandra"), auth_provider=admin_auth(config))
     try:
         session = cluster.connect()
         session.execute(
@@ -103,7 +104,7 @@ def test_up_down_up_keeps_data_and_down_leaves_nothing_running(own_stack: StackC
 
     # `make up` again: the row and the message are still there.
     _check(run_cli(config, "up", "cassandra", "kafka"))
-    cluster = Cluster([config.host], port=config.port("cassandra"))
+    cluster = Cluster([config.host], port=config.port("cassandra"), auth_provider=admin_auth(config))
     try:
         row = cluster.connect().execute(f"SELECT v FROM {keyspace}.kv WHERE k = 'survives'").one()
     finally:

@@ -52,6 +52,7 @@ from services.logging.lake import ParquetLake
 from services.logging.lake import read_table as read_lake
 from services.logging.server import create_server as create_logging
 from services.logging.store import CassandraLogStore, StoredRecord
+from stack.cassandra import ADMIN_ROLE
 
 pytestmark = pytest.mark.integration
 
@@ -508,6 +509,8 @@ async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
         cassandra=CassandraConfig(
             cassandra_contact_points=tuple(cassandra_server.contact_points),  # type: ignore[attr-defined]
             cassandra_port=cassandra_server.port,  # type: ignore[attr-defined]
+            cassandra_username=ADMIN_ROLE,
+            cassandra_password=cassandra_server.admin_password,  # type: ignore[attr-defined]
             cassandra_keyspace=keyspace,
             cassandra_request_timeout_s=10.0,
         ),

@@ -80,6 +80,7 @@ def test_no_generated_secret_in_logs_traces_or_answers(whole_stack: Stack) -> No
     secrets = _secrets(config.secrets_dir)
     # The stack generated the backends' passwords and the services use them (else the test proves nothing).
     assert {"redis-default", "redis-gateway", "redis-features", "redis-edge"} <= set(secrets)
+    assert {"cassandra-admin", "cassandra-features", "cassandra-logging"} <= set(secrets)
     told = _traffic(whole_stack)
     assert any("fraud_probability" in answer for answer in told), told[:4]
     assert any("UNAUTHENTICATED" in answer for answer in told)

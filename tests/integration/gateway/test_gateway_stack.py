@@ -55,6 +55,7 @@ from services.gateway.config import (
 from services.gateway.server import create_server
 from services.inference import demo as inference_demo
 from stack.cassandra import Cassandra
+from stack.cassandra import admin_env as cassandra_admin_env
 from stack.kafka import Kafka
 from stack.redis import Redis
 from stack.services import INPUT_LAYOUTS
@@ -143,6 +144,7 @@ async def env(
             "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": ",".join(cassandra_server.contact_points),
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(cassandra_server.port),
             "INFERGRID_FEATURES_CASSANDRA_KEYSPACE": f"gateway_it_{tag}",
+            **cassandra_admin_env(cassandra_server.config, "INFERGRID_FEATURES_CASSANDRA"),
             "INFERGRID_FEATURES_REDIS_URL": redis_server.url,
             "INFERGRID_FEATURES_CACHE_KEY_PREFIX": f"gw{tag}:",
         },

@@ -43,7 +43,7 @@ from services.gateway.routing import TrafficRouter
 from services.gateway.tests.fakes import FakeModels, toy_spec
 from services.logging import export
 from services.logging.lake import ParquetLake
-from stack.cassandra import Cassandra
+from stack.cassandra import ADMIN_ROLE, Cassandra
 from stack.redis import Redis
 
 pytestmark = pytest.mark.integration
@@ -81,6 +81,8 @@ async def env(tmp_path: Path, cassandra_server: Cassandra, redis_server: Redis) 
         cassandra=CassandraConfig(
             cassandra_contact_points=tuple(cassandra_server.contact_points),
             cassandra_port=cassandra_server.port,
+            cassandra_username=ADMIN_ROLE,
+            cassandra_password=cassandra_server.admin_password,
             cassandra_keyspace=f"export_it_{os.getpid()}_{tag}",
             cassandra_request_timeout_s=5.0,
         ),

@@ -70,7 +70,11 @@ def pipeline(tmp_path: Path) -> Run:
 
 @pytest.fixture
 def session(cassandra_server: object) -> Iterator[object]:
-    cluster = Cluster(cassandra_server.contact_points, port=cassandra_server.port)  # type: ignore[attr-defined]
+    cluster = Cluster(
+        cassandra_server.contact_points,  # type: ignore[attr-defined]
+        port=cassandra_server.port,  # type: ignore[attr-defined]
+        auth_provider=cassandra_server.auth_provider,  # type: ignore[attr-defined]
+    )
     yield cluster.connect()
     cluster.shutdown()
 

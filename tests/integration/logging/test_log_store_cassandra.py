@@ -11,6 +11,7 @@ import pytest
 from infergrid.logging.v1 import logging_pb2
 from libs.cassandra import AsyncCassandra, CassandraConfig, connect
 from services.logging.store import CassandraLogStore, RecordQuery, StoredRecord, create_schema
+from stack.cassandra import ADMIN_ROLE
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,8 @@ async def store(cassandra_server: object) -> AsyncIterator[CassandraLogStore]:
     config = CassandraConfig(
         cassandra_contact_points=tuple(cassandra_server.contact_points),  # type: ignore[attr-defined]
         cassandra_port=cassandra_server.port,  # type: ignore[attr-defined]
+        cassandra_username=ADMIN_ROLE,
+        cassandra_password=cassandra_server.admin_password,  # type: ignore[attr-defined]
         cassandra_keyspace=f"logstore_{uuid.uuid4().hex[:12]}",
         cassandra_request_timeout_s=10.0,
     )

@@ -138,7 +138,11 @@ def run(tmp_path: Path) -> Run:
 
 @pytest.fixture
 def cassandra_session(cassandra_server: object) -> Iterator[Cluster]:
-    cluster = Cluster(cassandra_server.contact_points, port=cassandra_server.port)  # type: ignore[attr-defined]
+    cluster = Cluster(
+        cassandra_server.contact_points,  # type: ignore[attr-defined]
+        port=cassandra_server.port,  # type: ignore[attr-defined]
+        auth_provider=cassandra_server.auth_provider,  # type: ignore[attr-defined]
+    )
     yield cluster.connect()
     cluster.shutdown()
 
