@@ -441,30 +441,30 @@ async def test_system_shared_memory_inputs_and_outputs(
         )[0]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
-        # Bounds: past the region's end, a size that does not match the shape, an output too small.
-        past = pb.ModelInferRequest()
-        past.CopyFrom(request)
-        _shm_params(past.inputs[0].parameters, "r1", 512, 1600)
-        code, details = await _error(served.ModelInfer(past))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
-        assert "input 'features': shared_memory_offset + shared_memory_byte_size (1600 + 512)" in details
-        assert "2048 bytes of shared memory region 'r1'" in details
-        wrong = pb.ModelInferRequest()
-        wrong.CopyFrom(request)
-        _shm_params(wrong.inputs[0].parameters, "r1", 500, 64)
-        code, details = await _error(served.ModelInfer(wrong))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "500 bytes of shared memory" in details
-        small = pb.ModelInferRequest()
-        small.CopyFrom(request)
-        _shm_params(small.outputs[0].parameters, "r1", 8, 1024)
-        code, details = await _error(served.ModelInfer(small))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
-        assert "output 'fraud_probability': shared_memory_byte_size 8 is too small" in details
-        unknown = pb.ModelInferRequest()
-        unknown.CopyFrom(request)
-        _shm_params(unknown.inputs[0].parameters, "nope", 512)
-        code, details = await _error(served.ModelInfer(unknown))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "region 'nope' is not registered" in details
+        # Bounds: past the region's end, a size that does not match the shape, an output too small, an
+        # unregistered region.
+        for side, params, wants in (
+            (
+                "inputs",
+                ("r1", 512, 1600),
+                [
+                    "input 'features': shared_memory_offset + shared_memory_byte_size (1600 + 512)",
+                    "2048 bytes of shared memory region 'r1'",
+                ],
+            ),
+            ("inputs", ("r1", 500, 64), ["500 bytes of shared memory"]),
+            (
+                "outputs",
+                ("r1", 8, 1024),
+                ["output 'fraud_probability': shared_memory_byte_size 8 is too small"],
+            ),
+            ("inputs", ("nope", 512), ["region 'nope' is not registered"]),
+        ):
+            bad = pb.ModelInferRequest()
+            bad.CopyFrom(request)
+            _shm_params(getattr(bad, side)[0].parameters, *params)
+            code, details = await _error(served.ModelInfer(bad))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and all(w in details for w in wants), details
 
         # Registration errors name the field.
         for bad, field in (
