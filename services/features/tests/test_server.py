@@ -56,10 +56,13 @@ def test_malformed_port_exits_naming_the_variable() -> None:
     assert_bad_config_exits("services.features", "INFERGRID_FEATURES_PORT", "not-a-port")
 
 
-async def _code(call: object) -> grpc.StatusCode:
+async def _fails(call: object, code: grpc.StatusCode, *words: str) -> str:
+    """Awaits `call`, which must fail with `code` and details that name each of `words`; the details."""
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call  # type: ignore[misc]
-    return info.value.code()
+    details = info.value.details() or ""
+    assert info.value.code() == code and all(w in details for w in words), (info.value.code(), details)
+    return details
 
 
 async def test_round_trips_every_type(harness: Harness) -> None:
@@ -121,12 +124,13 @@ async def test_keys_given_as_strings_are_read_as_the_views_key_type(harness: Har
     )
     assert list(got.results[0].statuses) == [OK, NOT_FOUND]
     assert got.results[0].values[0].int64_value == 7
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.GetOnlineFeatures(
+    await _fails(
+        harness.stub.GetOnlineFeatures(
             pb.GetOnlineFeaturesRequest(features=["numbered:f_int64"], entities={"id": string_keys("4x")})
-        )
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "entities.id: expected an integer, got '4x'" in (info.value.details() or "")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "entities.id: expected an integer, got '4x'",
+    )
 
 
 async def test_expired_value_is_reported_expired(harness: Harness) -> None:
@@ -172,16 +176,12 @@ async def test_evolution_adds_features_and_refuses_type_and_key_changes(harness:
     retyped = pb.FeatureView()
     retyped.CopyFrom(view)
     retyped.features[0].type = VT.VALUE_TYPE_STRING
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=retyped))
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "'f_float' is FLOAT and cannot become STRING" in (info.value.details() or "")
-
-    rekeyed = typed_view(key_type=VT.VALUE_TYPE_INT64)
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=rekeyed))
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "entity key cannot change" in (info.value.details() or "")
+    for changed, words in (
+        (retyped, "'f_float' is FLOAT and cannot become STRING"),
+        (typed_view(key_type=VT.VALUE_TYPE_INT64), "entity key cannot change"),
+    ):
+        apply = harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=changed))
+        await _fails(apply, grpc.StatusCode.FAILED_PRECONDITION, words)
 
 
 async def test_get_and_list_views(harness: Harness) -> None:
@@ -195,9 +195,8 @@ async def test_get_and_list_views(harness: Harness) -> None:
         pb.ListFeatureViewsRequest(page_size=2, page_token=page.next_page_token)
     )
     assert [v.name for v in rest.feature_views] == ["c_view"] and not rest.next_page_token
-    assert (
-        await _code(harness.stub.GetFeatureView(pb.GetFeatureViewRequest(name="nope")))
-        == grpc.StatusCode.NOT_FOUND
+    await _fails(
+        harness.stub.GetFeatureView(pb.GetFeatureViewRequest(name="nope")), grpc.StatusCode.NOT_FOUND
     )
 
 
@@ -278,10 +277,7 @@ async def test_bad_reads_name_the_problem(
     if code == "OK":
         await harness.stub.GetOnlineFeatures(request_)
         return
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.GetOnlineFeatures(request_)
-    assert info.value.code().name == code, info.value.details()
-    assert words in (info.value.details() or "")
+    await _fails(harness.stub.GetOnlineFeatures(request_), grpc.StatusCode[code], words)
 
 
 async def test_crafted_entity_keys_are_data(harness: Harness) -> None:
@@ -327,22 +323,17 @@ async def test_bad_writes_name_the_problem(
     harness: Harness, row: pb.FeatureRow, code: str, words: str
 ) -> None:
     await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[row]))
-    assert info.value.code().name == code, info.value.details()
-    assert words in (info.value.details() or "")
+    write = harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[row]))
+    await _fails(write, grpc.StatusCode[code], words)
 
 
 async def test_bad_views_are_refused(harness: Harness) -> None:
-    bad = typed_view("x; DROP KEYSPACE infergrid")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=bad))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "feature_view.name" in (info.value.details() or "")
-    float_key = typed_view(key_type=VT.VALUE_TYPE_FLOAT)
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=float_key))
-    assert "must be STRING, INT64 or BYTES" in (info.value.details() or "")
+    for bad, words in (
+        (typed_view("x; DROP KEYSPACE infergrid"), "feature_view.name"),
+        (typed_view(key_type=VT.VALUE_TYPE_FLOAT), "must be STRING, INT64 or BYTES"),
+    ):
+        apply = harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=bad))
+        await _fails(apply, grpc.StatusCode.INVALID_ARGUMENT, words)
 
 
 async def test_store_down_serves_cache_as_possibly_stale_and_fails_misses_fast(harness: Harness) -> None:
@@ -354,7 +345,7 @@ async def test_store_down_serves_cache_as_possibly_stale_and_fails_misses_fast(h
     cold = pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("cold")})
     for _ in range(8):
         started = time.perf_counter()
-        assert await _code(harness.stub.GetOnlineFeatures(cold)) == grpc.StatusCode.UNAVAILABLE
+        await _fails(harness.stub.GetOnlineFeatures(cold), grpc.StatusCode.UNAVAILABLE)
         assert time.perf_counter() - started < 1.0
     served = await harness.stub.GetOnlineFeatures(hot)
     assert served.possibly_stale and list(served.results[0].statuses) == [OK]
@@ -386,11 +377,10 @@ def _finite_view(allow: bool = False) -> pb.FeatureView:
 
 async def _refused(harness: Harness, rows: list[pb.FeatureRow], view: str = "finite") -> str:
     before = dict(harness.store.rows)
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view=view, rows=rows))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    write = harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view=view, rows=rows))
+    details = await _fails(write, grpc.StatusCode.INVALID_ARGUMENT)
     assert dict(harness.store.rows) == before, "a refused batch wrote something"
-    return info.value.details() or ""
+    return details
 
 
 def _row(entity: str, ts_s: float | None = None, **values: V) -> pb.FeatureRow:
@@ -453,10 +443,8 @@ async def test_nan_and_infinities_need_allow_non_finite(harness: Harness) -> Non
 async def test_a_non_finite_default_value_is_refused(harness: Harness) -> None:
     view = _finite_view()
     view.features[-2].default_value.double_value = float("nan")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'ratio'" in (info.value.details() or "")
+    apply = harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    await _fails(apply, grpc.StatusCode.INVALID_ARGUMENT, "'ratio'")
     view.features[-2].allow_non_finite = True
     await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
 
