@@ -61,11 +61,12 @@ class MeshFiles:
         return self.directory / "envoy.key"
 
 
-def _openssl(args: Sequence[str]) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise RuntimeError("creating the mesh certificates needs the openssl command, which is not installed")
-    result = subprocess.run([openssl, *args], capture_output=True, text=True, check=False, timeout=60)
+def openssl(args: Sequence[str]) -> None:
+    """Runs the openssl command with `args`; RuntimeError when it is missing or fails."""
+    binary = shutil.which("openssl")
+    if binary is None:
+        raise RuntimeError("creating certificates needs the openssl command, which is not installed")
+    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False, timeout=60)
     if result.returncode != 0:
         raise RuntimeError(f"openssl {args[0]} failed: {result.stderr.strip()[-500:]}")
 
@@ -75,26 +76,17 @@ def _issue(files: MeshFiles, name: str, sans: Sequence[str], usage: str) -> None
     csr = cert.with_suffix(".csr")
     ext = cert.with_suffix(".ext")
     subject = f"/CN={name}/O=infergrid-mesh"
-    _openssl(
+    openssl(
         [
-            "req",
-            "-new",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-            "-subj",
-            subject,
+            *("req", "-new", "-newkey", "rsa:2048", "-nodes"),
+            *("-keyout", str(key), "-out", str(csr), "-subj", subject),
         ]
     )
     ext.write_text(
         f"subjectAltName={','.join(sans)}\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"
         "keyUsage=digitalSignature,keyEncipherment\n"
     )
-    _openssl(
+    openssl(
         [
             *("x509", "-req", "-in", str(csr), "-CA", str(files.ca_cert), "-CAkey", str(files.ca_key)),
             *("-CAcreateserial", "-days", _DAYS, "-sha256", "-extfile", str(ext), "-out", str(cert)),
@@ -119,19 +111,10 @@ def ensure_mesh_certificates(directory: Path, gateway_hosts: Sequence[str] = ())
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     if not (files.ca_cert.exists() and files.ca_key.exists()):
-        _openssl(
+        openssl(
             [
-                *(
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    _DAYS,
-                    "-keyout",
-                    str(files.ca_key),
-                ),
+                *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", _DAYS),
+                *("-keyout", str(files.ca_key)),
                 *("-out", str(files.ca_cert), "-subj", "/CN=infergrid-mesh-ca/O=infergrid-mesh"),
                 *("-addext", "basicConstraints=critical,CA:TRUE"),
                 *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),

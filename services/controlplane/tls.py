@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 from pathlib import Path
+
+from libs.mtls import openssl
 
 log = logging.getLogger(__name__)
 
@@ -19,36 +19,14 @@ def ensure_self_signed(directory: Path, host: str = "localhost") -> tuple[Path, 
     cert, key = directory / "listener.crt", directory / "listener.key"
     if cert.exists() and key.exists():
         return cert, key
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise RuntimeError("TLS is on without a certificate file and openssl is not installed")
     directory.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
+    openssl(
         [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "365",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            f"/CN={host}",
-            "-addext",
-            f"subjectAltName=DNS:{host},DNS:localhost,IP:127.0.0.1",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+            *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={host}"),
+            *("-addext", f"subjectAltName=DNS:{host},DNS:localhost,IP:127.0.0.1"),
+        ]
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"openssl could not create a certificate: {result.stderr.strip()}")
     key.chmod(0o600)
     log.info("generated a self-signed certificate %s", cert)
     return cert, key
