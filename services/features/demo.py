@@ -49,51 +49,44 @@ def _f(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32)
 
 
+def _draw(distribution: str, *params: float) -> Generator:
+    """float32 draws from numpy's `distribution` with `params`."""
+    return lambda r, n: _f(getattr(r, distribution)(*params, n))
+
+
 USER = DemoView(
     "user",
     "user_id",
     "u{:05d}",
     10_000,
     (
-        ("txn_count_1h", "user's transactions in the last hour", lambda r, n: _f(r.poisson(0.3, n))),
-        ("txn_count_24h", "user's transactions in the last 24 hours", lambda r, n: _f(r.poisson(3.3, n))),
+        ("txn_count_1h", "user's transactions in the last hour", _draw("poisson", 0.3)),
+        ("txn_count_24h", "user's transactions in the last 24 hours", _draw("poisson", 3.3)),
         (
             "amount_sum_24h",
             "sum of the user's amounts in the last 24 hours",
             lambda r, n: _f(r.poisson(3.3, n) * r.spawn(1)[0].lognormal(3.5, 0.6, n)),
         ),
-        ("avg_amount_30d", "user's mean amount over 30 days", lambda r, n: _f(r.lognormal(3.5, 0.6, n))),
+        ("avg_amount_30d", "user's mean amount over 30 days", _draw("lognormal", 3.5, 0.6)),
         (
             "std_amount_30d",
             "standard deviation of the user's amounts over 30 days",
             lambda r, n: _f(r.lognormal(3.5, 0.6, n) * r.spawn(1)[0].uniform(0.2, 1.0, n)),
         ),
-        ("account_age_days", "days since the account was opened", lambda r, n: _f(r.exponential(700.0, n))),
-        (
-            "chargebacks_90d",
-            "chargebacks on the user's cards in 90 days",
-            lambda r, n: _f(r.poisson(0.05, n)),
-        ),
-        (
-            "distinct_merchants_7d",
-            "distinct merchants the user paid in 7 days",
-            lambda r, n: _f(r.poisson(5.0, n)),
-        ),
+        ("account_age_days", "days since the account was opened", _draw("exponential", 700.0)),
+        ("chargebacks_90d", "chargebacks on the user's cards in 90 days", _draw("poisson", 0.05)),
+        ("distinct_merchants_7d", "distinct merchants the user paid in 7 days", _draw("poisson", 5.0)),
         (
             "distinct_countries_30d",
             "distinct merchant countries in 30 days",
             lambda r, n: _f(1.0 + r.poisson(0.2, n)),
         ),
-        ("failed_logins_24h", "failed logins in the last 24 hours", lambda r, n: _f(r.poisson(0.1, n))),
-        (
-            "days_since_last_txn",
-            "days since the user's previous transaction",
-            lambda r, n: _f(r.exponential(2.0, n)),
-        ),
+        ("failed_logins_24h", "failed logins in the last 24 hours", _draw("poisson", 0.1)),
+        ("days_since_last_txn", "days since the user's previous transaction", _draw("exponential", 2.0)),
         (
             "home_country_match_rate_30d",
             "share of 30-day transactions in the home country",
-            lambda r, n: _f(r.beta(20.0, 1.0, n)),
+            _draw("beta", 20.0, 1.0),
         ),
     ),
 )
@@ -103,34 +96,14 @@ MERCHANT = DemoView(
     "m{:04d}",
     1_000,
     (
-        (
-            "fraud_rate_30d",
-            "share of the merchant's transactions that were fraud",
-            lambda r, n: _f(r.beta(1.0, 200.0, n)),
-        ),
-        (
-            "txn_count_24h",
-            "merchant's transactions in the last 24 hours",
-            lambda r, n: _f(r.lognormal(5.0, 1.0, n)),
-        ),
-        ("avg_amount_30d", "merchant's mean amount over 30 days", lambda r, n: _f(r.lognormal(3.7, 0.7, n))),
-        (
-            "chargeback_rate_90d",
-            "merchant's chargeback share over 90 days",
-            lambda r, n: _f(r.beta(1.0, 300.0, n)),
-        ),
-        ("age_days", "days since the merchant was onboarded", lambda r, n: _f(r.exponential(1500.0, n))),
-        (
-            "category_risk",
-            "risk score of the merchant category, 0-1",
-            lambda r, n: _f(r.uniform(0.0, 1.0, n)),
-        ),
-        ("refund_rate_30d", "merchant's refund share over 30 days", lambda r, n: _f(r.beta(2.0, 50.0, n))),
-        (
-            "distinct_users_24h",
-            "distinct paying users in the last 24 hours",
-            lambda r, n: _f(r.lognormal(4.0, 1.0, n)),
-        ),
+        ("fraud_rate_30d", "share of the merchant's transactions that were fraud", _draw("beta", 1.0, 200.0)),
+        ("txn_count_24h", "merchant's transactions in the last 24 hours", _draw("lognormal", 5.0, 1.0)),
+        ("avg_amount_30d", "merchant's mean amount over 30 days", _draw("lognormal", 3.7, 0.7)),
+        ("chargeback_rate_90d", "merchant's chargeback share over 90 days", _draw("beta", 1.0, 300.0)),
+        ("age_days", "days since the merchant was onboarded", _draw("exponential", 1500.0)),
+        ("category_risk", "risk score of the merchant category, 0-1", _draw("uniform", 0.0, 1.0)),
+        ("refund_rate_30d", "merchant's refund share over 30 days", _draw("beta", 2.0, 50.0)),
+        ("distinct_users_24h", "distinct paying users in the last 24 hours", _draw("lognormal", 4.0, 1.0)),
     ),
 )
 DEVICE = DemoView(
@@ -139,14 +112,10 @@ DEVICE = DemoView(
     "d{:05d}",
     5_000,
     (
-        ("risk_score", "device reputation risk, 0-1", lambda r, n: _f(r.beta(1.0, 10.0, n))),
+        ("risk_score", "device reputation risk, 0-1", _draw("beta", 1.0, 10.0)),
         ("users_7d", "distinct users seen on the device in 7 days", lambda r, n: _f(1.0 + r.poisson(0.2, n))),
-        (
-            "fraud_rate_30d",
-            "share of the device's transactions that were fraud",
-            lambda r, n: _f(r.beta(1.0, 300.0, n)),
-        ),
-        ("age_days", "days since the device was first seen", lambda r, n: _f(r.exponential(300.0, n))),
+        ("fraud_rate_30d", "share of the device's transactions that were fraud", _draw("beta", 1.0, 300.0)),
+        ("age_days", "days since the device was first seen", _draw("exponential", 300.0)),
     ),
 )
 VIEWS = (USER, MERCHANT, DEVICE)
