@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -138,14 +141,14 @@ def _write(path: Path, timeout_ms: int) -> None:
     path.write_text(PLATFORM % timeout_ms)
 
 
-async def test_ads_over_a_real_stream_pushes_an_edited_platform_file(tmp_path: Path) -> None:
-    platform = tmp_path / "platform.yaml"
-    _write(platform, 1000)
-    descriptors = tmp_path / "d.pb"
+@contextlib.asynccontextmanager
+async def _ads(platform: Path, **envoy: Any) -> AsyncIterator[tuple[Any, Any, asyncio.Queue[Any]]]:
+    """A control plane on a free port and one ADS stream to it: the control plane, the call, its requests."""
+    descriptors = platform.with_name("d.pb")
     descriptors.write_bytes(b"")
     config = ControlPlaneConfig(
         server=ControlPlaneServerConfig(port=0, drain_seconds=0, grace_seconds=0),
-        envoy=EnvoySettings(platform_file=platform, platform_poll_seconds=0.05, descriptor_set=descriptors),
+        envoy=EnvoySettings(platform_file=platform, descriptor_set=descriptors, **envoy),
     )
     server, control_plane = await create_control_plane(config)
     await server.start()
@@ -158,16 +161,23 @@ async def test_ads_over_a_real_stream_pushes_an_edited_platform_file(tmp_path: P
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(_requests())
-            await requests.put(_request(ROUTE_TYPE, names=("public",)))
-            first = await asyncio.wait_for(call.read(), 5)
-            await requests.put(_request(ROUTE_TYPE, first.version_info, first.nonce, names=("public",)))
-            _write(platform, 2500)
-            pushed = await asyncio.wait_for(call.read(), 5)
-            await requests.put(_request(ROUTE_TYPE, pushed.version_info, pushed.nonce, names=("public",)))
-            await asyncio.sleep(0.2)
+            yield control_plane, call, requests
             await requests.put(None)
     finally:
         await server.stop(0, 0)
+
+
+async def test_ads_over_a_real_stream_pushes_an_edited_platform_file(tmp_path: Path) -> None:
+    platform = tmp_path / "platform.yaml"
+    _write(platform, 1000)
+    async with _ads(platform, platform_poll_seconds=0.05) as (control_plane, call, requests):
+        await requests.put(_request(ROUTE_TYPE, names=("public",)))
+        first = await asyncio.wait_for(call.read(), 5)
+        await requests.put(_request(ROUTE_TYPE, first.version_info, first.nonce, names=("public",)))
+        _write(platform, 2500)
+        pushed = await asyncio.wait_for(call.read(), 5)
+        await requests.put(_request(ROUTE_TYPE, pushed.version_info, pushed.nonce, names=("public",)))
+        await asyncio.sleep(0.2)
 
     assert first.version_info.startswith("1-")
     assert pushed.version_info.startswith("2-")
@@ -235,51 +245,28 @@ async def test_an_edited_endpoint_file_pushes_one_cluster_load_assignment_and_no
     endpoints.write_text(json.dumps({"endpoints": ["127.0.0.1:50051"]}))
     platform = tmp_path / "platform.yaml"
     platform.write_text('gateway: {endpoints: ["file:gateway-endpoints.json"]}\n')
-    descriptors = tmp_path / "d.pb"
-    descriptors.write_bytes(b"")
-    config = ControlPlaneConfig(
-        server=ControlPlaneServerConfig(port=0, drain_seconds=0, grace_seconds=0),
-        envoy=EnvoySettings(
-            platform_file=platform,
-            descriptor_set=descriptors,
-            edge_address="localhost:50060",
-            endpoints_poll_seconds=0.1,
-        ),
-    )
-    server, control_plane = await create_control_plane(config)
-    await server.start()
-    requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
-
-    async def _requests():  # type: ignore[no-untyped-def]
-        while (item := await requests.get()) is not None:
-            yield item
-
     subscriptions = (
         (CLUSTER_TYPE, ()),
         (ENDPOINT_TYPE, ("gateway", "edge")),
         (LISTENER_TYPE, ()),
         (ROUTE_TYPE, ("public",)),
     )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(_requests())
-            first = {}
-            for type_url, names in subscriptions:
-                await requests.put(_request(type_url, names=names))
-                response = await asyncio.wait_for(call.read(), 5)
-                first[response.type_url] = response
-                await requests.put(_request(type_url, response.version_info, response.nonce, names=names))
-            tmp = endpoints.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"endpoints": ["127.0.0.1:50052", "127.0.0.1:50051"]}))
-            tmp.replace(endpoints)
-            pushed = await asyncio.wait_for(call.read(), 2)
-            names = ("gateway", "edge")
-            await requests.put(_request(ENDPOINT_TYPE, pushed.version_info, pushed.nonce, names=names))
-            with pytest.raises(TimeoutError):  # nothing else comes
-                await asyncio.wait_for(call.read(), 0.5)
-            await requests.put(None)
-    finally:
-        await server.stop(0, 0)
+    ads = _ads(platform, edge_address="localhost:50060", endpoints_poll_seconds=0.1)
+    async with ads as (control_plane, call, requests):
+        first = {}
+        for type_url, names in subscriptions:
+            await requests.put(_request(type_url, names=names))
+            response = await asyncio.wait_for(call.read(), 5)
+            first[response.type_url] = response
+            await requests.put(_request(type_url, response.version_info, response.nonce, names=names))
+        tmp = endpoints.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"endpoints": ["127.0.0.1:50052", "127.0.0.1:50051"]}))
+        tmp.replace(endpoints)
+        pushed = await asyncio.wait_for(call.read(), 2)
+        names = ("gateway", "edge")
+        await requests.put(_request(ENDPOINT_TYPE, pushed.version_info, pushed.nonce, names=names))
+        with pytest.raises(TimeoutError):  # nothing else comes
+            await asyncio.wait_for(call.read(), 0.5)
 
     def _ports(response: discovery_pb2.DiscoveryResponse) -> dict[str, list[int]]:
         out = {}
