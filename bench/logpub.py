@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.procs import publisher_kafka
 from infergrid.logging.v1 import logging_pb2
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-from libs.kafka import KafkaConfig
 
 FEATURES = (
     [f"user:f{i:02d}" for i in range(12)]
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     bootstrap, topic, spool, tag, count = argv[0], argv[1], argv[2], argv[3], int(argv[4])
     producer = InferenceLogProducer(
         InferenceLogConfig(inference_log_topic=topic, inference_log_spool_dir=Path(spool)),
-        KafkaConfig(kafka_bootstrap_servers=bootstrap),
+        publisher_kafka(bootstrap),
     )
     producer.start()
     now_us = int(time.time() * 1e6)

@@ -18,10 +18,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from libs.checkout import checkout_env
+from libs.config import load_config
+from libs.kafka import KafkaConfig
 from libs.testing import REPO_ROOT
 
 
@@ -47,6 +50,24 @@ def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
 def repo_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of libs.testing.spawn_module: the repository and generated code importable."""
     return checkout_env(extra)
+
+
+# The publishers' (bench.walpub, bench.logpub) Kafka credentials: <prefix>KAFKA_SASL_USERNAME, ...
+KAFKA_PREFIX = "INFERGRID_BENCH_"
+
+
+def kafka_env(kafka: Any) -> dict[str, str]:
+    """A publisher's variables for the stack's Kafka (`kafka`, a stack.kafka.Kafka), as its administrator."""
+    from stack.kafka import credential_env
+
+    return credential_env(kafka.config, "admin", KAFKA_PREFIX)
+
+
+def publisher_kafka(bootstrap: str) -> KafkaConfig:
+    """In a publisher: Kafka at `bootstrap` with the credentials `kafka_env` passed."""
+    return load_config(
+        KafkaConfig, {**os.environ, f"{KAFKA_PREFIX}KAFKA_BOOTSTRAP_SERVERS": bootstrap}, KAFKA_PREFIX
+    )
 
 
 def free_port() -> int:

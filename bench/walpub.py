@@ -29,8 +29,8 @@ from typing import Any
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.logpub import make_record
+from bench.procs import publisher_kafka
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-from libs.kafka import KafkaConfig
 
 
 def _cpu() -> float:
@@ -51,7 +51,8 @@ def main(argv: list[str]) -> None:
         int(argv[4]),
         int(argv[5]),
     )
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    kafka = publisher_kafka(bootstrap)
+    admin = AdminClient(kafka.client_conf())
     for future in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
         with contextlib.suppress(Exception):  # it exists already
             future.result(30)
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> None:
             inference_log_write_in_thread=mode != "group-loop",
             inference_log_spool_fsync="always" if mode == "group-thread-always" else "interval",
         ),
-        KafkaConfig(kafka_bootstrap_servers=bootstrap),
+        kafka,
     )
     producer.start()
     writes = 0

@@ -142,7 +142,7 @@ class ClusterHandle:
 
     def log_topic_leader(self) -> str:
         """The broker (component name) that leads most partitions of the inference-log topic."""
-        admin = AdminClient({"bootstrap.servers": self.kafka_bootstrap()})
+        admin = AdminClient(cluster.kafka_client_conf(self.config))
         topic = admin.list_topics(LOG_TOPIC, timeout=10).topics[LOG_TOPIC]
         leaders: dict[int, int] = {}
         for partition in topic.partitions.values():

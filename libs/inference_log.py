@@ -115,6 +115,19 @@ PERMANENT_ERRORS = frozenset(
     }
 )
 
+# Refusals of the producer's credentials or rights: a configuration error that no re-send cures until an
+# operator fixes the password or the ACLs. Loud (an error log, at most every CONFIG_ERROR_LOG_S, and
+# `infergrid_inference_log_config_errors_total`), and never a reason to drop a record: they stay spooled.
+CONFIG_ERRORS = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError._AUTHENTICATION,
+    }
+)
+CONFIG_ERROR_LOG_S = 10.0
+
 # One record ready for the WAL and Kafka: key, value, headers.
 EncodedRecord = tuple[bytes, bytes, Headers]
 
@@ -126,6 +139,12 @@ RECORDS = Counter(
     "be written: the request was refused), failed (lost: neither written nor delivered), quarantined "
     "(refused by Kafka for good: kept in the spool's quarantine file, never re-sent).",
     ["outcome"],
+)
+CONFIG_ERROR_COUNT = Counter(
+    "infergrid_inference_log_config_errors",
+    "Kafka refused the inference-log producer's credentials or authorization (a configuration error; the "
+    "records stay in the write-ahead log until it is fixed), by Kafka error.",
+    ["error"],
 )
 SPOOL_BYTES = Gauge(
     "infergrid_inference_log_spool_bytes", "Bytes in the inference-log write-ahead log (the disk spool)."
@@ -247,6 +266,7 @@ class InferenceLogProducer:
         # Guards the counters and every SegmentState (delivery reports may run on two threads).
         self._count_lock = threading.Lock()
         self._fatal = False
+        self._config_error_logged = -CONFIG_ERROR_LOG_S
         self._last_delivery = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -416,6 +436,7 @@ class InferenceLogProducer:
                 RECORDS.labels("spooled").inc()
             return
         if err is not None:
+            self._config_error(err)
             self._keep(state, offset, count=not resend)
             return
         self._last_delivery = time.monotonic()
@@ -519,7 +540,24 @@ class InferenceLogProducer:
             return
         self._keep(state, offset, count=True)
 
+    def _config_error(self, err: KafkaError) -> None:
+        """Counts and logs (rate-limited) a refusal of the producer's credentials or rights."""
+        if err.code() not in CONFIG_ERRORS:
+            return
+        CONFIG_ERROR_COUNT.labels(err.name()).inc()
+        now = time.monotonic()
+        if now - self._config_error_logged >= CONFIG_ERROR_LOG_S:
+            self._config_error_logged = now
+            log.error(
+                "inference-log producer refused by Kafka (%s: %s): check its user, password and ACLs; "
+                "records stay in the write-ahead log %s until Kafka takes them",
+                err.name(),
+                err.str(),
+                self._spool.directory,
+            )
+
     def _on_error(self, err: KafkaError) -> None:
+        self._config_error(err)
         if err.fatal():
             log.error("inference-log producer fatal error, replacing the producer: %s", err.str())
             self._fatal = True

@@ -11,21 +11,30 @@ from opentelemetry.propagate import extract, inject
 
 from libs.config import secret
 
+# The local stack's brokers (stack/kafka.py): SCRAM over plaintext on loopback.
+SASL_PROTOCOL = "SASL_PLAINTEXT"
+SASL_MECHANISM = "SCRAM-SHA-512"
+
 
 @dataclass(frozen=True)
 class KafkaConfig:
-    """Where Kafka is; read with the service's prefix + KAFKA_*."""
+    """Where Kafka is and who the client is; read with the service's prefix + KAFKA_*.
+
+    With a SASL protocol the password is best given as a file (`KAFKA_SASL_PASSWORD_FILE`); librdkafka
+    never prints it (its debug output redacts `sasl.password`), nor does `libs.config.redacted`.
+    """
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_client_id: str = "infergrid"
-    # PLAINTEXT locally; SASL_SSL against a managed cluster.
+    # PLAINTEXT (no authentication), SASL_PLAINTEXT (the local stack, the Kubernetes manifests) or SASL_SSL.
     kafka_security_protocol: str = "PLAINTEXT"
+    # SCRAM-SHA-512 (the stack's and the Kubernetes manifests' brokers), SCRAM-SHA-256 or PLAIN.
     kafka_sasl_mechanism: str = ""
     kafka_sasl_username: str = ""
     kafka_sasl_password: str = secret("")
 
     def client_conf(self) -> dict[str, Any]:
-        """The librdkafka settings every client needs (connection and security)."""
+        """The librdkafka settings every client needs (connection and security); they hold the password."""
         conf: dict[str, Any] = {
             "bootstrap.servers": self.kafka_bootstrap_servers,
             "client.id": self.kafka_client_id,

@@ -8,7 +8,8 @@ Layout (default ports; every one moves with the same INFERGRID_<NAME>_PORT varia
   center SimpleSnitch reports), read and written at LOCAL_QUORUM.
 - `kafka-1..3` (node ids 1..3) on 127.0.0.1..3 (broker 9092, controller 9093 on each): combined
   broker+controller nodes, a static three-voter quorum, every topic at replication factor 3 with
-  min.insync.replicas 2.
+  min.insync.replicas 2. Clients authenticate as in the single profile (SASL/SCRAM, `stack.kafka`): the
+  brokers share one state folder's users and passwords.
 - `redis` on 127.0.0.1 with an append-only file; `redis-replica` on 127.0.0.2, same port.
 - `<service>-<i>` for inference, features, logging, gateway and edge: replica i on the base port
   + 10·(i-1) (metrics likewise), all on 127.0.0.1; the logging replicas are one consumer group writing one
@@ -31,7 +32,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from libs.mtls import MeshFiles, ensure_mesh_certificates
 from stack.cassandra import Cassandra
@@ -41,7 +42,7 @@ from stack.config import StackConfig, node_address
 from stack.envoy import Envoy
 from stack.errors import StackError, StartupError
 from stack.jaeger import Jaeger
-from stack.kafka import Kafka
+from stack.kafka import ADMIN_USER, Kafka
 from stack.process import ProcessRecord
 from stack.progress import Progress
 from stack.prometheus import Prometheus
@@ -104,6 +105,16 @@ def cassandra_contact_points(config: StackConfig) -> list[str]:
 def kafka_bootstrap_servers(config: StackConfig) -> str:
     """Every broker, for `bootstrap.servers`."""
     return ",".join(f"{address}:{config.port('kafka')}" for address in node_addresses(config))
+
+
+def kafka_client_conf(config: StackConfig, user: str = ADMIN_USER) -> dict[str, Any]:
+    """librdkafka settings for every broker as Kafka user `user` (default: the administrator, for the tests
+    and the chaos suite; the services log in as their own users, `stack.kafka.credential_env`). They hold
+    the password: for clients, never for a log."""
+    return {
+        **Kafka(config, node=1, nodes=NODES).client_conf(user),
+        "bootstrap.servers": kafka_bootstrap_servers(config),
+    }
 
 
 def redis_url(config: StackConfig) -> str:

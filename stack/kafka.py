@@ -1,4 +1,12 @@
-"""Kafka 4.x: kafka_2.13 and a log4j2 backend from Maven Central, combined KRaft nodes on OpenJDK 17."""
+"""Kafka 4.x: kafka_2.13 and a log4j2 backend from Maven Central, combined KRaft nodes on OpenJDK 17.
+
+Every client authenticates (SASL/SCRAM-SHA-512 on loopback) and is authorized (StandardAuthorizer, no
+ACL: refused): each service has a user that may touch only its own topics and consumer group
+(`SERVICE_ACLS`); `admin` (the brokers' own principal, the stack's and the tests' administrator) is the
+only super user. The users are created when the storage is formatted; the passwords are generated once into
+the state folder (`stack.config.secret_file`, mode 0600) and reach the services as `*_FILE` settings
+(`credential_env`); the ACLs are (re)applied when the broker is first seen ready.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from libs.kafka import SASL_MECHANISM, SASL_PROTOCOL, KafkaConfig
 from stack.component import NodeComponent
-from stack.config import node_address
+from stack.config import StackConfig, node_address, read_secret, secret_file
 from stack.errors import InstallError
 from stack.java import ensure_java_home, find_java_home
 from stack.maven import copy_dependencies, pom_property
@@ -21,6 +30,65 @@ from stack.progress import Progress
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL_CLASS = "kafka.tools.StorageTool"
 BROKER_ID = 1
+
+ADMIN_USER = "admin"
+# The services' topics and groups: their defaults (services/logging/config.py, libs/inference_log.py,
+# services/features/config.py StreamConfig).
+LOG_TOPIC = "infergrid.inference-log.v1"
+LOG_DLQ_TOPIC = "infergrid.inference-log.v1.dlq"
+LOG_GROUP = "infergrid-logging"
+FEATURES_TOPIC = "infergrid.features.updates"
+FEATURES_DLQ_TOPIC = "infergrid.features.updates.dlq"
+FEATURES_GROUP = "infergrid-features-ingest"
+# Per service user: (resource type, literal name, operations). READ and WRITE imply DESCRIBE; an idempotent
+# producer needs no IdempotentWrite on the cluster since Kafka 3.0 (WRITE on a topic is enough, KIP-679).
+# CREATE: the logging service creates its two topics at start-up (PipelineConfig.create_topics) and the
+# ingester's dead letters auto-create theirs; no one else creates anything.
+SERVICE_ACLS: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
+    # The inference log's producer (libs/inference_log.py); the edge produces nothing.
+    "gateway": (("topic", LOG_TOPIC, ("WRITE",)),),
+    # The inference-log consumer and its dead letters (services/logging/pipeline.py).
+    "logging": (
+        ("topic", LOG_TOPIC, ("READ", "CREATE")),
+        ("group", LOG_GROUP, ("READ",)),
+        ("topic", LOG_DLQ_TOPIC, ("WRITE", "CREATE")),
+    ),
+    # The feature stream ingester (services/features/ingest_stream.py) and its dead letters.
+    "features": (
+        ("topic", FEATURES_TOPIC, ("READ",)),
+        ("group", FEATURES_GROUP, ("READ",)),
+        ("topic", FEATURES_DLQ_TOPIC, ("WRITE", "CREATE")),
+    ),
+}
+USERS = (ADMIN_USER, *SERVICE_ACLS)
+
+
+def password_secret(user: str) -> str:
+    """The name of the stack secret holding Kafka user `user`'s password."""
+    return f"kafka-{user}"
+
+
+def credential_env(config: StackConfig, user: str, variable_prefix: str) -> dict[str, str]:
+    """A client's Kafka credentials as its `KafkaConfig` variables (the password as `*_FILE`).
+
+    Example: `credential_env(config, "gateway", "INFERGRID_GATEWAY_")`.
+    """
+    if user not in USERS:
+        raise ValueError(f"no Kafka user {user!r}; the users: {', '.join(USERS)}")
+    return {
+        f"{variable_prefix}KAFKA_SECURITY_PROTOCOL": SASL_PROTOCOL,
+        f"{variable_prefix}KAFKA_SASL_MECHANISM": SASL_MECHANISM,
+        f"{variable_prefix}KAFKA_SASL_USERNAME": user,
+        f"{variable_prefix}KAFKA_SASL_PASSWORD_FILE": str(secret_file(config, password_secret(user))),
+    }
+
+
+def _quiet() -> logging.Logger:
+    """A logger that drops librdkafka's messages (the probes' refused connections while starting)."""
+    quiet = logging.getLogger("stack.kafka.probe")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    return quiet
 
 
 def new_cluster_id() -> str:
@@ -47,6 +115,7 @@ class Kafka(NodeComponent):
     start_timeout_s = 120.0
     stop_timeout_s = 45.0
     heap = ("256M", "512M")
+    _acls_applied = False
 
     @property
     def node_id(self) -> int:
@@ -121,12 +190,18 @@ class Kafka(NodeComponent):
     def _log_dirs(self) -> Path:
         return self.data_dir / "data"
 
-    def prepare(self) -> None:
-        """Renders server.properties and formats the storage on first start (the cluster id is kept)."""
-        super().prepare()
-        self.render(
+    def _private(self, path: Path) -> Path:
+        """`path` created empty with mode 0600 (what is written into it next stays private)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        return path
+
+    def write_properties(self) -> Path:
+        """Renders server.properties into the node's folder, mode 0600 (it holds admin's password)."""
+        return self.render(
             self.config.deploy_dir / "kafka" / "server.properties",
-            self._properties,
+            self._private(self._properties),
             {
                 "HOST": self.host,
                 "BROKER_PORT": self.ports["kafka"],
@@ -136,9 +211,22 @@ class Kafka(NodeComponent):
                 "VOTERS": self.voters,
                 "REPLICATION": min(3, self.nodes),
                 "MIN_ISR": 2 if self.nodes >= 3 else 1,
+                "ADMIN_USER": ADMIN_USER,
+                "ADMIN_PASSWORD": self.password(ADMIN_USER),
             },
         )
+
+    def prepare(self) -> None:
+        """Renders server.properties and formats the storage on first start, with the SCRAM users (the
+        cluster id is kept)."""
+        super().prepare()
+        self.write_properties()
         if (self._log_dirs / "meta.properties").exists():
+            if not self._users_marker.exists():
+                raise InstallError(
+                    f"{self.name}: its storage was formatted without SASL users (before Kafka authenticated "
+                    f"its clients); delete it with `python -m stack clean-state {self.kind}`"
+                )
             return
         id_file = self.cluster_id_file
         if not id_file.exists():
@@ -150,34 +238,98 @@ class Kafka(NodeComponent):
                 os.link(candidate, id_file)
             candidate.unlink()
         cluster_id = id_file.read_text().strip()
-        Progress(self.name).say(f"formatting storage (cluster id {cluster_id})")
-        Progress(self.name).run(
-            self._java(STORAGE_TOOL_CLASS, "format", "-t", cluster_id, "-c", str(self._properties)),
-            log_path=self.log_path,
+        Progress(self.name).say(f"formatting storage (cluster id {cluster_id}, users {', '.join(USERS)})")
+        # The passwords go in an argument file (0600, deleted after): not on a command line or in a log.
+        arguments = self._private(self.data_dir / "format.args")
+        scram = [f"SCRAM-SHA-512=[name={user},password={self.password(user)}]" for user in USERS]
+        lines = [STORAGE_TOOL_CLASS, "format", "-t", cluster_id, "-c", str(self._properties)]
+        arguments.write_text("\n".join([*lines, *(f"--add-scram\n{item}" for item in scram)]) + "\n")
+        try:
+            Progress(self.name).run(self._java(f"@{arguments}"), log_path=self.log_path)
+        finally:
+            arguments.unlink(missing_ok=True)
+        self._users_marker.write_text(" ".join(USERS) + "\n")
+
+    @property
+    def _users_marker(self) -> Path:
+        return self.data_dir / "sasl-users"
+
+    def password(self, user: str) -> str:
+        """Kafka user `user`'s password (generated on first use). A secret: for clients, never for a log."""
+        return read_secret(self.config, password_secret(user))
+
+    def client_conf(self, user: str = ADMIN_USER) -> dict[str, Any]:
+        """librdkafka settings to connect as `user` (default: the administrator); they hold its password."""
+        return self.kafka_config(user).client_conf()
+
+    def kafka_config(self, user: str = ADMIN_USER) -> KafkaConfig:
+        """A `KafkaConfig` connecting as `user` (default: the administrator); it holds the password."""
+        return KafkaConfig(
+            kafka_bootstrap_servers=self.bootstrap_servers,
+            kafka_security_protocol=SASL_PROTOCOL,
+            kafka_sasl_mechanism=SASL_MECHANISM,
+            kafka_sasl_username=user,
+            kafka_sasl_password=self.password(user),
         )
+
+    def apply_acls(self, timeout: float = 30.0) -> None:
+        """Creates `SERVICE_ACLS` as the administrator (an existing ACL is left as it is)."""
+        from confluent_kafka.admin import (
+            AclBinding,
+            AclOperation,
+            AclPermissionType,
+            AdminClient,
+            ResourcePatternType,
+            ResourceType,
+        )
+
+        bindings = [
+            AclBinding(
+                ResourceType[kind.upper()],
+                name,
+                ResourcePatternType.LITERAL,
+                f"User:{user}",
+                "*",
+                AclOperation[operation],
+                AclPermissionType.ALLOW,
+            )
+            for user, grants in SERVICE_ACLS.items()
+            for kind, name, operations in grants
+            for operation in operations
+        ]
+        settings: dict[str, Any] = {**self.client_conf(), "logger": _quiet()}
+        admin = AdminClient(settings)
+        for future in admin.create_acls(bindings, request_timeout=timeout).values():
+            future.result(timeout=timeout)
 
     def command(self) -> list[str]:
         """java running kafka.Kafka on the rendered server.properties."""
         return self._java(MAIN_CLASS, str(self._properties))
 
     def ready(self) -> bool:
-        """A metadata request (AdminClient.list_topics) lists this broker."""
+        """A metadata request (AdminClient.list_topics) as the administrator lists this broker; the first
+        time it does, the ACLs are applied (then it is ready)."""
         if not tcp_open(self.host, self.port):
             return False
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
-        quiet = logging.getLogger("stack.kafka.probe")
-        quiet.addHandler(logging.NullHandler())
-        quiet.propagate = False
-        settings: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, "logger": quiet}
+        settings: dict[str, Any] = {**self.client_conf(), "logger": _quiet()}
         admin = AdminClient(settings)
         try:
             metadata = admin.list_topics(timeout=3)
+            if self.node_id not in metadata.brokers:
+                return False
+            if not self._acls_applied:
+                self.apply_acls()
+                self._acls_applied = True
         except KafkaException:
             return False
-        return self.node_id in metadata.brokers
+        return True
 
     def endpoints(self) -> dict[str, str]:
-        """The bootstrap servers."""
-        return {"bootstrap.servers": self.bootstrap_servers}
+        """The bootstrap servers and where the users' passwords are."""
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "passwords": str(self.config.secrets_dir / "kafka-<user>"),
+        }

@@ -21,6 +21,7 @@ from stack.cassandra import credential_env as cassandra_credentials
 from stack.component import CommandComponent, Component
 from stack.config import REPO_ROOT, StackConfig, secret_file
 from stack.errors import StackError
+from stack.kafka import credential_env as kafka_credentials
 from stack.probes import grpc_health_serving
 from stack.process import ProcessRecord
 from stack.progress import Progress
@@ -277,6 +278,7 @@ def features_ingest(
             **cassandra_credentials(config, "features", "INFERGRID_FEATURES_CASSANDRA"),
             **redis_credentials(config, "features", "INFERGRID_FEATURES_REDIS"),
             "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
+            **kafka_credentials(config, "features", "INFERGRID_FEATURES_"),
             **(env or {}),
         },
         ports=chosen,
@@ -330,6 +332,7 @@ def logging(
         env={
             **_service_env(config, "logging", chosen),
             "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
+            **kafka_credentials(config, "logging", "INFERGRID_LOGGING_"),
             "INFERGRID_LOGGING_CASSANDRA_CONTACT_POINTS": config.host,
             "INFERGRID_LOGGING_CASSANDRA_PORT": str(config.port("cassandra")),
             **cassandra_credentials(config, "logging", "INFERGRID_LOGGING_CASSANDRA"),
@@ -384,6 +387,7 @@ def gateway(
             "INFERGRID_GATEWAY_FEATURES_TARGET": f"{config.host}:{config.port('features')}",
             "INFERGRID_GATEWAY_INFERENCE_TARGET": f"{config.host}:{config.port('inference')}",
             "INFERGRID_GATEWAY_KAFKA_BOOTSTRAP_SERVERS": f"{config.host}:{config.port('kafka')}",
+            **kafka_credentials(config, "gateway", "INFERGRID_GATEWAY_"),
             "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(config.state_dir / name / "spool"),
             # Used when the platform places admission in the gateway (deploy/local/platform.yaml does).
             "INFERGRID_GATEWAY_ADMISSION_KEYS_FILE": str(keys_file(config)),

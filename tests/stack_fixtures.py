@@ -8,7 +8,9 @@ not. A fixture yields the started component, which tells clients where to connec
         client = redis.Redis.from_url(redis_server.url)  # as the administrator (`default`)
 
 The backends authenticate every client: `redis_server.url` carries the administrator's password (never
-print it); the services' own users and passwords are in the session's state folder (`stack.redis`).
+print it), and so does `kafka_server.client_conf()` (librdkafka settings; `kafka_server.kafka_config()` is
+a `KafkaConfig`, `stack.kafka.credential_env(config, "admin", prefix)` a service's variables); the services'
+own users and passwords are in the session's state folder (`stack.redis`, `stack.kafka`).
 
 With INFERGRID_REUSE_STACK=1 the fixtures use the stack that `make up` started (its state folder and
 ports, from the same environment variables as the CLI) and leave it running; a server that is not
@@ -180,7 +182,8 @@ def cassandra_server(stack: StackSession) -> Cassandra:
 
 @pytest.fixture(scope="session")
 def kafka_server(stack: StackSession) -> Kafka:
-    """A running Kafka broker: `{"bootstrap.servers": kafka_server.bootstrap_servers}`."""
+    """A running Kafka broker: `Producer(kafka_server.client_conf())` connects as the administrator,
+    `kafka_server.client_conf("gateway")` as a service's user (`stack.kafka.SERVICE_ACLS`)."""
     return stack.ensure(Kafka(stack.config))
 
 

@@ -63,6 +63,7 @@ from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs.checkout import python_path
 from libs.testing import REPO_ROOT
 from stack.envoy import Envoy
+from stack.kafka import credential_env
 from stack.progress import Progress
 from stack.services import INPUT_LAYOUTS
 
@@ -325,6 +326,7 @@ def body(run: Run, suite: Suite) -> None:
         "INFERGRID_GATEWAY_FEATURES_TARGET": f"127.0.0.1:{features_port}",
         "INFERGRID_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{inference_port}",
         "INFERGRID_GATEWAY_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        **credential_env(kafka.config, "admin", "INFERGRID_GATEWAY_"),  # a topic of its own
         "INFERGRID_GATEWAY_INFERENCE_LOG_TOPIC": "bench.e2e.inference-log",
         "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(work / "spool"),
         "INFERGRID_GATEWAY_ADMISSION_KEYS_FILE": str(keys_file),

@@ -34,11 +34,21 @@ import grpc
 
 from bench import stats
 from bench.core import Run, Suite
-from bench.procs import Server, free_port, group_cpu_seconds, pids_cpu_seconds, pinned, repo_env, set_affinity
+from bench.procs import (
+    Server,
+    free_port,
+    group_cpu_seconds,
+    kafka_env,
+    pids_cpu_seconds,
+    pinned,
+    repo_env,
+    set_affinity,
+)
 from bench.suites.common import service_env, wait_grpc_serving
 from bench.tools import ensure_venv, say
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs.checkout import python_path
+from stack.kafka import credential_env
 
 TOPIC = "bench.inference-log.v1"
 BASELINE_ENV = "INFERGRID_BENCH_LOGGING_BASELINE"
@@ -79,6 +89,7 @@ def _start(run: Run, key: str, label: str, root: Path, *, kafka: Any, cassandra:
     env = service_env("INFERGRID_LOGGING_", port, {
         "PYTHONPATH": python_path(root, inherit=False),
         "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        **credential_env(kafka.config, "admin", "INFERGRID_LOGGING_"),  # a topic and group of its own
         "INFERGRID_LOGGING_TOPIC": topic,
         "INFERGRID_LOGGING_DEAD_LETTER_TOPIC": f"{topic}.dlq",
         "INFERGRID_LOGGING_CONSUMER_GROUP": f"bench-{key}-{run.doc['run']['id']}",
@@ -145,7 +156,7 @@ def body(run: Run, suite: Suite) -> None:
         command = [sys.executable, "-m", "bench.logpub", kafka.bootstrap_servers, system.topic,
                    str(run.work_dir / f"spool-{system.key}-{tag}"), f"{system.key}-{tag}", str(n)]  # fmt: skip
         out = subprocess.run(pinned(command, PIPELINE_CPUS), check=False, capture_output=True, text=True,
-                             timeout=600, env=repo_env())  # fmt: skip
+                             timeout=600, env=repo_env(kafka_env(kafka)))  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"publisher failed: {out.stderr[-2000:]}")
         pub = json.loads(out.stdout.strip().splitlines()[-1])

@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from bench.core import Run, Suite
-from bench.procs import repo_env, set_affinity
+from bench.procs import kafka_env, repo_env, set_affinity
 
 TOPIC = "bench.inference-log-wal.v1"
 WAL_KEYS = ("p50_us", "p99_us", "mean_us", "cpu_us_per_record", "records_per_write", "rps")
@@ -52,7 +52,7 @@ def body(run: Run, suite: Suite) -> None:
             spool = run.work_dir / f"wal-{mode}-{concurrency}-{i + 1}"
             out = subprocess.run([sys.executable, "-m", "bench.walpub", kafka.bootstrap_servers, TOPIC, str(spool),
                                   mode, str(n), str(concurrency)],
-                                 check=False, capture_output=True, text=True, timeout=600, env=repo_env())  # fmt: skip
+                                 check=False, capture_output=True, text=True, timeout=600, env=repo_env(kafka_env(kafka)))  # fmt: skip
             if out.returncode != 0:
                 raise RuntimeError(f"walpub failed: {out.stderr[-2000:]}")
             pub = json.loads(out.stdout.strip().splitlines()[-1])

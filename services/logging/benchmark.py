@@ -7,12 +7,15 @@ libs.inference_log (timing `publish()` alone: the request-path cost), while this
 logging service's pipeline on a fresh topic, consumer group and lake; reports records per second from
 the first publish until the last record is in Cassandra, and until it is in Parquet files. Prints one
 JSON object. The producer and consumer share this process (and its GIL): a conservative set-up.
+Kafka credentials come from the service's variables (INFERGRID_LOGGING_KAFKA_SASL_USERNAME,
+INFERGRID_LOGGING_KAFKA_SASL_PASSWORD_FILE, ...): a user that may create topics (the stack's `admin`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import tempfile
@@ -24,10 +27,16 @@ from typing import Any
 
 from infergrid.logging.v1 import logging_pb2
 from libs.cassandra import CassandraConfig
+from libs.config import load_config
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-from libs.kafka import KafkaConfig
 from services.logging import metrics
-from services.logging.config import LoggingConfig, LoggingKafkaConfig, LoggingServerConfig, PipelineConfig
+from services.logging.config import (
+    ENV_PREFIX,
+    LoggingConfig,
+    LoggingKafkaConfig,
+    LoggingServerConfig,
+    PipelineConfig,
+)
 from services.logging.lake import read_table
 from services.logging.pipeline import ensure_topics
 from services.logging.server import create_server
@@ -60,7 +69,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the benchmark; returns the results."""
     tag = uuid.uuid4().hex[:8]
     work = Path(tempfile.mkdtemp(prefix="logging-bench-"))
-    kafka = LoggingKafkaConfig(kafka_bootstrap_servers=args.kafka)
+    from_env = load_config(LoggingKafkaConfig, os.environ, ENV_PREFIX)
+    kafka = dataclasses.replace(from_env, kafka_bootstrap_servers=args.kafka)
     pipeline = PipelineConfig(
         topic=f"bench-inference-log-{tag}",
         dead_letter_topic=f"bench-inference-log-{tag}.dlq",
@@ -89,7 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.sleep(args.warmup_seconds)  # the consumer joins its group
     producer = InferenceLogProducer(
         InferenceLogConfig(inference_log_topic=pipeline.topic, inference_log_spool_dir=work / "spool"),
-        KafkaConfig(kafka_bootstrap_servers=args.kafka),
+        kafka,
     )
     producer.start()
     started = time.perf_counter()

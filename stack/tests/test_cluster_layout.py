@@ -106,22 +106,13 @@ def test_cassandra_nodes_render_their_token_seed_and_address(config: StackConfig
 
 def test_kafka_nodes_render_a_three_voter_quorum_at_rf_three(config: StackConfig) -> None:
     broker = Kafka(config, node=3, nodes=3)
-    broker.render(
-        config.deploy_dir / "kafka" / "server.properties",
-        broker.data_dir / "server.properties",
-        {
-            "HOST": broker.host,
-            "BROKER_PORT": 9092,
-            "CONTROLLER_PORT": 9093,
-            "DATA_DIR": broker.data_dir,
-            "NODE_ID": broker.node_id,
-            "VOTERS": broker.voters,
-            "REPLICATION": 3,
-            "MIN_ISR": 2,
-        },
-    )
-    text = (broker.data_dir / "server.properties").read_text()
+    properties = broker.write_properties()
+    text = properties.read_text()
     assert "node.id=3" in text
+    # Clients and brokers authenticate on every listener; the file holds admin's password: owner only.
+    assert "listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT" in text
+    assert "allow.everyone.if.no.acl.found=false" in text
+    assert properties.stat().st_mode & 0o777 == 0o600
     assert "controller.quorum.voters=1@127.0.0.1:9093,2@127.0.0.2:9093,3@127.0.0.3:9093" in text
     assert broker.cluster_id_file == config.state_dir / "kafka-cluster-id"
 

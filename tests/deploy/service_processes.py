@@ -112,11 +112,15 @@ def _features_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
 def _consumer_env(
     request: pytest.FixtureRequest, prefix: str, names: tuple[str, str, str], topic: str
 ) -> Env:
-    """A Kafka consumer's bootstrap servers, and its topic, dead-letter topic and group (variables `names`)."""
+    """A Kafka consumer's bootstrap servers and credentials (the administrator's: the topics and group are
+    its own), and its topic, dead-letter topic and group (variables `names`)."""
+    from stack.kafka import credential_env
+
     kafka = request.getfixturevalue("kafka_server")
     values = (topic, f"{topic}.dlq", topic)
     return {
         f"{prefix}KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        **credential_env(kafka.config, "admin", prefix),
         **{f"{prefix}{name}": value for name, value in zip(names, values, strict=True)},
     }
 

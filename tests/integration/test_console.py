@@ -30,6 +30,7 @@ from libs.apikeys import hash_key, new_key
 from libs.testing import free_port, spawn_module, stop_process
 from stack.config import StackConfig
 from stack.demo import DEMO_ENTITIES, DEMO_REQUEST_FEATURES
+from stack.kafka import Kafka, credential_env
 from stack.prometheus import Prometheus, write_targets
 from stack.services import INPUT_LAYOUTS
 from tests.deploy.service_processes import (
@@ -83,12 +84,12 @@ async def _predictions(port: int, key: str, count: int) -> None:
             )
 
 
-def _stream_records(bootstrap: str, topic: str) -> None:
+def _stream_records(kafka: Kafka, topic: str) -> None:
     """The ingester's topics, one good feature update and one record that is not one (a dead letter)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka.client_conf())
     for future in admin.create_topics([NewTopic(t, 1, 1) for t in (topic, f"{topic}.dlq")]).values():
         future.result(timeout=30)
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer(kafka.client_conf())
     good = (
         '{"featureView": "device", "rows": [{"entityKey": {"device_id": {"stringValue": "d00001"}}, '
         '"values": {"risk_score": {"floatValue": 0.5}}}]}'
@@ -134,7 +135,7 @@ def test_console_shows_every_section_with_data(
         asyncio.run(features_demo.load(f"127.0.0.1:{features.port}", DEMO_COUNTS))
 
         ingest_env = _features_ingest_env(request, tmp_path)
-        _stream_records(kafka.bootstrap_servers, ingest_env["INFERGRID_FEATURES_STREAM_TOPIC"])
+        _stream_records(kafka, ingest_env["INFERGRID_FEATURES_STREAM_TOPIC"])
         started.append(Running("features-ingest", ingest_env))
         logging_env = _logging_env(request, tmp_path)
         started.append(Running("logging", logging_env))
@@ -156,6 +157,7 @@ def test_console_shows_every_section_with_data(
                 "INFERGRID_GATEWAY_ADMISSION_REDIS_URL": redis.url,
                 "INFERGRID_GATEWAY_INFERENCE_LOG_ENABLED": "true",
                 "INFERGRID_GATEWAY_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+                **credential_env(kafka.config, "admin", "INFERGRID_GATEWAY_"),
                 "INFERGRID_GATEWAY_INFERENCE_LOG_TOPIC": logging_env["INFERGRID_LOGGING_TOPIC"],
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{jaeger.otlp_grpc_endpoint}",
             },

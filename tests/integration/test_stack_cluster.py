@@ -106,7 +106,7 @@ def test_services_read_and_write_at_local_quorum(stack_cluster: RunningCluster) 
 
 
 def test_three_brokers_and_the_log_topic_at_three_replicas_min_isr_two(stack_cluster: RunningCluster) -> None:
-    admin = AdminClient({"bootstrap.servers": cluster.kafka_bootstrap_servers(stack_cluster.config)})
+    admin = AdminClient(cluster.kafka_client_conf(stack_cluster.config))
     metadata = admin.list_topics(timeout=10)
     assert sorted(metadata.brokers) == [1, 2, 3]
     assert LOG_TOPIC in metadata.topics, "the logging service did not create its topic"

@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, Producer
 
 from stack.cassandra import admin_auth
 from stack.config import REPO_ROOT, StackConfig
+from stack.kafka import Kafka
 from stack.ports import DEFAULT_PORTS, find_free_ports, is_port_free, port_env_var
 from stack.probes import tcp_open
 from stack.process import ProcessRecord, find_marked_processes
@@ -90,8 +91,8 @@ def test_up_down_up_keeps_data_and_down_leaves_nothing_running(own_stack: StackC
         session.execute(f"INSERT INTO {keyspace}.kv (k, v) VALUES ('survives', 'down and up')")
     finally:
         cluster.shutdown()
-    bootstrap = f"{config.host}:{config.port('kafka')}"
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    kafka = Kafka(config).client_conf()  # as the administrator
+    producer = Producer({**kafka, "acks": "all"})
     producer.produce(topic, key=b"k", value=b"survives down and up")
     assert producer.flush(30) == 0
 
@@ -113,7 +114,7 @@ def test_up_down_up_keeps_data_and_down_leaves_nothing_running(own_stack: StackC
     assert row.v == "down and up"
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **kafka,
             "group.id": f"persist-{uuid.uuid4().hex[:6]}",
             "auto.offset.reset": "earliest",
         }

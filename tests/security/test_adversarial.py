@@ -37,7 +37,6 @@ from libs.cassandra import AsyncCassandra, CassandraConfig
 from libs.cassandra import connect as connect_cassandra
 from libs.config import load_config
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-from libs.kafka import KafkaConfig
 from libs.platform import parse_platform
 from libs.ratelimit import RedisTokenBucketLimiter
 from libs.spool import Spool
@@ -646,8 +645,8 @@ def _inference_log_record(tag: str, i: int, blob: int = 0) -> logging_pb2.Infere
     return record
 
 
-def _delivered(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> set[str]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest"})
+def _delivered(kafka: dict[str, Any], topic: str, expected: int, timeout: float = 60.0) -> set[str]:
+    consumer = Consumer({**kafka, "group.id": topic, "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
@@ -665,9 +664,9 @@ def test_poison_records_are_quarantined_and_never_block_the_inference_log(
     kafka_server: object, tmp_path: Path
 ) -> None:
     """A real broker refuses records over the topic's max.message.bytes; the ones around them still land."""
-    bootstrap = kafka_server.bootstrap_servers  # type: ignore[attr-defined]
+    kafka = kafka_server.client_conf()  # type: ignore[attr-defined]  # as the administrator
     topic = f"adv-poison-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka)
     new = NewTopic(topic, num_partitions=1, replication_factor=1, config={"max.message.bytes": "8192"})
     admin.create_topics([new])[topic].result(30)
     config = InferenceLogConfig(
@@ -683,7 +682,7 @@ def test_poison_records_are_quarantined_and_never_block_the_inference_log(
         earlier.append(record.request_id.encode(), record.SerializeToString(), [])
     earlier.append(b"old-0002", _inference_log_record("old", 2).SerializeToString(), [])
     earlier.close()
-    producer = InferenceLogProducer(config, KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    producer = InferenceLogProducer(config, kafka_server.kafka_config())  # type: ignore[attr-defined]
     producer.start()
     poison = {"old-0001"}
     try:
@@ -701,7 +700,7 @@ def test_poison_records_are_quarantined_and_never_block_the_inference_log(
     finally:
         producer.close()
     good = {f"old-{i:04d}" for i in (0, 2)} | {f"new-{i:04d}" for i in range(30)} - poison
-    delivered = _delivered(bootstrap, topic, len(good))
+    delivered = _delivered(kafka, topic, len(good))
     kept = {m.key.decode() for m in Spool(tmp_path / "spool").quarantined()}
     for request_id in sorted(poison):
         quarantined = request_id in kept and request_id not in delivered

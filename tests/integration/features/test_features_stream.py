@@ -15,7 +15,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc
-from libs.kafka import KafkaConfig
 from services.features.config import FeaturesConfig, StreamConfig
 from services.features.ingest_stream import StreamIngestor, consumer_conf
 from services.features.tests.views import V, string_keys, typed_view
@@ -31,7 +30,7 @@ async def stream_config(features_config: FeaturesConfig, kafka_server: Kafka) ->
     suffix = uuid.uuid4().hex[:8]
     config = dataclasses.replace(
         features_config,
-        kafka=KafkaConfig(kafka_bootstrap_servers=kafka_server.bootstrap_servers),
+        kafka=kafka_server.kafka_config(),  # as the administrator: topics and a group of its own
         stream=StreamConfig(
             stream_topic=f"features.updates.{suffix}",
             stream_dead_letter_topic=f"features.updates.dlq.{suffix}",

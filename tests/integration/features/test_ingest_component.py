@@ -13,7 +13,7 @@ from libs.testing import free_port
 from stack.cassandra import Cassandra
 from stack.cassandra import credential_env as cassandra_credentials
 from stack.config import StackConfig
-from stack.kafka import Kafka
+from stack.kafka import Kafka, credential_env
 from stack.redis import Redis
 from stack.services import features_ingest
 
@@ -36,6 +36,8 @@ def test_the_ingester_component_starts_and_reports_consumer_lag(
             "INFERGRID_FEATURES_CASSANDRA_PORT": str(cassandra_server.port),
             **cassandra_credentials(cassandra_server.config, "features", "INFERGRID_FEATURES_CASSANDRA"),
             "INFERGRID_FEATURES_KAFKA_BOOTSTRAP_SERVERS": kafka_server.bootstrap_servers,
+            # The stack's ingester user (the session's passwords, not those of this test's state folder).
+            **credential_env(kafka_server.config, "features", "INFERGRID_FEATURES_"),
             "INFERGRID_FEATURES_REDIS_URL": redis_server.url,
             "INFERGRID_FEATURES_CASSANDRA_WRITE_CONSISTENCY": "ONE",
         },

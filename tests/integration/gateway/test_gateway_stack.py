@@ -31,7 +31,6 @@ from infergrid.logging.v1 import logging_pb2
 from infergrid.types.v1 import value_pb2
 from libs.checkout import checkout_env
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-from libs.kafka import KafkaConfig
 from libs.server import Server
 from libs.testing import (
     NO_REDIS_URL,
@@ -116,7 +115,7 @@ class Env:
     repo: Path
     platform: Path
     topic: str
-    bootstrap: str
+    kafka: Kafka
     producer: InferenceLogProducer
     server: Server
 
@@ -166,7 +165,7 @@ async def env(
     inference.start()
 
     topic = f"gateway-it-{tag}"
-    admin = AdminClient({"bootstrap.servers": kafka_server.bootstrap_servers})
+    admin = AdminClient(kafka_server.client_conf())
     admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
     producer = InferenceLogProducer(
         InferenceLogConfig(
@@ -175,7 +174,7 @@ async def env(
             inference_log_delivery_timeout_ms=2000,
             inference_log_resend_interval_s=0.5,
         ),
-        KafkaConfig(kafka_bootstrap_servers=kafka_server.bootstrap_servers),
+        kafka_server.kafka_config(),
     )
     producer.start()
     platform = write_test_admission(tmp, _split((90, 10), shadow="2")[len(TEST_ADMISSION_YAML) :])
@@ -216,7 +215,7 @@ async def env(
                 repo=repo,
                 platform=platform,
                 topic=topic,
-                bootstrap=kafka_server.bootstrap_servers,
+                kafka=kafka_server,
                 producer=producer,
                 server=server,
             )
@@ -270,13 +269,13 @@ async def _onnx_score(env: Env, request: gateway_pb2.PredictRequest, version: st
 
 
 def _consume(
-    bootstrap: str, topic: str, request_ids: Iterable[str], timeout_s: float = 60.0
+    kafka: Kafka, topic: str, request_ids: Iterable[str], timeout_s: float = 60.0
 ) -> dict[str, logging_pb2.InferenceLogRecord]:
     """The topic's records for `request_ids` (read from the beginning)."""
     wanted = set(request_ids)
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **kafka.client_conf(),
             "group.id": f"gateway-it-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -330,7 +329,7 @@ async def test_a_90_10_split_serves_those_shares_and_the_shadow_only_reaches_the
     share = sum(r.model_version == "2" for r in replies) / len(replies)
     assert 0.06 < share < 0.14, share
     assert all(list(r.outputs) == ["fraud_probability"] for r in replies)
-    records = await asyncio.to_thread(_consume, env.bootstrap, env.topic, [r.request_id for r in replies])
+    records = await asyncio.to_thread(_consume, env.kafka, env.topic, [r.request_id for r in replies])
     assert len(records) == len(replies)
     for reply in replies:
         record = records[reply.request_id]
@@ -443,7 +442,7 @@ async def test_with_kafka_stopped_predictions_flow_and_every_record_arrives_late
         await asyncio.sleep(3.0)  # past the delivery timeout: the records go to the disk spool
     finally:
         await asyncio.to_thread(kafka_server.start)
-    records = await asyncio.to_thread(_consume, env.bootstrap, env.topic, ids, 90.0)
+    records = await asyncio.to_thread(_consume, env.kafka, env.topic, ids, 90.0)
     assert set(records) == set(ids)
     assert env.producer.stats().spooled > 0
 

@@ -2,7 +2,8 @@
 
     python inference_log_publisher.py BOOTSTRAP TOPIC SPOOL_DIR TAG FIRST COUNT [DELIVERY_TIMEOUT_MS]
 
-Prints the producer's counters as one JSON line when done. `make_record` is also imported by the tests,
+Kafka credentials come from `PUBLISHER_PREFIX` variables (`stack.kafka.credential_env(config, user,
+PUBLISHER_PREFIX)`). Prints the producer's counters as one JSON line when done. `make_record` is also imported by the tests,
 so both sides agree on every record's content.
 """
 
@@ -10,12 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from infergrid.logging.v1 import logging_pb2
+from libs.config import load_config
+from libs.kafka import KafkaConfig
 
 BASE_US = 1_780_000_000_000_000
+# The publishers' Kafka settings: <prefix>KAFKA_SASL_USERNAME, <prefix>KAFKA_SASL_PASSWORD_FILE, ...
+PUBLISHER_PREFIX = "INFERGRID_TEST_PUBLISHER_"
 
 
 def make_record(tag: str, i: int) -> logging_pb2.InferenceLogRecord:
@@ -52,9 +58,15 @@ def make_record(tag: str, i: int) -> logging_pb2.InferenceLogRecord:
     return record
 
 
+def kafka_config(bootstrap: str) -> KafkaConfig:
+    """Kafka at `bootstrap`, as the user in the PUBLISHER_PREFIX variables (`stack.kafka.credential_env`)."""
+    return load_config(
+        KafkaConfig, {**os.environ, f"{PUBLISHER_PREFIX}KAFKA_BOOTSTRAP_SERVERS": bootstrap}, PUBLISHER_PREFIX
+    )
+
+
 def main(argv: list[str]) -> None:
     from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-    from libs.kafka import KafkaConfig
 
     bootstrap, topic, spool, tag, first, count = argv[:6]
     timeout_ms = int(argv[6]) if len(argv) > 6 else 10_000
@@ -65,7 +77,7 @@ def main(argv: list[str]) -> None:
             inference_log_delivery_timeout_ms=timeout_ms,
             inference_log_resend_interval_s=0.5,
         ),
-        KafkaConfig(kafka_bootstrap_servers=bootstrap),
+        kafka_config(bootstrap),
     )
     producer.start()
     for i in range(int(first), int(first) + int(count)):

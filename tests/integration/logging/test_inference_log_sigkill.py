@@ -27,6 +27,7 @@ import pytest
 from cassandra.cluster import Cluster
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from inference_log_publisher import PUBLISHER_PREFIX
 from test_logging_pipeline import (
     LoggingService,
     Run,
@@ -38,7 +39,7 @@ from test_logging_pipeline import (
 
 from infergrid.logging.v1 import logging_pb2
 from libs.testing import REPO_ROOT
-from stack.kafka import Kafka
+from stack.kafka import Kafka, credential_env
 from stack.ports import find_free_ports
 
 pytestmark = pytest.mark.integration
@@ -82,11 +83,25 @@ def session(cassandra_server: object) -> Iterator[object]:
 class Publisher:
     """`wal_publisher.py` as a process; its stdout lines are collected by a thread."""
 
-    def __init__(self, bootstrap: str, topic: str, spool: Path, tag: str, count: int, *flags: str) -> None:
+    def __init__(self, kafka: Kafka, topic: str, spool: Path, tag: str, count: int, *flags: str) -> None:
         paths = [str(Path(__file__).parent), str(REPO_ROOT), str(REPO_ROOT / "build" / "gen")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(paths),
+            **credential_env(kafka.config, "admin", PUBLISHER_PREFIX),
+        }
         self.proc = subprocess.Popen(
-            [sys.executable, str(HELPER), bootstrap, topic, str(spool), tag, str(count), "16", *flags],
+            [
+                sys.executable,
+                str(HELPER),
+                kafka.bootstrap_servers,
+                topic,
+                str(spool),
+                tag,
+                str(count),
+                "16",
+                *flags,
+            ],
             cwd=REPO_ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -129,16 +144,14 @@ class Publisher:
         return stats
 
 
-def _create_topic(bootstrap: str, topic: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+def _create_topic(kafka: Kafka, topic: str) -> None:
+    admin = AdminClient(kafka.client_conf())
     admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
 
 
-def _topic_ids(bootstrap: str, topic: str) -> collections.Counter[str]:
+def _topic_ids(kafka: Kafka, topic: str) -> collections.Counter[str]:
     """Every request id in the topic, with how many times it is there (read to the end of each partition)."""
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex, "enable.auto.commit": False}
-    )
+    consumer = Consumer({**kafka.client_conf(), "group.id": uuid.uuid4().hex, "enable.auto.commit": False})
     try:
         partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
         ends = {
@@ -164,10 +177,10 @@ def _kill_mid_stream_then_resend(
 ) -> tuple[set[str], collections.Counter[str], dict[str, object]]:
     tag = uuid.uuid4().hex[:8]
     topic, spool = f"wal-{tag}", tmp_path / "spool"
-    _create_topic(kafka.bootstrap_servers, topic)
+    _create_topic(kafka, topic)
     if kafka_down:
         kafka.stop()
-    first = Publisher(kafka.bootstrap_servers, topic, spool, tag, 1_000_000)
+    first = Publisher(kafka, topic, spool, tag, 1_000_000)
     first.wait_for(lambda: len(first.lines) > 1500, 120, "1,500 answered records")
     if not kafka_down:  # long enough for Kafka to acknowledge records and segments to be deleted
         time.sleep(4)
@@ -176,11 +189,11 @@ def _kill_mid_stream_then_resend(
     assert len(answered) > 1500
     if kafka_down:
         kafka.start()
-    second = Publisher(kafka.bootstrap_servers, topic, spool, f"{tag}b", 0, "--drain")
+    second = Publisher(kafka, topic, spool, f"{tag}b", 0, "--drain")
     stats = second.finish(timeout=180)
     assert stats["drained"], stats
     assert not list(spool.glob("segment-*.spool"))
-    return answered, _topic_ids(kafka.bootstrap_servers, topic), stats
+    return answered, _topic_ids(kafka, topic), stats
 
 
 def test_sigkill_during_a_kafka_outage_loses_no_answered_record(own_kafka: Kafka, tmp_path: Path) -> None:
@@ -210,21 +223,17 @@ def test_sigkill_with_kafka_up_loses_no_answered_record(own_kafka: Kafka, tmp_pa
 def test_records_of_a_sigkilled_gateway_land_exactly_once_in_cassandra_and_the_lake(
     kafka_server: Kafka, session: object, pipeline: Run
 ) -> None:
-    service = LoggingService(pipeline, kafka_server.bootstrap_servers, session.cluster.port)  # type: ignore[attr-defined]
+    service = LoggingService(pipeline, kafka_server, session.cluster.port)  # type: ignore[attr-defined]
     service.start()  # creates the topic
     try:
-        first = Publisher(
-            kafka_server.bootstrap_servers, pipeline.topic, pipeline.spool, pipeline.tag, 1_000_000
-        )
+        first = Publisher(kafka_server, pipeline.topic, pipeline.spool, pipeline.tag, 1_000_000)
         first.wait_for(lambda: len(first.lines) > 1500, 120, "1,500 answered records")
         time.sleep(3)  # acknowledged records and deleted segments, and some not yet
         first.kill()
         answered = first.answered()
-        second = Publisher(
-            kafka_server.bootstrap_servers, pipeline.topic, pipeline.spool, f"{pipeline.tag}b", 0, "--drain"
-        )
+        second = Publisher(kafka_server, pipeline.topic, pipeline.spool, f"{pipeline.tag}b", 0, "--drain")
         stats = second.finish(timeout=180)
-        in_topic = _topic_ids(kafka_server.bootstrap_servers, pipeline.topic)
+        in_topic = _topic_ids(kafka_server, pipeline.topic)
         duplicated = sum(1 for n in in_topic.values() if n > 1)
         print(f"\nsinks: answered {len(answered)}, in topic {len(in_topic)} ({duplicated} twice), "
               f"re-sent {stats['resent']}")  # fmt: skip

@@ -23,7 +23,7 @@ import grpc
 import pytest
 from cassandra.cluster import Cluster
 from confluent_kafka import Consumer, Producer
-from inference_log_publisher import BASE_US, make_record
+from inference_log_publisher import BASE_US, PUBLISHER_PREFIX, make_record
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -32,12 +32,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs.checkout import checkout_env
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-from libs.kafka import KafkaConfig
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
 from services.logging.lake import read_table, records
 from services.logging.server import SERVICE_NAME
+from stack.cassandra import admin_env as cassandra_admin_env
 from stack.jaeger import Jaeger
-from stack.kafka import Kafka
+from stack.kafka import Kafka, credential_env
 from stack.ports import find_free_ports
 from stack.probes import http_get
 
@@ -75,7 +75,7 @@ class Run:
 class LoggingService:
     """`python -m services.logging` as a process, its output kept in a file."""
 
-    def __init__(self, run: Run, bootstrap: str, cassandra_port: int, **extra: str) -> None:
+    def __init__(self, run: Run, kafka: Kafka, cassandra_port: int, **extra: str) -> None:
         self.port = free_port()
         self.log_path = run.tmp / f"logging-{self.port}.log"
         self.env = {
@@ -83,7 +83,9 @@ class LoggingService:
             "INFERGRID_LOGGING_METRICS_PORT": "0",
             "INFERGRID_LOGGING_DRAIN_SECONDS": "0",
             "INFERGRID_LOGGING_LOG_JSON": "false",
-            "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            # As the administrator: the tests use topics and groups of their own.
+            **credential_env(kafka.config, "admin", "INFERGRID_LOGGING_"),
             "INFERGRID_LOGGING_TOPIC": run.topic,
             "INFERGRID_LOGGING_DEAD_LETTER_TOPIC": f"{run.topic}.dlq",
             "INFERGRID_LOGGING_CONSUMER_GROUP": f"logging-{run.tag}",
@@ -92,6 +94,8 @@ class LoggingService:
             "INFERGRID_LOGGING_LAKE_DIR": str(run.lake),
             "INFERGRID_LOGGING_LAKE_ROLL_SECONDS": "1",
             "INFERGRID_LOGGING_CASSANDRA_PORT": str(cassandra_port),
+            # As the administrator: the tests use keyspaces of their own.
+            **cassandra_admin_env(kafka.config, "INFERGRID_LOGGING_CASSANDRA"),
             "INFERGRID_LOGGING_CASSANDRA_KEYSPACE": run.keyspace,
             "INFERGRID_LOGGING_CASSANDRA_WRITE_CONSISTENCY": "ONE",
             "OTEL_EXPORTER_OTLP_ENDPOINT": "",
@@ -175,7 +179,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, service:
     raise AssertionError(f"timed out waiting for {what}; service log:\n{service.logs()}")
 
 
-def _producer(run: Run, bootstrap: str, **overrides: object) -> InferenceLogProducer:
+def _producer(run: Run, kafka: Kafka, **overrides: object) -> InferenceLogProducer:
     settings: dict[str, object] = {
         "inference_log_topic": run.topic,
         "inference_log_spool_dir": run.spool,
@@ -184,7 +188,7 @@ def _producer(run: Run, bootstrap: str, **overrides: object) -> InferenceLogProd
     settings.update(overrides)
     return InferenceLogProducer(
         InferenceLogConfig(**settings),  # type: ignore[arg-type]
-        KafkaConfig(kafka_bootstrap_servers=bootstrap),
+        kafka.kafka_config(),
     )
 
 
@@ -203,15 +207,15 @@ def test_published_records_land_once_in_each_sink_intact_and_are_served(
     kafka_server: Kafka, cassandra_session: object, run: Run
 ) -> None:
     n = 3000
-    service = LoggingService(run, kafka_server.bootstrap_servers, cassandra_session.cluster.port)  # type: ignore[attr-defined]
+    service = LoggingService(run, kafka_server, cassandra_session.cluster.port)  # type: ignore[attr-defined]
     service.start()
     try:
-        producer = _producer(run, kafka_server.bootstrap_servers)
+        producer = _producer(run, kafka_server)
         producer.start()
         for i in range(n // 2):
             producer.publish(make_record(run.tag, i))
         # A malformed message in the middle: dead-lettered, and the records after it still arrive.
-        raw = Producer({"bootstrap.servers": kafka_server.bootstrap_servers})
+        raw = Producer(kafka_server.client_conf())
         raw.produce(run.topic, b"\x08\x01\x12", b"bad-key", headers=[("infergrid-schema-version", b"1")])
         assert raw.flush(30) == 0
         for i in range(n // 2, n):
@@ -235,7 +239,7 @@ def test_published_records_land_once_in_each_sink_intact_and_are_served(
         for record in records(read_table(run.lake)):
             assert record == published[record.request_id]
 
-        dead = _consume_one(kafka_server.bootstrap_servers, f"{run.topic}.dlq")
+        dead = _consume_one(kafka_server, f"{run.topic}.dlq")
         headers = dict(dead.headers() or [])
         assert dead.value() == b"\x08\x01\x12"
         assert b"not an InferenceLogRecord" in headers["infergrid-dlq-reason"]
@@ -296,10 +300,10 @@ async def _records_written(port: int) -> int:
         return int((await stub.GetStats(logging_pb2.GetStatsRequest(), metadata=ADMIN)).records_total)
 
 
-def _consume_one(bootstrap: str, topic: str, timeout: float = 60.0) -> object:
+def _consume_one(kafka: Kafka, topic: str, timeout: float = 60.0) -> object:
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **kafka.client_conf(),
             "group.id": f"check-{uuid.uuid4().hex[:6]}",
             "auto.offset.reset": "earliest",
         }
@@ -320,11 +324,11 @@ def test_a_consumer_killed_mid_batch_and_restarted_still_stores_each_record_once
     kafka_server: Kafka, cassandra_session: object, run: Run
 ) -> None:
     n = 20_000
-    producer = _producer(run, kafka_server.bootstrap_servers)
+    producer = _producer(run, kafka_server)
     producer.start()
     service = LoggingService(
         run,
-        kafka_server.bootstrap_servers,
+        kafka_server,
         cassandra_session.cluster.port,  # type: ignore[attr-defined]
         INFERGRID_LOGGING_BATCH_MAX_RECORDS="500",
         INFERGRID_LOGGING_LAKE_ROLL_SECONDS="0.3",
@@ -347,7 +351,7 @@ def test_a_consumer_killed_mid_batch_and_restarted_still_stores_each_record_once
 
         restarted = LoggingService(
             run,
-            kafka_server.bootstrap_servers,
+            kafka_server,
             cassandra_session.cluster.port,  # type: ignore[attr-defined]
             INFERGRID_LOGGING_BATCH_MAX_RECORDS="500",
             INFERGRID_LOGGING_LAKE_ROLL_SECONDS="0.3",
@@ -385,13 +389,13 @@ def own_kafka(stack: object) -> Iterator[Kafka]:
         stack.release(kafka)  # type: ignore[attr-defined]
 
 
-def _publish_in_process(run: Run, bootstrap: str, first: int, count: int, timeout_ms: int) -> dict[str, int]:
-    env = checkout_env()
+def _publish_in_process(run: Run, kafka: Kafka, first: int, count: int, timeout_ms: int) -> dict[str, int]:
+    env = {**checkout_env(), **credential_env(kafka.config, "admin", PUBLISHER_PREFIX)}
     done = subprocess.run(
         [
             sys.executable,
             str(PUBLISHER),
-            bootstrap,
+            kafka.bootstrap_servers,
             run.topic,
             str(run.spool),
             run.tag,
@@ -415,20 +419,20 @@ def test_kafka_down_spools_to_disk_and_everything_arrives_across_a_producer_rest
     own_kafka: Kafka, cassandra_session: object, run: Run
 ) -> None:
     n = 2000
-    service = LoggingService(run, own_kafka.bootstrap_servers, cassandra_session.cluster.port)  # type: ignore[attr-defined]
+    service = LoggingService(run, own_kafka, cassandra_session.cluster.port)  # type: ignore[attr-defined]
     service.start()  # creates the topics while Kafka is up
     try:
         # Kafka goes down while records are being published.
-        first = _publish_in_process(run, own_kafka.bootstrap_servers, 0, n // 4, 10_000)
+        first = _publish_in_process(run, own_kafka, 0, n // 4, 10_000)
         assert first["sent"] == n // 4
         own_kafka.stop()
         # One producer process publishes while Kafka is down, then exits: its records wait in the spool.
-        spooled = _publish_in_process(run, own_kafka.bootstrap_servers, n // 4, n // 4, 1500)
+        spooled = _publish_in_process(run, own_kafka, n // 4, n // 4, 1500)
         assert spooled["spooled"] == n // 4 and spooled["failed"] == 0 and spooled["sent"] == 0
         assert list(run.spool.glob("segment-*.spool"))
 
         # The next producer process (a restart) also publishes into the outage.
-        producer = _producer(run, own_kafka.bootstrap_servers, inference_log_delivery_timeout_ms=1500)
+        producer = _producer(run, own_kafka, inference_log_delivery_timeout_ms=1500)
         producer.start()
         for i in range(n // 2, n):
             producer.publish(make_record(run.tag, i))
@@ -463,7 +467,7 @@ def test_the_consumer_continues_the_producers_trace_to_the_sink_write(
 ) -> None:
     service = LoggingService(
         run,
-        kafka_server.bootstrap_servers,
+        kafka_server,
         cassandra_session.cluster.port,  # type: ignore[attr-defined]
         OTEL_EXPORTER_OTLP_ENDPOINT=jaeger_server.otlp_grpc_endpoint,
     )
@@ -473,7 +477,7 @@ def test_the_consumer_continues_the_producers_trace_to_the_sink_write(
         SimpleSpanProcessor(OTLPSpanExporter(endpoint=jaeger_server.otlp_grpc_endpoint, insecure=True))
     )
     try:
-        producer = _producer(run, kafka_server.bootstrap_servers)
+        producer = _producer(run, kafka_server)
         producer.start()
         with gateway.get_tracer("test").start_as_current_span("predict") as span:
             producer.publish(make_record(run.tag, 1))
@@ -505,11 +509,11 @@ def test_a_rebalance_to_a_second_consumer_still_stores_each_record_once(
     n = 20_000
     settings = {"INFERGRID_LOGGING_BATCH_MAX_RECORDS": "500", "INFERGRID_LOGGING_LAKE_ROLL_SECONDS": "0.3"}
     port = cassandra_session.cluster.port  # type: ignore[attr-defined]
-    first = LoggingService(run, kafka_server.bootstrap_servers, port, **settings)
-    second = LoggingService(run, kafka_server.bootstrap_servers, port, **settings)
+    first = LoggingService(run, kafka_server, port, **settings)
+    second = LoggingService(run, kafka_server, port, **settings)
     first.start()
     try:
-        producer = _producer(run, kafka_server.bootstrap_servers)
+        producer = _producer(run, kafka_server)
         producer.start()
 
         def _publish_steadily() -> None:  # ~2,000 records/s for ~10 s: the stream outlives the rebalance

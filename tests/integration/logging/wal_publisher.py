@@ -17,12 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from inference_log_publisher import make_record
+from inference_log_publisher import kafka_config, make_record
 
 
 async def main(argv: list[str]) -> None:
     from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-    from libs.kafka import KafkaConfig
 
     bootstrap, topic, spool, tag = argv[:4]
     count, concurrency = int(argv[4]), int(argv[5])
@@ -33,7 +32,7 @@ async def main(argv: list[str]) -> None:
             inference_log_spool_dir=Path(spool),
             inference_log_resend_interval_s=0.5,
         ),
-        KafkaConfig(kafka_bootstrap_servers=bootstrap),
+        kafka_config(bootstrap),
     )
     producer.start()
     print("READY", flush=True)
