@@ -37,6 +37,7 @@ from tritonclient.utils import InferenceServerException
 
 SCENARIOS: list[tuple[str, Callable[..., Any]]] = []
 HTTP_SCENARIOS: list[tuple[str, Callable[..., Any]]] = []
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def scenario(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,6 +67,13 @@ def _error(call: Callable[[], Any]) -> tuple[str, str]:
     except InferenceServerException as exc:
         return str(exc.status()), str(exc.message())
     raise AssertionError("expected an error")
+
+
+def _check_errors(cases: list[tuple[Callable[[], Any], str, str]]) -> None:
+    """Each call fails with its status and a message containing its text."""
+    for call, status, message in cases:
+        got_status, got_message = _error(call)
+        assert got_status == status and message in got_message, (status, message, got_status, got_message)
 
 
 # The "types" model's inputs; each comes back unchanged as out_<datatype>.
@@ -169,71 +177,50 @@ def every_datatype_round_trips(url: str, repo: Path, metrics: str) -> None:
 def errors_have_the_right_status_and_message(url: str, repo: Path, metrics: str) -> None:
     client = grpcclient.InferenceServerClient(url)
     x = np.ones((1, 32), np.float32)
-    cases: list[tuple[Callable[[], Any], str, str]] = []
-    cases.append(
-        (lambda: client.infer("nope", _features(x)), "StatusCode.NOT_FOUND", "model 'nope' is not found")
-    )
-    cases.append(
-        (
-            lambda: client.infer("fraud", _features(x), model_version="7"),
-            "StatusCode.NOT_FOUND",
-            "model 'fraud' version '7' is not found",
-        )
-    )
-    cases.append(
-        (lambda: client.get_model_metadata("nope"), "StatusCode.NOT_FOUND", "model 'nope' is not found")
-    )
-    cases.append((lambda: client.get_model_config("fraud", "9"), "StatusCode.NOT_FOUND", "version '9'"))
     wrong_type = grpcclient.InferInput("features", [1, 32], "FP64")
     wrong_type.set_data_from_numpy(x.astype(np.float64))
-    cases.append(
-        (
-            lambda: client.infer("fraud", [wrong_type]),
-            "StatusCode.INVALID_ARGUMENT",
-            "input 'features' of model 'fraud': datatype FP64 given, expected FP32",
-        )
-    )
     wrong_shape = grpcclient.InferInput("features", [1, 16], "FP32")
     wrong_shape.set_data_from_numpy(np.ones((1, 16), np.float32))
-    cases.append(
-        (
-            lambda: client.infer("fraud", [wrong_shape]),
-            "StatusCode.INVALID_ARGUMENT",
-            "input 'features' of model 'fraud': shape [1, 16] given, expected [-1, 32]",
-        )
-    )
     short = grpcclient.InferInput("features", [1, 32], "FP32")
     short.set_data_from_numpy(x)
     short._raw_content = x.tobytes()[:-4]  # a client that sends fewer bytes than its shape says
-    cases.append(
-        (
-            lambda: client.infer("fraud", [short]),
-            "StatusCode.INVALID_ARGUMENT",
-            "input 'features' of model 'fraud': 124 bytes of raw data given, expected 128",
-        )
-    )
     other = grpcclient.InferInput("in_fp32", [1, 3], "FP32")
     other.set_data_from_numpy(np.ones((1, 3), np.float32))
-    cases.append(
-        (lambda: client.infer("types", [other]), "StatusCode.INVALID_ARGUMENT", "missing input(s) ['in_fp16'")
-    )
-    cases.append(
+    nope = [grpcclient.InferRequestedOutput("nope")]
+    not_found, invalid = "StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT"
+    cases: list[tuple[Callable[[], Any], str, str]] = [
+        (lambda: client.infer("nope", _features(x)), not_found, "model 'nope' is not found"),
+        (
+            lambda: client.infer("fraud", _features(x), model_version="7"),
+            not_found,
+            "model 'fraud' version '7' is not found",
+        ),
+        (lambda: client.get_model_metadata("nope"), not_found, "model 'nope' is not found"),
+        (lambda: client.get_model_config("fraud", "9"), not_found, "version '9'"),
+        (
+            lambda: client.infer("fraud", [wrong_type]),
+            invalid,
+            "input 'features' of model 'fraud': datatype FP64 given, expected FP32",
+        ),
+        (
+            lambda: client.infer("fraud", [wrong_shape]),
+            invalid,
+            "input 'features' of model 'fraud': shape [1, 16] given, expected [-1, 32]",
+        ),
+        (
+            lambda: client.infer("fraud", [short]),
+            invalid,
+            "input 'features' of model 'fraud': 124 bytes of raw data given, expected 128",
+        ),
+        (lambda: client.infer("types", [other]), invalid, "missing input(s) ['in_fp16'"),
         (
             lambda: client.infer("fraud", [other]),
-            "StatusCode.INVALID_ARGUMENT",
+            invalid,
             "unexpected input 'in_fp32' for model 'fraud'; expected inputs: ['features']",
-        )
-    )
-    cases.append(
-        (
-            lambda: client.infer("fraud", _features(x), outputs=[grpcclient.InferRequestedOutput("nope")]),
-            "StatusCode.INVALID_ARGUMENT",
-            "unexpected output 'nope'",
-        )
-    )
-    for call, status, message in cases:
-        got_status, got_message = _error(call)
-        assert got_status == status and message in got_message, (status, message, got_status, got_message)
+        ),
+        (lambda: client.infer("fraud", _features(x), outputs=nope), invalid, "unexpected output 'nope'"),
+    ]
+    _check_errors(cases)
     assert client.is_server_live()
 
 
@@ -553,45 +540,18 @@ def http_errors_are_statuses_with_a_json_error(url: str, grpc_url: str, repo: Pa
             "unexpected output 'nope'",
         ),
     ]
-    for call, status, message in cases:
-        got_status, got_message = _error(call)
-        assert got_status == status and message in got_message, (status, message, got_status, got_message)
+    _check_errors(cases)
 
     # The wire itself: every error is {"error": "..."} with the status.
+    infer = "/v2/models/fraud/infer"
+    no_data = b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 32]}]}'
+    text_data = b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 2], "data": ["a", 1]}]}'
     raw_cases = [
-        (
-            "POST",
-            "/v2/models/fraud/infer",
-            b"{not json",
-            {},
-            400,
-            "inference request: the body is not valid JSON",
-        ),
-        ("POST", "/v2/models/fraud/infer", b'{"inputs": 3}', {}, 400, "inputs: expected a non-empty array"),
-        (
-            "POST",
-            "/v2/models/fraud/infer",
-            b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 32]}]}',
-            {},
-            400,
-            "input 'features': no data",
-        ),
-        (
-            "POST",
-            "/v2/models/fraud/infer",
-            b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 2], "data": ["a", 1]}]}',
-            {},
-            400,
-            "input 'features': 'data' holds str values",
-        ),
-        (
-            "POST",
-            "/v2/models/fraud/infer",
-            b'{"inputs": []}',
-            {"Inference-Header-Content-Length": "999"},
-            400,
-            "Inference-Header-Content-Length",
-        ),
+        ("POST", infer, b"{not json", {}, 400, "inference request: the body is not valid JSON"),
+        ("POST", infer, b'{"inputs": 3}', {}, 400, "inputs: expected a non-empty array"),
+        ("POST", infer, no_data, {}, 400, "input 'features': no data"),
+        ("POST", infer, text_data, {}, 400, "input 'features': 'data' holds str values"),
+        ("POST", infer, b'{"inputs": []}', {HEADER_LENGTH: "999"}, 400, HEADER_LENGTH),
         ("POST", "/v2/models/nope/infer", b'{"inputs": []}', {}, 404, "model 'nope' is not found"),
         ("GET", "/v2/models/nope/ready", None, {}, 503, "model 'nope' is not ready"),
         ("GET", "/v2/no/such/route", None, {}, 404, "Not Found"),
