@@ -3,11 +3,13 @@
 Writers (`varint`, `tag`, `frame`) serve the hot paths that pre-frame message parts instead of building
 messages field by field (the gateway's log records, the feature service's responses); tags come from the
 generated descriptors, and `libs/tests/test_wire.py` checks the bytes against `SerializeToString`.
-Readers: `read_varint`, and `wire_problem`, which names the first field of a body that does not parse
+Readers: `read_varint`, `length_delimited` (a message's top-level length-delimited fields), and `wire_problem`, which names the first field of a body that does not parse
 (protobuf's own DecodeError says only "Error parsing message"; a caller needs the field).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -68,6 +70,30 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, pos
         shift += 7
+
+
+def length_delimited(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each top-level length-delimited field of `data`, in wire order; other
+    fields are skipped, not parsed. Raises ValueError, after yielding what came before, where `data` is cut
+    short or holds a group."""
+    pos = 0
+    while pos < len(data):
+        key, pos = read_varint(data, pos)
+        wire_type = key & 7
+        if wire_type == _VARINT:
+            _, pos = read_varint(data, pos)
+        elif wire_type == _I64:
+            pos += 8
+        elif wire_type == _I32:
+            pos += 4
+        elif wire_type == _LEN:
+            size, pos = read_varint(data, pos)
+            yield key >> 3, pos, pos + size
+            pos += size
+        else:
+            raise ValueError(f"wire type {wire_type} is not supported here")
+        if pos > len(data):
+            raise _Truncated
 
 
 def _expected_wire_type(field: FieldDescriptor) -> int:

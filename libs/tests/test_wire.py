@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2
 from infergrid.features.v1 import features_pb2
 from infergrid.logging.v1 import logging_pb2
 from infergrid.types.v1 import value_pb2
-from libs.wire import frame, read_varint, tag, varint, wire_problem
+from libs.wire import frame, length_delimited, read_varint, tag, varint, wire_problem
 
 Vector = features_pb2.GetOnlineFeaturesResponse.FeatureVector
 _INT64_CASES = [0, 1, 127, 128, 300, 16383, 16384, 2**31, 2**63 - 1, -1, -300, -(2**63)]
@@ -58,3 +58,22 @@ def test_fixed32_and_map_entry_tags() -> None:
     built = frame(tag(field), frame(tag(entry["key"]), b"age") + frame(tag(entry["value"]), value))
     assert built == record.SerializeToString()
     assert wire_problem(logging_pb2.InferenceLogRecord.DESCRIPTOR, built) == ""
+
+
+def test_length_delimited_yields_the_top_level_strings_and_skips_the_rest() -> None:
+    parts = [
+        value_pb2.Value(float_value=1.5),
+        value_pb2.Value(string_value="ab"),
+        value_pb2.Value(double_value=2.5),
+        value_pb2.Value(int64_value=-7),
+        value_pb2.Value(bytes_value=b"\x00c"),
+    ]
+    data = b"".join(p.SerializeToString() for p in parts)  # one message, its fields in this order
+    number = value_pb2.Value.DESCRIPTOR.fields_by_name
+    got = [(n, data[start:end]) for n, start, end in length_delimited(data)]
+    assert got == [(number["string_value"].number, b"ab"), (number["bytes_value"].number, b"\x00c")]
+    seen = []
+    with pytest.raises(ValueError):
+        for n, _, _ in length_delimited(data[:-1]):  # the last field cut short: yielded, then refused
+            seen.append(n)
+    assert seen == [number["string_value"].number, number["bytes_value"].number]

@@ -25,7 +25,7 @@ from libs.admission import (
 from libs.apikeys import ApiKey
 from libs.errors import PermissionDenied, Unauthenticated
 from libs.platform import PlatformConfig
-from libs.wire import read_varint
+from libs.wire import length_delimited
 
 __all__ = ["KEY_NAME_HEADER", "MODEL_HEADER", "TENANT_HEADER", "TIER_HEADER", "Authorizer", "Decision"]
 _REST_PATH = re.compile(r"^/v1/models/(?P<model>[^/:?]+):|^/v2/models/(?P<v2model>[^/?]+)")
@@ -69,28 +69,12 @@ def read_grpc_body(body: bytes) -> tuple[str, int] | None:
         return None
     model = ""
     rows = 0
-    pos = 0
     try:
-        while pos < len(message):
-            tag, pos = read_varint(message, pos)
-            number, wire = tag >> 3, tag & 7
-            if wire == 0:
-                _, pos = read_varint(message, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                size, pos = read_varint(message, pos)
-                if number == 1:
-                    model = message[pos : pos + size].decode()
-                elif number == 3:
-                    rows += 1
-                pos += size
-            else:
-                return None
-            if pos > len(message):
-                return None
+        for number, start, end in length_delimited(message):
+            if number == 1:
+                model = message[start:end].decode()
+            elif number == 3:
+                rows += 1
     except (ValueError, UnicodeDecodeError):
         return None
     return model, rows  # model "" when absent: the gateway answers INVALID_ARGUMENT naming the field

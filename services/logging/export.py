@@ -38,7 +38,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from infergrid.logging.v1 import logging_pb2
-from libs.wire import read_varint
+from libs.wire import length_delimited, read_varint
 from services.logging import lake
 
 REQUEST_ID = "request_id"
@@ -463,25 +463,11 @@ def _utc_times(column: pa.ChunkedArray, name: str, path: Path) -> pa.ChunkedArra
 def _wire_feature_order(payload: bytes) -> list[str]:
     """The feature names of a serialized record in wire order: the gateway writes them in the model's order."""
     names: list[str] = []
-    position, end = 0, len(payload)
     try:
-        while position < end:
-            tag, position = read_varint(payload, position)
-            number, wire_type = tag >> 3, tag & 7
-            if wire_type == 0:
-                _, position = read_varint(payload, position)
-            elif wire_type == 1:
-                position += 8
-            elif wire_type == 5:
-                position += 4
-            elif wire_type == 2:
-                length, position = read_varint(payload, position)
-                if number == _RECORD_FEATURES_FIELD and payload[position] == 0x0A:  # entry.key comes first
-                    size, start = read_varint(payload, position + 1)
-                    names.append(payload[start : start + size].decode())
-                position += length
-            else:
-                return names
+        for number, position, _ in length_delimited(payload):
+            if number == _RECORD_FEATURES_FIELD and payload[position] == 0x0A:  # entry.key comes first
+                size, start = read_varint(payload, position + 1)
+                names.append(payload[start : start + size].decode())
     except (IndexError, ValueError, UnicodeDecodeError):
         return names
     return names
