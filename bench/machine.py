@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from libs.testing import REPO_ROOT
 
 
 def _cpu_model() -> str:
+    """The model name from /proc/cpuinfo (psutil does not report it)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -20,16 +23,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _mem_total_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
 
 
 def load_average() -> list[float]:
@@ -46,7 +39,7 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "cpu_model": _cpu_model(),
-        "memory_gib": _mem_total_gib(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "load_average_at_start": load_average(),
