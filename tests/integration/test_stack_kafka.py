@@ -180,7 +180,7 @@ def test_librdkafka_debug_output_never_holds_the_password(kafka_server: Kafka) -
 
 
 @pytest.mark.usefixtures("log_topics")
-def test_a_producer_refused_by_the_acls_keeps_its_records_and_says_so(
+def test_a_producer_refused_by_the_acls_keeps_its_records_until_it_may_write(
     kafka_server: Kafka, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = InferenceLogConfig(
@@ -207,3 +207,11 @@ def test_a_producer_refused_by_the_acls_keeps_its_records_and_says_so(
     finally:
         producer.close()
     assert any((tmp_path / "spool").iterdir())
+    # Fixed (the gateway's user, whose idempotent producer needs only Write): the spooled records go.
+    fixed = InferenceLogProducer(config, kafka_server.kafka_config("gateway"))
+    try:
+        fixed.start()
+        assert fixed.drain_spool(60), fixed.stats()
+        assert fixed.stats().resent == 3
+    finally:
+        fixed.close()
