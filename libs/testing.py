@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +110,30 @@ async def assert_serves(host_port: str, service: str) -> None:
         names = await reflected_services(channel)
     assert service in names, f"{service} not listed by reflection: {sorted(names)}"
     assert "grpc.health.v1.Health" in names
+
+
+@dataclass
+class HttpAnswer:
+    status: int
+    headers: dict[str, str]
+    body: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_call(
+    url: str, body: bytes | str | None, headers: Mapping[str, str] | None = None, method: str = "POST"
+) -> HttpAnswer:
+    """One HTTP request with a JSON content type; its answer whatever the status."""
+    data = body.encode() if isinstance(body, str) else body
+    headers = {"content-type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return HttpAnswer(answer.status, dict(answer.headers.items()), answer.read().decode())
+    except urllib.error.HTTPError as err:
+        return HttpAnswer(err.code, dict(err.headers.items()), err.read().decode())
 
 
 def assert_bad_config_exits(module: str, variable: str, value: str) -> None:

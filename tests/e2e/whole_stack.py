@@ -11,11 +11,8 @@ admission (API keys, rate limits) in the gateway as in deploy/local/platform.yam
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +23,7 @@ import grpc
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from libs.testing import HttpAnswer, http_call
 from services.edge.keys import add_key
 from stack.cassandra import Cassandra
 from stack.component import Component
@@ -67,16 +65,6 @@ models:
     versions: [{{version: "1", weight: 100}}]
 """
 PLATFORM_DEFAULTS: dict[str, Any] = {"max_bytes": 131072, "w1": 90, "w2": 10, "shadow": ""}
-
-
-@dataclass
-class HttpAnswer:
-    status: int
-    headers: dict[str, str]
-    body: str
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 @dataclass
@@ -129,18 +117,7 @@ class Stack:
         return self.stub().Predict(request, metadata=metadata, timeout=timeout)
 
     def http(self, path: str, body: bytes | str, headers: Mapping[str, str] | None = None) -> HttpAnswer:
-        data = body.encode() if isinstance(body, str) else body
-        request = urllib.request.Request(
-            f"http://{self.target}{path}",
-            data=data,
-            method="POST",
-            headers={"content-type": "application/json", **(headers or {})},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                return HttpAnswer(answer.status, dict(answer.headers.items()), answer.read().decode())
-        except urllib.error.HTTPError as err:
-            return HttpAnswer(err.code, dict(err.headers.items()), err.read().decode())
+        return http_call(f"http://{self.target}{path}", body, headers)
 
     def envoy_config_dump(self) -> str:
         envoy = self.components["envoy"]

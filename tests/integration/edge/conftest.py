@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import pytest
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs.checkout import checkout_env
+from libs.testing import HttpAnswer, http_call
 from services.edge.keys import add_key
 from stack.config import REPO_ROOT
 from stack.envoy import Envoy
@@ -112,16 +111,6 @@ def _wait_serving(process: Process, service: str = "", timeout: float = 30.0) ->
 
 
 @dataclass
-class HttpAnswer:
-    status: int
-    headers: dict[str, str]
-    body: str
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
 class EdgeStack:
     """The running edge: where to call it, its keys, and handles to change or break it."""
 
@@ -191,18 +180,7 @@ class EdgeStack:
     def http(
         self, path: str, body: bytes | str, headers: Mapping[str, str] | None = None, method: str = "POST"
     ) -> HttpAnswer:
-        data = body.encode() if isinstance(body, str) else body
-        request = urllib.request.Request(
-            f"http://{self.target}{path}",
-            data=data,
-            method=method,
-            headers={"content-type": "application/json", **(headers or {})},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                return HttpAnswer(answer.status, dict(answer.headers.items()), answer.read().decode())
-        except urllib.error.HTTPError as err:
-            return HttpAnswer(err.code, dict(err.headers.items()), err.read().decode())
+        return http_call(f"http://{self.target}{path}", body, headers, method)
 
     def config_dump(self) -> dict[str, Any]:
         answer = http_get(f"{self.envoy.admin_url}/config_dump", timeout_s=5)
