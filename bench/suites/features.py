@@ -40,6 +40,7 @@ from bench.tools import ensure_debian, ensure_venv, say
 from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc as pb_grpc
 from infergrid.types.v1 import value_pb2
+from stack.cassandra import ADMIN_ROLE, admin_auth, admin_env
 
 CALL = "infergrid.features.v1.FeatureService.GetOnlineFeatures"
 VIEW = "bench_user"
@@ -116,6 +117,7 @@ def start_ours(run: Run, name: str, *, cache: bool, redis_url: str, cassandra_po
     env = service_env("INFERGRID_FEATURES_", port, {
         "INFERGRID_FEATURES_CASSANDRA_PORT": str(cassandra_port),
         "INFERGRID_FEATURES_CASSANDRA_KEYSPACE": "bench",
+        **admin_env(run.backends.config, "INFERGRID_FEATURES_CASSANDRA"),  # a keyspace of its own
         "INFERGRID_FEATURES_CASSANDRA_WRITE_CONSISTENCY": "ONE",
         "INFERGRID_FEATURES_REDIS_URL": redis_url,
         "INFERGRID_FEATURES_CACHE_ENABLED": "true" if cache else "false",
@@ -132,7 +134,8 @@ FEAST_KEYSPACE = "feast_bench"
 # Feast's online store blocks, by store; `port` is the store's loopback port.
 FEAST_STORES = {
     "redis": '  type: redis\n  connection_string: "127.0.0.1:{port}"',
-    "cassandra": f'  type: cassandra\n  hosts: ["127.0.0.1"]\n  port: {{port}}\n  keyspace: {FEAST_KEYSPACE}',
+    "cassandra": f'  type: cassandra\n  hosts: ["127.0.0.1"]\n  port: {{port}}\n  keyspace: {FEAST_KEYSPACE}\n'
+    f"  username: {ADMIN_ROLE}\n  password: {{password}}",
 }
 FEAST_STORE_NAMES = {"redis": "Redis", "cassandra": "Cassandra"}
 FEAST_YAML = """project: bench
@@ -178,11 +181,13 @@ end
 """
 
 
-def create_feast_keyspace(port: int) -> None:
+def create_feast_keyspace(run: Run, port: int) -> None:
     """Feast's Cassandra store needs its keyspace to exist already (it creates only the tables)."""
     from cassandra.cluster import Cluster
 
-    cluster = Cluster(["127.0.0.1"], port=port, connect_timeout=10)
+    cluster = Cluster(
+        ["127.0.0.1"], port=port, auth_provider=admin_auth(run.backends.config), connect_timeout=10
+    )
     try:
         cluster.connect().execute(
             f"CREATE KEYSPACE IF NOT EXISTS {FEAST_KEYSPACE} "
@@ -203,8 +208,10 @@ def setup_feast(
     repo = run.work_dir / f"feast_repo_{store}"
     (repo / "data").mkdir(parents=True, exist_ok=True)
     if store == "cassandra":
-        create_feast_keyspace(store_port)
-    online_store = FEAST_STORES[store].format(port=store_port)
+        create_feast_keyspace(run, store_port)
+    password = admin_auth(run.backends.config).password if store == "cassandra" else ""
+    online_store = FEAST_STORES[store].format(port=store_port, password=password)
+    (repo / "feature_store.yaml").touch(mode=0o600)  # Feast logs in to Cassandra as the administrator
     (repo / "feature_store.yaml").write_text(FEAST_YAML.format(online_store=online_store))
     (repo / "features.py").write_text(FEAST_DEFS)
     table = {"user_id": pa.array(np.arange(N_USERS, dtype=np.int64)),

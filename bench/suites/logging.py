@@ -48,6 +48,7 @@ from bench.suites.common import service_env, wait_grpc_serving
 from bench.tools import ensure_venv, say
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs.checkout import python_path
+from stack.cassandra import admin_env as cassandra_admin_env
 from stack.kafka import credential_env
 
 TOPIC = "bench.inference-log.v1"
@@ -97,6 +98,7 @@ def _start(run: Run, key: str, label: str, root: Path, *, kafka: Any, cassandra:
         "INFERGRID_LOGGING_LAKE_DIR": str(run.work_dir / f"lake-{key}"),
         "INFERGRID_LOGGING_CASSANDRA_PORT": str(cassandra.port),
         "INFERGRID_LOGGING_CASSANDRA_KEYSPACE": f"bench_logging_{key.replace('-', '_')}",
+        **cassandra_admin_env(cassandra.config, "INFERGRID_LOGGING_CASSANDRA"),  # a keyspace of its own
         "INFERGRID_LOGGING_CASSANDRA_WRITE_CONSISTENCY": "ONE",
         "INFERGRID_LOGGING_QUERY_ADMIN_TOKEN": ADMIN_TOKEN,
     })  # fmt: skip

@@ -8,7 +8,9 @@ logging service's pipeline on a fresh topic, consumer group and lake; reports re
 the first publish until the last record is in Cassandra, and until it is in Parquet files. Prints one
 JSON object. The producer and consumer share this process (and its GIL): a conservative set-up.
 Kafka credentials come from the service's variables (INFERGRID_LOGGING_KAFKA_SASL_USERNAME,
-INFERGRID_LOGGING_KAFKA_SASL_PASSWORD_FILE, ...): a user that may create topics (the stack's `admin`).
+INFERGRID_LOGGING_KAFKA_SASL_PASSWORD_FILE, ...): a user that may create topics (the stack's `admin`);
+Cassandra's likewise (INFERGRID_LOGGING_CASSANDRA_USERNAME, ..._PASSWORD_FILE): a role that may create the
+keyspace `logging_bench`.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         server=LoggingServerConfig(port=0),
         pipeline=pipeline,
         kafka=kafka,
-        cassandra=CassandraConfig(
+        cassandra=dataclasses.replace(
+            load_config(CassandraConfig, os.environ, ENV_PREFIX),
             cassandra_contact_points=(args.cassandra_host,),
             cassandra_port=args.cassandra_port,
             cassandra_keyspace="logging_bench",
