@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from libs.checkout import REPO_ROOT, checkout_env
+from libs.server import Server
 
 
 def free_port() -> int:
@@ -101,9 +102,17 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     proc.wait(timeout=timeout)
 
 
-async def assert_serves(host_port: str, service: str) -> None:
-    """Asserts the server at `host_port` reports SERVING for `service` and lists it by reflection."""
-    async with grpc.aio.insecure_channel(host_port) as channel:
+async def assert_serves(target: str | Server, service: str) -> None:
+    """Asserts the server at `target` (host:port, or a built Server, started here and stopped after) reports
+    SERVING for `service` and lists it by reflection."""
+    if isinstance(target, Server):
+        await target.start()
+        try:
+            await assert_serves(f"127.0.0.1:{target.port}", service)
+        finally:
+            await target.stop(0, 0.5)
+        return
+    async with grpc.aio.insecure_channel(target) as channel:
         for name in ("", service):
             status = await health_status(channel, name)
             assert status == health_pb2.HealthCheckResponse.SERVING, f"health of {name!r} is {status}"

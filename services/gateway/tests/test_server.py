@@ -8,14 +8,8 @@ from services.gateway.server import SERVICE_NAME, create_server
 
 
 async def test_serves_health_and_reflection() -> None:
-    server = await create_server(
-        GatewayConfig(server=GatewayServerConfig(port=0), inference_log_enabled=False)
-    )
-    await server.start()
-    try:
-        await assert_serves(f"127.0.0.1:{server.port}", SERVICE_NAME)
-    finally:
-        await server.stop(0, 0.5)
+    config = GatewayConfig(server=GatewayServerConfig(port=0), inference_log_enabled=False)
+    await assert_serves(await create_server(config), SERVICE_NAME)
 
 
 def test_malformed_port_exits_naming_the_variable() -> None:

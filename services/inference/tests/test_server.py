@@ -74,14 +74,8 @@ async def _error(call: object) -> tuple[grpc.StatusCode, str]:
 
 
 async def test_serves_health_and_reflection() -> None:
-    server = await create_server(
-        InferenceConfig(server=InferenceServerConfig(port=0), http=HttpConfig(http_port=0))
-    )
-    await server.start()
-    try:
-        await assert_serves(f"127.0.0.1:{server.port}", SERVICE_NAME)
-    finally:
-        await server.stop(0, 0.5)
+    config = InferenceConfig(server=InferenceServerConfig(port=0), http=HttpConfig(http_port=0))
+    await assert_serves(await create_server(config), SERVICE_NAME)
 
 
 def test_malformed_port_exits_naming_the_variable() -> None:

@@ -74,12 +74,7 @@ def _range(start_us: int, end_us: int, **kwargs: object) -> logging_pb2.QueryRec
 
 async def test_serves_health_and_reflection() -> None:
     config = LoggingConfig(server=LoggingServerConfig(port=0), pipeline=PipelineConfig(consume=False))
-    server = await create_server(config, store=MemoryLogStore())
-    await server.start()
-    try:
-        await assert_serves(f"127.0.0.1:{server.port}", SERVICE_NAME)
-    finally:
-        await server.stop(0, 0.5)
+    await assert_serves(await create_server(config, store=MemoryLogStore()), SERVICE_NAME)
 
 
 def test_malformed_port_exits_naming_the_variable() -> None:
