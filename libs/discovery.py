@@ -47,7 +47,7 @@ class HostPort:
 
     @property
     def is_ip(self) -> bool:
-        return _is_ip(self.host)
+        return is_ip_literal(self.host)
 
     def address(self, ip: str | None = None) -> str:
         """`host:port` (`ip` instead of the host when given), IPv6 in brackets."""
@@ -71,7 +71,8 @@ class FileTarget:
 Target = HostPort | FileTarget
 
 
-def _is_ip(host: str) -> bool:
+def is_ip_literal(host: str) -> bool:
+    """True when `host` is an IPv4 or IPv6 address, not a name."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -94,7 +95,7 @@ def parse_host_port(text: str) -> HostPort:
     host = host.strip("[]") if host.startswith("[") else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise TargetError(f"expected host:port, got {text!r}")
-    if ":" in host and not _is_ip(host):
+    if ":" in host and not is_ip_literal(host):
         raise TargetError(f"expected host:port, got {text!r}")
     return HostPort(host, int(port))
 

@@ -8,7 +8,6 @@ plane, rather than in Envoy.
 from __future__ import annotations
 
 import base64
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from libs.discovery import is_ip_literal
 from libs.platform import PlatformConfig
 from services.controlplane.config import EnvoySettings
 
@@ -188,14 +188,6 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _socket_address(address: str) -> dict[str, Any]:
     host, port = _split(address)
     return {"socket_address": {"address": host, "port_value": port}}
@@ -206,7 +198,7 @@ def _static_cluster(name: str, address: str, timeout_ms: int = 1000) -> dict[str
     host, _ = _split(address)
     return {
         "name": name,
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "type": "STATIC" if is_ip_literal(host) else "STRICT_DNS",
         "connect_timeout": _ms(timeout_ms),
         "typed_extension_protocol_options": _HTTP2,
         "circuit_breakers": {
