@@ -1,11 +1,12 @@
 """The transport limit: a gRPC server answering KServe v2 ModelInfer with a fixed, valid response, computing nothing.
 
-    python -m bench.servers.echo --mode aio|sync|predict|predict-sync --port PORT
+    python -m bench.servers.echo --mode aio|sync|predict|predict-sync|predict-hop --port PORT
 
 `aio`: one grpc.aio server on the default asyncio loop; `sync`: grpc.server with a ThreadPoolExecutor(10);
 `predict`: grpc.aio answering infergrid.gateway.v1.PredictionService/Predict with a fixed PredictResponse and
 serving grpc.health.v1 (Envoy health-checks its upstream): the stand-in for the gateway behind Envoy;
-`predict-sync`: the same on grpc.server with a ThreadPoolExecutor(10).
+`predict-sync`: the same on grpc.server with a ThreadPoolExecutor(10); `predict-hop`: the same, each
+answer taken from a coroutine on an asyncio loop thread.
 Both use a generic handler without (de)serializers, so the request bytes are never parsed and the
 response is pre-serialized: what is left is gRPC's own per-call cost. The response is what the inference
 service answers for one row of the demo `fraud` model (output `fraud_probability`, FP32 [1, 1]).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
 from concurrent import futures
 
 import grpc
@@ -96,13 +98,28 @@ def serve_sync(port: int) -> None:
     server.wait_for_termination()
 
 
-def serve_predict_sync(port: int) -> None:
-    """`predict` on a threaded grpc.server (what a threaded gateway transport would cost behind Envoy)."""
+def serve_predict_sync(port: int, hop: bool = False) -> None:
+    """`predict` on a threaded grpc.server (what a threaded gateway transport would cost behind Envoy).
+
+    With `hop`, each call's answer comes from a coroutine on an asyncio loop in another thread (what a
+    threaded transport in front of the gateway's asyncio pipeline would add: two cross-thread wake-ups).
+    """
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     answer = predict_response_bytes()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=10))
-    method = grpc.unary_unary_rpc_method_handler(lambda request, context: answer)
+    if hop:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+        async def on_loop() -> bytes:
+            return answer
+
+        method = grpc.unary_unary_rpc_method_handler(
+            lambda request, context: asyncio.run_coroutine_threadsafe(on_loop(), loop).result()
+        )
+    else:
+        method = grpc.unary_unary_rpc_method_handler(lambda request, context: answer)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(PREDICT_SERVICE, {"Predict": method}),)
     )
@@ -117,15 +134,17 @@ def serve_predict_sync(port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("aio", "sync", "predict", "predict-sync"), required=True)
+    parser.add_argument(
+        "--mode", choices=("aio", "sync", "predict", "predict-sync", "predict-hop"), required=True
+    )
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     if args.mode == "aio":
         asyncio.run(serve_aio(args.port))
     elif args.mode == "predict":
         asyncio.run(serve_predict(args.port))
-    elif args.mode == "predict-sync":
-        serve_predict_sync(args.port)
+    elif args.mode in ("predict-sync", "predict-hop"):
+        serve_predict_sync(args.port, hop=args.mode == "predict-hop")
     else:
         serve_sync(args.port)
 

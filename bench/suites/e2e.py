@@ -540,22 +540,25 @@ def body(run: Run, suite: Suite) -> None:
     for c in s.e2e_concurrency:
         run.measure(suite, system="Envoy → echo (HTTP/JSON)", key="envoy-echo-json",
                     protocol="HTTP/JSON", tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, None))  # fmt: skip
-    # The same fixed answer from a threaded grpc.server: what another transport would buy the gateway (item 1).
-    run.procs.stop(echo)
-    chain.servers.remove(echo)
-    echo_port = free_port()
-    echo = run.procs.start("e2e-echo-sync", [sys.executable, "-m", "bench.servers.echo", "--mode", "predict-sync",
-                                             "--port", str(echo_port)], env=repo_env(), cpus=cpus)  # fmt: skip
-    wait_grpc_serving(echo, echo_port, timeout=30)
-    platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=echo_port))
-    wait_echo(target, key, timeout=30)
-    chain.servers.append(echo)
-    for c in s.e2e_concurrency:
-        run.measure(suite, system="Envoy → threaded echo (gRPC)", key="envoy-echo-sync-grpc", protocol="gRPC",
-                    tool="h2load", params={"concurrency": c}, rep=grpc_rep(chain.cpu, frame, c, None))  # fmt: skip
-    for c in s.e2e_concurrency:
-        run.measure(suite, system="Envoy → threaded echo (HTTP/JSON)", key="envoy-echo-sync-json",
-                    protocol="HTTP/JSON", tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, None))  # fmt: skip
+    # The same fixed answer from a threaded grpc.server: what another transport would buy the gateway (item 1);
+    # `hop`: each answer from a coroutine on a loop thread, as the gateway's asyncio pipeline would need.
+    for mode, label in (("sync", "threaded echo"), ("hop", "threaded echo via a loop thread")):
+        run.procs.stop(echo)
+        chain.servers.remove(echo)
+        echo_port = free_port()
+        echo = run.procs.start(f"e2e-echo-{mode}", [sys.executable, "-m", "bench.servers.echo", "--mode",
+                                                    f"predict-{mode}", "--port", str(echo_port)], env=repo_env(),
+                               cpus=cpus)  # fmt: skip
+        wait_grpc_serving(echo, echo_port, timeout=30)
+        platform.write_text(PLATFORM.format(envoy_port=envoy_port, upstream_port=echo_port))
+        wait_echo(target, key, timeout=30)
+        chain.servers.append(echo)
+        for c in s.e2e_concurrency:
+            run.measure(suite, system=f"Envoy → {label} (gRPC)", key=f"envoy-echo-{mode}-grpc", protocol="gRPC",
+                        tool="h2load", params={"concurrency": c}, rep=grpc_rep(chain.cpu, frame, c, None))  # fmt: skip
+        for c in s.e2e_concurrency:
+            run.measure(suite, system=f"Envoy → {label} (HTTP/JSON)", key=f"envoy-echo-{mode}-json",
+                        protocol="HTTP/JSON", tool="wrk", params={"concurrency": c}, rep=json_rep(chain.cpu, c, None))  # fmt: skip
     for server in list(chain.servers):
         run.procs.stop(server)
     envoy.stop()
