@@ -81,19 +81,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, http_port: int) -> Iterator
 @pytest.fixture(scope="module")
 def results(server: tuple[subprocess.Popen[bytes], int, int, Path]) -> dict[str, str]:
     _proc, port, metrics_port, repo = server
+    return _scenarios("check", f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", str(repo))
+
+
+def _scenarios(*args: str) -> dict[str, str]:
+    """Runs triton_client.py with `args` in its own process; its scenario -> "ok" or traceback."""
     run = subprocess.run(
-        [
-            sys.executable,
-            str(CLIENT),
-            "check",
-            f"127.0.0.1:{port}",
-            f"http://127.0.0.1:{metrics_port}/metrics",
-            str(repo),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+        [sys.executable, str(CLIENT), *args], capture_output=True, text=True, timeout=180, check=False
     )
     assert run.returncode == 0, f"tritonclient side crashed:\n{run.stdout}\n{run.stderr}"
     return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -103,15 +97,7 @@ def results(server: tuple[subprocess.Popen[bytes], int, int, Path]) -> dict[str,
 def http_results(server: Served, http_port: int, results: dict[str, str]) -> dict[str, str]:
     """The HTTP and shared memory scenarios, after the gRPC ones (they reload models and change settings)."""
     _proc, port, _metrics_port, repo = server
-    run = subprocess.run(
-        [sys.executable, str(CLIENT), "check-http", f"127.0.0.1:{http_port}", f"127.0.0.1:{port}", str(repo)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert run.returncode == 0, f"tritonclient side crashed:\n{run.stdout}\n{run.stderr}"
-    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return _scenarios("check-http", f"127.0.0.1:{http_port}", f"127.0.0.1:{port}", str(repo))
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
