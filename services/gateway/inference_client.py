@@ -165,7 +165,13 @@ class StreamingModelClient:
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float) -> pb.ModelInferResponse:
         async def _on(endpoint: Endpoint) -> pb.ModelInferResponse:
-            return await self._stream(endpoint).call(request, deadline)
+            try:
+                return await self._stream(endpoint).call(request, deadline)
+            except Draining:
+                # Refused by design, not failed: the pool ejects it, but for its first period only, so a
+                # replica restarted at the same address gets traffic back soon after it serves again.
+                endpoint.failures = 0
+                raise
 
         return await self._pool.call(_on, _MODEL_STREAM_INFER)
 

@@ -251,6 +251,12 @@ async def test_a_sigtermed_preferred_pool_finishes_its_batches_and_new_ones_fail
             assert answer.inference_pool == "cpu"
         assert pools.gpu.poll() is None
         assert _failovers("draining") - before == 40
+        await pools.start_gpu()  # the replica restarted at the same address: traffic returns to it
+        back = time.monotonic()
+        await _back_on_gpu(stub)
+        print(
+            f"\ntraffic back on the restarted gpu pool {time.monotonic() - back:.1f} s after it served again"
+        )
     stop_process(pools.gpu)
 
 
