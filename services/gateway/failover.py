@@ -14,8 +14,9 @@ preferred pool that is usable and fails over, for that batch only, to the next o
 - `overloaded`: the pool answered RESOURCE_EXHAUSTED (its queue is full): load shed by a saturated pool
   is served by the next one instead of being an error, as long as there is a next one (when every pool
   fails, a refusal with its retry hint is the answer rather than a later pool's UNAVAILABLE);
-- `queue_delay`: the pool's expected answer time is longer than the time the batch has left while a later
-  pool's fits (see `AnswerTimeEstimate`). A pool skipped so is re-measured by probes: at most one at a
+- `queue_delay`: the pool's expected answer time is more than `1 / QUEUE_DELAY_MARGIN` of the time the
+  batch has left while a later pool's fits (see `AnswerTimeEstimate`; an average answer time leaves no
+  room for the slower answers). A pool skipped so is re-measured by probes: at most one at a
   time and one per `PROBE_INTERVAL_S`, a copy of a skipped batch is sent to it with twice its expected
   answer time to answer in, and its answer time becomes the estimate (or, out of time, doubles it); the
   batch itself is served by the next pool, so no caller waits on a probe.
@@ -69,6 +70,7 @@ QUEUE_DELAY = "queue_delay"
 
 Clock = Callable[[], float]
 PROBE_INTERVAL_S = 0.5
+QUEUE_DELAY_MARGIN = 2.0
 
 
 class Scores(dict[str, np.ndarray]):
@@ -147,7 +149,7 @@ class PoolClient:
         now = time.monotonic()  # the endpoints' ejections are on the real clock
         if not any(e.healthy(now) for e in live):
             return DOWN
-        if self.estimate.value() > left:
+        if self.estimate.value() * QUEUE_DELAY_MARGIN > left:
             return QUEUE_DELAY
         return ""
 
