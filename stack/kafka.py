@@ -86,7 +86,8 @@ def credential_env(config: StackConfig, user: str, variable_prefix: str) -> dict
 def _quiet() -> logging.Logger:
     """A logger that drops librdkafka's messages (the probes' refused connections while starting)."""
     quiet = logging.getLogger("stack.kafka.probe")
-    quiet.addHandler(logging.NullHandler())
+    if not quiet.handlers:  # once: the probe runs every poll
+        quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
     return quiet
 
