@@ -20,64 +20,28 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cassandra.cluster import Cluster
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from inference_log_publisher import PUBLISHER_PREFIX
-from test_logging_pipeline import (
+from logging_harness import (
     LoggingService,
     Run,
-    _assert_exactly_once,
-    _cassandra_ids,
-    _lake_ids,
-    _wait_for,
+    assert_exactly_once,
+    cassandra_ids,
+    lake_ids,
+    wait_for,
 )
 
 from infergrid.logging.v1 import logging_pb2
 from libs.testing import REPO_ROOT
 from stack.kafka import Kafka, credential_env
-from stack.ports import find_free_ports
 
 pytestmark = pytest.mark.integration
 
 HELPER = Path(__file__).with_name("wal_publisher.py")
-
-
-@pytest.fixture
-def own_kafka(stack: object) -> Iterator[Kafka]:
-    """A Kafka broker of this test's own, free to be stopped and started without disturbing the others."""
-    broker, controller = find_free_ports(stack.config.host, 2)  # type: ignore[attr-defined]
-    kafka = Kafka(
-        stack.config,  # type: ignore[attr-defined]
-        name=f"kafka-wal-{os.getpid()}",
-        ports={"kafka": broker, "kafka_controller": controller},
-    )
-    stack.ensure(kafka)  # type: ignore[attr-defined]
-    try:
-        yield kafka
-    finally:
-        stack.release(kafka)  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def pipeline(tmp_path: Path) -> Run:
-    """Topic, consumer group, keyspace and lake names of the sink test."""
-    return Run(tmp_path)
-
-
-@pytest.fixture
-def session(cassandra_server: object) -> Iterator[object]:
-    cluster = Cluster(
-        cassandra_server.contact_points,  # type: ignore[attr-defined]
-        port=cassandra_server.port,  # type: ignore[attr-defined]
-        auth_provider=cassandra_server.auth_provider,  # type: ignore[attr-defined]
-    )
-    yield cluster.connect()
-    cluster.shutdown()
 
 
 class Publisher:
@@ -221,33 +185,33 @@ def test_sigkill_with_kafka_up_loses_no_answered_record(own_kafka: Kafka, tmp_pa
 
 
 def test_records_of_a_sigkilled_gateway_land_exactly_once_in_cassandra_and_the_lake(
-    kafka_server: Kafka, session: object, pipeline: Run
+    kafka_server: Kafka, cassandra_session: object, run: Run
 ) -> None:
-    service = LoggingService(pipeline, kafka_server, session.cluster.port)  # type: ignore[attr-defined]
+    service = LoggingService(run, kafka_server, cassandra_session.cluster.port)  # type: ignore[attr-defined]
     service.start()  # creates the topic
     try:
-        first = Publisher(kafka_server, pipeline.topic, pipeline.spool, pipeline.tag, 1_000_000)
+        first = Publisher(kafka_server, run.topic, run.spool, run.tag, 1_000_000)
         first.wait_for(lambda: len(first.lines) > 1500, 120, "1,500 answered records")
         time.sleep(3)  # acknowledged records and deleted segments, and some not yet
         first.kill()
         answered = first.answered()
-        second = Publisher(kafka_server, pipeline.topic, pipeline.spool, f"{pipeline.tag}b", 0, "--drain")
+        second = Publisher(kafka_server, run.topic, run.spool, f"{run.tag}b", 0, "--drain")
         stats = second.finish(timeout=180)
-        in_topic = _topic_ids(kafka_server, pipeline.topic)
+        in_topic = _topic_ids(kafka_server, run.topic)
         duplicated = sum(1 for n in in_topic.values() if n > 1)
         print(f"\nsinks: answered {len(answered)}, in topic {len(in_topic)} ({duplicated} twice), "
               f"re-sent {stats['resent']}")  # fmt: skip
         assert answered <= set(in_topic)
         expected = set(in_topic)
-        _wait_for(
+        wait_for(
             lambda: (
-                set(_lake_ids(pipeline, dedupe=True)) == expected
-                and set(_cassandra_ids(session, pipeline)[0]) == expected
+                set(lake_ids(run, dedupe=True)) == expected
+                and set(cassandra_ids(cassandra_session, run)[0]) == expected
             ),
             180,
             "every record in both sinks",
             service,
         )
-        _assert_exactly_once(session, pipeline, expected, physical_lake=False)
+        assert_exactly_once(cassandra_session, run, expected, physical_lake=False)
     finally:
         service.stop()

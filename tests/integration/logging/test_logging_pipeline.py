@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
-from cassandra.cluster import Cluster
 from confluent_kafka import Consumer, Producer
 from inference_log_publisher import BASE_US, PUBLISHER_PREFIX, make_record
+from logging_harness import ADMIN, LoggingService, Run, assert_exactly_once, cassandra_ids, lake_ids, wait_for
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -32,151 +28,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs.checkout import checkout_env
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
-from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
+from libs.testing import REPO_ROOT
 from services.logging.lake import read_table, records
-from services.logging.server import SERVICE_NAME
-from stack.cassandra import admin_env as cassandra_admin_env
 from stack.jaeger import Jaeger
 from stack.kafka import Kafka, credential_env
-from stack.ports import find_free_ports
 from stack.probes import http_get
 
 pytestmark = pytest.mark.integration
 
 PUBLISHER = Path(__file__).with_name("inference_log_publisher.py")
-# The query API's operator credential (every tenant's records and GetStats; services/logging/access.py).
-ADMIN = (("authorization", "Bearer logging-pipeline-test-admin-token"),)
-
-
-@dataclass
-class Run:
-    """Names of one test's topic, group, keyspace and lake."""
-
-    tmp: Path
-    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-
-    @property
-    def topic(self) -> str:
-        return f"inference-log-{self.tag}"
-
-    @property
-    def keyspace(self) -> str:
-        return f"logging_{self.tag}"
-
-    @property
-    def lake(self) -> Path:
-        return self.tmp / "lake"
-
-    @property
-    def spool(self) -> Path:
-        return self.tmp / "spool"
-
-
-class LoggingService:
-    """`python -m services.logging` as a process, its output kept in a file."""
-
-    def __init__(self, run: Run, kafka: Kafka, cassandra_port: int, **extra: str) -> None:
-        self.port = free_port()
-        self.log_path = run.tmp / f"logging-{self.port}.log"
-        self.env = {
-            "INFERGRID_LOGGING_PORT": str(self.port),
-            "INFERGRID_LOGGING_METRICS_PORT": "0",
-            "INFERGRID_LOGGING_DRAIN_SECONDS": "0",
-            "INFERGRID_LOGGING_LOG_JSON": "false",
-            "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-            # As the administrator: the tests use topics and groups of their own.
-            **credential_env(kafka.config, "admin", "INFERGRID_LOGGING_"),
-            "INFERGRID_LOGGING_TOPIC": run.topic,
-            "INFERGRID_LOGGING_DEAD_LETTER_TOPIC": f"{run.topic}.dlq",
-            "INFERGRID_LOGGING_CONSUMER_GROUP": f"logging-{run.tag}",
-            "INFERGRID_LOGGING_TOPIC_PARTITIONS": "3",
-            "INFERGRID_LOGGING_SESSION_TIMEOUT_MS": "6000",
-            "INFERGRID_LOGGING_LAKE_DIR": str(run.lake),
-            "INFERGRID_LOGGING_LAKE_ROLL_SECONDS": "1",
-            "INFERGRID_LOGGING_CASSANDRA_PORT": str(cassandra_port),
-            # As the administrator: the tests use keyspaces of their own.
-            **cassandra_admin_env(kafka.config, "INFERGRID_LOGGING_CASSANDRA"),
-            "INFERGRID_LOGGING_CASSANDRA_KEYSPACE": run.keyspace,
-            "INFERGRID_LOGGING_CASSANDRA_WRITE_CONSISTENCY": "ONE",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": "",
-            "INFERGRID_LOGGING_QUERY_ADMIN_TOKEN": ADMIN[0][1].removeprefix("Bearer "),
-            **extra,
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = spawn_module("services.logging", self.env)
-        log = self.log_path.open("ab")
-        # Drain both pipes so a chatty service never blocks on a full pipe.
-        for stream in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=_copy, args=(stream, log), daemon=True).start()
-        asyncio.run(wait_serving(self.port, SERVICE_NAME, None, timeout=90))
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                stop_process(self.proc)
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
-
-
-def _copy(stream: object, sink: object) -> None:
-    for line in iter(stream.readline, b""):  # type: ignore[attr-defined]
-        sink.write(line)  # type: ignore[attr-defined]
-        sink.flush()  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> Run:
-    return Run(tmp_path)
-
-
-@pytest.fixture
-def cassandra_session(cassandra_server: object) -> Iterator[Cluster]:
-    cluster = Cluster(
-        cassandra_server.contact_points,  # type: ignore[attr-defined]
-        port=cassandra_server.port,  # type: ignore[attr-defined]
-        auth_provider=cassandra_server.auth_provider,  # type: ignore[attr-defined]
-    )
-    yield cluster.connect()
-    cluster.shutdown()
-
-
-def _cassandra_ids(session: object, run: Run) -> tuple[list[str], int]:
-    """Request ids in the by-request table and the row count of the by-model table."""
-    try:
-        by_request = [
-            r.request_id
-            for r in session.execute(f"SELECT request_id FROM {run.keyspace}.inference_log_by_tenant_request")
-        ]  # type: ignore[attr-defined]
-        by_model = session.execute(
-            f"SELECT count(*) FROM {run.keyspace}.inference_log_by_tenant_model"
-        ).one()[0]  # type: ignore[attr-defined]
-    except Exception:  # keyspace or table not there yet
-        return [], 0
-    return by_request, int(by_model)
-
-
-def _lake_ids(run: Run, *, dedupe: bool) -> list[str]:
-    return read_table(run.lake, dedupe=dedupe).column("request_id").to_pylist() if run.lake.exists() else []
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, service: LoggingService) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; service log:\n{service.logs()}")
 
 
 def _producer(run: Run, kafka: Kafka, **overrides: object) -> InferenceLogProducer:
@@ -190,17 +50,6 @@ def _producer(run: Run, kafka: Kafka, **overrides: object) -> InferenceLogProduc
         InferenceLogConfig(**settings),  # type: ignore[arg-type]
         kafka.kafka_config(),
     )
-
-
-def _assert_exactly_once(session: object, run: Run, expected: set[str], *, physical_lake: bool) -> None:
-    by_request, by_model = _cassandra_ids(session, run)
-    assert len(by_request) == len(expected) and set(by_request) == expected
-    assert by_model == len(expected)
-    lake = _lake_ids(run, dedupe=False)
-    assert set(lake) == expected
-    if physical_lake:
-        assert len(lake) == len(expected), "a record is in more than one lake file"
-    assert len(_lake_ids(run, dedupe=True)) == len(expected)
 
 
 def test_published_records_land_once_in_each_sink_intact_and_are_served(
@@ -226,15 +75,15 @@ def test_published_records_land_once_in_each_sink_intact_and_are_served(
         assert producer.stats().spooled == 0
 
         expected = {make_record(run.tag, i).request_id for i in range(n)}
-        _wait_for(
+        wait_for(
             lambda: (
-                len(_lake_ids(run, dedupe=False)) >= n and len(_cassandra_ids(cassandra_session, run)[0]) >= n
+                len(lake_ids(run, dedupe=False)) >= n and len(cassandra_ids(cassandra_session, run)[0]) >= n
             ),
             120,
             "all records in both sinks",
             service,
         )
-        _assert_exactly_once(cassandra_session, run, expected, physical_lake=True)
+        assert_exactly_once(cassandra_session, run, expected, physical_lake=True)
         published = {make_record(run.tag, i).request_id: make_record(run.tag, i) for i in range(n)}
         for record in records(read_table(run.lake)):
             assert record == published[record.request_id]
@@ -339,14 +188,14 @@ def test_a_consumer_killed_mid_batch_and_restarted_still_stores_each_record_once
             producer.publish(make_record(run.tag, i))
         assert producer.flush(60) == 0
         producer.close()
-        _wait_for(
-            lambda: len(_cassandra_ids(cassandra_session, run)[0]) >= n // 4,
+        wait_for(
+            lambda: len(cassandra_ids(cassandra_session, run)[0]) >= n // 4,
             120,
             "a quarter of the records",
             service,
         )
         service.kill()  # SIGKILL: no flush, no commit, no leaving the group
-        stored = len(_cassandra_ids(cassandra_session, run)[0])
+        stored = len(cassandra_ids(cassandra_session, run)[0])
         assert stored < n, "the consumer finished before it could be killed mid-way"
 
         restarted = LoggingService(
@@ -358,35 +207,19 @@ def test_a_consumer_killed_mid_batch_and_restarted_still_stores_each_record_once
         )
         restarted.start()
         try:
-            _wait_for(
-                lambda: len(set(_lake_ids(run, dedupe=False))) >= n,
+            wait_for(
+                lambda: len(set(lake_ids(run, dedupe=False))) >= n,
                 180,
                 "every record in the lake after the restart",
                 restarted,
             )
             time.sleep(2)  # let a duplicate, if there were one, show up
             expected = {make_record(run.tag, i).request_id for i in range(n)}
-            _assert_exactly_once(cassandra_session, run, expected, physical_lake=True)
+            assert_exactly_once(cassandra_session, run, expected, physical_lake=True)
         finally:
             restarted.stop()
     finally:
         service.stop()
-
-
-@pytest.fixture
-def own_kafka(stack: object) -> Iterator[Kafka]:
-    """A Kafka broker of this test's own, free to be stopped and started without disturbing the others."""
-    broker, controller = find_free_ports(stack.config.host, 2)  # type: ignore[attr-defined]
-    kafka = Kafka(
-        stack.config,  # type: ignore[attr-defined]
-        name=f"kafka-logging-{os.getpid()}",
-        ports={"kafka": broker, "kafka_controller": controller},
-    )
-    stack.ensure(kafka)  # type: ignore[attr-defined]
-    try:
-        yield kafka
-    finally:
-        stack.release(kafka)  # type: ignore[attr-defined]
 
 
 def _publish_in_process(run: Run, kafka: Kafka, first: int, count: int, timeout_ms: int) -> dict[str, int]:
@@ -436,9 +269,7 @@ def test_kafka_down_spools_to_disk_and_everything_arrives_across_a_producer_rest
         producer.start()
         for i in range(n // 2, n):
             producer.publish(make_record(run.tag, i))
-        _wait_for(
-            lambda: producer.stats().spooled == n // 2, 30, "the outage's records in the spool", service
-        )
+        wait_for(lambda: producer.stats().spooled == n // 2, 30, "the outage's records in the spool", service)
 
         own_kafka.start()
         assert producer.drain_spool(120), f"spool not drained: {producer.stats()}"
@@ -448,16 +279,16 @@ def test_kafka_down_spools_to_disk_and_everything_arrives_across_a_producer_rest
         assert not list(run.spool.glob("segment-*.spool"))
 
         expected = {make_record(run.tag, i).request_id for i in range(n)}
-        _wait_for(
+        wait_for(
             lambda: (
-                set(_lake_ids(run, dedupe=True)) == expected
-                and set(_cassandra_ids(cassandra_session, run)[0]) == expected
+                set(lake_ids(run, dedupe=True)) == expected
+                and set(cassandra_ids(cassandra_session, run)[0]) == expected
             ),
             180,
             "all records after Kafka came back",
             service,
         )
-        _assert_exactly_once(cassandra_session, run, expected, physical_lake=False)
+        assert_exactly_once(cassandra_session, run, expected, physical_lake=False)
     finally:
         service.stop()
 
@@ -483,7 +314,7 @@ def test_the_consumer_continues_the_producers_trace_to_the_sink_write(
             producer.publish(make_record(run.tag, 1))
             context = span.get_span_context()
         producer.close()
-        _wait_for(lambda: len(_lake_ids(run, dedupe=False)) == 1, 60, "the record in the lake", service)
+        wait_for(lambda: len(lake_ids(run, dedupe=False)) == 1, 60, "the record in the lake", service)
     finally:
         service.stop()  # flushes the service's spans
         gateway.shutdown()
@@ -524,8 +355,8 @@ def test_a_rebalance_to_a_second_consumer_still_stores_each_record_once(
 
         publishing = threading.Thread(target=_publish_steadily)
         publishing.start()
-        _wait_for(
-            lambda: len(_cassandra_ids(cassandra_session, run)[0]) >= n // 10,
+        wait_for(
+            lambda: len(cassandra_ids(cassandra_session, run)[0]) >= n // 10,
             120,
             "a tenth of the records",
             first,
@@ -534,13 +365,11 @@ def test_a_rebalance_to_a_second_consumer_still_stores_each_record_once(
         publishing.join()
         assert producer.flush(60) == 0
         producer.close()
-        _wait_for(
-            lambda: len(set(_lake_ids(run, dedupe=False))) >= n, 180, "every record in the lake", second
-        )
+        wait_for(lambda: len(set(lake_ids(run, dedupe=False))) >= n, 180, "every record in the lake", second)
         time.sleep(2)  # let a duplicate, if there were one, show up
         assert asyncio.run(_records_written(second.port)) > 0, "the second consumer never took over work"
         expected = {make_record(run.tag, i).request_id for i in range(n)}
-        _assert_exactly_once(cassandra_session, run, expected, physical_lake=True)
+        assert_exactly_once(cassandra_session, run, expected, physical_lake=True)
     finally:
         second.stop()
         first.stop()
