@@ -10,29 +10,23 @@ import pytest
 from cassandra.cluster import Cluster
 
 from infergrid.features.v1 import features_pb2_grpc
-from libs.cassandra import CassandraConfig
 from libs.testing import wait_serving
-from services.features.config import CacheConfig, FeaturesConfig, FeaturesServerConfig, LimitsConfig
+from services.features.config import FeaturesConfig, LimitsConfig
 from services.features.server import SERVICE_NAME, create_server
-from stack.cassandra import ADMIN_ROLE, Cassandra
+from stack.cassandra import Cassandra
 from stack.redis import Redis
+from tests.integration.features.features_harness import features_config as features_config_for
 
 
 @pytest.fixture(scope="session")
 def features_config(cassandra_server: Cassandra, redis_server: Redis) -> Iterator[FeaturesConfig]:
     """The service config for this session: its own keyspaces and cache prefix (dropped at the end)."""
-    yield FeaturesConfig(
-        server=FeaturesServerConfig(port=0, readiness_interval_seconds=0.5),
-        cassandra=CassandraConfig(
-            cassandra_contact_points=tuple(cassandra_server.contact_points),
-            cassandra_port=cassandra_server.port,
-            # The administrator: the tests' keyspaces are their own (the stack's roles may create none).
-            cassandra_username=ADMIN_ROLE,
-            cassandra_password=cassandra_server.admin_password,
-            cassandra_keyspace=f"features_it_{os.getpid()}",
-            cassandra_request_timeout_s=2.0,
-        ),
-        cache=CacheConfig(redis_url=redis_server.url, cache_key_prefix=f"it{os.getpid()}:"),
+    yield features_config_for(
+        cassandra_server,
+        redis_server,
+        f"features_it_{os.getpid()}",
+        f"it{os.getpid()}:",
+        2.0,
         limits=LimitsConfig(max_entities_per_request=1000),
     )
     # When the session borrows a developer's stack (INFERGRID_REUSE_STACK=1), leave nothing behind.

@@ -27,13 +27,11 @@ from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2
 from infergrid.logging.v1 import logging_pb2
 from infergrid.types.v1 import value_pb2
-from libs.cassandra import CassandraConfig
 from libs.channels import dial
 from libs.pool import ChannelPool
 from libs.resilience import Dependency, DependencyPolicy, RetryPolicy
 from libs.server import Server
 from libs.testing import wait_serving
-from services.features.config import CacheConfig, FeaturesConfig, FeaturesServerConfig
 from services.features.server import SERVICE_NAME, create_server
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import UpstreamConfig
@@ -43,8 +41,9 @@ from services.gateway.routing import TrafficRouter
 from services.gateway.tests.fakes import FakeModels, toy_spec
 from services.logging import export
 from services.logging.lake import ParquetLake
-from stack.cassandra import ADMIN_ROLE, Cassandra
+from stack.cassandra import Cassandra
 from stack.redis import Redis
+from tests.integration.features.features_harness import features_config
 
 pytestmark = pytest.mark.integration
 
@@ -76,18 +75,8 @@ class Env:
 @pytest.fixture
 async def env(tmp_path: Path, cassandra_server: Cassandra, redis_server: Redis) -> AsyncIterator[Env]:
     tag = uuid.uuid4().hex[:8]
-    config = FeaturesConfig(
-        server=FeaturesServerConfig(port=0, readiness_interval_seconds=0.5),
-        cassandra=CassandraConfig(
-            cassandra_contact_points=tuple(cassandra_server.contact_points),
-            cassandra_port=cassandra_server.port,
-            cassandra_username=ADMIN_ROLE,
-            cassandra_password=cassandra_server.admin_password,
-            cassandra_keyspace=f"export_it_{os.getpid()}_{tag}",
-            cassandra_request_timeout_s=5.0,
-        ),
-        cache=CacheConfig(redis_url=redis_server.url, cache_key_prefix=f"ex{tag}:"),
-    )
+    keyspace = f"export_it_{os.getpid()}_{tag}"
+    config = features_config(cassandra_server, redis_server, keyspace, f"ex{tag}:", 5.0)
     server: Server = await create_server(config)
     await server.start()
     policy = DependencyPolicy(timeout_s=5.0, retry=RetryPolicy(max_attempts=1))
