@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cassandra.auth import PlainTextAuthProvider
 
 from stack import cluster
+from stack.cassandra import admin_auth
 from stack.component import Component
 from stack.config import StackConfig, node_address
 from stack.errors import StackError
@@ -53,6 +55,12 @@ class RunningCluster:
     def component(self, name: str) -> Component:
         """One component by name (also replicas added since the start)."""
         return self.components.get(name) or cluster.component(self.config, name)
+
+    @property
+    def cassandra_auth(self) -> PlainTextAuthProvider:
+        """Cassandra's administrator: `Cluster(cluster.cassandra_contact_points(config), port=...,
+        auth_provider=stack_cluster.cassandra_auth)`; the services log in as their roles (`stack.cassandra`)."""
+        return admin_auth(self.config)
 
 
 def free_cluster_ports(host: str = "127.0.0.1") -> dict[str, int]:

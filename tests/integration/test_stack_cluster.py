@@ -27,7 +27,6 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from services.features.redis_client import RespClient
 from stack import cluster
-from stack.cassandra import admin_auth
 from stack.demo import demo_json_body
 from stack.process import ProcessRecord, find_marked_processes
 from tests.cluster_fixtures import RunningCluster, free_cluster_ports
@@ -51,7 +50,7 @@ def session(stack_cluster: RunningCluster) -> Iterator[Session]:
     driver = Cluster(
         cluster.cassandra_contact_points(config),
         port=config.port("cassandra"),
-        auth_provider=admin_auth(config),
+        auth_provider=stack_cluster.cassandra_auth,
     )
     try:
         yield driver.connect()
@@ -69,7 +68,7 @@ def test_every_cassandra_node_sees_the_two_others(stack_cluster: RunningCluster)
         node = Cluster(
             [address],
             port=config.port("cassandra"),
-            auth_provider=admin_auth(config),
+            auth_provider=stack_cluster.cassandra_auth,
             execution_profiles={EXEC_PROFILE_DEFAULT: only},
         )
         try:
