@@ -147,3 +147,18 @@ def assert_exactly_once(session: object, run: Run, expected: set[str], *, physic
     if physical_lake:
         assert len(lake) == len(expected), "a record is in more than one lake file"
     assert len(lake_ids(run, dedupe=True)) == len(expected)
+
+
+def wait_for_both_sinks(
+    session: object, run: Run, expected: set[str], what: str, service: LoggingService
+) -> None:
+    """Waits (3 minutes at most) until the lake and Cassandra hold the `expected` ids, then checks each once."""
+    wait_for(
+        lambda: (
+            set(lake_ids(run, dedupe=True)) == expected and set(cassandra_ids(session, run)[0]) == expected
+        ),
+        180,
+        what,
+        service,
+    )
+    assert_exactly_once(session, run, expected, physical_lake=False)

@@ -29,10 +29,7 @@ from inference_log_publisher import PUBLISHER_PREFIX
 from logging_harness import (
     LoggingService,
     Run,
-    assert_exactly_once,
-    cassandra_ids,
-    lake_ids,
-    wait_for,
+    wait_for_both_sinks,
 )
 
 from infergrid.logging.v1 import logging_pb2
@@ -203,15 +200,6 @@ def test_records_of_a_sigkilled_gateway_land_exactly_once_in_cassandra_and_the_l
               f"re-sent {stats['resent']}")  # fmt: skip
         assert answered <= set(in_topic)
         expected = set(in_topic)
-        wait_for(
-            lambda: (
-                set(lake_ids(run, dedupe=True)) == expected
-                and set(cassandra_ids(cassandra_session, run)[0]) == expected
-            ),
-            180,
-            "every record in both sinks",
-            service,
-        )
-        assert_exactly_once(cassandra_session, run, expected, physical_lake=False)
+        wait_for_both_sinks(cassandra_session, run, expected, "every record in both sinks", service)
     finally:
         service.stop()

@@ -19,7 +19,16 @@ import grpc
 import pytest
 from confluent_kafka import Consumer, Producer
 from inference_log_publisher import BASE_US, PUBLISHER_PREFIX, make_record
-from logging_harness import ADMIN, LoggingService, Run, assert_exactly_once, cassandra_ids, lake_ids, wait_for
+from logging_harness import (
+    ADMIN,
+    LoggingService,
+    Run,
+    assert_exactly_once,
+    cassandra_ids,
+    lake_ids,
+    wait_for,
+    wait_for_both_sinks,
+)
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -279,16 +288,7 @@ def test_kafka_down_spools_to_disk_and_everything_arrives_across_a_producer_rest
         assert not list(run.spool.glob("segment-*.spool"))
 
         expected = {make_record(run.tag, i).request_id for i in range(n)}
-        wait_for(
-            lambda: (
-                set(lake_ids(run, dedupe=True)) == expected
-                and set(cassandra_ids(cassandra_session, run)[0]) == expected
-            ),
-            180,
-            "all records after Kafka came back",
-            service,
-        )
-        assert_exactly_once(cassandra_session, run, expected, physical_lake=False)
+        wait_for_both_sinks(cassandra_session, run, expected, "all records after Kafka came back", service)
     finally:
         service.stop()
 
