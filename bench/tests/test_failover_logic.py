@@ -34,7 +34,7 @@ def _registry() -> CollectorRegistry:
 
 def test_failovers_are_read_the_same_from_the_registry_and_from_the_metrics_page() -> None:
     registry = _registry()
-    expected = {"down": 3.0, "breaker_open": 0.0, "overloaded": 5.0, "queue_delay": 0.0}
+    expected = {"down": 3.0, "breaker_open": 0.0, "overloaded": 5.0, "queue_delay": 0.0, "draining": 0.0}
     assert ip.failovers_by_reason(registry.collect()) == expected
     page = generate_latest(registry).decode()
     assert ip.failovers_by_reason(text_string_to_metric_families(page)) == expected
