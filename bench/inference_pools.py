@@ -49,7 +49,7 @@ class Batching:
     max_queue_size: int
 
 
-DEMO = Batching(queue_delay_us=1000, max_queue_size=4096)  # what services/inference/demo.py writes
+DEMO = Batching(queue_delay_us=1000, max_queue_size=4096)  # what stack/demo_model.py writes
 SATURABLE = Batching(queue_delay_us=100_000, max_queue_size=2)
 # The callers' deadline, and a pool whose queue delay is past it: every batch it takes answers too late.
 DEADLINE_S = 0.25
@@ -58,7 +58,7 @@ SLOW = Batching(queue_delay_us=400_000, max_queue_size=DEMO.max_queue_size)
 
 def write_demo_repository(repo: Path, samples: int = DEMO_SAMPLES) -> Path:
     """The demo model repository (the `fraud` model, DEMO batching) in `repo`; returns `repo`."""
-    from services.inference import demo
+    from stack import demo_model as demo
 
     demo.write_repository(repo, samples)
     return repo

@@ -28,7 +28,7 @@ from stack.demo import DEMO_REQUEST_FEATURES
 
 OK = "OK"
 MODEL = "fraud"
-# Entity ranges of the demo feature views (services/features/demo.py).
+# Entity ranges of the demo feature views (stack/demo_features.py).
 USERS, MERCHANTS, DEVICES = 10_000, 1_000, 5_000
 
 

@@ -10,7 +10,7 @@ from stack.component import Component
 from stack.config import StackConfig
 from stack.services import DEMO_KEY_VARIABLE, DEMO_MODEL
 
-# A realistic demo transaction: entity keys of the demo feature views (services/features/demo.py) and the
+# A realistic demo transaction: entity keys of the demo feature views (stack/demo_features.py) and the
 # model's request-time inputs (`source: "request"` in <repo>/fraud/features.json).
 DEMO_ENTITIES = {"user_id": "u00042", "merchant_id": "m0007", "device_id": "d00042"}
 DEMO_REQUEST_FEATURES = {

@@ -41,7 +41,7 @@ COMPONENTS: dict[str, ComponentFactory] = {
     # Scrapes every metrics port (file_sd targets written when it starts); rules from deploy/k8s/monitoring.
     "prometheus": Prometheus,
     "inference": inference,
-    # Its start loads the demo feature values once (python -m services.features.demo).
+    # Its start loads the demo feature values once (python -m stack.demo_features).
     "features": features,
     # Kafka feature updates (infergrid.features.updates) into the same store; after the demo views exist.
     "features-ingest": features_ingest,

@@ -146,8 +146,8 @@ class _Inference(_Service):
             Progress(self.name).say(f"writing the demo model repository into {repo}")
             _run_step(
                 self.config,
-                "the demo model repository (python -m services.inference.demo)",
-                ["-m", "services.inference.demo", "--repo", str(repo)],
+                "the demo model repository (python -m stack.demo_model)",
+                ["-m", "stack.demo_model", "--repo", str(repo)],
                 timeout_s=300,
             )
 
@@ -194,11 +194,11 @@ class _Features(_Service):
         record = super().start(progress)
         marker = (self.demo_marker_dir or self.config.state_dir / "cassandra") / _DEMO_FEATURES_MARKER
         if not marker.exists():
-            progress.say("loading the demo feature views and values (python -m services.features.demo)")
+            progress.say("loading the demo feature views and values (python -m stack.demo_features)")
             out = _run_step(
                 self.config,
-                "loading the demo features (python -m services.features.demo)",
-                ["-m", "services.features.demo", "--target", f"{self.host}:{self.port}"],
+                "loading the demo features (python -m stack.demo_features)",
+                ["-m", "stack.demo_features", "--target", f"{self.host}:{self.port}"],
                 timeout_s=600,
             )
             progress.say(out.replace("\n", "; "))

@@ -130,7 +130,7 @@ def missing_parts() -> list[str]:
 def warm_feature_cache(port: int) -> None:
     """Reads every demo entity once, so the measured requests find their features in Redis (cache hits)."""
     from infergrid.features.v1 import features_pb2, features_pb2_grpc
-    from services.features import demo
+    from stack import demo_features as demo
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = features_pb2_grpc.FeatureServiceStub(ch)
@@ -296,7 +296,7 @@ def body(run: Run, suite: Suite) -> None:
     feats, features_port = features_suite.start_ours(run, "e2e-features", cache=True, redis_url=redis.url,
                                                      cassandra_port=cassandra.port)  # fmt: skip
     chain.servers += [inference, feats]
-    out = subprocess.run([sys.executable, "-m", "services.features.demo", "--target", f"127.0.0.1:{features_port}"],
+    out = subprocess.run([sys.executable, "-m", "stack.demo_features", "--target", f"127.0.0.1:{features_port}"],
                          check=False, capture_output=True, text=True, timeout=600, env=repo_env())  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"features demo load failed: {out.stderr[-1500:]}")

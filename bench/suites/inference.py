@@ -40,8 +40,8 @@ def prepare_repositories(run: Run) -> tuple[Path, Path]:
     """The demo repository (batching on) and a copy with batching off."""
     batch = run.work_dir / "models-batch"
     if not (batch / MODEL / "config.pbtxt").exists():
-        say("writing the demo model repository (python -m services.inference.demo)")
-        subprocess.run([sys.executable, "-m", "services.inference.demo", "--repo", str(batch)],
+        say("writing the demo model repository (python -m stack.demo_model)")
+        subprocess.run([sys.executable, "-m", "stack.demo_model", "--repo", str(batch)],
                        check=True, env=repo_env(), capture_output=True)  # fmt: skip
     nobatch = run.work_dir / "models-nobatch"
     if nobatch.exists():

@@ -16,7 +16,7 @@ from bench import inference_pools as ip
 from bench.report import failover_rows, latency_target_rows, render_markdown
 from bench.suites.failover import Calls, phase_totals, rep_summary
 from libs.platform import parse_platform
-from services.inference.demo import CONFIG_PBTXT
+from stack.demo_model import CONFIG_PBTXT
 
 
 def _registry() -> CollectorRegistry:

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from services.inference import demo
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.backends.tensorrt import TensorRTBackend
 from services.inference.config import ModelServingConfig
 from services.inference.errors import BackendUnavailable
 from services.inference.model_config import read_config, spec_from_config
+from stack import demo_model as demo
 
 BATCH_SIZES = (1, 8, 64, 256)
 # FP16 engines: about three significant digits on probabilities in [0, 1].

@@ -43,7 +43,7 @@ def _series(query: str) -> tuple[str, dict[str, str]]:
 def _inference_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
     repo = tmp / "models"
     subprocess.run(
-        [sys.executable, "-m", "services.inference.demo", "--repo", str(repo)],
+        [sys.executable, "-m", "stack.demo_model", "--repo", str(repo)],
         cwd=REPO_ROOT,
         env=checkout_env(),
         check=True,
@@ -77,7 +77,7 @@ def _gateway_env(request: pytest.FixtureRequest, tmp: Path) -> Env:
 async def _predict(port: int) -> None:
     """One demo prediction through the gateway (features unreachable: defaults serve)."""
     from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-    from services.inference import demo
+    from stack import demo_model as demo
 
     # One key per entity the demo model's features come from ("user" -> user_id, ...).
     entities = {f"{f.source}_id": "1" for f in demo.FEATURES if f.source != "request"}

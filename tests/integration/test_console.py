@@ -120,7 +120,7 @@ def test_console_shows_every_section_with_data(
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    from services.features import demo as features_demo
+    from stack import demo_features as features_demo
 
     jaeger = request.getfixturevalue("jaeger_server")
     redis = request.getfixturevalue("redis_server")

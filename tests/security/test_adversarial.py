@@ -319,7 +319,7 @@ async def test_bad_request_ids_and_huge_rows(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.inference import demo
+    from stack import demo_model as demo
 
     repo = tmp_path_factory.mktemp("models")
     demo.write_repository(repo, samples=2000)

@@ -84,22 +84,24 @@ def infergrid_deploy_targets(name):
         deps = ["//deploy/k8s:kustomize"],
     )
 
-def service_tools(name, tools):
+def service_tools(name, tools, deps = []):
     """Declares :tools (py_library) and one py_binary per module in `tools`, all outside the image.
 
-    Command-line tools and demo generators (`python -m services.<name>.demo`, benchmarks) run from a
-    checkout or with `bazel run //services/<name>:<tool>`; the service library leaves them out, so
-    the :server binary (and the image built from its runfiles) does not carry them.
+    Command-line tools (`python -m services.inference.gpu_check`) run from a checkout or with
+    `bazel run //services/<name>:<tool>`; the service library leaves them out, so the :server
+    binary (and the image built from its runfiles) does not carry them. Demo data generators live in
+    //stack:demo, benchmarks in bench/.
 
     Args:
       name: the service package name (its library is :<name>).
-      tools: module files of the package, e.g. ["demo.py"].
+      tools: module files of the package, e.g. ["gpu_check.py"].
+      deps: what the tools need beyond :<name>, e.g. ["//stack:demo"].
     """
     native.py_library(
         name = "tools",
         srcs = tools,
         visibility = ["//visibility:public"],
-        deps = [":" + name],
+        deps = [":" + name] + deps,
     )
     for tool in tools:
         # bazel run //services/<name>:<tool> -- ARGS
@@ -116,8 +118,8 @@ def infergrid_service(name, deps = [], tools = [], test_size = "medium", test_ta
     Args:
       name: the service package name, e.g. "features".
       deps: extra py_library deps beyond //libs and //protos:protos_py.
-      tools: command-line tools and demo generators kept out of the library and the image (see
-        `service_tools`); the tests get them.
+      tools: command-line tools kept out of the library and the image (see `service_tools`); the
+        tests get them.
       test_size: Bazel size of the tests ("large" for tests that start real servers).
       test_tags: tags for the tests, e.g. ["exclusive"].
       **kwargs: passed to py_pytest (env, data, args, ...).

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from services.inference import demo
+from stack import demo_model as demo
 
 # Identity model over every datatype the protocol must carry: (input, output, ONNX type, config type).
 TYPES = (

@@ -16,7 +16,7 @@ import pytest
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from libs.testing import free_port, spawn_module, stop_process, wait_serving
-from services.inference import demo
+from stack import demo_model as demo
 
 SERVICE = "inference.GRPCInferenceService"
 TARGET = '\nparameters { key: "latency_target_p99_ms" value: { string_value: "300" } }\n'

@@ -13,9 +13,9 @@ from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc
 from infergrid.types.v1.value_pb2 import Value, ValueList
 from libs.testing import free_port, spawn_module, stop_process, wait_serving
-from services.features import demo
 from services.features.config import FeaturesConfig
 from services.features.server import SERVICE_NAME
+from stack import demo_features as demo
 
 pytestmark = pytest.mark.integration
 

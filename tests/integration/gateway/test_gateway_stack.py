@@ -42,7 +42,6 @@ from libs.testing import (
     wait_serving,
     write_test_admission,
 )
-from services.features import demo as features_demo
 from services.gateway.config import (
     AdmissionConfig,
     GatewayConfig,
@@ -52,7 +51,8 @@ from services.gateway.config import (
     UpstreamConfig,
 )
 from services.gateway.server import create_server
-from services.inference import demo as inference_demo
+from stack import demo_features as features_demo
+from stack import demo_model as inference_demo
 from stack.cassandra import Cassandra
 from stack.cassandra import admin_env as cassandra_admin_env
 from stack.kafka import Kafka

@@ -28,7 +28,7 @@ from libs.testing import (
     wait_serving,
     write_test_admission,
 )
-from services.inference import demo as inference_demo
+from stack import demo_model as inference_demo
 from stack.services import INPUT_LAYOUTS
 
 pytestmark = pytest.mark.integration

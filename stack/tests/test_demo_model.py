@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from services.inference import demo
+from stack import demo_model as demo
 
 
 def test_demo_repository_is_deterministic_and_described(tmp_path: Path) -> None:
@@ -26,14 +26,15 @@ def test_demo_repository_is_deterministic_and_described(tmp_path: Path) -> None:
     assert report["holdout_auc"] > 0.6
 
 
-def test_demo_model_scores_transactions_like_its_training_code(model_repo: Path) -> None:
+def test_demo_model_scores_transactions_like_its_training_code(tmp_path: Path) -> None:
+    model_dir = demo.write_repository(tmp_path, samples=2000)
     x, _ = demo.synthetic_transactions(64, seed=7)
-    session = ort.InferenceSession(str(model_repo / "fraud" / "1" / "model.onnx"))
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
     (y,) = session.run(None, {"features": x})
     assert y.shape == (64, 1) and np.all((y >= 0) & (y <= 1))
     assert session.get_inputs()[0].shape == ["batch", 32]
 
 
 def test_the_gateways_input_layout_of_the_demo_model_is_its_description() -> None:
-    layout = Path(__file__).resolve().parents[3] / "deploy" / "local" / "input-layouts" / "fraud.json"
+    layout = Path(__file__).resolve().parents[2] / "deploy" / "local" / "input-layouts" / "fraud.json"
     assert json.loads(layout.read_text()) == demo.features_description()

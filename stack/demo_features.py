@@ -1,4 +1,4 @@
-"""Demo feature views and data for the demo `fraud` model (`python -m services.features.demo`).
+"""Demo feature views and data for the demo `fraud` model (`python -m stack.demo_features`).
 
 Applies three views through the FeatureService API of a running features
 server and writes deterministic values for their entities:
@@ -7,7 +7,7 @@ server and writes deterministic values for their entities:
     merchant  (merchant_id STRING, m0000..m0999)     8 FLOAT features
     device    (device_id STRING,   d00000..d04999)   4 FLOAT features
 
-The names are the model's input names (`services/inference/demo.py` lists them
+The names are the model's input names (`stack/demo_model.py` lists them
 as `view:feature`); the other 8 of its 32 inputs come with the request. Values
 follow the same distributions the model was trained on, from a fixed seed, so
 every run writes the same values for an id, whatever the entity counts (with the
@@ -201,9 +201,7 @@ async def load(target: str, counts: dict[str, int] | None = None, timeout_s: flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.features.demo", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m stack.demo_features", description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="127.0.0.1:50052", help="features server (default: %(default)s)")
     for demo in VIEWS:
         parser.add_argument(

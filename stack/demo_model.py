@@ -1,6 +1,6 @@
 """The demo model repository: a fraud model trained on synthetic transactions, in two versions.
 
-`python -m services.inference.demo --repo DIR` writes
+`python -m stack.demo_model --repo DIR` writes
 
     DIR/fraud/config.pbtxt        Triton model configuration (dynamic batching on)
     DIR/fraud/features.json       the 32 input features in order: name, source, default (for features/gateway)

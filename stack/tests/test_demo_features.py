@@ -8,11 +8,11 @@ import numpy as np
 from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc
 from infergrid.types.v1.value_pb2 import Value, ValueList
-from services.features import demo
 from services.features.config import FeaturesConfig, FeaturesServerConfig
 from services.features.registry import validate
 from services.features.server import create_server
 from services.features.tests.fakes import InMemoryCache, InMemoryOnlineStore, InMemoryViewStore
+from stack import demo_features as demo
 
 
 def test_views_are_valid_and_values_deterministic() -> None:
