@@ -279,8 +279,3 @@ class EndpointWatcher:
                 await self.refresh()
             except Exception:
                 log.exception("resolving the endpoints of %s failed", self.name)
-
-
-async def resolve_targets(spec: str, base_dir: Path | None = None) -> tuple[str, ...]:
-    """Resolves a target string once (see `parse_targets`)."""
-    return await Resolver().resolve(parse_targets(spec, base_dir))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.propagate import extract, inject
+from opentelemetry.propagate import extract
 
 from libs.config import secret
 
@@ -45,13 +45,6 @@ class KafkaConfig:
             conf["sasl.username"] = self.kafka_sasl_username
             conf["sasl.password"] = self.kafka_sasl_password
         return conf
-
-
-def trace_headers(extra: dict[str, str] | None = None) -> list[tuple[str, bytes]]:
-    """Record headers carrying the current trace context (`traceparent`, `tracestate`) plus `extra`."""
-    carrier: dict[str, str] = dict(extra or {})
-    inject(carrier)
-    return [(key, value.encode()) for key, value in carrier.items()]
 
 
 def context_from_headers(headers: Sequence[tuple[str, bytes | None]] | None) -> otel_context.Context:

@@ -13,10 +13,14 @@ from libs.discovery import (
     EndpointWatcher,
     FileTarget,
     HostPort,
+    Resolver,
     TargetError,
     parse_targets,
-    resolve_targets,
 )
+
+
+async def resolve_targets(spec: str) -> tuple[str, ...]:
+    return await Resolver().resolve(parse_targets(spec))
 
 
 def _write(path: Path, endpoints: object) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from opentelemetry import trace
+from opentelemetry.propagate import inject
 from opentelemetry.sdk.trace import TracerProvider
 
-from libs.kafka import KafkaConfig, context_from_headers, header, trace_headers
+from libs.kafka import KafkaConfig, context_from_headers, header
 
 
 def test_trace_context_round_trips_through_headers() -> None:
     tracer = TracerProvider().get_tracer("t")
     with tracer.start_as_current_span("publish") as span:
-        headers = trace_headers({"infergrid-schema-version": "1"})
+        carrier = {"infergrid-schema-version": "1"}
+        inject(carrier)  # what a producer's W3C propagator writes
+        headers = [(key, value.encode()) for key, value in carrier.items()]
     assert header(headers, "infergrid-schema-version") == "1"
     restored = trace.get_current_span(context_from_headers(headers)).get_span_context()
     assert restored.trace_id == span.get_span_context().trace_id

@@ -48,12 +48,6 @@ def _denied(status: int, message: str) -> Decision:
     return Decision(allowed=False, http_status=status, message=message)
 
 
-def model_from_grpc_body(body: bytes) -> str | None:
-    """Field 1 (the model) of the first gRPC message in `body`; None when it cannot be read."""
-    read = read_grpc_body(body)
-    return None if read is None else read[0]
-
-
 def read_grpc_body(body: bytes) -> tuple[str, int] | None:
     """Field 1 (the model) and the count of field 3 (PredictBatch's rows) of the first gRPC message.
 
@@ -78,14 +72,6 @@ def read_grpc_body(body: bytes) -> tuple[str, int] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return model, rows  # model "" when absent: the gateway answers INVALID_ARGUMENT naming the field
-
-
-def requested_model(path: str, body: bytes) -> str | None:
-    """The model a request is for: from a REST path, else from the gRPC body; None if unreadable."""
-    match = _REST_PATH.match(path)
-    if match:
-        return match.group("model") or match.group("v2model")
-    return model_from_grpc_body(body)
 
 
 @dataclass(frozen=True)

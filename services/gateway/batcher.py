@@ -153,11 +153,6 @@ class MicroBatcher(Generic[K, I, R]):
             )
         return control
 
-    def delay_of(self, key: K) -> float:
-        """The key's current delay in seconds (adapted when it has a target)."""
-        control = self._controls.get(key)
-        return control.delay_s if control is not None else self._delay
-
     def _start(self, key: K, state: _Key[I, R], batch: _Batch[I, R]) -> None:
         batch.started = True
         state.running += 1

@@ -12,7 +12,7 @@ from libs.apikeys import presented_key
 from libs.platform import parse_platform
 from services.edge import keys as keys_cli
 from services.edge.keys import KeyFileError, add_key, hash_key, load_keys, parse_keys
-from services.edge.policy import Authorizer, model_from_grpc_body, requested_model
+from services.edge.policy import Authorizer, read_grpc_body
 
 PLATFORM = parse_platform(
     """
@@ -53,12 +53,11 @@ def test_model_is_read_from_predict_and_batch_bodies() -> None:
         model="ranker", rows=[gateway_pb2.PredictRow()] * 3
     ).SerializeToString()
 
-    assert model_from_grpc_body(_frame(predict)) == "fraud"
-    assert model_from_grpc_body(_frame(batch)) == "ranker"
-    assert model_from_grpc_body(_frame(b"")) == ""
-    assert model_from_grpc_body(b"\x01" + _frame(predict)[1:]) is None  # compressed
-    assert model_from_grpc_body(_frame(b"\x0a\xff")) is None  # truncated
-    assert requested_model("/v1/models/fraud:predict", b"") == "fraud"
+    assert read_grpc_body(_frame(predict)) == ("fraud", 0)
+    assert read_grpc_body(_frame(batch)) == ("ranker", 3)
+    assert read_grpc_body(_frame(b"")) == ("", 0)
+    assert read_grpc_body(b"\x01" + _frame(predict)[1:]) is None  # compressed
+    assert read_grpc_body(_frame(b"\x0a\xff")) is None  # truncated
 
 
 def test_the_last_model_field_wins_as_in_protobuf() -> None:
@@ -67,7 +66,7 @@ def test_the_last_model_field_wins_as_in_protobuf() -> None:
     )
 
     assert gateway_pb2.PredictRequest.FromString(twice).model == "ranker"
-    assert model_from_grpc_body(_frame(twice)) == "ranker"
+    assert read_grpc_body(_frame(twice)) == ("ranker", 0)
 
 
 def test_decisions() -> None:
@@ -97,7 +96,8 @@ def test_inference_v2_paths_are_admitted_per_model() -> None:
     """The routed KServe v2 REST paths: the model comes from the path, the tenant's model list applies."""
     auth = _authorizer(("demo", "secret-demo"))
     key = {"x-api-key": "secret-demo"}
-    assert requested_model("/v2/models/fraud/versions/1/infer", b"") == "fraud"
+    for path in ("/v2/models/fraud/versions/1/infer", "/v1/models/fraud:predict"):
+        assert auth.decide(key, path, b"").upstream_headers["x-infergrid-model"] == "fraud"
     infer = auth.decide(key, "/v2/models/fraud/infer", b'{"inputs": []}')
     assert infer.allowed and infer.upstream_headers["x-infergrid-model"] == "fraud" and infer.rows == 1
     other = auth.decide(key, "/v2/models/ranker/versions/2/infer", b"")
