@@ -10,16 +10,23 @@ OpenTelemetry's gRPC server instrumentation without its per-call wrapping and at
 calls nobody samples (at 1 % sampling, nearly all). A request body that does not
 parse as its message is the caller's error (INVALID_ARGUMENT naming the field, see libs/wire.py), never
 grpc's own "Unexpected <class ...DecodeError>" UNKNOWN: the deserializer is wrapped so that it never raises.
+
+The same wrapper serves both transports (`libs.server`): on grpc.aio it is a coroutine around the handler;
+on the threaded grpc.server it runs on the server's thread, calls a plain `def` method there directly and
+runs an `async def` method on the service's event loop (`asyncio.run_coroutine_threadsafe`), which a
+cancelled call cancels.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any, cast
 
 import grpc
 from opentelemetry import context as otel_context
@@ -90,9 +97,54 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """A request stream that raises InvalidArgument at the first message that did not parse."""
     async for request in requests:
-        if isinstance(request, _Undecodable):
-            raise InvalidArgument(request.message)
-        yield request
+        yield _decoded(request)
+
+
+def _checked_sync(requests: Iterator[Any]) -> Iterator[Any]:
+    """`_checked` for the threaded transport's request iterator, read by a plain `def` method."""
+    for request in requests:
+        yield _decoded(request)
+
+
+_END = object()
+
+
+async def _pumped(requests: Iterator[Any]) -> AsyncIterator[Any]:
+    """The threaded transport's request iterator for an `async def` method: a thread reads it for the loop."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue[Any]()
+
+    def pump() -> None:
+        try:
+            for request in requests:
+                loop.call_soon_threadsafe(queue.put_nowait, request)
+        except Exception:  # a cancelled call ends its request stream
+            pass
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+    threading.Thread(target=pump, name="grpc-requests", daemon=True).start()
+    while (request := await queue.get()) is not _END:
+        yield _decoded(request)
+
+
+def _on_loop(work: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, context: Any) -> Any:
+    """Runs `work` on `loop` and waits for it on this (server) thread; the call's end cancels it."""
+    future = asyncio.run_coroutine_threadsafe(work, loop)
+    context.add_callback(future.cancel)
+    return future.result()
+
+
+def _iterate(results: AsyncIterator[Any], loop: asyncio.AbstractEventLoop, context: Any) -> Iterator[Any]:
+    """An `async def` method's response stream, each item taken from `loop`, for the threaded transport."""
+
+    async def step() -> Any:
+        return await anext(results, _END)
+
+    try:
+        while (item := _on_loop(step(), loop, context)) is not _END:
+            yield item
+    finally:
+        asyncio.run_coroutine_threadsafe(cast(Any, results).aclose(), loop)
 
 
 class _MethodMetrics:
@@ -112,7 +164,7 @@ class _MethodMetrics:
         return self._handled(code.name)
 
 
-def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
+def _final_code(context: Any, default: grpc.StatusCode) -> grpc.StatusCode:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
@@ -127,19 +179,27 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort(status.code, status.message, status.trailing_metadata)
 
 
+def _abort_sync(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    """`_abort_for` on the threaded transport: its `abort` takes no metadata and raises a bare Exception."""
+    status = to_status(exc)
+    if status.unexpected:
+        log.error("unhandled error in %s", method, exc_info=exc)
+    if status.trailing_metadata:
+        context.set_trailing_metadata(status.trailing_metadata)
+    context.abort(status.code, status.message)
+
+
 def _decoded(request: Any) -> Any:
-    """The request, or INVALID_ARGUMENT for one that did not parse; a request stream checks each message."""
+    """The request, or INVALID_ARGUMENT for one that did not parse."""
     if isinstance(request, _Undecodable):
         raise InvalidArgument(request.message)
-    if hasattr(request, "__aiter__"):  # stream_unary / stream_stream: the request iterator
-        return _checked(request)
     return request
 
 
 _TRACE_HEADERS = frozenset(("traceparent", "tracestate", "baggage"))
 
 
-def _parent(context: grpc.aio.ServicerContext) -> otel_context.Context | None:
+def _parent(context: Any) -> otel_context.Context | None:
     """The caller's trace context from the call's metadata (None: it sent no `traceparent`)."""
     carrier = None
     for key, value in context.invocation_metadata() or ():
@@ -161,7 +221,7 @@ class _Call:
         self,
         metrics: _MethodMetrics,
         method: str,
-        context: grpc.aio.ServicerContext,
+        context: Any,
         tracer: trace.Tracer | None,
     ) -> None:
         self._metrics, self._method, self._context, self._tracer = metrics, method, context, tracer
@@ -169,12 +229,15 @@ class _Call:
         self._span: trace.Span | None = None
         self._token: object | None = None
 
-    async def __aenter__(self) -> None:
+    def __enter__(self) -> None:
         self._metrics.started.inc()
         self._metrics.in_flight.inc()
         self._start = time.perf_counter()
         if self._tracer is not None:
             self._trace()
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
 
     def _trace(self) -> None:
         parent = _parent(self._context)
@@ -213,11 +276,30 @@ class _Call:
                     code = _final_code(self._context, grpc.StatusCode.INTERNAL)
             return False
         finally:
-            self._metrics.in_flight.dec()
-            self._metrics.latency.observe(time.perf_counter() - self._start)
-            self._metrics.handled(code).inc()
-            if self._token is not None:
-                self._end_span(code, exc)
+            self._finish(code, exc)
+
+    def __exit__(self, _: type[BaseException] | None, exc: BaseException | None, __: Any) -> None:
+        """The threaded transport's end of the call (a sync context: `abort` raised a bare Exception)."""
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(exc, (concurrent.futures.CancelledError, GeneratorExit)) or (
+                type(exc) is Exception and self._context.code() is not None
+            ):
+                code = _final_code(self._context, grpc.StatusCode.CANCELLED)
+            elif isinstance(exc, Exception):
+                try:
+                    _abort_sync(exc, self._context, self._method)
+                finally:
+                    code = _final_code(self._context, grpc.StatusCode.INTERNAL)
+        finally:
+            self._finish(code, exc)
+
+    def _finish(self, code: grpc.StatusCode, exc: BaseException | None) -> None:
+        self._metrics.in_flight.dec()
+        self._metrics.latency.observe(time.perf_counter() - self._start)
+        self._metrics.handled(code).inc()
+        if self._token is not None:
+            self._end_span(code, exc)
 
 
 class ServerInterceptor:
@@ -228,10 +310,13 @@ class ServerInterceptor:
 
     Args:
         tracer: Server spans (see the module docstring); None: tracing is off.
+        loop: The threaded transport's event loop, where `async def` methods run; None: grpc.aio.
     """
 
-    def __init__(self, tracer: trace.Tracer | None = None) -> None:
-        self._tracer = tracer
+    def __init__(
+        self, tracer: trace.Tracer | None = None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self._tracer, self._loop = tracer, loop
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The handler of `method` ("/package.Service/Method") with errors, metrics and spans."""
@@ -242,50 +327,79 @@ class ServerInterceptor:
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, metrics), **kwargs
+                self._wrap_unary(handler.unary_unary, method, metrics, False), **kwargs
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method, metrics), **kwargs
+                self._wrap_unary(handler.stream_unary, method, metrics, True), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, metrics), **kwargs
+                self._wrap_stream(handler.unary_stream, method, metrics, False), **kwargs
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method, metrics), **kwargs
+            self._wrap_stream(handler.stream_stream, method, metrics, True), **kwargs
         )
 
     def generic(self, handler: grpc.GenericRpcHandler) -> grpc.GenericRpcHandler:
         """`handler` whose method handlers are wrapped (each once, on its first call)."""
         return _WrappedGeneric(handler, self.wrap)
 
+    def _requests(self, behavior: Callable[..., Any], streamed: bool) -> Callable[[Any], Any]:
+        """What turns grpc's request (or request iterator) into what `behavior` reads."""
+        if not streamed:
+            return _decoded
+        if self._loop is None:
+            return _checked
+        is_async = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+        return _pumped if is_async else _checked_sync
+
     def _wrap_unary(
-        self, behavior: Callable[..., Any], method: str, metrics: _MethodMetrics
+        self, behavior: Callable[..., Any], method: str, metrics: _MethodMetrics, streamed: bool
     ) -> Callable[..., Any]:
-        tracer = self._tracer
+        tracer, loop, requests = self._tracer, self._loop, self._requests(behavior, streamed)
+        if loop is None:
 
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _Call(metrics, method, context, tracer):
-                return await behavior(_decoded(request), context)
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with _Call(metrics, method, context, tracer):
+                    result = behavior(requests(request), context)
+                    return await result if inspect.isawaitable(result) else result  # a `def` method
 
-        return wrapper
+            return wrapper
+
+        def threaded(request: Any, context: grpc.ServicerContext) -> Any:
+            with _Call(metrics, method, context, tracer):
+                result = behavior(requests(request), context)
+                return _on_loop(result, loop, context) if inspect.iscoroutine(result) else result
+
+        return threaded
 
     def _wrap_stream(
-        self, behavior: Callable[..., Any], method: str, metrics: _MethodMetrics
+        self, behavior: Callable[..., Any], method: str, metrics: _MethodMetrics, streamed: bool
     ) -> Callable[..., Any]:
-        tracer = self._tracer
+        tracer, loop, requests = self._tracer, self._loop, self._requests(behavior, streamed)
+        if loop is None:
 
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with _Call(metrics, method, context, tracer):
-                result = behavior(_decoded(request), context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:  # a coroutine that writes with context.write()
-                    await result
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with _Call(metrics, method, context, tracer):
+                    result = behavior(requests(request), context)
+                    if inspect.isasyncgen(result):
+                        async for item in result:
+                            yield item
+                    elif inspect.isawaitable(result):  # a coroutine that writes with context.write()
+                        await result
+                    else:  # a `def` method's generator
+                        for item in result:
+                            yield item
 
-        return wrapper
+            return wrapper
+
+        def threaded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with _Call(metrics, method, context, tracer):
+                result = behavior(requests(request), context)
+                yield from _iterate(result, loop, context) if inspect.isasyncgen(result) else result
+
+        return threaded
 
 
 class _WrappedGeneric(grpc.GenericRpcHandler):

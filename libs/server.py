@@ -8,6 +8,12 @@ finish within the grace period, and the process exits. With `workers > 1` the
 process becomes a supervisor of that many worker processes sharing one port
 through SO_REUSEPORT (grpc's multiprocessing pattern), each with its own event
 loop, and serves their aggregated Prometheus metrics.
+
+The transport is a choice (`ServerConfig.transport`): "aio" serves on grpc.aio, every handler on the
+event loop; "threaded" serves on grpc.server with a pool of `threads` handler threads, where a servicer's
+plain `def` methods run directly on the server thread and its `async def` methods on the event loop the
+server was built in (the one `run_in_background` uses). Health, reflection, readiness, drain, limits and
+the handler wrapper (`libs.interceptors`: errors, metrics, spans) are the same on both.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
+from grpc_health.v1 import health as health_sync
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -65,6 +73,10 @@ class ServerConfig:
     max_concurrent_rpcs: int = 0
     # How often backend readiness is re-checked for the health status.
     readiness_interval_seconds: float = 2.0
+    # "aio" (grpc.aio: handlers on the event loop) or "threaded" (grpc.server: handler threads).
+    transport: str = "aio"
+    # The threaded transport's handler threads: calls beyond this many at once wait for one.
+    threads: int = 32
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -73,6 +85,10 @@ class ServerConfig:
             raise ValueError("a fixed port is required when workers > 1 (workers share it)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.transport not in ("aio", "threaded"):
+            raise ValueError(f"transport must be 'aio' or 'threaded', got {self.transport!r}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -83,13 +99,26 @@ class GrpcService:
     register: Callable[[grpc.aio.Server], None]
 
 
+class _ThreadedHealth:
+    """The threaded transport's (sync) health servicer behind the aio one's awaitable methods."""
+
+    def __init__(self) -> None:
+        self.servicer = health_sync.HealthServicer()
+
+    async def set(self, service: str, status: int) -> None:
+        self.servicer.set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self.servicer.enter_graceful_shutdown()
+
+
 @dataclass
 class Server:
     """A built (not yet started) server, its port and its health state."""
 
-    grpc_server: grpc.aio.Server
+    grpc_server: grpc.aio.Server | grpc.Server
     port: int
-    health: health_aio.HealthServicer
+    health: health_aio.HealthServicer | _ThreadedHealth
     service_names: tuple[str, ...]
     readiness: ReadinessCheck | None = None
     readiness_interval: float = 2.0
@@ -112,7 +141,10 @@ class Server:
 
         The liveness name (`LIVENESS_SERVICE`) is SERVING from the start until shutdown.
         """
-        await self.grpc_server.start()
+        if isinstance(self.grpc_server, grpc.aio.Server):
+            await self.grpc_server.start()
+        else:
+            self.grpc_server.start()
         for hook in self.on_start:
             await hook()
         await self.health.set(LIVENESS_SERVICE, _SERVING)
@@ -157,7 +189,10 @@ class Server:
         log.info("draining: NOT_SERVING for %.1fs, then %.1fs grace", drain_seconds, grace_seconds)
         if drain_seconds > 0:
             await asyncio.sleep(drain_seconds)
-        await self.grpc_server.stop(grace_seconds)
+        if isinstance(self.grpc_server, grpc.aio.Server):
+            await self.grpc_server.stop(grace_seconds)
+        else:  # the loop keeps running the calls' coroutines meanwhile
+            await asyncio.to_thread(self.grpc_server.stop(grace_seconds).wait)
         background = list(self._background)
         for task in background:
             task.cancel()
@@ -176,9 +211,9 @@ class Server:
 
 
 class _Registrar:
-    """The grpc.aio server as the services see it while they register: their handlers go in wrapped."""
+    """The gRPC server as the services see it while they register: their handlers go in wrapped."""
 
-    def __init__(self, server: grpc.aio.Server, wrapper: ServerInterceptor) -> None:
+    def __init__(self, server: grpc.aio.Server | grpc.Server, wrapper: ServerInterceptor) -> None:
         self._server, self._wrapper = server, wrapper
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -201,7 +236,10 @@ def build_server(
     readiness: ReadinessCheck | None = None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> Server:
-    """Creates a grpc.aio server with the services, health, reflection, each handler wrapped (errors, metrics, spans).
+    """Creates a gRPC server with the services, health, reflection, each handler wrapped (errors, metrics, spans).
+
+    On the threaded transport (`config.transport`), call it inside the event loop that is to run the
+    servicers' `async def` methods.
 
     Args:
         config: Bind address, limits and shutdown timings.
@@ -213,7 +251,11 @@ def build_server(
     Returns:
         The server, bound but not started, with the port it bound.
     """
-    wrapper = ServerInterceptor(telemetry.server_tracer() if telemetry is not None else None)
+    threaded = config.transport == "threaded"
+    wrapper = ServerInterceptor(
+        telemetry.server_tracer() if telemetry is not None else None,
+        asyncio.get_running_loop() if threaded else None,
+    )
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -222,17 +264,28 @@ def build_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    limit = config.max_concurrent_rpcs or None
+    server: grpc.aio.Server | grpc.Server
+    health: health_aio.HealthServicer | _ThreadedHealth
+    if threaded:
+        pool = ThreadPoolExecutor(config.threads, thread_name_prefix="grpc")
+        server = grpc.server(pool, options=options, maximum_concurrent_rpcs=limit)
+        health = _ThreadedHealth()
+    else:
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limit)
+        health = health_aio.HealthServicer()
     registrar = cast(grpc.aio.Server, _Registrar(server, wrapper))
     for service in services:
         service.register(registrar)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(
+        health.servicer if isinstance(health, _ThreadedHealth) else health, registrar
+    )
     names = tuple(s.name for s in services)
+    reflected = (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        reflection.aio.ReflectionServicer(
-            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        ),
+        reflection.ReflectionServicer(reflected)
+        if threaded
+        else reflection.aio.ReflectionServicer(reflected),
         registrar,
     )
     host = f"[{config.host}]" if ":" in config.host else config.host

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from libs.config import load_config_or_exit
@@ -18,7 +19,8 @@ SERVICE = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
 
 
 class EchoServicer(features_pb2_grpc.FeatureServiceServicer):
-    """`slow:<s>` sleeps, `invalid`/`missing`/`down` raise typed errors, `boom` a bug, `pid` says who."""
+    """`slow:<s>` sleeps, `invalid`/`missing`/`down` raise typed errors, `boom` a bug, `pid` says who,
+    `thread` which thread ran it; ListFeatureViews is a plain `def` saying which thread ran it."""
 
     async def GetFeatureView(  # noqa: N802 - gRPC method name
         self, request: features_pb2.GetFeatureViewRequest, context: object
@@ -34,7 +36,25 @@ class EchoServicer(features_pb2_grpc.FeatureServiceServicer):
             raise Unavailable("backend down")
         elif name == "boom":
             raise RuntimeError("a bug with a secret=hunter2 in it")
+        elif name == "thread":
+            return features_pb2.FeatureView(name=name, description=_where())
         return features_pb2.FeatureView(name=name, description=str(os.getpid()))
+
+    def ListFeatureViews(  # noqa: N802 - gRPC method name
+        self, request: features_pb2.ListFeatureViewsRequest, context: object
+    ) -> features_pb2.ListFeatureViewsResponse:
+        return features_pb2.ListFeatureViewsResponse(
+            feature_views=[features_pb2.FeatureView(name="thread", description=_where())]
+        )
+
+
+def _where() -> str:
+    """The running thread's name, and whether an event loop runs in it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return f"{threading.current_thread().name} without a loop"
+    return f"{threading.current_thread().name} in a loop"
 
 
 def build(config: ServerConfig, telemetry: Telemetry | None = None) -> Server:

@@ -1,10 +1,12 @@
-"""The bootstrap over real gRPC channels: status mapping, health, reflection, metrics, drain, workers."""
+"""The bootstrap over real gRPC channels: status mapping, health, reflection, metrics, drain, workers,
+each on both transports (grpc.aio and the threaded grpc.server)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -14,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
-from libs.server import LIVENESS_SERVICE, Server, ServerConfig
+from libs.server import LIVENESS_SERVICE, GrpcService, Server, ServerConfig, build_server
 from libs.testing import (
     free_port,
     health_status,
@@ -26,9 +28,14 @@ from libs.testing import (
 from libs.tests.echo_service import SERVICE, build
 
 
+@pytest.fixture(params=["aio", "threaded"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def echo() -> AsyncIterator[tuple[Server, features_pb2_grpc.FeatureServiceStub]]:
-    server = build(ServerConfig(port=0, drain_seconds=0, grace_seconds=0.5))
+async def echo(transport: str) -> AsyncIterator[tuple[Server, features_pb2_grpc.FeatureServiceStub]]:
+    server = build(ServerConfig(port=0, drain_seconds=0, grace_seconds=0.5, transport=transport))
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield server, features_pb2_grpc.FeatureServiceStub(channel)
@@ -101,13 +108,13 @@ async def test_health_and_reflection(echo: tuple[Server, features_pb2_grpc.Featu
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
-async def test_readiness_gates_serving() -> None:
+async def test_readiness_gates_serving(transport: str) -> None:
     ready = asyncio.Event()
 
     async def check() -> bool:
         return ready.is_set()
 
-    server = build(ServerConfig(port=0, readiness_interval_seconds=0.05))
+    server = build(ServerConfig(port=0, readiness_interval_seconds=0.05, transport=transport))
     server.readiness = check
     await server.start()
     try:
@@ -124,7 +131,7 @@ async def test_readiness_gates_serving() -> None:
         await server.stop(0, 0.5)
 
 
-async def test_background_work_is_cancelled_at_stop_before_the_stop_hooks() -> None:
+async def test_background_work_is_cancelled_at_stop_before_the_stop_hooks(transport: str) -> None:
     started = asyncio.Event()
     events: list[str] = []
 
@@ -139,7 +146,7 @@ async def test_background_work_is_cancelled_at_stop_before_the_stop_hooks() -> N
     async def hook() -> None:
         events.append("stop hook")
 
-    server = build(ServerConfig(port=0))
+    server = build(ServerConfig(port=0, transport=transport))
     task = server.run_in_background(work(), name="work")
     server.on_stop.append(hook)
     await server.start()
@@ -154,9 +161,15 @@ def _spawn_echo(port: int, **env: str) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.slow
-async def test_sigterm_drains_not_serving_while_in_flight_call_completes() -> None:
+async def test_sigterm_drains_not_serving_while_in_flight_call_completes(transport: str) -> None:
     port = free_port()
-    proc = _spawn_echo(port, ECHO_DRAIN_SECONDS="1.5", ECHO_GRACE_SECONDS="5", ECHO_LOG_JSON="true")
+    proc = _spawn_echo(
+        port,
+        ECHO_DRAIN_SECONDS="1.5",
+        ECHO_GRACE_SECONDS="5",
+        ECHO_LOG_JSON="true",
+        ECHO_TRANSPORT=transport,
+    )
     try:
         await wait_serving(port, SERVICE, proc)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -181,9 +194,11 @@ async def test_sigterm_drains_not_serving_while_in_flight_call_completes() -> No
 
 
 @pytest.mark.slow
-async def test_workers_share_one_port() -> None:
+async def test_workers_share_one_port(transport: str) -> None:
     port = free_port()
-    proc = _spawn_echo(port, ECHO_WORKERS="2", ECHO_DRAIN_SECONDS="0", ECHO_GRACE_SECONDS="1")
+    proc = _spawn_echo(
+        port, ECHO_WORKERS="2", ECHO_DRAIN_SECONDS="0", ECHO_GRACE_SECONDS="1", ECHO_TRANSPORT=transport
+    )
     try:
         await wait_serving(port, SERVICE, proc)
         pids: set[str] = set()
@@ -205,11 +220,11 @@ async def test_workers_share_one_port() -> None:
         stop_process(proc)
 
 
-async def test_liveness_is_serving_while_readiness_fails() -> None:
+async def test_liveness_is_serving_while_readiness_fails(transport: str) -> None:
     async def never_ready() -> bool:
         return False
 
-    server = build(ServerConfig(port=0, readiness_interval_seconds=0.05))
+    server = build(ServerConfig(port=0, readiness_interval_seconds=0.05, transport=transport))
     server.readiness = never_ready
     await server.start()
     try:
@@ -244,3 +259,65 @@ async def test_undecodable_request_is_invalid_argument_naming_the_field(
     # Never grpc's own "Unexpected <class 'google.protobuf.message.DecodeError'>".
     assert "<class" not in details and "DecodeError" not in details
     assert (await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="ok"))).name == "ok"
+
+
+async def test_def_methods_run_on_the_server_thread_and_async_ones_on_the_loop(
+    echo: tuple[Server, features_pb2_grpc.FeatureServiceStub], transport: str
+) -> None:
+    _, stub = echo
+    loop_thread = threading.current_thread().name  # the server was built in this test's loop
+    listed = await stub.ListFeatureViews(features_pb2.ListFeatureViewsRequest())
+    awaited = await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="thread"))
+    assert awaited.description == f"{loop_thread} in a loop"
+    if transport == "threaded":  # no hop to the loop: a handler thread of the server, without a loop
+        assert listed.feature_views[0].description.startswith("grpc")
+        assert listed.feature_views[0].description.endswith(" without a loop")
+    else:
+        assert listed.feature_views[0].description == f"{loop_thread} in a loop"
+
+
+async def test_async_streams_run_on_the_loop_on_both_transports(transport: str) -> None:
+    """An `async def` stream-stream method (requests in, each answered) and its errors, on both transports."""
+    seen: list[str] = []
+
+    async def shout(requests: AsyncIterator[bytes], context: object) -> AsyncIterator[bytes]:
+        async for request in requests:
+            seen.append(threading.current_thread().name)
+            if request == b"boom":
+                raise RuntimeError("a bug")
+            yield request.upper()
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Shout", {"Shout": grpc.stream_stream_rpc_method_handler(shout)}
+    )
+    server = build_server(
+        ServerConfig(port=0, transport=transport),
+        [GrpcService("test.Shout", lambda s: s.add_generic_rpc_handlers((handler,)))],
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.stream_stream("/test.Shout/Shout")
+            assert [reply async for reply in call(iter([b"a", b"bc"]))] == [b"A", b"BC"]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                _ = [reply async for reply in call(iter([b"a", b"boom"]))]
+    finally:
+        await server.stop(0, 0.5)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert set(seen) == {threading.current_thread().name}
+
+
+async def test_a_call_past_its_deadline_cancels_its_handler(
+    echo: tuple[Server, features_pb2_grpc.FeatureServiceStub],
+) -> None:
+    _, stub = echo
+    labels = {"grpc_service": SERVICE, "grpc_method": "GetFeatureView", "grpc_code": "CANCELLED"}
+    before = REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="slow:60"), timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(500):  # the handler ends when cancelled, long before its 60 s sleep would
+        if (REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0) > before:
+            break
+        await asyncio.sleep(0.02)
+    assert REGISTRY.get_sample_value("grpc_server_handled_total", labels) == before + 1

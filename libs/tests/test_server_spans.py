@@ -21,13 +21,16 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 METHOD = f"/{SERVICE}/GetFeatureView"
 
 
-@pytest.fixture
-async def traced() -> AsyncIterator[tuple[InMemorySpanExporter, features_pb2_grpc.FeatureServiceStub]]:
+@pytest.fixture(params=["aio", "threaded"])
+async def traced(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[InMemorySpanExporter, features_pb2_grpc.FeatureServiceStub]]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()  # the default sampler: roots sampled, children follow their parent
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     server = build(
-        ServerConfig(port=0, drain_seconds=0, grace_seconds=0.5), Telemetry("echo", provider, None)
+        ServerConfig(port=0, drain_seconds=0, grace_seconds=0.5, transport=request.param),
+        Telemetry("echo", provider, None),
     )
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
