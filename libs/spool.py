@@ -326,12 +326,6 @@ class Spool:
         with self._lock:
             return list(self._states.values())
 
-    def sealed_segments(self) -> list[Path]:
-        """Segments no longer written to (this process's sealed ones and any earlier process's), oldest first."""
-        with self._lock:
-            active = self._active.path if self._active is not None else None
-            return [p for p in self._segments() if p != active]
-
     def has_messages(self) -> bool:
         """True when any segment holds data."""
         with self._lock:

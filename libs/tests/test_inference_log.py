@@ -81,6 +81,11 @@ def test_a_damaged_length_does_not_swallow_the_following_frames() -> None:
     assert list(read_frames(data)) == [b"one", b"three"]
 
 
+def _sealed(spool: Spool) -> list[Path]:
+    """The segments no longer written to (this process's sealed ones and any earlier process's)."""
+    return [state.path for state in spool.states() if state.sealed]
+
+
 def test_spool_appends_seals_and_reads_back_after_a_torn_write(tmp_path: Path) -> None:
     spool = Spool(tmp_path, fsync="always")
     for i in range(3):
@@ -92,13 +97,13 @@ def test_spool_appends_seals_and_reads_back_after_a_torn_write(tmp_path: Path) -
 
     reopened = Spool(tmp_path)
     reopened.append(b"k4", b"v4", [])  # goes to a new segment: old ones are never appended to
-    assert reopened.sealed_segments() == [segment]
+    assert _sealed(reopened) == [segment]
     report = ReadReport()
     assert [m.value for m in reopened.read(segment, report)] == [b"v0", b"v1", b"v2"]
     assert report.skipped_bytes == 9
     reopened.seal()
-    assert len(reopened.sealed_segments()) == 2
-    for sealed in reopened.sealed_segments():
+    assert len(_sealed(reopened)) == 2
+    for sealed in _sealed(reopened):
         reopened.remove(sealed)
     assert not reopened.has_messages()
     reopened.close()
@@ -117,7 +122,7 @@ def test_spool_rolls_segments_by_size(tmp_path: Path) -> None:
     for i in range(10):
         spool.append(b"k", b"x" * 60, [("n", str(i).encode())])
     spool.seal()
-    segments = spool.sealed_segments()
+    segments = _sealed(spool)
     assert len(segments) == 5
     values = [m.headers[0][1] for s in segments for m in spool.read(s)]
     assert values == [str(i).encode() for i in range(10)]

@@ -141,11 +141,6 @@ def cell(event_us: int, raw_value: bytes) -> bytes:
     return _EVENT.pack(event_us) + raw_value
 
 
-def parse_cell(blob: bytes) -> tuple[int, bytes]:
-    """(event time µs, serialized Value) of a stored cell."""
-    return _EVENT.unpack_from(blob)[0], blob[8:]
-
-
 class Record:
     """One entity's values in a view, positional: index i is the view's i-th feature.
 

@@ -373,11 +373,6 @@ def read_table(
     return expand(table) if expand_values else table
 
 
-def read_dataframe(root: Path, **filters: Any) -> Any:
-    """`read_table(..., expand_values=True)` as a pandas DataFrame (needs pandas installed)."""
-    return read_table(root, expand_values=True, **filters).to_pandas()
-
-
 def records(table: pa.Table) -> list[logging_pb2.InferenceLogRecord]:
     """The InferenceLogRecords of a table read from the lake."""
     return [logging_pb2.InferenceLogRecord.FromString(b) for b in table.column("record").to_pylist()]

@@ -41,7 +41,8 @@ class InMemoryOnlineStore:
             stored = self.rows.setdefault((view.name, row.key), {})
             for name, cell in row.cells.items():
                 old = stored.get(name)
-                if old is None or codec.parse_cell(old)[0] <= row.event_us:
+                # Last write wins by event time, as in Cassandra: a cell starts with its event time (µs).
+                if old is None or int.from_bytes(old[:8], "big", signed=True) <= row.event_us:
                     stored[name] = cell
 
     async def ping(self) -> None:
