@@ -40,16 +40,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from libs.config import Bounded, setting
+
 
 @dataclass(frozen=True)
-class LatencyTarget:
+class LatencyTarget(Bounded):
     """A p99 objective for one model's batcher and the bounds the controller works within."""
 
     # The p99 latency (seconds) to stay under, measured by the batcher: enqueue to result.
-    p99_s: float
+    p99_s: float = setting(positive=True)
     # Upper bounds: the configured queue delay and batch size.
-    max_delay_s: float
-    max_batch: int
+    max_delay_s: float = setting(minimum=0)
+    max_batch: int = setting(minimum=1)
     interval_s: float = 0.2
     min_samples: int = 20
     # Grow only while p99 is below this fraction of the target.
@@ -64,12 +66,6 @@ class LatencyTarget:
     cooldown: int = 5
     # The batch cap is cut only while a big batch's compute exceeds this fraction of the target.
     compute_share: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.p99_s <= 0:
-            raise ValueError(f"the p99 target must be positive, got {self.p99_s}")
-        if self.max_delay_s < 0 or self.max_batch < 1:
-            raise ValueError("max_delay_s must not be negative and max_batch must be at least 1")
 
     @property
     def delay_bound_s(self) -> float:

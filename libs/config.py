@@ -7,7 +7,9 @@ Nested dataclass fields are read with the same prefix (they group settings, they
 do not namespace them). Secrets come from files: a field marked `secret()` may be
 given as `<VAR>_FILE=/path` (a file nobody but its owner and group may read: mode 0600, 0640 or 0440,
 as Kubernetes mounts a Secret with `defaultMode`), and `redacted()` hides its value for logging, as
-well as the password of any `scheme://user:password@host` URL among the other values.
+well as the password of any `scheme://user:password@host` URL among the other values. A field declared
+`setting(default, minimum=..., maximum=..., positive=..., choices=...)` in a `Bounded` section is checked when the
+section is built; the loader's error names its variable and the bad value.
 """
 
 from __future__ import annotations
@@ -52,6 +54,62 @@ def env_var(name: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any
     """Declares a field read from an explicitly named variable instead of `<PREFIX><FIELD>`."""
     metadata = {**kwargs.pop("metadata", {}), "env": name}
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+    choices: tuple[Any, ...] = (),
+    **kwargs: Any,
+) -> Any:
+    """Declares a field with bounds (inclusive; `positive`: above 0) or `choices`, checked when its `Bounded`
+    section is built."""
+    bounds = {"minimum": minimum, "maximum": maximum, "positive": positive, "choices": choices}
+    metadata = {**kwargs.pop("metadata", {}), "bounds": bounds}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+class BoundError(ValueError):
+    """A `setting` is out of its bounds; `field` names it (the loader names its variable)."""
+
+    def __init__(self, field: str, problem: str, value: Any) -> None:
+        super().__init__(f"{field} must {problem}, got {value}")
+        self.field = field
+
+
+class Bounded:
+    """Base of a frozen config section: its `setting(...)` fields are checked on construction (a subclass
+    with checks of its own calls `super().__post_init__()` first)."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            bounds = field.metadata.get("bounds")
+            if bounds is not None:
+                _check_bounds(field.name, getattr(self, field.name), **bounds)
+
+
+def _check_bounds(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None,
+    maximum: float | None,
+    positive: bool,
+    choices: tuple[Any, ...],
+) -> None:
+    if choices and value not in choices:
+        raise BoundError(name, f"be one of {choices}", repr(value))
+    if positive and not value > 0:
+        raise BoundError(name, "be positive", value)
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        raise BoundError(name, f"be {minimum}..{maximum}", value)
+    if minimum is not None and value < minimum:
+        raise BoundError(name, "not be negative" if minimum == 0 else f"be at least {minimum}", value)
+    if maximum is not None and value > maximum:
+        raise BoundError(name, f"be at most {maximum}", value)
 
 
 def _convert(variable: str, raw: str, kind: Any) -> Any:
@@ -136,7 +194,7 @@ def url_with_credentials(url: str, username: str, password: str) -> str:
 
 
 @dataclass(frozen=True)
-class RedisClientConfig:
+class RedisClientConfig(Bounded):
     """A Redis and its ACL user: a section's base (its fields read as <PREFIX>REDIS_URL, ...)."""
 
     # The Redis, without credentials (redis[s]://host:port/db).
@@ -187,7 +245,10 @@ def load_config(cls: type[T], environ: Mapping[str, str], prefix: str) -> T:
         values[field.name] = _convert(variable, raw, kind)
     try:
         return cls(**values)
-    except ValueError as exc:  # __post_init__ validation
+    except BoundError as exc:
+        field = next(f for f in dataclasses.fields(cls) if f.name == exc.field)  # type: ignore[arg-type]
+        raise ConfigError(field.metadata.get("env", f"{prefix}{exc.field.upper()}"), str(exc)) from None
+    except ValueError as exc:  # the cross-field checks of __post_init__
         raise ConfigError(prefix + "*", str(exc)) from None
 
 

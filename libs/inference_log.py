@@ -78,6 +78,7 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
 from infergrid.logging.v1 import logging_pb2
+from libs.config import Bounded, setting
 from libs.kafka import KafkaConfig
 from libs.spool import (
     FSYNC_POLICIES,
@@ -154,14 +155,14 @@ for _outcome in ("written", "sent", "spooled", "resent", "write_failed", "failed
 
 
 @dataclass(frozen=True)
-class InferenceLogConfig:
+class InferenceLogConfig(Bounded):
     """Producer settings; read with the using service's prefix (e.g. INFERGRID_GATEWAY_INFERENCE_LOG_*)."""
 
     inference_log_topic: str = "infergrid.inference-log.v1"
     # One folder per producer process (the producer locks it): give each gateway worker its own.
     inference_log_spool_dir: Path = Path(".state/inference-log-spool")
     # Message key: "request_id" (spreads load; no per-model order) or "model" (per-model order).
-    inference_log_key: str = "request_id"
+    inference_log_key: str = setting("request_id", choices=("request_id", "model"))
     inference_log_compression: str = "lz4"
     inference_log_linger_ms: float = 5.0
     # librdkafka's in-memory queue; records beyond it wait in the write-ahead log for a re-send.
@@ -171,12 +172,12 @@ class InferenceLogConfig:
     inference_log_delivery_timeout_ms: int = 10_000
     # "always" (fsync each group write: survives a machine crash), "interval" (fsync every interval:
     # survives a process crash at once, a machine crash but the last interval) or "never" (at seal/close).
-    inference_log_spool_fsync: str = "interval"
+    inference_log_spool_fsync: str = setting("interval", choices=FSYNC_POLICIES)
     inference_log_spool_fsync_interval_s: float = 0.2
     inference_log_spool_segment_bytes: int = 64 * 1024 * 1024
     # A segment is sealed after this long, then deleted once Kafka acknowledged all its records: bounds
     # what a restart after a SIGKILL re-sends twice (and the disk used) to about this much traffic.
-    inference_log_spool_segment_seconds: float = 1.0
+    inference_log_spool_segment_seconds: float = setting(1.0, positive=True)
     # Group writes on a writer thread (for slow disks: the loop never waits for one); false: inline on the
     # event loop (cheaper: bench/results/code-figures.md). "always" fsync runs on the writer thread regardless.
     inference_log_write_in_thread: bool = False
@@ -184,16 +185,9 @@ class InferenceLogConfig:
     inference_log_resend_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.inference_log_key not in ("request_id", "model"):
-            raise ValueError(f"inference_log_key must be request_id or model, got {self.inference_log_key!r}")
-        if self.inference_log_spool_fsync not in FSYNC_POLICIES:
-            raise ValueError(
-                f"inference_log_spool_fsync must be one of {FSYNC_POLICIES}, got {self.inference_log_spool_fsync!r}"
-            )
+        super().__post_init__()
         if not self.inference_log_topic:
             raise ValueError("inference_log_topic must not be empty")
-        if self.inference_log_spool_segment_seconds <= 0:
-            raise ValueError("inference_log_spool_segment_seconds must be positive")
 
 
 @dataclass(frozen=True)

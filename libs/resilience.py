@@ -30,6 +30,7 @@ from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from libs.config import Bounded, setting
 from libs.errors import DeadlineExceeded, Unavailable, is_client_error, is_overload, status_code_of
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,17 @@ _MIN_GRPC_BACKOFF_S = 0.01
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(Bounded):
     """How often and how fast to retry a call that failed with a retryable status."""
 
-    max_attempts: int = 3
+    max_attempts: int = setting(3, minimum=1)
     initial_backoff_s: float = 0.02
     max_backoff_s: float = 0.5
     multiplier: float = 2.0
     retryable_codes: tuple[str, ...] = ("UNAVAILABLE",)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        super().__post_init__()
         for code in self.retryable_codes:
             if code not in grpc.StatusCode.__members__:
                 raise ValueError(f"unknown gRPC status code {code!r} in retryable_codes")

@@ -38,7 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from libs.config import ConfigError, load_config_or_exit, redacted
+from libs.config import Bounded, ConfigError, load_config_or_exit, redacted, setting
 from libs.interceptors import ServerInterceptor
 from libs.telemetry import PROMETHEUS_MULTIPROC_ENV, Telemetry, TelemetryConfig, setup_telemetry
 
@@ -55,15 +55,15 @@ ReadinessCheck = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(Bounded):
     """Settings every gRPC service has; read with the service's own prefix."""
 
     # Bind address: loopback locally, 0.0.0.0 in a pod.
     host: str = "127.0.0.1"
     # 0 picks a free port (tests); a fixed port is required when workers > 1.
-    port: int = 0
+    port: int = setting(0, minimum=0, maximum=65535)
     # Worker processes sharing the port via SO_REUSEPORT; 1 runs in this process.
-    workers: int = 1
+    workers: int = setting(1, minimum=1)
     # After SIGTERM: seconds of NOT_SERVING while still answering, so balancers move away.
     drain_seconds: float = 5.0
     # Then: seconds in-flight calls get to finish before they are cancelled.
@@ -74,21 +74,14 @@ class ServerConfig:
     # How often backend readiness is re-checked for the health status.
     readiness_interval_seconds: float = 2.0
     # "aio" (grpc.aio: handlers on the event loop) or "threaded" (grpc.server: handler threads).
-    transport: str = "aio"
+    transport: str = setting("aio", choices=("aio", "threaded"))
     # The threaded transport's handler threads: calls beyond this many at once wait for one.
-    threads: int = 32
+    threads: int = setting(32, minimum=1)
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        super().__post_init__()
         if self.workers > 1 and self.port == 0:
             raise ValueError("a fixed port is required when workers > 1 (workers share it)")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
-        if self.transport not in ("aio", "threaded"):
-            raise ValueError(f"transport must be 'aio' or 'threaded', got {self.transport!r}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.config import ConfigError, env_var, load_config, redacted, secret
+from libs.config import Bounded, ConfigError, env_var, load_config, redacted, secret, setting
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,36 @@ def test_secret_from_file_and_redacted(tmp_path: Path) -> None:
 def test_unreadable_secret_file_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="X_TOKEN_FILE: cannot read secret file"):
         load_config(_Config, {"X_NAME": "n", "X_TOKEN_FILE": str(tmp_path / "nope")}, "X_")
+
+
+@dataclass(frozen=True)
+class _Bounded(Bounded):
+    workers: int = setting(1, minimum=1)
+    port: int = setting(0, minimum=0, maximum=65535)
+    timeout_s: float = setting(1.0, positive=True)
+    mode: str = setting("a", choices=("a", "b"))
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "problem"),
+    [
+        ("X_WORKERS", "0", "workers must be at least 1, got 0"),
+        ("X_PORT", "70000", "port must be 0..65535, got 70000"),
+        ("X_PORT", "-1", "port must be 0..65535, got -1"),
+        ("X_TIMEOUT_S", "0", "timeout_s must be positive, got 0.0"),
+        ("X_MODE", "c", "mode must be one of ('a', 'b'), got 'c'"),
+    ],
+)
+def test_a_setting_out_of_its_bounds_names_the_variable_and_the_value(
+    var: str, value: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_Bounded, {var: value}, "X_")
+    assert err.value.variable == var
+    assert str(err.value) == f"{var}: {problem}"
+
+
+def test_bounds_hold_when_a_section_is_built_directly() -> None:
+    assert _Bounded(workers=4, port=65535, timeout_s=0.5, mode="b").workers == 4
+    with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
+        _Bounded(workers=0)

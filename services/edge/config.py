@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.config import RedisClientConfig
+from libs.config import RedisClientConfig, setting
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -41,11 +41,7 @@ class PolicyConfig(RedisClientConfig):
     # After a Redis failure, this replica's local share answers for this long before Redis is tried again.
     fail_open_s: float = 1.0
     # Edge replicas sharing the tiers: while Redis is down each allows 1/replicas of a tier's rate.
-    replicas: int = 1
-
-    def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+    replicas: int = setting(1, minimum=1)
 
 
 @dataclass(frozen=True)

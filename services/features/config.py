@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from libs.cassandra import CassandraConfig
-from libs.config import RedisClientConfig
+from libs.config import Bounded, RedisClientConfig, setting
 from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
@@ -30,24 +30,20 @@ class CacheConfig(RedisClientConfig):
     # Off: every read goes to Cassandra.
     cache_enabled: bool = True
     # Upper bound on how long an entity's values stay cached; a view's TTL lowers it.
-    cache_ttl_s: float = 300.0
+    cache_ttl_s: float = setting(300.0, positive=True)
     # How long "this entity has no values" is remembered (writes invalidate it at once).
-    cache_negative_ttl_s: float = 30.0
+    cache_negative_ttl_s: float = setting(30.0, positive=True)
     cache_key_prefix: str = "ifs:"
     # Per Redis command; a slow or absent Redis is a cache miss, never an error.
     cache_timeout_s: float = 0.1
 
-    def __post_init__(self) -> None:
-        if self.cache_ttl_s <= 0 or self.cache_negative_ttl_s <= 0:
-            raise ValueError("cache_ttl_s and cache_negative_ttl_s must be positive")
-
 
 @dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(Bounded):
     """How the online store uses Cassandra (connection settings are in CassandraConfig)."""
 
     # Entities read per `IN (...)` query; a request for more is split into concurrent queries.
-    store_read_chunk: int = 100
+    store_read_chunk: int = setting(100, minimum=1, maximum=1000)
     # Values older than their view's TTL stay stored this long (served as EXPIRED), then Cassandra drops them.
     store_expired_retention_s: int = 86_400
     # Circuit breaker: open after this many consecutive failures, probe again after reset_s.
@@ -60,13 +56,9 @@ class StoreConfig:
     # A value whose TTL would end later is stored without one (reads still apply the view's TTL).
     store_max_expiration_s: int = 2_147_483_646
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.store_read_chunk <= 1000:
-            raise ValueError(f"store_read_chunk must be 1..1000, got {self.store_read_chunk}")
-
 
 @dataclass(frozen=True)
-class LimitsConfig:
+class LimitsConfig(Bounded):
     """Request size limits: larger requests are refused with INVALID_ARGUMENT."""
 
     max_entities_per_request: int = 1000
@@ -74,15 +66,11 @@ class LimitsConfig:
     max_rows_per_write: int = 10_000
     # Writes with an event time more than this many seconds after the server's clock are refused
     # (a far-future event time would win over every later write of the feature, forever).
-    max_event_time_skew_s: float = 300.0
+    max_event_time_skew_s: float = setting(300.0, minimum=0)
     # Writes with an event time before this (seconds since the epoch; 2000-01-01) are refused.
     min_event_time_s: int = 946_684_800
     # How often feature views are re-read from Cassandra (changes applied through other replicas).
     registry_refresh_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.max_event_time_skew_s < 0:
-            raise ValueError(f"max_event_time_skew_s must not be negative, got {self.max_event_time_skew_s}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.config import secret, url_with_credentials
+from libs.config import Bounded, secret, setting, url_with_credentials
 from libs.discovery import TargetError, parse_targets
 from libs.inference_log import InferenceLogConfig
 from libs.kafka import KafkaConfig
@@ -26,15 +26,13 @@ class GatewayServerConfig(ServerConfig):
     tls_key_file: Path | None = None
     # A plaintext port for gRPC health checks (kubelet probes cannot present a client certificate);
     # PredictionService refuses every call that arrives on it. 0: none.
-    health_port: int = 0
+    health_port: int = setting(0, minimum=0, maximum=65535)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         tls = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         if any(tls) and not all(tls):
             raise ValueError("tls_ca_file, tls_cert_file and tls_key_file: set all three or none")
-        if not 0 <= self.health_port <= 65535:
-            raise ValueError(f"health_port must be 0..65535, got {self.health_port}")
 
     @property
     def mesh(self) -> bool:
@@ -63,7 +61,7 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
-class UpstreamConfig:
+class UpstreamConfig(Bounded):
     """The feature and inference services and how the gateway treats them."""
 
     # Discovery targets (libs/discovery.py): host:port, a DNS name or dns:///name:port (every A record:
@@ -72,48 +70,37 @@ class UpstreamConfig:
     features_target: str = "127.0.0.1:50052"
     inference_target: str = "127.0.0.1:8001"
     # How often the targets are re-resolved (new replicas get traffic, removed ones drain).
-    discovery_interval_s: float = 1.0
+    discovery_interval_s: float = setting(1.0, positive=True)
     # Per call; the inbound deadline lowers them. Features are optional (defaults serve), so their
     # budget is short: a slow feature service degrades answers instead of delaying them.
-    features_timeout_s: float = 0.1
-    inference_timeout_s: float = 0.5
+    features_timeout_s: float = setting(0.1, positive=True)
+    inference_timeout_s: float = setting(0.5, positive=True)
     # Used when the caller sends no deadline.
-    request_timeout_s: float = 1.0
+    request_timeout_s: float = setting(1.0, positive=True)
     # Attempts per call (gRPC retries UNAVAILABLE with jittered backoff; both calls are reads).
-    features_max_attempts: int = 2
-    inference_max_attempts: int = 2
+    features_max_attempts: int = setting(2, minimum=1)
+    inference_max_attempts: int = setting(2, minimum=1)
     # Batches go to inference as messages on one long-lived ModelStreamInfer stream (cheaper per batch
     # on both sides than a unary ModelInfer call); false: one unary call per batch.
     inference_streaming: bool = True
     # A stream whose oldest unanswered batch is this far past its deadline is hung: its pending batches
     # fail UNAVAILABLE (retried on another replica), the replica is ejected and the stream reopened.
-    inference_hang_margin_s: float = 1.0
+    inference_hang_margin_s: float = setting(1.0, positive=True)
     # Circuit breakers: open after this many consecutive failed calls, probe after reset_s.
     breaker_failures: int = 5
-    breaker_reset_s: float = 2.0
+    breaker_reset_s: float = setting(2.0, positive=True)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("features_target", "inference_target"):
             try:
                 parse_targets(getattr(self, name))
             except TargetError as exc:
                 raise ValueError(f"{name}: {exc}") from None
-        for name in (
-            "features_timeout_s",
-            "inference_timeout_s",
-            "request_timeout_s",
-            "breaker_reset_s",
-            "discovery_interval_s",
-            "inference_hang_margin_s",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.features_max_attempts < 1 or self.inference_max_attempts < 1:
-            raise ValueError("max attempts must be at least 1")
 
 
 @dataclass(frozen=True)
-class BatchingConfig:
+class BatchingConfig(Bounded):
     """Micro-batching of concurrent rows toward the feature and inference services (per model)."""
 
     # A batch goes out when it holds this many rows, or when its first row has waited this long
@@ -121,30 +108,20 @@ class BatchingConfig:
     # running; while that many run, arriving rows wait and go together as soon as one returns.
     # One in flight makes the biggest batches, and the most requests per second on a shared core
     # (figures: bench/results/code-figures.md).
-    max_batch_rows: int = 256
-    max_batch_delay_s: float = 0.0
-    max_concurrent_batches: int = 1
+    max_batch_rows: int = setting(256, minimum=1)
+    max_batch_delay_s: float = setting(0.0, minimum=0)
+    max_concurrent_batches: int = setting(1, minimum=1)
     # Load shedding: rows waiting for or in a batch; beyond it RESOURCE_EXHAUSTED.
-    max_pending_rows: int = 4096
+    max_pending_rows: int = setting(4096, minimum=1)
     # Rows being predicted in this process (all RPCs); beyond it RESOURCE_EXHAUSTED.
-    max_in_flight_rows: int = 4096
+    max_in_flight_rows: int = setting(4096, minimum=1)
     # Rows in one PredictBatch call.
-    max_batch_request_rows: int = 1000
+    max_batch_request_rows: int = setting(1000, minimum=1)
     # Rows one tenant may have in flight; 0: half of max_in_flight_rows (per-tenant load shedding).
-    max_tenant_in_flight_rows: int = 0
+    max_tenant_in_flight_rows: int = setting(0, minimum=0)
     # Serialized bytes of one row (its request id, entities and features): its inference-log record
     # must fit Kafka's message limit (1 MiB by default) with the features and outputs added.
-    max_row_bytes: int = 64 * 1024
-
-    def __post_init__(self) -> None:
-        if self.max_batch_rows < 1 or self.max_concurrent_batches < 1:
-            raise ValueError("max_batch_rows and max_concurrent_batches must be at least 1")
-        if self.max_batch_delay_s < 0:
-            raise ValueError("max_batch_delay_s must not be negative")
-        if self.max_pending_rows < 1 or self.max_in_flight_rows < 1 or self.max_batch_request_rows < 1:
-            raise ValueError("row limits must be at least 1")
-        if self.max_tenant_in_flight_rows < 0 or self.max_row_bytes < 1:
-            raise ValueError("max_tenant_in_flight_rows must be >= 0 and max_row_bytes >= 1")
+    max_row_bytes: int = setting(64 * 1024, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -171,7 +148,7 @@ class ResponseCacheConfig:
 
 
 @dataclass(frozen=True)
-class AdmissionConfig:
+class AdmissionConfig(Bounded):
     """API keys and rate limits, checked here when the platform says `admission: {placement: gateway}`."""
 
     # The hashed key file; "" uses the platform's `api_keys_file`, relative to the platform file.
@@ -184,24 +161,17 @@ class AdmissionConfig:
     admission_redis_username: str = ""
     admission_redis_password: str = secret("")
     # Per lease round trip; past it the local fallback bucket answers (see libs/admission.py).
-    admission_redis_timeout_s: float = 0.2
+    admission_redis_timeout_s: float = setting(0.2, positive=True)
     admission_key_prefix: str = "infergrid:rl"
     # A lease holds about this many seconds of a tier's rate; unspent tokens lapse after the TTL.
-    admission_lease_s: float = 0.05
-    admission_lease_ttl_s: float = 1.0
+    admission_lease_s: float = setting(0.05, positive=True)
+    admission_lease_ttl_s: float = setting(1.0, positive=True)
     # After a Redis failure, the local bucket (this replica's share of the tier) answers for this long
     # before Redis is tried again.
     admission_fail_open_s: float = 1.0
     # Gateway replicas sharing the tiers: the local fallback allows 1/replicas of a tier's rate.
     # 0: the number of entries in the platform's gateway.endpoints.
-    admission_replicas: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("admission_redis_timeout_s", "admission_lease_s", "admission_lease_ttl_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.admission_replicas < 0:
-            raise ValueError(f"admission_replicas must be >= 0, got {self.admission_replicas}")
+    admission_replicas: int = setting(0, minimum=0)
 
     def redis_client_url(self) -> str:
         """`admission_redis_url` with the credentials in it, for the client only (never log it)."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.cassandra import CassandraConfig
-from libs.config import secret
+from libs.config import Bounded, secret, setting
 from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
@@ -30,7 +30,7 @@ class LoggingKafkaConfig(KafkaConfig):
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(Bounded):
     """The consumer: topics, batching, the data lake and its roll policy."""
 
     # False: serve the query API only (no consumer).
@@ -45,7 +45,7 @@ class PipelineConfig:
     # The topics' min.insync.replicas (with acks=all, a write needs this many replicas); 0: the broker's.
     topic_min_insync_replicas: int = 0
     # Records per consumer batch, and how long a batch waits to fill.
-    batch_max_records: int = 5000
+    batch_max_records: int = setting(5000, minimum=1)
     batch_wait_seconds: float = 0.2
     lake_dir: Path = Path(".state/logging/lake")
     # The lake's buffer is written to files (and offsets committed) at this size or age.
@@ -58,8 +58,7 @@ class PipelineConfig:
     session_timeout_ms: int = 10_000
 
     def __post_init__(self) -> None:
-        if self.batch_max_records < 1:
-            raise ValueError(f"batch_max_records must be at least 1, got {self.batch_max_records}")
+        super().__post_init__()
         if self.topic == self.dead_letter_topic:
             raise ValueError("dead_letter_topic must differ from topic")
         if not 0 <= self.topic_min_insync_replicas <= self.topic_replication:
