@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -54,3 +55,34 @@ def test_config_rejects_unsafe_keyspace_and_unknown_consistency() -> None:
         CassandraConfig(cassandra_keyspace="x; DROP KEYSPACE system")
     with pytest.raises(ValueError, match="not a consistency level"):
         CassandraConfig(cassandra_read_consistency="MOSTLY")
+
+
+async def test_batches_serialize_values_as_bind_would(cassandra_server) -> None:  # type: ignore[no-untyped-def]
+    keyspace = f"libs_{uuid.uuid4().hex[:8]}"
+    session = connect(_config(cassandra_server, keyspace))
+    try:
+        session.execute(
+            "CREATE TABLE IF NOT EXISTS typed (k text, n bigint, i int, b blob, d double, "
+            "tags list<text>, PRIMARY KEY (k, n))"
+        )
+        db = AsyncCassandra(session, _config(cassandra_server, keyspace))
+        insert = db.prepare(
+            "INSERT INTO typed (k, n, i, b, d, tags) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?", write=True
+        )
+        rows: list[tuple[Any, ...]] = [
+            ("ключ", -(2**63) + i, 2**31 - 1 - i, bytes([i]) * 3, i / 4, [f"t{i}", "ü"], 3600)
+            for i in range(5)
+        ]
+        rows.append(("ключ", 99, None, None, None, None, 0))  # nulls
+        await db.execute_batch([(insert, row) for row in rows])
+        found = await db.execute(
+            db.prepare("SELECT n, i, b, d, tags, TTL(i) AS ttl FROM typed WHERE k = ?"), ("ключ",)
+        )
+        assert [(r.n, r.i, r.b, r.d, r.tags) for r in found] == [row[1:6] for row in rows]
+        assert [r.ttl is not None and 0 < r.ttl <= 3600 for r in found] == [True] * 5 + [False]
+        # A value of the wrong type fails the batch, as the driver's own binding does.
+        with pytest.raises(TypeError, match=r"column \"n\""):
+            await db.execute_batch([(insert, ("k", "not a number", 1, b"", 0.0, [], 0))])
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        session.cluster.shutdown()
