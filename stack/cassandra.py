@@ -13,16 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stack.component import NodeComponent
-from stack.config import StackConfig, node_address, read_secret, secret_file
+from stack.config import StackConfig, login_env, node_address, read_secret, secret_file
 from stack.errors import InstallError, StartupError
-from stack.java import ensure_java_home, find_java_home
-from stack.maven import copy_dependencies, pom_property
+from stack.java import JavaNode, find_java_home
 from stack.probes import tcp_open
 from stack.process import ProcessRecord
 from stack.progress import Progress
@@ -62,20 +60,12 @@ def credential_env(config: StackConfig, role: str, variable_prefix: str) -> dict
 
     Example: `credential_env(config, "features", "INFERGRID_FEATURES_CASSANDRA")`.
     """
-    if role not in SERVICE_ROLES:
-        raise ValueError(f"no Cassandra role {role!r}; the roles: {', '.join(SERVICE_ROLES)}")
-    return {
-        f"{variable_prefix}_USERNAME": role,
-        f"{variable_prefix}_PASSWORD_FILE": str(password_file(config, role)),
-    }
+    return login_env(config, "Cassandra", role, SERVICE_ROLES, variable_prefix)
 
 
 def admin_env(config: StackConfig, variable_prefix: str) -> dict[str, str]:
     """The administrator's login as a process's variables (tests whose services use keyspaces of their own)."""
-    return {
-        f"{variable_prefix}_USERNAME": ADMIN_ROLE,
-        f"{variable_prefix}_PASSWORD_FILE": str(password_file(config, ADMIN_ROLE)),
-    }
+    return login_env(config, "Cassandra", ADMIN_ROLE, (ADMIN_ROLE,), variable_prefix)
 
 
 def admin_auth(config: StackConfig) -> PlainTextAuthProvider:
@@ -99,7 +89,7 @@ def initial_token(node: int, nodes: int) -> int:
     return _TOKEN_MIN + (node - 1) * (2**64 // nodes)
 
 
-class Cassandra(NodeComponent):
+class Cassandra(JavaNode):
     """A Cassandra node; ready when `SELECT release_version FROM system.local` answers over CQL.
 
     Clients log in: `admin_auth(config)` (the administrator) or a service's role (`credential_env`).
@@ -113,51 +103,14 @@ class Cassandra(NodeComponent):
     port_names = ("cassandra", "cassandra_storage")
     start_timeout_s = 180.0
     stop_timeout_s = 45.0
+    artifact = "cassandra-all"
     heap = ("512M", "1G")
     cluster_heap = ("384M", "512M")
-
-    def __init__(
-        self,
-        config: StackConfig,
-        *,
-        name: str | None = None,
-        ports: Mapping[str, int] | None = None,
-        node: int = 1,
-        nodes: int = 1,
-    ) -> None:
-        """See `NodeComponent.__init__`; a node of a cluster gets the smaller heap."""
-        super().__init__(config, name=name, ports=ports, node=node, nodes=nodes)
-        if self.nodes > 1:
-            self.heap = self.cluster_heap
 
     @property
     def seeds(self) -> str:
         """The seed list: node 1's storage address."""
         return f"{node_address(self.config.host, 1)}:{self.ports['cassandra_storage']}"
-
-    @property
-    def _pom(self) -> Path:
-        return self.config.deploy_dir / "cassandra" / "pom.xml"
-
-    @property
-    def version(self) -> str:
-        """The Cassandra version, from deploy/local/cassandra/pom.xml."""
-        return pom_property(self._pom, "cassandra.version")
-
-    @property
-    def lib_dir(self) -> Path:
-        """The flattened runtime classpath in the cache."""
-        return self.config.cache_dir / f"cassandra-{self.version}" / "lib"
-
-    def install(self, progress: Progress) -> None:
-        """Finds (or installs) OpenJDK 17, then copies Cassandra's jars from Maven Central into the cache."""
-        if self.lib_dir.is_dir() and find_java_home(self.config.java_home) is not None:
-            return
-        progress.step(1, 2, "finding OpenJDK 17")
-        java_home = ensure_java_home(self.config.java_home, progress, self.install_log_path)
-        if not self.lib_dir.is_dir():
-            progress.step(2, 2, f"fetching cassandra-all {self.version} and its jars from Maven Central")
-            copy_dependencies(self._pom, self.lib_dir, java_home, progress, self.install_log_path)
 
     def prepare(self) -> None:
         """Renders cassandra.yaml into the state folder."""
@@ -182,18 +135,12 @@ class Cassandra(NodeComponent):
 
     def command(self) -> list[str]:
         """java with Cassandra's JDK 17 options, the jamm agent and our config, running CassandraDaemon."""
-        java_home = find_java_home(self.config.java_home)
-        if java_home is None:
-            raise InstallError("no Java 17 found; run `python -m stack up cassandra` to install it")
         jamm = sorted(self.lib_dir.glob("jamm-*.jar"))
         if not jamm:
             raise InstallError(f"no jamm jar in {self.lib_dir}; remove that folder to reinstall")
         log_dir = self.config.log_dir / self.name
         log_dir.mkdir(parents=True, exist_ok=True)
-        return [
-            str(java_home / "bin" / "java"),
-            f"-Xms{self.heap[0]}",
-            f"-Xmx{self.heap[1]}",
+        options = [
             *self._jvm_options(),
             f"-javaagent:{jamm[-1]}",
             f"-Dcassandra.config=file://{self.data_dir / 'conf' / 'cassandra.yaml'}",
@@ -206,10 +153,8 @@ class Cassandra(NodeComponent):
             f"-Dcassandra.superuser_setup_delay_ms={0 if self.nodes == 1 else 500}",
             # The logins and grants on every node of a cluster.
             f"-Dcassandra.system_auth.default_rf={self.nodes}",
-            "-cp",
-            f"{self.lib_dir}/*",
-            MAIN_CLASS,
         ]
+        return self.java(options, MAIN_CLASS)
 
     def environment(self) -> dict[str, str]:
         """JAVA_HOME of the JDK 17 in use."""

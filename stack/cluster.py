@@ -38,7 +38,7 @@ from libs.mtls import MeshFiles, ensure_mesh_certificates
 from stack.cassandra import Cassandra
 from stack.cassandra import credential_env as cassandra_credentials
 from stack.component import Component
-from stack.config import StackConfig, node_address
+from stack.config import StackConfig, node_address, replace_if_changed
 from stack.envoy import Envoy
 from stack.errors import StackError, StartupError
 from stack.jaeger import Jaeger
@@ -166,18 +166,9 @@ def write_discovery(config: StackConfig, service: str, endpoints: list[str]) -> 
     Returns:
         True when the file was (re)written.
     """
-    path = discovery_path(config, service)
-    body = json.dumps({"endpoints": sorted(endpoints)}) + "\n"
-    try:
-        if path.read_text() == body:
-            return False
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(body)
-    os.replace(temp, path)
-    return True
+    return replace_if_changed(
+        discovery_path(config, service), json.dumps({"endpoints": sorted(endpoints)}) + "\n"
+    )
 
 
 def mesh_dir(config: StackConfig) -> Path:

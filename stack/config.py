@@ -7,7 +7,7 @@ import dataclasses
 import ipaddress
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,3 +188,36 @@ def secret_file(config: StackConfig, name: str) -> Path:
 def read_secret(config: StackConfig, name: str) -> str:
     """The value of the stack's secret `name` (generated when missing, see `secret_file`)."""
     return secret_file(config, name).read_text().strip()
+
+
+def login_env(
+    config: StackConfig, backend: str, user: str, users: Collection[str], prefix: str
+) -> dict[str, str]:
+    """A client's login to `backend` (Redis, Cassandra, Kafka) as variables: `<prefix>_USERNAME` holds `user`,
+    `<prefix>_PASSWORD_FILE` names its generated password file (the secret `<backend>-<user>`, `secret_file`).
+
+    Raises:
+        ValueError: `user` is not one of `users`.
+    """
+    if user not in users:
+        raise ValueError(f"no {backend} user {user!r}; the users: {', '.join(users)}")
+    password_file = secret_file(config, f"{backend.lower()}-{user}")
+    return {f"{prefix}_USERNAME": user, f"{prefix}_PASSWORD_FILE": str(password_file)}
+
+
+def replace_if_changed(path: Path, body: str) -> bool:
+    """Writes `body` to `path` atomically (a temporary file renamed) unless it holds it already.
+
+    Returns:
+        True when the file was (re)written.
+    """
+    try:
+        if path.read_text() == body:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(body)
+    os.replace(temp, path)
+    return True

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from libs.kafka import SASL_MECHANISM, SASL_PROTOCOL, KafkaConfig
-from stack.component import NodeComponent
-from stack.config import StackConfig, node_address, read_secret, secret_file
+from stack.config import StackConfig, login_env, node_address, read_secret
 from stack.errors import InstallError
-from stack.java import ensure_java_home, find_java_home
-from stack.maven import copy_dependencies, pom_property
+from stack.java import JavaNode
 from stack.probes import tcp_open
 from stack.progress import Progress
 
@@ -73,13 +71,10 @@ def credential_env(config: StackConfig, user: str, variable_prefix: str) -> dict
 
     Example: `credential_env(config, "gateway", "INFERGRID_GATEWAY_")`.
     """
-    if user not in USERS:
-        raise ValueError(f"no Kafka user {user!r}; the users: {', '.join(USERS)}")
     return {
         f"{variable_prefix}KAFKA_SECURITY_PROTOCOL": SASL_PROTOCOL,
         f"{variable_prefix}KAFKA_SASL_MECHANISM": SASL_MECHANISM,
-        f"{variable_prefix}KAFKA_SASL_USERNAME": user,
-        f"{variable_prefix}KAFKA_SASL_PASSWORD_FILE": str(secret_file(config, password_secret(user))),
+        **login_env(config, "Kafka", user, USERS, f"{variable_prefix}KAFKA_SASL"),
     }
 
 
@@ -100,7 +95,7 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-class Kafka(NodeComponent):
+class Kafka(JavaNode):
     """A broker+controller node; ready when a metadata request to it lists it.
 
     Alone (the default) it is `kafka`, node id 1, on the stack's address, and every topic has one replica.
@@ -115,6 +110,7 @@ class Kafka(NodeComponent):
     port_names = ("kafka", "kafka_controller")
     start_timeout_s = 120.0
     stop_timeout_s = 45.0
+    artifact = "kafka_2.13"
     heap = ("256M", "512M")
     _acls_applied = False
 
@@ -137,51 +133,19 @@ class Kafka(NodeComponent):
         return self.config.state_dir / "kafka-cluster-id"
 
     @property
-    def _pom(self) -> Path:
-        return self.config.deploy_dir / "kafka" / "pom.xml"
-
-    @property
-    def version(self) -> str:
-        """The Kafka version, from deploy/local/kafka/pom.xml."""
-        return pom_property(self._pom, "kafka.version")
-
-    @property
-    def lib_dir(self) -> Path:
-        """The flattened broker classpath in the cache."""
-        return self.config.cache_dir / f"kafka-{self.version}" / "lib"
-
-    @property
     def bootstrap_servers(self) -> str:
         """For the clients' `bootstrap.servers`."""
         return f"{self.host}:{self.port}"
 
-    def install(self, progress: Progress) -> None:
-        """Finds (or installs) OpenJDK 17, then copies Kafka's jars from Maven Central into the cache."""
-        if self.lib_dir.is_dir() and find_java_home(self.config.java_home) is not None:
-            return
-        progress.step(1, 2, "finding OpenJDK 17")
-        java_home = ensure_java_home(self.config.java_home, progress, self.install_log_path)
-        if not self.lib_dir.is_dir():
-            progress.step(2, 2, f"fetching kafka_2.13 {self.version} and its jars from Maven Central")
-            copy_dependencies(self._pom, self.lib_dir, java_home, progress, self.install_log_path)
-
     def _java(self, *args: str) -> list[str]:
-        java_home = find_java_home(self.config.java_home)
-        if java_home is None:
-            raise InstallError("no Java 17 found; run `python -m stack up kafka` to install it")
-        return [
-            str(java_home / "bin" / "java"),
-            f"-Xms{self.heap[0]}",
-            f"-Xmx{self.heap[1]}",
+        options = [
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.config.deploy_dir / 'kafka' / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={self.config.log_dir / self.name}",
-            "-cp",
-            f"{self.lib_dir}/*",
-            *args,
         ]
+        return self.java(options, *args)
 
     @property
     def _properties(self) -> Path:

@@ -11,7 +11,6 @@ one source of the HPAs' metrics) work here unchanged. Alert rules: deploy/k8s/mo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 
 from stack.apt import ensure_command
 from stack.component import Component
-from stack.config import StackConfig
+from stack.config import StackConfig, replace_if_changed
 from stack.probes import http_get
 from stack.progress import Progress
 
@@ -85,17 +84,7 @@ def write_targets(config: StackConfig, group: str, targets: Iterable[tuple[str, 
         ],
         indent=1,
     )
-    path = targets_dir(config) / f"{group}.json"
-    try:
-        if path.read_text() == body:
-            return False
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(body)
-    os.replace(temp, path)
-    return True
+    return replace_if_changed(targets_dir(config) / f"{group}.json", body)
 
 
 def metrics_targets(components: Iterable[Component]) -> list[tuple[str, str, str]]:

@@ -23,7 +23,7 @@ import redis as redis_client
 from libs.config import url_with_credentials
 from stack.apt import ensure_command
 from stack.component import Component
-from stack.config import StackConfig, node_address, read_secret, secret_file
+from stack.config import StackConfig, login_env, node_address, read_secret, secret_file
 from stack.progress import Progress
 
 ADMIN_USER = "default"
@@ -60,12 +60,7 @@ def credential_env(config: StackConfig, user: str, variable_prefix: str) -> dict
 
     Example: `credential_env(config, "edge", "INFERGRID_EDGE_REDIS")`.
     """
-    if user not in SERVICE_USERS:
-        raise ValueError(f"no Redis user {user!r}; the users: {', '.join(SERVICE_USERS)}")
-    return {
-        f"{variable_prefix}_USERNAME": user,
-        f"{variable_prefix}_PASSWORD_FILE": str(password_file(config, user)),
-    }
+    return login_env(config, "Redis", user, SERVICE_USERS, variable_prefix)
 
 
 def _sha256(password: str) -> str:
