@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stack.config import StackConfig, login_env, node_address, read_secret, secret_file
 from stack.errors import InstallError, StartupError
@@ -28,6 +28,8 @@ from stack.progress import Progress
 if TYPE_CHECKING:
     from cassandra.auth import PlainTextAuthProvider
     from cassandra.cluster import Session
+
+    from libs.cassandra import CassandraConfig
 
 MAIN_CLASS = "org.apache.cassandra.service.CassandraDaemon"
 SINGLE_CLUSTER_NAME = "InferGrid Local"
@@ -312,6 +314,20 @@ class Cassandra(JavaNode):
     def contact_points(self) -> list[str]:
         """For `cassandra.cluster.Cluster(contact_points, port=...)`."""
         return [self.host]
+
+    def admin_config(self, keyspace: str, **settings: Any) -> CassandraConfig:
+        """The administrator's `libs.cassandra.CassandraConfig` for `keyspace` (tests whose stores use
+        keyspaces of their own), `settings` its other fields. It holds the password: never log it."""
+        from libs.cassandra import CassandraConfig
+
+        return CassandraConfig(
+            cassandra_contact_points=tuple(self.contact_points),
+            cassandra_port=self.port,
+            cassandra_username=ADMIN_ROLE,
+            cassandra_password=self.admin_password,
+            cassandra_keyspace=keyspace,
+            **settings,
+        )
 
     def endpoints(self) -> dict[str, str]:
         """The CQL address and where the roles' passwords are."""

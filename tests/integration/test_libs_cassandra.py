@@ -8,18 +8,14 @@ from typing import Any
 import pytest
 
 from libs.cassandra import AsyncCassandra, CassandraConfig, connect
-from stack.cassandra import ADMIN_ROLE
+from stack.cassandra import Cassandra
 
 pytestmark = pytest.mark.integration
 
 
-def _config(cassandra_server, keyspace: str) -> CassandraConfig:  # type: ignore[no-untyped-def]
-    return CassandraConfig(
-        cassandra_contact_points=tuple(cassandra_server.contact_points),
-        cassandra_port=cassandra_server.port,
-        cassandra_username=ADMIN_ROLE,
-        cassandra_password=cassandra_server.admin_password,
-        cassandra_keyspace=keyspace,
+def _config(cassandra_server: Cassandra, keyspace: str) -> CassandraConfig:
+    return cassandra_server.admin_config(
+        keyspace,
         cassandra_write_consistency="ONE",
         # Generous: this checks behaviour, not speed, on a busy 2-core machine.
         cassandra_request_timeout_s=15.0,

@@ -33,7 +33,7 @@ from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs import mtls
 from libs.admission import RateLimits
 from libs.apikeys import add_key
-from libs.cassandra import AsyncCassandra, CassandraConfig
+from libs.cassandra import AsyncCassandra
 from libs.cassandra import connect as connect_cassandra
 from libs.config import load_config
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
@@ -51,7 +51,6 @@ from services.logging.lake import ParquetLake
 from services.logging.lake import read_table as read_lake
 from services.logging.server import create_server as create_logging
 from services.logging.store import CassandraLogStore, StoredRecord
-from stack.cassandra import ADMIN_ROLE
 
 pytestmark = pytest.mark.integration
 
@@ -505,14 +504,7 @@ async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
         ),
         server=LoggingServerConfig(port=0, drain_seconds=0),
         pipeline=PipelineConfig(consume=False),
-        cassandra=CassandraConfig(
-            cassandra_contact_points=tuple(cassandra_server.contact_points),  # type: ignore[attr-defined]
-            cassandra_port=cassandra_server.port,  # type: ignore[attr-defined]
-            cassandra_username=ADMIN_ROLE,
-            cassandra_password=cassandra_server.admin_password,  # type: ignore[attr-defined]
-            cassandra_keyspace=keyspace,
-            cassandra_request_timeout_s=10.0,
-        ),
+        cassandra=cassandra_server.admin_config(keyspace, cassandra_request_timeout_s=10.0),  # type: ignore[attr-defined]
     )
     server = await create_logging(config)  # connects, creates the keyspace and tables
     await server.start()

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from libs.cassandra import CassandraConfig
 from services.features.config import CacheConfig, FeaturesConfig, FeaturesServerConfig
-from stack.cassandra import ADMIN_ROLE, Cassandra
+from stack.cassandra import Cassandra
 from stack.redis import Redis
 
 
@@ -17,14 +16,7 @@ def features_config(
     """A FeaturesConfig on a free port, keyspace `keyspace`, cache keys under `cache_prefix`."""
     return FeaturesConfig(
         server=FeaturesServerConfig(port=0, readiness_interval_seconds=0.5),
-        cassandra=CassandraConfig(
-            cassandra_contact_points=tuple(cassandra.contact_points),
-            cassandra_port=cassandra.port,
-            cassandra_username=ADMIN_ROLE,
-            cassandra_password=cassandra.admin_password,
-            cassandra_keyspace=keyspace,
-            cassandra_request_timeout_s=timeout_s,
-        ),
+        cassandra=cassandra.admin_config(keyspace, cassandra_request_timeout_s=timeout_s),
         cache=CacheConfig(redis_url=redis.url, cache_key_prefix=cache_prefix),
         **sections,
     )

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from infergrid.logging.v1 import logging_pb2
-from libs.cassandra import AsyncCassandra, CassandraConfig, connect
+from libs.cassandra import AsyncCassandra, connect
 from services.logging.store import CassandraLogStore, RecordQuery, StoredRecord, create_schema
-from stack.cassandra import ADMIN_ROLE
+from stack.cassandra import Cassandra
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +32,9 @@ def _version(payload: bytes | None) -> str | None:
 
 
 @pytest.fixture
-async def store(cassandra_server: object) -> AsyncIterator[CassandraLogStore]:
-    config = CassandraConfig(
-        cassandra_contact_points=tuple(cassandra_server.contact_points),  # type: ignore[attr-defined]
-        cassandra_port=cassandra_server.port,  # type: ignore[attr-defined]
-        cassandra_username=ADMIN_ROLE,
-        cassandra_password=cassandra_server.admin_password,  # type: ignore[attr-defined]
-        cassandra_keyspace=f"logstore_{uuid.uuid4().hex[:12]}",
-        cassandra_request_timeout_s=10.0,
+async def store(cassandra_server: Cassandra) -> AsyncIterator[CassandraLogStore]:
+    config = cassandra_server.admin_config(
+        f"logstore_{uuid.uuid4().hex[:12]}", cassandra_request_timeout_s=10.0
     )
     loop = asyncio.get_running_loop()
     session = await loop.run_in_executor(None, connect, config)
