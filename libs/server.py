@@ -52,6 +52,8 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+# `ServerConfig.transport`: grpc.aio, or grpc.server with handler threads (see the module docstring).
+TRANSPORTS = ("aio", "threaded")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class ServerConfig(Bounded):
     # How often backend readiness is re-checked for the health status.
     readiness_interval_seconds: float = 2.0
     # "aio" (grpc.aio: handlers on the event loop) or "threaded" (grpc.server: handler threads).
-    transport: str = setting("aio", choices=("aio", "threaded"))
+    transport: str = setting("aio", choices=TRANSPORTS)
     # The threaded transport's handler threads: calls beyond this many at once wait for one.
     threads: int = setting(32, minimum=1)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from libs.cassandra import CassandraConfig
 from libs.config import Bounded, RedisClientConfig, setting
 from libs.kafka import KafkaConfig
-from libs.server import ServerConfig
+from libs.server import TRANSPORTS, ServerConfig
 from libs.telemetry import TelemetryConfig
 
 ENV_PREFIX = "INFERGRID_FEATURES_"
@@ -16,6 +16,8 @@ ENV_PREFIX = "INFERGRID_FEATURES_"
 @dataclass(frozen=True)
 class FeaturesServerConfig(ServerConfig):
     port: int = 50052
+    # "aio" or "threaded" (libs/server.py); threaded here: a cache hit costs about half the CPU of grpc.aio.
+    transport: str = setting("threaded", choices=TRANSPORTS)
 
 
 @dataclass(frozen=True)

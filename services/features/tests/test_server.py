@@ -33,11 +33,12 @@ class Harness:
     port: int
 
 
-@pytest.fixture
-async def harness() -> AsyncIterator[Harness]:
+@pytest.fixture(params=["threaded", "aio"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     store, cache = InMemoryOnlineStore(), InMemoryCache()
     config = FeaturesConfig(
-        server=FeaturesServerConfig(port=0), limits=LimitsConfig(max_entities_per_request=50)
+        server=FeaturesServerConfig(port=0, transport=request.param),
+        limits=LimitsConfig(max_entities_per_request=50),
     )
     server = await create_server(config, store=store, view_store=InMemoryViewStore(), cache=cache)
     await server.start()
