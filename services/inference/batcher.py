@@ -1,7 +1,7 @@
 """The dynamic batcher: one queue per model version, coalescing concurrent requests into batches.
 
-A request joins the queue from the event loop; one scheduler thread per model
-instance waits until the queue holds a full (or preferred) batch or the oldest
+A request joins the queue from the event loop (or from a server thread: `infer_blocking`); one
+scheduler thread per model instance waits until the queue holds a full (or preferred) batch or the oldest
 request has waited `max_queue_delay`, takes requests in arrival order up to
 `max_batch_size` rows, runs the batch (so the event loop never blocks on the
 model), splits the outputs back per request in order, and hands them to the
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from opentelemetry import context as otel_context
@@ -83,7 +85,7 @@ class _Job:
         self,
         inputs: dict[str, np.ndarray],
         rows: int,
-        future: asyncio.Future[list[np.ndarray]],
+        future: asyncio.Future[list[np.ndarray]] | concurrent.futures.Future[list[np.ndarray]],
         deadline_ns: int,
         shape_key: object,
     ) -> None:
@@ -201,6 +203,25 @@ class DynamicBatcher:
             ModelUnavailable: The version is being unloaded.
             BackendError: The batch failed in the backend.
         """
+        assert self._loop is not None, "start() the batcher first"
+        return await self._submit(inputs, rows, timeout_ns, priority, self._loop.create_future())
+
+    def infer_blocking(
+        self, inputs: dict[str, np.ndarray], rows: int, timeout_ns: int = 0, priority: int = 0
+    ) -> list[np.ndarray]:
+        """`infer` from a thread other than the loop's (the threaded gRPC transport): it waits on that
+        thread, and the loop still resolves the results with one wake-up per batch, none per request."""
+        return self._submit(inputs, rows, timeout_ns, priority, concurrent.futures.Future()).result()
+
+    def _submit(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        timeout_ns: int,
+        priority: int,
+        future: asyncio.Future[list[np.ndarray]] | concurrent.futures.Future[list[np.ndarray]],
+    ) -> Any:
+        """Queues one request with `future` for its outputs; returns the future."""
         metrics = self._metrics
         metrics.requests.inc()
         if self._closing:
@@ -213,8 +234,6 @@ class DynamicBatcher:
                 f"retry in {OVERLOAD_RETRY_S * 1000:.0f} ms",
                 trailing_metadata=retry_hint(OVERLOAD_RETRY_S),
             )
-        assert self._loop is not None, "start() the batcher first"
-        future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()
         shape_key = tuple(a.shape[1:] for a in inputs.values()) if self.settings.variable_shapes else None
         job = _Job(inputs, rows, future, _perf_ns() + timeout_ns if timeout_ns > 0 else 0, shape_key)
         if trace.get_current_span().is_recording():
@@ -233,7 +252,7 @@ class DynamicBatcher:
             # queue, or a batch that just became full. Other arrivals wait for the delay.
             if not before or (before < self._ready_rows <= self._queued_rows):
                 self._cond.notify()
-        return await future
+        return future
 
     def _enqueue_by_priority(self, job: _Job) -> None:
         """Inserts `job` after the last queued job of its level or a higher one (holding `_cond`)."""

@@ -20,6 +20,7 @@ from libs.errors import InvalidArgument, Status, to_status
 from services.inference.codec import (
     InferRequest,
     OutputTensor,
+    RequestedOutput,
     decode_inputs,
     output_array,
     requested_outputs,
@@ -35,6 +36,7 @@ from services.inference.shared_memory import RegionStatus, SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 _Request = TypeVar("_Request")
+_Selected = list[tuple[int, RequestedOutput | None]]  # codec.requested_outputs
 _Answer = TypeVar("_Answer")
 
 # A streamed request's own deadline: none (see `DataPlane.infer_stream`).
@@ -173,6 +175,22 @@ class DataPlane:
             ModelNotFound, InvalidInput/InvalidArgument, QueueFull, RequestTimeout, ModelUnavailable,
             BackendError: as the front doors map them (see errors.py).
         """
+        serving, inputs, rows, timeout_ns, level, selected = self._admit(request)
+        return self._result(
+            serving, selected, request, await serving.batcher.infer(inputs, rows, timeout_ns, level)
+        )
+
+    def infer_blocking(self, request: InferRequest) -> InferResult:
+        """`infer` from a thread other than the event loop's (a `def` handler on the threaded transport)."""
+        serving, inputs, rows, timeout_ns, level, selected = self._admit(request)
+        return self._result(
+            serving, selected, request, serving.batcher.infer_blocking(inputs, rows, timeout_ns, level)
+        )
+
+    def _admit(
+        self, request: InferRequest
+    ) -> tuple[ServingVersion, dict[str, Any], int, int, int, _Selected]:
+        """The request's version, decoded inputs, rows, queue timeout (ns), priority level and outputs."""
         serving = self.repository.get(request.model, request.version)
         try:
             inputs, rows = decode_inputs(serving, request.inputs, self.shared_memory)
@@ -192,7 +210,12 @@ class DataPlane:
         if request.deadline_s is not None:
             deadline_ns = max(int(request.deadline_s * 1e9), 1)
             timeout_ns = min(timeout_ns, deadline_ns) if timeout_ns else deadline_ns
-        arrays = await serving.batcher.infer(inputs, rows, timeout_ns, level)
+        return serving, inputs, rows, timeout_ns, level, selected
+
+    def _result(
+        self, serving: ServingVersion, selected: _Selected, request: InferRequest, arrays: list[Any]
+    ) -> InferResult:
+        """The outputs asked for; those bound for shared memory are written there."""
         specs = serving.spec.outputs
         outputs = []
         for index, requested in selected:

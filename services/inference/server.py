@@ -297,12 +297,14 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
     # --- inference ---
 
     async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
+        return _infer_response(await self._plane.infer(self._request(request, deadline_s)))
+
+    def _request(self, request: pb.ModelInferRequest, deadline_s: float | None) -> InferRequest:
         try:
-            infer_request = _infer_request(request, deadline_s)
+            return _infer_request(request, deadline_s)
         except InvalidInput:
             self._count_invalid(request)
             raise
-        return _infer_response(await self._plane.infer(infer_request))
 
     def _count_invalid(self, request: pb.ModelInferRequest) -> None:
         """A request refused before decoding still counts against its model version (when it exists)."""
@@ -438,6 +440,14 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return _log_response(values)
 
 
+class ThreadedInferenceServicer(GRPCInferenceServiceServicer):
+    """The servicer on the threaded transport: ModelInfer is a plain `def`, run on the server's thread
+    without a hop to the event loop (the loop only resolves each batch's results)."""
+
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
+        return _infer_response(self._plane.infer_blocking(self._request(request, context.time_remaining())))
+
+
 async def create_server(
     config: InferenceConfig,
     telemetry: Telemetry | None = None,
@@ -474,7 +484,8 @@ async def create_server(
         log=LogSettings(),
         control=ControlGate(enabled=config.control.control_enabled, token=token),
     )
-    servicer = GRPCInferenceServiceServicer(dataplane)
+    threaded = config.server.transport == "threaded"
+    servicer = (ThreadedInferenceServicer if threaded else GRPCInferenceServiceServicer)(dataplane)
 
     async def _ready() -> bool:
         return servicer.ready()

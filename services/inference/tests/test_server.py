@@ -33,18 +33,19 @@ from services.inference.model_config import ModelSpec
 from services.inference.server import SERVICE_NAME, create_server
 
 
-def _config(repo: Path | None, **models: object) -> InferenceConfig:
+def _config(repo: Path | None, transport: str = "aio", **models: object) -> InferenceConfig:
     return InferenceConfig(
-        server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
+        server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5, transport=transport),
         models=ModelServingConfig(model_repository=repo, **models),  # type: ignore[arg-type]
         http=HttpConfig(http_port=0),
         control=ControlConfig(control_enabled=True),  # these tests exercise the model control API
     )
 
 
-@pytest.fixture(scope="module")
-async def served_channel(model_repo: Path) -> AsyncIterator[grpc.aio.Channel]:
-    server = await create_server(_config(model_repo))
+@pytest.fixture(scope="module", params=["aio", "threaded"])
+async def served_channel(model_repo: Path, request: pytest.FixtureRequest) -> AsyncIterator[grpc.aio.Channel]:
+    """The server on each transport (on the threaded one ModelInfer runs on the server thread)."""
+    server = await create_server(_config(model_repo, request.param))
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield channel
@@ -699,9 +700,12 @@ class _SlowBackend:
         return _SlowModel(self._real.load(model_path, spec), self._delay)
 
 
-async def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceeded(model_repo: Path) -> None:
+@pytest.mark.parametrize("transport", ["aio", "threaded"])
+async def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceeded(
+    model_repo: Path, transport: str
+) -> None:
     server: Server = await create_server(
-        _config(model_repo, startup_models=("double",), max_queue_size=2),
+        _config(model_repo, transport, startup_models=("double",), max_queue_size=2),
         backends={"onnxruntime": _SlowBackend(0.2)},  # type: ignore[dict-item]
     )
     await server.start()
