@@ -25,6 +25,7 @@ from typing import Any
 from infergrid.gateway.v1 import gateway_pb2
 from libs.testing import spawn_module
 from services.gateway.failover import BREAKER_OPEN, DOWN, DRAINING, OVERLOADED, QUEUE_DELAY
+from stack.demo import demo_request
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 POOL_MODULE = "services.inference"
@@ -129,17 +130,8 @@ def gateway_env() -> dict[str, str]:
 
 def predict_request(i: int, prefix: str = "failover") -> gateway_pb2.PredictRequest:
     """A Predict for `fraud` (user, merchant and device varied by `i`) with a unique request id."""
-    request = gateway_pb2.PredictRequest(
-        model=MODEL,
-        request_id=f"{prefix}-{time.monotonic_ns()}-{i}",
-        entities={
-            "user_id": f"u{i % 300:05d}",
-            "merchant_id": f"m{i % 50:04d}",
-            "device_id": f"d{i % 100:05d}",
-        },
-    )
-    request.features["amount"].float_value = 100.0 + i % 1000
-    return request
+    request_id = f"{prefix}-{time.monotonic_ns()}-{i}"
+    return demo_request(i, (300, 50, 100), {"amount": 100.0 + i % 1000}, "float_value", request_id=request_id)
 
 
 def failovers_by_reason(families: Iterable[Any], model: str = MODEL) -> dict[str, float]:

@@ -23,13 +23,10 @@ import grpc
 import requests
 
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from infergrid.types.v1 import value_pb2
-from stack.demo import DEMO_REQUEST_FEATURES
+from stack.demo import DEMO_REQUEST_FEATURES, demo_request
 
 OK = "OK"
 MODEL = "fraud"
-# Entity ranges of the demo feature views (stack/demo_features.py).
-USERS, MERCHANTS, DEVICES = 10_000, 1_000, 5_000
 
 
 @dataclass(frozen=True)
@@ -66,22 +63,9 @@ class LoadSettings:
     run_id: str = "chaos"
 
 
-def _entities(n: int) -> dict[str, str]:
-    return {
-        "user_id": f"u{n % USERS:05d}",
-        "merchant_id": f"m{n % MERCHANTS:04d}",
-        "device_id": f"d{n % DEVICES:05d}",
-    }
-
-
 def grpc_request(request_id: str, n: int) -> gateway_pb2.PredictRequest:
     """The demo prediction as a gRPC request with its own id and entity keys."""
-    return gateway_pb2.PredictRequest(
-        model=MODEL,
-        request_id=request_id,
-        entities=_entities(n),
-        features={k: value_pb2.Value(double_value=float(v)) for k, v in DEMO_REQUEST_FEATURES.items()},
-    )
+    return demo_request(n, model=MODEL, request_id=request_id)
 
 
 def http_body(request_id: str, n: int) -> bytes:
@@ -89,7 +73,7 @@ def http_body(request_id: str, n: int) -> bytes:
     return json.dumps(
         {
             "request_id": request_id,
-            "entities": _entities(n),
+            "entities": dict(demo_request(n).entities),
             "features": {k: {"double_value": float(v)} for k, v in DEMO_REQUEST_FEATURES.items()},
         }
     ).encode()

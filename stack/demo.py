@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from stack.component import Component
 from stack.config import StackConfig
 from stack.services import DEMO_KEY_VARIABLE, DEMO_MODEL
+
+if TYPE_CHECKING:
+    from infergrid.gateway.v1 import gateway_pb2
 
 # A realistic demo transaction: entity keys of the demo feature views (stack/demo_features.py) and the
 # model's request-time inputs (`source: "request"` in <repo>/fraud/features.json).
@@ -23,6 +27,36 @@ DEMO_REQUEST_FEATURES = {
     "is_foreign": 1,
     "device_new": 1,
 }
+
+# How many users, merchants and devices the demo feature views hold (stack/demo_features.py's counts).
+DEMO_COUNTS = (10_000, 1_000, 5_000)
+
+
+def demo_request(
+    n: int,
+    counts: Sequence[int] = DEMO_COUNTS,
+    features: Mapping[str, float] = DEMO_REQUEST_FEATURES,
+    value: str = "double_value",
+    **fields: Any,
+) -> gateway_pb2.PredictRequest:
+    """A PredictRequest of the demo model for entity number `n`: user, merchant and device `n` modulo
+    `counts` (the sizes the views were loaded with), `features` as request-time `value`s (double_value or
+    float_value); `fields` set the others (request_id, version, model)."""
+    from infergrid.gateway.v1 import gateway_pb2
+
+    users, merchants, devices = counts
+    request = gateway_pb2.PredictRequest(
+        model=fields.pop("model", DEMO_MODEL),
+        entities={
+            "user_id": f"u{n % users:05d}",
+            "merchant_id": f"m{n % merchants:04d}",
+            "device_id": f"d{n % devices:05d}",
+        },
+        **fields,
+    )
+    for name, v in features.items():
+        setattr(request.features[name], value, v)
+    return request
 
 
 def demo_json_body() -> dict[str, object]:

@@ -62,6 +62,7 @@ from bench.tools import ensure_debian, say
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs.checkout import python_path
 from libs.testing import REPO_ROOT
+from stack.demo import demo_request
 from stack.envoy import Envoy
 from stack.kafka import credential_env
 from stack.progress import Progress
@@ -145,17 +146,7 @@ def warm_feature_cache(port: int) -> None:
 
 
 def predict_request(user: int) -> gateway_pb2.PredictRequest:
-    request = gateway_pb2.PredictRequest(
-        model="fraud",
-        entities={
-            "user_id": f"u{user:05d}",
-            "merchant_id": f"m{user % 1000:04d}",
-            "device_id": f"d{user % 5000:05d}",
-        },
-    )
-    for name, value in REQUEST_FEATURES.items():
-        request.features[name].float_value = value
-    return request
+    return demo_request(user, features=REQUEST_FEATURES, value="float_value")
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -26,7 +26,7 @@ from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from infergrid.types.v1 import value_pb2
-from stack.demo import DEMO_REQUEST_FEATURES
+from stack.demo import demo_request
 from stack.probes import grpc_health_serving, http_get
 from stack.progress import Progress
 from tests.e2e.whole_stack import Stack
@@ -36,21 +36,6 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 
 OUR_SERVICES = ("inference", "features", "logging", "gateway", "gateway-2", "edge", "controlplane")
-
-
-def _request(user: int, request_id: str = "", model: str = "fraud") -> gateway_pb2.PredictRequest:
-    request = gateway_pb2.PredictRequest(
-        model=model,
-        request_id=request_id,
-        entities={
-            "user_id": f"u{user:05d}",
-            "merchant_id": f"m{user % 1000:04d}",
-            "device_id": f"d{user % 5000:05d}",
-        },
-    )
-    for name, value in DEMO_REQUEST_FEATURES.items():
-        request.features[name].double_value = value
-    return request
 
 
 def _json_body(request: gateway_pb2.PredictRequest) -> str:
@@ -127,7 +112,7 @@ def _all_serving(stack: Stack) -> dict[str, bool]:
 def test_grpc_and_json_give_the_same_score_as_the_model_on_the_stored_features(whole_stack: Stack) -> None:
     key = whole_stack.keys["demo"]
     for user in (42, 4242):
-        request = _request(user, request_id=f"same-{uuid.uuid4().hex}")
+        request = demo_request(user, request_id=f"same-{uuid.uuid4().hex}")
         via_grpc = whole_stack.predict(request, key)
         via_json = whole_stack.http("/v1/models/fraud:predict", _json_body(request), {"x-api-key": key})
 
@@ -148,7 +133,7 @@ def test_the_90_10_split_holds_and_the_shadow_only_reaches_the_log(whole_stack: 
     try:
         batch = gateway_pb2.PredictBatchRequest(model="fraud")
         for user in range(400):
-            row = _request(user, request_id=f"split-{uuid.uuid4().hex}")
+            row = demo_request(user, request_id=f"split-{uuid.uuid4().hex}")
             batch.rows.add(request_id=row.request_id, entities=row.entities, features=row.features)
         first = whole_stack.stub().PredictBatch(
             batch, metadata=[("x-api-key", whole_stack.keys["demo"])], timeout=30
@@ -173,7 +158,7 @@ def test_a_trace_spans_envoy_gateway_features_inference_kafka_and_logging(whole_
     with cache:
         emptied = [cache.delete(name) for name in list(cache.scan_iter(match="ifs:*", count=1000))]
     assert emptied, "no feature cache entries: the cache prefix changed?"
-    request = _request(5000 + uuid.uuid4().int % 5000, request_id=f"trace-{uuid.uuid4().hex}")
+    request = demo_request(5000 + uuid.uuid4().int % 5000, request_id=f"trace-{uuid.uuid4().hex}")
     whole_stack.predict(request, whole_stack.keys["demo"])
     record = _get_record(whole_stack, request.request_id)
     assert record.trace_id
@@ -217,20 +202,23 @@ def test_a_trace_spans_envoy_gateway_features_inference_kafka_and_logging(whole_
 
 
 def test_missing_or_bad_keys_are_401_and_a_forbidden_model_is_403(whole_stack: Stack) -> None:
-    body = _json_body(_request(1))
+    body = _json_body(demo_request(1))
     assert whole_stack.http("/v1/models/fraud:predict", body).status == 401
     assert whole_stack.http("/v1/models/fraud:predict", body, {"x-api-key": "ig_nope"}).status == 401
     forbidden = whole_stack.http("/v1/models/ranker:predict", body, {"x-api-key": whole_stack.keys["demo"]})
     assert forbidden.status == 403, forbidden.body
 
     assert (
-        _rpc_error(lambda: whole_stack.predict(_request(1), None)).code() == grpc.StatusCode.UNAUTHENTICATED
-    )
-    assert (
-        _rpc_error(lambda: whole_stack.predict(_request(1), "ig_nope")).code()
+        _rpc_error(lambda: whole_stack.predict(demo_request(1), None)).code()
         == grpc.StatusCode.UNAUTHENTICATED
     )
-    denied = _rpc_error(lambda: whole_stack.predict(_request(1, model="ranker"), whole_stack.keys["demo"]))
+    assert (
+        _rpc_error(lambda: whole_stack.predict(demo_request(1), "ig_nope")).code()
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    denied = _rpc_error(
+        lambda: whole_stack.predict(demo_request(1, model="ranker"), whole_stack.keys["demo"])
+    )
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -241,11 +229,11 @@ def test_a_burst_over_the_limit_is_429_while_another_tenant_is_unaffected(whole_
     for user in range(12):
         for key, out in ((limited, codes), (demo, other)):
             try:
-                whole_stack.predict(_request(user), key)
+                whole_stack.predict(demo_request(user), key)
                 out.append(grpc.StatusCode.OK)
             except grpc.RpcError as exc:
                 out.append(exc.code())
-    answer = whole_stack.http("/v1/models/fraud:predict", _json_body(_request(1)), {"x-api-key": limited})
+    answer = whole_stack.http("/v1/models/fraud:predict", _json_body(demo_request(1)), {"x-api-key": limited})
 
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
     assert answer.status == 429 and int(answer.headers["retry-after"]) >= 1
@@ -280,11 +268,11 @@ def test_bad_json_and_wrong_types_are_400_naming_the_problem(
 
 def test_unknown_models_are_404_oversized_bodies_413_and_nothing_crashed(whole_stack: Stack) -> None:
     acme = {"x-api-key": whole_stack.keys["acme"]}  # may call any model
-    unknown = whole_stack.http("/v1/models/nosuch:predict", _json_body(_request(1)), acme)
+    unknown = whole_stack.http("/v1/models/nosuch:predict", _json_body(demo_request(1)), acme)
     assert unknown.status == 404 and "nosuch" in unknown.body
     big = json.dumps({"entities": {"user_id": "u" * 200_000}})
     assert whole_stack.http("/v1/models/fraud:predict", big, acme).status == 413
-    err = _rpc_error(lambda: whole_stack.predict(_request(1, model="nosuch"), whole_stack.keys["acme"]))
+    err = _rpc_error(lambda: whole_stack.predict(demo_request(1, model="nosuch"), whole_stack.keys["acme"]))
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
     assert all(_all_serving(whole_stack).values()), _all_serving(whole_stack)
@@ -292,7 +280,7 @@ def test_unknown_models_are_404_oversized_bodies_413_and_nothing_crashed(whole_s
     for replica in ("gateway", "gateway-2"):
         port = whole_stack.components[replica].port
         assert grpc_health_serving("127.0.0.1", port, "infergrid.gateway.v1.PredictionService")
-    assert whole_stack.predict(_request(3), whole_stack.keys["demo"]).model == "fraud"
+    assert whole_stack.predict(demo_request(3), whole_stack.keys["demo"]).model == "fraud"
 
 
 # Live configuration.
@@ -303,13 +291,13 @@ def test_a_platform_change_applies_in_envoy_and_the_gateway_without_restarts_and
 ) -> None:
     pids = {name: whole_stack.components[name].record() for name in ("gateway", "controlplane", "envoy")}
     key = whole_stack.keys["demo"]
-    sizeable = _json_body(_request(5)) + " " * 40_000  # JSON whitespace: valid, only big
+    sizeable = _json_body(demo_request(5)) + " " * 40_000  # JSON whitespace: valid, only big
     assert whole_stack.http("/v1/models/fraud:predict", sizeable, {"x-api-key": key}).status == 200
     try:
         # All traffic to version 2 (gateway) and a smaller body limit (Envoy's listener, over xDS).
         whole_stack.write_platform(whole_stack.platform_text(w1=0, w2=100, max_bytes=32768))
         whole_stack.wait_for(
-            lambda: all(whole_stack.predict(_request(u), key).model_version == "2" for u in range(10)),
+            lambda: all(whole_stack.predict(demo_request(u), key).model_version == "2" for u in range(10)),
             what="the new split in the gateway",
         )
         whole_stack.wait_for(
@@ -319,7 +307,7 @@ def test_a_platform_change_applies_in_envoy_and_the_gateway_without_restarts_and
         # A bad config (a negative weight) is refused everywhere; the last good one keeps serving.
         whole_stack.write_platform(whole_stack.platform_text(w1=-5, w2=100, max_bytes=131072))
         time.sleep(3)
-        assert all(whole_stack.predict(_request(u), key).model_version == "2" for u in range(10))
+        assert all(whole_stack.predict(demo_request(u), key).model_version == "2" for u in range(10))
         assert whole_stack.http("/v1/models/fraud:predict", sizeable, {"x-api-key": key}).status == 413
     finally:
         whole_stack.reset_platform()
@@ -337,16 +325,16 @@ def test_with_features_stopped_predictions_are_degraded_not_failed(whole_stack: 
     features = whole_stack.components["features"]
     features.stop()
     try:
-        reply = whole_stack.predict(_request(11), whole_stack.keys["demo"])
+        reply = whole_stack.predict(demo_request(11), whole_stack.keys["demo"])
         assert reply.degraded and "user:txn_count_1h" in reply.degraded_features
         answer = whole_stack.http(
-            "/v1/models/fraud:predict", _json_body(_request(12)), {"x-api-key": whole_stack.keys["demo"]}
+            "/v1/models/fraud:predict", _json_body(demo_request(12)), {"x-api-key": whole_stack.keys["demo"]}
         )
         assert answer.status == 200 and answer.json()["degraded"] is True
     finally:
         features.start(Progress(features.name))
     whole_stack.wait_for(
-        lambda: not whole_stack.predict(_request(13), whole_stack.keys["demo"]).degraded,
+        lambda: not whole_stack.predict(demo_request(13), whole_stack.keys["demo"]).degraded,
         what="undegraded answers after features returned",
     )
 
@@ -359,7 +347,7 @@ def test_killing_one_of_two_gateway_replicas_under_load_loses_almost_nothing(who
 
     def one(i: int) -> grpc.StatusCode:
         try:
-            whole_stack.predict(_request(i % 500), key, timeout=5)
+            whole_stack.predict(demo_request(i % 500), key, timeout=5)
             return grpc.StatusCode.OK
         except grpc.RpcError as exc:
             return exc.code()
@@ -386,7 +374,7 @@ def test_with_kafka_stopped_predictions_flow_and_every_record_arrives_after_it_r
     kafka.stop()
     try:
         for i, request_id in enumerate(ids):
-            reply = whole_stack.predict(_request(100 + i, request_id=request_id), key)
+            reply = whole_stack.predict(demo_request(100 + i, request_id=request_id), key)
             assert reply.request_id == request_id
     finally:
         kafka.start(Progress(kafka.name))

@@ -55,6 +55,7 @@ from stack import demo_features as features_demo
 from stack import demo_model as inference_demo
 from stack.cassandra import Cassandra
 from stack.cassandra import admin_env as cassandra_admin_env
+from stack.demo import demo_request
 from stack.kafka import Kafka
 from stack.redis import Redis
 from stack.services import INPUT_LAYOUTS
@@ -227,20 +228,8 @@ async def env(
         inference.stop()
 
 
-def _request(user: int, version: str = "", request_id: str = "") -> gateway_pb2.PredictRequest:
-    request = gateway_pb2.PredictRequest(
-        model="fraud",
-        version=version,
-        request_id=request_id,
-        entities={
-            "user_id": f"u{user:05d}",
-            "merchant_id": f"m{user % 50:04d}",
-            "device_id": f"d{user % 100:05d}",
-        },
-    )
-    for name, value in REQUEST_FEATURES.items():
-        request.features[name].float_value = value
-    return request
+def _request(user: int, **fields: str) -> gateway_pb2.PredictRequest:
+    return demo_request(user, tuple(COUNTS.values()), REQUEST_FEATURES, "float_value", **fields)
 
 
 async def _onnx_score(env: Env, request: gateway_pb2.PredictRequest, version: str) -> float:

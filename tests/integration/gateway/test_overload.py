@@ -29,6 +29,7 @@ from libs.testing import (
     write_test_admission,
 )
 from stack import demo_model as inference_demo
+from stack.demo import demo_request
 from stack.services import INPUT_LAYOUTS
 
 pytestmark = pytest.mark.integration
@@ -102,16 +103,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
 
 
 def _request(i: int) -> gateway_pb2.PredictRequest:
-    request = gateway_pb2.PredictRequest(
-        model="fraud",
-        entities={
-            "user_id": f"u{i % 300:05d}",
-            "merchant_id": f"m{i % 50:04d}",
-            "device_id": f"d{i % 100:05d}",
-        },
-    )
-    request.features["amount"].float_value = 100.0 + i
-    return request
+    return demo_request(i, (300, 50, 100), {"amount": 100.0 + i}, "float_value")
 
 
 async def test_a_saturated_inference_queue_is_resource_exhausted_with_a_hint_and_the_breaker_stays_closed(
