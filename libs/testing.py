@@ -69,6 +69,13 @@ def spawn_module(module: str, env: Mapping[str, str], log: Path | None = None) -
         )
 
 
+def service_env(service: str, port: int, **settings: object) -> dict[str, str]:
+    """The variables of a test's `python -m services.<service>` on `port`, without a metrics port, drain or
+    JSON logs, then `settings` (field names: `service_env("gateway", port, INPUT_LAYOUTS=path)`)."""
+    values = {"PORT": port, "METRICS_PORT": 0, "DRAIN_SECONDS": 0, "LOG_JSON": "false", **settings}
+    return {f"INFERGRID_{service.upper()}_{name}": str(value) for name, value in values.items()}
+
+
 async def wait_serving(
     port: int, service: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0
 ) -> None:

@@ -38,6 +38,7 @@ from libs.testing import (
     TEST_ADMISSION_YAML,
     WithApiKey,
     free_port,
+    service_env,
     stop_process,
     wait_serving,
     write_test_admission,
@@ -137,29 +138,22 @@ async def env(
     features = Process(
         "services.features",
         {
-            "INFERGRID_FEATURES_PORT": str(features_port),
-            "INFERGRID_FEATURES_METRICS_PORT": "0",
-            "INFERGRID_FEATURES_DRAIN_SECONDS": "0",
-            "INFERGRID_FEATURES_LOG_JSON": "false",
-            "INFERGRID_FEATURES_CASSANDRA_CONTACT_POINTS": ",".join(cassandra_server.contact_points),
-            "INFERGRID_FEATURES_CASSANDRA_PORT": str(cassandra_server.port),
-            "INFERGRID_FEATURES_CASSANDRA_KEYSPACE": f"gateway_it_{tag}",
+            **service_env(
+                "features",
+                features_port,
+                CASSANDRA_CONTACT_POINTS=",".join(cassandra_server.contact_points),
+                CASSANDRA_PORT=cassandra_server.port,
+                CASSANDRA_KEYSPACE=f"gateway_it_{tag}",
+                REDIS_URL=redis_server.url,
+                CACHE_KEY_PREFIX=f"gw{tag}:",
+            ),
             **cassandra_admin_env(cassandra_server.config, "INFERGRID_FEATURES_CASSANDRA"),
-            "INFERGRID_FEATURES_REDIS_URL": redis_server.url,
-            "INFERGRID_FEATURES_CACHE_KEY_PREFIX": f"gw{tag}:",
         },
         tmp / "features.log",
     )
     inference = Process(
         "services.inference",
-        {
-            "INFERGRID_INFERENCE_PORT": str(inference_port),
-            "INFERGRID_INFERENCE_METRICS_PORT": "0",
-            "INFERGRID_INFERENCE_HTTP_PORT": "0",
-            "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
-            "INFERGRID_INFERENCE_LOG_JSON": "false",
-            "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
-        },
+        service_env("inference", inference_port, HTTP_PORT=0, MODEL_REPOSITORY=repo),
         tmp / "inference.log",
     )
     features.start()

@@ -23,6 +23,7 @@ from libs.testing import (
     NO_REDIS_URL,
     WithApiKey,
     free_port,
+    service_env,
     spawn_module,
     stop_process,
     wait_serving,
@@ -54,14 +55,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
     inference_port, gateway_port = free_port(), free_port()
     inference = spawn_module(
         "services.inference",
-        {
-            "INFERGRID_INFERENCE_PORT": str(inference_port),
-            "INFERGRID_INFERENCE_METRICS_PORT": "0",
-            "INFERGRID_INFERENCE_HTTP_PORT": "0",
-            "INFERGRID_INFERENCE_DRAIN_SECONDS": "0",
-            "INFERGRID_INFERENCE_LOG_JSON": "false",
-            "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
-        },
+        service_env("inference", inference_port, HTTP_PORT=0, MODEL_REPOSITORY=repo),
         tmp / "inference.log",
     )
     try:
@@ -74,21 +68,21 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
     gateway = spawn_module(
         "services.gateway",
         {
-            "INFERGRID_GATEWAY_PORT": str(gateway_port),
-            "INFERGRID_GATEWAY_METRICS_PORT": "0",
-            "INFERGRID_GATEWAY_DRAIN_SECONDS": "0",
-            "INFERGRID_GATEWAY_LOG_JSON": "false",
-            "INFERGRID_GATEWAY_INPUT_LAYOUTS": str(INPUT_LAYOUTS),
-            # Admission in the gateway: the test's key, a local bucket (no Redis).
-            "INFERGRID_GATEWAY_PLATFORM_FILE": str(write_test_admission(tmp / "platform")),
-            "INFERGRID_GATEWAY_ADMISSION_REDIS_URL": NO_REDIS_URL,
-            "INFERGRID_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{inference_port}",
-            "INFERGRID_GATEWAY_FEATURES_TARGET": f"127.0.0.1:{free_port()}",  # nobody: degraded rows
-            "INFERGRID_GATEWAY_INFERENCE_LOG_ENABLED": "false",
-            "INFERGRID_GATEWAY_MAX_BATCH_ROWS": "1",
-            "INFERGRID_GATEWAY_MAX_CONCURRENT_BATCHES": "8",
-            "INFERGRID_GATEWAY_BREAKER_FAILURES": "5",
-            "INFERGRID_GATEWAY_BREAKER_RESET_S": "30",
+            **service_env(
+                "gateway",
+                gateway_port,
+                INPUT_LAYOUTS=INPUT_LAYOUTS,
+                # Admission in the gateway: the test's key, a local bucket (no Redis).
+                PLATFORM_FILE=write_test_admission(tmp / "platform"),
+                ADMISSION_REDIS_URL=NO_REDIS_URL,
+                INFERENCE_TARGET=f"127.0.0.1:{inference_port}",
+                FEATURES_TARGET=f"127.0.0.1:{free_port()}",  # nobody: degraded rows
+                INFERENCE_LOG_ENABLED="false",
+                MAX_BATCH_ROWS=1,
+                MAX_CONCURRENT_BATCHES=8,
+                BREAKER_FAILURES=5,
+                BREAKER_RESET_S=30,
+            ),
             "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         },
         log,

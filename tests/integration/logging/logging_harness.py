@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.testing import free_port, spawn_module, stop_process, wait_serving
+from libs.testing import free_port, service_env, spawn_module, stop_process, wait_serving
 from services.logging.lake import read_table
 from services.logging.server import SERVICE_NAME
 from stack.cassandra import admin_env as cassandra_admin_env
@@ -54,10 +54,7 @@ class LoggingService:
         self.port = free_port()
         self.log_path = run.tmp / f"logging-{self.port}.log"
         self.env = {
-            "INFERGRID_LOGGING_PORT": str(self.port),
-            "INFERGRID_LOGGING_METRICS_PORT": "0",
-            "INFERGRID_LOGGING_DRAIN_SECONDS": "0",
-            "INFERGRID_LOGGING_LOG_JSON": "false",
+            **service_env("logging", self.port),
             "INFERGRID_LOGGING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
             # As the administrator: the tests use topics and groups of their own.
             **credential_env(kafka.config, "admin", "INFERGRID_LOGGING_"),
