@@ -174,9 +174,9 @@ def redis_server(stack: StackSession) -> Redis:
 def cassandra_server(stack: StackSession) -> Cassandra:
     """A running Cassandra; every client logs in. As the administrator (never print its password):
     `Cluster(cassandra_server.contact_points, port=cassandra_server.port, auth_provider=
-    cassandra_server.auth_provider)`, `CassandraConfig(cassandra_username=stack.cassandra.ADMIN_ROLE,
-    cassandra_password=cassandra_server.admin_password)`, or a process's variables with
-    `stack.cassandra.admin_env(config, prefix)`; the services' roles: `stack.cassandra.credential_env`."""
+    cassandra_server.auth_provider)`, `cassandra_server.admin_config(keyspace)` (a libs.cassandra
+    CassandraConfig), or a process's variables with `stack.cassandra.admin_env(config, prefix)`; the
+    services' roles: `stack.cassandra.credential_env`."""
     return stack.ensure(Cassandra(stack.config))
 
 
