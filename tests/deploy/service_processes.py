@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from libs.checkout import checkout_env
 from libs.testing import REPO_ROOT, free_port, spawn_module, stop_process, wait_serving
 from stack.cassandra import admin_env as cassandra_admin_env
+from stack.prometheus import Prometheus, write_targets
 from tests.deploy.k8s_objects import WORKERS, service_code
 
 Env = dict[str, str]
@@ -210,6 +211,14 @@ class Running:
         stop_process(self.proc)
         err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
         return err[-3000:]
+
+
+def scrape_when_ready(prometheus: Prometheus, running: Sequence[Running]) -> None:
+    """Waits for every process to be ready, then gives their metrics ports to Prometheus (pods `<name>-0`)."""
+    for service in running:
+        service.wait_ready()
+    targets = [(f"{s.name}-0", s.name, f"127.0.0.1:{s.metrics_port}") for s in running]
+    write_targets(prometheus.config, "static", targets)
 
 
 async def _call_any_unary_method(port: int, service_name: str) -> None:

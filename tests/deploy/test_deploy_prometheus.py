@@ -25,9 +25,16 @@ import yaml
 
 from libs.testing import free_port, stop_process
 from stack.config import StackConfig
-from stack.prometheus import ALERT_RULES, Prometheus, recorded_name, recording_rules, write_targets
+from stack.prometheus import ALERT_RULES, Prometheus, recorded_name, recording_rules
 from tests.deploy.k8s_objects import Rendered, adapter_rules
-from tests.deploy.service_processes import EXERCISES, STARTERS, Running, _call_any_unary_method, _series
+from tests.deploy.service_processes import (
+    EXERCISES,
+    STARTERS,
+    Running,
+    _call_any_unary_method,
+    _series,
+    scrape_when_ready,
+)
 
 
 def _hpa_metrics(overlays: dict[str, Rendered]) -> dict[str, str]:
@@ -95,13 +102,7 @@ def test_prometheus_answers_every_hpa_metric(
             folder = tmp_path / name
             folder.mkdir()
             running.append(Running(name, STARTERS[name](request, folder)))
-        for service in running:
-            service.wait_ready()
-        write_targets(
-            prometheus.config,
-            "static",
-            [(f"{s.name}-0", s.name, f"127.0.0.1:{s.metrics_port}") for s in running],
-        )
+        scrape_when_ready(prometheus, running)
         rules = adapter_rules()
         missing = dict.fromkeys(metrics)
         deadline = time.monotonic() + 90

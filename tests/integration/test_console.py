@@ -31,7 +31,7 @@ from libs.testing import free_port, spawn_module, stop_process
 from stack.config import StackConfig
 from stack.demo import DEMO_ENTITIES, DEMO_REQUEST_FEATURES
 from stack.kafka import Kafka, credential_env
-from stack.prometheus import Prometheus, write_targets
+from stack.prometheus import Prometheus
 from stack.services import INPUT_LAYOUTS
 from tests.deploy.service_processes import (
     Running,
@@ -39,6 +39,7 @@ from tests.deploy.service_processes import (
     _features_ingest_env,
     _gateway_env,
     _logging_env,
+    scrape_when_ready,
 )
 
 pytestmark = pytest.mark.integration
@@ -163,13 +164,7 @@ def test_console_shows_every_section_with_data(
             },
         )
         started.append(gateway)
-        for service in started:
-            service.wait_ready()
-        write_targets(
-            prometheus.config,
-            "static",
-            [(f"{s.name}-0", s.name, f"127.0.0.1:{s.metrics_port}") for s in started],
-        )
+        scrape_when_ready(prometheus, started)
         console_port = free_port()
         console = spawn_module(
             "services.console",
