@@ -56,27 +56,17 @@ def env_var(name: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
-def setting(
-    default: Any = dataclasses.MISSING,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    positive: bool = False,
-    choices: tuple[Any, ...] = (),
-    **kwargs: Any,
-) -> Any:
-    """Declares a field with bounds (inclusive; `positive`: above 0) or `choices`, checked when its `Bounded`
-    section is built."""
-    bounds = {"minimum": minimum, "maximum": maximum, "positive": positive, "choices": choices}
-    metadata = {**kwargs.pop("metadata", {}), "bounds": bounds}
-    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+def setting(default: Any = dataclasses.MISSING, **bounds: Any) -> Any:
+    """Declares a field with bounds, checked when its `Bounded` section is built: `minimum` and `maximum`
+    (inclusive), `positive` (above 0) or `choices`."""
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
 
 
 class BoundError(ValueError):
     """A `setting` is out of its bounds; `field` names it (the loader names its variable)."""
 
-    def __init__(self, field: str, problem: str, value: Any) -> None:
-        super().__init__(f"{field} must {problem}, got {value}")
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} must {problem}")
         self.field = field
 
 
@@ -86,30 +76,30 @@ class Bounded:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            bounds = field.metadata.get("bounds")
-            if bounds is not None:
-                _check_bounds(field.name, getattr(self, field.name), **bounds)
+            value = getattr(self, field.name)
+            if "bounds" in field.metadata and (problem := _out_of_bounds(value, **field.metadata["bounds"])):
+                raise BoundError(field.name, f"{problem}, got {value!r}")
 
 
-def _check_bounds(
-    name: str,
+def _out_of_bounds(
     value: Any,
-    *,
-    minimum: float | None,
-    maximum: float | None,
-    positive: bool,
-    choices: tuple[Any, ...],
-) -> None:
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+    choices: tuple[Any, ...] = (),
+) -> str:
+    """What `value` breaks of its bounds; "" when nothing."""
     if choices and value not in choices:
-        raise BoundError(name, f"be one of {choices}", repr(value))
+        return f"be one of {choices}"
     if positive and not value > 0:
-        raise BoundError(name, "be positive", value)
+        return "be positive"
     if minimum is not None and maximum is not None and not minimum <= value <= maximum:
-        raise BoundError(name, f"be {minimum}..{maximum}", value)
+        return f"be {minimum}..{maximum}"
     if minimum is not None and value < minimum:
-        raise BoundError(name, "not be negative" if minimum == 0 else f"be at least {minimum}", value)
+        return "not be negative" if minimum == 0 else f"be at least {minimum}"
     if maximum is not None and value > maximum:
-        raise BoundError(name, f"be at most {maximum}", value)
+        return f"be at most {maximum}"
+    return ""
 
 
 def _convert(variable: str, raw: str, kind: Any) -> Any:
