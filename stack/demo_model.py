@@ -24,6 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from infergrid.features.v1 import features_pb2
+from infergrid.gateway.v1 import gateway_pb2
+from infergrid.types.v1 import value_pb2
+
 MODEL_NAME = "fraud"
 INPUT_NAME = "features"
 OUTPUT_NAME = "fraud_probability"
@@ -289,6 +293,38 @@ def features_description() -> dict[str, object]:
             for i, f in enumerate(FEATURES)
         ],
     }  # fmt: skip
+
+
+def stored_features_request(request: gateway_pb2.PredictRequest) -> features_pb2.GetOnlineFeaturesRequest:
+    """The feature-store read of the model's stored inputs for `request`'s entities (for `onnx_score`)."""
+    return features_pb2.GetOnlineFeaturesRequest(
+        features=[f.name for f in FEATURES if f.source != "request"],
+        entities={
+            key: value_pb2.ValueList(values=[value_pb2.Value(string_value=value)])
+            for key, value in request.entities.items()
+        },
+    )
+
+
+def onnx_score(
+    model_dir: Path,
+    version: str,
+    request: gateway_pb2.PredictRequest,
+    stored: features_pb2.GetOnlineFeaturesResponse,
+) -> float:
+    """The model file of `version` run by ONNX Runtime on `request`'s inputs (their defaults where not sent)
+    and the `stored` features (every one present): what the gateway must answer (the tests' oracle)."""
+    import onnxruntime as ort
+
+    assert all(v.statuses[0] == features_pb2.FEATURE_STATUS_PRESENT for v in stored.results)
+    by_name = {
+        name: v.values[0].float_value for name, v in zip(stored.feature_names, stored.results, strict=True)
+    }
+    sent = {name: getattr(v, v.WhichOneof("kind") or "double_value") for name, v in request.features.items()}
+    row = [sent.get(f.name, f.default) if f.source == "request" else by_name[f.name] for f in FEATURES]
+    session = ort.InferenceSession(str(model_dir / version / "model.onnx"))
+    (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray([row], dtype=np.float32)})
+    return float(out.reshape(-1)[0])
 
 
 def write_repository(root: Path, samples: int = 40_000) -> Path:

@@ -17,15 +17,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
-import onnxruntime as ort
 import pytest
 import redis
 
-from infergrid.features.v1 import features_pb2, features_pb2_grpc
+from infergrid.features.v1 import features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
-from infergrid.types.v1 import value_pb2
+from stack import demo_model
 from stack.demo import demo_request
 from stack.probes import grpc_health_serving, http_get
 from stack.progress import Progress
@@ -60,28 +58,10 @@ def _score(reply: gateway_pb2.PredictResponse) -> float:
 
 def _onnx_score(stack: Stack, request: gateway_pb2.PredictRequest, version: str) -> float:
     """The model run directly by ONNX Runtime on the features the feature store holds for the entities."""
-    layout = json.loads((stack.repo / "fraud" / "features.json").read_text())
-    refs = [f["name"] for f in layout["features"] if f["source"] != "request"]
-    entities = {
-        key: value_pb2.ValueList(values=[value_pb2.Value(string_value=value)])
-        for key, value in request.entities.items()
-    }
     with grpc.insecure_channel(stack.address("features")) as channel:
-        stored = features_pb2_grpc.FeatureServiceStub(channel).GetOnlineFeatures(
-            features_pb2.GetOnlineFeaturesRequest(features=refs, entities=entities), timeout=10
-        )
-    assert all(v.statuses[0] == features_pb2.FEATURE_STATUS_PRESENT for v in stored.results)
-    by_name = {
-        name: vector.values[0].float_value
-        for name, vector in zip(stored.feature_names, stored.results, strict=True)
-    }
-    row = [
-        request.features[f["name"]].double_value if f["source"] == "request" else by_name[f["name"]]
-        for f in layout["features"]
-    ]
-    session = ort.InferenceSession(str(stack.repo / "fraud" / version / "model.onnx"))
-    (out,) = session.run(["fraud_probability"], {"features": np.asarray([row], dtype=np.float32)})
-    return float(out.reshape(-1)[0])
+        read = demo_model.stored_features_request(request)
+        stored = features_pb2_grpc.FeatureServiceStub(channel).GetOnlineFeatures(read, timeout=10)
+    return demo_model.onnx_score(stack.repo / "fraud", version, request, stored)
 
 
 def _get_record(

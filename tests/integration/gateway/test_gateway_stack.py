@@ -9,7 +9,6 @@ servers start once for the module; the tests that stop things come last.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import time
@@ -20,15 +19,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from infergrid.features.v1 import features_pb2, features_pb2_grpc
+from infergrid.features.v1 import features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from infergrid.logging.v1 import logging_pb2
-from infergrid.types.v1 import value_pb2
 from libs.checkout import checkout_env
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
 from libs.server import Server
@@ -228,27 +225,8 @@ def _request(user: int, **fields: str) -> gateway_pb2.PredictRequest:
 
 async def _onnx_score(env: Env, request: gateway_pb2.PredictRequest, version: str) -> float:
     """The model run directly by ONNX Runtime on the features stored for the request's entities."""
-    layout = json.loads((env.repo / "fraud" / "features.json").read_text())
-    refs = [f["name"] for f in layout["features"] if f["source"] != "request"]
-    entities = {
-        key: value_pb2.ValueList(values=[value_pb2.Value(string_value=value)])
-        for key, value in request.entities.items()
-    }
-    stored = await env.features.GetOnlineFeatures(
-        features_pb2.GetOnlineFeaturesRequest(features=refs, entities=entities), timeout=10
-    )
-    by_name = {
-        name: vector.values[0].float_value
-        for name, vector in zip(stored.feature_names, stored.results, strict=True)
-    }
-    assert all(v.statuses[0] == features_pb2.FEATURE_STATUS_PRESENT for v in stored.results)
-    row = [
-        request.features[f["name"]].float_value if f["source"] == "request" else by_name[f["name"]]
-        for f in layout["features"]
-    ]
-    session = ort.InferenceSession(str(env.repo / "fraud" / version / "model.onnx"))
-    (out,) = session.run(["fraud_probability"], {"features": np.asarray([row], dtype=np.float32)})
-    return float(out.reshape(-1)[0])
+    stored = await env.features.GetOnlineFeatures(inference_demo.stored_features_request(request), timeout=10)
+    return inference_demo.onnx_score(env.repo / "fraud", version, request, stored)
 
 
 def _consume(
