@@ -9,6 +9,8 @@ import asyncio
 import os
 import threading
 
+import grpc
+
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from libs.config import load_config_or_exit
 from libs.errors import InvalidArgument, NotFound, Unavailable
@@ -38,6 +40,9 @@ class EchoServicer(features_pb2_grpc.FeatureServiceServicer):
             raise RuntimeError("a bug with a secret=hunter2 in it")
         elif name == "thread":
             return features_pb2.FeatureView(name=name, description=_where())
+        elif name == "peer":  # the verified client certificate's name (TLS)
+            names = context.auth_context().get("x509_common_name", [b""])  # type: ignore[attr-defined]
+            return features_pb2.FeatureView(name=name, description=names[0].decode())
         return features_pb2.FeatureView(name=name, description=str(os.getpid()))
 
     def ListFeatureViews(  # noqa: N802 - gRPC method name
@@ -57,12 +62,17 @@ def _where() -> str:
     return f"{threading.current_thread().name} in a loop"
 
 
-def build(config: ServerConfig, telemetry: Telemetry | None = None) -> Server:
+def build(
+    config: ServerConfig,
+    telemetry: Telemetry | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> Server:
     servicer = EchoServicer()
     return build_server(
         config,
         [GrpcService(SERVICE, lambda s: features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, s))],
         telemetry=telemetry,
+        credentials=credentials,
     )
 
 

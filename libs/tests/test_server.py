@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
+from libs import mtls
 from libs.server import LIVENESS_SERVICE, GrpcService, Server, ServerConfig, build_server
 from libs.testing import (
     free_port,
@@ -321,3 +323,30 @@ async def test_a_call_past_its_deadline_cancels_its_handler(
             break
         await asyncio.sleep(0.02)
     assert REGISTRY.get_sample_value("grpc_server_handled_total", labels) == before + 1
+
+
+async def test_mutual_tls_on_both_transports(transport: str, tmp_path: Path) -> None:
+    """The port takes TLS credentials on either transport: the mesh's client certificate is served, and the
+    handler sees the verified peer (`auth_context`); a client without a certificate is refused."""
+    mesh = mtls.ensure_mesh_certificates(tmp_path / "mesh")
+    server = build(
+        ServerConfig(port=0, transport=transport),
+        credentials=mtls.server_credentials(mesh.ca_cert, mesh.gateway_cert, mesh.gateway_key),
+    )
+    await server.start()
+    address = f"localhost:{server.port}"
+    try:
+        client = mtls.channel_credentials(mesh.ca_cert, mesh.envoy_cert, mesh.envoy_key)
+        async with grpc.aio.secure_channel(address, client) as channel:
+            stub = features_pb2_grpc.FeatureServiceStub(channel)
+            view = await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="peer"))
+        assert view.description == "envoy"
+        anonymous = grpc.ssl_channel_credentials(root_certificates=mesh.ca_cert.read_bytes())
+        async with grpc.aio.secure_channel(address, anonymous) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await features_pb2_grpc.FeatureServiceStub(channel).GetFeatureView(
+                    features_pb2.GetFeatureViewRequest(name="peer"), timeout=5
+                )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(0, 0.5)
