@@ -41,6 +41,7 @@ from stack.kafka import Kafka
 from stack.ports import DEFAULT_PORTS, find_free_ports
 from stack.process import ProcessRecord, find_marked_processes, terminate, terminate_marked
 from stack.progress import Progress
+from stack.prometheus import Prometheus
 from stack.redis import Redis
 
 REUSE_VARIABLE = "INFERGRID_REUSE_STACK"
@@ -199,6 +200,16 @@ def envoy_binary(stack: StackSession) -> Path:
     envoy = Envoy(stack.config)
     envoy.ensure_installed()
     return envoy.binary
+
+
+@pytest.fixture
+def prometheus(stack_config: StackConfig, tmp_path: Path) -> Iterator[Prometheus]:
+    """A Prometheus of the test's own (its state in the test's folder, a free port), stopped after it."""
+    config = dataclasses.replace(stack_config, state_dir=tmp_path / "state")
+    server = Prometheus(config, ports={"prometheus": find_free_ports(config.host, 1)[0]})
+    server.start()
+    yield server
+    server.stop()
 
 
 EnvoyFactory = Callable[[Path, Mapping[str, object]], Envoy]

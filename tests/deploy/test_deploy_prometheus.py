@@ -10,21 +10,18 @@ files labelled like PodMonitor targets, and it answers a query for every HPA met
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from libs.testing import free_port, stop_process
-from stack.config import StackConfig
+from libs.testing import stop_process
 from stack.prometheus import ALERT_RULES, Prometheus, recorded_name, recording_rules
 from tests.deploy.k8s_objects import Rendered, adapter_rules
 from tests.deploy.service_processes import (
@@ -71,15 +68,6 @@ def test_promtool_accepts_the_recording_and_alert_rules(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.fixture
-def prometheus(stack_config: StackConfig, tmp_path: Path) -> Iterator[Prometheus]:
-    config = dataclasses.replace(stack_config, state_dir=tmp_path / "state")
-    server = Prometheus(config, ports={"prometheus": free_port()})
-    server.start()
-    yield server
-    server.stop()
 
 
 def _query(prometheus: Prometheus, expr: str) -> list[dict]:

@@ -13,11 +13,9 @@ docs/console.png: `INFERGRID_CONSOLE_SCREENSHOT=docs/console.png pytest tests/in
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from libs.apikeys import hash_key, new_key
 from libs.testing import free_port, spawn_module, stop_process
-from stack.config import StackConfig
 from stack.demo import DEMO_ENTITIES, DEMO_REQUEST_FEATURES
 from stack.kafka import Kafka, credential_env
 from stack.prometheus import Prometheus
@@ -58,15 +55,6 @@ models:
 """
 # Demo entities to load: enough for DEMO_ENTITIES' ids (u00042, m0007, d00042).
 DEMO_COUNTS = {"user": 100, "merchant": 20, "device": 100}
-
-
-@pytest.fixture
-def prometheus(stack_config: StackConfig, tmp_path: Path) -> Iterator[Prometheus]:
-    config = dataclasses.replace(stack_config, state_dir=tmp_path / "state")
-    server = Prometheus(config, ports={"prometheus": free_port()})
-    server.start()
-    yield server
-    server.stop()
 
 
 async def _predictions(port: int, key: str, count: int) -> None:
