@@ -15,6 +15,7 @@ section is built; the loader's error names its variable and the bad value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import stat
@@ -54,6 +55,14 @@ def env_var(name: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any
     """Declares a field read from an explicitly named variable instead of `<PREFIX><FIELD>`."""
     metadata = {**kwargs.pop("metadata", {}), "env": name}
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def section(cls: type[T], **defaults: Any) -> Any:
+    """Declares a nested section whose fields default to `defaults` (a service's own port) instead of the
+    class's; the loader and the README tables use them."""
+    return dataclasses.field(
+        default_factory=functools.partial(cls, **defaults), metadata={"defaults": defaults}
+    )
 
 
 def setting(default: Any = dataclasses.MISSING, **bounds: Any) -> Any:
@@ -203,13 +212,14 @@ def hide_url_password(text: str) -> str:
     return _URL_PASSWORD.sub(lambda m: m["head"] + _REDACTED, text)
 
 
-def load_config(cls: type[T], environ: Mapping[str, str], prefix: str) -> T:
+def load_config(cls: type[T], environ: Mapping[str, str], prefix: str, defaults: Mapping[str, Any] = {}) -> T:
     """Builds `cls` from `environ`.
 
     Args:
         cls: A (frozen) dataclass type whose fields are typed and defaulted.
         environ: The environment to read, e.g. `os.environ` (a parameter, so tests pass a dict).
         prefix: The variable prefix, e.g. "INFERGRID_FEATURES_".
+        defaults: Field values used where `environ` has none, instead of the class's defaults.
 
     Returns:
         The filled dataclass.
@@ -218,18 +228,20 @@ def load_config(cls: type[T], environ: Mapping[str, str], prefix: str) -> T:
         ConfigError: A value is malformed or a required value is missing; names the variable.
     """
     hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults)
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         kind = hints[field.name]
         if dataclasses.is_dataclass(kind):
-            values[field.name] = load_config(kind, environ, prefix)  # type: ignore[arg-type]
+            nested = field.metadata.get("defaults", {})
+            values[field.name] = load_config(kind, environ, prefix, nested)  # type: ignore[arg-type]
             continue
         variable = field.metadata.get("env", f"{prefix}{field.name.upper()}")
         raw = environ.get(variable)
         if raw is None and field.metadata.get("secret") and f"{variable}_FILE" in environ:
             raw = _read_secret_file(f"{variable}_FILE", environ[f"{variable}_FILE"])
         if raw is None:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            missing = dataclasses.MISSING
+            if field.name not in values and field.default is missing and field.default_factory is missing:
                 raise ConfigError(variable, "is required but not set")
             continue
         values[field.name] = _convert(variable, raw, kind)

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import sys
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,10 @@ def _field_comment(cls: type, name: str) -> str:
     return ""
 
 
-def _format_default(field: dataclasses.Field[Any]) -> str:
-    if field.default is not dataclasses.MISSING:
+def _format_default(field: dataclasses.Field[Any], defaults: Mapping[str, Any]) -> str:
+    if field.name in defaults:
+        value = defaults[field.name]
+    elif field.default is not dataclasses.MISSING:
         value = field.default
     elif field.default_factory is not dataclasses.MISSING:
         value = field.default_factory()
@@ -68,20 +71,21 @@ def _format_default(field: dataclasses.Field[Any]) -> str:
     return str(value)
 
 
-def rows(cls: type, prefix: str) -> list[tuple[str, str, str]]:
-    """(variable, default, meaning) for every field of `cls`, nested config groups flattened in order."""
+def rows(cls: type, prefix: str, defaults: Mapping[str, Any] = {}) -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every field of `cls`, nested config groups flattened in order (their
+    `libs.config.section` defaults applied)."""
     hints = typing.get_type_hints(cls)
     out: list[tuple[str, str, str]] = []
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
         if dataclasses.is_dataclass(kind):
-            out.extend(rows(kind, prefix))  # type: ignore[arg-type]
+            out.extend(rows(kind, prefix, field.metadata.get("defaults", {})))  # type: ignore[arg-type]
             continue
         variable = field.metadata.get("env", f"{prefix}{field.name.upper()}")
         meaning = _field_comment(cls, field.name)
         if field.metadata.get("secret"):
             meaning = (meaning + " " if meaning else "") + f"(secret: or a file named by `{variable}_FILE`)"
-        out.append((variable, _format_default(field), meaning))
+        out.append((variable, _format_default(field, defaults), meaning))
     return out
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.config import Bounded, ConfigError, env_var, load_config, redacted, secret, setting
+from libs.config import Bounded, ConfigError, env_var, load_config, redacted, secret, section, setting
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,14 @@ def test_bounds_hold_when_a_section_is_built_directly() -> None:
     assert _Bounded(workers=4, port=65535, timeout_s=0.5, mode="b").workers == 4
     with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
         _Bounded(workers=0)
+
+
+@dataclass(frozen=True)
+class _Sections:
+    inner: _Inner = section(_Inner, port=20)
+
+
+def test_a_section_has_its_own_defaults_which_variables_override() -> None:
+    assert _Sections().inner.port == 20
+    assert load_config(_Sections, {}, "X_").inner == _Inner(port=20)
+    assert load_config(_Sections, {"X_PORT": "30"}, "X_").inner.port == 30

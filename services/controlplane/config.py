@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.config import Bounded, setting
+from libs.config import Bounded, section, setting
 from libs.discovery import TargetError, parse_targets
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
@@ -19,11 +19,6 @@ class ControlPlaneServerConfig(ServerConfig):
     # Envoy holds one ADS stream open for its whole life: do not wait for it on shutdown.
     drain_seconds: float = 0.5
     grace_seconds: float = 1.0
-
-
-@dataclass(frozen=True)
-class ControlPlaneTelemetryConfig(TelemetryConfig):
-    metrics_port: int = 9106
 
 
 @dataclass(frozen=True)
@@ -73,5 +68,5 @@ class ControlPlaneConfig:
     """Everything the control plane reads at start-up."""
 
     server: ControlPlaneServerConfig = field(default_factory=ControlPlaneServerConfig)
-    telemetry: ControlPlaneTelemetryConfig = field(default_factory=ControlPlaneTelemetryConfig)
+    telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=9106)
     envoy: EnvoySettings = field(default_factory=EnvoySettings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.config import RedisClientConfig, setting
+from libs.config import RedisClientConfig, section, setting
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -15,11 +15,6 @@ ENV_PREFIX = "INFERGRID_EDGE_"
 @dataclass(frozen=True)
 class EdgeServerConfig(ServerConfig):
     port: int = 50060
-
-
-@dataclass(frozen=True)
-class EdgeTelemetryConfig(TelemetryConfig):
-    metrics_port: int = 9107
 
 
 @dataclass(frozen=True)
@@ -49,5 +44,5 @@ class EdgeConfig:
     """Everything the edge service reads at start-up."""
 
     server: EdgeServerConfig = field(default_factory=EdgeServerConfig)
-    telemetry: EdgeTelemetryConfig = field(default_factory=EdgeTelemetryConfig)
+    telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=9107)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from libs.cassandra import CassandraConfig
-from libs.config import Bounded, RedisClientConfig, setting
+from libs.config import Bounded, RedisClientConfig, section, setting
 from libs.kafka import KafkaConfig
 from libs.server import TRANSPORTS, ServerConfig
 from libs.telemetry import TelemetryConfig
@@ -18,11 +18,6 @@ class FeaturesServerConfig(ServerConfig):
     port: int = 50052
     # "aio" or "threaded" (libs/server.py); threaded here: a cache hit costs about half the CPU of grpc.aio.
     transport: str = setting("threaded", choices=TRANSPORTS)
-
-
-@dataclass(frozen=True)
-class FeaturesTelemetryConfig(TelemetryConfig):
-    metrics_port: int = 9102
 
 
 @dataclass(frozen=True)
@@ -93,7 +88,7 @@ class FeaturesConfig:
     """Everything the features service reads at start-up."""
 
     server: FeaturesServerConfig = field(default_factory=FeaturesServerConfig)
-    telemetry: FeaturesTelemetryConfig = field(default_factory=FeaturesTelemetryConfig)
+    telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=9102)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.config import Bounded, secret, setting, url_with_credentials
+from libs.config import Bounded, secret, section, setting, url_with_credentials
 from libs.discovery import TargetError, parse_targets
 from libs.inference_log import InferenceLogConfig
 from libs.kafka import KafkaConfig
@@ -38,11 +38,6 @@ class GatewayServerConfig(ServerConfig):
     def mesh(self) -> bool:
         """True when the port requires Envoy's mesh client certificate."""
         return self.tls_ca_file is not None
-
-
-@dataclass(frozen=True)
-class GatewayTelemetryConfig(TelemetryConfig):
-    metrics_port: int = 9101
 
 
 @dataclass(frozen=True)
@@ -185,7 +180,7 @@ class GatewayConfig:
     """Everything the gateway service reads at start-up."""
 
     server: GatewayServerConfig = field(default_factory=GatewayServerConfig)
-    telemetry: GatewayTelemetryConfig = field(default_factory=GatewayTelemetryConfig)
+    telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=9101)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.config import Bounded, ConfigError, setting
+from libs.config import Bounded, ConfigError, section, setting
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
 
@@ -15,11 +15,6 @@ ENV_PREFIX = "INFERGRID_INFERENCE_"
 @dataclass(frozen=True)
 class InferenceServerConfig(ServerConfig):
     port: int = 8001
-
-
-@dataclass(frozen=True)
-class InferenceTelemetryConfig(TelemetryConfig):
-    metrics_port: int = 8002
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ class InferenceConfig:
     """Everything the inference service reads at start-up."""
 
     server: InferenceServerConfig = field(default_factory=InferenceServerConfig)
-    telemetry: InferenceTelemetryConfig = field(default_factory=InferenceTelemetryConfig)
+    telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=8002)
     models: ModelServingConfig = field(default_factory=ModelServingConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     control: ControlConfig = field(default_factory=ControlConfig)

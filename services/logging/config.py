@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.cassandra import CassandraConfig
-from libs.config import Bounded, secret, setting
+from libs.config import Bounded, secret, section, setting
 from libs.kafka import KafkaConfig
 from libs.server import ServerConfig
 from libs.telemetry import TelemetryConfig
@@ -17,11 +17,6 @@ ENV_PREFIX = "INFERGRID_LOGGING_"
 @dataclass(frozen=True)
 class LoggingServerConfig(ServerConfig):
     port: int = 50054
-
-
-@dataclass(frozen=True)
-class LoggingTelemetryConfig(TelemetryConfig):
-    metrics_port: int = 9104
 
 
 @dataclass(frozen=True)
@@ -89,7 +84,7 @@ class LoggingConfig:
     """Everything the logging service reads at start-up."""
 
     server: LoggingServerConfig = field(default_factory=LoggingServerConfig)
-    telemetry: LoggingTelemetryConfig = field(default_factory=LoggingTelemetryConfig)
+    telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=9104)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     kafka: LoggingKafkaConfig = field(default_factory=LoggingKafkaConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
