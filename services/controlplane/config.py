@@ -14,14 +14,6 @@ ENV_PREFIX = "INFERGRID_CONTROLPLANE_"
 
 
 @dataclass(frozen=True)
-class ControlPlaneServerConfig(ServerConfig):
-    port: int = 18000
-    # Envoy holds one ADS stream open for its whole life: do not wait for it on shutdown.
-    drain_seconds: float = 0.5
-    grace_seconds: float = 1.0
-
-
-@dataclass(frozen=True)
 class EnvoySettings(Bounded):
     """Deployment wiring the platform file does not hold: where Envoy's helpers are, where it writes."""
 
@@ -67,6 +59,7 @@ class EnvoySettings(Bounded):
 class ControlPlaneConfig:
     """Everything the control plane reads at start-up."""
 
-    server: ControlPlaneServerConfig = field(default_factory=ControlPlaneServerConfig)
+    # Envoy holds one ADS stream open for its whole life: do not wait for it on shutdown.
+    server: ServerConfig = section(ServerConfig, port=18000, drain_seconds=0.5, grace_seconds=1.0)
     telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=9106)
     envoy: EnvoySettings = field(default_factory=EnvoySettings)

@@ -13,11 +13,6 @@ ENV_PREFIX = "INFERGRID_EDGE_"
 
 
 @dataclass(frozen=True)
-class EdgeServerConfig(ServerConfig):
-    port: int = 50060
-
-
-@dataclass(frozen=True)
 class PolicyConfig(RedisClientConfig):
     """Where tenants, tiers and keys come from, and the rate limiter's store: its Redis (`redis_url`), its own
     instance or db with maxmemory-policy noeviction (a cache's eviction must never erase a bucket)."""
@@ -43,6 +38,6 @@ class PolicyConfig(RedisClientConfig):
 class EdgeConfig:
     """Everything the edge service reads at start-up."""
 
-    server: EdgeServerConfig = field(default_factory=EdgeServerConfig)
+    server: ServerConfig = section(ServerConfig, port=50060)
     telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=9107)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

@@ -17,7 +17,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 from libs.platform import parse_platform
-from services.controlplane.config import ControlPlaneConfig, ControlPlaneServerConfig, EnvoySettings
+from libs.server import ServerConfig
+from services.controlplane.config import ControlPlaneConfig, EnvoySettings
 from services.controlplane.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -147,7 +148,7 @@ async def _ads(platform: Path, **envoy: Any) -> AsyncIterator[tuple[Any, Any, as
     descriptors = platform.with_name("d.pb")
     descriptors.write_bytes(b"")
     config = ControlPlaneConfig(
-        server=ControlPlaneServerConfig(port=0, drain_seconds=0, grace_seconds=0),
+        server=ServerConfig(port=0, drain_seconds=0, grace_seconds=0),
         envoy=EnvoySettings(platform_file=platform, descriptor_set=descriptors, **envoy),
     )
     server, control_plane = await create_control_plane(config)

@@ -12,8 +12,9 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import code_pb2
 
+from libs.server import ServerConfig
 from libs.testing import FakeLimiter
-from services.edge.config import EdgeConfig, EdgeServerConfig, PolicyConfig
+from services.edge.config import EdgeConfig, PolicyConfig
 from services.edge.keys import add_key
 from services.edge.server import create_server
 
@@ -34,7 +35,7 @@ async def edge(tmp_path: Path) -> AsyncIterator[tuple[grpc.aio.Channel, FakeLimi
     add_key(tmp_path / "keys.yaml", "demo", "demo", "ig_demo")
     limiter = FakeLimiter()
     config = EdgeConfig(
-        server=EdgeServerConfig(port=0, drain_seconds=0, grace_seconds=0),
+        server=ServerConfig(port=0, drain_seconds=0, grace_seconds=0),
         policy=PolicyConfig(platform_file=tmp_path / "platform.yaml", poll_seconds=0.05),
     )
     server = await create_server(config, limiter=limiter)
