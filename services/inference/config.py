@@ -13,11 +13,6 @@ ENV_PREFIX = "INFERGRID_INFERENCE_"
 
 
 @dataclass(frozen=True)
-class InferenceServerConfig(ServerConfig):
-    port: int = 8001
-
-
-@dataclass(frozen=True)
 class HttpConfig(Bounded):
     """The Open Inference Protocol's HTTP/JSON API beside gRPC (INFERGRID_INFERENCE_HTTP_*)."""
 
@@ -68,7 +63,7 @@ class ControlConfig(Bounded):
 class InferenceConfig:
     """Everything the inference service reads at start-up."""
 
-    server: InferenceServerConfig = field(default_factory=InferenceServerConfig)
+    server: ServerConfig = section(ServerConfig, port=8001)
     telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=8002)
     models: ModelServingConfig = field(default_factory=ModelServingConfig)
     http: HttpConfig = field(default_factory=HttpConfig)

@@ -15,11 +15,6 @@ ENV_PREFIX = "INFERGRID_LOGGING_"
 
 
 @dataclass(frozen=True)
-class LoggingServerConfig(ServerConfig):
-    port: int = 50054
-
-
-@dataclass(frozen=True)
 class LoggingKafkaConfig(KafkaConfig):
     kafka_client_id: str = "infergrid-logging"
 
@@ -83,7 +78,7 @@ class QueryConfig:
 class LoggingConfig:
     """Everything the logging service reads at start-up."""
 
-    server: LoggingServerConfig = field(default_factory=LoggingServerConfig)
+    server: ServerConfig = section(ServerConfig, port=50054)
     telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=9104)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     kafka: LoggingKafkaConfig = field(default_factory=LoggingKafkaConfig)

@@ -39,14 +39,15 @@ from libs.config import load_config
 from libs.inference_log import InferenceLogConfig, InferenceLogProducer
 from libs.platform import parse_platform
 from libs.ratelimit import RedisTokenBucketLimiter
+from libs.server import ServerConfig
 from libs.spool import Spool
 from libs.testing import NO_REDIS_URL, TEST_API_KEY, free_port, write_test_admission
 from services.gateway.config import AdmissionConfig, GatewayConfig, GatewayServerConfig, ModelsConfig
 from services.gateway.server import create_server as create_gateway
-from services.inference.config import ControlConfig, HttpConfig, InferenceConfig, InferenceServerConfig
+from services.inference.config import ControlConfig, HttpConfig, InferenceConfig
 from services.inference.server import create_server as create_inference
 from services.logging.config import ENV_PREFIX as LOGGING_ENV
-from services.logging.config import LoggingConfig, LoggingServerConfig, PipelineConfig, QueryConfig
+from services.logging.config import LoggingConfig, PipelineConfig, QueryConfig
 from services.logging.lake import ParquetLake
 from services.logging.lake import read_table as read_lake
 from services.logging.server import create_server as create_logging
@@ -331,7 +332,7 @@ async def inference(model_repo: Path, tmp_path: Path, request: pytest.FixtureReq
     token_file.write_text(ADMIN_TOKEN + "\n")
     control = ControlConfig(control_token_file=token_file) if request.param == "token" else ControlConfig()
     config = InferenceConfig(
-        server=InferenceServerConfig(port=0, drain_seconds=0),
+        server=ServerConfig(port=0, drain_seconds=0),
         http=HttpConfig(http_port=0),
         control=control,
     )
@@ -502,7 +503,7 @@ async def test_one_tenant_cannot_read_or_overwrite_anothers_log_records(
         query=load_config(
             QueryConfig, {f"{LOGGING_ENV}{k}": str(v) for k, v in variables.items()}, LOGGING_ENV
         ),
-        server=LoggingServerConfig(port=0, drain_seconds=0),
+        server=ServerConfig(port=0, drain_seconds=0),
         pipeline=PipelineConfig(consume=False),
         cassandra=cassandra_server.admin_config(keyspace, cassandra_request_timeout_s=10.0),  # type: ignore[attr-defined]
     )

@@ -29,6 +29,7 @@ from inference import grpc_service_pb2 as ipb
 from inference import grpc_service_pb2_grpc
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2
+from libs.server import ServerConfig
 from libs.testing import NO_REDIS_URL, TEST_API_KEY, write_test_admission
 from services.features.config import FeaturesConfig, FeaturesServerConfig
 from services.features.server import create_server as create_features
@@ -48,7 +49,6 @@ from services.inference.config import (
     ControlConfig,
     HttpConfig,
     InferenceConfig,
-    InferenceServerConfig,
     ModelServingConfig,
 )
 from services.inference.server import create_server as create_inference
@@ -122,7 +122,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]
         await gateway.start()
         real_inference = await create_inference(
             InferenceConfig(
-                server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
+                server=ServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
                 models=ModelServingConfig(model_repository=write_repository(tmp / "models")),
                 http=HttpConfig(http_port=0),
                 control=ControlConfig(control_enabled=False),

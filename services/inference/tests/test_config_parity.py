@@ -27,14 +27,13 @@ from prometheus_client import REGISTRY
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
-from libs.server import Server
+from libs.server import Server, ServerConfig
 from libs.testing import free_port
 from services.inference.backends import LoadedModel, create_backends
 from services.inference.config import (
     ControlConfig,
     HttpConfig,
     InferenceConfig,
-    InferenceServerConfig,
     ModelServingConfig,
 )
 from services.inference.model_config import ModelSpec
@@ -159,7 +158,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     repo = _repository(tmp_path / "models")
     gate = _Gate()
     config = InferenceConfig(
-        server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
+        server=ServerConfig(port=0, drain_seconds=0, grace_seconds=0.5),
         models=ModelServingConfig(model_repository=repo, startup_models=("prio", "preferred", "digits")),
         http=HttpConfig(http_port=free_port(), http_host="127.0.0.1"),
         control=ControlConfig(control_enabled=True, control_max_file_bytes=MAX_FILE_BYTES),

@@ -19,14 +19,13 @@ import pytest
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
-from libs.server import Server
+from libs.server import Server, ServerConfig
 from libs.testing import assert_bad_config_exits, assert_serves
 from services.inference.backends import LoadedModel, create_backends
 from services.inference.config import (
     ControlConfig,
     HttpConfig,
     InferenceConfig,
-    InferenceServerConfig,
     ModelServingConfig,
 )
 from services.inference.model_config import ModelSpec
@@ -35,7 +34,7 @@ from services.inference.server import SERVICE_NAME, create_server
 
 def _config(repo: Path | None, transport: str = "aio", **models: object) -> InferenceConfig:
     return InferenceConfig(
-        server=InferenceServerConfig(port=0, drain_seconds=0, grace_seconds=0.5, transport=transport),
+        server=ServerConfig(port=0, drain_seconds=0, grace_seconds=0.5, transport=transport),
         models=ModelServingConfig(model_repository=repo, **models),  # type: ignore[arg-type]
         http=HttpConfig(http_port=0),
         control=ControlConfig(control_enabled=True),  # these tests exercise the model control API
@@ -75,7 +74,7 @@ async def _error(call: object) -> tuple[grpc.StatusCode, str]:
 
 
 async def test_serves_health_and_reflection() -> None:
-    config = InferenceConfig(server=InferenceServerConfig(port=0), http=HttpConfig(http_port=0))
+    config = InferenceConfig(server=ServerConfig(port=0), http=HttpConfig(http_port=0))
     await assert_serves(await create_server(config), SERVICE_NAME)
 
 

@@ -16,10 +16,10 @@ import pytest
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs.apikeys import add_key, load_keys, write_keys
 from libs.config import load_config, redacted
+from libs.server import ServerConfig
 from services.logging.config import (
     ENV_PREFIX,
     LoggingConfig,
-    LoggingServerConfig,
     PipelineConfig,
     QueryConfig,
 )
@@ -64,7 +64,7 @@ async def stub(tmp_path: Path) -> AsyncIterator[logging_pb2_grpc.InferenceLogSer
         [_record(i) for i in range(3)] + [_record(i, version="9", tenant="globex") for i in range(3)]
     )
     config = LoggingConfig(
-        server=LoggingServerConfig(port=0),
+        server=ServerConfig(port=0),
         pipeline=PipelineConfig(consume=False),
         query=QueryConfig(
             query_platform_file=_files(tmp_path), query_keys_poll_s=0.05, query_admin_token=ADMIN
@@ -196,7 +196,7 @@ async def test_a_revoked_key_is_refused_once_the_key_file_drops_it(
 
 
 async def test_with_no_keys_and_no_admin_token_nobody_reads() -> None:
-    config = LoggingConfig(server=LoggingServerConfig(port=0), pipeline=PipelineConfig(consume=False))
+    config = LoggingConfig(server=ServerConfig(port=0), pipeline=PipelineConfig(consume=False))
     server = await create_server(config, store=MemoryLogStore())
     await server.start()
     try:

@@ -8,8 +8,9 @@ import grpc
 import pytest
 
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
+from libs.server import ServerConfig
 from libs.testing import TEST_API_KEY, WithApiKey, assert_bad_config_exits, assert_serves
-from services.logging.config import LoggingConfig, LoggingServerConfig, PipelineConfig, QueryConfig
+from services.logging.config import LoggingConfig, PipelineConfig, QueryConfig
 from services.logging.server import SERVICE_NAME, create_server
 from services.logging.store import StoredRecord
 from services.logging.tests.fakes import MemoryLogStore
@@ -53,7 +54,7 @@ async def stub() -> AsyncIterator[logging_pb2_grpc.InferenceLogServiceStub]:
     await store.write([_record(i, version="9", tenant="globex") for i in range(30)])
     # The operator's admin token (every tenant's records, GetStats), sent on every call (WithApiKey).
     config = LoggingConfig(
-        server=LoggingServerConfig(port=0),
+        server=ServerConfig(port=0),
         pipeline=PipelineConfig(consume=False),
         query=QueryConfig(query_admin_token=TEST_API_KEY),
     )
@@ -73,7 +74,7 @@ def _range(start_us: int, end_us: int, **kwargs: object) -> logging_pb2.QueryRec
 
 
 async def test_serves_health_and_reflection() -> None:
-    config = LoggingConfig(server=LoggingServerConfig(port=0), pipeline=PipelineConfig(consume=False))
+    config = LoggingConfig(server=ServerConfig(port=0), pipeline=PipelineConfig(consume=False))
     await assert_serves(await create_server(config, store=MemoryLogStore()), SERVICE_NAME)
 
 
