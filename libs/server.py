@@ -77,8 +77,9 @@ class ServerConfig(Bounded):
     readiness_interval_seconds: float = 2.0
     # "aio" (grpc.aio: handlers on the event loop) or "threaded" (grpc.server: handler threads).
     transport: str = setting("aio", choices=TRANSPORTS)
-    # The threaded transport's handler threads: calls beyond this many at once wait for one.
-    threads: int = setting(32, minimum=1)
+    # The threaded transport's handler threads (made as needed): calls beyond this many at once wait for
+    # one, health checks too, so it is well above the calls a replica holds at once.
+    threads: int = setting(128, minimum=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
