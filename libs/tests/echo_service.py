@@ -10,6 +10,7 @@ import os
 import threading
 
 import grpc
+from opentelemetry import trace
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
 from libs.config import load_config_or_exit
@@ -40,6 +41,9 @@ class EchoServicer(features_pb2_grpc.FeatureServiceServicer):
             raise RuntimeError("a bug with a secret=hunter2 in it")
         elif name == "thread":
             return features_pb2.FeatureView(name=name, description=_where())
+        elif name == "trace":  # the trace the handler's code runs in (what its own outgoing calls carry)
+            context_of = trace.get_current_span().get_span_context()
+            return features_pb2.FeatureView(name=name, description=format(context_of.trace_id, "032x"))
         elif name == "peer":  # the verified client certificate's name (TLS)
             names = context.auth_context().get("x509_common_name", [b""])  # type: ignore[attr-defined]
             return features_pb2.FeatureView(name=name, description=names[0].decode())

@@ -70,3 +70,14 @@ async def test_an_unsampled_parent_gets_no_span_and_a_root_gets_one(
     assert span.status.status_code == StatusCode.ERROR
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+async def test_the_handler_runs_in_the_callers_trace(
+    traced: tuple[InMemorySpanExporter, features_pb2_grpc.FeatureServiceStub],
+) -> None:
+    """On either transport (on the threaded one the `async def` method runs on the loop, not the server
+    thread) the method's code sees the caller's trace, so its own calls carry it on."""
+    _, stub = traced
+    metadata = [("traceparent", f"00-{TRACE_ID}-b7ad6b7169203331-01")]
+    view = await stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="trace"), metadata=metadata)
+    assert view.description == TRACE_ID
