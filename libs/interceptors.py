@@ -23,10 +23,11 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
@@ -135,16 +136,36 @@ def _on_loop(work: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, co
 
 
 def _iterate(results: AsyncIterator[Any], loop: asyncio.AbstractEventLoop, context: Any) -> Iterator[Any]:
-    """An `async def` method's response stream, each item taken from `loop`, for the threaded transport."""
+    """An `async def` method's response stream for the threaded transport: a task on `loop` runs it and
+    hands each item to this thread (one wake-up per item); the call's end cancels the task."""
+    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
-    async def step() -> Any:
-        return await anext(results, _END)
+    async def drive() -> None:
+        try:
+            async for item in results:
+                items.put(item)
+        except BaseException as exc:  # the stream's error (or cancellation) ends it here too
+            items.put(_Raised(exc))
+            raise
+        finally:
+            items.put(_END)
 
+    future = asyncio.run_coroutine_threadsafe(drive(), loop)
+    context.add_callback(future.cancel)
     try:
-        while (item := _on_loop(step(), loop, context)) is not _END:
+        while (item := items.get()) is not _END:
+            if isinstance(item, _Raised):
+                raise item.exc
             yield item
     finally:
-        asyncio.run_coroutine_threadsafe(cast(Any, results).aclose(), loop)
+        future.cancel()
+
+
+class _Raised:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 class _MethodMetrics:
@@ -282,9 +303,9 @@ class _Call:
         """The threaded transport's end of the call (a sync context: `abort` raised a bare Exception)."""
         code = grpc.StatusCode.OK
         try:
-            if isinstance(exc, (concurrent.futures.CancelledError, GeneratorExit)) or (
-                type(exc) is Exception and self._context.code() is not None
-            ):
+            if isinstance(
+                exc, (concurrent.futures.CancelledError, asyncio.CancelledError, GeneratorExit)
+            ) or (type(exc) is Exception and self._context.code() is not None):
                 code = _final_code(self._context, grpc.StatusCode.CANCELLED)
             elif isinstance(exc, Exception):
                 try:
