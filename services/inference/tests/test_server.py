@@ -561,10 +561,11 @@ async def test_stream_infer_answers_each_request_and_reports_errors_in_band(
     assert all(len(r.infer_response.raw_output_contents[0]) == 4 for r in ok)
 
 
+@pytest.mark.parametrize("transport", ["aio", "threaded"])
 async def test_a_draining_server_refuses_new_stream_messages_in_band_and_says_it_drains(
-    model_repo: Path,
+    model_repo: Path, transport: str
 ) -> None:
-    server = await create_server(_config(model_repo))
+    server = await create_server(_config(model_repo, transport))
     await server.start()
     stopping: asyncio.Task[None] | None = None
     try:
