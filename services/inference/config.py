@@ -63,8 +63,8 @@ class ControlConfig(Bounded):
 class InferenceConfig:
     """Everything the inference service reads at start-up."""
 
-    # Threaded: ModelInfer runs on the server thread (~30 % less CPU per unary call at concurrency 32 than on
-    # grpc.aio), ModelStreamInfer hops to the loop (~10 % more per message); see docs/architecture.md.
+    # Threaded: ModelInfer runs on the server thread (20-30 % less CPU per unary call at concurrency 32 than on
+    # grpc.aio), ModelStreamInfer hops to the loop (10-20 % more per message); see docs/architecture.md.
     server: ServerConfig = section(ServerConfig, port=8001, transport="threaded")
     telemetry: TelemetryConfig = section(TelemetryConfig, metrics_port=8002)
     models: ModelServingConfig = field(default_factory=ModelServingConfig)
