@@ -94,6 +94,11 @@ class GrpcService:
     name: str
     register: Callable[[grpc.aio.Server], None]
 
+    @classmethod
+    def of(cls, name: str, add_to_server: Callable[[Any, Any], None], servicer: object) -> GrpcService:
+        """The service `name` served by `servicer` through its generated `add_..._to_server`."""
+        return cls(name, lambda server: add_to_server(servicer, server))
+
 
 class _ThreadedHealth:
     """The threaded transport's (sync) health servicer behind the aio one's awaitable methods."""

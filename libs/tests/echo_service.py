@@ -74,7 +74,7 @@ def build(
     servicer = EchoServicer()
     return build_server(
         config,
-        [GrpcService(SERVICE, lambda s: features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, s))],
+        [GrpcService.of(SERVICE, features_pb2_grpc.add_FeatureServiceServicer_to_server, servicer)],
         telemetry=telemetry,
         credentials=credentials,
     )

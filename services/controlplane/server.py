@@ -328,9 +328,8 @@ async def create_control_plane(
     server = build_server(
         config.server,
         [
-            GrpcService(
-                SERVICE_NAME,
-                lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, s),
+            GrpcService.of(
+                SERVICE_NAME, ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server, servicer
             )
         ],
         telemetry=telemetry,

@@ -236,10 +236,8 @@ async def create_server(
     server = build_server(
         config.server,
         [
-            GrpcService(
-                AUTH_SERVICE, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, s)
-            ),
-            GrpcService(RLS_SERVICE, lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(rls, s)),
+            GrpcService.of(AUTH_SERVICE, external_auth_pb2_grpc.add_AuthorizationServicer_to_server, authz),
+            GrpcService.of(RLS_SERVICE, rls_pb2_grpc.add_RateLimitServiceServicer_to_server, rls),
         ],
         telemetry=telemetry,
     )

@@ -163,7 +163,7 @@ async def create_server(
     servicer = FeatureServiceServicer(registry, online)
     server = build_server(
         config.server,
-        [GrpcService(SERVICE_NAME, lambda s: register_servicer(servicer, s))],
+        [GrpcService.of(SERVICE_NAME, register_servicer, servicer)],
         telemetry=telemetry,
         readiness=readiness,
     )

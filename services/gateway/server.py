@@ -329,12 +329,7 @@ async def create_server(
         credentials = mtls.server_credentials(sc.tls_ca_file, sc.tls_cert_file, sc.tls_key_file)
     server = build_server(
         config.server,
-        [
-            GrpcService(
-                SERVICE_NAME,
-                lambda s: gateway_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, s),
-            )
-        ],
+        [GrpcService.of(SERVICE_NAME, gateway_pb2_grpc.add_PredictionServiceServicer_to_server, servicer)],
         telemetry=telemetry,
         credentials=credentials,
     )

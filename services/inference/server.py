@@ -493,9 +493,8 @@ async def create_server(
     server = build_server(
         config.server,
         [
-            GrpcService(
-                SERVICE_NAME,
-                lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, s),
+            GrpcService.of(
+                SERVICE_NAME, grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer
             )
         ],
         telemetry=telemetry,

@@ -190,12 +190,7 @@ async def create_server(
 
     server = build_server(
         config.server,
-        [
-            GrpcService(
-                SERVICE_NAME,
-                lambda s: logging_pb2_grpc.add_InferenceLogServiceServicer_to_server(servicer, s),
-            )
-        ],
+        [GrpcService.of(SERVICE_NAME, logging_pb2_grpc.add_InferenceLogServiceServicer_to_server, servicer)],
         telemetry=telemetry,
         readiness=_ready,
     )
