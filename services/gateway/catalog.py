@@ -37,7 +37,6 @@ class ModelSpec:
 
     name: str
     input_name: str
-    output_name: str
     feature_names: tuple[str, ...]
     defaults: np.ndarray
     default_list: tuple[float, ...]
@@ -112,7 +111,6 @@ def parse_spec(
     return ModelSpec(
         name=name,
         input_name=str(description.get("input", "input")),
-        output_name=str(description.get("output", "")),
         feature_names=tuple(names),
         defaults=default_array,
         default_list=tuple(float(v) for v in default_array),

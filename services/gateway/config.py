@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from libs.config import Bounded, secret, section, setting, url_with_credentials
 from libs.discovery import TargetError, parse_targets
@@ -121,9 +122,22 @@ class BatchingConfig(Bounded):
     max_row_bytes: int = setting(64 * 1024, minimum=1)
 
 
+class _RedisUser:
+    """A section with `<_redis>url`, `<_redis>username` and `<_redis>password` fields: its Redis and ACL user."""
+
+    _redis: ClassVar[str]
+
+    def redis_client_url(self) -> str:
+        """The Redis URL with the credentials in it, for the client only (never log it)."""
+        url, user, password = (getattr(self, self._redis + f) for f in ("url", "username", "password"))
+        return url_with_credentials(url, user, password)
+
+
 @dataclass(frozen=True)
-class ResponseCacheConfig:
+class ResponseCacheConfig(_RedisUser):
     """The optional Redis response cache (keyed by model, version and the request's inputs)."""
+
+    _redis = "response_cache_redis_"
 
     response_cache_enabled: bool = False
     response_cache_redis_url: str = "redis://127.0.0.1:6379/0"
@@ -135,18 +149,12 @@ class ResponseCacheConfig:
     # Per Redis command; a slow or absent Redis is a miss, never an error.
     response_cache_timeout_s: float = 0.02
 
-    def redis_client_url(self) -> str:
-        """`response_cache_redis_url` with the credentials in it, for the client only (never log it)."""
-        return url_with_credentials(
-            self.response_cache_redis_url,
-            self.response_cache_redis_username,
-            self.response_cache_redis_password,
-        )
-
 
 @dataclass(frozen=True)
-class AdmissionConfig(Bounded):
+class AdmissionConfig(Bounded, _RedisUser):
     """API keys and rate limits, checked here when the platform says `admission: {placement: gateway}`."""
+
+    _redis = "admission_redis_"
 
     # The hashed key file; "" uses the platform's `api_keys_file`, relative to the platform file.
     admission_keys_file: str = ""
@@ -169,12 +177,6 @@ class AdmissionConfig(Bounded):
     # Gateway replicas sharing the tiers: the local fallback allows 1/replicas of a tier's rate.
     # 0: the number of entries in the platform's gateway.endpoints.
     admission_replicas: int = setting(0, minimum=0)
-
-    def redis_client_url(self) -> str:
-        """`admission_redis_url` with the credentials in it, for the client only (never log it)."""
-        return url_with_credentials(
-            self.admission_redis_url, self.admission_redis_username, self.admission_redis_password
-        )
 
 
 @dataclass(frozen=True)

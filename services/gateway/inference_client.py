@@ -49,17 +49,6 @@ class ModelClient(Protocol):
         ...
 
 
-def _request(spec: ModelSpec, version: str, inputs: np.ndarray) -> pb.ModelInferRequest:
-    return pb.ModelInferRequest(
-        model_name=spec.name,
-        model_version=version,
-        inputs=[
-            pb.ModelInferRequest.InferInputTensor(name=spec.input_name, datatype="FP32", shape=inputs.shape)
-        ],
-        raw_input_contents=[inputs.tobytes()],
-    )
-
-
 def _outputs(reply: pb.ModelInferResponse, spec: ModelSpec, rows: int) -> dict[str, np.ndarray]:
     outputs: dict[str, np.ndarray] = {}
     raws = reply.raw_output_contents
@@ -95,19 +84,33 @@ class GrpcModelClient:
 
         return await self._pool.call(_on, _MODEL_INFER)
 
+    def _request(
+        self, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float
+    ) -> pb.ModelInferRequest:
+        return pb.ModelInferRequest(
+            model_name=spec.name,
+            model_version=version,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name=spec.input_name, datatype="FP32", shape=inputs.shape
+                )
+            ],
+            raw_input_contents=[inputs.tobytes()],
+        )
+
     async def infer(
         self, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float
     ) -> dict[str, np.ndarray]:
-        request = _request(spec, version, inputs)
+        request = self._request(spec, version, inputs, timeout)
         deadline = time.monotonic() + timeout
         try:
             reply = await self._dependency.call(self._infer, request, deadline, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, StreamMessageError) as exc:
             raise _domain_error(exc, spec.name, version) from None
         return _outputs(reply, spec, inputs.shape[0])
 
     async def close(self) -> None:
-        """Closes the pool's channels."""
+        """Closes the pool's channels and the streams on them (their pending batches fail UNAVAILABLE)."""
         await self._pool.close()
 
 
@@ -127,7 +130,7 @@ def draining(endpoint: Endpoint) -> bool:
     return isinstance(stream, _Stream) and stream.broken is None and stream.draining
 
 
-class StreamingModelClient:
+class StreamingModelClient(GrpcModelClient):
     """GRPCInferenceService.ModelStreamInfer: every batch travels as one message on a long-lived bidi stream.
 
     A unary call pays gRPC's per-call set-up on both sides (call object, metadata, status); a message
@@ -152,8 +155,7 @@ class StreamingModelClient:
     """
 
     def __init__(self, pool: ChannelPool, dependency: Dependency, hang_margin_s: float = 1.0) -> None:
-        self._pool = pool
-        self._dependency = dependency
+        super().__init__(pool, dependency)
         self._hang_margin_s = hang_margin_s
 
     def _stream(self, endpoint: Endpoint) -> _Stream:
@@ -175,10 +177,10 @@ class StreamingModelClient:
 
         return await self._pool.call(_on, _MODEL_STREAM_INFER)
 
-    async def infer(
+    def _request(
         self, spec: ModelSpec, version: str, inputs: np.ndarray, timeout: float
-    ) -> dict[str, np.ndarray]:
-        request = _request(spec, version, inputs)
+    ) -> pb.ModelInferRequest:
+        request = super()._request(spec, version, inputs, timeout)
         # The batch's deadline (microseconds), which a unary call carries as grpc-timeout: the server
         # drops the request rather than compute an answer nobody waits for.
         request.parameters["timeout"].int64_param = max(1, int(timeout * 1e6))
@@ -186,12 +188,7 @@ class StreamingModelClient:
         propagate.inject(carrier)
         if "traceparent" in carrier:
             request.parameters["traceparent"].string_param = carrier["traceparent"]
-        deadline = time.monotonic() + timeout
-        try:
-            reply = await self._dependency.call(self._infer, request, deadline, timeout=timeout)
-        except (grpc.aio.AioRpcError, StreamMessageError) as exc:
-            raise _domain_error(exc, spec.name, version) from None
-        return _outputs(reply, spec, inputs.shape[0])
+        return request
 
     def check_hung(self) -> int:
         """Breaks every hung stream (see the class docstring); returns how many."""
@@ -216,10 +213,6 @@ class StreamingModelClient:
         while True:
             await asyncio.sleep(interval_s)
             self.check_hung()
-
-    async def close(self) -> None:
-        """Ends the streams and closes the channels (pending batches fail UNAVAILABLE)."""
-        await self._pool.close()
 
 
 class StreamMessageError(grpc.RpcError):

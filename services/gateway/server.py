@@ -224,13 +224,22 @@ async def create_server(
         lambda address: dial(address, FEATURES_SERVICE, _single_attempt(features_policy)),
         features_policy,
     )
-    inference_pool = ChannelPool(
-        "inference",
-        lambda address: dial(
-            address, INFERENCE_SERVICE, _single_attempt(inference_policy), telemetry=telemetry
-        ),
-        inference_policy,
-    )
+
+    def _inference(name: str) -> tuple[ChannelPool, Dependency, GrpcModelClient | StreamingModelClient]:
+        # The default target ("inference") or a named pool of the platform file (e.g. gpu, cpu): its own
+        # channels, breaker and metrics.
+        channels = ChannelPool(
+            name,
+            lambda address: dial(
+                address, INFERENCE_SERVICE, _single_attempt(inference_policy), telemetry=telemetry
+            ),
+            inference_policy,
+        )
+        dependency = Dependency(name, _single_attempt(inference_policy))
+        client = pool_client(channels, dependency, up.inference_streaming, up.inference_hang_margin_s)
+        return channels, dependency, client
+
+    inference_pool, _, models = _inference("inference")
     endpoint_watchers = [
         EndpointWatcher(up.features_target, features_pool.update, up.discovery_interval_s, name="features"),
         EndpointWatcher(
@@ -241,32 +250,9 @@ async def create_server(
         await endpoint_watcher.refresh()
     # The Dependency sees one logical call (breaker, deadline); the pool's failover is inside it.
     features = GrpcFeatureSource(features_pool, Dependency("features", _single_attempt(features_policy)))
-    models: GrpcModelClient | StreamingModelClient
-    if up.inference_streaming:
-        models = StreamingModelClient(
-            inference_pool,
-            Dependency("inference", _single_attempt(inference_policy)),
-            up.inference_hang_margin_s,
-        )
-    else:
-        models = GrpcModelClient(inference_pool, Dependency("inference", _single_attempt(inference_policy)))
-
-    def _named_pool(name: str) -> tuple[ChannelPool, Dependency, GrpcModelClient | StreamingModelClient]:
-        # A named pool of the platform file (e.g. gpu, cpu): its own channels, breaker and metrics.
-        channels = ChannelPool(
-            f"inference-{name}",
-            lambda address: dial(
-                address, INFERENCE_SERVICE, _single_attempt(inference_policy), telemetry=telemetry
-            ),
-            inference_policy,
-        )
-        dependency = Dependency(f"inference-{name}", _single_attempt(inference_policy))
-        client = pool_client(channels, dependency, up.inference_streaming, up.inference_hang_margin_s)
-        return channels, dependency, client
-
     platform_file = config.models.platform_file
     pools = InferencePools(
-        _named_pool,
+        lambda name: _inference(f"inference-{name}"),
         discovery_interval_s=up.discovery_interval_s,
         base_dir=str(platform_file.parent) if platform_file is not None else None,
     )
