@@ -66,6 +66,10 @@ class ServerConfig(Bounded):
     port: int = setting(0, minimum=0, maximum=65535)
     # Worker processes sharing the port via SO_REUSEPORT; 1 runs in this process.
     workers: int = setting(1, minimum=1)
+    # With workers > 1: worker i runs only on the i-th CPU this process may use (round robin), so a
+    # threaded worker never hands its GIL across cores (+39 % CPU per call unpinned on 2 cores, see
+    # bench/results/latest/analysis.md, "Scaling").
+    pin_workers: bool = False
     # After SIGTERM: seconds of NOT_SERVING while still answering, so balancers move away.
     drain_seconds: float = 5.0
     # Then: seconds in-flight calls get to finish before they are cancelled.
@@ -346,6 +350,9 @@ def serve(
         telemetry = setup_telemetry(name, telemetry_config, serve_metrics=False)
         _supervise_workers(name, config, telemetry_config, environ)
         return
+    if is_worker and config.pin_workers:  # before any thread starts: they all inherit it
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(environ[WORKER_ENV]) % len(cpus)]})
     telemetry = setup_telemetry(name, telemetry_config, serve_metrics=not is_worker)
 
     async def _main() -> None:

@@ -4,6 +4,7 @@ each on both transports (grpc.aio and the threaded grpc.server)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import threading
@@ -198,8 +199,14 @@ async def test_sigterm_drains_not_serving_while_in_flight_call_completes(transpo
 @pytest.mark.slow
 async def test_workers_share_one_port(transport: str) -> None:
     port = free_port()
+    pin = transport == "threaded"  # both settings of pin_workers, one per transport
     proc = _spawn_echo(
-        port, ECHO_WORKERS="2", ECHO_DRAIN_SECONDS="0", ECHO_GRACE_SECONDS="1", ECHO_TRANSPORT=transport
+        port,
+        ECHO_WORKERS="2",
+        ECHO_DRAIN_SECONDS="0",
+        ECHO_GRACE_SECONDS="1",
+        ECHO_TRANSPORT=transport,
+        ECHO_PIN_WORKERS=str(pin).lower(),
     )
     try:
         await wait_serving(port, SERVICE, proc)
@@ -216,6 +223,13 @@ async def test_workers_share_one_port(transport: str) -> None:
                 pids.add(view.description)
         assert len(pids) == 2, f"only saw worker pids {pids}"
         assert str(proc.pid) not in pids  # the supervisor serves nothing itself
+        allowed = os.sched_getaffinity(proc.pid)
+        placed = [os.sched_getaffinity(int(pid)) for pid in pids]
+        if not pin:
+            assert placed == [allowed, allowed]
+        else:  # one CPU each, round robin over the supervisor's CPUs
+            assert all(len(cpus) == 1 and cpus <= allowed for cpus in placed)
+            assert len(placed[0] | placed[1]) == min(2, len(allowed))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
