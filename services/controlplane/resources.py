@@ -35,6 +35,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from libs.admission import IDENTITY_HEADERS, MODEL_HEADER, PLACEMENT_HEADER, RATE_LIMIT_DOMAIN, TENANT_HEADER
 from libs.discovery import is_ip_literal
 from libs.platform import PlatformConfig
 from services.controlplane.config import EnvoySettings
@@ -59,14 +60,8 @@ TRACING_CLUSTER = "jaeger"
 LISTENER_NAME = "public"
 ROUTE_NAME = "public"
 PREDICTION_SERVICE = "infergrid.gateway.v1.PredictionService"
-RATE_LIMIT_DOMAIN = "infergrid"
-# Headers the edge service sets on an authorized request (and that the rate-limit descriptors read).
-TENANT_HEADER = "x-infergrid-tenant"
-MODEL_HEADER = "x-infergrid-model"
-# The placement this Envoy was configured for; the gateway refuses calls whose placement is not its own.
-PLACEMENT_HEADER = "x-infergrid-placement"
-IDENTITY_HEADERS = (TENANT_HEADER, "x-infergrid-tier", MODEL_HEADER, "x-infergrid-key-name", PLACEMENT_HEADER)
 
+_ADS = {"ads": {}, "resource_api_version": "V3"}
 _HTTP2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -128,9 +123,7 @@ def _grpc_too_large(max_bytes: int) -> dict[str, Any]:
                 ]
             }
         },
-        "headers_to_add": [
-            {"header": {"key": "grpc-status", "value": "8"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-        ],
+        "headers_to_add": [_set_header("grpc-status", "8")],
         "body": {"inline_string": f"request body larger than max_request_bytes ({max_bytes})"},
     }
 
@@ -183,33 +176,37 @@ def _ms(value: int) -> str:
     return f"{value / 1000:.3f}s"
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def _socket_address(address: str) -> dict[str, Any]:
-    host, port = _split(address)
-    return {"socket_address": {"address": host, "port_value": port}}
+    host, _, port = address.rpartition(":")
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def _typed(name: str, type_name: str, **config: Any) -> dict[str, Any]:
+    """A named extension and its typed config; `type_name` is the config message's full name."""
+    return {"name": name, "typed_config": {"@type": f"type.googleapis.com/{type_name}", **config}}
+
+
+def _set_header(key: str, value: str) -> dict[str, Any]:
+    """A header to add, replacing whatever the request or answer had under that name."""
+    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _breakers(**threshold: Any) -> dict[str, Any]:
+    """Circuit breakers at 10,000 connections, pending and active requests (plus `threshold`'s fields)."""
+    limits = {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
+    return {"thresholds": [{**limits, **threshold}]}
 
 
 def _static_cluster(name: str, address: str, timeout_ms: int = 1000) -> dict[str, Any]:
     """A cluster of one fixed address (DNS-resolved when it is a name) that speaks HTTP/2 (gRPC)."""
-    host, _ = _split(address)
+    host = address.rpartition(":")[0].strip("[]")
     return {
         "name": name,
         "type": "STATIC" if is_ip_literal(host) else "STRICT_DNS",
         "connect_timeout": _ms(timeout_ms),
         "typed_extension_protocol_options": _HTTP2,
-        "circuit_breakers": {
-            "thresholds": [
-                {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
-            ]
-        },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(address)}}]}],
-        },
+        "circuit_breakers": _breakers(),
+        "load_assignment": cluster_load_assignment(name, [address]),
     }
 
 
@@ -217,8 +214,8 @@ def _parse(message: type[Message], data: dict[str, Any]) -> Message:
     return json_format.ParseDict(data, message())
 
 
-def _health_check(platform: PlatformConfig, service_name: str) -> dict[str, Any]:
-    """An active gRPC health check (grpc.health.v1) with the platform's timings."""
+def _health_check(platform: PlatformConfig, **check: Any) -> dict[str, Any]:
+    """An active health check (`check`: gRPC's grpc.health.v1 or an HTTP path) with the platform's timings."""
     hc = platform.gateway.health_check
     return {
         "timeout": _ms(hc.timeout_ms),
@@ -227,19 +224,29 @@ def _health_check(platform: PlatformConfig, service_name: str) -> dict[str, Any]
         "healthy_threshold": hc.healthy_threshold,
         # A host whose health check has not passed yet gets no traffic.
         "no_traffic_interval": _ms(hc.interval_ms),
-        "grpc_health_check": {"service_name": service_name},
+        **check,
     }
 
 
-def _eds(name: str) -> dict[str, Any]:
-    """The common part of a cluster whose endpoints come over EDS (the control plane follows the replicas)."""
+def _eds_cluster(
+    name: str, platform: PlatformConfig, check: dict[str, Any], *, http2: bool = True, **fields: Any
+) -> dict[str, Any]:
+    """A cluster of our replicas whose endpoints come over EDS (the control plane follows the replicas):
+    least-request balancing, one active health check (`check`), outlier detection, breakers; `fields`
+    adds or replaces the rest. `http2`: the replicas speak HTTP/2 (gRPC), else HTTP/1.1."""
     return {
         "name": name,
         "type": "EDS",
-        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "eds_cluster_config": {"eds_config": _ADS},
         # An endpoint that left discovery leaves at once, even while its health checks pass.
         "ignore_health_on_host_removal": True,
-        "typed_extension_protocol_options": _HTTP2,
+        **({"typed_extension_protocol_options": _HTTP2} if http2 else {}),
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "health_checks": [_health_check(platform, **check)],
+        "outlier_detection": _outlier_detection(platform),
+        "circuit_breakers": _breakers(),
+        **fields,
     }
 
 
@@ -273,40 +280,37 @@ def _outlier_detection(platform: PlatformConfig, *, eject_on_answers: bool = Tru
 
 def edge_cluster(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any]:
     """The edge replicas (ext_authz + rate-limit service): EDS with the gateway's health-check timings."""
-    return {
-        **_eds(EDGE_CLUSTER),
-        "connect_timeout": _ms(wiring.settings.edge_timeout_ms),
-        "lb_policy": "LEAST_REQUEST",
+    return _eds_cluster(
+        EDGE_CLUSTER,
+        platform,
         # "": the whole server's health (SERVING once its backends answer, NOT_SERVING while draining).
-        "health_checks": [_health_check(platform, "")],
+        {"grpc_health_check": {"service_name": ""}},
+        connect_timeout=_ms(wiring.settings.edge_timeout_ms),
         # A check's answer is never a reason to eject; at most half the replicas at a time, so admission
         # never loses every replica to ejection.
-        "outlier_detection": _outlier_detection(platform, eject_on_answers=False),
-        "circuit_breakers": {
-            "thresholds": [
-                {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
-            ]
-        },
-    }
+        outlier_detection=_outlier_detection(platform, eject_on_answers=False),
+    )
 
 
 def _sds(name: str) -> dict[str, Any]:
-    return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
+    return {"name": name, "sds_config": _ADS}
 
 
 def mesh_transport_socket() -> dict[str, Any]:
     """Envoy's side of the mutual TLS to the gateway: its client certificate and the CA, both over SDS."""
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "tls_certificate_sds_secret_configs": [_sds(MESH_CLIENT_SECRET)],
-                "validation_context_sds_secret_config": _sds(MESH_CA_SECRET),
-            },
+    return _typed(
+        "envoy.transport_sockets.tls",
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        common_tls_context={
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [_sds(MESH_CLIENT_SECRET)],
+            "validation_context_sds_secret_config": _sds(MESH_CA_SECRET),
         },
-    }
+    )
+
+
+def _inline(pem: bytes) -> dict[str, str]:
+    return {"inline_bytes": base64.b64encode(pem).decode()}
 
 
 def secret_resources(wiring: EnvoyWiring) -> dict[str, Message]:
@@ -317,73 +321,34 @@ def secret_resources(wiring: EnvoyWiring) -> dict[str, Message]:
         {
             "name": MESH_CLIENT_SECRET,
             "tls_certificate": {
-                "certificate_chain": {"inline_bytes": base64.b64encode(wiring.mesh_cert_pem).decode()},
-                "private_key": {"inline_bytes": base64.b64encode(wiring.mesh_key_pem).decode()},
+                "certificate_chain": _inline(wiring.mesh_cert_pem),
+                "private_key": _inline(wiring.mesh_key_pem),
             },
         },
-        {
-            "name": MESH_CA_SECRET,
-            "validation_context": {
-                "trusted_ca": {"inline_bytes": base64.b64encode(wiring.mesh_ca_pem).decode()}
-            },
-        },
+        {"name": MESH_CA_SECRET, "validation_context": {"trusted_ca": _inline(wiring.mesh_ca_pem)}},
     ]
     return {str(s["name"]): _parse(secret_pb2.Secret, s) for s in secrets}
 
 
 def gateway_cluster(platform: PlatformConfig, wiring: EnvoyWiring | None = None) -> dict[str, Any]:
     """The gateway replicas: HTTP/2, EDS, active gRPC health checks, outlier detection, breakers, mTLS."""
-    gw = platform.gateway
-    retry = gw.retry
-    return {
-        **({"transport_socket": mesh_transport_socket()} if wiring is not None and wiring.mesh else {}),
-        **_eds(GATEWAY_CLUSTER),
-        "connect_timeout": "1s",
-        "lb_policy": "LEAST_REQUEST",
-        "health_checks": [_health_check(platform, PREDICTION_SERVICE)],
-        "outlier_detection": _outlier_detection(platform),
-        "circuit_breakers": {
-            "thresholds": [
-                {
-                    "max_connections": 10_000,
-                    "max_pending_requests": 10_000,
-                    "max_requests": 10_000,
-                    "retry_budget": {
-                        "budget_percent": {"value": retry.budget_percent},
-                        "min_retry_concurrency": retry.min_retry_concurrency,
-                    },
-                }
-            ]
-        },
+    retry = platform.gateway.retry
+    budget = {
+        "budget_percent": {"value": retry.budget_percent},
+        "min_retry_concurrency": retry.min_retry_concurrency,
     }
+    check = {"grpc_health_check": {"service_name": PREDICTION_SERVICE}}
+    cluster = _eds_cluster(GATEWAY_CLUSTER, platform, check, circuit_breakers=_breakers(retry_budget=budget))
+    if wiring is not None and wiring.mesh:
+        cluster["transport_socket"] = mesh_transport_socket()
+    return cluster
 
 
 def inference_http_cluster(platform: PlatformConfig) -> dict[str, Any]:
     """The inference replicas' HTTP/JSON port (HTTP/1.1, aiohttp): EDS, active HTTP health checks on /v2/health/ready."""
-    hc = platform.gateway.health_check
-    eds = _eds(INFERENCE_HTTP_CLUSTER)
-    del eds["typed_extension_protocol_options"]  # HTTP/1.1 upstream
-    return {
-        **eds,
-        "connect_timeout": "1s",
-        "lb_policy": "LEAST_REQUEST",
-        "health_checks": [
-            {
-                "timeout": _ms(hc.timeout_ms),
-                "interval": _ms(hc.interval_ms),
-                "unhealthy_threshold": hc.unhealthy_threshold,
-                "healthy_threshold": hc.healthy_threshold,
-                "no_traffic_interval": _ms(hc.interval_ms),
-                "http_health_check": {"path": "/v2/health/ready"},
-            }
-        ],
-        "outlier_detection": _outlier_detection(platform),
-        "circuit_breakers": {
-            "thresholds": [
-                {"max_connections": 10_000, "max_pending_requests": 10_000, "max_requests": 10_000}
-            ]
-        },
-    }
+    return _eds_cluster(
+        INFERENCE_HTTP_CLUSTER, platform, {"http_health_check": {"path": "/v2/health/ready"}}, http2=False
+    )
 
 
 def cluster_load_assignment(cluster: str, endpoints: Sequence[str]) -> dict[str, Any]:
@@ -422,112 +387,85 @@ def _http_filters(platform: PlatformConfig, wiring: EnvoyWiring) -> list[dict[st
     """
     max_bytes = platform.listener.max_request_bytes
     return [
-        {
-            "name": "envoy.filters.http.buffer",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
-                "max_request_bytes": max_bytes,
+        _typed(
+            "envoy.filters.http.buffer",
+            "envoy.extensions.filters.http.buffer.v3.Buffer",
+            max_request_bytes=max_bytes,
+        ),
+        _typed(
+            "envoy.filters.http.grpc_json_transcoder",
+            "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            proto_descriptor=str(wiring.settings.descriptor_set),
+            services=[PREDICTION_SERVICE],
+            convert_grpc_status=True,
+            print_options={"always_print_primitive_fields": True, "preserve_proto_field_names": True},
+            request_validation_options={
+                "reject_unknown_query_parameters": True,
+                # `{"model": "b"}` posted to /v1/models/a:predict is an error, not a guess.
+                "reject_binding_body_field_collisions": True,
             },
-        },
-        {
-            "name": "envoy.filters.http.grpc_json_transcoder",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-                "proto_descriptor": str(wiring.settings.descriptor_set),
-                "services": [PREDICTION_SERVICE],
-                "convert_grpc_status": True,
-                "print_options": {"always_print_primitive_fields": True, "preserve_proto_field_names": True},
-                "request_validation_options": {
-                    "reject_unknown_query_parameters": True,
-                    # `{"model": "b"}` posted to /v1/models/a:predict is an error, not a guess.
-                    "reject_binding_body_field_collisions": True,
-                },
-            },
-        },
+        ),
         *(_edge_filters(max_bytes, wiring) if platform.admission.placement == "edge" else []),
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                # No x-envoy-* headers in answers (upstream service time, overloaded, ...).
-                "suppress_envoy_headers": True,
-            },
-        },
+        # No x-envoy-* headers in answers (upstream service time, overloaded, ...).
+        _typed(
+            "envoy.filters.http.router",
+            "envoy.extensions.filters.http.router.v3.Router",
+            suppress_envoy_headers=True,
+        ),
     ]
 
 
 def _edge_filters(max_bytes: int, wiring: EnvoyWiring) -> list[dict[str, Any]]:
     """ext_authz and the rate-limit filter, both asking the edge service (admission placement "edge")."""
+    edge = _grpc_service(EDGE_CLUSTER, wiring.settings.edge_timeout_ms)
     return [
-        {
-            "name": "envoy.filters.http.ext_authz",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                # No retry_policy on this side call: with one (Envoy 1.40), about one check in ten failed
-                # as ext_authz_error under load in the chaos suite, with no edge replica down. A check a
-                # SIGKILLed edge replica never answers fails closed (503); a drained one is never asked.
-                "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.settings.edge_timeout_ms),
-                "transport_api_version": "V3",
-                # Authorization fails closed: no answer from the edge service, no request.
-                "failure_mode_allow": False,
-                "status_on_error": {"code": "ServiceUnavailable"},
-                # The gRPC body carries the model name; the edge service reads it (field 1).
-                "with_request_body": {
-                    "max_request_bytes": max_bytes,
-                    "allow_partial_message": False,
-                    "pack_as_bytes": True,
-                },
+        _typed(
+            "envoy.filters.http.ext_authz",
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            # No retry_policy on this side call: with one (Envoy 1.40), about one check in ten failed
+            # as ext_authz_error under load in the chaos suite, with no edge replica down. A check a
+            # SIGKILLed edge replica never answers fails closed (503); a drained one is never asked.
+            grpc_service=edge,
+            transport_api_version="V3",
+            # Authorization fails closed: no answer from the edge service, no request.
+            failure_mode_allow=False,
+            status_on_error={"code": "ServiceUnavailable"},
+            # The gRPC body carries the model name; the edge service reads it (field 1).
+            with_request_body={
+                "max_request_bytes": max_bytes,
+                "allow_partial_message": False,
+                "pack_as_bytes": True,
             },
-        },
-        {
-            "name": "envoy.filters.http.ratelimit",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": RATE_LIMIT_DOMAIN,
-                "timeout": _ms(wiring.settings.edge_timeout_ms),
-                # Rate limiting fails open: a Redis or edge outage must not take the API down.
-                "failure_mode_deny": False,
-                "rate_limited_as_resource_exhausted": True,
-                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-                "rate_limit_service": {
-                    "grpc_service": _grpc_service(EDGE_CLUSTER, wiring.settings.edge_timeout_ms),
-                    "transport_api_version": "V3",
-                },
-            },
-        },
+        ),
+        _typed(
+            "envoy.filters.http.ratelimit",
+            "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            domain=RATE_LIMIT_DOMAIN,
+            timeout=_ms(wiring.settings.edge_timeout_ms),
+            # Rate limiting fails open: a Redis or edge outage must not take the API down.
+            failure_mode_deny=False,
+            rate_limited_as_resource_exhausted=True,
+            enable_x_ratelimit_headers="DRAFT_VERSION_03",
+            rate_limit_service={"grpc_service": edge, "transport_api_version": "V3"},
+        ),
     ]
 
 
 def _access_logs(wiring: EnvoyWiring) -> list[dict[str, Any]]:
-    if not wiring.settings.access_log:
-        return []
+    path = wiring.settings.access_log
     log_format = {"json_format": _ACCESS_LOG_FORMAT}
-    if wiring.settings.access_log == "stdout":
-        return [
-            {
-                "name": "envoy.access_loggers.stdout",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                    "log_format": log_format,
-                },
-            }
-        ]
-    return [
-        {
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": wiring.settings.access_log,
-                "log_format": log_format,
-            },
-        }
-    ]
+    if not path:
+        return []
+    if path == "stdout":
+        stdout = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+        return [_typed("envoy.access_loggers.stdout", stdout, log_format=log_format)]
+    file = "envoy.extensions.access_loggers.file.v3.FileAccessLog"
+    return [_typed("envoy.access_loggers.file", file, path=path, log_format=log_format)]
 
 
 def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any]:
     """The one public listener: gRPC and HTTP/JSON on one port, routes from RDS."""
     hcm: dict[str, Any] = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": LISTENER_NAME,
         "codec_type": "AUTO",
         "generate_request_id": True,
@@ -556,10 +494,7 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
             "initial_stream_window_size": 65_536,
             "initial_connection_window_size": 1_048_576,
         },
-        "rds": {
-            "route_config_name": ROUTE_NAME,
-            "config_source": {"ads": {}, "resource_api_version": "V3"},
-        },
+        "rds": {"route_config_name": ROUTE_NAME, "config_source": _ADS},
         "http_filters": _http_filters(platform, wiring),
         "access_log": _access_logs(wiring),
         # Envoy would derive UNKNOWN from a 413; a gRPC server says RESOURCE_EXHAUSTED for a message too large.
@@ -568,45 +503,42 @@ def public_listener(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, 
     if wiring.settings.tracing_otlp_address:
         hcm["tracing"] = {
             "random_sampling": {"value": wiring.settings.tracing_sample_percent},
-            "provider": {
-                "name": "envoy.tracers.opentelemetry",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
-                    "grpc_service": _grpc_service(TRACING_CLUSTER, 1000),
-                    "service_name": "envoy",
-                },
-            },
+            "provider": _typed(
+                "envoy.tracers.opentelemetry",
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service=_grpc_service(TRACING_CLUSTER, 1000),
+                service_name="envoy",
+            ),
         }
-    connection_limit = {
-        "name": "envoy.filters.network.connection_limit",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
-            "stat_prefix": LISTENER_NAME,
-            "max_connections": MAX_DOWNSTREAM_CONNECTIONS,
-        },
-    }
     chain: dict[str, Any] = {
         "filters": [
-            connection_limit,
-            {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm},
+            _typed(
+                "envoy.filters.network.connection_limit",
+                "envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
+                stat_prefix=LISTENER_NAME,
+                max_connections=MAX_DOWNSTREAM_CONNECTIONS,
+            ),
+            _typed(
+                "envoy.filters.network.http_connection_manager",
+                "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                **hcm,
+            ),
         ]
     }
     if platform.listener.tls.enabled:
-        chain["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                "common_tls_context": {
-                    "alpn_protocols": ["h2", "http/1.1"],
-                    "tls_certificates": [
-                        {
-                            "certificate_chain": {"filename": wiring.tls_cert_file},
-                            "private_key": {"filename": wiring.tls_key_file},
-                        }
-                    ],
-                },
+        chain["transport_socket"] = _typed(
+            "envoy.transport_sockets.tls",
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            common_tls_context={
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": wiring.tls_cert_file},
+                        "private_key": {"filename": wiring.tls_key_file},
+                    }
+                ],
             },
-        }
+        )
     port = wiring.settings.listener_port or platform.listener.port
     return {
         "name": LISTENER_NAME,
@@ -629,44 +561,35 @@ def public_routes(platform: PlatformConfig) -> dict[str, Any]:
     gw = platform.gateway
     retry = gw.retry
     edge = platform.admission.placement == "edge"
-    routes = []
-    for method in ("Predict", "PredictBatch"):
-        routes.append(
-            {
-                "name": method,
-                "match": {"path": f"/{PREDICTION_SERVICE}/{method}"},
-                "route": {
-                    "cluster": GATEWAY_CLUSTER,
-                    "timeout": _ms(gw.timeout_ms),
-                    # A client's grpc-timeout is honoured up to the route's timeout.
-                    "max_stream_duration": {"grpc_timeout_header_max": _ms(gw.timeout_ms)},
-                    "retry_policy": {
-                        "retry_on": retry.retry_on,
-                        "num_retries": retry.num_retries,
-                        "per_try_timeout": _ms(retry.per_try_timeout_ms),
-                        "retry_host_predicate": [
-                            {
-                                "name": "envoy.retry_host_predicates.previous_hosts",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                                },
-                            }
-                        ],
-                        "host_selection_retry_max_attempts": 3,
-                    },
-                    **({"rate_limits": _rate_limits()} if edge else {}),
+    previous_hosts = _typed(
+        "envoy.retry_host_predicates.previous_hosts",
+        "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+    )
+    routes = [
+        {
+            "name": method,
+            "match": {"path": f"/{PREDICTION_SERVICE}/{method}"},
+            "route": {
+                "cluster": GATEWAY_CLUSTER,
+                "timeout": _ms(gw.timeout_ms),
+                # A client's grpc-timeout is honoured up to the route's timeout.
+                "max_stream_duration": {"grpc_timeout_header_max": _ms(gw.timeout_ms)},
+                "retry_policy": {
+                    "retry_on": retry.retry_on,
+                    "num_retries": retry.num_retries,
+                    "per_try_timeout": _ms(retry.per_try_timeout_ms),
+                    "retry_host_predicate": [previous_hosts],
+                    "host_selection_retry_max_attempts": 3,
                 },
-                # Identity headers come from whoever admitted the request, never from the client.
-                **({} if edge else {"request_headers_to_remove": list(IDENTITY_HEADERS)}),
-                # Tells the gateway which placement this Envoy enforces (it refuses a disagreeing one).
-                "request_headers_to_add": [
-                    {
-                        "header": {"key": PLACEMENT_HEADER, "value": platform.admission.placement},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                    }
-                ],
-            }
-        )
+                **({"rate_limits": _rate_limits()} if edge else {}),
+            },
+            # Identity headers come from whoever admitted the request, never from the client.
+            **({} if edge else {"request_headers_to_remove": list(IDENTITY_HEADERS)}),
+            # Tells the gateway which placement this Envoy enforces (it refuses a disagreeing one).
+            "request_headers_to_add": [_set_header(PLACEMENT_HEADER, platform.admission.placement)],
+        }
+        for method in ("Predict", "PredictBatch")
+    ]
     if platform.inference_http.enabled:
         routes += inference_http_routes(platform)
     return {
@@ -690,35 +613,26 @@ def inference_http_routes(platform: PlatformConfig) -> list[dict[str, Any]]:
     The platform allows this only with admission at the edge: the listener's ext_authz (key, tenant, the
     model read from `/v2/models/{model}`) and the same rate-limit descriptors as the gateway routes apply.
     """
-    http = platform.inference_http
     # `/v2/models/stats` would match the model pattern (a model named "stats"): it is a statistics route.
-    routes: list[dict[str, Any]] = [
+    stats = {
+        "name": "inference-v2-stats",
+        "match": {"path": "/v2/models/stats"},
+        "direct_response": {"status": 404, "body": {"inline_string": "not routed\n"}},
+    }
+    return [stats] + [
         {
-            "name": "inference-v2-stats",
-            "match": {"path": "/v2/models/stats"},
-            "direct_response": {"status": 404, "body": {"inline_string": "not routed\n"}},
+            "name": f"inference-v2-{i}",
+            "match": {"safe_regex": {"regex": pattern}},
+            "route": {
+                "cluster": INFERENCE_HTTP_CLUSTER,
+                "timeout": _ms(platform.inference_http.timeout_ms),
+                "retry_policy": {"retry_on": "reset,connect-failure", "num_retries": 1},
+                "rate_limits": _rate_limits(),
+            },
+            "request_headers_to_add": [_set_header(PLACEMENT_HEADER, platform.admission.placement)],
         }
+        for i, pattern in enumerate(INFERENCE_DATA_PLANE_PATHS)
     ]
-    for i, pattern in enumerate(INFERENCE_DATA_PLANE_PATHS):
-        routes.append(
-            {
-                "name": f"inference-v2-{i}",
-                "match": {"safe_regex": {"regex": pattern}},
-                "route": {
-                    "cluster": INFERENCE_HTTP_CLUSTER,
-                    "timeout": _ms(http.timeout_ms),
-                    "retry_policy": {"retry_on": "reset,connect-failure", "num_retries": 1},
-                    "rate_limits": _rate_limits(),
-                },
-                "request_headers_to_add": [
-                    {
-                        "header": {"key": PLACEMENT_HEADER, "value": platform.admission.placement},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                    }
-                ],
-            }
-        )
-    return routes
 
 
 def build_resources(
