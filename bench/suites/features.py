@@ -41,6 +41,7 @@ from infergrid.features.v1 import features_pb2 as pb
 from infergrid.features.v1 import features_pb2_grpc as pb_grpc
 from infergrid.types.v1 import value_pb2
 from stack.cassandra import ADMIN_ROLE, admin_auth, admin_env
+from stack.redis import ADMIN_USER as REDIS_ADMIN
 
 CALL = "infergrid.features.v1.FeatureService.GetOnlineFeatures"
 VIEW = "bench_user"
@@ -131,9 +132,10 @@ def start_ours(run: Run, name: str, *, cache: bool, redis_url: str, cassandra_po
 
 
 FEAST_KEYSPACE = "feast_bench"
-# Feast's online store blocks, by store; `port` is the store's loopback port.
+# Feast's online store blocks, by store; `port` is the store's loopback port. Both stores require a login
+# (Redis ACLs, Cassandra roles): Feast logs in as the administrator of each.
 FEAST_STORES = {
-    "redis": '  type: redis\n  connection_string: "127.0.0.1:{port}"',
+    "redis": f'  type: redis\n  connection_string: "127.0.0.1:{{port}},username={REDIS_ADMIN},password={{password}}"',
     "cassandra": f'  type: cassandra\n  hosts: ["127.0.0.1"]\n  port: {{port}}\n  keyspace: {FEAST_KEYSPACE}\n'
     f"  username: {ADMIN_ROLE}\n  password: {{password}}",
 }
@@ -209,9 +211,12 @@ def setup_feast(
     (repo / "data").mkdir(parents=True, exist_ok=True)
     if store == "cassandra":
         create_feast_keyspace(run, store_port)
-    password = admin_auth(run.backends.config).password if store == "cassandra" else ""
+    if store == "cassandra":
+        password = admin_auth(run.backends.config).password
+    else:
+        password = run.backends.redis(server_cpus()).admin_password
     online_store = FEAST_STORES[store].format(port=store_port, password=password)
-    (repo / "feature_store.yaml").touch(mode=0o600)  # Feast logs in to Cassandra as the administrator
+    (repo / "feature_store.yaml").touch(mode=0o600)  # Feast logs in to its store as the administrator
     (repo / "feature_store.yaml").write_text(FEAST_YAML.format(online_store=online_store))
     (repo / "features.py").write_text(FEAST_DEFS)
     table = {"user_id": pa.array(np.arange(N_USERS, dtype=np.int64)),
