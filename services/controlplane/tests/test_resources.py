@@ -31,15 +31,15 @@ tenants: {demo: {tier: free, models: [fraud]}}
 models: {fraud: {versions: [{version: "1", weight: 1}]}}
 """
 WIRING = EnvoyWiring(EnvoySettings(descriptor_set=Path("/d.pb")))
-ENDPOINTS = {"gateway": ("127.0.0.1:50051", "127.0.0.1:50052"), "edge": ("127.0.0.1:50060", "[::1]:50061")}
-
-
-def _platform(text: str = PLATFORM) -> PlatformConfig:
-    return parse_platform(text)
+ENDPOINTS = {
+    "gateway": ("127.0.0.1:50051", "127.0.0.1:50052"),
+    "edge": ("127.0.0.1:50060", "[::1]:50061"),
+    "inference-http": ("127.0.0.1:8000",),  # served only when the platform routes the inference REST API
+}
 
 
 def _dicts(wiring: EnvoyWiring = WIRING, platform: PlatformConfig | None = None) -> dict[str, dict]:
-    resources = build_resources(platform or _platform(), wiring, ENDPOINTS)
+    resources = build_resources(platform or parse_platform(PLATFORM), wiring, ENDPOINTS)
     return {
         type_url: {
             name: json_format.MessageToDict(m, preserving_proto_field_name=True) for name, m in items.items()
@@ -74,13 +74,8 @@ def test_gateway_cluster_has_health_checks_outlier_detection_and_a_retry_budget(
     assert (outlier["base_ejection_time"], outlier["max_ejection_percent"]) == ("3s", 40)
     # A replica that refuses connections (SIGKILLed) is ejected at its first refusal, before EDS drops it.
     assert outlier["split_external_local_origin_errors"] is True
-    assert (
-        outlier["consecutive_local_origin_failure"],
-        outlier["enforcing_consecutive_local_origin_failure"],
-    ) == (
-        1,
-        100,
-    )
+    assert outlier["consecutive_local_origin_failure"] == 1
+    assert outlier["enforcing_consecutive_local_origin_failure"] == 100
     budget = cluster["circuit_breakers"]["thresholds"][0]["retry_budget"]
     assert budget == {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 5}
     assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
@@ -122,7 +117,7 @@ def test_the_edge_cluster_follows_eds_with_health_checks() -> None:
 
 
 def test_a_cluster_without_endpoints_gets_an_empty_assignment() -> None:
-    resources = build_resources(_platform(), WIRING, {})
+    resources = build_resources(parse_platform(PLATFORM), WIRING, {})
     for name in ("gateway", "edge"):
         assignment = json_format.MessageToDict(
             resources.of(ENDPOINT_TYPE)[name], preserving_proto_field_name=True
@@ -182,7 +177,7 @@ def test_tracing_tls_access_log_and_port_override() -> None:
         access_log="/tmp/access.log",
     )
     wiring = EnvoyWiring(settings, tls_cert_file="/c.crt", tls_key_file="/c.key")
-    platform = _platform(
+    platform = parse_platform(
         PLATFORM.replace("max_request_bytes: 4096}", "max_request_bytes: 4096, tls: {enabled: true}}")
     )
     out = _dicts(wiring, platform)
@@ -207,7 +202,7 @@ def test_tracing_is_off_by_default() -> None:
 
 
 def test_admission_in_the_gateway_drops_the_edge_filters_and_strips_identity_headers() -> None:
-    platform = _platform(PLATFORM + "admission: {placement: gateway}\n")
+    platform = parse_platform(PLATFORM + "admission: {placement: gateway}\n")
     resources = _dicts(platform=platform)
     filters = list(_filters(resources[LISTENER_TYPE]["public"]))
     assert filters == [
@@ -239,14 +234,10 @@ def test_the_inference_rest_api_is_not_routed_by_default() -> None:
 def test_the_inference_rest_api_when_routed_is_data_plane_only_behind_admission() -> None:
     import re
 
-    platform = _platform(
+    platform = parse_platform(
         PLATFORM + 'inference_http: {enabled: true, endpoints: ["127.0.0.1:8000"], timeout_ms: 900}\n'
     )
-    resources = build_resources(platform, WIRING, {**ENDPOINTS, "inference-http": ("127.0.0.1:8000",)})
-    d = {
-        t: {n: json_format.MessageToDict(m, preserving_proto_field_name=True) for n, m in items.items()}
-        for t, items in resources.by_type.items()
-    }
+    d = _dicts(platform=platform)
     cluster = d[CLUSTER_TYPE]["inference-http"]
     assert cluster["type"] == "EDS"
     assert cluster["health_checks"][0]["http_health_check"]["path"] == "/v2/health/ready"

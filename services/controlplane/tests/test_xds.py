@@ -59,6 +59,27 @@ def _stream() -> tuple[XdsStream, list[AckEvent]]:
     return XdsStream(_snapshot("v1"), on_ack=events.append), events
 
 
+# Every type, each with the names Envoy subscribes to (clusters and listeners: all of them).
+SUBSCRIPTIONS = (
+    (CLUSTER_TYPE, ()),
+    (ENDPOINT_TYPE, ("gateway", "edge")),
+    (LISTENER_TYPE, ()),
+    (ROUTE_TYPE, ("public",)),
+)
+
+
+def _ports(response: discovery_pb2.DiscoveryResponse) -> dict[str, list[int]]:
+    """The ports of each ClusterLoadAssignment in an EDS response, by cluster."""
+    out = {}
+    for packed in response.resources:
+        assignment = endpoint_pb2.ClusterLoadAssignment()
+        packed.Unpack(assignment)
+        out[assignment.cluster_name] = [
+            e.endpoint.address.socket_address.port_value for e in assignment.endpoints[0].lb_endpoints
+        ]
+    return out
+
+
 def test_first_request_gets_all_resources_with_a_version_and_a_nonce() -> None:
     stream, _ = _stream()
 
@@ -211,12 +232,7 @@ def test_an_endpoint_change_gives_only_eds_a_new_version(tmp_path: Path) -> None
     control_plane = ControlPlane.from_platform(settings, parse_platform(PLATFORM % 1000), dict(ENDPOINTS))
     stream, _ = _stream()
     stream.snapshot = control_plane.snapshot
-    for type_url, names in (
-        (CLUSTER_TYPE, ()),
-        (ENDPOINT_TYPE, ("gateway", "edge")),
-        (LISTENER_TYPE, ()),
-        (ROUTE_TYPE, ("public",)),
-    ):
+    for type_url, names in SUBSCRIPTIONS:
         (response,) = stream.handle_request(_request(type_url, names=names))
         stream.handle_request(_request(type_url, response.version_info, response.nonce, names=names))
 
@@ -225,14 +241,7 @@ def test_an_endpoint_change_gives_only_eds_a_new_version(tmp_path: Path) -> None
     (push,) = stream.handle_snapshot(control_plane.snapshot)
 
     assert push.type_url == ENDPOINT_TYPE and push.version_info == control_plane.snapshot.version
-    by_name = {}
-    for packed in push.resources:
-        assignment = endpoint_pb2.ClusterLoadAssignment()
-        packed.Unpack(assignment)
-        by_name[assignment.cluster_name] = [
-            e.endpoint.address.socket_address.port_value for e in assignment.endpoints[0].lb_endpoints
-        ]
-    assert by_name == {"gateway": [50051, 50052], "edge": [50060]}
+    assert _ports(push) == {"gateway": [50051, 50052], "edge": [50060]}
     # A platform edit still moves every type.
     control_plane.apply(parse_platform(PLATFORM % 1500))
     pushes = stream.handle_snapshot(control_plane.snapshot)
@@ -246,16 +255,10 @@ async def test_an_edited_endpoint_file_pushes_one_cluster_load_assignment_and_no
     endpoints.write_text(json.dumps({"endpoints": ["127.0.0.1:50051"]}))
     platform = tmp_path / "platform.yaml"
     platform.write_text('gateway: {endpoints: ["file:gateway-endpoints.json"]}\n')
-    subscriptions = (
-        (CLUSTER_TYPE, ()),
-        (ENDPOINT_TYPE, ("gateway", "edge")),
-        (LISTENER_TYPE, ()),
-        (ROUTE_TYPE, ("public",)),
-    )
     ads = _ads(platform, edge_address="localhost:50060", endpoints_poll_seconds=0.1)
     async with ads as (control_plane, call, requests):
         first = {}
-        for type_url, names in subscriptions:
+        for type_url, names in SUBSCRIPTIONS:
             await requests.put(_request(type_url, names=names))
             response = await asyncio.wait_for(call.read(), 5)
             first[response.type_url] = response
@@ -268,16 +271,6 @@ async def test_an_edited_endpoint_file_pushes_one_cluster_load_assignment_and_no
         await requests.put(_request(ENDPOINT_TYPE, pushed.version_info, pushed.nonce, names=names))
         with pytest.raises(TimeoutError):  # nothing else comes
             await asyncio.wait_for(call.read(), 0.5)
-
-    def _ports(response: discovery_pb2.DiscoveryResponse) -> dict[str, list[int]]:
-        out = {}
-        for packed in response.resources:
-            assignment = endpoint_pb2.ClusterLoadAssignment()
-            packed.Unpack(assignment)
-            out[assignment.cluster_name] = [
-                e.endpoint.address.socket_address.port_value for e in assignment.endpoints[0].lb_endpoints
-            ]
-        return out
 
     assert _ports(first[ENDPOINT_TYPE]) == {"gateway": [50051], "edge": [50060]}
     assert pushed.type_url == ENDPOINT_TYPE
