@@ -87,14 +87,14 @@ def infergrid_deploy_targets(name):
 def service_tools(name, tools, deps = []):
     """Declares :tools (py_library) and one py_binary per module in `tools`, all outside the image.
 
-    Command-line tools (`python -m services.inference.gpu_check`) run from a checkout or with
+    Command-line tools (`python -m services.<name>.<tool>`) run from a checkout or with
     `bazel run //services/<name>:<tool>`; the service library leaves them out, so the :server
     binary (and the image built from its runfiles) does not carry them. Demo data generators live in
     //stack:demo, benchmarks in bench/.
 
     Args:
       name: the service package name (its library is :<name>).
-      tools: module files of the package, e.g. ["gpu_check.py"].
+      tools: module files of the package, e.g. ["check.py"].
       deps: what the tools need beyond :<name>, e.g. ["//stack:demo"].
     """
     native.py_library(

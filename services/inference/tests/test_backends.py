@@ -114,7 +114,7 @@ def test_profile_shapes_cover_the_dynamic_batch() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_gpu_check_says_why_it_cannot_run_here(capsys: pytest.CaptureFixture[str]) -> None:
-    from services.inference import gpu_check
+    from tools import gpu_check
 
     assert gpu_check.main(["--seconds", "0.01"]) == 3
     assert "GPU check not run: TensorRT backend unavailable" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Run on a GPU node after `pip install -r requirements-gpu.txt`:
 
-    python -m services.inference.gpu_check --out gpu_check.json
+    python -m tools.gpu_check --out gpu_check.json
 
 It writes the demo repository into a temporary folder, builds the TensorRT
 engine (FP16 where the GPU supports it), loads it a second time to show the plan
