@@ -13,9 +13,9 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from infergrid.features.v1 import features_pb2
 from services.features import codec
@@ -25,6 +25,7 @@ from services.features.write_bounds import non_finite
 log = logging.getLogger(__name__)
 
 FeatureView = features_pb2.FeatureView
+T = TypeVar("T", features_pb2.EntityKeyColumn, features_pb2.FeatureSpec)
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_FEATURES_PER_VIEW = 4096
@@ -99,6 +100,21 @@ def _check_name(what: str, name: str) -> None:
         )
 
 
+def _named(field: str, noun: str, items: Sequence[T], maximum: int) -> Iterator[T]:
+    """The items, each checked for a valid name given once; at least one and at most `maximum` of them."""
+    if not items:
+        raise InvalidArgument(f"{field}: at least one {noun} is required")
+    if len(items) > maximum:
+        raise InvalidArgument(f"{field}: at most {maximum} are allowed")
+    seen: set[str] = set()
+    for item in items:
+        _check_name(f"{field}.name", item.name)
+        if item.name in seen:
+            raise InvalidArgument(f"{field}: {item.name!r} is given twice")
+        seen.add(item.name)
+        yield item
+
+
 def validate(spec: FeatureView) -> None:
     """Checks a view as given by a client.
 
@@ -107,32 +123,15 @@ def validate(spec: FeatureView) -> None:
     """
     _check_name("feature_view.name", spec.name)
     _check_name("feature_view.entity.name", spec.entity.name)
-    columns = spec.entity.key_columns
-    if not columns:
-        raise InvalidArgument("feature_view.entity.key_columns: at least one key column is required")
-    if len(columns) > MAX_KEY_COLUMNS:
-        raise InvalidArgument(f"feature_view.entity.key_columns: at most {MAX_KEY_COLUMNS} are allowed")
-    seen: set[str] = set()
-    for column in columns:
-        _check_name("feature_view.entity.key_columns.name", column.name)
-        if column.name in seen:
-            raise InvalidArgument(f"feature_view.entity.key_columns: {column.name!r} is given twice")
-        seen.add(column.name)
+    for column in _named(
+        "feature_view.entity.key_columns", "key column", spec.entity.key_columns, MAX_KEY_COLUMNS
+    ):
         if column.type not in codec.KEY_TYPES:
             raise InvalidArgument(
                 f"feature_view.entity.key_columns: {column.name!r} has type {codec.type_name(column.type)}; "
                 "a key column must be STRING, INT64 or BYTES"
             )
-    if not spec.features:
-        raise InvalidArgument("feature_view.features: at least one feature is required")
-    if len(spec.features) > MAX_FEATURES_PER_VIEW:
-        raise InvalidArgument(f"feature_view.features: at most {MAX_FEATURES_PER_VIEW} are allowed")
-    names: set[str] = set()
-    for feature in spec.features:
-        _check_name("feature_view.features.name", feature.name)
-        if feature.name in names:
-            raise InvalidArgument(f"feature_view.features: {feature.name!r} is given twice")
-        names.add(feature.name)
+    for feature in _named("feature_view.features", "feature", spec.features, MAX_FEATURES_PER_VIEW):
         if feature.type not in codec.ONEOF_BY_TYPE:
             raise InvalidArgument(
                 f"feature_view.features: {feature.name!r} has no valid type ({codec.type_name(feature.type)})"

@@ -39,6 +39,13 @@ class FeatureServiceServicer(features_pb2_grpc.FeatureServiceServicer):
         self._registry = registry
         self._online = online
 
+    async def _look_up(self, field: str, view: str) -> None:
+        """Requires `field`; a view unknown here may have been applied through another replica: re-read."""
+        if not view:
+            raise InvalidArgument(f"{field} is required")
+        if self._registry.lookup(view) is None:
+            await self._registry.refresh_if_older(1.0)
+
     async def ApplyFeatureView(  # noqa: N802 - gRPC method names
         self, request: features_pb2.ApplyFeatureViewRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.ApplyFeatureViewResponse:
@@ -50,10 +57,7 @@ class FeatureServiceServicer(features_pb2_grpc.FeatureServiceServicer):
     async def GetFeatureView(  # noqa: N802 - gRPC method names
         self, request: features_pb2.GetFeatureViewRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.FeatureView:
-        if not request.name:
-            raise InvalidArgument("name is required")
-        if self._registry.lookup(request.name) is None:
-            await self._registry.refresh_if_older(1.0)
+        await self._look_up("name", request.name)
         return self._registry.get(request.name).spec
 
     async def ListFeatureViews(  # noqa: N802 - gRPC method names
@@ -79,10 +83,7 @@ class FeatureServiceServicer(features_pb2_grpc.FeatureServiceServicer):
     async def WriteFeatures(  # noqa: N802 - gRPC method names
         self, request: features_pb2.WriteFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.WriteFeaturesResponse:
-        if not request.feature_view:
-            raise InvalidArgument("feature_view is required")
-        if self._registry.lookup(request.feature_view) is None:
-            await self._registry.refresh_if_older(1.0)
+        await self._look_up("feature_view", request.feature_view)
         rows = row_inputs(request.rows)
         written = await self._online.write_inputs(request.feature_view, rows)
         return features_pb2.WriteFeaturesResponse(rows_written=written)

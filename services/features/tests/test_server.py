@@ -66,6 +66,13 @@ async def _fails(call: object, code: grpc.StatusCode, *words: str) -> str:
     return details
 
 
+def _read(*refs: str, **entities: value_pb2.ValueList) -> pb.GetOnlineFeaturesRequest:
+    """A read of `refs` (default typed:f_float) for `entities` (default id: "a")."""
+    return pb.GetOnlineFeaturesRequest(
+        features=refs or ["typed:f_float"], entities=entities or {"id": string_keys("a")}
+    )
+
+
 async def test_round_trips_every_type(harness: Harness) -> None:
     reply = await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
     assert reply.created and reply.feature_view.revision == 1
@@ -74,9 +81,8 @@ async def test_round_trips_every_type(harness: Harness) -> None:
     )
     assert written.rows_written == 1
     refs = [f"typed:{n}" for n in ALL_TYPES]
-    got = await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(features=refs, entities={"id": string_keys("a", "missing", "a")})
-    )
+    read = _read(*refs, id=string_keys("a", "missing", "a"))
+    got = await harness.stub.GetOnlineFeatures(read)
     assert list(got.feature_names) == refs
     assert not got.possibly_stale
     for (name, (_, value)), vector in zip(ALL_TYPES.items(), got.results, strict=True):
@@ -86,16 +92,14 @@ async def test_round_trips_every_type(harness: Harness) -> None:
         assert vector.event_timestamps[0].ToNanoseconds() == 1_700_000_000_250_000_000
     # The second read is answered by the cache, identically.
     reads = harness.store.reads
-    again = await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(features=refs, entities={"id": string_keys("a", "missing", "a")})
-    )
+    again = await harness.stub.GetOnlineFeatures(read)
     assert again == got
     assert harness.store.reads == reads
 
 
 async def test_write_is_visible_through_the_cache(harness: Harness) -> None:
     await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
-    request = pb.GetOnlineFeaturesRequest(features=["typed:f_int64"], entities={"id": string_keys("b")})
+    request = _read("typed:f_int64", id=string_keys("b"))
     first = await harness.stub.GetOnlineFeatures(request)
     assert list(first.results[0].statuses) == [NOT_FOUND]  # now negatively cached
     await harness.stub.WriteFeatures(
@@ -120,15 +124,11 @@ async def test_keys_given_as_strings_are_read_as_the_views_key_type(harness: Har
             rows=[pb.FeatureRow(entity_key={"id": V(int64_value=42)}, values={"f_int64": V(int64_value=7)})],
         )
     )
-    got = await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(features=["numbered:f_int64"], entities={"id": string_keys("42", "43")})
-    )
+    got = await harness.stub.GetOnlineFeatures(_read("numbered:f_int64", id=string_keys("42", "43")))
     assert list(got.results[0].statuses) == [OK, NOT_FOUND]
     assert got.results[0].values[0].int64_value == 7
     await _fails(
-        harness.stub.GetOnlineFeatures(
-            pb.GetOnlineFeaturesRequest(features=["numbered:f_int64"], entities={"id": string_keys("4x")})
-        ),
+        harness.stub.GetOnlineFeatures(_read("numbered:f_int64", id=string_keys("4x"))),
         grpc.StatusCode.INVALID_ARGUMENT,
         "entities.id: expected an integer, got '4x'",
     )
@@ -143,9 +143,7 @@ async def test_expired_value_is_reported_expired(harness: Harness) -> None:
             feature_view="short", rows=[typed_row("old", ts_s=time.time() - 3600), typed_row("new")]
         )
     )
-    got = await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(features=["short:f_float"], entities={"id": string_keys("old", "new")})
-    )
+    got = await harness.stub.GetOnlineFeatures(_read("short:f_float", id=string_keys("old", "new")))
     assert list(got.results[0].statuses) == [EXPIRED, OK]
     assert got.results[0].values[0] == V()
     assert got.results[0].values[1].float_value == 1.5
@@ -156,18 +154,12 @@ async def test_evolution_adds_features_and_refuses_type_and_key_changes(harness:
     await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
     await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[typed_row("a")]))
     # Cached before the view grows.
-    await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("a")})
-    )
+    await harness.stub.GetOnlineFeatures(_read(id=string_keys("a")))
     view.features.add(name="added", type=VT.VALUE_TYPE_INT64)
     reply = await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
     assert not reply.created and reply.feature_view.revision == 2
     assert [f.name for f in reply.feature_view.features][-1] == "added"
-    got = await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(
-            features=["typed:added", "typed:f_float"], entities={"id": string_keys("a")}
-        )
-    )
+    got = await harness.stub.GetOnlineFeatures(_read("typed:added", "typed:f_float", id=string_keys("a")))
     assert list(got.results[0].statuses) == [NOT_FOUND]
     assert list(got.results[1].statuses) == [OK]
     # Same definition again: nothing changes.
@@ -204,126 +196,69 @@ async def test_get_and_list_views(harness: Harness) -> None:
 @pytest.mark.parametrize(
     ("request_", "code", "words"),
     [
-        (
-            pb.GetOnlineFeaturesRequest(features=["nope:x"], entities={"id": string_keys("a")}),
-            "NOT_FOUND",
-            "'nope'",
-        ),
-        (
-            pb.GetOnlineFeaturesRequest(features=["typed:nope"], entities={"id": string_keys("a")}),
-            "NOT_FOUND",
-            "'nope'",
-        ),
+        (_read("nope:x"), "NOT_FOUND", "'nope'"),
+        (_read("typed:nope"), "NOT_FOUND", "'nope'"),
         (
             pb.GetOnlineFeaturesRequest(features=[], entities={"id": string_keys("a")}),
             "INVALID_ARGUMENT",
             "features",
         ),
-        (
-            pb.GetOnlineFeaturesRequest(features=["typed"], entities={"id": string_keys("a")}),
-            "INVALID_ARGUMENT",
-            "'view:feature'",
-        ),
+        (_read("typed"), "INVALID_ARGUMENT", "'view:feature'"),
         (
             pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={}),
             "INVALID_ARGUMENT",
             "entities",
         ),
+        (_read(id=string_keys()), "INVALID_ARGUMENT", "no rows"),
+        (_read(id=string_keys(*map(str, range(51)))), "INVALID_ARGUMENT", "at most 50"),
         (
-            pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys()}),
-            "INVALID_ARGUMENT",
-            "no rows",
-        ),
-        (
-            pb.GetOnlineFeaturesRequest(
-                features=["typed:f_float"], entities={"id": string_keys(*map(str, range(51)))}
-            ),
-            "INVALID_ARGUMENT",
-            "at most 50",
-        ),
-        (
-            pb.GetOnlineFeaturesRequest(
-                features=["typed:f_float"],
-                entities={"id": string_keys("a", "b"), "other": string_keys("x", "y")},
-            ),
+            _read(id=string_keys("a", "b"), other=string_keys("x", "y")),
             "INVALID_ARGUMENT",
             "'other' is not a key column",
         ),
         (
-            pb.GetOnlineFeaturesRequest(
-                features=["typed:f_float"],
-                entities={"id": string_keys("a").__class__(values=[V(string_value="a"), V(int64_value=3)])},
-            ),
+            _read(id=value_pb2.ValueList(values=[V(string_value="a"), V(int64_value=3)])),
             "INVALID_ARGUMENT",
             "entities['id'][1]: expected STRING, got INT64",
         ),
-        (
-            pb.GetOnlineFeaturesRequest(
-                features=["typed'; DROP TABLE feature_values; --:x"], entities={"id": string_keys("a")}
-            ),
-            "NOT_FOUND",
-            "DROP TABLE",
-        ),
-        (
-            pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("x" * 2000)}),
-            "INVALID_ARGUMENT",
-            "at most 1024",
-        ),
+        (_read("typed'; DROP TABLE feature_values; --:x"), "NOT_FOUND", "DROP TABLE"),
+        (_read(id=string_keys("x" * 2000)), "INVALID_ARGUMENT", "at most 1024"),
     ],
 )
 async def test_bad_reads_name_the_problem(
     harness: Harness, request_: pb.GetOnlineFeaturesRequest, code: str, words: str
 ) -> None:
     await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
-    if code == "OK":
-        await harness.stub.GetOnlineFeatures(request_)
-        return
     await _fails(harness.stub.GetOnlineFeatures(request_), grpc.StatusCode[code], words)
 
 
 async def test_crafted_entity_keys_are_data(harness: Harness) -> None:
     await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
     crafted = "a' OR '1'='1"
-    got = await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys(crafted)})
-    )
+    got = await harness.stub.GetOnlineFeatures(_read(id=string_keys(crafted)))
     assert list(got.results[0].statuses) == [NOT_FOUND]
 
 
 @pytest.mark.parametrize(
-    ("row", "code", "words"),
+    ("key", "values", "code", "words"),
     [
+        (V(string_value="a"), {"nope": V(float_value=1)}, "NOT_FOUND", "'nope'"),
+        (V(int64_value=1), {"f_float": V(float_value=1)}, "INVALID_ARGUMENT", "expected STRING, got INT64"),
         (
-            pb.FeatureRow(entity_key={"id": V(string_value="a")}, values={"nope": V(float_value=1)}),
-            "NOT_FOUND",
-            "'nope'",
-        ),
-        (
-            pb.FeatureRow(entity_key={"id": V(int64_value=1)}, values={"f_float": V(float_value=1)}),
-            "INVALID_ARGUMENT",
-            "expected STRING, got INT64",
-        ),
-        (
-            pb.FeatureRow(entity_key={"id": V(string_value="a")}, values={"f_float": V(string_value="1")}),
+            V(string_value="a"),
+            {"f_float": V(string_value="1")},
             "INVALID_ARGUMENT",
             "rows[0].values['f_float']: expected FLOAT, got STRING",
         ),
-        (
-            pb.FeatureRow(entity_key={}, values={"f_float": V(float_value=1)}),
-            "INVALID_ARGUMENT",
-            "'id' is missing",
-        ),
-        (
-            pb.FeatureRow(entity_key={"id": V(string_value="a")}, values={}),
-            "INVALID_ARGUMENT",
-            "at least one feature",
-        ),
+        (None, {"f_float": V(float_value=1)}, "INVALID_ARGUMENT", "'id' is missing"),
+        (V(string_value="a"), {}, "INVALID_ARGUMENT", "at least one feature"),
     ],
 )
 async def test_bad_writes_name_the_problem(
-    harness: Harness, row: pb.FeatureRow, code: str, words: str
+    harness: Harness, key: V | None, values: dict[str, V], code: str, words: str
 ) -> None:
     await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    row = pb.FeatureRow(entity_key={} if key is None else {"id": key}, values=values)
     write = harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[row]))
     await _fails(write, grpc.StatusCode[code], words)
 
@@ -340,10 +275,10 @@ async def test_bad_views_are_refused(harness: Harness) -> None:
 async def test_store_down_serves_cache_as_possibly_stale_and_fails_misses_fast(harness: Harness) -> None:
     await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
     await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[typed_row("hot")]))
-    hot = pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("hot")})
+    hot = _read(id=string_keys("hot"))
     assert not (await harness.stub.GetOnlineFeatures(hot)).possibly_stale
     harness.store.down = True
-    cold = pb.GetOnlineFeaturesRequest(features=["typed:f_float"], entities={"id": string_keys("cold")})
+    cold = _read(id=string_keys("cold"))
     for _ in range(8):
         started = time.perf_counter()
         await _fails(harness.stub.GetOnlineFeatures(cold), grpc.StatusCode.UNAVAILABLE)
@@ -435,9 +370,7 @@ async def test_nan_and_infinities_need_allow_non_finite(harness: Harness) -> Non
     await harness.stub.WriteFeatures(
         pb.WriteFeaturesRequest(feature_view="finite", rows=[_row("nan", ratio=V(double_value=float("nan")))])
     )
-    got = await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(features=["finite:ratio"], entities={"id": string_keys("nan")})
-    )
+    got = await harness.stub.GetOnlineFeatures(_read("finite:ratio", id=string_keys("nan")))
     assert got.results[0].statuses[0] == OK and got.results[0].values[0].double_value != 0
 
 
@@ -468,7 +401,5 @@ async def test_bad_writes_never_open_the_breaker_that_guards_reads(
     monkeypatch.setattr(harness.store, "write", refuse)
     for _ in range(3 * failures):
         assert "out of bound" in await _refused(harness, [_row("y")])
-    got = await harness.stub.GetOnlineFeatures(
-        pb.GetOnlineFeaturesRequest(features=["finite:f_int64"], entities={"id": string_keys("a", "zz")})
-    )
+    got = await harness.stub.GetOnlineFeatures(_read("finite:f_int64", id=string_keys("a", "zz")))
     assert list(got.results[0].statuses) == [OK, NOT_FOUND] and not got.possibly_stale
