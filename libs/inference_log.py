@@ -150,7 +150,8 @@ CONFIG_ERROR_COUNT = Counter(
 SPOOL_BYTES = Gauge(
     "infergrid_inference_log_spool_bytes", "Bytes in the inference-log write-ahead log (the disk spool)."
 )
-for _outcome in ("written", "sent", "spooled", "resent", "write_failed", "failed", "quarantined"):
+OUTCOMES = ("written", "sent", "spooled", "resent", "write_failed", "failed", "quarantined")
+for _outcome in OUTCOMES:
     RECORDS.labels(_outcome)
 
 
@@ -248,13 +249,7 @@ class InferenceLogProducer:
             segment_bytes=config.inference_log_spool_segment_bytes,
         )
         self._producer = Producer(self._conf)
-        self._sent = 0
-        self._spooled = 0
-        self._resent = 0
-        self._failed = 0
-        self._written = 0
-        self._write_failed = 0
-        self._quarantined = 0
+        self._counts = dict.fromkeys(OUTCOMES, 0)  # by outcome, as in RECORDS
         # One record per batch: re-sends a record refused for good alone, so only a poison record fails.
         self._alone: Producer | None = None
         # Guards the counters and every SegmentState (delivery reports may run on two threads).
@@ -360,9 +355,7 @@ class InferenceLogProducer:
         try:
             state, offsets = self._spool.append_payloads([encode_message(k, v, h) for k, v, h in messages])
         except OSError as exc:
-            with self._count_lock:
-                self._write_failed += len(messages)
-            RECORDS.labels("write_failed").inc(len(messages))
+            self._count("write_failed", len(messages))
             log.error(
                 "inference-log write-ahead log %s cannot be written (%s): %d records refused",
                 self._spool.directory,
@@ -370,27 +363,32 @@ class InferenceLogProducer:
                 len(messages),
             )
             raise
-        with self._count_lock:
-            self._written += len(messages)
-        RECORDS.labels("written").inc(len(messages))
-        produce = self._producer.produce
-        topic = self.topic
-        for (key, value, headers), offset in zip(messages, offsets, strict=True):
-            try:
-                produce(
-                    topic,
-                    value,
-                    key,
-                    headers=headers,
-                    on_delivery=functools.partial(self._on_delivery, state, offset, False),
-                )
-            except KafkaException as exc:
-                if _permanent(exc.args[0]):  # refused by the client itself (e.g. over message.max.bytes)
-                    self._quarantine(state, key, value, headers, exc.args[0])
-                else:
-                    self._keep(state, offset, count=True)
-            except BufferError:
-                self._keep(state, offset, count=True)  # on disk already: re-sent when Kafka takes it
+        self._count("written", len(messages))
+        for message, offset in zip(messages, offsets, strict=True):
+            on_delivery = functools.partial(self._on_delivery, state, offset, False)
+            self._produce(self._producer, state, offset, message, on_delivery, count=True)
+
+    def _produce(
+        self,
+        producer: Producer,
+        state: SegmentState,
+        offset: int,
+        message: EncodedRecord,
+        on_delivery: Any,
+        *,
+        count: bool,
+    ) -> None:
+        """Queues a record the write-ahead log holds; refused, it waits there for a re-send (or quarantine)."""
+        key, value, headers = message
+        try:
+            producer.produce(self.topic, value, key, headers=headers, on_delivery=on_delivery)
+        except KafkaException as exc:
+            if _permanent(exc.args[0]):  # refused by the client itself (e.g. over message.max.bytes)
+                self._quarantine(state, key, value, headers, exc.args[0])
+            else:
+                self._keep(state, offset, count=count)
+        except BufferError:
+            self._keep(state, offset, count=count)  # on disk already: re-sent when Kafka takes it
 
     def publish(self, record: logging_pb2.InferenceLogRecord) -> None:
         """Writes `record` ahead to disk and queues it for Kafka (synchronous callers); never raises.
@@ -422,42 +420,44 @@ class InferenceLogProducer:
     ) -> None:
         if err is not None and _permanent(err):
             # Maybe only a batch-mate was the poison: once more alone (below), then quarantined.
-            with self._count_lock:
-                state.alone.append(offset)
-                if not resend:
-                    self._spooled += 1
-            if not resend:
-                RECORDS.labels("spooled").inc()
+            self._count("spooled" if not resend else None, retry=state.alone, offset=offset)
             return
         if err is not None:
             self._config_error(err)
             self._keep(state, offset, count=not resend)
             return
         self._last_delivery = time.monotonic()
-        with self._count_lock:
-            state.acked += 1
-            if resend:
-                self._resent += 1
-            else:
-                self._sent += 1
-        RECORDS.labels("resent" if resend else "sent").inc()
+        self._count("resent" if resend else "sent", done=state)
 
     def _keep(self, state: SegmentState, offset: int, *, count: bool) -> None:
         """Marks a written record for re-sending."""
+        self._count("spooled" if count else None, retry=state.failed, offset=offset)
+
+    def _count(
+        self,
+        outcome: str | None,
+        n: int = 1,
+        *,
+        done: SegmentState | None = None,
+        retry: list[int] | None = None,
+        offset: int = 0,
+    ) -> None:
+        """Counts `n` records of `outcome` (None: none), one more `done` in a segment, an offset to `retry`."""
         with self._count_lock:
-            state.failed.append(offset)
-            if count:
-                self._spooled += 1
-        if count:
-            RECORDS.labels("spooled").inc()
+            if outcome is not None:
+                self._counts[outcome] += n
+            if done is not None:
+                done.acked += 1
+            if retry is not None:
+                retry.append(offset)
+        if outcome is not None:
+            RECORDS.labels(outcome).inc(n)
 
     def _on_unwritten(self, err: KafkaError | None, msg: Message) -> None:
         """Delivery report of a record that only Kafka's queue held (its write-ahead write failed)."""
         if err is None:
             self._last_delivery = time.monotonic()
-            with self._count_lock:
-                self._sent += 1
-            RECORDS.labels("sent").inc()
+            self._count("sent")
             return
         raw = msg.headers() or []
         headers: Headers = list(raw.items()) if isinstance(raw, dict) else list(raw)
@@ -490,11 +490,7 @@ class InferenceLogProducer:
                 encode_message(key, value, [*headers, (QUARANTINE_REASON_HEADER, reason)])
             )
         except OSError as exc:
-            with self._count_lock:
-                self._failed += 1
-                if state is not None:
-                    state.acked += 1
-            RECORDS.labels("failed").inc()
+            self._count("failed", done=state)
             log.error(
                 "inference-log record LOST: Kafka refused it for good (%s) and the quarantine file cannot "
                 "be written: %s",
@@ -502,11 +498,7 @@ class InferenceLogProducer:
                 exc,
             )
             return
-        with self._count_lock:
-            self._quarantined += 1
-            if state is not None:
-                state.acked += 1  # nothing left to deliver for it: its segment may be deleted
-        RECORDS.labels("quarantined").inc()
+        self._count("quarantined", done=state)  # nothing left to deliver for it: its segment may go
         # The error and the size only: the record may hold what callers sent (entities, inputs).
         log.error(
             "inference-log record quarantined: Kafka refused it for good (%s, %d bytes); kept in %s, "
@@ -522,9 +514,7 @@ class InferenceLogProducer:
         try:
             state, (offset,) = self._spool.append_payloads([encode_message(key, value, headers)])
         except OSError as exc:
-            with self._count_lock:
-                self._failed += 1
-            RECORDS.labels("failed").inc()
+            self._count("failed")
             log.error(
                 "inference-log record LOST: Kafka refused it (%s) and the spool %s cannot be written: %s",
                 reason,
@@ -690,8 +680,7 @@ class InferenceLogProducer:
             return decode_message(payload)
         except ValueError as exc:
             log.error("spool %s: a record cannot be re-sent and is dropped: %s", state.path, exc)
-            with self._count_lock:
-                state.acked += 1  # nothing left to deliver for it
+            self._count(None, done=state)  # nothing left to deliver for it
             return None
 
     def _resend_alone(self, state: SegmentState) -> None:
@@ -708,37 +697,15 @@ class InferenceLogProducer:
             message = self._message_at(state, data, offset)
             if message is None:
                 continue
-            try:
-                self._alone.produce(
-                    self.topic,
-                    message.value,
-                    message.key,
-                    headers=message.headers,
-                    on_delivery=functools.partial(self._on_alone, state, offset, message),
-                )
-            except KafkaException as exc:
-                if _permanent(exc.args[0]):
-                    self._quarantine(state, message.key, message.value, message.headers, exc.args[0])
-                else:
-                    self._keep(state, offset, count=False)
-            except BufferError:
-                self._keep(state, offset, count=False)
+            on_delivery = functools.partial(self._on_alone, state, offset, message)
+            encoded = (message.key, message.value, message.headers)
+            self._produce(self._alone, state, offset, encoded, on_delivery, count=False)
 
     # Inspection and shutdown.
 
     def stats(self) -> ProducerStats:
         """The counters since this producer started."""
-        return ProducerStats(
-            sent=self._sent,
-            spooled=self._spooled,
-            resent=self._resent,
-            failed=self._failed,
-            spool_bytes=self._spool.size_bytes(),
-            queued=len(self._producer),
-            written=self._written,
-            write_failed=self._write_failed,
-            quarantined=self._quarantined,
-        )
+        return ProducerStats(spool_bytes=self._spool.size_bytes(), queued=len(self._producer), **self._counts)
 
     def flush(self, timeout: float = 10.0) -> int:
         """Waits for queued records to be acknowledged or failed; returns how many are still queued."""

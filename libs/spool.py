@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import struct
@@ -239,10 +240,8 @@ class Spool:
                 self._open_segment_locked()
             assert self._fd is not None and self._active is not None
             start = self._active_size
-            written = 0
             try:
-                while written < len(data):
-                    written += os.write(self._fd, data[written:])
+                _write_all(self._fd, data)
             except OSError:
                 # Cut a partial frame so the next append starts clean (the reader would skip it anyway).
                 with contextlib.suppress(OSError):
@@ -258,12 +257,7 @@ class Spool:
                 os.fsync(self._fd)
             else:
                 self._dirty = True
-        offsets = []
-        pos = start
-        for f in frames:
-            offsets.append(pos)
-            pos += len(f)
-        return state, offsets
+        return state, list(itertools.accumulate((len(f) for f in frames[:-1]), initial=start))
 
     def _open_segment_locked(self) -> None:
         path = self.directory / f"segment-{self._next_seq:012d}.spool"
@@ -334,16 +328,9 @@ class Spool:
 
     def read(self, segment: Path, report: ReadReport | None = None) -> Iterator[SpooledMessage]:
         """The intact messages of a sealed segment, in order."""
-        for _, message in self.read_with_offsets(segment, report):
-            yield message
-
-    def read_with_offsets(
-        self, segment: Path, report: ReadReport | None = None
-    ) -> Iterator[tuple[int, SpooledMessage]]:
-        """(offset, message) of every intact message of a segment, in order."""
-        for offset, payload in iter_frames(segment.read_bytes(), report):
+        for payload in read_frames(segment.read_bytes(), report):
             try:
-                yield offset, decode_message(payload)
+                yield decode_message(payload)
             except ValueError as exc:  # checksum matched but content is not ours: skip it
                 log.error("spool %s: skipping a frame: %s", segment, exc)
 
@@ -357,13 +344,9 @@ class Spool:
         with self._quarantine_lock:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                data = frame(payload)
-                written = 0
-                while written < len(data):
-                    written += os.write(fd, data[written:])
-                os.fsync(fd)
+                _write_all(fd, frame(payload))
             finally:
-                os.close(fd)
+                _close_durably(fd)
         return path
 
     def quarantined(self) -> Iterator[SpooledMessage]:
@@ -403,10 +386,12 @@ def _close_durably(fd: int) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
+
+
 def fsync_path(path: Path) -> None:
     """fsync of a file, or of a folder (its entries: a file created or renamed in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _close_durably(os.open(path, os.O_RDONLY))
