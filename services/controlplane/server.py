@@ -52,7 +52,6 @@ class TypeStatus:
 
     acked_version: str = ""
     nacked_version: str = ""
-    nack_error: str = ""
 
 
 @dataclass
@@ -162,7 +161,7 @@ class ControlPlane:
             ANSWERS.labels(short, "ack").inc()
             NACKED.labels(short).set(0)
         else:
-            status.nacked_version, status.nack_error = event.version, event.error
+            status.nacked_version = event.version
             ANSWERS.labels(short, "nack").inc()
             NACKED.labels(short).set(1)
 
@@ -244,18 +243,16 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
         return self._control_plane.stream(request_iterator)
 
 
-def _inference_http_targets(settings: EnvoySettings, platform: PlatformConfig) -> tuple[Target, ...]:
-    """The inference HTTP endpoints as discovery targets; none unless the platform routes the REST API."""
-    if not platform.inference_http.enabled:
-        return ()
+def _targets(settings: EnvoySettings, platform: PlatformConfig) -> dict[str, tuple[Target, ...]]:
+    """The discovery targets of the gateway's and the inference HTTP port's clusters (the latter: none unless
+    the platform routes the REST API); a relative file: is next to the platform file."""
     base = settings.platform_file.resolve().parent
-    return tuple(t for entry in platform.inference_http.endpoints for t in parse_targets(entry, base))
-
-
-def _gateway_targets(settings: EnvoySettings, platform: PlatformConfig) -> tuple[Target, ...]:
-    """The platform's gateway endpoints as discovery targets (a relative file: is next to the platform file)."""
-    base = settings.platform_file.resolve().parent
-    return tuple(t for entry in platform.gateway.endpoints for t in parse_targets(entry, base))
+    http = platform.inference_http
+    entries = {
+        GATEWAY_CLUSTER: platform.gateway.endpoints,
+        INFERENCE_HTTP_CLUSTER: http.endpoints if http.enabled else (),
+    }
+    return {name: tuple(t for e in es for t in parse_targets(e, base)) for name, es in entries.items()}
 
 
 async def create_server(config: ControlPlaneConfig, telemetry: Telemetry | None = None) -> Server:
@@ -285,37 +282,25 @@ async def create_control_plane(
     async def _on_platform(platform: PlatformConfig) -> None:
         applying[0] = True
         try:
-            gateway_watcher.set_targets(_gateway_targets(settings, platform))
-            await gateway_watcher.refresh()
-            inference_watcher.set_targets(_inference_http_targets(settings, platform))
-            await inference_watcher.refresh()
+            for name, targets in _targets(settings, platform).items():
+                watchers[name].set_targets(targets)
+                await watchers[name].refresh()
         finally:
             applying[0] = False
         control_plane_box[0].apply(platform)
 
     watcher = PlatformWatcher(Path(settings.platform_file), _on_platform, settings.platform_poll_seconds)
     interval = settings.endpoints_poll_seconds
-    gateway_watcher = EndpointWatcher(
-        _gateway_targets(settings, watcher.current),
-        _endpoints_changed(GATEWAY_CLUSTER),
-        interval,
-        name=GATEWAY_CLUSTER,
-    )
-    inference_watcher = EndpointWatcher(
-        _inference_http_targets(settings, watcher.current),
-        _endpoints_changed(INFERENCE_HTTP_CLUSTER),
-        interval,
-        name=INFERENCE_HTTP_CLUSTER,
-    )
-    watchers = [gateway_watcher, inference_watcher]
+    watchers = {
+        name: EndpointWatcher(targets, _endpoints_changed(name), interval, name=name)
+        for name, targets in _targets(settings, watcher.current).items()
+    }
     if watcher.current.admission.placement == "edge":  # fixed for the process's life
-        watchers.append(
-            EndpointWatcher(
-                settings.edge_address, _endpoints_changed(EDGE_CLUSTER), interval, name=EDGE_CLUSTER
-            )
+        watchers[EDGE_CLUSTER] = EndpointWatcher(
+            settings.edge_address, _endpoints_changed(EDGE_CLUSTER), interval, name=EDGE_CLUSTER
         )
     endpoints: dict[str, tuple[str, ...]] = {}
-    for endpoint_watcher in watchers:
+    for endpoint_watcher in watchers.values():
         await endpoint_watcher.refresh()
         if endpoint_watcher.targets or endpoint_watcher.name != INFERENCE_HTTP_CLUSTER:
             endpoints[endpoint_watcher.name] = endpoint_watcher.current or ()
@@ -335,6 +320,6 @@ async def create_control_plane(
         telemetry=telemetry,
     )
     server.run_in_background(watcher.run(), name="platform-watcher")
-    for w in watchers:
+    for w in watchers.values():
         server.run_in_background(w.run(), name=f"endpoints-{w.name}")
     return server, control_plane

@@ -52,7 +52,6 @@ class TypeState:
     nonce: str = ""
     acked_version: str = ""
     nacked_version: str = ""
-    nack_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,6 @@ class XdsStream:
         if request.response_nonce:
             if request.HasField("error_detail"):
                 state.nacked_version = state.sent_version
-                state.nack_error = request.error_detail.message
                 log.error(
                     "Envoy %s rejected %s version %s (keeps %s): %s",
                     self.node,
