@@ -10,10 +10,13 @@ them. Redis being slow or down is a cache miss, never an error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
+
+from prometheus_client import Histogram
 
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
 from libs.telemetry import tracer
@@ -68,6 +71,19 @@ class FeatureCache(Protocol):
 def cache_key(prefix: bytes, view: str, entity_key: bytes) -> bytes:
     """The Redis key of an entity of a view (view names cannot contain ':')."""
     return prefix + view.encode() + b":" + entity_key
+
+
+@contextlib.contextmanager
+def _span(name: str, keys: int, seconds: Histogram) -> Iterator[None]:
+    """A Redis command's span and its duration in `seconds`."""
+    with _tracer.start_as_current_span(name) as span:
+        span.set_attribute("db.system", "redis")
+        span.set_attribute("infergrid.keys", keys)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds.observe(time.perf_counter() - started)
 
 
 class NoCache:
@@ -159,18 +175,13 @@ class RedisCache:
                     future.set_result(entries[start:end])
 
     async def _mget(self, keys: list[bytes]) -> list[CacheEntry]:
-        with _tracer.start_as_current_span("redis MGET") as span:
-            span.set_attribute("db.system", "redis")
-            span.set_attribute("infergrid.keys", len(keys))
-            started = time.perf_counter()
+        with _span("redis MGET", len(keys), REDIS_MGET):
             try:
                 (payloads,) = await self._redis.call(self._client.execute, ("MGET", *keys))
             except Exception as exc:
                 _ERROR.inc(len(keys))
                 log.debug("cache read failed: %s", exc)
                 return [None] * len(keys)
-            finally:
-                REDIS_MGET.observe(time.perf_counter() - started)
         out: list[CacheEntry] = []
         hits = negatives = 0
         decoded = self._decoded
@@ -210,28 +221,18 @@ class RedisCache:
             ("SET", key, codec.encode_record(record), "PX", max(1, int(ttl * 1000)))
             for (key, record), ttl in zip(items, ttls_s, strict=True)
         ]
-        with _tracer.start_as_current_span("redis SET") as span:
-            span.set_attribute("db.system", "redis")
-            span.set_attribute("infergrid.keys", len(items))
-            started = time.perf_counter()
+        with _span("redis SET", len(items), REDIS_SET):
             try:
                 await self._redis.call(self._client.execute, *commands)
             except Exception as exc:
                 log.debug("cache fill failed: %s", exc)
-            finally:
-                REDIS_SET.observe(time.perf_counter() - started)
 
     async def invalidate(self, keys: Sequence[bytes]) -> None:
         if not keys:
             return
-        with _tracer.start_as_current_span("redis DEL") as span:
-            span.set_attribute("db.system", "redis")
-            span.set_attribute("infergrid.keys", len(keys))
-            started = time.perf_counter()
+        with _span("redis DEL", len(keys), REDIS_DEL):
             try:
                 await self._redis.call(self._client.execute, ("DEL", *keys))
             except Exception as exc:
                 # The values stay cached until their TTL: say so loudly.
                 log.warning("cache invalidation of %d keys failed: %s", len(keys), exc)
-            finally:
-                REDIS_DEL.observe(time.perf_counter() - started)

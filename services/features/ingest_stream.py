@@ -118,7 +118,7 @@ class StreamIngestor:
         rows = row_inputs(request.rows)
         return view, self._online.prepare_rows(view, rows)
 
-    def _dead_letter(self, message: Message, reason: str) -> None:
+    def _dead_letter(self, message: Message, reason: str, outcome: BatchOutcome) -> None:
         headers = list(message.headers() or [])
         headers += [
             ("error", reason.encode()),
@@ -130,13 +130,8 @@ class StreamIngestor:
             self._config.stream_dead_letter_topic, value=message.value(), key=message.key(), headers=headers
         )
         _DEAD.inc()
-        log.warning(
-            "record %s/%s/%s dead-lettered: %s",
-            message.topic(),
-            message.partition(),
-            message.offset(),
-            reason,
-        )
+        outcome.dead_lettered += 1
+        log.warning("record %s dead-lettered: %s", _where(message), reason)
 
     async def process(self, messages: Sequence[Message], stop: asyncio.Event | None = None) -> BatchOutcome:
         """Writes the good records of a batch and dead-letters the bad ones (offsets are not touched)."""
@@ -163,18 +158,11 @@ class StreamIngestor:
                 try:
                     view, rows = self._prepare(message)
                 except (ValueError, ServiceError) as exc:
-                    self._dead_letter(message, str(getattr(exc, "message", exc)))
-                    outcome.dead_lettered += 1
+                    self._dead_letter(message, str(getattr(exc, "message", exc)), outcome)
                     continue
                 except Exception:  # one record must never stop (and crash-loop) the consumer
-                    log.exception(
-                        "record %s/%s/%s: unexpected error",
-                        message.topic(),
-                        message.partition(),
-                        message.offset(),
-                    )
-                    self._dead_letter(message, "internal error while validating the record")
-                    outcome.dead_lettered += 1
+                    log.exception("record %s: unexpected error", _where(message))
+                    self._dead_letter(message, "internal error while validating the record", outcome)
                     continue
                 by_view.setdefault(view.name, (view, []))[1].append((message, rows))
             for view, records in by_view.values():
@@ -199,8 +187,7 @@ class StreamIngestor:
             raise
         except Exception as exc:
             if len(records) == 1:
-                self._refused(records[0][0], exc)
-                outcome.dead_lettered += 1
+                self._refused(records[0][0], exc, outcome)
                 return
             log.warning("the store refused a batch of %d records, writing them one by one", len(records))
             for message, record_rows in records:
@@ -209,26 +196,19 @@ class StreamIngestor:
                 except (Unavailable, DeadlineExceeded):
                     raise
                 except Exception as one:
-                    self._refused(message, one)
-                    outcome.dead_lettered += 1
+                    self._refused(message, one, outcome)
                 else:
                     outcome.written_rows += len(record_rows)
             return
         outcome.written_rows += len(rows)
 
-    def _refused(self, message: Message, exc: Exception) -> None:
+    def _refused(self, message: Message, exc: Exception, outcome: BatchOutcome) -> None:
         """Dead-letters a record the store refused: the store's reason when it blames the record."""
         if is_client_error(exc):
-            self._dead_letter(message, str(getattr(exc, "message", exc)))
+            self._dead_letter(message, str(getattr(exc, "message", exc)), outcome)
             return
-        log.error(
-            "record %s/%s/%s: the store failed on it",
-            message.topic(),
-            message.partition(),
-            message.offset(),
-            exc_info=exc,
-        )
-        self._dead_letter(message, "internal error while writing the record")
+        log.error("record %s: the store failed on it", _where(message), exc_info=exc)
+        self._dead_letter(message, "internal error while writing the record", outcome)
 
     async def _write_until_done(self, view: View, rows: list[WriteRow], stop: asyncio.Event | None) -> None:
         delay = 0.2
@@ -272,9 +252,8 @@ class StreamIngestor:
     def _update_lag(self) -> None:
         """Sets the lag gauge: per assigned partition, the high watermark minus the position."""
         try:
-            assignment = self._consumer.assignment()
             lag = 0
-            for tp in self._consumer.position(assignment):
+            for tp in self._consumer.position(self._consumer.assignment()):
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
                 if tp.offset >= 0:
                     lag += max(0, high - tp.offset)
@@ -285,6 +264,10 @@ class StreamIngestor:
             log.debug("lag not measured: %s", exc)
             return
         CONSUMER_LAG.set(lag)
+
+
+def _where(message: Message) -> str:
+    return f"{message.topic()}/{message.partition()}/{message.offset()}"
 
 
 def consumer_conf(config: FeaturesConfig) -> dict[str, Any]:
