@@ -88,7 +88,6 @@ class BatchController:
         self.delay_s = 0.0
         self.max_batch = target.max_batch
         self.last_p99 = 0.0
-        self.adjustments = 0
         self.decisions = 0
         self._window_start = now
         self._samples: list[float] = []
@@ -155,6 +154,4 @@ class BatchController:
             elif not self._cool and self.delay_s < t.delay_bound_s:
                 self._pending = (self.delay_s, rows_per_batch)
                 self.delay_s = min(t.delay_bound_s, self.delay_s + self._step_d)
-        changed = (self.delay_s, self.max_batch) != before
-        self.adjustments += changed
-        return changed
+        return (self.delay_s, self.max_batch) != before

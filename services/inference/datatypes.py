@@ -47,7 +47,6 @@ _ALL = (
     DataType("BYTES", mc.TYPE_STRING, np.dtype(object), "tensor(string)"),
 )
 
-BY_NAME: dict[str, DataType] = {t.name: t for t in _ALL}
 BY_CONFIG_TYPE: dict[int, DataType] = {t.config_type: t for t in _ALL}
 BY_ONNX: dict[str, DataType] = {t.onnx: t for t in _ALL}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.inference.datatypes import BY_NAME, decode_bytes_tensor, encode_bytes_tensor
+from inference import model_config_pb2 as mc
+from services.inference.datatypes import BY_CONFIG_TYPE, decode_bytes_tensor, encode_bytes_tensor
 from services.inference.errors import ModelConfigError
 from services.inference.model_config import (
     VersionPolicy,
@@ -33,9 +34,9 @@ def test_full_triton_config_becomes_a_spec() -> None:
     assert spec.backend == "onnxruntime" and spec.platform == "onnxruntime_onnx"
     assert spec.max_batch_size == 16 and spec.batched
     a, b = spec.inputs
-    assert a.datatype is BY_NAME["FP32"] and a.dims == (4, -1) and a.shape(True) == [-1, 4, -1]
-    assert b.datatype is BY_NAME["BYTES"] and b.optional
-    assert spec.outputs[0].datatype is BY_NAME["INT64"]
+    assert a.datatype is BY_CONFIG_TYPE[mc.TYPE_FP32] and a.dims == (4, -1) and a.shape(True) == [-1, 4, -1]
+    assert b.datatype is BY_CONFIG_TYPE[mc.TYPE_STRING] and b.optional
+    assert spec.outputs[0].datatype is BY_CONFIG_TYPE[mc.TYPE_INT64]
     assert spec.batching.dynamic and spec.batching.max_queue_delay_us == 250
     assert spec.batching.preferred_batch_sizes == (4, 8)
     assert spec.batching.max_queue_size == 7 and spec.batching.default_timeout_us == 9000
@@ -108,7 +109,8 @@ def test_bad_configs_say_what_is_wrong(text: str, message: str) -> None:
 
 def test_auto_complete_fills_tensors_from_the_model_signature() -> None:
     config = parse_config_text("max_batch_size: 8", "t")
-    complete_config(config, [("x", BY_NAME["FP32"], [-1, 32])], [("y", BY_NAME["FP32"], [-1, 1])])
+    fp32 = BY_CONFIG_TYPE[mc.TYPE_FP32]
+    complete_config(config, [("x", fp32, [-1, 32])], [("y", fp32, [-1, 1])])
     spec = spec_from_config(config, "m")
     assert spec.inputs[0].dims == (32,) and spec.outputs[0].dims == (1,)
 
