@@ -34,7 +34,7 @@ class Settings:
     def make(cls, quick: bool) -> Settings:
         if quick:
             return cls(True, 1.0, 2.0, 1, (1, 32, 128), (1, 32), (1, 8), (32,), (1, 8, 32), 20_000)
-        return cls(False, 1.0, 3.0, 3, (1, 8, 32, 128, 256), (1, 8, 32, 128), (1, 8, 32), (32, 128), (1, 8, 32, 128), 50_000)  # fmt: skip
+        return cls(False, 1.0, 3.0, 3, (1, 8, 32, 128, 256), (1, 8, 32, 128), (1, 8, 32), (8, 32, 128), (1, 8, 32, 128), 50_000)  # fmt: skip
 
 
 @dataclass

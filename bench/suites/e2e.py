@@ -489,13 +489,26 @@ def body(run: Run, suite: Suite) -> None:
     run.procs.stop(gateway)
     chain.servers.remove(gateway)
     repin("0-1")
-    for workers in (1, 2):
+    # Layouts: everything floating over both cores; and each Python process on one core (a threaded
+    # worker that floats hands its GIL across cores, which costs CPU: the scaling suite's echo rows).
+    layouts = (
+        (1, False, "1 gateway worker (unpinned)", ""),
+        (2, False, "2 gateway workers (unpinned)", ""),
+        (1, True, "1 gateway worker on CPU 0, features and inference on CPU 1", "-split"),
+        (2, True, "2 gateway workers, one per CPU, features on CPU 1, inference on CPU 0", "-pinned"),
+    )
+    for workers, pinned, label, suffix in layouts:
         env["INFERGRID_GATEWAY_WORKERS"] = str(workers)
+        env["INFERGRID_GATEWAY_PIN_WORKERS"] = str(pinned and workers > 1).lower()
         gw = run.procs.start(
-            f"e2e-gateway-w{workers}", [sys.executable, "-m", "services.gateway"], env=env, cpus=None
-        )
+            f"e2e-gateway-w{workers}{suffix}", [sys.executable, "-m", "services.gateway"], env=env,
+            cpus="0" if pinned and workers == 1 else None,
+        )  # fmt: skip
         wait_grpc_serving(gw, gateway_port, timeout=90)
         chain.servers.append(gw)
+        for server, cpu in ((feats, "1"), (inference, "0" if workers > 1 else "1")):
+            for pid in group_pids(server.pid):
+                set_affinity(pid, cpu if pinned else "0-1")
         wait_predict(target, key)
         for c in s.scaling_concurrency:
 
@@ -504,9 +517,9 @@ def body(run: Run, suite: Suite) -> None:
                               log_file=work / "h2load.log", server_cpu=chain.cpu, extra_headers=[f"x-api-key: {key}"],
                               pin=False, connections=8)  # fmt: skip
 
-            run.measure(scaling, system=f"Predict via Envoy, {workers} gateway worker{'s' if workers > 1 else ''} (unpinned)",
-                        key=f"e2e-gw{workers}", protocol="gRPC", tool="h2load",
-                        params={"concurrency": c, "workers": workers}, rep=rep)  # fmt: skip
+            run.measure(scaling, system=f"Predict via Envoy, {label}", key=f"e2e-gw{workers}{suffix}",
+                        protocol="gRPC", tool="h2load", params={"concurrency": c, "workers": workers},
+                        rep=lambda d, i, rep=rep: with_breakdown(chain, lambda: rep(d, i)))  # fmt: skip
         run.procs.stop(gw)
         chain.servers.remove(gw)
     repin(cpus)
