@@ -27,7 +27,6 @@ from libs.errors import PermissionDenied, Unauthenticated
 from libs.platform import PlatformConfig
 from libs.wire import length_delimited
 
-__all__ = ["KEY_NAME_HEADER", "MODEL_HEADER", "TENANT_HEADER", "TIER_HEADER", "Authorizer", "Decision"]
 _REST_PATH = re.compile(r"^/v1/models/(?P<model>[^/:?]+):|^/v2/models/(?P<v2model>[^/?]+)")
 _BATCH_PATH = "/infergrid.gateway.v1.PredictionService/PredictBatch"
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import redis.asyncio as redis_async
@@ -25,7 +23,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from libs import apikeys
-from libs.admission import PLACEMENT_HEADER, RateLimits
+from libs.admission import IDENTITY_HEADERS, RateLimits
 from libs.apikeys import CREDENTIAL_HEADERS, ApiKey, load_keys
 from libs.platform import PlatformConfig, PlatformWatcher
 from libs.ratelimit import (
@@ -40,19 +38,12 @@ from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
 from services.edge.config import EdgeConfig, PolicyConfig
 from services.edge.metrics import DECISIONS, LIMITS
-from services.edge.policy import (
-    KEY_NAME_HEADER,
-    MODEL_HEADER,
-    TENANT_HEADER,
-    TIER_HEADER,
-    Authorizer,
-)
+from services.edge.policy import Authorizer
 
 log = logging.getLogger(__name__)
 
 AUTH_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 RLS_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
-_IDENTITY_HEADERS = (TENANT_HEADER, TIER_HEADER, MODEL_HEADER, KEY_NAME_HEADER, PLACEMENT_HEADER)
 _GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED}
 
 
@@ -107,7 +98,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             )
         DECISIONS.labels("ok").inc()
         # Identity headers are ours alone: whatever a client sent under those names is dropped.
-        remove = [*CREDENTIAL_HEADERS, *(h for h in _IDENTITY_HEADERS if h not in decision.upstream_headers)]
+        remove = [*CREDENTIAL_HEADERS, *(h for h in IDENTITY_HEADERS if h not in decision.upstream_headers)]
         metadata = struct_pb2.Struct()
         metadata.update({"rows": str(decision.rows)})  # the rate limit's hits_addend (per row)
         return external_auth_pb2.CheckResponse(
@@ -118,14 +109,6 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             ),
             dynamic_metadata=metadata,
         )
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """A descriptor's bucket (None: no limit applies to it)."""
-
-    bucket: Bucket | None
-    requests_per_second: float = 0.0
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
@@ -147,16 +130,12 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             replicas=lambda: policy.replicas,
         )
 
-    def _plan(self, domain: str, entries: Mapping[str, str], cost: int) -> _Planned:
-        bucket = plan_bucket(
-            self._state.platform,
-            self._prefix,
-            domain,
-            entries.get("tenant", ""),
-            entries.get("model"),
-            cost=cost,
+    def _plan(self, domain: str, entries: Mapping[str, str], cost: int) -> Bucket | None:
+        """A descriptor's bucket (None: no limit applies to it)."""
+        platform = self._state.platform
+        return plan_bucket(
+            platform, self._prefix, domain, entries.get("tenant", ""), entries.get("model"), cost=cost
         )
-        return _Planned(bucket, bucket.requests_per_second if bucket else 0.0)
 
     async def ShouldRateLimit(  # noqa: N802 - gRPC method names
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -168,19 +147,19 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             )
             for d in request.descriptors
         ]
-        buckets = [p.bucket for p in plans if p.bucket is not None]
+        buckets = [p for p in plans if p is not None]
         result = await self._limits.hit(buckets)
         LIMITS.labels("ok" if result.allowed else "over_limit").inc()
         return _response(plans, result)
 
 
-def _response(plans: Sequence[_Planned], result: LimitResult) -> rls_pb2.RateLimitResponse:
+def _response(plans: Sequence[Bucket | None], result: LimitResult) -> rls_pb2.RateLimitResponse:
     over = rls_pb2.RateLimitResponse.OVER_LIMIT
     ok = rls_pb2.RateLimitResponse.OK
     states = iter(result.buckets)
     statuses = []
     for plan in plans:
-        if plan.bucket is None:
+        if plan is None:
             statuses.append(rls_pb2.RateLimitResponse.DescriptorStatus(code=ok))
             continue
         state = next(states)
@@ -205,11 +184,6 @@ def _response(plans: Sequence[_Planned], result: LimitResult) -> rls_pb2.RateLim
     return response
 
 
-def keys_path(policy: PolicyConfig, platform: PlatformConfig) -> Path:
-    """The key file: the configured one, else the platform's, relative to the platform file."""
-    return apikeys.keys_path(policy.platform_file, platform, policy.keys_file)
-
-
 async def create_server(
     config: EdgeConfig,
     telemetry: Telemetry | None = None,
@@ -229,7 +203,8 @@ async def create_server(
     watcher = PlatformWatcher(
         policy.platform_file, lambda p: boxed[0].update(platform=p), policy.poll_seconds
     )
-    state = PolicyState(watcher.current, load_keys(keys_path(policy, watcher.current)))
+    keys_file = apikeys.keys_path(policy.platform_file, watcher.current, policy.keys_file)
+    state = PolicyState(watcher.current, load_keys(keys_file))
     boxed.append(state)
     authz = AuthorizationServicer(state)
     rls = RateLimitServicer(state, limiter, policy)
@@ -243,9 +218,7 @@ async def create_server(
     )
     server.run_in_background(watcher.run(), name="platform-watcher")
     server.run_in_background(
-        apikeys.watch_keys(
-            keys_path(policy, watcher.current), lambda keys: state.update(keys=keys), policy.poll_seconds
-        ),
+        apikeys.watch_keys(keys_file, lambda keys: state.update(keys=keys), policy.poll_seconds),
         name="keys-watcher",
     )
     if client is not None:
