@@ -20,6 +20,20 @@ STORE = {
 }
 
 
+async def serve(
+    servicer: features_pb2_grpc.FeatureServiceServicer | grpc_service_pb2_grpc.GRPCInferenceServiceServicer,
+) -> tuple[grpc.aio.Server, str]:
+    """A started gRPC server with `servicer` on a free loopback port, and its address."""
+    server = grpc.aio.server()
+    if isinstance(servicer, features_pb2_grpc.FeatureServiceServicer):
+        features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server)
+    else:
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
 class FakeFeatureService(features_pb2_grpc.FeatureServiceServicer):
     def __init__(self) -> None:
         self.calls = 0

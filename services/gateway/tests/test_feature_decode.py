@@ -3,16 +3,15 @@ and the trace context carried to a real feature server."""
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 from opentelemetry import context, trace
 
-from infergrid.features.v1 import features_pb2, features_pb2_grpc
+from infergrid.features.v1 import features_pb2
 from libs.channels import dial
 from libs.pool import ChannelPool
 from libs.resilience import Dependency, DependencyPolicy
 from services.gateway.features import GrpcFeatureSource
-from services.gateway.tests.fake_servers import FakeFeatureService
+from services.gateway.tests.fake_servers import FakeFeatureService, serve
 from services.gateway.tests.fakes import toy_spec
 
 PRESENT = features_pb2.FEATURE_STATUS_PRESENT
@@ -63,14 +62,11 @@ def test_columns_in_spec_order_with_presence_times_and_unusable_columns_left_def
 
 async def test_each_call_carries_the_current_trace_context_sampled_or_not() -> None:
     service = FakeFeatureService()
-    server = grpc.aio.server()
-    features_pb2_grpc.add_FeatureServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, address = await serve(service)
     policy = DependencyPolicy(timeout_s=5.0)
     name = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
     pool = ChannelPool("features", lambda address: dial(address, name, policy), policy)
-    pool.update([f"127.0.0.1:{port}"])
+    pool.update([address])
     source = GrpcFeatureSource(pool, Dependency("features", policy))
     try:
         spec, rows = toy_spec(), [{"user_id": "u1", "merchant_id": "m1"}]

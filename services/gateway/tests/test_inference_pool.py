@@ -18,7 +18,6 @@ import pytest
 
 from inference import grpc_service_pb2 as ipb
 from inference import grpc_service_pb2_grpc
-from infergrid.features.v1 import features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from libs.channels import dial
 from libs.errors import DeadlineExceeded
@@ -32,9 +31,10 @@ from services.gateway.config import (
     ModelsConfig,
     UpstreamConfig,
 )
+from services.gateway.failover import pool_client
 from services.gateway.inference_client import GrpcModelClient, StreamingModelClient
 from services.gateway.server import FEATURES_SERVICE, INFERENCE_SERVICE, create_server
-from services.gateway.tests.fake_servers import FakeFeatureService, FakeInference
+from services.gateway.tests.fake_servers import FakeFeatureService, FakeInference, serve
 from services.gateway.tests.fakes import toy_spec, write_layout
 
 POLICY = DependencyPolicy(
@@ -67,23 +67,12 @@ class HungInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("unreachable")
 
 
-async def _serve(servicer: grpc_service_pb2_grpc.GRPCInferenceServiceServicer) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 def _pool() -> ChannelPool:
     return ChannelPool("inference-test", lambda address: dial(address, INFERENCE_SERVICE, SINGLE), POLICY)
 
 
 def _client(pool: ChannelPool, streaming: bool) -> GrpcModelClient | StreamingModelClient:
-    dependency = Dependency("inference-test", SINGLE)
-    if streaming:
-        return StreamingModelClient(pool, dependency, hang_margin_s=0.2)
-    return GrpcModelClient(pool, dependency)
+    return pool_client(pool, Dependency("inference-test", SINGLE), streaming, hang_margin_s=0.2)
 
 
 async def _infer(client: GrpcModelClient | StreamingModelClient, timeout: float = 0.5) -> float:
@@ -98,7 +87,7 @@ def streaming(request: pytest.FixtureRequest) -> bool:
 
 async def test_batches_land_on_every_replica_and_survive_one_being_killed(streaming: bool) -> None:
     a, b = FakeInference(), FakeInference()
-    (server_a, address_a), (server_b, address_b) = await _serve(a), await _serve(b)
+    (server_a, address_a), (server_b, address_b) = await serve(a), await serve(b)
     pool = _pool()
     pool.update([address_a, address_b])
     client = _client(pool, streaming)
@@ -119,7 +108,7 @@ async def test_batches_land_on_every_replica_and_survive_one_being_killed(stream
 
 async def test_a_hung_stream_is_abandoned_after_the_deadline_and_the_other_replica_serves() -> None:
     good, hung = FakeInference(), HungInference()
-    (server_good, address_good), (server_hung, address_hung) = await _serve(good), await _serve(hung)
+    (server_good, address_good), (server_hung, address_hung) = await serve(good), await serve(hung)
     pool = _pool()
     pool.update([address_hung, address_good])
     client = StreamingModelClient(pool, Dependency("inference-test", SINGLE), hang_margin_s=0.1)
@@ -153,7 +142,7 @@ async def test_a_hung_stream_is_abandoned_after_the_deadline_and_the_other_repli
 
 async def test_a_removed_endpoint_finishes_its_calls_before_its_channel_closes() -> None:
     slow = FakeInference()
-    server, address = await _serve(slow)
+    server, address = await serve(slow)
     pool = _pool()
     pool.update([address])
     client = _client(pool, streaming=True)
@@ -177,12 +166,9 @@ async def test_an_endpoint_added_to_the_discovery_file_gets_traffic(tmp_path: Pa
     layouts = write_layout(tmp_path / "layouts")
     a, b = FakeInference(), FakeInference()
     a.served = b.served = {"toy": ("1",)}
-    (server_a, address_a), (server_b, address_b) = await _serve(a), await _serve(b)
+    (server_a, address_a), (server_b, address_b) = await serve(a), await serve(b)
     features = FakeFeatureService()
-    f_server = grpc.aio.server()
-    features_pb2_grpc.add_FeatureServiceServicer_to_server(features, f_server)
-    f_port = f_server.add_insecure_port("127.0.0.1:0")
-    await f_server.start()
+    f_server, f_address = await serve(features)
     endpoints = tmp_path / "inference.json"
     endpoints.write_text(json.dumps({"endpoints": [address_a]}))
     config = GatewayConfig(
@@ -190,7 +176,7 @@ async def test_an_endpoint_added_to_the_discovery_file_gets_traffic(tmp_path: Pa
         models=ModelsConfig(input_layouts=layouts, platform_file=write_test_admission(tmp_path)),
         admission=AdmissionConfig(admission_redis_url=NO_REDIS_URL),
         upstream=UpstreamConfig(
-            features_target=f"localhost:{f_port}",
+            features_target=f_address.replace("127.0.0.1", "localhost"),
             inference_target=f"file:{endpoints}",
             discovery_interval_s=0.05,
             inference_streaming=streaming,
@@ -238,7 +224,7 @@ async def test_client_latency_per_replica_method_and_status(streaming: bool) -> 
     from prometheus_client import REGISTRY
 
     a = FakeInference()
-    server_a, address_a = await _serve(a)
+    server_a, address_a = await serve(a)
     pool = _pool()
     pool.update([address_a])
     client = _client(pool, streaming)

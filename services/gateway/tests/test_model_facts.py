@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
-
 from inference import grpc_service_pb2_grpc
 from libs.channels import dial
 from libs.pool import ChannelPool
@@ -13,6 +11,7 @@ from libs.resilience import DependencyPolicy, RetryPolicy
 from services.gateway.catalog import ModelCatalog
 from services.gateway.model_facts import refresh_facts
 from services.gateway.server import INFERENCE_SERVICE
+from services.gateway.tests.fake_servers import serve
 from services.gateway.tests.fakes import ServedFacts, write_layout
 
 POLICY = DependencyPolicy(timeout_s=0.5, retry=RetryPolicy(max_attempts=1))
@@ -26,10 +25,7 @@ async def test_versions_readiness_and_batch_size_come_from_the_inference_service
     inference = Inference()
     inference.served = {"toy": ("1", "2", "3")}
     inference.max_batch_size = 64
-    server = grpc.aio.server()
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, address = await serve(inference)
     pool = ChannelPool("inference-test", lambda address: dial(address, INFERENCE_SERVICE, POLICY), POLICY)
     try:
         write_layout(tmp_path, "other")  # a layout the inference service does not serve
@@ -37,7 +33,7 @@ async def test_versions_readiness_and_batch_size_come_from_the_inference_service
         assert catalog.get("toy").versions == () and catalog.get("toy").latest_version == ""
         await refresh_facts(catalog, pool, 0.5)  # no endpoint yet: logged, nothing known
         assert catalog.get("toy").versions == ()
-        pool.update([f"127.0.0.1:{port}"])
+        pool.update([address])
         await refresh_facts(catalog, pool, 0.5)
         toy = catalog.get("toy")
         assert (toy.versions, toy.latest_version, toy.max_batch_size) == (("1", "2", "3"), "3", 64)

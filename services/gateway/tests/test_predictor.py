@@ -10,6 +10,10 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
 
 from infergrid.gateway.v1 import gateway_pb2
 from infergrid.logging.v1 import logging_pb2
@@ -33,6 +37,7 @@ models:
     versions: [{version: "1", weight: 90}, {version: "2", weight: 10}]
     shadow: "2"
 """
+ONLY_V1_WITH_SHADOW = SPLIT.replace(', {version: "2", weight: 10}', "")
 
 
 def request(
@@ -328,15 +333,21 @@ def test_float32_rows() -> None:
     assert list(spec.store_columns) == [1, 3, 4]
 
 
-async def test_stage_spans_are_children_of_the_incoming_call_when_sampled() -> None:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
 
-    exporter = InMemorySpanExporter()
+
+@pytest.fixture
+def tracer(exporter: InMemorySpanExporter) -> Tracer:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
+    return provider.get_tracer("test")
+
+
+async def test_stage_spans_are_children_of_the_incoming_call_when_sampled(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
     s = Setup()
     s.predictor._tracer = tracer
     with tracer.start_as_current_span("Predict") as parent:
@@ -351,17 +362,10 @@ async def test_stage_spans_are_children_of_the_incoming_call_when_sampled() -> N
     assert record.trace_id == format(parent.get_span_context().trace_id, "032x")
 
 
-async def test_a_shadowed_rows_publish_span_joins_the_request_trace() -> None:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-    only_v1_with_shadow = SPLIT.replace(', {version: "2", weight: 10}', "")
-    s = Setup(router=TrafficRouter(parse_platform(only_v1_with_shadow)))
+async def test_a_shadowed_rows_publish_span_joins_the_request_trace(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    s = Setup(router=TrafficRouter(parse_platform(ONLY_V1_WITH_SHADOW)))
     s.predictor._tracer = tracer
     with tracer.start_as_current_span("Predict") as parent:
         await s.one(request())
@@ -433,8 +437,7 @@ async def test_failure_and_degraded_records_are_written_before_the_answer() -> N
 
 
 async def test_a_shadow_slower_than_the_deadline_is_logged_as_deadline_exceeded() -> None:
-    only_v1_with_shadow = SPLIT.replace(', {version: "2", weight: 10}', "")
-    s = Setup(router=TrafficRouter(parse_platform(only_v1_with_shadow)))
+    s = Setup(router=TrafficRouter(parse_platform(ONLY_V1_WITH_SHADOW)))
     real_infer = s.models.infer
 
     async def slow_shadow(spec: object, version: str, inputs: np.ndarray, timeout: float) -> object:

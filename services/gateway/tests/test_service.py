@@ -17,15 +17,13 @@ import grpc
 import numpy as np
 import pytest
 
-from inference import grpc_service_pb2_grpc
-from infergrid.features.v1 import features_pb2_grpc
 from infergrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from infergrid.types.v1 import value_pb2
 from libs import mtls
 from libs.server import Server
 from services.gateway.config import GatewayConfig, GatewayServerConfig, ModelsConfig, UpstreamConfig
 from services.gateway.server import create_server
-from services.gateway.tests.fake_servers import FakeFeatureService, FakeInference
+from services.gateway.tests.fake_servers import FakeFeatureService, FakeInference, serve
 from services.gateway.tests.fakes import WEIGHTS, ListPublisher, write_layout
 
 
@@ -38,14 +36,6 @@ class Stack:
     publisher: ListPublisher
     platform: Path
     server: Server
-
-
-async def _serve(register: object) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
-    register(server)  # type: ignore[operator]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
 
 
 def _platform(weights: tuple[int, int]) -> str:
@@ -89,12 +79,7 @@ async def stack(tmp_path: Path, request: pytest.FixtureRequest, mesh: mtls.MeshF
     platform = tmp_path / "platform.yaml"
     platform.write_text(_platform((100, 0)))
     features, inference = FakeFeatureService(), FakeInference()
-    f_server, f_port = await _serve(
-        lambda s: features_pb2_grpc.add_FeatureServiceServicer_to_server(features, s)
-    )
-    i_server, i_port = await _serve(
-        lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, s)
-    )
+    (f_server, f_address), (i_server, i_address) = await serve(features), await serve(inference)
     publisher = ListPublisher()
     config = GatewayConfig(
         server=GatewayServerConfig(
@@ -102,8 +87,8 @@ async def stack(tmp_path: Path, request: pytest.FixtureRequest, mesh: mtls.MeshF
         ),
         models=ModelsConfig(input_layouts=layouts, platform_file=platform, platform_poll_interval_s=0.05),
         upstream=UpstreamConfig(
-            features_target=f"127.0.0.1:{f_port}",
-            inference_target=f"127.0.0.1:{i_port}",
+            features_target=f_address,
+            inference_target=i_address,
             features_timeout_s=0.5,
             breaker_failures=3,
             breaker_reset_s=30.0,
