@@ -240,34 +240,25 @@ class ModelRepository:
         fresh: dict[str, ServingVersion] = {}
         failures: list[str] = []
         for version, result in zip(versions, results, strict=True):
-            if isinstance(result, BaseException):
-                reason = (
-                    result.message
-                    if isinstance(result, ModelLoadError)
-                    else f"{type(result).__name__}: {result}"
-                )
-                if not isinstance(result, ModelLoadError):
-                    log.error("model %s version %d failed to load", name, version, exc_info=result)
-                failures.append(f"version {version}: {reason}")
-                states[version] = (UNAVAILABLE, reason)
+            if isinstance(result, ModelLoadError):
+                reason = result.message
+            elif isinstance(result, BaseException):
+                reason = f"{type(result).__name__}: {result}"
+                log.error("model %s version %d failed to load", name, version, exc_info=result)
+            else:
+                fresh[str(version)] = serving = self._serve(version, *result)
+                states[version] = (READY, serving.note)
+                serving.metrics.ready.set(1)
                 continue
-            used_spec, loaded, note = result
-            serving = self._serve(used_spec, version, loaded, note)
-            fresh[str(version)] = serving
-        old = self._serving.get(name, {})
-        if fresh:
-            latest = max(fresh.values(), key=lambda s: s.version)
-            fresh[""] = latest
-            self._serving = {**self._serving, name: fresh}
-            for key, serving in fresh.items():
-                if key:
-                    states[serving.version] = (READY, serving.note)
-                    serving.metrics.ready.set(1)
+            failures.append(f"version {version}: {reason}")
+            states[version] = (UNAVAILABLE, reason)
         # Versions served before drain out: replaced by a fresh instance or no longer selected.
         # When nothing loaded, the old versions keep serving (a failed reload changes nothing).
         if fresh:
-            retired = [v for k, v in old.items() if k]
-            await self._retire(name, retired, keep={s.version for k, s in fresh.items() if k})
+            old = self._serving.get(name, {})
+            fresh[""] = max(fresh.values(), key=lambda s: s.version)
+            self._serving = {**self._serving, name: fresh}
+            await self._retire(name, [v for k, v in old.items() if k], keep={int(k) for k in fresh if k})
         if failures:
             raise ModelLoadError(f"failed to load model '{name}': " + "; ".join(failures))
         log.info(
@@ -299,10 +290,8 @@ class ModelRepository:
             raise ModelLoadError(
                 f"model '{name}': {spec.instance_count} instances, at most {self._control.control_max_instances}"
             )
-        if self._models.warmup:
-            warmup_samples(
-                spec, model_dir
-            )  # a bad model_warmup is the config's error, before any version loads
+        if self._models.warmup:  # a bad model_warmup is the config's error, before any version loads
+            warmup_samples(spec, model_dir)
         return spec
 
     def _load_version(
@@ -338,7 +327,7 @@ class ModelRepository:
                 raise
         return spec, loaded, note
 
-    def _serve(self, spec: ModelSpec, version: int, loaded: LoadedModel, note: str) -> ServingVersion:
+    def _serve(self, version: int, spec: ModelSpec, loaded: LoadedModel, note: str) -> ServingVersion:
         metrics = VersionMetrics(spec.name, version)
         batching = spec.batching
         settings = BatcherSettings(
