@@ -125,23 +125,19 @@ def read_predictions(
     if not Path(root).is_dir():
         raise ExportError(f"--lake {root}: not a folder")
     table = lake.read_table(root, model=model, tenant=tenant, date_from=date_from, date_to=date_to)
+    summary = summary if summary is not None else ExportSummary()
     out: list[LoggedPrediction] = []
     order: list[str] = []
     for payload in table.column("record").to_pylist():
         record = logging_pb2.InferenceLogRecord.FromString(payload)
         if record.status_code != 0:
-            if summary is not None:
-                summary.skipped_failed += 1
-            continue
-        if record.cached:
-            if summary is not None:
-                summary.skipped_cached += 1
-            continue
-        if not order:
-            order = _wire_feature_order(payload)
-        out.append(from_record(record, order))
-    if summary is not None:
-        summary.predictions = len(out)
+            summary.skipped_failed += 1
+        elif record.cached:
+            summary.skipped_cached += 1
+        else:
+            order = order or _wire_feature_order(payload)
+            out.append(from_record(record, order))
+    summary.predictions = len(out)
     return out
 
 
@@ -193,18 +189,16 @@ def join_by_request_id(
     for p in predictions:
         by_key[(p.tenant, p.request_id) if with_tenant else (p.request_id,)] = p
         tenants_of[p.request_id].add(p.tenant)
-    ids = _strings(labels, REQUEST_ID)
-    tenants = _strings(labels, TENANT) if with_tenant else None
     pairs: list[tuple[int, LoggedPrediction]] = []
-    for i, request_id in enumerate(ids):
+    for i, key in enumerate(_label_keys(labels, [REQUEST_ID])):
+        request_id = key[-1]
         if not request_id:
             raise ExportError(f"labels row {i}: column {REQUEST_ID!r} is empty")
-        if tenants is None and len(tenants_of.get(request_id, ())) > 1:
+        if not with_tenant and len(tenants_of.get(request_id, ())) > 1:
             raise ExportError(
                 f"labels row {i}: request_id {request_id!r} is a prediction of several tenants "
                 f"({', '.join(sorted(tenants_of[request_id]))}): add a {TENANT!r} column or pass --tenant"
             )
-        key = (tenants[i], request_id) if tenants is not None else (request_id,)
         found = by_key.get(key)
         if found is not None:
             pairs.append((i, found))
@@ -243,15 +237,11 @@ def join_as_of(
     for key, rows in keyed.items():
         rows.sort(key=lambda r: (r[0], r[1]))
         times[key] = [r[0] for r in rows]
-    columns = [_strings(labels, k) for k in entity_keys]
-    tenants = _strings(labels, TENANT) if with_tenant else None
     label_times = labels.column(label_time_column).cast(pa.int64()).to_pylist()
     pairs: list[tuple[int, LoggedPrediction]] = []
-    for i, at in enumerate(label_times):
+    for i, (at, key) in enumerate(zip(label_times, _label_keys(labels, entity_keys), strict=True)):
         if at is None:
             raise ExportError(f"labels row {i}: column {label_time_column!r} is empty")
-        values = tuple(column[i] for column in columns)
-        key = (tenants[i], *values) if tenants is not None else values
         candidates = keyed.get(key)
         if not candidates:
             continue
@@ -382,12 +372,9 @@ def _table(
             seen[name] = kind
     take = pa.array([i for i, _, _ in kept], pa.int64())
     columns: dict[str, pa.Array | pa.ChunkedArray] = {
-        "request_id": pa.array([p.request_id for p in rows], pa.string()),
-        "tenant": pa.array([p.tenant for p in rows], pa.string()),
-        "model": pa.array([p.model for p in rows], pa.string()),
-        "model_version": pa.array([p.model_version for p in rows], pa.string()),
-        "request_time": pa.array([p.request_time_us for p in rows], pa.int64()).cast(_UTC_US),
+        name: pa.array([getattr(p, name) for p in rows], pa.string()) for name in _PREDICTION_COLUMNS[:4]
     }
+    columns["request_time"] = pa.array([p.request_time_us for p in rows], pa.int64()).cast(_UTC_US)
     for name in entity_names:
         columns[name] = pa.array([p.entities.get(name) for p in rows], pa.string())
     for name in label_names:
@@ -404,11 +391,7 @@ def _table(
 
 
 def _feature_names(predictions: Iterable[LoggedPrediction]) -> list[str]:
-    names: dict[str, None] = {}
-    for p in predictions:
-        for name in p.features:
-            names.setdefault(name, None)
-    return list(names)
+    return list(dict.fromkeys(name for p in predictions for name in p.features))
 
 
 def _number(value: Any) -> float | None:
@@ -416,6 +399,12 @@ def _number(value: Any) -> float | None:
     if kind in ("float_value", "double_value", "int64_value", "bool_value"):
         return float(getattr(value, kind))
     return None
+
+
+def _label_keys(labels: pa.Table, columns: Sequence[str]) -> list[tuple[str, ...]]:
+    """Each label row's key: its tenant (where the labels have that column), then `columns`."""
+    names = [TENANT, *columns] if TENANT in labels.column_names else columns
+    return list(zip(*(_strings(labels, name) for name in names), strict=True))
 
 
 def _strings(table: pa.Table, name: str) -> list[str]:
@@ -497,9 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the model whose predictions to use")
     parser.add_argument("--labels", type=Path, required=True, help="labels, .parquet or .csv")
     parser.add_argument("--output", type=Path, required=True, help="the training set to write (.parquet)")
-    parser.add_argument("--tenant", help="only this tenant's predictions")
-    parser.add_argument("--from", dest="date_from", help="first request date, YYYY-MM-DD")
-    parser.add_argument("--to", dest="date_to", help="last request date, YYYY-MM-DD")
+    lake.add_filters(parser)
     parser.add_argument("--label-column", default="label", help="the label (default: label)")
     parser.add_argument(
         "--label-time-column", default="label_time", help="the label time (default: label_time)"
@@ -523,14 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = read_labels(
             args.labels, label_column=args.label_column, label_time_column=args.label_time_column
         )
-        predictions = read_predictions(
-            args.lake,
-            model=args.model,
-            tenant=args.tenant,
-            date_from=args.date_from,
-            date_to=args.date_to,
-            summary=summary,
-        )
+        predictions = read_predictions(args.lake, **lake.filters(args), summary=summary)
         if not predictions:
             raise ExportError(
                 f"--lake {args.lake}: no answered predictions of model {args.model!r} (with these filters)"
@@ -540,9 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             predictions,
             label_column=args.label_column,
             label_time_column=args.label_time_column,
-            entity_keys=[k.strip() for k in args.entity_keys.split(",") if k.strip()]
-            if args.entity_keys
-            else None,
+            entity_keys=[k.strip() for k in (args.entity_keys or "").split(",") if k.strip()] or None,
             max_lag_us=max_lag,
             flag_future=args.future_features == "flag",
             summary=summary,

@@ -378,6 +378,18 @@ def records(table: pa.Table) -> list[logging_pb2.InferenceLogRecord]:
     return [logging_pb2.InferenceLogRecord.FromString(b) for b in table.column("record").to_pylist()]
 
 
+def add_filters(parser: argparse.ArgumentParser) -> None:
+    """The options that pick a part of the lake besides the model (`filters` reads them back)."""
+    parser.add_argument("--from", dest="date_from", help="first request date, YYYY-MM-DD")
+    parser.add_argument("--to", dest="date_to", help="last request date, YYYY-MM-DD")
+    parser.add_argument("--tenant", help="only this tenant's records")
+
+
+def filters(args: argparse.Namespace) -> dict[str, Any]:
+    """The `read_table` filters of parsed options (`--model` and those of `add_filters`)."""
+    return {"model": args.model, "tenant": args.tenant, "date_from": args.date_from, "date_to": args.date_to}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m services.logging.lake read LAKE_DIR [--model M] [--from D] [--to D] [--format F]`."""
     parser = argparse.ArgumentParser(
@@ -387,22 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     read = commands.add_parser("read", help="read records back (deduplicated by tenant and request_id)")
     read.add_argument("lake_dir", type=Path)
     read.add_argument("--model")
-    read.add_argument("--from", dest="date_from", help="first request date, YYYY-MM-DD")
-    read.add_argument("--to", dest="date_to", help="last request date, YYYY-MM-DD")
-    read.add_argument("--tenant", help="only this tenant's records")
+    add_filters(read)
     read.add_argument("--format", choices=("jsonl", "count", "parquet"), default="jsonl")
     read.add_argument("--output", type=Path, help="with --format parquet: the file to write")
     read.add_argument("--limit", type=int, default=0, help="at most this many rows (jsonl)")
     read.add_argument("--raw", action="store_true", help="do not deduplicate by tenant and request_id")
     args = parser.parse_args(argv)
     table = read_table(
-        args.lake_dir,
-        model=args.model,
-        date_from=args.date_from,
-        date_to=args.date_to,
-        tenant=args.tenant,
-        dedupe=not args.raw,
-        expand_values=args.format == "jsonl",
+        args.lake_dir, **filters(args), dedupe=not args.raw, expand_values=args.format == "jsonl"
     )
     if args.format == "count":
         print(table.num_rows)

@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs import apikeys
@@ -52,10 +51,6 @@ def _tenant(tenant: str) -> str:
     return tenant
 
 
-def _micros(ts: Timestamp) -> int:
-    return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
-
-
 class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
     """Translates InferenceLogService protos to the store and the pipeline's counters."""
 
@@ -86,7 +81,7 @@ class InferenceLogServiceServicer(logging_pb2_grpc.InferenceLogServiceServicer):
             raise InvalidArgument("model: required")
         if not request.HasField("start_time") or not request.HasField("end_time"):
             raise InvalidArgument("start_time and end_time: both required")
-        start_us, end_us = _micros(request.start_time), _micros(request.end_time)
+        start_us, end_us = request.start_time.ToMicroseconds(), request.end_time.ToMicroseconds()
         if end_us <= start_us:
             raise InvalidArgument("end_time: must be after start_time")
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:

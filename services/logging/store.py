@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -199,32 +199,27 @@ class CassandraLogStore:
     async def write(self, records: Sequence[StoredRecord]) -> None:
         """Upserts the records: their by-model rows, then their by-request rows (module docstring)."""
         ttl = self._ttl
-        by_model: dict[tuple[str, str, int], list[Sequence[Any]]] = {}
+        by_model: dict[tuple[str, str, int], list[Sequence[Any]]] = defaultdict(list)
         for tenant, request_id, model, version, time_us, payload in records:
             hour = time_us // HOUR_US
             # The write timestamp is the request time: of two records with one (tenant, id), the later wins.
-            params = (tenant, model, hour, time_us, request_id, version, payload, ttl, time_us)
-            group = by_model.get((tenant, model, hour))
-            if group is None:
-                by_model[(tenant, model, hour)] = [params]
-            else:
-                group.append(params)
-        insert = self._insert_by_model
-        await asyncio.gather(
-            *(
-                self._write_chunk(insert, chunk)
-                for group in by_model.values()
-                for chunk in _chunks(group, _weight_by_model)
+            by_model[(tenant, model, hour)].append(
+                (tenant, model, hour, time_us, request_id, version, payload, ttl, time_us)
             )
+        await self._write_groups(self._insert_by_model, by_model.values(), _weight_by_model)
+        await self._write_groups(
+            self._insert_by_request, self._by_replica(records).values(), _weight_by_request
         )
-        by_replica = self._by_replica(records)
-        insert = self._insert_by_request
+
+    async def _write_groups(
+        self,
+        statement: PreparedStatement,
+        groups: Iterable[list[Sequence[Any]]],
+        weight: Callable[[Sequence[Any]], int],
+    ) -> None:
+        """Writes each group's rows in batches of `_chunks`, all groups at once."""
         await asyncio.gather(
-            *(
-                self._write_chunk(insert, chunk)
-                for group in by_replica.values()
-                for chunk in _chunks(group, _weight_by_request)
-            )
+            *(self._write_chunk(statement, chunk) for group in groups for chunk in _chunks(group, weight))
         )
 
     def _by_replica(self, records: Sequence[StoredRecord]) -> dict[object, list[Sequence[Any]]]:
