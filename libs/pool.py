@@ -122,10 +122,6 @@ class ChannelPool:
         """The endpoints taking new calls, in round-robin order."""
         return tuple(self._endpoints)
 
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        return tuple(e.address for e in self._endpoints)
-
     def update(self, addresses: Sequence[str]) -> None:
         """Adopts a new endpoint set: channels for new addresses, removed ones drain and close."""
         wanted = list(dict.fromkeys(addresses))
@@ -194,11 +190,11 @@ class ChannelPool:
             return code in self._codes
         return isinstance(exc, ConnectionError)
 
-    async def call(self, fn: Callable[[Endpoint], Awaitable[T]], method: str = "") -> T:
+    async def call(self, fn: Callable[[Endpoint], Awaitable[T]], method: str) -> T:
         """Runs `fn` on an endpoint; on a retryable failure, again on another (see the module docstring).
 
-        `method` ("package.Service/Method"), when given, times each attempt into
-        `rpc_client_duration_seconds` (per endpoint, method and status).
+        Each attempt is timed into `rpc_client_duration_seconds` (per endpoint, `method`
+        ("package.Service/Method") and status).
 
         Raises:
             Unavailable: No endpoints.
@@ -213,11 +209,10 @@ class ChannelPool:
             try:
                 result = await fn(endpoint)
             except Exception as exc:
-                if method:
-                    code = status_code_of(exc)
-                    endpoint.observe(
-                        method, _UNKNOWN if code is None else code.value[0], time.perf_counter() - started
-                    )
+                code = status_code_of(exc)
+                endpoint.observe(
+                    method, _UNKNOWN if code is None else code.value[0], time.perf_counter() - started
+                )
                 if answered_not_failed(exc) or not self.is_retryable(exc):
                     raise
                 self.eject(endpoint, exc)
@@ -234,8 +229,7 @@ class ChannelPool:
                 continue
             finally:
                 self._release(endpoint)
-            if method:
-                endpoint.observe(method, 0, time.perf_counter() - started)
+            endpoint.observe(method, 0, time.perf_counter() - started)
             endpoint.failures = 0
             self._budget.on_success()
             return result

@@ -75,14 +75,8 @@ def _batches(
         )
     if suffix == ".csv":
         # Key and feature columns get the view's types (an id like 00042 must stay a string).
-        types = {name: _ARROW_TYPES[t] for name, t in view.key_columns if t in _ARROW_TYPES}
-        types.update(
-            {
-                n: _ARROW_TYPES[t]
-                for n, t in zip(view.feature_names, view.feature_types, strict=True)
-                if t in _ARROW_TYPES
-            }
-        )
+        columns = (*view.key_columns, *zip(view.feature_names, view.feature_types, strict=True))
+        types = {name: _ARROW_TYPES[t] for name, t in columns if t in _ARROW_TYPES}
         reader = pa_csv.open_csv(
             path,
             read_options=pa_csv.ReadOptions(block_size=1 << 22),

@@ -76,11 +76,18 @@ async def _ingestor() -> tuple[StreamIngestor, InMemoryOnlineStore, FakeProducer
     )
 
 
-def _update(user: str, n: int, view: str = "v") -> bytes:
-    return pb.WriteFeaturesRequest(
-        feature_view=view,
-        rows=[pb.FeatureRow(entity_key={"id": V(string_value=user)}, values={"f_int64": V(int64_value=n)})],
-    ).SerializeToString()
+def _update(user: str, n: int, view: str = "v", **values: V) -> bytes:
+    """An update of entity `user` of `view`: `values`, or f_int64 = `n`."""
+    row = pb.FeatureRow(
+        entity_key={"id": V(string_value=user)}, values=values or {"f_int64": V(int64_value=n)}
+    )
+    return pb.WriteFeaturesRequest(feature_view=view, rows=[row]).SerializeToString()
+
+
+def _json_update(key: dict[str, str]) -> bytes:
+    """The JSON form of an update of entity `key` (a Value in JSON) of view v: f_int64 = 2."""
+    row = {"entityKey": {"id": key}, "values": {"f_int64": {"int64Value": "2"}}}
+    return json.dumps({"featureView": "v", "rows": [row]}).encode()
 
 
 async def test_good_records_are_written_and_bad_ones_dead_lettered() -> None:
@@ -91,31 +98,8 @@ async def test_good_records_are_written_and_bad_ones_dead_lettered() -> None:
         FakeMessage(b"\xff\xfe not protobuf", 1),
         FakeMessage(None, 2),
         FakeMessage(_update("a", 1, view="nope"), 3),
-        FakeMessage(
-            json.dumps(
-                {
-                    "featureView": "v",
-                    "rows": [
-                        {
-                            "entityKey": {"id": {"stringValue": "b"}},
-                            "values": {"f_int64": {"int64Value": "2"}},
-                        }
-                    ],
-                }
-            ).encode(),
-            4,
-        ),
-        FakeMessage(
-            json.dumps(
-                {
-                    "featureView": "v",
-                    "rows": [
-                        {"entityKey": {"id": {"int64Value": "1"}}, "values": {"f_int64": {"int64Value": "2"}}}
-                    ],
-                }
-            ).encode(),
-            5,
-        ),
+        FakeMessage(_json_update({"stringValue": "b"}), 4),
+        FakeMessage(_json_update({"int64Value": "1"}), 5),
     ]
     outcome = await ingestor.process(messages)  # type: ignore[arg-type]
     assert outcome.written_rows == 2 and outcome.dead_lettered == 4
@@ -146,18 +130,10 @@ async def test_bad_values_and_times_are_dead_lettered_and_the_rest_written() -> 
     future.rows[0].event_timestamp.FromSeconds(int(time.time()) + 86_400)
     overflow = pb.WriteFeaturesRequest.FromString(_update("o", 1))
     overflow.rows[0].event_timestamp.seconds = 2**62  # past what ToMicroseconds/">q" can hold
-    nan = pb.WriteFeaturesRequest(
-        feature_view="v",
-        rows=[
-            pb.FeatureRow(
-                entity_key={"id": V(string_value="n")}, values={"f_float": V(float_value=float("nan"))}
-            )
-        ],
-    )
     messages = [
         FakeMessage(future.SerializeToString(), 0),
         FakeMessage(overflow.SerializeToString(), 1),
-        FakeMessage(nan.SerializeToString(), 2),
+        FakeMessage(_update("n", 0, f_float=V(float_value=float("nan"))), 2),
         FakeMessage(_update("good", 1), 3),
     ]
     outcome = await ingestor.process(messages)  # type: ignore[arg-type]

@@ -13,7 +13,6 @@ import numpy as np
 from inference import grpc_service_pb2 as ipb
 from inference import model_config_pb2
 from infergrid.logging.v1 import logging_pb2
-from libs.errors import Unavailable
 from services.gateway.catalog import ModelSpec, parse_spec
 from services.gateway.features import FeatureValues
 
@@ -119,10 +118,6 @@ class ListPublisher:
         if self.failure is not None:
             raise self.failure
         self.records.append(record)
-
-
-def unavailable() -> Exception:
-    return Unavailable("features is unavailable (test)")
 
 
 class ServedFacts:
