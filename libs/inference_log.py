@@ -384,7 +384,7 @@ class InferenceLogProducer:
             producer.produce(self.topic, value, key, headers=headers, on_delivery=on_delivery)
         except KafkaException as exc:
             if _permanent(exc.args[0]):  # refused by the client itself (e.g. over message.max.bytes)
-                self._quarantine(state, key, value, headers, exc.args[0])
+                self._quarantine(state, message, exc.args[0])
             else:
                 self._keep(state, offset, count=count)
         except BufferError:
@@ -405,13 +405,11 @@ class InferenceLogProducer:
                 self._producer.produce(
                     self.topic, value, key, headers=headers, on_delivery=self._on_unwritten
                 )
-            except KafkaException as exc:
-                if _permanent(exc.args[0]):
-                    self._quarantine(None, key, value, headers, exc.args[0])
+            except (KafkaException, BufferError) as exc:
+                if isinstance(exc, KafkaException) and _permanent(exc.args[0]):
+                    self._quarantine(None, message, exc.args[0])
                 else:
-                    self._spool_message(key, value, headers, str(exc) or type(exc).__name__)
-            except BufferError as exc:
-                self._spool_message(key, value, headers, str(exc) or type(exc).__name__)
+                    self._spool_message(message, str(exc) or type(exc).__name__)
 
     # Delivery reports (on whichever thread polls: the background thread, flush or close).
 
@@ -462,7 +460,7 @@ class InferenceLogProducer:
         raw = msg.headers() or []
         headers: Headers = list(raw.items()) if isinstance(raw, dict) else list(raw)
         # A permanent refusal goes to the spool too: its re-send alone decides whether it is poison.
-        self._spool_message(msg.key() or b"", msg.value() or b"", headers, err.str())
+        self._spool_message((msg.key() or b"", msg.value() or b"", headers), err.str())
 
     def _on_alone(
         self, state: SegmentState, offset: int, message: SpooledMessage, err: KafkaError | None, _: Message
@@ -471,19 +469,13 @@ class InferenceLogProducer:
         if err is None:
             self._on_delivery(state, offset, True, None, _)
         elif _permanent(err):
-            self._quarantine(state, message.key, message.value, message.headers, err)
+            self._quarantine(state, message, err)
         else:
             self._keep(state, offset, count=False)
 
-    def _quarantine(
-        self,
-        state: SegmentState | None,
-        key: bytes,
-        value: bytes,
-        headers: Sequence[tuple[str, str | bytes | None]],
-        err: KafkaError,
-    ) -> None:
+    def _quarantine(self, state: SegmentState | None, message: EncodedRecord, err: KafkaError) -> None:
         """Moves a record Kafka refused for good to the quarantine file; its segment can then go."""
+        key, value, headers = message
         reason = f"{err.name()}: {err.str()}"[:500]
         try:
             path = self._spool.quarantine(
@@ -508,11 +500,9 @@ class InferenceLogProducer:
             path,
         )
 
-    def _spool_message(
-        self, key: bytes, value: bytes, headers: Sequence[tuple[str, str | bytes | None]], reason: str
-    ) -> None:
+    def _spool_message(self, message: EncodedRecord, reason: str) -> None:
         try:
-            state, (offset,) = self._spool.append_payloads([encode_message(key, value, headers)])
+            state, (offset,) = self._spool.append_payloads([encode_message(*message)])
         except OSError as exc:
             self._count("failed")
             log.error(
@@ -665,7 +655,7 @@ class InferenceLogProducer:
                         return
                 except KafkaException as exc:
                     if _permanent(exc.args[0]):  # this record is the poison: the ones after it still go
-                        self._quarantine(state, message.key, message.value, message.headers, exc.args[0])
+                        self._quarantine(state, message, exc.args[0])
                         break
                     with self._count_lock:
                         state.failed.extend(todo[i:])
@@ -698,8 +688,7 @@ class InferenceLogProducer:
             if message is None:
                 continue
             on_delivery = functools.partial(self._on_alone, state, offset, message)
-            encoded = (message.key, message.value, message.headers)
-            self._produce(self._alone, state, offset, encoded, on_delivery, count=False)
+            self._produce(self._alone, state, offset, message, on_delivery, count=False)
 
     # Inspection and shutdown.
 

@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,8 @@ FSYNC_POLICIES = ("always", "interval", "never")
 Headers = list[tuple[str, str | bytes | None]]
 
 
-@dataclass(frozen=True)
-class SpooledMessage:
-    """One Kafka message as kept in the spool."""
+class SpooledMessage(NamedTuple):
+    """One Kafka message as kept in the spool (a tuple: what the producer hands to Kafka, in this order)."""
 
     key: bytes
     value: bytes

@@ -10,10 +10,11 @@ import asyncio
 import errno
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Message, Producer
 
 from infergrid.logging.v1 import logging_pb2
 from libs.inference_log import (
@@ -150,32 +151,54 @@ def _wait(predicate: object, timeout: float = 20.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def _mock_cluster() -> tuple[Producer, str]:
-    """A librdkafka mock cluster kept alive by the returned producer, and its bootstrap address."""
+@pytest.fixture
+def kafka() -> Iterator[KafkaConfig]:
+    """A librdkafka mock cluster, kept alive by a producer for the test."""
     holder = Producer({"test.mock.num.brokers": 1})
-    brokers = holder.list_topics(timeout=5).brokers
-    (broker,) = brokers.values()
-    return holder, f"{broker.host}:{broker.port}"
+    (broker,) = holder.list_topics(timeout=5).brokers.values()
+    yield KafkaConfig(kafka_bootstrap_servers=f"{broker.host}:{broker.port}")
+    del holder
 
 
-def _consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list[bytes]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test", "auto.offset.reset": "earliest"})
-    consumer.subscribe([topic])
-    seen: list[bytes] = []
+def _consume_all(kafka: KafkaConfig, expected: int, timeout: float = 20.0) -> list[Message]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka.kafka_bootstrap_servers,
+            "group.id": "test",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe(["inference-log-test"])
+    seen: list[Message] = []
     deadline = time.monotonic() + timeout
     try:
         while len(seen) < expected and time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.5):
-                if msg.error() is None:
-                    seen.append(msg.value())
+            seen.extend(msg for msg in consumer.consume(1000, 0.5) if msg.error() is None)
     finally:
         consumer.close()
     return seen
 
 
-def test_publishes_with_key_and_headers_to_kafka(tmp_path: Path) -> None:
-    holder, bootstrap = _mock_cluster()
-    producer = InferenceLogProducer(_config(tmp_path), KafkaConfig(kafka_bootstrap_servers=bootstrap))
+def _ids(messages: list[Message]) -> list[str]:
+    return [logging_pb2.InferenceLogRecord.FromString(m.value()).request_id for m in messages]
+
+
+def _no_space(fd: int, data: bytes) -> int:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _resent_by_a_new_producer(tmp_path: Path, kafka: KafkaConfig, count: int) -> set[str]:
+    """Starts a producer on the spool, waits until it re-sent `count` records and drained; the ids Kafka has."""
+    producer = InferenceLogProducer(_config(tmp_path), kafka)
+    producer.start()
+    _wait(lambda: producer.stats().resent == count)
+    assert producer.drain_spool(10)
+    producer.close()
+    return set(_ids(_consume_all(kafka, count, timeout=10)))
+
+
+def test_publishes_with_key_and_headers_to_kafka(tmp_path: Path, kafka: KafkaConfig) -> None:
+    producer = InferenceLogProducer(_config(tmp_path), kafka)
     producer.start()
     for i in range(50):
         producer.publish(_record(i))
@@ -184,25 +207,19 @@ def test_publishes_with_key_and_headers_to_kafka(tmp_path: Path) -> None:
     assert producer.stats().sent == 50
     assert producer.stats().spooled == 0
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "h", "auto.offset.reset": "earliest"})
-    consumer.subscribe(["inference-log-test"])
-    message = None
-    deadline = time.monotonic() + 20
-    while message is None and time.monotonic() < deadline:
-        candidate = consumer.poll(0.5)
-        if candidate is not None and candidate.error() is None:
-            message = candidate
-    consumer.close()
-    assert message is not None
+    messages = _consume_all(kafka, 1)
+    assert messages
+    message = messages[0]
     record = logging_pb2.InferenceLogRecord.FromString(message.value())
     assert message.key() == record.request_id.encode()
     headers = dict(message.headers())
     assert headers[SCHEMA_VERSION_HEADER] == b"1"
     assert headers["traceparent"] == f"00-{record.trace_id}-{record.span_id}-01".encode()
-    del holder
 
 
-def test_unreachable_kafka_spools_then_a_new_process_resends_everything(tmp_path: Path) -> None:
+def test_unreachable_kafka_spools_then_a_new_process_resends_everything(
+    tmp_path: Path, kafka: KafkaConfig
+) -> None:
     dead = KafkaConfig(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
     producer = InferenceLogProducer(_config(tmp_path), dead)
     producer.start()
@@ -213,17 +230,8 @@ def test_unreachable_kafka_spools_then_a_new_process_resends_everything(tmp_path
     assert producer.stats().failed == 0
     assert producer.stats().sent == 0
 
-    holder, bootstrap = _mock_cluster()
-    restarted = InferenceLogProducer(_config(tmp_path), KafkaConfig(kafka_bootstrap_servers=bootstrap))
-    restarted.start()
-    _wait(lambda: restarted.stats().resent == 200)
-    assert restarted.drain_spool(10)
-    restarted.close()
-    values = _consume_all(bootstrap, "inference-log-test", 200)
-    ids = {logging_pb2.InferenceLogRecord.FromString(v).request_id for v in values}
-    assert ids == {f"req-{i:06d}" for i in range(200)}
+    assert _resent_by_a_new_producer(tmp_path, kafka, 200) == {f"req-{i:06d}" for i in range(200)}
     assert not list((tmp_path / "spool").glob("segment-*.spool"))
-    del holder
 
 
 def test_a_full_queue_spills_to_the_spool_without_blocking(tmp_path: Path) -> None:
@@ -241,10 +249,6 @@ def test_a_full_disk_counts_failed_and_logs_an_error(
 ) -> None:
     dead = KafkaConfig(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
     producer = InferenceLogProducer(_config(tmp_path, inference_log_queue_max_messages=1), dead)
-
-    def _no_space(fd: int, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
     monkeypatch.setattr(os, "write", _no_space)
     producer.publish(_record(0))  # queued
     producer.publish(_record(1))  # queue full -> spool -> disk full
@@ -255,11 +259,9 @@ def test_a_full_disk_counts_failed_and_logs_an_error(
 
 
 def test_every_record_is_on_disk_when_write_returns_and_acknowledged_segments_are_deleted(
-    tmp_path: Path,
+    tmp_path: Path, kafka: KafkaConfig
 ) -> None:
-    holder, bootstrap = _mock_cluster()
-    config = _config(tmp_path, inference_log_spool_segment_seconds=0.2)
-    producer = InferenceLogProducer(config, KafkaConfig(kafka_bootstrap_servers=bootstrap))
+    producer = InferenceLogProducer(_config(tmp_path, inference_log_spool_segment_seconds=0.2), kafka)
     producer.start()
     for i in range(20):
         producer.publish(_record(i))
@@ -272,18 +274,13 @@ def test_every_record_is_on_disk_when_write_returns_and_acknowledged_segments_ar
     producer.close()
     stats = producer.stats()
     assert (stats.written, stats.sent, stats.spooled, stats.resent) == (20, 20, 0, 0)
-    del holder
 
 
 @pytest.mark.parametrize("in_thread", [False, True], ids=["on-the-loop", "writer-thread"])
 async def test_concurrent_writes_share_one_write_call_group_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_thread: bool
+    tmp_path: Path, kafka: KafkaConfig, monkeypatch: pytest.MonkeyPatch, in_thread: bool
 ) -> None:
-    holder, bootstrap = _mock_cluster()
-    producer = InferenceLogProducer(
-        _config(tmp_path, inference_log_write_in_thread=in_thread),
-        KafkaConfig(kafka_bootstrap_servers=bootstrap),
-    )
+    producer = InferenceLogProducer(_config(tmp_path, inference_log_write_in_thread=in_thread), kafka)
     producer.start()
     calls: list[int] = []
     real_write = os.write
@@ -299,20 +296,12 @@ async def test_concurrent_writes_share_one_write_call_group_commit(
     assert producer.stats().written == 64
     await asyncio.to_thread(producer.close)
     assert producer.stats().sent == 64
-    del holder
 
 
 async def test_write_raises_and_queues_nothing_when_the_disk_is_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, kafka: KafkaConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    holder, bootstrap = _mock_cluster()
-    producer = InferenceLogProducer(
-        _config(tmp_path, inference_log_write_in_thread=False), KafkaConfig(kafka_bootstrap_servers=bootstrap)
-    )
-
-    def _no_space(fd: int, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
+    producer = InferenceLogProducer(_config(tmp_path, inference_log_write_in_thread=False), kafka)
     monkeypatch.setattr(os, "write", _no_space)
     with pytest.raises(OSError, match="No space"):
         await producer.write(_record(0))
@@ -322,14 +311,10 @@ async def test_write_raises_and_queues_nothing_when_the_disk_is_full(
     producer.close()
     stats = producer.stats()
     assert (stats.write_failed, stats.written, stats.sent) == (1, 1, 1)  # record 0 was never produced
-    del holder
 
 
-def test_only_the_records_kafka_refused_are_re_sent(tmp_path: Path) -> None:
-    holder, bootstrap = _mock_cluster()
-    producer = InferenceLogProducer(
-        _config(tmp_path, inference_log_queue_max_messages=10), KafkaConfig(kafka_bootstrap_servers=bootstrap)
-    )
+def test_only_the_records_kafka_refused_are_re_sent(tmp_path: Path, kafka: KafkaConfig) -> None:
+    producer = InferenceLogProducer(_config(tmp_path, inference_log_queue_max_messages=10), kafka)
     for i in range(100):  # not started: nothing polls, so the queue holds 10 and refuses 90
         producer.publish(_record(i))
     assert producer.stats().spooled == 90
@@ -337,15 +322,13 @@ def test_only_the_records_kafka_refused_are_re_sent(tmp_path: Path) -> None:
     _wait(lambda: producer.stats().resent == 90)
     assert producer.drain_spool(10)
     producer.close()
-    ids = [
-        logging_pb2.InferenceLogRecord.FromString(v).request_id
-        for v in _consume_all(bootstrap, "inference-log-test", 100, timeout=10)
-    ]
+    ids = _ids(_consume_all(kafka, 100, timeout=10))
     assert sorted(ids) == [f"req-{i:06d}" for i in range(100)]  # each once: the acknowledged 10 not again
-    del holder
 
 
-def test_a_segment_an_earlier_process_left_unacknowledged_is_re_sent_whole(tmp_path: Path) -> None:
+def test_a_segment_an_earlier_process_left_unacknowledged_is_re_sent_whole(
+    tmp_path: Path, kafka: KafkaConfig
+) -> None:
     # What a SIGKILLed producer leaves: written records, acknowledgements unknown.
     spool = Spool(tmp_path / "spool")
     for i in range(30):
@@ -354,19 +337,7 @@ def test_a_segment_an_earlier_process_left_unacknowledged_is_re_sent_whole(tmp_p
     with (tmp_path / "spool" / "segment-000000000001.spool").open("ab") as handle:
         handle.write(frame(b"torn")[:7])  # the write the kill interrupted
     del spool  # no close(): the lock goes with the file object, like with the process
-
-    holder, bootstrap = _mock_cluster()
-    producer = InferenceLogProducer(_config(tmp_path), KafkaConfig(kafka_bootstrap_servers=bootstrap))
-    producer.start()
-    _wait(lambda: producer.stats().resent == 30)
-    assert producer.drain_spool(10)
-    producer.close()
-    ids = {
-        logging_pb2.InferenceLogRecord.FromString(v).request_id
-        for v in _consume_all(bootstrap, "inference-log-test", 30, timeout=10)
-    }
-    assert ids == {f"req-{i:06d}" for i in range(30)}
-    del holder
+    assert _resent_by_a_new_producer(tmp_path, kafka, 30) == {f"req-{i:06d}" for i in range(30)}
 
 
 def _poison(i: int, size: int) -> logging_pb2.InferenceLogRecord:
@@ -376,11 +347,9 @@ def _poison(i: int, size: int) -> logging_pb2.InferenceLogRecord:
 
 
 def test_a_record_kafka_refuses_for_good_is_quarantined_and_the_others_go_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, kafka: KafkaConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Larger than the client's message.max.bytes: refused for good, quarantined at once, never re-sent."""
-    holder, bootstrap = _mock_cluster()
-    kafka = KafkaConfig(kafka_bootstrap_servers=bootstrap)
     # An earlier process left a segment holding a poison record between good ones: the re-send moves on.
     earlier = Spool(tmp_path / "spool")
     for message in (_record(0), _poison(1, 8000), _record(2)):
@@ -396,8 +365,7 @@ def test_a_record_kafka_refuses_for_good_is_quarantined_and_the_others_go_on(
     producer.close()
     stats = producer.stats()
     assert (stats.sent + stats.resent, stats.quarantined, stats.failed) == (4, 2, 0)
-    delivered = _consume_all(bootstrap, "inference-log-test", 4)
-    ids = sorted(logging_pb2.InferenceLogRecord.FromString(v).request_id for v in delivered)
+    ids = sorted(_ids(_consume_all(kafka, 4)))
     assert ids == [_record(i).request_id for i in (0, 2, 3, 5)]
     kept = list(Spool(tmp_path / "spool").quarantined())
     assert sorted(m.key for m in kept) == [b"req-000001", b"req-000004"]
@@ -406,4 +374,3 @@ def test_a_record_kafka_refuses_for_good_is_quarantined_and_the_others_go_on(
     assert logging_pb2.InferenceLogRecord.FromString(live.value) == secret
     errors = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
     assert len(errors) == 2 and all(secret.request_id not in e for e in errors)
-    del holder
