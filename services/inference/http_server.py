@@ -388,10 +388,6 @@ class HttpFrontDoor:
 
     # --- lifecycle ---
 
-    @property
-    def port(self) -> int:
-        return self._port
-
     async def start(self) -> None:
         """Binds and serves (an occupied port fails start-up)."""
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self._grace)
@@ -465,12 +461,11 @@ class HttpFrontDoor:
         infer_request, binary_output = parse_infer_request(
             body, request.headers.get(HEADER_LENGTH), info["model"], info.get("version", "")
         )
-        if self._tracing:
-            with _tracer.start_as_current_span(
-                f"POST {request.path}", context=propagate.extract(request.headers), kind=trace.SpanKind.SERVER
-            ):
-                result = await self._plane.infer(infer_request)
-        else:
+        if not self._tracing:
+            return infer_response(await self._plane.infer(infer_request), binary_output)
+        with _tracer.start_as_current_span(
+            f"POST {request.path}", context=propagate.extract(request.headers), kind=trace.SpanKind.SERVER
+        ):
             result = await self._plane.infer(infer_request)
         return infer_response(result, binary_output)
 

@@ -7,7 +7,6 @@ scenario to "ok" or its traceback.
 
   python triton_client.py check URL METRICS_URL REPO   run every gRPC scenario
   python triton_client.py check-http HTTP_URL GRPC_URL REPO   the HTTP/JSON and shared memory scenarios
-  python triton_client.py bench URL [SECONDS] [CONCURRENCY...]   informative throughput
 """
 
 from __future__ import annotations
@@ -53,6 +52,23 @@ def http_scenario(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _expected(repo: Path, version: str, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(repo / "fraud" / version / "model.onnx"))
     return session.run(None, {"features": x})[0]
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _on_disk(repo: Path) -> Any:
+    """fraud's config.pbtxt as tritonclient's ModelConfig."""
+    return text_format.Parse((repo / "fraud" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def _serving(repo: Path, versions: list[int]) -> str:
+    """fraud's config serving only `versions`, as the JSON load_model sends."""
+    config = _on_disk(repo)
+    config.version_policy.Clear()
+    config.version_policy.specific.versions.extend(versions)
+    return json_format.MessageToJson(config)
 
 
 def _features(x: np.ndarray) -> list[grpcclient.InferInput]:
@@ -114,8 +130,7 @@ def metadata_and_config_match_the_repository(url: str, repo: Path, metrics: str)
     assert not client.is_model_ready("broken")
     server = client.get_server_metadata(as_json=True)
     assert "statistics" in server["extensions"], server
-    on_disk = model_config_pb2.ModelConfig()
-    text_format.Parse((repo / "fraud" / "config.pbtxt").read_text(), on_disk)
+    on_disk = _on_disk(repo)
     config = client.get_model_config("fraud").config
     for field in (
         "name",
@@ -148,18 +163,14 @@ def infer_matches_onnxruntime_on_the_same_file(url: str, repo: Path, metrics: st
             result = client.infer("fraud", _features(x), model_version=version, request_id=f"r{rows}")
             assert result.get_response().model_version == version
             assert result.get_response().id == f"r{rows}"
-            np.testing.assert_allclose(
-                result.as_numpy("fraud_probability"), _expected(repo, version, x), rtol=1e-5, atol=1e-6
-            )
+            _assert_close(result.as_numpy("fraud_probability"), _expected(repo, version, x))
     # the latest version answers when none is named
     x = rng.normal(40, 30, (2, 32)).astype(np.float32)
     result = client.infer(
         "fraud", _features(x), outputs=[grpcclient.InferRequestedOutput("fraud_probability")]
     )
     assert result.get_response().model_version == "2"
-    np.testing.assert_allclose(
-        result.as_numpy("fraud_probability"), _expected(repo, "2", x), rtol=1e-5, atol=1e-6
-    )
+    _assert_close(result.as_numpy("fraud_probability"), _expected(repo, "2", x))
 
 
 @scenario
@@ -261,9 +272,7 @@ def concurrent_clients_get_their_own_results_in_batches(url: str, repo: Path, me
                     "fraud", [inp], model_version="1", request_id=str(i)
                 )
                 assert result.get_response().id == str(i)
-                np.testing.assert_allclose(
-                    result.as_numpy("fraud_probability"), expected[i : i + 1], rtol=1e-5, atol=1e-6
-                )
+                _assert_close(result.as_numpy("fraud_probability"), expected[i : i + 1])
 
         try:
             await asyncio.gather(*(_one(i) for i in range(len(rows))))
@@ -306,7 +315,7 @@ def stream_infer_answers_each_request(url: str, repo: Path, metrics: str) -> Non
     client.stop_stream()
     assert errors == ["model 'nope' is not found"], errors
     for i, x in enumerate(xs):
-        np.testing.assert_allclose(results[f"s{i}"], _expected(repo, "2", x), rtol=1e-5, atol=1e-6)
+        _assert_close(results[f"s{i}"], _expected(repo, "2", x))
 
 
 @scenario
@@ -334,16 +343,6 @@ def statistics_and_repository_index(url: str, repo: Path, metrics: str) -> None:
 
 @scenario
 def load_and_unload_versions_while_traffic_flows(url: str, repo: Path, metrics: str) -> None:
-    on_disk = model_config_pb2.ModelConfig()
-    text_format.Parse((repo / "fraud" / "config.pbtxt").read_text(), on_disk)
-
-    def _config(versions: list[int]) -> str:
-        config = model_config_pb2.ModelConfig()
-        config.CopyFrom(on_disk)
-        config.version_policy.Clear()
-        config.version_policy.specific.versions.extend(versions)
-        return json_format.MessageToJson(config)
-
     x = np.random.default_rng(3).normal(40, 30, (1, 32)).astype(np.float32)
     outcomes: dict[str, list[str]] = {"latest": [], "v1": []}
 
@@ -366,7 +365,7 @@ def load_and_unload_versions_while_traffic_flows(url: str, repo: Path, metrics: 
         workers += [asyncio.create_task(_traffic("v1", "1")) for _ in range(4)]
         await asyncio.sleep(0.2)
         for versions in ([1, 2], [2], [1, 2], [1], [1, 2]):
-            await client.load_model("fraud", config=_config(versions))
+            await client.load_model("fraud", config=_serving(repo, versions))
             await asyncio.sleep(0.15)
         stop.set()
         await asyncio.gather(*workers)
@@ -414,8 +413,7 @@ def http_health_metadata_and_config(url: str, grpc_url: str, repo: Path) -> None
     assert meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 32]}], meta
     assert meta["outputs"] == [{"name": "fraud_probability", "datatype": "FP32", "shape": [-1, 1]}], meta
     assert client.get_model_metadata("fraud", "1")["name"] == "fraud"
-    on_disk = model_config_pb2.ModelConfig()
-    text_format.Parse((repo / "fraud" / "config.pbtxt").read_text(), on_disk)
+    on_disk = _on_disk(repo)
     as_json = client.get_model_config("fraud")
     assert as_json["max_batch_size"] == 256 and as_json["input"][0]["dims"] == [32], as_json
     config = json_format.ParseDict(as_json, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
@@ -437,7 +435,7 @@ def http_infer_matches_onnxruntime_binary_and_json(url: str, grpc_url: str, repo
             response = result.get_response()
             assert response["model_version"] == version and response["id"] == f"b{rows}", response
             assert "binary_data_size" in response["outputs"][0]["parameters"], response
-            np.testing.assert_allclose(result.as_numpy("fraud_probability"), expected, rtol=1e-5, atol=1e-6)
+            _assert_close(result.as_numpy("fraud_probability"), expected)
             # JSON both ways
             result = client.infer(
                 "fraud",
@@ -446,7 +444,7 @@ def http_infer_matches_onnxruntime_binary_and_json(url: str, grpc_url: str, repo
                 outputs=[httpclient.InferRequestedOutput("fraud_probability", binary_data=False)],
             )
             assert "data" in result.get_response()["outputs"][0]
-            np.testing.assert_allclose(result.as_numpy("fraud_probability"), expected, rtol=1e-5, atol=1e-6)
+            _assert_close(result.as_numpy("fraud_probability"), expected)
     # the latest version answers when none is named; compressed request and response bodies
     x = rng.normal(40, 30, (3, 32)).astype(np.float32)
     result = client.infer(
@@ -456,9 +454,7 @@ def http_infer_matches_onnxruntime_binary_and_json(url: str, grpc_url: str, repo
         response_compression_algorithm="gzip",
     )
     assert result.get_response()["model_version"] == "2"
-    np.testing.assert_allclose(
-        result.as_numpy("fraud_probability"), _expected(repo, "2", x), rtol=1e-5, atol=1e-6
-    )
+    _assert_close(result.as_numpy("fraud_probability"), _expected(repo, "2", x))
 
     # the asyncio client, concurrently: every request gets its own rows back
     rows = rng.normal(40, 30, (128, 32)).astype(np.float32)
@@ -473,9 +469,7 @@ def http_infer_matches_onnxruntime_binary_and_json(url: str, grpc_url: str, repo
                 inp.set_data_from_numpy(rows[i : i + 1])
                 result = await aclient.infer("fraud", [inp], model_version="1", request_id=str(i))
                 assert result.get_response()["id"] == str(i)
-                np.testing.assert_allclose(
-                    result.as_numpy("fraud_probability"), expected[i : i + 1], rtol=1e-5, atol=1e-6
-                )
+                _assert_close(result.as_numpy("fraud_probability"), expected[i : i + 1])
 
             await asyncio.gather(*(_one(i) for i in range(len(rows))))
         finally:
@@ -593,16 +587,9 @@ def http_statistics_and_repository(url: str, grpc_url: str, repo: Path) -> None:
     status, message = _error(lambda: client.unload_model("nope"))
     assert status == "404", (status, message)
     # a config sent with the load: serve only version 1, then both again
-    on_disk = model_config_pb2.ModelConfig()
-    text_format.Parse((repo / "fraud" / "config.pbtxt").read_text(), on_disk)
-    config = model_config_pb2.ModelConfig()
-    config.CopyFrom(on_disk)
-    config.version_policy.Clear()
-    config.version_policy.specific.versions.extend([1])
-    client.load_model("fraud", config=json_format.MessageToJson(config))
+    client.load_model("fraud", config=_serving(repo, [1]))
     assert client.get_model_metadata("fraud")["versions"] == ["1"]
-    config.version_policy.specific.versions.extend([2])
-    client.load_model("fraud", config=json_format.MessageToJson(config))
+    client.load_model("fraud", config=_serving(repo, [1, 2]))
     assert client.get_model_metadata("fraud")["versions"] == ["1", "2"]
 
 
@@ -685,10 +672,10 @@ def system_shared_memory_round_trips_over_grpc_and_http(url: str, grpc_url: str,
             shape = output["shape"] if isinstance(output, dict) else list(output.shape)
             assert [int(d) for d in shape] == [16, 1], output
             got = shm.get_contents_as_numpy(out_handle, np.float32, [16, 1])
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            _assert_close(got, expected)
             # shared memory input, output back in the response
             result = client.infer("fraud", [inp])
-            np.testing.assert_allclose(result.as_numpy("fraud_probability"), expected, rtol=1e-5, atol=1e-6)
+            _assert_close(result.as_numpy("fraud_probability"), expected)
 
         # Bounds: offset + size past the region, a size that is not the tensor's, an output too small.
         def _bad_input(client: Any, mod: Any, size: int, offset: int) -> Callable[[], Any]:
@@ -770,74 +757,23 @@ def trace_and_log_settings_over_http_and_grpc(url: str, grpc_url: str, repo: Pat
     assert status == "400" and message.startswith("log_file"), (status, message)
 
 
-def check_http(url: str, grpc_url: str, repo: str) -> dict[str, str]:
+def check(scenarios: list[tuple[str, Callable[..., Any]]], *args: Any) -> dict[str, str]:
     results: dict[str, str] = {}
-    for name, fn in HTTP_SCENARIOS:
+    for name, fn in scenarios:
         try:
-            fn(url, grpc_url, Path(repo))
+            fn(*args)
             results[name] = "ok"
         except BaseException:
             results[name] = traceback.format_exc()
     return results
-
-
-def check(url: str, metrics: str, repo: str) -> dict[str, str]:
-    results: dict[str, str] = {}
-    for name, fn in SCENARIOS:
-        try:
-            fn(url, Path(repo), metrics)
-            results[name] = "ok"
-        except BaseException:
-            results[name] = traceback.format_exc()
-    return results
-
-
-def bench(url: str, seconds: float, concurrencies: list[int]) -> list[dict[str, float]]:
-    """Closed-loop single-row requests from asyncio tritonclient clients (informative only)."""
-    x = np.random.default_rng(0).normal(40, 30, (1, 32)).astype(np.float32)
-    out = []
-
-    async def _level(concurrency: int) -> dict[str, float]:
-        clients = [aioclient.InferenceServerClient(url) for _ in range(max(1, concurrency // 8))]
-        latencies: list[float] = []
-        stop_at = time.perf_counter() + seconds
-
-        async def _loop(i: int) -> None:
-            client = clients[i % len(clients)]
-            inp = aioclient.InferInput("features", [1, 32], "FP32")
-            inp.set_data_from_numpy(x)
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                await client.infer("fraud", [inp])
-                latencies.append(time.perf_counter() - t0)
-
-        await asyncio.gather(*(_loop(i) for i in range(concurrency)))
-        for c in clients:
-            await c.close()
-        lat = np.array(latencies) * 1000
-        return {
-            "concurrency": concurrency,
-            "req_per_s": round(len(lat) / seconds, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2),
-        }
-
-    for concurrency in concurrencies:
-        out.append(asyncio.run(_level(concurrency)))
-    return out
 
 
 def main(argv: list[str]) -> None:
     command = argv[1]
     if command == "check":
-        print(json.dumps(check(argv[2], argv[3], argv[4])))
+        print(json.dumps(check(SCENARIOS, argv[2], Path(argv[4]), argv[3])))
     elif command == "check-http":
-        print(json.dumps(check_http(argv[2], argv[3], argv[4])))
-    elif command == "bench":
-        seconds = float(argv[3]) if len(argv) > 3 else 5.0
-        levels = [int(c) for c in argv[4:]] or [1, 8, 32]
-        for row in bench(argv[2], seconds, levels):
-            print(json.dumps(row))
+        print(json.dumps(check(HTTP_SCENARIOS, argv[2], argv[3], Path(argv[4]))))
     else:
         raise SystemExit(f"unknown command {command}")
 
