@@ -29,7 +29,7 @@ from services.inference.config import (
     ModelServingConfig,
 )
 from services.inference.model_config import ModelSpec
-from services.inference.server import SERVICE_NAME, create_server
+from services.inference.server import SERVICE_NAME, STREAM_SPAN, create_server
 
 
 def _config(repo: Path | None, transport: str = "aio", **models: object) -> InferenceConfig:
@@ -559,6 +559,64 @@ async def test_stream_infer_answers_each_request_and_reports_errors_in_band(
     assert failed.infer_response.parameters["status_code"].int64_param == grpc.StatusCode.NOT_FOUND.value[0]
     ok = [r for r in replies if not r.error_message]
     assert all(len(r.infer_response.raw_output_contents[0]) == 4 for r in ok)
+
+
+async def test_stream_infer_pairs_each_answer_with_its_request_when_many_share_batches(
+    served: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    rng = np.random.default_rng(5)
+    requests = [_fraud_request(rng.random((1, 32), np.float32), "1") for _ in range(48)]
+    for i, r in enumerate(requests):
+        r.id = f"m{i}"
+    requests[20].inputs[0].shape[:] = [1, 31]  # one bad request among them fails alone, in band
+    expected = {r.id: (await served.ModelInfer(r)).raw_output_contents[0] for r in requests if r.id != "m20"}
+
+    async def _requests() -> AsyncIterator[pb.ModelInferRequest]:
+        for r in requests:
+            yield r
+
+    replies = {r.infer_response.id: r async for r in served.ModelStreamInfer(_requests())}
+    assert sorted(replies) == sorted(r.id for r in requests)
+    assert replies["m20"].error_message
+    code = replies["m20"].infer_response.parameters["status_code"].int64_param
+    assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert {i: r.infer_response.raw_output_contents[0] for i, r in replies.items() if i != "m20"} == expected
+
+
+async def test_a_streamed_request_naming_a_trace_gets_its_span_there_with_its_queue_span(
+    served: pb_grpc.GRPCInferenceServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from services.inference import batcher as batcher_module
+    from services.inference import server as server_module
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(server_module, "_tracer", provider.get_tracer("test"))
+    monkeypatch.setattr(batcher_module, "_tracer", provider.get_tracer("test"))
+    good, bad = (
+        _fraud_request(np.ones((1, 32), np.float32), "1"),
+        _fraud_request(np.ones((1, 32), np.float32)),
+    )
+    good.id, bad.id, bad.model_name = "good", "bad", "nope"
+    for r, trace_id in ((good, "1" * 32), (bad, "2" * 32)):
+        r.parameters["traceparent"].string_param = f"00-{trace_id}-{'3' * 16}-01"
+
+    async def _requests() -> AsyncIterator[pb.ModelInferRequest]:
+        yield good
+        yield bad
+
+    assert len([r async for r in served.ModelStreamInfer(_requests())]) == 2
+    spans = {(s.name, s.context.trace_id) for s in exporter.get_finished_spans()}
+    assert {(STREAM_SPAN, int("1" * 32, 16)), (STREAM_SPAN, int("2" * 32, 16))} <= spans
+    assert ("inference.queue", int("1" * 32, 16)) in spans
+    (failed,) = (s for s in exporter.get_finished_spans() if s.context.trace_id == int("2" * 32, 16))
+    assert failed.status.status_code == StatusCode.ERROR
 
 
 @pytest.mark.parametrize("transport", ["aio", "threaded"])
