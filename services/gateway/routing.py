@@ -21,9 +21,8 @@ class Split:
     total: int
     shadow: str
     sticky_key: str
-    # The micro-batcher's p99 target in seconds (0: none) and the inference pools in preference order.
+    # The micro-batcher's p99 target in seconds (0: none).
     latency_target_s: float = 0.0
-    pools: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, route: ModelRoute) -> Split:
@@ -43,7 +42,6 @@ class Split:
             route.shadow,
             route.sticky_key,
             route.latency_target_p99_ms / 1000,
-            route.pools,
         )
 
 
@@ -99,18 +97,10 @@ class TrafficRouter:
             ROUTE_SHARE.labels(*labels).set(share)
         self._published = set(shares)
 
-    def split(self, model: str) -> Split | None:
-        return self._splits.get(model)
-
     def latency_target_s(self, model: str) -> float:
         """The model's p99 target for the micro-batcher in seconds (0: none)."""
         split = self._splits.get(model)
         return split.latency_target_s if split is not None else 0.0
-
-    def pools(self, model: str) -> tuple[str, ...]:
-        """The model's inference pools in preference order (empty: the default target)."""
-        split = self._splits.get(model)
-        return split.pools if split is not None else ()
 
     def choose(self, model: str, entities: Mapping[str, str], fallback: str) -> Choice:
         """The version for one request without an explicit version.

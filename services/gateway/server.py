@@ -33,6 +33,7 @@ from libs.request_id import request_id_problem
 from libs.resilience import BreakerPolicy, Dependency, DependencyPolicy, RetryPolicy
 from libs.server import GrpcService, Server, build_server
 from libs.telemetry import Telemetry
+from services.gateway import records
 from services.gateway.admission import Admission
 from services.gateway.cache import RedisResponseCache, ResponseCache
 from services.gateway.catalog import ModelCatalog
@@ -75,12 +76,8 @@ def _response(prediction: Prediction) -> gateway_pb2.PredictResponse:
         cached=prediction.cached,
         inference_pool=prediction.pool,
     )
-    outputs = response.outputs
     for name, array in prediction.outputs.items():
-        if array.size == 1:
-            outputs[name].float_value = float(array.reshape(-1)[0])
-        else:
-            outputs[name].float_list_value.values.extend(array.reshape(-1).tolist())
+        records.set_value(response.outputs[name], array)
     return response
 
 
