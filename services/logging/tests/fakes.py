@@ -1,10 +1,19 @@
-"""An in-memory LogStore with the Cassandra store's ordering and paging semantics."""
+"""An in-memory LogStore with the Cassandra store's ordering and paging semantics, and a server on one."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
+import grpc
+import pytest
+
+from infergrid.logging.v1 import logging_pb2_grpc
+from libs.server import ServerConfig
+from services.logging.config import LoggingConfig, PipelineConfig, QueryConfig
 from services.logging.paging import Cursor
+from services.logging.server import create_server
 from services.logging.store import RecordPage, RecordQuery, StoredRecord, hour_of
 
 
@@ -54,3 +63,26 @@ class MemoryLogStore:
 
     async def ready(self) -> bool:
         return True
+
+
+@contextlib.asynccontextmanager
+async def served(
+    store: MemoryLogStore, query: QueryConfig, **channel: Any
+) -> AsyncIterator[logging_pb2_grpc.InferenceLogServiceStub]:
+    """A started logging server (no consumer) on `store`, and a stub on a channel to it."""
+    config = LoggingConfig(server=ServerConfig(port=0), pipeline=PipelineConfig(consume=False), query=query)
+    server = await create_server(config, store=store)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", **channel) as ch:
+            yield logging_pb2_grpc.InferenceLogServiceStub(ch)
+    finally:
+        await server.stop(0, 0.5)
+
+
+async def refused(call: object, code: grpc.StatusCode, text: str = "") -> None:
+    """Asserts that the call fails with `code`, its details holding `text`."""
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call  # type: ignore[misc]
+    assert error.value.code() == code, error.value.details()
+    assert text in (error.value.details() or "")

@@ -16,16 +16,9 @@ import pytest
 from infergrid.logging.v1 import logging_pb2, logging_pb2_grpc
 from libs.apikeys import add_key, load_keys, write_keys
 from libs.config import load_config, redacted
-from libs.server import ServerConfig
-from services.logging.config import (
-    ENV_PREFIX,
-    LoggingConfig,
-    PipelineConfig,
-    QueryConfig,
-)
-from services.logging.server import create_server
+from services.logging.config import ENV_PREFIX, LoggingConfig, QueryConfig
 from services.logging.store import StoredRecord
-from services.logging.tests.fakes import MemoryLogStore
+from services.logging.tests.fakes import MemoryLogStore, refused, served
 
 ADMIN = "admin-token-for-the-logging-unit-tests"
 ACME_KEY = "ig_acme-key-for-the-logging-unit-tests"
@@ -63,18 +56,9 @@ async def stub(tmp_path: Path) -> AsyncIterator[logging_pb2_grpc.InferenceLogSer
     await store.write(
         [_record(i) for i in range(3)] + [_record(i, version="9", tenant="globex") for i in range(3)]
     )
-    config = LoggingConfig(
-        server=ServerConfig(port=0),
-        pipeline=PipelineConfig(consume=False),
-        query=QueryConfig(
-            query_platform_file=_files(tmp_path), query_keys_poll_s=0.05, query_admin_token=ADMIN
-        ),
-    )
-    server = await create_server(config, store=store)
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield logging_pb2_grpc.InferenceLogServiceStub(channel)
-    await server.stop(0, 0.5)
+    query = QueryConfig(query_platform_file=_files(tmp_path), query_keys_poll_s=0.05, query_admin_token=ADMIN)
+    async with served(store, query) as stub:
+        yield stub
 
 
 def _key(key: str) -> tuple[tuple[str, str], ...]:
@@ -86,13 +70,6 @@ def _query(tenant: str = "") -> logging_pb2.QueryRecordsRequest:
     request.start_time.FromMicroseconds(BASE_US)
     request.end_time.FromMicroseconds(BASE_US + HOUR_US)
     return request
-
-
-async def _refused(call: object, code: grpc.StatusCode, text: str = "") -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await call  # type: ignore[misc]
-    assert error.value.code() == code, error.value.details()
-    assert text in (error.value.details() or "")
 
 
 def _calls(
@@ -130,7 +107,7 @@ async def test_without_a_valid_credential_every_call_is_unauthenticated(
     stub: logging_pb2_grpc.InferenceLogServiceStub, metadata: tuple[tuple[str, str], ...]
 ) -> None:
     for call in _calls(stub, metadata):
-        await _refused(call, UNAUTHENTICATED)
+        await refused(call, UNAUTHENTICATED)
 
 
 async def test_a_tenants_key_reads_its_own_records_only(
@@ -147,8 +124,8 @@ async def test_a_tenants_key_reads_its_own_records_only(
     listed = await stub.QueryRecords(_query(), metadata=(("authorization", f"Bearer {ACME_KEY}"),))
     assert {r.tenant for r in listed.records} == {"acme"} and len(listed.records) == 3
     for call in _calls(stub, acme, tenant="globex")[:2]:
-        await _refused(call, DENIED, "tenant: this API key reads only the records of tenant 'acme'")
-    await _refused(stub.GetStats(logging_pb2.GetStatsRequest(), metadata=acme), DENIED, "admin token")
+        await refused(call, DENIED, "tenant: this API key reads only the records of tenant 'acme'")
+    await refused(stub.GetStats(logging_pb2.GetStatsRequest(), metadata=acme), DENIED, "admin token")
     theirs = await stub.QueryRecords(_query("globex"), metadata=_key(GLOBEX_KEY))
     assert {(r.tenant, r.model_version) for r in theirs.records} == {("globex", "9")}
 
@@ -157,7 +134,7 @@ async def test_a_key_whose_tenant_is_not_configured_is_denied(
     stub: logging_pb2_grpc.InferenceLogServiceStub,
 ) -> None:
     for call in _calls(stub, _key(ORPHAN_KEY), tenant="gone"):
-        await _refused(call, DENIED, "not configured")
+        await refused(call, DENIED, "not configured")
 
 
 async def test_the_admin_token_reads_every_tenant_and_the_stats(
@@ -172,7 +149,7 @@ async def test_the_admin_token_reads_every_tenant_and_the_stats(
     assert len((await stub.QueryRecords(_query("globex"), metadata=_key(ADMIN))).records) == 3
     await stub.GetStats(logging_pb2.GetStatsRequest(), metadata=admin)
     # The operator reads one named tenant at a time.
-    await _refused(stub.QueryRecords(_query(), metadata=admin), grpc.StatusCode.INVALID_ARGUMENT, "tenant")
+    await refused(stub.QueryRecords(_query(), metadata=admin), grpc.StatusCode.INVALID_ARGUMENT, "tenant")
 
 
 async def test_a_revoked_key_is_refused_once_the_key_file_drops_it(
@@ -196,17 +173,10 @@ async def test_a_revoked_key_is_refused_once_the_key_file_drops_it(
 
 
 async def test_with_no_keys_and_no_admin_token_nobody_reads() -> None:
-    config = LoggingConfig(server=ServerConfig(port=0), pipeline=PipelineConfig(consume=False))
-    server = await create_server(config, store=MemoryLogStore())
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = logging_pb2_grpc.InferenceLogServiceStub(channel)
-            for metadata in ((), _key(ACME_KEY), _key(ADMIN)):
-                for call in _calls(stub, metadata):
-                    await _refused(call, UNAUTHENTICATED)
-    finally:
-        await server.stop(0, 0.5)
+    async with served(MemoryLogStore(), QueryConfig()) as stub:
+        for metadata in ((), _key(ACME_KEY), _key(ADMIN)):
+            for call in _calls(stub, metadata):
+                await refused(call, UNAUTHENTICATED)
 
 
 def test_the_admin_token_comes_from_a_private_file_and_is_never_printed(tmp_path: Path) -> None:
