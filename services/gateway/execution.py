@@ -190,7 +190,7 @@ class BatchExecutor:
         try:
             return await self._features.fetch(spec, entities, timeout), errors
         except Exception as exc:
-            if not _is_invalid_argument(exc):  # features are optional: any failure serves the defaults
+            if _reason(exc) != "INVALID_ARGUMENT":  # features are optional: any failure serves the defaults
                 m.FEATURE_ERRORS.labels(_reason(exc)).inc()
                 return None, errors
             if n == 1:
@@ -202,7 +202,7 @@ class BatchExecutor:
         values, present, event_us = _empty(spec, n)
         for i, single in enumerate(singles):
             if isinstance(single, BaseException):
-                if _is_invalid_argument(single):
+                if _reason(single) == "INVALID_ARGUMENT":
                     errors[i] = _entities_error(single)
                 else:
                     m.FEATURE_ERRORS.labels(_reason(single)).inc()
@@ -260,11 +260,6 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-def _is_invalid_argument(exc: BaseException) -> bool:
-    code = status_code_of(exc)
-    return code is not None and code.name == "INVALID_ARGUMENT"
-
-
 def _entities_error(exc: BaseException) -> InvalidArgument:
     """The caller's error for entity keys the feature service refused (the field named once)."""
     details = _details(exc)
@@ -279,6 +274,7 @@ def _details(exc: BaseException) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    """The status name of a failure (`FEATURE_ERRORS`' label), or its type's name when it has none."""
     code = status_code_of(exc)
     if code is not None:
         return code.name

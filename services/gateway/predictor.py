@@ -300,11 +300,9 @@ class Predictor:
     ) -> None:
         """Writes the record of a failed row before its error is answered (a write failure is only logged)."""
         if result is None:  # it failed before its batch ran
-            record = self._record(row, rc, np.asarray(row.inputs, dtype=np.float32), None)
-            records.set_failure(record, exc, row.degraded)
-        else:
-            record = self._record(row, rc, result.values, result.event_us)
-            records.set_failure(record, exc, result.degraded)
+            result = RowResult(np.asarray(row.inputs, dtype=np.float32), list(row.degraded))
+        record = self._record(row, rc, result.values, result.event_us)
+        records.set_failure(record, exc, result.degraded)
         with contextlib.suppress(Unavailable):  # the row fails with its own error either way
             await self._write(record)
 
