@@ -98,15 +98,12 @@ class BatchDurations:
 
 
 @dataclass
-class VersionStatistics:
-    """What ModelStatistics reports for one version; updated on the event loop only."""
+class VersionStatistics(BatchDurations):
+    """What ModelStatistics reports for one version (compute_* per request); updated on the event loop only."""
 
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchDurations] = field(default_factory=dict)
     inference_count: int = 0
     execution_count: int = 0
@@ -121,9 +118,7 @@ class VersionStatistics:
         self.compute_input.add(input_ns * requests, requests)
         self.compute_infer.add(infer_ns * requests, requests)
         self.compute_output.add(output_ns * requests, requests)
-        batch = self.batches.get(rows)
-        if batch is None:
-            batch = self.batches[rows] = BatchDurations()
+        batch = self.batches.setdefault(rows, BatchDurations())
         batch.compute_input.add(input_ns)
         batch.compute_infer.add(infer_ns)
         batch.compute_output.add(output_ns)

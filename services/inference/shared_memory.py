@@ -132,17 +132,18 @@ class SharedMemoryRegistry:
         Raises:
             InvalidArgument: `name` is given and not registered.
         """
-        regions = self._regions
-        if name:
-            region = regions.get(name)
-            if region is None:
-                raise InvalidArgument(f"name: shared memory region '{name}' is not registered")
-            chosen = [region]
-        else:
-            chosen = list(regions.values())
+        region = self._regions.get(name)
+        if name and region is None:
+            raise InvalidArgument(f"name: shared memory region '{name}' is not registered")
+        chosen = [region] if region is not None else list(self._regions.values())
         return [RegionStatus(r.name, r.key, r.offset, r.byte_size) for r in chosen]
 
-    def _slice(self, ref: SharedMemoryRef, what: str) -> memoryview:
+    def read(self, ref: SharedMemoryRef, what: str) -> memoryview:
+        """The bytes a tensor names (no copy); `what` names the tensor in errors.
+
+        Raises:
+            InvalidArgument: Unknown region, or offset + size outside it.
+        """
         region = self._regions.get(ref.region)
         if region is None:
             raise InvalidArgument(f"{what}: shared_memory_region '{ref.region}' is not registered")
@@ -158,21 +159,13 @@ class SharedMemoryRegistry:
             )
         return region.view[ref.offset : ref.offset + ref.byte_size]
 
-    def read(self, ref: SharedMemoryRef, what: str) -> memoryview:
-        """The bytes a tensor names (no copy); `what` names the tensor in errors.
-
-        Raises:
-            InvalidArgument: Unknown region, or offset + size outside it.
-        """
-        return self._slice(ref, what)
-
     def write(self, ref: SharedMemoryRef, data: np.ndarray | bytes, what: str) -> None:
         """Copies an output's bytes to the start of the slice `ref` names.
 
         Raises:
             InvalidArgument: Unknown region, bounds outside it, or an output larger than the given size.
         """
-        target = self._slice(ref, what)
+        target = self.read(ref, what)
         if isinstance(data, bytes):
             raw = np.frombuffer(data, np.uint8)
         else:

@@ -91,21 +91,15 @@ def profile_shapes(
     The leading -1 is the batch dimension (1..max_batch_size, tuned for `opt_batch`); other -1
     dimensions range over 1..max_dim.
     """
-    low, opt, high = [], [], []
+    bounds: list[tuple[int, int, int]] = []
     for i, d in enumerate(shape):
         if d >= 0:
-            low.append(d)
-            opt.append(d)
-            high.append(d)
+            bounds.append((d, d, d))
         elif i == 0 and batched:
-            low.append(1)
-            opt.append(max(1, min(opt_batch, max_batch_size)))
-            high.append(max_batch_size)
+            bounds.append((1, max(1, min(opt_batch, max_batch_size)), max_batch_size))
         else:
-            low.append(1)
-            opt.append(max_dim)
-            high.append(max_dim)
-    return low, opt, high
+            bounds.append((1, max_dim, max_dim))
+    return [b[0] for b in bounds], [b[1] for b in bounds], [b[2] for b in bounds]
 
 
 class TensorRTModel:
