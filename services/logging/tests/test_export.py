@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
@@ -76,29 +77,18 @@ def _lake(root: Path, records: list[logging_pb2.InferenceLogRecord]) -> Path:
 def _labels(path: Path, columns: dict[str, list[object]]) -> Path:
     table = pa.table(columns)
     if path.suffix == ".csv":
-        import pyarrow.csv as pa_csv
-
         pa_csv.write_csv(table, path)
     else:
         pq.write_table(table, path)
     return path
 
 
-def _export(tmp_path: Path, *extra: str, labels: Path) -> tuple[int, list[dict[str, object]]]:
+def _export(
+    tmp_path: Path, *extra: str, labels: Path, lake: str = "lake"
+) -> tuple[int, list[dict[str, object]]]:
     out = tmp_path / "train.parquet"
-    code = main(
-        [
-            "--lake",
-            str(tmp_path / "lake"),
-            "--model",
-            "toy",
-            "--labels",
-            str(labels),
-            "--output",
-            str(out),
-            *extra,
-        ]
-    )
+    argv = ["--lake", str(tmp_path / lake), "--model", "toy", "--labels", str(labels), "--output", str(out)]
+    code = main([*argv, *extra])
     return code, pq.read_table(out).to_pylist() if code == 0 else []
 
 
@@ -260,14 +250,10 @@ def test_bad_input_exits_2_naming_the_file_or_column(
 
 def test_an_empty_lake_is_an_error_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "lake").mkdir()
-    code, _ = _export(
-        tmp_path, labels=_labels(tmp_path / "labels.parquet", {"request_id": ["r"], "label": [1]})
-    )
+    labels = _labels(tmp_path / "labels.parquet", {"request_id": ["r"], "label": [1]})
+    code, _ = _export(tmp_path, labels=labels)
     assert code == 2 and "no answered predictions of model 'toy'" in capsys.readouterr().err
-    labels = tmp_path / "labels.parquet"
-    code = main(
-        ["--lake", str(tmp_path / "nope"), "--model", "toy", "--labels", str(labels), "--output", "o"]
-    )
+    code, _ = _export(tmp_path, labels=labels, lake="nope")
     assert code == 2 and "--lake" in capsys.readouterr().err
 
 

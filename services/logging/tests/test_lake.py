@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from pathlib import Path
 
@@ -28,13 +29,7 @@ def _record(i: int, *, model: str = "fraud", day: int = 0) -> tuple[logging_pb2.
     return record, record.SerializeToString()
 
 
-def _lake(root: Path, **kwargs: float) -> ParquetLake:
-    return ParquetLake(
-        root,
-        "log",
-        roll_bytes=int(kwargs.get("roll_bytes", 1 << 20)),
-        roll_seconds=kwargs.get("roll_seconds", 60.0),
-    )
+_lake = functools.partial(ParquetLake, topic="log", roll_bytes=1 << 20, roll_seconds=60.0)
 
 
 def test_flush_writes_one_file_per_date_model_and_partition(tmp_path: Path) -> None:

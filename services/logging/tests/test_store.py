@@ -73,11 +73,16 @@ def _table(call: tuple[_Statement, list[Sequence[Any]], bool]) -> str:
     return call[0].cql.split()[2]
 
 
+async def _written(records: list[StoredRecord], *, ttl_s: int = 0, hosts: int = 1) -> _RecordingCassandra:
+    """What a store on a recording fake of `hosts` nodes executes to write `records`."""
+    db = _RecordingCassandra(hosts=[f"node{i}" for i in range(1, hosts + 1)])
+    await CassandraLogStore(db, ttl_s=ttl_s).write(records)  # type: ignore[arg-type]
+    return db
+
+
 async def test_a_write_stores_the_record_once_and_its_locator_after_it() -> None:
-    db = _RecordingCassandra()
-    store = CassandraLogStore(db, ttl_s=3600)  # type: ignore[arg-type]
     records = [_record(i, model="fraud" if i % 3 else "churn") for i in range(300)]  # 5 hours, 2 models
-    await store.write(records)
+    db = await _written(records, ttl_s=3600)
 
     tables = [_table(c) for c in db.calls]
     assert "inference_log_by_tenant_request" in tables
@@ -100,9 +105,7 @@ async def test_a_write_stores_the_record_once_and_its_locator_after_it() -> None
 
 
 async def test_by_model_batches_hold_one_partition_and_stay_under_the_limits() -> None:
-    db = _RecordingCassandra()
-    store = CassandraLogStore(db)  # type: ignore[arg-type]
-    await store.write([_record(i, tenant=("acme", "globex")[i % 2]) for i in range(400)])
+    db = await _written([_record(i, tenant=("acme", "globex")[i % 2]) for i in range(400)])
     for call in db.calls:
         _, rows, batched = call
         if _table(call) == "inference_log_by_tenant_model":
@@ -115,9 +118,7 @@ async def test_by_model_batches_hold_one_partition_and_stay_under_the_limits() -
 
 
 async def test_locators_are_batched_by_owning_replica_on_a_cluster() -> None:
-    db = _RecordingCassandra(hosts=["node1", "node2", "node3"])
-    store = CassandraLogStore(db)  # type: ignore[arg-type]
-    await store.write([_record(i) for i in range(200)])
+    db = await _written([_record(i) for i in range(200)], hosts=3)
     metadata = db.session.cluster.metadata
     locator_calls = [c for c in db.calls if _table(c) == "inference_log_by_tenant_request"]
     assert sum(len(rows) for _, rows, _ in locator_calls) == 200
@@ -128,10 +129,8 @@ async def test_locators_are_batched_by_owning_replica_on_a_cluster() -> None:
 
 
 async def test_a_record_too_big_for_a_batch_is_written_alone() -> None:
-    db = _RecordingCassandra()
-    store = CassandraLogStore(db)  # type: ignore[arg-type]
     big = _record(1, size=MAX_BATCH_BYTES * 2)
-    await store.write([_record(0), big, _record(2)])
+    db = await _written([_record(0), big, _record(2)])
     holding = [(rows, batched) for _, rows, batched in db.calls if any(big.payload in row for row in rows)]
     assert len(holding) == 1
     rows, batched = holding[0]
