@@ -42,14 +42,14 @@ def types_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def double_model() -> onnx.ModelProto:
-    """y = 2x over a [-1, -1] float tensor (no batching in its config: both dims free)."""
+def double_model(dims: tuple[str | int, ...] = ("a", "b"), name: str = "double") -> onnx.ModelProto:
+    """y = 2x over a float tensor of `dims` (names are free dims; the default: no batching, both free)."""
     two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), name="two")
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "two"], ["y"])],
-        "double",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
         initializer=[two],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -38,24 +38,11 @@ from services.inference.config import (
 )
 from services.inference.model_config import ModelSpec
 from services.inference.server import create_server
-from services.inference.tests.models import save_model
+from services.inference.tests.models import double_model, save_model
 
 HOLD = -1.0
 Served = tuple[pb_grpc.GRPCInferenceServiceStub, "_Gate", Path, int]
 MAX_FILE_BYTES = 1 << 16
-
-
-def _scale_model() -> onnx.ModelProto:
-    """y = 2x over [batch, 1] floats."""
-    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), name="two")
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])],
-        "scale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
-        initializer=[two],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _string_model() -> onnx.ModelProto:
@@ -106,7 +93,7 @@ def _repository(root: Path) -> Path:
         ("warmed", WARMED_CONFIG),
         ("plain", "max_batch_size: 8\n" + SCALE_IO),
     ):
-        save_model(_scale_model(), root / name / "1" / "model.onnx")
+        save_model(double_model(("batch", 1), "scale"), root / name / "1" / "model.onnx")
         (root / name / "config.pbtxt").write_text(config)
     save_model(_string_model(), root / "digits" / "1" / "model.onnx")
     (root / "digits" / "config.pbtxt").write_text(DIGITS_CONFIG)
@@ -259,15 +246,6 @@ async def test_preferred_batch_size_shapes_the_batches(
     assert batches == [[1.0, 2.0, 3.0, 4.0], [5.0]]
 
 
-def _load(stub: pb_grpc.GRPCInferenceServiceStub, model: str, config: dict[str, object]) -> Any:
-    return stub.RepositoryModelLoad(
-        pb.RepositoryModelLoadRequest(
-            model_name=model,
-            parameters={"config": pb.ModelRepositoryParameter(string_param=json.dumps(config))},
-        )
-    )
-
-
 PLAIN: dict[str, object] = {
     "max_batch_size": 8,
     "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
@@ -333,7 +311,7 @@ async def test_unsupported_config_fields_are_invalid_argument_naming_them(
     served: Served, change: dict[str, object], named: str
 ) -> None:
     stub, _gate, _, _ = served
-    code, details = await _error(_load(stub, "plain", {**PLAIN, **change}))
+    code, details = await _error(_load_files(stub, "plain", {}, {**PLAIN, **change}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert named in details
     assert not (await stub.ModelReady(pb.ModelReadyRequest(name="plain"))).ready
