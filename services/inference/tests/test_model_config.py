@@ -15,6 +15,8 @@ from services.inference.model_config import (
     spec_from_config,
 )
 
+# One FP32 input x and one FP32 output y of one element.
+IO1 = 'input { name: "x" data_type: TYPE_FP32 dims: 1 } output { name: "y" data_type: TYPE_FP32 dims: 1 }'
 FULL = """
 name: "m"
 platform: "onnxruntime_onnx"
@@ -70,18 +72,9 @@ def test_version_policies_select_versions() -> None:
     ("text", "message"),
     [
         ("max_batch_size: oops", "t: "),
-        (
-            'name: "other" input { name: "x" data_type: TYPE_FP32 dims: 1 } output { name: "y" data_type: TYPE_FP32 dims: 1 }',
-            "does not match the model folder 'm'",
-        ),
-        (
-            'backend: "pytorch" input { name: "x" data_type: TYPE_FP32 dims: 1 } output { name: "y" data_type: TYPE_FP32 dims: 1 }',
-            "unknown backend 'pytorch'",
-        ),
-        (
-            'sequence_batching { } input { name: "x" data_type: TYPE_FP32 dims: 1 } output { name: "y" data_type: TYPE_FP32 dims: 1 }',
-            "sequence_batching is not supported",
-        ),
+        ('name: "other" ' + IO1, "does not match the model folder 'm'"),
+        ('backend: "pytorch" ' + IO1, "unknown backend 'pytorch'"),
+        ("sequence_batching { } " + IO1, "sequence_batching is not supported"),
         (
             'input { name: "x" data_type: TYPE_FP32 dims: 0 } output { name: "y" data_type: TYPE_FP32 dims: 1 }',
             "input 'x' has invalid dims [0]",
@@ -91,13 +84,10 @@ def test_version_policies_select_versions() -> None:
             "unsupported data_type TYPE_BF16",
         ),
         (
-            'max_batch_size: 4 dynamic_batching { preferred_batch_size: 8 } input { name: "x" data_type: TYPE_FP32 dims: 1 } output { name: "y" data_type: TYPE_FP32 dims: 1 }',
+            "max_batch_size: 4 dynamic_batching { preferred_batch_size: 8 } " + IO1,
             "preferred_batch_size 8 is outside 1..4",
         ),
-        (
-            'input { name: "x" data_type: TYPE_FP32 dims: 1 } input { name: "x" data_type: TYPE_FP32 dims: 1 } output { name: "y" data_type: TYPE_FP32 dims: 1 }',
-            "duplicate input names",
-        ),
+        ('input { name: "x" data_type: TYPE_FP32 dims: 1 } ' + IO1, "duplicate input names"),
         ("max_batch_size: 1", "lists no inputs or no outputs"),
     ],
 )
@@ -130,11 +120,6 @@ def test_bytes_tensor_round_trip_and_malformed_buffers() -> None:
 
 
 def test_latency_target_parameter() -> None:
-    from google.protobuf import text_format
-
-    from inference import model_config_pb2 as mc
-    from services.inference.model_config import spec_from_config
-
     text = """
         max_batch_size: 8
         input { name: "x" data_type: TYPE_FP32 dims: [2] }
@@ -142,11 +127,11 @@ def test_latency_target_parameter() -> None:
         dynamic_batching { max_queue_delay_microseconds: 1000 }
         parameters { key: "latency_target_p99_ms" value: { string_value: "%s" } }
     """
-    spec = spec_from_config(text_format.Parse(text % "10", mc.ModelConfig()), "m")
+    spec = spec_from_config(parse_config_text(text % "10", "t"), "m")
     assert spec.batching.latency_target_us == 10_000
     for bad in ("0", "-1", "ten", "nan"):
         with pytest.raises(ModelConfigError, match="latency_target_p99_ms"):
-            spec_from_config(text_format.Parse(text % bad, mc.ModelConfig()), "m")
+            spec_from_config(parse_config_text(text % bad, "t"), "m")
     no_batching = text.replace("dynamic_batching { max_queue_delay_microseconds: 1000 }", "")
     with pytest.raises(ModelConfigError, match="needs dynamic_batching"):
-        spec_from_config(text_format.Parse(no_batching % "10", mc.ModelConfig()), "m")
+        spec_from_config(parse_config_text(no_batching % "10", "t"), "m")
