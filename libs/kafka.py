@@ -55,7 +55,4 @@ def context_from_headers(headers: Sequence[tuple[str, bytes | None]] | None) -> 
 
 def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str | None:
     """The value of header `name`, decoded, or None."""
-    for key, value in headers or ():
-        if key == name and value is not None:
-            return value.decode(errors="replace")
-    return None
+    return next((v.decode(errors="replace") for k, v in headers or () if k == name and v is not None), None)

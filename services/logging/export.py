@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -418,21 +419,14 @@ def _strings(table: pa.Table, name: str) -> list[str]:
 def _utc_times(column: pa.ChunkedArray, name: str, path: Path) -> pa.ChunkedArray:
     """A time column as timestamp[us, UTC]; strings are ISO 8601, with or without an offset (then UTC)."""
     kind = column.type
-    if pa.types.is_timestamp(kind):
-        if kind.tz is None:  # naive: the values are already UTC wall clock
-            return column.cast(pa.timestamp("us")).cast(_UTC_US)
+    if pa.types.is_timestamp(kind) and kind.tz is not None:
         return column.cast(_UTC_US)
-    if pa.types.is_date(kind):
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):  # naive: the values are already UTC wall clock
         return column.cast(pa.timestamp("us")).cast(_UTC_US)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        try:
-            return column.cast(_UTC_US)
-        except pa.ArrowInvalid:
-            pass
-        try:
-            return column.cast(pa.timestamp("us")).cast(_UTC_US)
-        except pa.ArrowInvalid:
-            pass
+        for as_read in (_UTC_US, pa.timestamp("us")):  # every text with an offset, then every one without
+            with contextlib.suppress(pa.ArrowInvalid):
+                return column.cast(as_read).cast(_UTC_US)
         for i, text in enumerate(column.to_pylist()):
             try:
                 pc.cast(pa.array([text]), pa.timestamp("us"))

@@ -127,7 +127,7 @@ class ParquetLake:
         self, partition: int, offset: int, record: logging_pb2.InferenceLogRecord, payload: bytes
     ) -> None:
         """Buffers one record; a (tenant, request) already buffered in the group is kept once (later time wins)."""
-        date = _date_of(record.request_time.seconds)
+        date = _date(record.request_time.seconds // 86_400)
         key = (date, record.model, partition)
         group = self._groups.get(key)
         if group is None:
@@ -237,13 +237,9 @@ class ParquetLake:
 
 
 @functools.lru_cache(maxsize=1024)
-def _day(day: int) -> str:
+def _date(day: int) -> str:
+    """The date (YYYY-MM-DD) of a day number (days since 1970-01-01, UTC)."""
     return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
-
-
-def _date_of(seconds: int) -> str:
-    """The UTC date (YYYY-MM-DD) of a time in seconds since the epoch."""
-    return _day(seconds // 86_400)
 
 
 def _value(value: value_pb2.Value) -> Any:
