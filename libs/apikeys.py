@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from libs.platform import PlatformConfig, load_platform
+from libs.platform import PlatformConfig, file_stamp, load_platform
 from libs.schema import problem
 
 log = logging.getLogger(__name__)
@@ -161,11 +160,7 @@ async def watch_keys(path: Path, apply: Callable[[Mapping[str, ApiKey]], None], 
     """Calls `apply(keys)` whenever the key file changes; a broken file keeps the last good keys."""
     stamp: tuple[int, int] | None = None
     while True:
-        try:
-            st = os.stat(path)
-            current = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            current = (0, 0)
+        current = file_stamp(path)
         if current != stamp:
             stamp = current
             try:

@@ -161,15 +161,11 @@ class Resolver:
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(target.host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            if exc.errno in _NO_SUCH_NAME:
+        except OSError as exc:  # socket.gaierror included
+            if isinstance(exc, socket.gaierror) and exc.errno in _NO_SUCH_NAME:
                 self._warn_once(("nxdomain", target), "%s does not resolve: no endpoints", target.host)
                 self._dns[target] = ()
                 return ()
-            last = self._dns.get(target, ())
-            self._warn_once(("dns", target), "resolving %s failed (%s); keeping %s", target.host, exc, last)
-            return last
-        except OSError as exc:
             last = self._dns.get(target, ())
             self._warn_once(("dns", target), "resolving %s failed (%s); keeping %s", target.host, exc, last)
             return last

@@ -336,13 +336,7 @@ def parse_platform(text: str) -> PlatformConfig:
     listener = _build(ListenerConfig, raw.get("listener"))
     gateway = _build(GatewayUpstream, raw.get("gateway"))
     _check_retry_on(gateway.retry.retry_on)
-    if not gateway.endpoints:
-        raise PlatformConfigError("gateway.endpoints: at least one endpoint is required")
-    for i, endpoint in enumerate(gateway.endpoints):
-        try:
-            parse_targets(endpoint)
-        except TargetError as exc:
-            raise PlatformConfigError(f"gateway.endpoints[{i}]: {exc}") from None
+    _check_targets(gateway.endpoints, "gateway.endpoints")
     tiers: dict[str, RateLimitTier] = {}
     for name, spec in raw.get("rate_limit_tiers", {}).items():
         where = f"rate_limit_tiers.{name}"
@@ -372,17 +366,16 @@ def parse_platform(text: str) -> PlatformConfig:
             )
         _check_targets(inference_http.endpoints, "inference_http.endpoints")
         _positive(inference_http.timeout_ms, "inference_http.timeout_ms")
-    models: dict[str, ModelRoute] = {}
-    for name, model_spec in raw.get("models", {}).items():
-        models[str(name)] = _parse_model(str(name), model_spec, tiers, pools)
-    keys_file = raw.get("api_keys_file", "keys.yaml")
     return PlatformConfig(
         listener=listener,
         gateway=gateway,
-        api_keys_file=keys_file,
+        api_keys_file=raw.get("api_keys_file", "keys.yaml"),
         rate_limit_tiers=tiers,
         tenants=tenants,
-        models=models,
+        models={
+            str(name): _parse_model(str(name), spec, tiers, pools)
+            for name, spec in raw.get("models", {}).items()
+        },
         admission=admission,
         inference_pools=pools,
         inference_http=inference_http,
@@ -442,6 +435,15 @@ def _parse_model(
     )
 
 
+def file_stamp(path: Path) -> tuple[int, int]:
+    """A file's (mtime_ns, size), (0, 0) when it cannot be read: a watcher reloads when it changes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
+
+
 def load_platform(path: Path) -> PlatformConfig:
     """Reads and validates the platform file (see `parse_platform`)."""
     try:
@@ -465,37 +467,26 @@ class PlatformWatcher:
         self.last_error = ""
         self._on_change = on_change
         self._interval = interval_s
-        self._stamp = self._mtime()
-
-    def _mtime(self) -> tuple[int, int]:
-        try:
-            st = os.stat(self.path)
-            return (st.st_mtime_ns, st.st_size)
-        except OSError:
-            return (0, 0)
+        self._stamp = file_stamp(path)
 
     async def check(self) -> bool:
         """Reloads when the file changed; True when a new version was applied."""
-        stamp = self._mtime()
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return False
         self._stamp = stamp
         try:
             config = load_platform(self.path)
+            if config.version == self.current.version:
+                return False
+            if config.admission.placement != self.current.admission.placement:
+                raise PlatformConfigError(
+                    f"admission.placement: cannot change from {self.current.admission.placement!r} to "
+                    f"{config.admission.placement!r} while running; restart the services to move it"
+                )
         except PlatformConfigError as exc:
             self.last_error = str(exc)
             log.error("platform config rejected, keeping version %s: %s", self.current.version, exc)
-            return False
-        if config.version == self.current.version:
-            return False
-        if config.admission.placement != self.current.admission.placement:
-            self.last_error = (
-                f"admission.placement: cannot change from {self.current.admission.placement!r} to "
-                f"{config.admission.placement!r} while running; restart the services to move it"
-            )
-            log.error(
-                "platform config rejected, keeping version %s: %s", self.current.version, self.last_error
-            )
             return False
         self.current, self.last_error = config, ""
         result = self._on_change(config)
