@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import Counter
 
@@ -70,10 +70,6 @@ class AdmissionPolicy:
     ) -> None:
         self._platform = platform
         self._keys: Mapping[str, ApiKey] = dict(keys or {})
-
-    @property
-    def keys(self) -> Mapping[str, ApiKey]:
-        return self._keys
 
     def set_keys(self, keys: Mapping[str, ApiKey]) -> None:
         """Replaces the keys (sha256 → entry)."""
@@ -149,12 +145,8 @@ class LocalBuckets:
 def share(bucket: Bucket, replicas: int) -> Bucket:
     """One replica's share of a bucket: rate and burst divided by the replica count (burst at least cost)."""
     n = max(1, replicas)
-    return Bucket(
-        key=bucket.key,
-        requests_per_second=bucket.requests_per_second / n,
-        burst=max(bucket.cost, math.ceil(bucket.burst / n)),
-        cost=bucket.cost,
-    )
+    burst = max(bucket.cost, math.ceil(bucket.burst / n))
+    return replace(bucket, requests_per_second=bucket.requests_per_second / n, burst=burst)
 
 
 class RateLimits:
@@ -188,9 +180,10 @@ class RateLimits:
 
     def plan(self, platform: PlatformConfig, tenant: str, model: str | None, cost: int) -> list[Bucket]:
         """The buckets a call charges: the tenant's, and the (tenant, model) one when the model has a tier."""
-        planned = [plan_bucket(platform, self._prefix, RATE_LIMIT_DOMAIN, tenant, None, cost=cost)]
-        if model:
-            planned.append(plan_bucket(platform, self._prefix, RATE_LIMIT_DOMAIN, tenant, model, cost=cost))
+        models = (None, model) if model else (None,)
+        planned = [
+            plan_bucket(platform, self._prefix, RATE_LIMIT_DOMAIN, tenant, m, cost=cost) for m in models
+        ]
         return [b for b in planned if b is not None]
 
     async def hit(self, buckets: Sequence[Bucket]) -> LimitResult:

@@ -142,16 +142,13 @@ class RedisTokenBucketLimiter:
     """The token buckets in Redis, one EVALSHA per request."""
 
     def __init__(self, client: redis_async.Redis) -> None:
-        self._client = client
         self._script = client.register_script(TOKEN_BUCKET_LUA)
 
     async def hit(self, buckets: Sequence[Bucket]) -> LimitResult:
         """Runs the script (EVALSHA; loaded on first use)."""
         if not buckets:
             return LimitResult(True, ())
-        args: list[float | int] = []
-        for b in buckets:
-            args.extend((b.requests_per_second, b.burst, b.cost))
+        args = [x for b in buckets for x in (b.requests_per_second, b.burst, b.cost)]
         reply = await self._script(keys=[b.key for b in buckets], args=args)
         states = tuple(
             BucketState(remaining=int(reply[1 + 2 * i]), wait_seconds=int(reply[2 + 2 * i]) / 1_000_000)
@@ -181,20 +178,18 @@ def plan_bucket(
     return Bucket(f"{base}:model:{model}", tier.requests_per_second, tier.burst, cost)
 
 
+@dataclass(slots=True)
 class _Lease:
     """A process's share of one bucket: tokens in hand, when they were leased, the refill under way."""
 
-    __slots__ = ("demand", "empty_until", "leased_at", "refill", "tokens")
-
-    def __init__(self) -> None:
-        self.tokens = 0.0
-        # Tokens callers are waiting for: the next lease asks for at least this many (a burst of
-        # concurrent requests on a slow tier is served by one round trip, not one each).
-        self.demand = 0
-        self.leased_at = 0.0
-        self.refill: asyncio.Future[None] | None = None
-        # Redis said the bucket is empty: no new lease is asked for before this (monotonic) time.
-        self.empty_until = 0.0
+    tokens: float = 0.0
+    # Tokens callers are waiting for: the next lease asks for at least this many (a burst of
+    # concurrent requests on a slow tier is served by one round trip, not one each).
+    demand: int = 0
+    leased_at: float = 0.0
+    refill: asyncio.Future[None] | None = None
+    # Redis said the bucket is empty: no new lease is asked for before this (monotonic) time.
+    empty_until: float = 0.0
 
 
 class LeasedLimiter:
@@ -212,7 +207,6 @@ class LeasedLimiter:
         lease_ttl_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = client
         self._script = client.register_script(LEASE_LUA)
         self._lease_s = lease_s
         self._ttl = lease_ttl_s
@@ -222,22 +216,18 @@ class LeasedLimiter:
     def _chunk(self, bucket: Bucket) -> int:
         return max(bucket.cost, min(bucket.burst, math.ceil(bucket.requests_per_second * self._lease_s)))
 
-    def _now(self) -> float:
-        return self._clock()
-
     def _lease(self, bucket: Bucket) -> _Lease:
         lease = self._leases.get(bucket.key)
         if lease is None:
             lease = self._leases[bucket.key] = _Lease()
-        elif lease.tokens and self._now() - lease.leased_at > self._ttl:
+        elif lease.tokens and self._clock() - lease.leased_at > self._ttl:
             lease.tokens = 0.0  # stale: a burst long ago must not add to today's
         return lease
 
     async def _refill(self, bucket: Bucket, lease: _Lease) -> None:
         if lease.refill is None:
             lease.refill = asyncio.ensure_future(self._fetch(bucket, lease))
-        refill = lease.refill
-        await asyncio.shield(refill)
+        await asyncio.shield(lease.refill)
 
     async def _fetch(self, bucket: Bucket, lease: _Lease) -> None:
         want = min(bucket.burst, max(self._chunk(bucket), lease.demand))
@@ -246,7 +236,7 @@ class LeasedLimiter:
             granted, wait_us = await self._script(
                 keys=[bucket.key], args=[bucket.requests_per_second, bucket.burst, want]
             )
-            now = self._now()
+            now = self._clock()
             if now - lease.leased_at > self._ttl:
                 lease.tokens = 0.0
             lease.tokens += int(granted)
@@ -262,22 +252,22 @@ class LeasedLimiter:
         leases = [self._lease(b) for b in buckets]
         pairs = list(zip(buckets, leases, strict=True))
         for _ in range(3):  # concurrent callers may spend a fresh lease before this one resumes
-            short = [
-                (b, lease) for b, lease in pairs if lease.tokens < b.cost and self._now() >= lease.empty_until
-            ]
+            now = self._clock()
+            short = [(b, lease) for b, lease in pairs if lease.tokens < b.cost and now >= lease.empty_until]
             if not short:
                 break
             for bucket, lease in short:
                 lease.demand += bucket.cost
             for bucket, lease in short:
                 await self._refill(bucket, lease)
+        now = self._clock()
         waits = [
-            0.0 if lease.tokens >= b.cost else max(lease.empty_until - self._now(), 1 / b.requests_per_second)
-            for b, lease in zip(buckets, leases, strict=True)
+            0.0 if lease.tokens >= b.cost else max(lease.empty_until - now, 1 / b.requests_per_second)
+            for b, lease in pairs
         ]
         allowed = not any(waits)
         if allowed:
-            for bucket, lease in zip(buckets, leases, strict=True):
+            for bucket, lease in pairs:
                 lease.tokens -= bucket.cost
                 # Prefetch the next lease before this one runs dry, off the request's path.
                 if lease.tokens < self._chunk(bucket) / 2 and lease.refill is None:
