@@ -330,7 +330,7 @@ def secret_resources(wiring: EnvoyWiring) -> dict[str, Message]:
     return {str(s["name"]): _parse(secret_pb2.Secret, s) for s in secrets}
 
 
-def gateway_cluster(platform: PlatformConfig, wiring: EnvoyWiring | None = None) -> dict[str, Any]:
+def gateway_cluster(platform: PlatformConfig, wiring: EnvoyWiring) -> dict[str, Any]:
     """The gateway replicas: HTTP/2, EDS, active gRPC health checks, outlier detection, breakers, mTLS."""
     retry = platform.gateway.retry
     budget = {
@@ -339,7 +339,7 @@ def gateway_cluster(platform: PlatformConfig, wiring: EnvoyWiring | None = None)
     }
     check = {"grpc_health_check": {"service_name": PREDICTION_SERVICE}}
     cluster = _eds_cluster(GATEWAY_CLUSTER, platform, check, circuit_breakers=_breakers(retry_budget=budget))
-    if wiring is not None and wiring.mesh:
+    if wiring.mesh:
         cluster["transport_socket"] = mesh_transport_socket()
     return cluster
 

@@ -38,8 +38,10 @@ ENDPOINTS = {
 }
 
 
-def _dicts(wiring: EnvoyWiring = WIRING, platform: PlatformConfig | None = None) -> dict[str, dict]:
-    resources = build_resources(platform or parse_platform(PLATFORM), wiring, ENDPOINTS)
+def _dicts(
+    wiring: EnvoyWiring = WIRING, platform: PlatformConfig | None = None, endpoints: dict = ENDPOINTS
+) -> dict[str, dict]:
+    resources = build_resources(platform or parse_platform(PLATFORM), wiring, endpoints)
     return {
         type_url: {
             name: json_format.MessageToDict(m, preserving_proto_field_name=True) for name, m in items.items()
@@ -117,13 +119,10 @@ def test_the_edge_cluster_follows_eds_with_health_checks() -> None:
 
 
 def test_a_cluster_without_endpoints_gets_an_empty_assignment() -> None:
-    resources = build_resources(parse_platform(PLATFORM), WIRING, {})
+    assignments = _dicts(endpoints={})[ENDPOINT_TYPE]
     for name in ("gateway", "edge"):
-        assignment = json_format.MessageToDict(
-            resources.of(ENDPOINT_TYPE)[name], preserving_proto_field_name=True
-        )
-        assert assignment["cluster_name"] == name
-        assert not assignment["endpoints"][0].get("lb_endpoints")
+        assert assignments[name]["cluster_name"] == name
+        assert not assignments[name]["endpoints"][0].get("lb_endpoints")
 
 
 def test_listener_filter_chain_order_and_settings() -> None:

@@ -159,10 +159,6 @@ def test_named_subscriptions_get_only_the_named_resources_and_changes_are_answer
     assert len(some.resources) == 1
 
 
-def _write(path: Path, timeout_ms: int) -> None:
-    path.write_text(PLATFORM % timeout_ms)
-
-
 @contextlib.asynccontextmanager
 async def _ads(platform: Path, **envoy: Any) -> AsyncIterator[tuple[Any, Any, asyncio.Queue[Any]]]:
     """A control plane on a free port and one ADS stream to it: the control plane, the call, its requests."""
@@ -191,12 +187,12 @@ async def _ads(platform: Path, **envoy: Any) -> AsyncIterator[tuple[Any, Any, as
 
 async def test_ads_over_a_real_stream_pushes_an_edited_platform_file(tmp_path: Path) -> None:
     platform = tmp_path / "platform.yaml"
-    _write(platform, 1000)
+    platform.write_text(PLATFORM % 1000)
     async with _ads(platform, platform_poll_seconds=0.05) as (control_plane, call, requests):
         await requests.put(_request(ROUTE_TYPE, names=("public",)))
         first = await asyncio.wait_for(call.read(), 5)
         await requests.put(_request(ROUTE_TYPE, first.version_info, first.nonce, names=("public",)))
-        _write(platform, 2500)
+        platform.write_text(PLATFORM % 2500)
         pushed = await asyncio.wait_for(call.read(), 5)
         await requests.put(_request(ROUTE_TYPE, pushed.version_info, pushed.nonce, names=("public",)))
         await asyncio.sleep(0.2)
