@@ -21,18 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from libs.apikeys import (  # noqa: F401 - re-exported: the CLI's callers and tests use these names
-    KEY_PREFIX,
-    ApiKey,
-    KeyFileError,
-    add_key,
-    hash_key,
-    keys_file_for,
-    load_keys,
-    new_key,
-    parse_keys,
-    write_keys,
-)
+from libs.apikeys import KeyFileError, add_key, hash_key, keys_file_for, load_keys, new_key, write_keys
 from libs.platform import PlatformConfigError, load_platform
 
 
@@ -42,16 +31,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--platform", type=Path, default=Path("deploy/local/platform.yaml"))
     parser.add_argument("--keys-file", type=Path, help="default: the platform's api_keys_file")
     sub = parser.add_subparsers(dest="command", required=True)
-    add = sub.add_parser("add", help="mint (or register) a key and print it once")
-    add.add_argument("--tenant", required=True)
-    add.add_argument("--name", required=True)
-    add.add_argument("--key-from-env", metavar="VAR", help="register the key in this variable when it is set")
-    ensure = sub.add_parser(
-        "ensure", help="like add, but a key of that name that exists is kept (printed only when minted)"
-    )
-    ensure.add_argument("--tenant", required=True)
-    ensure.add_argument("--name", required=True)
-    ensure.add_argument("--key-from-env", metavar="VAR")
+    for command, help_text in (
+        ("add", "mint (or register) a key and print it once"),
+        ("ensure", "like add, but a key of that name that exists is kept (printed only when minted)"),
+    ):
+        minting = sub.add_parser(command, help=help_text)
+        minting.add_argument("--tenant", required=True)
+        minting.add_argument("--name", required=True)
+        minting.add_argument(
+            "--key-from-env", metavar="VAR", help="register the key in this variable when set"
+        )
     sub.add_parser("list", help="names, tenants and hash prefixes")
     remove = sub.add_parser("remove", help="revoke a key by name")
     remove.add_argument("--name", required=True)

@@ -29,6 +29,8 @@ from libs.wire import length_delimited
 
 _REST_PATH = re.compile(r"^/v1/models/(?P<model>[^/:?]+):|^/v2/models/(?P<v2model>[^/?]+)")
 _BATCH_PATH = "/infergrid.gateway.v1.PredictionService/PredictBatch"
+# The gRPC paths whose body names a model (the prediction methods).
+_MODEL_PATHS = frozenset({"/infergrid.gateway.v1.PredictionService/Predict", _BATCH_PATH})
 
 
 @dataclass(frozen=True)
@@ -73,29 +75,20 @@ def read_grpc_body(body: bytes) -> tuple[str, int] | None:
     return model, rows  # model "" when absent: the gateway answers INVALID_ARGUMENT naming the field
 
 
-@dataclass(frozen=True)
+@dataclass
 class Authorizer:
-    """Decides requests against one version of the platform config and the key file."""
+    """Decides requests against the current platform config and key file (replaced when either changes)."""
 
     platform: PlatformConfig
     keys: Mapping[str, ApiKey]
-    # The gRPC paths whose body names a model (the prediction methods).
-    model_paths: frozenset[str] = frozenset(
-        {
-            "/infergrid.gateway.v1.PredictionService/Predict",
-            "/infergrid.gateway.v1.PredictionService/PredictBatch",
-        }
-    )
 
     def decide(self, headers: Mapping[str, str], path: str, body: bytes) -> Decision:
         """Authenticates the key (401) and checks the tenant may call the model (403)."""
         policy = AdmissionPolicy(lambda: self.platform, self.keys)
         try:
             identity = policy.authenticate(headers)
-        except Unauthenticated as exc:
-            return _denied(401, str(exc))
-        except PermissionDenied as exc:
-            return _denied(403, str(exc))
+        except (Unauthenticated, PermissionDenied) as exc:
+            return _denied(401 if isinstance(exc, Unauthenticated) else 403, str(exc))
         upstream = {
             TENANT_HEADER: identity.tenant,
             TIER_HEADER: identity.tier,
@@ -103,7 +96,7 @@ class Authorizer:
         }
         path_only = path.split("?", 1)[0]
         rows = 1
-        if path_only in self.model_paths or _REST_PATH.match(path_only):
+        if path_only in _MODEL_PATHS or _REST_PATH.match(path_only):
             match = _REST_PATH.match(path_only)
             read = (match.group("model") or match.group("v2model"), 1) if match else read_grpc_body(body)
             if read is None:

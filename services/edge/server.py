@@ -24,8 +24,8 @@ from google.rpc import code_pb2, status_pb2
 
 from libs import apikeys
 from libs.admission import IDENTITY_HEADERS, RateLimits
-from libs.apikeys import CREDENTIAL_HEADERS, ApiKey, load_keys
-from libs.platform import PlatformConfig, PlatformWatcher
+from libs.apikeys import CREDENTIAL_HEADERS, load_keys
+from libs.platform import PlatformWatcher
 from libs.ratelimit import (
     Bucket,
     LimitResult,
@@ -47,25 +47,6 @@ RLS_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 _GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED}
 
 
-class PolicyState:
-    """The current platform config and keys; swapped whole when either file changes."""
-
-    def __init__(self, platform: PlatformConfig, keys: Mapping[str, ApiKey]) -> None:
-        self.authorizer = Authorizer(platform, keys)
-
-    @property
-    def platform(self) -> PlatformConfig:
-        return self.authorizer.platform
-
-    def update(
-        self, platform: PlatformConfig | None = None, keys: Mapping[str, ApiKey] | None = None
-    ) -> None:
-        """Replaces the platform config and/or the keys."""
-        self.authorizer = Authorizer(
-            platform or self.authorizer.platform, self.authorizer.keys if keys is None else keys
-        )
-
-
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=name, value=value),
@@ -76,14 +57,14 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     """Envoy's ext_authz over gRPC."""
 
-    def __init__(self, state: PolicyState) -> None:
-        self._state = state
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authorizer = authorizer
 
     async def Check(  # noqa: N802 - gRPC method names
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
-        decision = self._state.authorizer.decide(http.headers, http.path, http.raw_body)
+        decision = self._authorizer.decide(http.headers, http.path, http.raw_body)
         if not decision.allowed:
             DECISIONS.labels(str(decision.http_status)).inc()
             return external_auth_pb2.CheckResponse(
@@ -118,8 +99,8 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     (`libs.admission.RateLimits`): never unlimited.
     """
 
-    def __init__(self, state: PolicyState, limiter: RateLimiter, policy: PolicyConfig) -> None:
-        self._state = state
+    def __init__(self, authorizer: Authorizer, limiter: RateLimiter, policy: PolicyConfig) -> None:
+        self._authorizer = authorizer
         self._prefix = policy.key_prefix
         self._limits = RateLimits(
             limiter,
@@ -132,7 +113,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 
     def _plan(self, domain: str, entries: Mapping[str, str], cost: int) -> Bucket | None:
         """A descriptor's bucket (None: no limit applies to it)."""
-        platform = self._state.platform
+        platform = self._authorizer.platform
         return plan_bucket(
             platform, self._prefix, domain, entries.get("tenant", ""), entries.get("model"), cost=cost
         )
@@ -199,15 +180,14 @@ async def create_server(
             policy.redis_client_url(), socket_timeout=timeout, socket_connect_timeout=timeout
         )
         limiter = RedisTokenBucketLimiter(client)
-    boxed: list[PolicyState] = []
+    # A changed platform or key file replaces the authorizer's (read whole by each decision).
     watcher = PlatformWatcher(
-        policy.platform_file, lambda p: boxed[0].update(platform=p), policy.poll_seconds
+        policy.platform_file, lambda p: setattr(authorizer, "platform", p), policy.poll_seconds
     )
     keys_file = apikeys.keys_path(policy.platform_file, watcher.current, policy.keys_file)
-    state = PolicyState(watcher.current, load_keys(keys_file))
-    boxed.append(state)
-    authz = AuthorizationServicer(state)
-    rls = RateLimitServicer(state, limiter, policy)
+    authorizer = Authorizer(watcher.current, load_keys(keys_file))
+    authz = AuthorizationServicer(authorizer)
+    rls = RateLimitServicer(authorizer, limiter, policy)
     server = build_server(
         config.server,
         [
@@ -218,7 +198,7 @@ async def create_server(
     )
     server.run_in_background(watcher.run(), name="platform-watcher")
     server.run_in_background(
-        apikeys.watch_keys(keys_file, lambda keys: state.update(keys=keys), policy.poll_seconds),
+        apikeys.watch_keys(keys_file, lambda keys: setattr(authorizer, "keys", keys), policy.poll_seconds),
         name="keys-watcher",
     )
     if client is not None:

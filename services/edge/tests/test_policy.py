@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 from infergrid.gateway.v1 import gateway_pb2
-from libs.apikeys import presented_key
+from libs.apikeys import KeyFileError, add_key, hash_key, load_keys, parse_keys, presented_key
 from libs.platform import parse_platform
 from services.edge import keys as keys_cli
-from services.edge.keys import KeyFileError, add_key, hash_key, load_keys, parse_keys
 from services.edge.policy import Authorizer, read_grpc_body
 
 PLATFORM = parse_platform(
@@ -144,25 +143,11 @@ def test_cli_mints_a_key_once_or_takes_it_from_the_environment(
     platform = tmp_path / "platform.yaml"
     platform.write_text("rate_limit_tiers: {free: {requests_per_second: 1}}\ntenants: {demo: {tier: free}}\n")
 
-    assert keys_cli.main(["--platform", str(platform), "add", "--tenant", "demo", "--name", "demo"]) == 0
+    add = ["--platform", str(platform), "add", "--tenant", "demo"]
+    assert keys_cli.main([*add, "--name", "demo"]) == 0
     minted = capsys.readouterr().out.strip()
     monkeypatch.setenv("MY_KEY", "ig_from_env")
-    assert (
-        keys_cli.main(
-            [
-                "--platform",
-                str(platform),
-                "add",
-                "--tenant",
-                "demo",
-                "--name",
-                "ci",
-                "--key-from-env",
-                "MY_KEY",
-            ]
-        )
-        == 0
-    )
+    assert keys_cli.main([*add, "--name", "ci", "--key-from-env", "MY_KEY"]) == 0
     from_env_out = capsys.readouterr().out
 
     stored = load_keys(tmp_path / "keys.yaml")

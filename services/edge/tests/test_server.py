@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -30,7 +31,8 @@ models:
 
 
 @pytest.fixture
-async def edge(tmp_path: Path) -> AsyncIterator[tuple[grpc.aio.Channel, FakeLimiter]]:
+async def edge(tmp_path: Path) -> AsyncIterator[tuple[Any, Any, FakeLimiter]]:
+    """The edge server's ext_authz and rate-limit stubs, and the limiter behind it."""
     (tmp_path / "platform.yaml").write_text(PLATFORM)
     add_key(tmp_path / "keys.yaml", "demo", "demo", "ig_demo")
     limiter = FakeLimiter()
@@ -42,7 +44,8 @@ async def edge(tmp_path: Path) -> AsyncIterator[tuple[grpc.aio.Channel, FakeLimi
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield channel, limiter
+            authz = external_auth_pb2_grpc.AuthorizationStub(channel)
+            yield authz, rls_pb2_grpc.RateLimitServiceStub(channel), limiter
     finally:
         await server.stop(0, 0)
 
@@ -62,8 +65,7 @@ def _check_request(headers: dict[str, str], model: str) -> external_auth_pb2.Che
 
 
 async def test_check_allows_with_identity_headers_and_strips_the_key(edge) -> None:  # type: ignore[no-untyped-def]
-    channel, _ = edge
-    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+    stub, _, _ = edge
 
     ok = await stub.Check(_check_request({"x-api-key": "ig_demo"}, "fraud"))
 
@@ -75,8 +77,7 @@ async def test_check_allows_with_identity_headers_and_strips_the_key(edge) -> No
 
 
 async def test_check_denies_with_401_and_403(edge) -> None:  # type: ignore[no-untyped-def]
-    channel, _ = edge
-    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+    stub, _, _ = edge
 
     missing = await stub.Check(_check_request({}, "fraud"))
     forbidden = await stub.Check(_check_request({"x-api-key": "ig_demo"}, "other"))
@@ -98,8 +99,7 @@ def _rls_request(*descriptors: dict[str, str]) -> rls_pb2.RateLimitRequest:
 
 
 async def test_rate_limit_maps_descriptors_to_tier_buckets(edge) -> None:  # type: ignore[no-untyped-def]
-    channel, limiter = edge
-    stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+    _, stub, limiter = edge
 
     ok = await stub.ShouldRateLimit(
         _rls_request(
@@ -116,9 +116,8 @@ async def test_rate_limit_maps_descriptors_to_tier_buckets(edge) -> None:  # typ
 
 
 async def test_over_limit_carries_retry_after(edge) -> None:  # type: ignore[no-untyped-def]
-    channel, limiter = edge
+    _, stub, limiter = edge
     limiter.allow = False
-    stub = rls_pb2_grpc.RateLimitServiceStub(channel)
 
     over = await stub.ShouldRateLimit(_rls_request({"tenant": "demo"}))
 
@@ -130,9 +129,8 @@ async def test_over_limit_carries_retry_after(edge) -> None:  # type: ignore[no-
 
 
 async def test_store_failure_fails_open(edge) -> None:  # type: ignore[no-untyped-def]
-    channel, limiter = edge
+    _, stub, limiter = edge
     limiter.fail = True
-    stub = rls_pb2_grpc.RateLimitServiceStub(channel)
 
     answer = await stub.ShouldRateLimit(_rls_request({"tenant": "demo"}))
 
