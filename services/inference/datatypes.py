@@ -81,9 +81,8 @@ def decode_bytes_tensor(raw: bytes | memoryview, count: int) -> np.ndarray:
 
 def encode_bytes_tensor(array: np.ndarray) -> bytes:
     """Encodes a BYTES tensor (bytes or str elements) as length-prefixed elements, row-major."""
-    parts = []
+    parts: list[bytes] = []
     for item in array.reshape(-1):
         data = item.encode() if isinstance(item, str) else bytes(item)
-        parts.append(_LENGTH.pack(len(data)))
-        parts.append(data)
+        parts += (_LENGTH.pack(len(data)), data)
     return b"".join(parts)

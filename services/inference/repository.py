@@ -160,16 +160,12 @@ class ModelRepository:
             if name in self._model_errors and not any(s == READY for s, _ in states.values()):
                 if not ready_only:
                     entries.append(IndexEntry(name, "", UNAVAILABLE, self._model_errors[name]))
-                continue
-            if not states:
+            elif not states:
                 if not ready_only:
                     entries.append(IndexEntry(name, "", "", ""))
-                continue
-            for version in sorted(states):
-                state, reason = states[version]
-                if ready_only and state != READY:
-                    continue
-                entries.append(IndexEntry(name, str(version), state, reason))
+            else:
+                rows = (IndexEntry(name, str(v), *states[v]) for v in sorted(states))
+                entries.extend(e for e in rows if not ready_only or e.state == READY)
         return entries
 
     # --- loading ---
@@ -274,10 +270,9 @@ class ModelRepository:
                 "absolute path)"
             )
         if not config.input or not config.output:
-            versions = _numeric_versions(model_dir)
             backend = self._backends.get(config.backend or "onnxruntime") or self._backends["onnxruntime"]
             filename = config.default_model_filename or "model.onnx"
-            candidates = [model_dir / str(v) / filename for v in reversed(versions)]
+            candidates = [model_dir / str(v) / filename for v in reversed(_numeric_versions(model_dir))]
             path = next((p for p in candidates if p.is_file()), None)
             if path is None:
                 raise ModelLoadError(
