@@ -418,7 +418,7 @@ class InferenceLogProducer:
     ) -> None:
         if err is not None and _permanent(err):
             # Maybe only a batch-mate was the poison: once more alone (below), then quarantined.
-            self._count("spooled" if not resend else None, retry=state.alone, offset=offset)
+            self._count("spooled" if not resend else None, retry=state.alone, offsets=[offset])
             return
         if err is not None:
             self._config_error(err)
@@ -429,7 +429,7 @@ class InferenceLogProducer:
 
     def _keep(self, state: SegmentState, offset: int, *, count: bool) -> None:
         """Marks a written record for re-sending."""
-        self._count("spooled" if count else None, retry=state.failed, offset=offset)
+        self._count("spooled" if count else None, retry=state.failed, offsets=[offset])
 
     def _count(
         self,
@@ -438,16 +438,16 @@ class InferenceLogProducer:
         *,
         done: SegmentState | None = None,
         retry: list[int] | None = None,
-        offset: int = 0,
+        offsets: Sequence[int] = (),
     ) -> None:
-        """Counts `n` records of `outcome` (None: none), one more `done` in a segment, an offset to `retry`."""
+        """Counts `n` records of `outcome` (None: none), one more `done` in a segment, `offsets` to `retry`."""
         with self._count_lock:
             if outcome is not None:
                 self._counts[outcome] += n
             if done is not None:
                 done.acked += 1
             if retry is not None:
-                retry.append(offset)
+                retry.extend(offsets)
         if outcome is not None:
             RECORDS.labels(outcome).inc(n)
 
@@ -637,6 +637,7 @@ class InferenceLogProducer:
             message = self._message_at(state, data, offset)
             if message is None:
                 continue
+            on_delivery = functools.partial(self._on_delivery, state, offset, True)
             while True:
                 try:
                     self._producer.produce(
@@ -644,21 +645,19 @@ class InferenceLogProducer:
                         message.value,
                         message.key,
                         headers=message.headers,
-                        on_delivery=functools.partial(self._on_delivery, state, offset, True),
+                        on_delivery=on_delivery,
                     )
                     break
                 except BufferError:
                     self._producer.poll(0.05)
                     if self._stopping.is_set():
-                        with self._count_lock:
-                            state.failed.extend(todo[i:])
+                        self._count(None, retry=state.failed, offsets=todo[i:])
                         return
                 except KafkaException as exc:
                     if _permanent(exc.args[0]):  # this record is the poison: the ones after it still go
                         self._quarantine(state, message, exc.args[0])
                         break
-                    with self._count_lock:
-                        state.failed.extend(todo[i:])
+                    self._count(None, retry=state.failed, offsets=todo[i:])
                     return
 
     def _message_at(self, state: SegmentState, data: bytes, offset: int) -> SpooledMessage | None:

@@ -25,7 +25,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -151,6 +151,7 @@ class SpoolLockedError(RuntimeError):
     """Another live process holds the spool folder."""
 
 
+@dataclass(slots=True, eq=False)
 class SegmentState:
     """What this process knows of one segment: records written, acknowledged by Kafka, to be re-sent.
 
@@ -158,20 +159,17 @@ class SegmentState:
     each of them once. Counters change under the producer's lock.
     """
 
-    __slots__ = ("acked", "alone", "failed", "loaded", "opened", "path", "sealed", "written")
-
-    def __init__(self, path: Path, *, loaded: bool = True, sealed: bool = False) -> None:
-        self.path = path
-        self.written = 0
-        self.acked = 0
-        # Offsets of records to re-send (refused or not delivered).
-        self.failed: list[int] = []
-        # Offsets of records refused for good in a batch: re-sent alone before they are quarantined.
-        self.alone: list[int] = []
-        # False for an earlier process's segment until it has been read (its records are unknown).
-        self.loaded = loaded
-        self.sealed = sealed
-        self.opened = time.monotonic()
+    path: Path
+    # False for an earlier process's segment until it has been read (its records are unknown).
+    loaded: bool = True
+    sealed: bool = False
+    written: int = 0
+    acked: int = 0
+    # Offsets of records to re-send (refused or not delivered).
+    failed: list[int] = field(default_factory=list)
+    # Offsets of records refused for good in a batch: re-sent alone before they are quarantined.
+    alone: list[int] = field(default_factory=list)
+    opened: float = field(default_factory=time.monotonic)
 
     @property
     def done(self) -> bool:
