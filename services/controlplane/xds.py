@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any as protobuf_any
 
 from services.controlplane.resources import CLUSTER_TYPE, LISTENER_TYPE, PUSH_ORDER, Resources
 
@@ -132,11 +132,7 @@ class XdsStream:
         state.sent_version = version
         state.sent_names = state.names
         state.nonce = str(next(_nonces))
-        resources = []
-        for message in chosen:
-            packed = any_pb2.Any()
-            packed.Pack(message)
-            resources.append(packed)
+        resources = [protobuf_any.pack(message) for message in chosen]
         return discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=state.nonce, resources=resources
         )

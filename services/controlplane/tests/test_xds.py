@@ -27,7 +27,7 @@ from services.controlplane.resources import (
     EnvoyWiring,
     build_resources,
 )
-from services.controlplane.server import create_control_plane
+from services.controlplane.server import ControlPlane, create_control_plane
 from services.controlplane.xds import AckEvent, Snapshot, XdsStream
 
 PLATFORM = 'gateway: {endpoints: ["127.0.0.1:50051"], timeout_ms: %d}\n'
@@ -203,8 +203,6 @@ async def test_ads_over_a_real_stream_pushes_an_edited_platform_file(tmp_path: P
 
 
 def test_an_untranslatable_platform_keeps_the_last_snapshot(tmp_path: Path) -> None:
-    from services.controlplane.server import ControlPlane
-
     (tmp_path / "a-file").write_text("")
     settings = EnvoySettings(
         platform_file=tmp_path / "p.yaml",
@@ -222,8 +220,6 @@ def test_an_untranslatable_platform_keeps_the_last_snapshot(tmp_path: Path) -> N
 
 
 def test_an_endpoint_change_gives_only_eds_a_new_version(tmp_path: Path) -> None:
-    from services.controlplane.server import ControlPlane
-
     settings = EnvoySettings(platform_file=tmp_path / "p.yaml", descriptor_set=tmp_path / "d.pb")
     control_plane = ControlPlane.from_platform(settings, parse_platform(PLATFORM % 1000), dict(ENDPOINTS))
     stream, _ = _stream()
