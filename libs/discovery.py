@@ -93,9 +93,8 @@ def parse_host_port(text: str) -> HostPort:
             break
     host, sep, port = raw.rpartition(":")
     host = host.strip("[]") if host.startswith("[") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise TargetError(f"expected host:port, got {text!r}")
-    if ":" in host and not is_ip_literal(host):
+    valid_port = port.isdigit() and 0 < int(port) < 65536
+    if not (sep and host and valid_port) or (":" in host and not is_ip_literal(host)):
         raise TargetError(f"expected host:port, got {text!r}")
     return HostPort(host, int(port))
 
@@ -116,9 +115,7 @@ def parse_targets(spec: str, base_dir: Path | None = None) -> tuple[Target, ...]
         if not entry:
             continue
         if entry.startswith(FILE_PREFIX):
-            raw = entry[len(FILE_PREFIX) :]
-            if raw.startswith("//"):  # file:///abs/path
-                raw = raw[2:]
+            raw = entry[len(FILE_PREFIX) :].removeprefix("//")  # file:///abs/path
             if not raw:
                 raise TargetError(f"expected file:<path>, got {entry!r}")
             path = Path(raw)
