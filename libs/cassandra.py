@@ -262,18 +262,15 @@ def _wrap(future: ResponseFuture) -> asyncio.Future[list[Any]]:
         if future.has_more_pages:
             future.start_fetching_next_page()
         else:
-            loop.call_soon_threadsafe(_set_result, rows)
+            loop.call_soon_threadsafe(_settle, None)
 
-    def _set_result(value: list[Any]) -> None:
-        if not result.done():
-            result.set_result(value)
-
-    def _failed(exc: BaseException) -> None:
-        loop.call_soon_threadsafe(_set_exception, exc)
-
-    def _set_exception(exc: BaseException) -> None:
-        if not result.done():
+    def _settle(exc: BaseException | None) -> None:
+        if result.done():
+            return
+        if exc is None:
+            result.set_result(rows)
+        else:
             result.set_exception(exc)
 
-    future.add_callbacks(_done, _failed)
+    future.add_callbacks(_done, lambda exc: loop.call_soon_threadsafe(_settle, exc))
     return result
