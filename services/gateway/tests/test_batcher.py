@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from libs.errors import ResourceExhausted
-from services.gateway.batcher import MicroBatcher
+from services.gateway.batcher import BatchFunction, MicroBatcher
 
 
 class Recorder:
@@ -22,11 +23,17 @@ class Recorder:
         return [ValueError(f"bad {i}") if i < 0 else (key, i * 10) for i in items]
 
 
+def _batcher(
+    run: BatchFunction[str, int, Any], max_batch: int = 10, max_delay_s: float = 0.0, max_pending: int = 1000
+) -> MicroBatcher[str, int, Any]:
+    return MicroBatcher(
+        "t", run, max_batch=max_batch, max_delay_s=max_delay_s, max_pending=max_pending, max_concurrent=2
+    )
+
+
 async def test_concurrent_items_share_one_call_and_get_their_own_results_in_order() -> None:
     recorder = Recorder()
-    batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t", recorder.run, max_batch=100, max_delay_s=0.001, max_pending=1000, max_concurrent=2
-    )
+    batcher = _batcher(recorder.run, max_batch=100, max_delay_s=0.001)
     futures = [batcher.submit("a" if i % 2 else "b", i, 1.0) for i in range(20)]
     results = await asyncio.gather(*futures)
     assert results == [("a" if i % 2 else "b", i * 10) for i in range(20)]
@@ -36,9 +43,7 @@ async def test_concurrent_items_share_one_call_and_get_their_own_results_in_orde
 
 async def test_a_full_batch_is_sent_at_once_and_the_rest_waits_for_the_next() -> None:
     recorder = Recorder()
-    batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t", recorder.run, max_batch=4, max_delay_s=0.0, max_pending=1000, max_concurrent=2
-    )
+    batcher = _batcher(recorder.run, max_batch=4)
     results = await asyncio.gather(*(batcher.submit("k", i, 1.0) for i in range(10)))
     assert [r[1] for r in results] == [i * 10 for i in range(10)]
     assert [len(items) for _, items in recorder.batches] == [4, 4, 2]
@@ -46,9 +51,7 @@ async def test_a_full_batch_is_sent_at_once_and_the_rest_waits_for_the_next() ->
 
 async def test_one_failing_item_fails_alone_and_a_failing_call_fails_all() -> None:
     recorder = Recorder()
-    batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t", recorder.run, max_batch=10, max_delay_s=0.0, max_pending=1000, max_concurrent=2
-    )
+    batcher = _batcher(recorder.run)
     results = await asyncio.gather(*(batcher.submit("k", i, 1.0) for i in (1, -1, 2)), return_exceptions=True)
     assert results[0] == ("k", 10) and results[2] == ("k", 20)
     assert isinstance(results[1], ValueError)
@@ -56,18 +59,14 @@ async def test_one_failing_item_fails_alone_and_a_failing_call_fails_all() -> No
     async def broken(key: str, items: list[int], timeout: float) -> list[object]:
         raise ConnectionError("down")
 
-    failing: MicroBatcher[str, int, object] = MicroBatcher(
-        "t", broken, max_batch=10, max_delay_s=0.0, max_pending=1000, max_concurrent=2
-    )
+    failing = _batcher(broken)
     results = await asyncio.gather(*(failing.submit("k", i, 1.0) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results)
 
 
 async def test_past_max_pending_submit_sheds_load() -> None:
     recorder = Recorder(delay=0.05)
-    batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t", recorder.run, max_batch=2, max_delay_s=0.0, max_pending=3, max_concurrent=2
-    )
+    batcher = _batcher(recorder.run, max_batch=2, max_pending=3)
     accepted = [batcher.submit("k", i, 1.0) for i in range(3)]
     with pytest.raises(ResourceExhausted, match="overloaded"):
         batcher.submit("k", 99, 1.0)
@@ -83,9 +82,7 @@ async def test_the_batch_call_gets_the_longest_timeout_of_its_items() -> None:
         seen.append(timeout)
         return items
 
-    batcher: MicroBatcher[str, int, int] = MicroBatcher(
-        "t", run, max_batch=10, max_delay_s=0.0, max_pending=10, max_concurrent=2
-    )
+    batcher = _batcher(run, max_pending=10)
     await asyncio.gather(batcher.submit("k", 1, 0.1), batcher.submit("k", 2, 2.0))
     assert 1.5 < seen[0] <= 2.0
 

@@ -67,8 +67,10 @@ class HungInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("unreachable")
 
 
-def _pool() -> ChannelPool:
-    return ChannelPool("inference-test", lambda address: dial(address, INFERENCE_SERVICE, SINGLE), POLICY)
+def _pool(*addresses: str) -> ChannelPool:
+    pool = ChannelPool("inference-test", lambda address: dial(address, INFERENCE_SERVICE, SINGLE), POLICY)
+    pool.update(addresses)
+    return pool
 
 
 def _client(pool: ChannelPool, streaming: bool) -> GrpcModelClient | StreamingModelClient:
@@ -88,8 +90,7 @@ def streaming(request: pytest.FixtureRequest) -> bool:
 async def test_batches_land_on_every_replica_and_survive_one_being_killed(streaming: bool) -> None:
     a, b = FakeInference(), FakeInference()
     (server_a, address_a), (server_b, address_b) = await serve(a), await serve(b)
-    pool = _pool()
-    pool.update([address_a, address_b])
+    pool = _pool(address_a, address_b)
     client = _client(pool, streaming)
     try:
         scores = [await _infer(client) for _ in range(10)]
@@ -109,8 +110,7 @@ async def test_batches_land_on_every_replica_and_survive_one_being_killed(stream
 async def test_a_hung_stream_is_abandoned_after_the_deadline_and_the_other_replica_serves() -> None:
     good, hung = FakeInference(), HungInference()
     (server_good, address_good), (server_hung, address_hung) = await serve(good), await serve(hung)
-    pool = _pool()
-    pool.update([address_hung, address_good])
+    pool = _pool(address_hung, address_good)
     client = StreamingModelClient(pool, Dependency("inference-test", SINGLE), hang_margin_s=0.1)
     watcher = asyncio.create_task(client.watch(0.02))
     try:
@@ -143,8 +143,7 @@ async def test_a_hung_stream_is_abandoned_after_the_deadline_and_the_other_repli
 async def test_a_removed_endpoint_finishes_its_calls_before_its_channel_closes() -> None:
     slow = FakeInference()
     server, address = await serve(slow)
-    pool = _pool()
-    pool.update([address])
+    pool = _pool(address)
     client = _client(pool, streaming=True)
     try:
         (endpoint,) = pool.endpoints
@@ -225,8 +224,7 @@ async def test_client_latency_per_replica_method_and_status(streaming: bool) -> 
 
     a = FakeInference()
     server_a, address_a = await serve(a)
-    pool = _pool()
-    pool.update([address_a])
+    pool = _pool(address_a)
     client = _client(pool, streaming)
     method = "ModelStreamInfer" if streaming else "ModelInfer"
     labels = {
