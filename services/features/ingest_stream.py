@@ -190,15 +190,8 @@ class StreamIngestor:
                 self._refused(records[0][0], exc, outcome)
                 return
             log.warning("the store refused a batch of %d records, writing them one by one", len(records))
-            for message, record_rows in records:
-                try:
-                    await self._write_until_done(view, record_rows, stop)
-                except (Unavailable, DeadlineExceeded):
-                    raise
-                except Exception as one:
-                    self._refused(message, one, outcome)
-                else:
-                    outcome.written_rows += len(record_rows)
+            for record in records:
+                await self._write_records(view, [record], outcome, stop)
             return
         outcome.written_rows += len(rows)
 
