@@ -1,6 +1,6 @@
 """The dynamic batcher: one queue per model version, coalescing concurrent requests into batches.
 
-A request joins the queue from the event loop (or from a server thread: `submit`); one
+A request joins the queue from the event loop (or from a server thread: `infer_blocking`); one
 scheduler thread per model instance waits until the queue holds a full (or preferred) batch or the oldest
 request has waited `max_queue_delay`, takes requests in arrival order up to
 `max_batch_size` rows, runs the batch (so the event loop never blocks on the
@@ -206,15 +206,12 @@ class DynamicBatcher:
         assert self._loop is not None, "start() the batcher first"
         return await self._submit(inputs, rows, timeout_ns, priority, self._loop.create_future())
 
-    def submit(
+    def infer_blocking(
         self, inputs: dict[str, np.ndarray], rows: int, timeout_ns: int = 0, priority: int = 0
-    ) -> concurrent.futures.Future[list[np.ndarray]]:
-        """`infer` from a thread other than the loop's (the threaded gRPC transport), without waiting: the
-        loop resolves the returned future with one wake-up per batch, none per request; cancelling it
-        before its batch starts drops the request. Raises as `infer` does when the request is refused."""
-        future: concurrent.futures.Future[list[np.ndarray]] = concurrent.futures.Future()
-        self._submit(inputs, rows, timeout_ns, priority, future)
-        return future
+    ) -> list[np.ndarray]:
+        """`infer` from a thread other than the loop's (the threaded gRPC transport): it waits on that
+        thread, and the loop still resolves the results with one wake-up per batch, none per request."""
+        return self._submit(inputs, rows, timeout_ns, priority, concurrent.futures.Future()).result()
 
     def _submit(
         self,

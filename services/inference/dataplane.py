@@ -9,18 +9,12 @@ here once.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextvars
-import functools
 import logging
-import queue
-import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from opentelemetry import trace
 
 from libs.errors import InvalidArgument, Status, to_status
 from services.inference.codec import (
@@ -113,52 +107,6 @@ def statistics_json(serving: ServingVersion) -> dict[str, Any]:
     }
 
 
-class Queued:
-    """A request queued in its batcher from a server thread (`DataPlane.submit`)."""
-
-    __slots__ = ("_finish", "future", "span")
-
-    def __init__(
-        self,
-        future: concurrent.futures.Future[list[Any]],
-        finish: Callable[[list[Any]], InferResult],
-    ) -> None:
-        self.future, self._finish = future, finish
-        # The request's own span, which the front door ends with its answer (None: none).
-        self.span: trace.Span | None = None
-
-    def result(self) -> InferResult:
-        """Waits for the request's batch; its outputs (those bound for shared memory written there).
-
-        Raises:
-            As `DataPlane.infer` does.
-        """
-        return self._finish(self.future.result())
-
-
-@dataclass(frozen=True, slots=True)
-class _Ended:
-    """The reader of a threaded stream is done, having queued `submitted` requests."""
-
-    submitted: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Raised:
-    exc: BaseException
-
-
-_STOP = object()
-
-
-def _failure(request: _Request, exc: Exception, failed: Callable[[_Request, Status], _Answer]) -> _Answer:
-    """The in-band answer of a streamed request that failed with `exc`."""
-    status = to_status(exc)
-    if status.unexpected:
-        log.exception("stream inference failed", exc_info=exc)
-    return failed(request, status)
-
-
 class DataPlane:
     """What both front doors call: health, metadata, inference, repository, shared memory, settings."""
 
@@ -234,17 +182,10 @@ class DataPlane:
 
     def infer_blocking(self, request: InferRequest) -> InferResult:
         """`infer` from a thread other than the event loop's (a `def` handler on the threaded transport)."""
-        return self.submit(request).result()
-
-    def submit(self, request: InferRequest) -> Queued:
-        """Checks and queues one request from a thread other than the loop's, without waiting for it.
-
-        Raises:
-            As `infer` does when the request is refused before it is queued.
-        """
         serving, inputs, rows, timeout_ns, level, selected = self._admit(request)
-        future = serving.batcher.submit(inputs, rows, timeout_ns, level)
-        return Queued(future, functools.partial(self._result, serving, selected, request))
+        return self._result(
+            serving, selected, request, serving.batcher.infer_blocking(inputs, rows, timeout_ns, level)
+        )
 
     def _admit(
         self, request: InferRequest
@@ -312,7 +253,10 @@ class DataPlane:
             try:
                 answer = await run(request, STREAM_MESSAGE_DEADLINE_S)
             except Exception as exc:
-                answer = _failure(request, exc, failed)
+                status = to_status(exc)
+                if status.unexpected:
+                    log.exception("stream inference failed")
+                answer = failed(request, status)
             answers.put_nowait(answer)
 
         async def _read() -> None:
@@ -339,81 +283,6 @@ class DataPlane:
                 reader.cancel()
             for task in list(pending):
                 task.cancel()
-
-    def infer_stream_blocking(
-        self,
-        requests: Iterator[_Request],
-        submit: Callable[[_Request], Queued],
-        answer: Callable[[_Request, Queued], _Answer],
-        failed: Callable[[_Request, Status], _Answer],
-        on_end: Callable[[Callable[[], None]], object],
-    ) -> Iterator[_Answer]:
-        """`infer_stream` for the threaded transport, without the event loop per message: a reader thread
-        decodes and queues each request in its batcher (`submit`, e.g. around `DataPlane.submit`), and the
-        calling (server) thread answers each (`answer`: its result, encoded) as its batch finishes, in
-        completion order. Deadlines, in-band errors and draining are as in `infer_stream`; `on_end`
-        (the call's `add_callback`) registers what ends the answers when the call ends, and leaving the
-        iterator cancels the requests still queued.
-        """
-        events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        stop = threading.Event()
-        pending: set[concurrent.futures.Future[Any]] = set()
-
-        def _done(item: tuple[_Request, Queued], _: object) -> None:  # on the loop, once per batch
-            events.put(item)
-
-        def _read() -> None:
-            submitted = 0
-            try:
-                for request in requests:
-                    if stop.is_set():
-                        return
-                    if self.draining():
-                        events.put(failed(request, DRAINING))
-                        continue
-                    try:
-                        queued = submit(request)
-                    except Exception as exc:
-                        events.put(_failure(request, exc, failed))
-                        continue
-                    submitted += 1
-                    pending.add(queued.future)
-                    queued.future.add_done_callback(functools.partial(_done, (request, queued)))
-            except grpc.RpcError:  # the call ended: so do its requests
-                pass
-            except Exception as exc:  # a request that did not parse ends the stream with its error
-                events.put(_Raised(exc))
-            events.put(_Ended(submitted))
-
-        on_end(lambda: events.put(_STOP))
-        # The call's context (its trace) goes with its requests, as with `infer_stream`'s tasks.
-        threading.Thread(
-            target=contextvars.copy_context().run, args=(_read,), name="stream-requests", daemon=True
-        ).start()
-        answered, ended = 0, None
-        try:
-            while ended is None or answered < ended:
-                event = events.get()
-                if event is _STOP:
-                    return
-                if isinstance(event, _Ended):
-                    ended = event.submitted
-                elif isinstance(event, _Raised):
-                    raise event.exc
-                elif isinstance(event, tuple):
-                    request, queued = event
-                    answered += 1
-                    pending.discard(queued.future)
-                    try:
-                        yield answer(request, queued)
-                    except Exception as exc:
-                        yield _failure(request, exc, failed)
-                else:
-                    yield event
-        finally:
-            stop.set()
-            for future in list(pending):
-                future.cancel()
 
     # --- repository ---
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -29,10 +29,8 @@ from services.inference.dataplane import (
     EXTENSIONS,
     SERVER_NAME,
     SERVER_VERSION,
-    STREAM_MESSAGE_DEADLINE_S,
     DataPlane,
     InferResult,
-    Queued,
 )
 from services.inference.errors import InvalidInput, NotSupported
 from services.inference.http_server import HttpFrontDoor
@@ -443,43 +441,11 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
 
 
 class ThreadedInferenceServicer(GRPCInferenceServiceServicer):
-    """The servicer on the threaded transport: ModelInfer and ModelStreamInfer are plain `def`s, run on
-    the server's threads without a hop to the event loop per request (the loop only resolves each
-    batch's results)."""
+    """The servicer on the threaded transport: ModelInfer is a plain `def`, run on the server's thread
+    without a hop to the event loop (the loop only resolves each batch's results)."""
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
         return _infer_response(self._plane.infer_blocking(self._request(request, context.time_remaining())))
-
-    def ModelStreamInfer(  # type: ignore[override]  # noqa: N802 - gRPC method name
-        self, request_iterator: Iterator[pb.ModelInferRequest], context: Any
-    ) -> Iterator[pb.ModelStreamInferResponse]:
-        """ModelStreamInfer as on the aio transport (see there), each request queued in its batcher from
-        a reader thread and answered from this one (DataPlane.infer_stream_blocking)."""
-        return self._plane.infer_stream_blocking(
-            request_iterator, self._stream_submit, _stream_answer, _stream_failure, context.add_callback
-        )
-
-    def _stream_submit(self, request: pb.ModelInferRequest) -> Queued:
-        """Queues a streamed request; one whose `traceparent` names a trace gets its span (to its answer)."""
-        if "traceparent" not in request.parameters:
-            return self._plane.submit(self._request(request, STREAM_MESSAGE_DEADLINE_S))
-        parent = propagate.extract({"traceparent": request.parameters["traceparent"].string_param})
-        span = _tracer.start_span(STREAM_SPAN, context=parent, kind=trace.SpanKind.SERVER)
-        try:
-            with trace.use_span(span):  # a refusal's error is recorded on the span
-                queued = self._plane.submit(self._request(request, STREAM_MESSAGE_DEADLINE_S))
-        except Exception:
-            span.end()
-            raise
-        queued.span = span
-        return queued
-
-
-def _stream_answer(request: pb.ModelInferRequest, queued: Queued) -> pb.ModelStreamInferResponse:
-    if queued.span is None:
-        return pb.ModelStreamInferResponse(infer_response=_infer_response(queued.result()))
-    with trace.use_span(queued.span, end_on_exit=True):
-        return pb.ModelStreamInferResponse(infer_response=_infer_response(queued.result()))
 
 
 async def create_server(
