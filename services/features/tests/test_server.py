@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -31,6 +32,14 @@ class Harness:
     store: InMemoryOnlineStore
     cache: InMemoryCache
     port: int
+
+    def apply(self, view: pb.FeatureView) -> Any:
+        """The ApplyFeatureView call of `view`."""
+        return self.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+
+    def write(self, view: str, *rows: pb.FeatureRow) -> Any:
+        """The WriteFeatures call of `rows` to `view`."""
+        return self.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view=view, rows=rows))
 
 
 @pytest.fixture(params=["threaded", "aio"])
@@ -74,11 +83,9 @@ def _read(*refs: str, **entities: value_pb2.ValueList) -> pb.GetOnlineFeaturesRe
 
 
 async def test_round_trips_every_type(harness: Harness) -> None:
-    reply = await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    reply = await harness.apply(typed_view())
     assert reply.created and reply.feature_view.revision == 1
-    written = await harness.stub.WriteFeatures(
-        pb.WriteFeaturesRequest(feature_view="typed", rows=[typed_row("a", ts_s=1_700_000_000.25)])
-    )
+    written = await harness.write("typed", typed_row("a", ts_s=1_700_000_000.25))
     assert written.rows_written == 1
     refs = [f"typed:{n}" for n in ALL_TYPES]
     read = _read(*refs, id=string_keys("a", "missing", "a"))
@@ -98,17 +105,12 @@ async def test_round_trips_every_type(harness: Harness) -> None:
 
 
 async def test_write_is_visible_through_the_cache(harness: Harness) -> None:
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    await harness.apply(typed_view())
     request = _read("typed:f_int64", id=string_keys("b"))
     first = await harness.stub.GetOnlineFeatures(request)
     assert list(first.results[0].statuses) == [NOT_FOUND]  # now negatively cached
-    await harness.stub.WriteFeatures(
-        pb.WriteFeaturesRequest(
-            feature_view="typed",
-            rows=[
-                pb.FeatureRow(entity_key={"id": V(string_value="b")}, values={"f_int64": V(int64_value=7)})
-            ],
-        )
+    await harness.write(
+        "typed", pb.FeatureRow(entity_key={"id": V(string_value="b")}, values={"f_int64": V(int64_value=7)})
     )
     second = await harness.stub.GetOnlineFeatures(request)
     assert list(second.results[0].statuses) == [OK]
@@ -117,12 +119,9 @@ async def test_write_is_visible_through_the_cache(harness: Harness) -> None:
 
 async def test_keys_given_as_strings_are_read_as_the_views_key_type(harness: Harness) -> None:
     view = typed_view("numbered", key_type=VT.VALUE_TYPE_INT64)
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
-    await harness.stub.WriteFeatures(
-        pb.WriteFeaturesRequest(
-            feature_view="numbered",
-            rows=[pb.FeatureRow(entity_key={"id": V(int64_value=42)}, values={"f_int64": V(int64_value=7)})],
-        )
+    await harness.apply(view)
+    await harness.write(
+        "numbered", pb.FeatureRow(entity_key={"id": V(int64_value=42)}, values={"f_int64": V(int64_value=7)})
     )
     got = await harness.stub.GetOnlineFeatures(_read("numbered:f_int64", id=string_keys("42", "43")))
     assert list(got.results[0].statuses) == [OK, NOT_FOUND]
@@ -135,14 +134,8 @@ async def test_keys_given_as_strings_are_read_as_the_views_key_type(harness: Har
 
 
 async def test_expired_value_is_reported_expired(harness: Harness) -> None:
-    await harness.stub.ApplyFeatureView(
-        pb.ApplyFeatureViewRequest(feature_view=typed_view("short", ttl_s=60))
-    )
-    await harness.stub.WriteFeatures(
-        pb.WriteFeaturesRequest(
-            feature_view="short", rows=[typed_row("old", ts_s=time.time() - 3600), typed_row("new")]
-        )
-    )
+    await harness.apply(typed_view("short", ttl_s=60))
+    await harness.write("short", typed_row("old", ts_s=time.time() - 3600), typed_row("new"))
     got = await harness.stub.GetOnlineFeatures(_read("short:f_float", id=string_keys("old", "new")))
     assert list(got.results[0].statuses) == [EXPIRED, OK]
     assert got.results[0].values[0] == V()
@@ -151,19 +144,19 @@ async def test_expired_value_is_reported_expired(harness: Harness) -> None:
 
 async def test_evolution_adds_features_and_refuses_type_and_key_changes(harness: Harness) -> None:
     view = typed_view()
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
-    await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[typed_row("a")]))
+    await harness.apply(view)
+    await harness.write("typed", typed_row("a"))
     # Cached before the view grows.
     await harness.stub.GetOnlineFeatures(_read(id=string_keys("a")))
     view.features.add(name="added", type=VT.VALUE_TYPE_INT64)
-    reply = await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    reply = await harness.apply(view)
     assert not reply.created and reply.feature_view.revision == 2
     assert [f.name for f in reply.feature_view.features][-1] == "added"
     got = await harness.stub.GetOnlineFeatures(_read("typed:added", "typed:f_float", id=string_keys("a")))
     assert list(got.results[0].statuses) == [NOT_FOUND]
     assert list(got.results[1].statuses) == [OK]
     # Same definition again: nothing changes.
-    same = await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    same = await harness.apply(view)
     assert same.feature_view.revision == 2
 
     retyped = pb.FeatureView()
@@ -173,13 +166,13 @@ async def test_evolution_adds_features_and_refuses_type_and_key_changes(harness:
         (retyped, "'f_float' is FLOAT and cannot become STRING"),
         (typed_view(key_type=VT.VALUE_TYPE_INT64), "entity key cannot change"),
     ):
-        apply = harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=changed))
+        apply = harness.apply(changed)
         await _fails(apply, grpc.StatusCode.FAILED_PRECONDITION, words)
 
 
 async def test_get_and_list_views(harness: Harness) -> None:
     for name in ("b_view", "a_view", "c_view"):
-        await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view(name)))
+        await harness.apply(typed_view(name))
     got = await harness.stub.GetFeatureView(pb.GetFeatureViewRequest(name="a_view"))
     assert got.owner == "tests" and got.created_time.seconds > 0
     page = await harness.stub.ListFeatureViews(pb.ListFeatureViewsRequest(page_size=2))
@@ -228,12 +221,12 @@ async def test_get_and_list_views(harness: Harness) -> None:
 async def test_bad_reads_name_the_problem(
     harness: Harness, request_: pb.GetOnlineFeaturesRequest, code: str, words: str
 ) -> None:
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    await harness.apply(typed_view())
     await _fails(harness.stub.GetOnlineFeatures(request_), grpc.StatusCode[code], words)
 
 
 async def test_crafted_entity_keys_are_data(harness: Harness) -> None:
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    await harness.apply(typed_view())
     crafted = "a' OR '1'='1"
     got = await harness.stub.GetOnlineFeatures(_read(id=string_keys(crafted)))
     assert list(got.results[0].statuses) == [NOT_FOUND]
@@ -257,9 +250,9 @@ async def test_crafted_entity_keys_are_data(harness: Harness) -> None:
 async def test_bad_writes_name_the_problem(
     harness: Harness, key: V | None, values: dict[str, V], code: str, words: str
 ) -> None:
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
+    await harness.apply(typed_view())
     row = pb.FeatureRow(entity_key={} if key is None else {"id": key}, values=values)
-    write = harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[row]))
+    write = harness.write("typed", row)
     await _fails(write, grpc.StatusCode[code], words)
 
 
@@ -268,13 +261,13 @@ async def test_bad_views_are_refused(harness: Harness) -> None:
         (typed_view("x; DROP KEYSPACE infergrid"), "feature_view.name"),
         (typed_view(key_type=VT.VALUE_TYPE_FLOAT), "must be STRING, INT64 or BYTES"),
     ):
-        apply = harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=bad))
+        apply = harness.apply(bad)
         await _fails(apply, grpc.StatusCode.INVALID_ARGUMENT, words)
 
 
 async def test_store_down_serves_cache_as_possibly_stale_and_fails_misses_fast(harness: Harness) -> None:
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=typed_view()))
-    await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="typed", rows=[typed_row("hot")]))
+    await harness.apply(typed_view())
+    await harness.write("typed", typed_row("hot"))
     hot = _read(id=string_keys("hot"))
     assert not (await harness.stub.GetOnlineFeatures(hot)).possibly_stale
     harness.store.down = True
@@ -313,7 +306,7 @@ def _finite_view(allow: bool = False) -> pb.FeatureView:
 
 async def _refused(harness: Harness, rows: list[pb.FeatureRow], view: str = "finite") -> str:
     before = dict(harness.store.rows)
-    write = harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view=view, rows=rows))
+    write = harness.write(view, *rows)
     details = await _fails(write, grpc.StatusCode.INVALID_ARGUMENT)
     assert dict(harness.store.rows) == before, "a refused batch wrote something"
     return details
@@ -329,12 +322,10 @@ def _row(entity: str, ts_s: float | None = None, **values: V) -> pb.FeatureRow:
 
 
 async def test_event_times_are_bounded(harness: Harness) -> None:
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_finite_view()))
+    await harness.apply(_finite_view())
     now = time.time()
     # A minute ahead (clock skew) is accepted; an hour ahead, or before 2000, is not.
-    await harness.stub.WriteFeatures(
-        pb.WriteFeaturesRequest(feature_view="finite", rows=[_row("a", now + 60)])
-    )
+    await harness.write("finite", _row("a", now + 60))
     details = await _refused(harness, [_row("b", now), _row("c", now), _row("d", now + 3600)])
     assert details.startswith("rows[2].event_timestamp: ") and "in the future" in details
     assert "rows[0].event_timestamp" in await _refused(harness, [_row("e", 100.0)])
@@ -352,7 +343,7 @@ async def test_event_times_are_bounded(harness: Harness) -> None:
 
 
 async def test_nan_and_infinities_need_allow_non_finite(harness: Harness) -> None:
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_finite_view()))
+    await harness.apply(_finite_view())
     cases = {
         "f_float": V(float_value=float("nan")),
         "f_double": V(double_value=float("inf")),
@@ -366,10 +357,8 @@ async def test_nan_and_infinities_need_allow_non_finite(harness: Harness) -> Non
         assert "allow_non_finite" in details
     assert "values['f_floats'][1]" in await _refused(harness, [_row("a", f_floats=cases["f_floats"])])
     # Declared: the feature may hold them.
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_finite_view(allow=True)))
-    await harness.stub.WriteFeatures(
-        pb.WriteFeaturesRequest(feature_view="finite", rows=[_row("nan", ratio=V(double_value=float("nan")))])
-    )
+    await harness.apply(_finite_view(allow=True))
+    await harness.write("finite", _row("nan", ratio=V(double_value=float("nan"))))
     got = await harness.stub.GetOnlineFeatures(_read("finite:ratio", id=string_keys("nan")))
     assert got.results[0].statuses[0] == OK and got.results[0].values[0].double_value != 0
 
@@ -377,17 +366,17 @@ async def test_nan_and_infinities_need_allow_non_finite(harness: Harness) -> Non
 async def test_a_non_finite_default_value_is_refused(harness: Harness) -> None:
     view = _finite_view()
     view.features[-2].default_value.double_value = float("nan")
-    apply = harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    apply = harness.apply(view)
     await _fails(apply, grpc.StatusCode.INVALID_ARGUMENT, "'ratio'")
     view.features[-2].allow_non_finite = True
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+    await harness.apply(view)
 
 
 async def test_bad_writes_never_open_the_breaker_that_guards_reads(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await harness.stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=_finite_view()))
-    await harness.stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="finite", rows=[_row("a")]))
+    await harness.apply(_finite_view())
+    await harness.write("finite", _row("a"))
     failures = FeaturesConfig().store.store_breaker_failures
     # Refused before the store is called...
     for _ in range(3 * failures):
