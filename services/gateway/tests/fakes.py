@@ -135,18 +135,21 @@ class ServedFacts:
             models=[index(name=n, version=v, state="READY") for n, vs in self.served.items() for v in vs]
         )
 
+    async def _served(self, name: str, context: grpc.aio.ServicerContext) -> Sequence[str]:
+        if name not in self.served:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not loaded")
+        return self.served[name]
+
     async def ModelMetadata(  # noqa: N802 - gRPC method names
         self, request: ipb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> ipb.ModelMetadataResponse:
-        if request.name not in self.served:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not loaded")
-        return ipb.ModelMetadataResponse(name=request.name, versions=list(self.served[request.name]))
+        versions = await self._served(request.name, context)
+        return ipb.ModelMetadataResponse(name=request.name, versions=list(versions))
 
     async def ModelConfig(  # noqa: N802 - gRPC method names
         self, request: ipb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> ipb.ModelConfigResponse:
-        if request.name not in self.served:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not loaded")
+        await self._served(request.name, context)
         return ipb.ModelConfigResponse(
             config=model_config_pb2.ModelConfig(name=request.name, max_batch_size=self.max_batch_size)
         )
