@@ -243,7 +243,17 @@ class Component(abc.ABC):
         # the process by its marker.
         self.pid_path.unlink(missing_ok=True)
         terminate(record, self.stop_timeout_s)
+        self._wait_ports_released()
         return True
+
+    def _wait_ports_released(self, timeout_s: float = 10.0) -> None:
+        """Waits until the stopped process's ports can be bound again, so a restart on the same ports does not
+        race sockets the kernel still holds for it (a CI run once saw one seconds after the exit); a port
+        still taken after `timeout_s` is left to `check_ports` to report."""
+        deadline = time.monotonic() + timeout_s
+        for port in self.ports.values():
+            while not is_port_free(self.host, port) and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     def status(self) -> ComponentStatus:
         """Pid, ports, health (probed over the real protocol) and uptime."""
