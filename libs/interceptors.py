@@ -145,7 +145,7 @@ def _iterate(results: AsyncIterator[Any], loop: asyncio.AbstractEventLoop, conte
             async for item in results:
                 items.put(item)
         except BaseException as exc:  # the stream's error (or cancellation) ends it here too
-            items.put(_Raised(exc))
+            items.put(exc)  # never a response: those are messages
             raise
         finally:
             items.put(_END)
@@ -154,24 +154,17 @@ def _iterate(results: AsyncIterator[Any], loop: asyncio.AbstractEventLoop, conte
     context.add_callback(future.cancel)
     try:
         while (item := items.get()) is not _END:
-            if isinstance(item, _Raised):
-                raise item.exc
+            if isinstance(item, BaseException):
+                raise item
             yield item
     finally:
         future.cancel()
 
 
-class _Raised:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
 class _MethodMetrics:
     """Pre-bound metric children for one method (label lookups are the expensive part)."""
 
-    __slots__ = ("_handled", "in_flight", "latency", "method", "service", "started")
+    __slots__ = ("handled", "in_flight", "latency", "method", "service", "started")
 
     def __init__(self, full_method: str) -> None:
         service, _, method = full_method.lstrip("/").rpartition("/")
@@ -179,17 +172,12 @@ class _MethodMetrics:
         self.started = GRPC_STARTED.labels(service, method)
         self.latency = GRPC_LATENCY.labels(service, method)
         self.in_flight = GRPC_IN_FLIGHT.labels(service)
-        self._handled = LabelCache(GRPC_HANDLED, service, method)
-
-    def handled(self, code: grpc.StatusCode) -> Any:
-        return self._handled(code.name)
+        self.handled = LabelCache(GRPC_HANDLED, service, method)  # by the status code's name
 
 
 def _final_code(context: Any, default: grpc.StatusCode) -> grpc.StatusCode:
     code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return default
+    return code if isinstance(code, grpc.StatusCode) else default
 
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
@@ -222,15 +210,12 @@ _TRACE_HEADERS = frozenset(("traceparent", "tracestate", "baggage"))
 
 def _parent(context: Any) -> otel_context.Context | None:
     """The caller's trace context from the call's metadata (None: it sent no `traceparent`)."""
-    carrier = None
-    for key, value in context.invocation_metadata() or ():
-        if key in _TRACE_HEADERS:
-            if carrier is None:
-                carrier = {}
-            carrier[key] = value if isinstance(value, str) else value.decode(errors="replace")
-    if carrier is None or "traceparent" not in carrier:
-        return None
-    return propagate.extract(carrier)
+    carrier = {
+        key: value if isinstance(value, str) else value.decode(errors="replace")
+        for key, value in context.invocation_metadata() or ()
+        if key in _TRACE_HEADERS
+    }
+    return propagate.extract(carrier) if "traceparent" in carrier else None
 
 
 class _Call:
@@ -318,7 +303,7 @@ class _Call:
     def _finish(self, code: grpc.StatusCode, exc: BaseException | None) -> None:
         self._metrics.in_flight.dec()
         self._metrics.latency.observe(time.perf_counter() - self._start)
-        self._metrics.handled(code).inc()
+        self._metrics.handled(code.name).inc()
         if self._token is not None:
             self._end_span(code, exc)
 
