@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -158,12 +159,10 @@ class ControlPlane:
         short = event.type_url.rsplit(".", 1)[-1]
         if event.accepted:
             status.acked_version = event.version
-            ANSWERS.labels(short, "ack").inc()
-            NACKED.labels(short).set(0)
         else:
             status.nacked_version = event.version
-            ANSWERS.labels(short, "nack").inc()
-            NACKED.labels(short).set(1)
+        ANSWERS.labels(short, "ack" if event.accepted else "nack").inc()
+        NACKED.labels(short).set(0 if event.accepted else 1)
 
     async def stream(
         self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest]
@@ -184,10 +183,7 @@ class ControlPlane:
         STREAMS.inc()
         reader = asyncio.create_task(_read(), name="ads-reader")
         try:
-            while True:
-                item = await queue.get()
-                if item is done:
-                    break
+            while (item := await queue.get()) is not done:
                 if isinstance(item, Snapshot):
                     responses = state.handle_snapshot(item)
                 else:
@@ -272,12 +268,9 @@ async def create_control_plane(
     # While a platform change re-resolves the gateway endpoints, its own snapshot carries them.
     applying = [False]
 
-    def _endpoints_changed(cluster: str) -> Callable[[tuple[str, ...]], None]:
-        def _on_change(endpoints: tuple[str, ...]) -> None:
-            if control_plane_box:
-                control_plane_box[0].set_endpoints(cluster, endpoints, push=not applying[0])
-
-        return _on_change
+    def _endpoints_changed(cluster: str, endpoints: tuple[str, ...]) -> None:
+        if control_plane_box:
+            control_plane_box[0].set_endpoints(cluster, endpoints, push=not applying[0])
 
     async def _on_platform(platform: PlatformConfig) -> None:
         applying[0] = True
@@ -292,12 +285,12 @@ async def create_control_plane(
     watcher = PlatformWatcher(Path(settings.platform_file), _on_platform, settings.platform_poll_seconds)
     interval = settings.endpoints_poll_seconds
     watchers = {
-        name: EndpointWatcher(targets, _endpoints_changed(name), interval, name=name)
+        name: EndpointWatcher(targets, partial(_endpoints_changed, name), interval, name=name)
         for name, targets in _targets(settings, watcher.current).items()
     }
     if watcher.current.admission.placement == "edge":  # fixed for the process's life
         watchers[EDGE_CLUSTER] = EndpointWatcher(
-            settings.edge_address, _endpoints_changed(EDGE_CLUSTER), interval, name=EDGE_CLUSTER
+            settings.edge_address, partial(_endpoints_changed, EDGE_CLUSTER), interval, name=EDGE_CLUSTER
         )
     endpoints: dict[str, tuple[str, ...]] = {}
     for endpoint_watcher in watchers.values():
