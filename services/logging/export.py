@@ -243,13 +243,10 @@ def join_as_of(
     for i, (at, key) in enumerate(zip(label_times, _label_keys(labels, entity_keys), strict=True)):
         if at is None:
             raise ExportError(f"labels row {i}: column {label_time_column!r} is empty")
-        candidates = keyed.get(key)
-        if not candidates:
-            continue
-        position = bisect.bisect_right(times[key], at) - 1  # the last prediction at or before `at`
+        position = bisect.bisect_right(times.get(key, ()), at) - 1  # the last prediction at or before `at`
         if position < 0:
             continue
-        request_time_us, _, prediction = candidates[position]
+        request_time_us, _, prediction = keyed[key][position]
         if max_lag_us is not None and at - request_time_us > max_lag_us:
             continue
         pairs.append((i, prediction))
@@ -446,13 +443,11 @@ def _utc_times(column: pa.ChunkedArray, name: str, path: Path) -> pa.ChunkedArra
 def _wire_feature_order(payload: bytes) -> list[str]:
     """The feature names of a serialized record in wire order: the gateway writes them in the model's order."""
     names: list[str] = []
-    try:
+    with contextlib.suppress(IndexError, ValueError, UnicodeDecodeError):  # damaged: the names read so far
         for number, position, _ in length_delimited(payload):
             if number == _RECORD_FEATURES_FIELD and payload[position] == 0x0A:  # entry.key comes first
                 size, start = read_varint(payload, position + 1)
                 names.append(payload[start : start + size].decode())
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return names
     return names
 
 

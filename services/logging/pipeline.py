@@ -377,11 +377,8 @@ class LogPipeline:
             span.end(end_time=ended_ns)
 
     def _dead_letter(self, message: Message, original: list[tuple[str, bytes | None]], reason: str) -> None:
-        headers: list[tuple[str, str | bytes | None]] = list(original)
-        headers.append((DLQ_REASON_HEADER, reason.encode()))
-        headers.append(
-            (DLQ_SOURCE_HEADER, f"{message.topic()}/{message.partition()}/{message.offset()}".encode())
-        )
+        source = f"{message.topic()}/{message.partition()}/{message.offset()}"
+        headers = [*original, (DLQ_REASON_HEADER, reason.encode()), (DLQ_SOURCE_HEADER, source.encode())]
         log.warning(
             "dead-lettering %s/%d/%d: %s", message.topic(), message.partition(), message.offset(), reason
         )

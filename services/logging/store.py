@@ -187,9 +187,6 @@ class CassandraLogStore:
             "AND (request_time_us, request_id) < (?, ?) LIMIT ?"
         )
         self._select_one = cassandra.prepare("SELECT request_id FROM inference_log_by_tenant_request LIMIT 1")
-        self._select_time = cassandra.prepare(
-            "SELECT request_time_us FROM inference_log_by_tenant_request WHERE tenant = ? AND request_id = ?"
-        )
 
     async def write(self, records: Sequence[StoredRecord]) -> None:
         """Upserts the records: their by-model rows, then their by-request rows (module docstring)."""
@@ -286,7 +283,7 @@ class CassandraLogStore:
         holds (an id executed twice, e.g. a request Envoy retried after a per-try timeout, leaves two rows
         in the by-model table at two request times; the later one is the record, as in the lake)."""
         ids = {row.request_id for row in rows}
-        found = await asyncio.gather(*(self._db.execute(self._select_time, (tenant, i)) for i in ids))
+        found = await asyncio.gather(*(self._db.execute(self._select_by_request, (tenant, i)) for i in ids))
         times = {i: (r[0].request_time_us if r else None) for i, r in zip(ids, found, strict=True)}
         return [times[row.request_id] in (None, row.request_time_us) for row in rows]
 
