@@ -12,7 +12,7 @@ import itertools
 import re
 import struct
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -238,14 +238,9 @@ class Record:
         return cls(events, frames)
 
 
-_STRUCTS: dict[int, tuple[struct.Struct, struct.Struct]] = {}
-
-
+@cache
 def _structs(n: int) -> tuple[struct.Struct, struct.Struct]:
-    pair = _STRUCTS.get(n)
-    if pair is None:
-        pair = _STRUCTS[n] = (struct.Struct(f"<{n}q"), struct.Struct(f"<{n}I"))
-    return pair
+    return struct.Struct(f"<{n}q"), struct.Struct(f"<{n}I")
 
 
 def encode_record(record: Record | None) -> bytes:

@@ -42,7 +42,7 @@ from libs.errors import DeadlineExceeded, ServiceError, Unavailable, is_client_e
 from libs.kafka import context_from_headers
 from libs.telemetry import setup_telemetry, tracer
 from services.features.config import ENV_PREFIX, FeaturesConfig, StreamConfig
-from services.features.online import OnlineFeatures, row_inputs
+from services.features.online import OnlineFeatures
 from services.features.registry import View
 from services.features.store import WriteRow
 from services.features.wiring import open_feature_store
@@ -112,12 +112,6 @@ class StreamIngestor:
         self._producer = producer
         self._config = config
 
-    def _prepare(self, message: Message) -> tuple[View, list[WriteRow]]:
-        request = decode(message.value())
-        view = self._online.registry.get(request.feature_view)
-        rows = row_inputs(request.rows)
-        return view, self._online.prepare_rows(view, rows)
-
     def _dead_letter(self, message: Message, reason: str, outcome: BatchOutcome) -> None:
         headers = list(message.headers() or [])
         headers += [
@@ -156,7 +150,8 @@ class StreamIngestor:
                     log.warning("consumer error: %s", message.error())
                     continue
                 try:
-                    view, rows = self._prepare(message)
+                    request = decode(message.value())
+                    view, rows = self._online.prepare(request.feature_view, request.rows)
                 except (ValueError, ServiceError) as exc:
                     self._dead_letter(message, str(getattr(exc, "message", exc)), outcome)
                     continue

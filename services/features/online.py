@@ -72,20 +72,6 @@ class RowInput:
     event_us: int | None = None
 
 
-def row_inputs(rows: Sequence[Any]) -> list[RowInput]:
-    """The `FeatureRow`s of a WriteFeaturesRequest (over gRPC or from the stream) as RowInputs."""
-    return [
-        RowInput(
-            row.entity_key,
-            row.values,
-            timestamp_us(f"rows[{i}].event_timestamp", row.event_timestamp)
-            if row.HasField("event_timestamp")
-            else None,
-        )
-        for i, row in enumerate(rows)
-    ]
-
-
 class OnlineFeatures:
     """Reads and writes feature values through the cache and the store."""
 
@@ -320,6 +306,26 @@ class OnlineFeatures:
 
     # Writes.
 
+    def prepare(self, view_name: str, rows: Sequence[Any]) -> tuple[View, list[WriteRow]]:
+        """The view called `view_name`, and the `FeatureRow`s of a WriteFeaturesRequest (over gRPC or from
+        the stream) checked and encoded for it by `prepare_rows`.
+
+        Raises:
+            ViewNotFound: There is no such view.
+        """
+        inputs = [
+            RowInput(
+                row.entity_key,
+                row.values,
+                timestamp_us(f"rows[{i}].event_timestamp", row.event_timestamp)
+                if row.HasField("event_timestamp")
+                else None,
+            )
+            for i, row in enumerate(rows)
+        ]
+        view = self.registry.get(view_name)
+        return view, self.prepare_rows(view, inputs)
+
     def prepare_rows(self, view: View, rows: Sequence[RowInput]) -> list[WriteRow]:
         """Checks rows against the view and encodes them for the store.
 
@@ -412,13 +418,6 @@ class OnlineFeatures:
             raise
         self.store_ok = True
         await self.cache.invalidate(list({cache_key(self._prefix, view.name, r.key): None for r in rows}))
-
-    async def write_inputs(self, view_name: str, rows: Sequence[RowInput]) -> int:
-        """Validates and writes rows for the view called `view_name`; returns how many were written."""
-        view = self.registry.get(view_name)
-        encoded = self.prepare_rows(view, rows)
-        await self.write(view, encoded)
-        return len(encoded)
 
 
 def _check_key_size(where: str, part: bytes) -> None:

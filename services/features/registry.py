@@ -277,11 +277,8 @@ class Registry:
                     spec.updated_time.FromNanoseconds(int(now * 1e9))
                     spec.revision = 1
                     if await self._store.create(spec):
-                        view = View.compile(spec)
-                        self._views[spec.name] = view
-                        self.generation += 1
                         log.info("feature view %s created", spec.name)
-                        return view, True
+                        return self._install(spec), True
                     continue
                 spec = evolve(current.spec, requested)
                 if _same_definition(spec, current.spec):
@@ -289,11 +286,14 @@ class Registry:
                 spec.updated_time.FromNanoseconds(int(now * 1e9))
                 spec.revision = current.revision + 1
                 if await self._store.update(spec, current.revision):
-                    view = View.compile(spec)
-                    self._views[spec.name] = view
-                    self.generation += 1
                     log.info("feature view %s updated to revision %d", spec.name, spec.revision)
-                    return view, False
+                    return self._install(spec), False
         raise IncompatibleChange(
             f"feature view {requested.name!r} is being changed concurrently; apply it again"
         )
+
+    def _install(self, spec: FeatureView) -> View:
+        """Serves a view just stored."""
+        view = self._views[spec.name] = View.compile(spec)
+        self.generation += 1
+        return view

@@ -21,7 +21,7 @@ from services.features import response
 from services.features.cache import FeatureCache
 from services.features.config import FeaturesConfig
 from services.features.errors import InvalidArgument
-from services.features.online import OnlineFeatures, row_inputs
+from services.features.online import OnlineFeatures
 from services.features.registry import Registry, ViewStore
 from services.features.store import OnlineStore
 from services.features.wiring import open_feature_store
@@ -84,9 +84,9 @@ class FeatureServiceServicer(features_pb2_grpc.FeatureServiceServicer):
         self, request: features_pb2.WriteFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.WriteFeaturesResponse:
         await self._look_up("feature_view", request.feature_view)
-        rows = row_inputs(request.rows)
-        written = await self._online.write_inputs(request.feature_view, rows)
-        return features_pb2.WriteFeaturesResponse(rows_written=written)
+        view, rows = self._online.prepare(request.feature_view, request.rows)
+        await self._online.write(view, rows)
+        return features_pb2.WriteFeaturesResponse(rows_written=len(rows))
 
 
 def _serialize(message: Any) -> bytes:

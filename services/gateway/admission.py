@@ -41,7 +41,7 @@ from libs.admission import (
     Identity,
     RateLimits,
 )
-from libs.apikeys import CREDENTIAL_HEADERS, ApiKey
+from libs.apikeys import CREDENTIAL_HEADERS
 from libs.errors import PermissionDenied, Unauthenticated
 from libs.platform import PlatformConfig
 from services.gateway.metrics import PLACEMENT_DISAGREEMENTS
@@ -65,20 +65,15 @@ class Admission:
         limits: RateLimits,
         *,
         mesh: bool,
-        keys: Mapping[str, ApiKey] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._platform = platform
         self.placement = placement
         self._limits = limits
         self._mesh = mesh
-        self.policy = AdmissionPolicy(platform, keys)
+        self.policy = AdmissionPolicy(platform)
         self._clock = clock
         self._last_disagreement_log = -1e9
-
-    def set_keys(self, keys: Mapping[str, ApiKey]) -> None:
-        """Replaces the keys (sha256 → entry)."""
-        self.policy.set_keys(keys)
 
     async def call_info(self, context: grpc.aio.ServicerContext, model: str, rows: int = 1) -> CallInfo:
         """Admits the call for `model` (`rows` units of rate limit); see the module docstring."""

@@ -143,8 +143,7 @@ def _admission(
         log.error("no platform file: the gateway knows no tenants and refuses every call (UNAUTHENTICATED)")
         return Admission(lambda: None, "gateway", limits(None), mesh=mesh), None, []
     placement = watcher.current.admission.placement
-    redis = None
-    limiter = None
+    redis = limiter = None
     if placement == "gateway":
         redis = redis_async.Redis.from_url(
             settings.redis_client_url(),
@@ -162,8 +161,9 @@ def _admission(
     tasks: list[Coroutine[Any, Any, None]] = []
     if placement == "gateway":
         keys_file = apikeys.keys_path(watcher.path, watcher.current, settings.admission_keys_file)
-        admission.set_keys(apikeys.load_keys(keys_file))
-        tasks.append(apikeys.watch_keys(keys_file, admission.set_keys, settings.admission_keys_poll_s))
+        set_keys = admission.policy.set_keys
+        set_keys(apikeys.load_keys(keys_file))
+        tasks.append(apikeys.watch_keys(keys_file, set_keys, settings.admission_keys_poll_s))
         log.info("admission in the gateway: keys from %s, rate limits in Redis", keys_file)
     else:
         log.info(

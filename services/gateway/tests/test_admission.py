@@ -55,7 +55,7 @@ def _admission(
         clock=lambda: now[0],
     )
     admission = Admission(lambda: platform, placement, limits, mesh=mesh)
-    admission.set_keys(load_keys(keys_file))
+    admission.policy.set_keys(load_keys(keys_file))
     return admission
 
 
@@ -142,7 +142,7 @@ async def test_without_a_platform_nobody_is_admitted(tmp_path: Path) -> None:
         mesh=False,
     )
     add_key(tmp_path / "keys.yaml", "demo", "k-demo", "ig_demo")
-    admission.set_keys(load_keys(tmp_path / "keys.yaml"))
+    admission.policy.set_keys(load_keys(tmp_path / "keys.yaml"))
     with pytest.raises(Unauthenticated, match="no platform"):
         await admission.admit({"x-api-key": "ig_demo"}, "fraud")
 
