@@ -30,9 +30,9 @@ from services.inference.control import ControlGate
 from services.inference.errors import NotSupported
 from services.inference.metrics import Duration, VersionStatistics
 from services.inference.model_config import TENSORRT, parse_config_json
-from services.inference.repository import IndexEntry, ModelRepository, ServingVersion
+from services.inference.repository import ModelRepository, ServingVersion
 from services.inference.runtime_settings import LogSettings, TraceSettings
-from services.inference.shared_memory import RegionStatus, SharedMemoryRegistry
+from services.inference.shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 _Request = TypeVar("_Request")
@@ -138,9 +138,6 @@ class DataPlane:
             return False
         return repo.startup_models_ready() if self._strict else True
 
-    def model_ready(self, name: str, version: str = "") -> bool:
-        return self.repository.is_ready(name, version)
-
     def model(self, name: str, version: str = "") -> ServingVersion:
         """The serving version (the latest when `version` is empty).
 
@@ -192,15 +189,10 @@ class DataPlane:
     ) -> tuple[ServingVersion, dict[str, Any], int, int, int, _Selected]:
         """The request's version, decoded inputs, rows, queue timeout (ns), priority level and outputs."""
         serving = self.repository.get(request.model, request.version)
+        batching = serving.spec.batching
         try:
             inputs, rows = decode_inputs(serving, request.inputs, self.shared_memory)
             selected = requested_outputs(serving, request.outputs)
-        except InvalidArgument:
-            serving.metrics.requests.inc()
-            serving.metrics.failed("invalid", 0)
-            raise
-        batching = serving.spec.batching
-        try:
             level = batching.level(request.priority)
         except InvalidArgument:
             serving.metrics.requests.inc()
@@ -286,9 +278,6 @@ class DataPlane:
 
     # --- repository ---
 
-    def index(self, ready_only: bool = False) -> list[IndexEntry]:
-        return self.repository.index(ready_only=ready_only)
-
     async def load(self, name: str, parameters: Mapping[str, Any], headers: Mapping[str, str]) -> None:
         """(Re)loads a model, with a JSON `config` parameter instead of its config.pbtxt when given.
 
@@ -323,15 +312,6 @@ class DataPlane:
         await self.repository.unload(name)
 
     # --- shared memory ---
-
-    def register_system_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        self.shared_memory.register(name, key, offset, byte_size)
-
-    def unregister_system_shared_memory(self, name: str = "") -> None:
-        self.shared_memory.unregister(name)
-
-    def system_shared_memory_status(self, name: str = "") -> list[RegionStatus]:
-        return self.shared_memory.status(name)
 
     def register_cuda_shared_memory(self) -> None:
         """Refuses: CUDA shared memory is not offered, saying whether a GPU backend is loaded at all.

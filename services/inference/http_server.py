@@ -23,8 +23,10 @@ from google.protobuf import json_format
 from opentelemetry import propagate, trace
 
 from libs.errors import InvalidArgument, ServiceError
+from libs.server import ServerConfig
 from libs.telemetry import tracer
 from services.inference.codec import InferRequest, InputTensor, RequestedOutput, tensor_bytes
+from services.inference.config import HttpConfig
 from services.inference.dataplane import (
     EXTENSIONS,
     SERVER_NAME,
@@ -319,23 +321,17 @@ class HttpFrontDoor:
     """The HTTP/JSON server: routes to the data plane, started and stopped with the gRPC server."""
 
     def __init__(
-        self,
-        dataplane: DataPlane,
-        *,
-        host: str,
-        port: int,
-        reuse_port: bool,
-        max_body_bytes: int,
-        tracing: bool,
-        grace_seconds: float,
+        self, dataplane: DataPlane, http: HttpConfig, server: ServerConfig, *, tracing: bool
     ) -> None:
+        """Binds to `http.http_host` (else the gRPC server's host) and `http.http_port`; bodies up to the
+        server's max_message_bytes; the port is shared (SO_REUSEPORT) when the server runs several workers."""
         self._plane = dataplane
-        self._host = host
-        self._port = port
-        self._reuse_port = reuse_port
+        self._host = http.http_host or server.host
+        self._port = http.http_port
+        self._reuse_port = server.workers > 1
         self._tracing = tracing
-        self._grace = grace_seconds
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        self._grace = server.grace_seconds
+        self.app = web.Application(client_max_size=server.max_message_bytes, middlewares=[self._errors])
         self._routes(self.app.router)
         self._runner: web.AppRunner | None = None
 
@@ -418,7 +414,7 @@ class HttpFrontDoor:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        if self._plane.model_ready(name, version):
+        if self._plane.repository.is_ready(name, version):
             return web.Response(status=200)
         label = f"model '{name}'" + (f" version '{version}'" if version else "")
         return _error(f"{label} is not ready", 503)
@@ -479,7 +475,7 @@ class HttpFrontDoor:
         return _json(
             [
                 {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
-                for e in self._plane.index(ready_only=ready)
+                for e in self._plane.repository.index(ready_only=ready)
             ]
         )
 
@@ -506,14 +502,14 @@ class HttpFrontDoor:
     # --- shared memory ---
 
     async def shm_status(self, request: web.Request) -> web.Response:
-        regions = self._plane.system_shared_memory_status(request.match_info.get("region", ""))
+        regions = self._plane.shared_memory.status(request.match_info.get("region", ""))
         return _json(
             [{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size} for r in regions]
         )
 
     async def shm_register(self, request: web.Request) -> web.Response:
         doc = await _body(request, "shared memory register request")
-        self._plane.register_system_shared_memory(
+        self._plane.shared_memory.register(
             request.match_info["region"],
             _str(doc.get("key"), "key"),
             _int(doc.get("offset", 0), "offset"),
@@ -522,7 +518,7 @@ class HttpFrontDoor:
         return web.Response(status=200)
 
     async def shm_unregister(self, request: web.Request) -> web.Response:
-        self._plane.unregister_system_shared_memory(request.match_info.get("region", ""))
+        self._plane.shared_memory.unregister(request.match_info.get("region", ""))
         return web.Response(status=200)
 
     async def cuda_shm_status(self, request: web.Request) -> web.Response:

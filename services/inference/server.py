@@ -47,7 +47,6 @@ DRAINING_PARAMETER = "draining"
 STREAM_SPAN = "/inference.GRPCInferenceService/ModelStreamInfer request"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-_SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def _metadata(context: Any) -> dict[str, str]:
@@ -98,12 +97,9 @@ def _shm_ref(parameters: Mapping[str, pb.InferParameter], what: str) -> SharedMe
         raise InvalidInput(f"{what}: parameter shared_memory_region must be a non-empty string_param")
     if "shared_memory_byte_size" not in parameters:
         raise InvalidInput(f"{what}: parameter shared_memory_byte_size is required with shared_memory_region")
-    size_param = parameters["shared_memory_byte_size"]
+    size_param, offset_param = parameters["shared_memory_byte_size"], parameters.get("shared_memory_offset")
     size = size_param.int64_param or size_param.uint64_param
-    offset = 0
-    if "shared_memory_offset" in parameters:
-        offset_param = parameters["shared_memory_offset"]
-        offset = offset_param.int64_param or offset_param.uint64_param
+    offset = (offset_param.int64_param or offset_param.uint64_param) if offset_param is not None else 0
     return SharedMemoryRef(region, size, offset)
 
 
@@ -246,10 +242,6 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
     def __init__(self, dataplane: DataPlane) -> None:
         self._plane = dataplane
 
-    def ready(self) -> bool:
-        """Server readiness (see DataPlane.ready)."""
-        return self._plane.ready()
-
     # --- health and metadata ---
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
@@ -259,7 +251,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return pb.ServerReadyResponse(ready=self._plane.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
-        return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self._plane.repository.is_ready(request.name, request.version))
 
     async def ServerMetadata(  # noqa: N802 - gRPC method name
         self, request: pb.ServerMetadataRequest, context: Any
@@ -270,18 +262,16 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         serving = self._plane.model(request.name, request.version)
         spec = serving.spec
         tensor = pb.ModelMetadataResponse.TensorMetadata
+        inputs, outputs = (
+            [tensor(name=t.name, datatype=t.datatype.name, shape=t.shape(spec.batched)) for t in tensors]
+            for tensors in (spec.inputs, spec.outputs)
+        )
         return pb.ModelMetadataResponse(
             name=serving.model,
             versions=self._plane.versions(serving.model),
             platform=spec.platform,
-            inputs=[
-                tensor(name=t.name, datatype=t.datatype.name, shape=t.shape(spec.batched))
-                for t in spec.inputs
-            ],
-            outputs=[
-                tensor(name=t.name, datatype=t.datatype.name, shape=t.shape(spec.batched))
-                for t in spec.outputs
-            ],
+            inputs=inputs,
+            outputs=outputs,
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:  # noqa: N802
@@ -350,7 +340,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return pb.RepositoryIndexResponse(
             models=[
                 index(name=e.name, version=e.version, state=e.state, reason=e.reason)
-                for e in self._plane.index(ready_only=request.ready)
+                for e in self._plane.repository.index(ready_only=request.ready)
             ]
         )
 
@@ -378,7 +368,7 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self._plane.system_shared_memory_status(request.name):
+        for region in self._plane.shared_memory.status(request.name):
             status = response.regions[region.name]
             status.name, status.key = region.name, region.key
             status.offset, status.byte_size = region.offset, region.byte_size
@@ -387,15 +377,13 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
     async def SystemSharedMemoryRegister(  # noqa: N802 - gRPC method name
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        self._plane.register_system_shared_memory(
-            request.name, request.key, request.offset, request.byte_size
-        )
+        self._plane.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(  # noqa: N802 - gRPC method name
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self._plane.unregister_system_shared_memory(request.name)
+        self._plane.shared_memory.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(  # noqa: N802 - gRPC method name
@@ -488,7 +476,7 @@ async def create_server(
     servicer = (ThreadedInferenceServicer if threaded else GRPCInferenceServiceServicer)(dataplane)
 
     async def _ready() -> bool:
-        return servicer.ready()
+        return dataplane.ready()
 
     server = build_server(
         config.server,
@@ -502,15 +490,8 @@ async def create_server(
     )
     dataplane.draining = lambda: server.stopping
     if config.http.http_port:
-        http = HttpFrontDoor(
-            dataplane,
-            host=config.http.http_host or config.server.host,
-            port=config.http.http_port,
-            reuse_port=config.server.workers > 1,
-            max_body_bytes=config.server.max_message_bytes,
-            tracing=telemetry is not None and telemetry.tracing,
-            grace_seconds=config.server.grace_seconds,
-        )
+        tracing = telemetry is not None and telemetry.tracing
+        http = HttpFrontDoor(dataplane, config.http, config.server, tracing=tracing)
         server.on_start.append(http.start)
         server.on_stop.append(http.stop)
     server.on_stop.append(repository.close)
