@@ -105,7 +105,7 @@ class GrpcModelClient:
         deadline = time.monotonic() + timeout
         try:
             reply = await self._dependency.call(self._infer, request, deadline, timeout=timeout)
-        except (grpc.aio.AioRpcError, StreamMessageError) as exc:
+        except grpc.aio.AioRpcError as exc:
             raise _domain_error(exc, spec.name, version) from None
         return _outputs(reply, spec, inputs.shape[0])
 
@@ -215,21 +215,6 @@ class StreamingModelClient(GrpcModelClient):
             self.check_hung()
 
 
-class StreamMessageError(grpc.RpcError):
-    """A streamed request failed on the server; carries the status the server reported."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self._code = code
-        self._message = message
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._message
-
-
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -298,7 +283,9 @@ class _Stream:
                     code = grpc.StatusCode.INTERNAL
                     if status is not None:
                         code = _CODES.get(status.int64_param, code)
-                    future.set_exception(StreamMessageError(code, reply.error_message))
+                    # The status the server reported, as a unary call's would arrive.
+                    empty = grpc.aio.Metadata()
+                    future.set_exception(grpc.aio.AioRpcError(code, empty, empty, reply.error_message))
                 else:
                     future.set_result(reply.infer_response)
             self._break(Unavailable(f"the inference stream to {self._address} was closed by the server"))
@@ -333,7 +320,7 @@ class _Stream:
             await self._reader
 
 
-def _domain_error(exc: grpc.aio.AioRpcError | StreamMessageError, model: str, version: str) -> Exception:
+def _domain_error(exc: grpc.aio.AioRpcError, model: str, version: str) -> Exception:
     code = exc.code()
     what = f"model {model!r} version {version!r}" if version else f"model {model!r}"
     if code == grpc.StatusCode.NOT_FOUND:

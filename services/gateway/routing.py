@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 import zlib
 from collections.abc import Mapping
@@ -26,19 +27,12 @@ class Split:
 
     @classmethod
     def of(cls, route: ModelRoute) -> Split:
-        versions: list[str] = []
-        cumulative: list[int] = []
-        total = 0
-        for entry in route.versions:
-            if entry.weight <= 0:
-                continue
-            total += entry.weight
-            versions.append(entry.version)
-            cumulative.append(total)
+        weighted = [entry for entry in route.versions if entry.weight > 0]
+        cumulative = tuple(itertools.accumulate(entry.weight for entry in weighted))
         return cls(
-            tuple(versions),
-            tuple(cumulative),
-            total,
+            tuple(entry.version for entry in weighted),
+            cumulative,
+            cumulative[-1] if cumulative else 0,
             route.shadow,
             route.sticky_key,
             route.latency_target_p99_ms / 1000,

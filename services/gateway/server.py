@@ -9,6 +9,7 @@ ids and row sizes are checked: an id the log consumer would refuse is INVALID_AR
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -192,9 +193,7 @@ def dependency_policy(timeout_s: float, attempts: int, config: GatewayConfig) ->
 
 def _single_attempt(policy: DependencyPolicy) -> DependencyPolicy:
     # gRPC itself retries on the channel (cheaper, in C); the Dependency adds the breaker and the deadline.
-    return DependencyPolicy(
-        timeout_s=policy.timeout_s, retry=RetryPolicy(max_attempts=1), breaker=policy.breaker
-    )
+    return dataclasses.replace(policy, retry=RetryPolicy(max_attempts=1))
 
 
 async def create_server(
