@@ -59,9 +59,7 @@ def encode_message(key: bytes, value: bytes, headers: Sequence[tuple[str, str | 
     for name, raw in headers:
         name_bytes = name.encode()
         data = raw.encode() if isinstance(raw, str) else raw or b""
-        parts.append(_HEADER_HEAD.pack(len(name_bytes), len(data)))
-        parts.append(name_bytes)
-        parts.append(data)
+        parts += (_HEADER_HEAD.pack(len(name_bytes), len(data)), name_bytes, data)
     parts.append(value)
     return b"".join(parts)
 
@@ -143,8 +141,7 @@ def iter_frames(data: bytes, report: ReadReport | None = None) -> Iterator[tuple
 
 def read_frames(data: bytes, report: ReadReport | None = None) -> Iterator[bytes]:
     """Yields the payload of every intact frame in `data` (see `iter_frames`)."""
-    for _, payload in iter_frames(data, report):
-        yield payload
+    return (payload for _, payload in iter_frames(data, report))
 
 
 class SpoolLockedError(RuntimeError):
@@ -292,10 +289,7 @@ class Spool:
         if dir_dirty:
             fsync_path(self.directory)
         if fd is not None:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _close_durably(fd)
 
     def seal(self) -> None:
         """Closes the active segment so it can be re-sent or deleted; the next append starts a new one."""

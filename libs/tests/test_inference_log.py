@@ -137,8 +137,8 @@ def _config(tmp_path: Path, **overrides: object) -> InferenceLogConfig:
         "inference_log_delivery_timeout_ms": 1500,
         "inference_log_resend_interval_s": 0.2,
         "inference_log_linger_ms": 1.0,
+        **overrides,
     }
-    settings.update(overrides)
     return InferenceLogConfig(**settings)  # type: ignore[arg-type]
 
 
