@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -95,18 +94,13 @@ def _serialize(message: Any) -> bytes:
 
 def register_servicer(servicer: FeatureServiceServicer, server: grpc.aio.Server) -> None:
     """Like the generated add_FeatureServiceServicer_to_server, with a bytes pass-through serializer."""
-    methods: dict[str, tuple[Callable[..., Any], Any]] = {
-        "ApplyFeatureView": (servicer.ApplyFeatureView, features_pb2.ApplyFeatureViewRequest),
-        "GetFeatureView": (servicer.GetFeatureView, features_pb2.GetFeatureViewRequest),
-        "ListFeatureViews": (servicer.ListFeatureViews, features_pb2.ListFeatureViewsRequest),
-        "GetOnlineFeatures": (servicer.GetOnlineFeatures, features_pb2.GetOnlineFeaturesRequest),
-        "WriteFeatures": (servicer.WriteFeatures, features_pb2.WriteFeaturesRequest),
-    }
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=request_type.FromString, response_serializer=_serialize
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(features_pb2, method.input_type.name).FromString,
+            response_serializer=_serialize,
         )
-        for name, (fn, request_type) in methods.items()
+        for method in features_pb2.DESCRIPTOR.services_by_name["FeatureService"].methods
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
