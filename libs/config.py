@@ -115,9 +115,7 @@ def _convert(variable: str, raw: str, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if raw == "":
-            return None
-        return _convert(variable, raw, args[0])
+        return None if raw == "" else _convert(variable, raw, args[0])
     if kind is str:
         return raw
     if kind is bool:
@@ -127,16 +125,12 @@ def _convert(variable: str, raw: str, kind: Any) -> Any:
         if low in _FALSE:
             return False
         raise ConfigError(variable, f"{raw!r} is not a boolean (use true/false)")
-    if kind is int:
+    if kind in (int, float):
         try:
-            return int(raw.strip())
+            return kind(raw.strip())
         except ValueError:
-            raise ConfigError(variable, f"{raw!r} is not an integer") from None
-    if kind is float:
-        try:
-            return float(raw.strip())
-        except ValueError:
-            raise ConfigError(variable, f"{raw!r} is not a number") from None
+            noun = "an integer" if kind is int else "a number"
+            raise ConfigError(variable, f"{raw!r} is not {noun}") from None
     if kind is Path:
         if not raw.strip():
             raise ConfigError(variable, "is empty; expected a path")
