@@ -179,13 +179,10 @@ def _serializers(statement: PreparedStatement) -> list[Callable[[Any], bytes]]:
         return []
     version = statement.protocol_version
     return [
-        _FAST_SERIALIZERS.get(column.type) or functools.partial(_serialize, column.type, version)
+        _FAST_SERIALIZERS.get(column.type)
+        or functools.partial(column.type.serialize, protocol_version=version)
         for column in statement.column_metadata
     ]
-
-
-def _serialize(kind: Any, version: int, value: Any) -> bytes:
-    return kind.serialize(value, version)
 
 
 T = TypeVar("T")
