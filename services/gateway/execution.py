@@ -23,7 +23,7 @@ from libs.errors import DeadlineExceeded, InvalidArgument, ServiceError, status_
 from services.gateway import metrics as m
 from services.gateway.catalog import ModelSpec
 from services.gateway.failover import Scores
-from services.gateway.features import FeatureSource, FeatureValues
+from services.gateway.features import FeatureSource, FeatureValues, zeros
 from services.gateway.inference_client import ModelClient
 from services.gateway.validation import ValidRow
 
@@ -199,7 +199,7 @@ class BatchExecutor:
         singles = await asyncio.gather(
             *(self._features.fetch(spec, [e], timeout) for e in entities), return_exceptions=True
         )
-        values, present, event_us = _empty(spec, n)
+        values, present, event_us = zeros(n, len(spec.store_refs))
         for i, single in enumerate(singles):
             if isinstance(single, BaseException):
                 if _reason(single) == "INVALID_ARGUMENT":
@@ -244,11 +244,6 @@ class BatchExecutor:
         """Waits (briefly) for the shadow calls still running."""
         if self._shadows:
             await asyncio.wait(list(self._shadows), timeout=2.0)
-
-
-def _empty(spec: ModelSpec, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    values = np.zeros((n, len(spec.store_refs)), dtype=np.float32)
-    return values, np.zeros(values.shape, dtype=bool), np.zeros(values.shape, dtype=np.int64)
 
 
 def _row(event_us: np.ndarray | None, i: int) -> np.ndarray | None:

@@ -42,6 +42,12 @@ class FeatureValues:
     event_us: np.ndarray | None = None
 
 
+def zeros(n: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`FeatureValues`' arrays for `n` rows of `width` refs, nothing present."""
+    values = np.zeros((n, width), dtype=np.float32)
+    return values, np.zeros(values.shape, dtype=bool), np.zeros(values.shape, dtype=np.int64)
+
+
 class FeatureSource(Protocol):
     """Reads the latest feature values of many entity rows in one call."""
 
@@ -106,10 +112,7 @@ class GrpcFeatureSource:
     ) -> FeatureValues:
         """The reply's columns gathered into flat lists, then turned into arrays once per batch (numpy
         calls per column cost more than the values: 24 columns, a few rows)."""
-        width = len(spec.store_refs)
-        values = np.zeros((n, width), dtype=np.float32)
-        present = np.zeros((n, width), dtype=bool)
-        event_us = np.zeros((n, width), dtype=np.int64)
+        values, present, event_us = zeros(n, len(spec.store_refs))
         positions = {name: j for j, name in enumerate(spec.store_refs)}
         columns: list[int] = []
         numbers: list[float] = []

@@ -18,7 +18,7 @@ from services.features.ingest_stream import StreamIngestor
 from services.features.online import OnlineFeatures
 from services.features.registry import Registry
 from services.features.tests.fakes import InMemoryCache, InMemoryOnlineStore, InMemoryViewStore
-from services.features.tests.views import V, typed_view
+from services.features.tests.views import V, typed_row, typed_view
 
 
 @dataclass
@@ -78,9 +78,7 @@ async def _ingestor() -> tuple[StreamIngestor, InMemoryOnlineStore, FakeProducer
 
 def _update(user: str, n: int, view: str = "v", **values: V) -> bytes:
     """An update of entity `user` of `view`: `values`, or f_int64 = `n`."""
-    row = pb.FeatureRow(
-        entity_key={"id": V(string_value=user)}, values=values or {"f_int64": V(int64_value=n)}
-    )
+    row = typed_row(user, **(values or {"f_int64": V(int64_value=n)}))
     return pb.WriteFeaturesRequest(feature_view=view, rows=[row]).SerializeToString()
 
 

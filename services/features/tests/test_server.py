@@ -166,8 +166,7 @@ async def test_evolution_adds_features_and_refuses_type_and_key_changes(harness:
         (retyped, "'f_float' is FLOAT and cannot become STRING"),
         (typed_view(key_type=VT.VALUE_TYPE_INT64), "entity key cannot change"),
     ):
-        apply = harness.apply(changed)
-        await _fails(apply, grpc.StatusCode.FAILED_PRECONDITION, words)
+        await _fails(harness.apply(changed), grpc.StatusCode.FAILED_PRECONDITION, words)
 
 
 async def test_get_and_list_views(harness: Harness) -> None:
@@ -252,8 +251,7 @@ async def test_bad_writes_name_the_problem(
 ) -> None:
     await harness.apply(typed_view())
     row = pb.FeatureRow(entity_key={} if key is None else {"id": key}, values=values)
-    write = harness.write("typed", row)
-    await _fails(write, grpc.StatusCode[code], words)
+    await _fails(harness.write("typed", row), grpc.StatusCode[code], words)
 
 
 async def test_bad_views_are_refused(harness: Harness) -> None:
@@ -261,8 +259,7 @@ async def test_bad_views_are_refused(harness: Harness) -> None:
         (typed_view("x; DROP KEYSPACE infergrid"), "feature_view.name"),
         (typed_view(key_type=VT.VALUE_TYPE_FLOAT), "must be STRING, INT64 or BYTES"),
     ):
-        apply = harness.apply(bad)
-        await _fails(apply, grpc.StatusCode.INVALID_ARGUMENT, words)
+        await _fails(harness.apply(bad), grpc.StatusCode.INVALID_ARGUMENT, words)
 
 
 async def test_store_down_serves_cache_as_possibly_stale_and_fails_misses_fast(harness: Harness) -> None:
@@ -306,19 +303,13 @@ def _finite_view(allow: bool = False) -> pb.FeatureView:
 
 async def _refused(harness: Harness, rows: list[pb.FeatureRow], view: str = "finite") -> str:
     before = dict(harness.store.rows)
-    write = harness.write(view, *rows)
-    details = await _fails(write, grpc.StatusCode.INVALID_ARGUMENT)
+    details = await _fails(harness.write(view, *rows), grpc.StatusCode.INVALID_ARGUMENT)
     assert dict(harness.store.rows) == before, "a refused batch wrote something"
     return details
 
 
 def _row(entity: str, ts_s: float | None = None, **values: V) -> pb.FeatureRow:
-    row = pb.FeatureRow(
-        entity_key={"id": V(string_value=entity)}, values=values or {"f_int64": V(int64_value=1)}
-    )
-    if ts_s is not None:
-        row.event_timestamp.FromMicroseconds(round(ts_s * 1e6))
-    return row
+    return typed_row(entity, ts_s, **(values or {"f_int64": V(int64_value=1)}))
 
 
 async def test_event_times_are_bounded(harness: Harness) -> None:
@@ -366,8 +357,7 @@ async def test_nan_and_infinities_need_allow_non_finite(harness: Harness) -> Non
 async def test_a_non_finite_default_value_is_refused(harness: Harness) -> None:
     view = _finite_view()
     view.features[-2].default_value.double_value = float("nan")
-    apply = harness.apply(view)
-    await _fails(apply, grpc.StatusCode.INVALID_ARGUMENT, "'ratio'")
+    await _fails(harness.apply(view), grpc.StatusCode.INVALID_ARGUMENT, "'ratio'")
     view.features[-2].allow_non_finite = True
     await harness.apply(view)
 

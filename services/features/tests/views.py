@@ -37,9 +37,10 @@ def string_keys(*ids: str) -> value_pb2.ValueList:
     return value_pb2.ValueList(values=[V(string_value=i) for i in ids])
 
 
-def typed_row(entity: str, ts_s: float | None = None) -> pb.FeatureRow:
+def typed_row(entity: str, ts_s: float | None = None, **values: V) -> pb.FeatureRow:
+    """A row of entity `entity` with `values`, by default one of every type, at `ts_s` (None: unset)."""
     row = pb.FeatureRow(
-        entity_key={"id": V(string_value=entity)}, values={n: v for n, (_, v) in ALL_TYPES.items()}
+        entity_key={"id": V(string_value=entity)}, values=values or {n: v for n, (_, v) in ALL_TYPES.items()}
     )
     if ts_s is not None:
         row.event_timestamp.FromMicroseconds(round(ts_s * 1e6))

@@ -14,7 +14,7 @@ from inference import grpc_service_pb2 as ipb
 from inference import model_config_pb2
 from infergrid.logging.v1 import logging_pb2
 from services.gateway.catalog import ModelSpec, parse_spec
-from services.gateway.features import FeatureValues
+from services.gateway.features import FeatureValues, zeros
 
 # A 5-input model: 2 request-time features, 2 user features and 1 merchant feature.
 DESCRIPTION = {
@@ -61,10 +61,7 @@ class FakeFeatures:
                 raise TimeoutError("features did not answer in time")
         if self.failure is not None:
             raise self.failure
-        n, width = len(entities), len(spec.store_refs)
-        values = np.zeros((n, width), dtype=np.float32)
-        present = np.zeros((n, width), dtype=bool)
-        event_us = np.zeros((n, width), dtype=np.int64)
+        values, present, event_us = zeros(len(entities), len(spec.store_refs))
         for i, row in enumerate(entities):
             for j, ref in enumerate(spec.store_refs):
                 view, feature = ref.split(":", 1)
