@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from services.inference.backends import LoadedModel
+from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from services.inference.config import ModelServingConfig
+from services.inference.model_config import ModelSpec
 from stack import demo_model as demo
 
 # Identity model over every datatype the protocol must carry: (input, output, ONNX type, config type).
@@ -98,3 +104,28 @@ def write_repository(root: Path, *, fraud_samples: int = 4000, broken: bool = Tr
         (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
         (root / "broken" / "config.pbtxt").write_text(DOUBLE_CONFIG.replace('"double"', '"broken"'))
     return root
+
+
+class HookedBackend(OnnxRuntimeBackend):
+    """The real ONNX Runtime backend; its models call `before(inputs)` ahead of every run (warm-ups
+    included), so a test can slow runs down, hold them or record what ran."""
+
+    def __init__(self, before: Callable[[Mapping[str, np.ndarray]], None]) -> None:
+        super().__init__(ModelServingConfig())
+        self.before = before
+
+    def load(self, model_path: Path, spec: ModelSpec) -> LoadedModel:
+        return _Hooked(super().load(model_path, spec), self.before)
+
+
+@dataclass
+class _Hooked:
+    inner: LoadedModel
+    before: Callable[[Mapping[str, np.ndarray]], None]
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        self.before(inputs)
+        return self.inner.run(inputs, output_names)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -14,7 +14,7 @@ import struct
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +29,14 @@ from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from libs.server import Server, ServerConfig
 from libs.testing import free_port
-from services.inference.backends import LoadedModel, create_backends
 from services.inference.config import (
     ControlConfig,
     HttpConfig,
     InferenceConfig,
     ModelServingConfig,
 )
-from services.inference.model_config import ModelSpec
 from services.inference.server import create_server
-from services.inference.tests.models import double_model, save_model
+from services.inference.tests.models import HookedBackend, double_model, save_model
 
 HOLD = -1.0
 Served = tuple[pb_grpc.GRPCInferenceServiceStub, "_Gate", Path, int]
@@ -102,42 +100,23 @@ def _repository(root: Path) -> Path:
     return root
 
 
-class _Recorded:
-    """The real loaded model, recording each run's `x` and holding a run whose first value is HOLD."""
-
-    def __init__(self, inner: LoadedModel, gate: _Gate) -> None:
-        self._inner, self._gate = inner, gate
-
-    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
-        x = inputs.get("x")
-        if x is not None:
-            values = [float(v) for v in np.asarray(x).reshape(-1)]
-            self._gate.runs.append(values)
-            if values[0] == HOLD:
-                self._gate.held.set()
-                self._gate.release.wait(30)
-        return self._inner.run(inputs, output_names)
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class _Gate:
-    """The wrapped ONNX Runtime backend and what its models ran."""
-
-    name = "onnxruntime"
+class _Gate(HookedBackend):
+    """ONNX Runtime recording each run's `x` and holding a run whose first value is HOLD until `release`."""
 
     def __init__(self) -> None:
-        self._real = create_backends(ModelServingConfig())["onnxruntime"]
+        super().__init__(self._record)
         self.runs: list[list[float]] = []
         self.held = threading.Event()
         self.release = threading.Event()
 
-    def signature(self, model_path: Path):  # type: ignore[no-untyped-def]
-        return self._real.signature(model_path)
-
-    def load(self, model_path: Path, spec: ModelSpec) -> LoadedModel:
-        return _Recorded(self._real.load(model_path, spec), self)
+    def _record(self, inputs: Mapping[str, np.ndarray]) -> None:
+        x = inputs.get("x")
+        if x is not None:
+            values = [float(v) for v in np.asarray(x).reshape(-1)]
+            self.runs.append(values)
+            if values[0] == HOLD:
+                self.held.set()
+                self.release.wait(30)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -19,17 +21,16 @@ import pytest
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
-from libs.server import Server, ServerConfig
+from libs.server import ServerConfig
 from libs.testing import assert_bad_config_exits, assert_serves
-from services.inference.backends import LoadedModel, create_backends
 from services.inference.config import (
     ControlConfig,
     HttpConfig,
     InferenceConfig,
     ModelServingConfig,
 )
-from services.inference.model_config import ModelSpec
 from services.inference.server import SERVICE_NAME, STREAM_SPAN, create_server
+from services.inference.tests.models import HookedBackend
 
 
 def _config(repo: Path | None, transport: str = "aio", **models: object) -> InferenceConfig:
@@ -41,14 +42,23 @@ def _config(repo: Path | None, transport: str = "aio", **models: object) -> Infe
     )
 
 
+@contextlib.asynccontextmanager
+async def _serving(config: InferenceConfig, **backends: Any) -> AsyncIterator[grpc.aio.Channel]:
+    """A started server (`backends` by name instead of the real ones) and a channel to it."""
+    server = await create_server(config, backends=backends or None)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield channel
+    finally:
+        await server.stop(0, 1.0)
+
+
 @pytest.fixture(scope="module", params=["aio", "threaded"])
 async def served_channel(model_repo: Path, request: pytest.FixtureRequest) -> AsyncIterator[grpc.aio.Channel]:
     """The server on each transport (on the threaded one ModelInfer runs on the server thread)."""
-    server = await create_server(_config(model_repo, request.param))
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with _serving(_config(model_repo, request.param)) as channel:
         yield channel
-    await server.stop(0, 0.5)
 
 
 @pytest.fixture
@@ -153,13 +163,22 @@ TYPED_CASES: Mapping[str, tuple[str, np.ndarray]] = {
 }
 
 
-async def test_every_datatype_round_trips_raw(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+def _types_request(bytes_raw: bytes | None = None) -> pb.ModelInferRequest:
+    """Every TYPED_CASES input of the "types" model as raw contents (`bytes_raw`: in_bytes' instead)."""
     request = pb.ModelInferRequest(model_name="types")
     for name, (datatype, array) in TYPED_CASES.items():
         request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        request.raw_input_contents.append(
-            _bytes_raw(array.reshape(-1)) if datatype == "BYTES" else array.tobytes()
-        )
+        if datatype != "BYTES":
+            request.raw_input_contents.append(array.tobytes())
+        else:
+            request.raw_input_contents.append(
+                _bytes_raw(array.reshape(-1)) if bytes_raw is None else bytes_raw
+            )
+    return request
+
+
+async def test_every_datatype_round_trips_raw(served: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = _types_request()
     request.outputs.add(name="out_bytes")
     request.outputs.add(name="out_int64")
     request.outputs.add(name="out_fp16")
@@ -335,12 +354,7 @@ async def test_absurd_shapes_and_values_are_invalid_argument_not_allocations(
     huge.inputs.add(name="x", datatype="FP32", shape=[2**31, 2**31])
     code, details = await _error(served.ModelInfer(huge))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "16 bytes of raw data given" in details
-    request = pb.ModelInferRequest(model_name="types")
-    for name, (datatype, array) in TYPED_CASES.items():
-        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        request.raw_input_contents.append(
-            _bytes_raw(array.reshape(-1)) if datatype == "BYTES" else array.tobytes()
-        )
+    request = _types_request()
     request.inputs[5].shape[:] = [1, 2**40]
     code, details = await _error(served.ModelInfer(request))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "input 'in_bytes'" in details
@@ -354,11 +368,7 @@ async def test_absurd_shapes_and_values_are_invalid_argument_not_allocations(
 
 
 async def test_malformed_bytes_tensor_is_invalid_argument(served: pb_grpc.GRPCInferenceServiceStub) -> None:
-    request = pb.ModelInferRequest(model_name="types")
-    for name, (datatype, array) in TYPED_CASES.items():
-        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        request.raw_input_contents.append(b"\xff\x00\x00\x00ab" if datatype == "BYTES" else array.tobytes())
-    code, details = await _error(served.ModelInfer(request))
+    code, details = await _error(served.ModelInfer(_types_request(b"\xff\x00\x00\x00ab")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'in_bytes' of model 'types': BYTES data for shape [1, 3]" in details
 
@@ -366,12 +376,7 @@ async def test_malformed_bytes_tensor_is_invalid_argument(served: pb_grpc.GRPCIn
 async def test_bytes_that_are_not_utf8_are_refused_for_onnxruntime_string_inputs(
     served: pb_grpc.GRPCInferenceServiceStub,
 ) -> None:
-    request = pb.ModelInferRequest(model_name="types")
-    for name, (datatype, array) in TYPED_CASES.items():
-        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        data = [b"ok", b"\xff\xfe", b"x"] if datatype == "BYTES" else None
-        request.raw_input_contents.append(_bytes_raw(data) if data else array.tobytes())
-    code, details = await _error(served.ModelInfer(request))
+    code, details = await _error(served.ModelInfer(_types_request(_bytes_raw([b"ok", b"\xff\xfe", b"x"]))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'in_bytes': BYTES element is not UTF-8" in details
 
@@ -545,12 +550,7 @@ async def test_stream_infer_answers_each_request_and_reports_errors_in_band(
     for i, r in enumerate(requests):
         r.id = f"s{i}"
     requests[2].model_name = "nope"
-
-    async def _requests() -> AsyncIterator[pb.ModelInferRequest]:
-        for r in requests:
-            yield r
-
-    replies = [r async for r in served.ModelStreamInfer(_requests())]
+    replies = [r async for r in served.ModelStreamInfer(requests)]
     assert sorted(r.infer_response.id for r in replies) == [f"s{i}" for i in range(5)]
     errors = {r.infer_response.id: r.error_message for r in replies if r.error_message}
     assert errors == {"s2": "model 'nope' is not found"}
@@ -570,12 +570,7 @@ async def test_stream_infer_pairs_each_answer_with_its_request_when_many_share_b
         r.id = f"m{i}"
     requests[20].inputs[0].shape[:] = [1, 31]  # one bad request among them fails alone, in band
     expected = {r.id: (await served.ModelInfer(r)).raw_output_contents[0] for r in requests if r.id != "m20"}
-
-    async def _requests() -> AsyncIterator[pb.ModelInferRequest]:
-        for r in requests:
-            yield r
-
-    replies = {r.infer_response.id: r async for r in served.ModelStreamInfer(_requests())}
+    replies = {r.infer_response.id: r async for r in served.ModelStreamInfer(requests)}
     assert sorted(replies) == sorted(r.id for r in requests)
     assert replies["m20"].error_message
     code = replies["m20"].infer_response.parameters["status_code"].int64_param
@@ -606,12 +601,7 @@ async def test_a_streamed_request_naming_a_trace_gets_its_span_there_with_its_qu
     good.id, bad.id, bad.model_name = "good", "bad", "nope"
     for r, trace_id in ((good, "1" * 32), (bad, "2" * 32)):
         r.parameters["traceparent"].string_param = f"00-{trace_id}-{'3' * 16}-01"
-
-    async def _requests() -> AsyncIterator[pb.ModelInferRequest]:
-        yield good
-        yield bad
-
-    assert len([r async for r in served.ModelStreamInfer(_requests())]) == 2
+    assert len([r async for r in served.ModelStreamInfer([good, bad])]) == 2
     spans = {(s.name, s.context.trace_id) for s in exporter.get_finished_spans()}
     assert {(STREAM_SPAN, int("1" * 32, 16)), (STREAM_SPAN, int("2" * 32, 16))} <= spans
     assert ("inference.queue", int("1" * 32, 16)) in spans
@@ -675,123 +665,87 @@ async def test_statistics_count_requests_and_batches(served: pb_grpc.GRPCInferen
 
 
 async def test_repository_index_load_and_unload(fresh_repo: Path) -> None:
-    server = await create_server(_config(fresh_repo, startup_models=("double", "broken")))
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            index = {m.name: m for m in (await stub.RepositoryIndex(pb.RepositoryIndexRequest())).models}
-            assert index["double"].state == "READY" and index["double"].version == "1"
-            assert (
-                index["broken"].state == "UNAVAILABLE"
-                and "ONNX Runtime cannot load" in index["broken"].reason
+    async with _serving(_config(fresh_repo, startup_models=("double", "broken"))) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        index = {m.name: m for m in (await stub.RepositoryIndex(pb.RepositoryIndexRequest())).models}
+        assert index["double"].state == "READY" and index["double"].version == "1"
+        assert index["broken"].state == "UNAVAILABLE" and "ONNX Runtime cannot load" in index["broken"].reason
+        assert index["fraud"].state == ""  # on disk, not loaded
+        ready = [m.name for m in (await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models]
+        assert ready == ["double"]
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="fraud"))
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name="fraud", version="2"))).ready
+        config = {"name": "fraud", "max_batch_size": 256, "version_policy": {"specific": {"versions": [1]}},
+                  "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [32]}],
+                  "output": [{"name": "fraud_probability", "data_type": "TYPE_FP32", "dims": [1]}]}  # fmt: skip
+        await stub.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(
+                model_name="fraud",
+                parameters={"config": pb.ModelRepositoryParameter(string_param=json.dumps(config))},
             )
-            assert index["fraud"].state == ""  # on disk, not loaded
-            ready = [
-                m.name for m in (await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
-            ]
-            assert ready == ["double"]
-            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="fraud"))
-            assert (await stub.ModelReady(pb.ModelReadyRequest(name="fraud", version="2"))).ready
-            config = {"name": "fraud", "max_batch_size": 256, "version_policy": {"specific": {"versions": [1]}},
-                      "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [32]}],
-                      "output": [{"name": "fraud_probability", "data_type": "TYPE_FP32", "dims": [1]}]}  # fmt: skip
-            await stub.RepositoryModelLoad(
+        )
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="fraud"))
+        assert list(meta.versions) == ["1"]
+        await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="fraud"))
+        assert not (await stub.ModelReady(pb.ModelReadyRequest(name="fraud"))).ready
+        code, details = await _error(stub.ModelInfer(_GOOD))
+        assert code == grpc.StatusCode.NOT_FOUND and "model 'fraud' is not ready" in details
+        code, details = await _error(
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="ghost"))
+        )
+        assert code == grpc.StatusCode.NOT_FOUND and "'ghost'" in details
+        code, details = await _error(
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="broken"))
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "failed to load model 'broken'" in details
+        code, details = await _error(
+            stub.RepositoryModelLoad(
                 pb.RepositoryModelLoadRequest(
-                    model_name="fraud",
-                    parameters={"config": pb.ModelRepositoryParameter(string_param=json.dumps(config))},
+                    model_name="double",
+                    parameters={"config": pb.ModelRepositoryParameter(string_param="{nope")},
                 )
             )
-            meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="fraud"))
-            assert list(meta.versions) == ["1"]
-            await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="fraud"))
-            assert not (await stub.ModelReady(pb.ModelReadyRequest(name="fraud"))).ready
-            code, details = await _error(stub.ModelInfer(_GOOD))
-            assert code == grpc.StatusCode.NOT_FOUND and "model 'fraud' is not ready" in details
-            code, details = await _error(
-                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="ghost"))
-            )
-            assert code == grpc.StatusCode.NOT_FOUND and "'ghost'" in details
-            code, details = await _error(
-                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="broken"))
-            )
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and "failed to load model 'broken'" in details
-            code, details = await _error(
-                stub.RepositoryModelLoad(
-                    pb.RepositoryModelLoadRequest(
-                        model_name="double",
-                        parameters={"config": pb.ModelRepositoryParameter(string_param="{nope")},
-                    )
-                )
-            )
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and "parameter 'config'" in details
-            assert (await stub.ModelReady(pb.ModelReadyRequest(name="double"))).ready
-    finally:
-        await server.stop(0, 0.5)
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "parameter 'config'" in details
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name="double"))).ready
 
 
-class _SlowModel:
-    def __init__(self, inner: LoadedModel, delay: float) -> None:
-        self._inner, self._delay, self.calls = inner, delay, 0
+def _slow_backend(delay: float) -> HookedBackend:
+    """ONNX Runtime, each run after the first (the warm-up) `delay` seconds longer."""
+    runs = itertools.count()
 
-    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
-        self.calls += 1
-        if self.calls > 1:  # not the warm-up
-            time.sleep(self._delay)
-        return self._inner.run(inputs, output_names)
+    def _sleep(_inputs: Mapping[str, np.ndarray]) -> None:
+        if next(runs):
+            time.sleep(delay)
 
-    def close(self) -> None:
-        self._inner.close()
-
-
-class _SlowBackend:
-    name = "onnxruntime"
-
-    def __init__(self, delay: float) -> None:
-        self._real = create_backends(ModelServingConfig())["onnxruntime"]
-        self._delay = delay
-
-    def signature(self, model_path: Path):  # type: ignore[no-untyped-def]
-        return self._real.signature(model_path)
-
-    def load(self, model_path: Path, spec: ModelSpec) -> LoadedModel:
-        return _SlowModel(self._real.load(model_path, spec), self._delay)
+    return HookedBackend(_sleep)
 
 
 @pytest.mark.parametrize("transport", ["aio", "threaded"])
 async def test_full_queue_is_resource_exhausted_and_timeouts_are_deadline_exceeded(
     model_repo: Path, transport: str
 ) -> None:
-    server: Server = await create_server(
-        _config(model_repo, transport, startup_models=("double",), max_queue_size=2),
-        backends={"onnxruntime": _SlowBackend(0.2)},  # type: ignore[dict-item]
-    )
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            x = np.ones((1, 1), np.float32)
-            request = pb.ModelInferRequest(model_name="double", raw_input_contents=[x.tobytes()])
-            request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
-            calls = [stub.ModelInfer(request) for _ in range(6)]
-            results = await asyncio.gather(*calls, return_exceptions=True)
-            codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results]
-            assert codes.count("OK") >= 2  # at least the two the queue holds
-            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-            shed = next(r for r in results if isinstance(r, grpc.aio.AioRpcError))
-            assert "model 'double' version 1: queue is full (2 requests waiting)" in (shed.details() or "")
-            # A request whose timeout (µs, Triton's `timeout` parameter) passes while queued.
-            blocker = asyncio.ensure_future(stub.ModelInfer(request))
-            await asyncio.sleep(0.05)
-            late = pb.ModelInferRequest()
-            late.CopyFrom(request)
-            late.parameters["timeout"].int64_param = 20_000
-            code, details = await _error(stub.ModelInfer(late))
-            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "timed out" in details
-            await blocker
-            assert (await stub.ServerLive(pb.ServerLiveRequest())).live
-    finally:
-        await server.stop(0, 1.0)
+    config = _config(model_repo, transport, startup_models=("double",), max_queue_size=2)
+    async with _serving(config, onnxruntime=_slow_backend(0.2)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        x = np.ones((1, 1), np.float32)
+        request = pb.ModelInferRequest(model_name="double", raw_input_contents=[x.tobytes()])
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+        calls = [stub.ModelInfer(request) for _ in range(6)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results]
+        assert codes.count("OK") >= 2  # at least the two the queue holds
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        shed = next(r for r in results if isinstance(r, grpc.aio.AioRpcError))
+        assert "model 'double' version 1: queue is full (2 requests waiting)" in (shed.details() or "")
+        # A request whose timeout (µs, Triton's `timeout` parameter) passes while queued.
+        blocker = asyncio.ensure_future(stub.ModelInfer(request))
+        await asyncio.sleep(0.05)
+        late = _with(request, lambda r: setattr(r.parameters["timeout"], "int64_param", 20_000))
+        code, details = await _error(stub.ModelInfer(late))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "timed out" in details
+        await blocker
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
 
 
 async def test_invalid_requests_count_as_failures_of_their_model_version(
