@@ -17,7 +17,6 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -30,35 +29,14 @@ GATEWAY_IDENTITY = "gateway"
 _DAYS = "825"
 
 
-@dataclass(frozen=True)
 class MeshFiles:
     """The PEM files of the mesh in one folder."""
 
-    directory: Path
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.directory / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.directory / "ca.key"
-
-    @property
-    def gateway_cert(self) -> Path:
-        return self.directory / "gateway.crt"
-
-    @property
-    def gateway_key(self) -> Path:
-        return self.directory / "gateway.key"
-
-    @property
-    def envoy_cert(self) -> Path:
-        return self.directory / "envoy.crt"
-
-    @property
-    def envoy_key(self) -> Path:
-        return self.directory / "envoy.key"
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ca_cert, self.ca_key = directory / "ca.crt", directory / "ca.key"
+        self.gateway_cert, self.gateway_key = directory / "gateway.crt", directory / "gateway.key"
+        self.envoy_cert, self.envoy_key = directory / "envoy.crt", directory / "envoy.key"
 
 
 def openssl(args: Sequence[str]) -> None:

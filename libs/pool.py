@@ -69,10 +69,9 @@ class Endpoint:
     extras: dict[str, Closeable] = field(default_factory=dict)
     _stubs: dict[object, Any] = field(default_factory=dict)
     # rpc_client_duration_seconds children by (service, method, status number), bound on first use.
-    _durations: LabelCache[Histogram] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._durations = LabelCache(RPC_CLIENT_DURATION, "grpc")
+    _durations: LabelCache[Histogram] = field(
+        init=False, default_factory=lambda: LabelCache(RPC_CLIENT_DURATION, "grpc")
+    )
 
     def observe(self, method: str, code: int, seconds: float) -> None:
         """Records one attempt of `method` ("package.Service/Method") that ended with status `code`."""
@@ -186,9 +185,7 @@ class ChannelPool:
     def is_retryable(self, exc: BaseException) -> bool:
         """A failure another endpoint may not have: a retryable status or a lost connection."""
         code = status_code_of(exc)
-        if code is not None:
-            return code in self._codes
-        return isinstance(exc, ConnectionError)
+        return isinstance(exc, ConnectionError) if code is None else code in self._codes
 
     async def call(self, fn: Callable[[Endpoint], Awaitable[T]], method: str) -> T:
         """Runs `fn` on an endpoint; on a retryable failure, again on another (see the module docstring).
