@@ -23,12 +23,10 @@ class Recorder:
         return [ValueError(f"bad {i}") if i < 0 else (key, i * 10) for i in items]
 
 
-def _batcher(
-    run: BatchFunction[str, int, Any], max_batch: int = 10, max_delay_s: float = 0.0, max_pending: int = 1000
-) -> MicroBatcher[str, int, Any]:
-    return MicroBatcher(
-        "t", run, max_batch=max_batch, max_delay_s=max_delay_s, max_pending=max_pending, max_concurrent=2
-    )
+def _batcher(run: BatchFunction[str, int, Any], **knobs: Any) -> MicroBatcher[str, int, Any]:
+    """A batcher of `run` with `knobs` over the tests' defaults."""
+    defaults = {"max_batch": 10, "max_delay_s": 0.0, "max_pending": 1000, "max_concurrent": 2}
+    return MicroBatcher("t", run, **{**defaults, **knobs})
 
 
 async def test_concurrent_items_share_one_call_and_get_their_own_results_in_order() -> None:
@@ -91,15 +89,8 @@ async def test_a_key_with_a_p99_target_adapts_its_delay_and_others_keep_the_fixe
     """Targeted key: the delay starts at 0 and grows under load while it gathers rows, within the bound."""
     recorder = Recorder(delay=0.001)
     targets = {"slo": 0.05}
-    batcher: MicroBatcher[str, int, tuple[str, int]] = MicroBatcher(
-        "t",
-        recorder.run,
-        max_batch=64,
-        max_delay_s=0.004,
-        max_pending=10_000,
-        max_concurrent=4,
-        target_of=lambda key: targets.get(key, 0.0),
-    )
+    knobs = {"max_batch": 64, "max_delay_s": 0.004, "max_pending": 10_000, "max_concurrent": 4}
+    batcher = _batcher(recorder.run, **knobs, target_of=lambda key: targets.get(key, 0.0))
     assert "slo" not in batcher._controls  # no controller yet: the fixed delay
     await batcher.submit("slo", 1, 1.0)
     control = batcher._controls["slo"]
