@@ -67,16 +67,13 @@ def setup_logging(service: str, level: str = "INFO", json_logs: bool = True) -> 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_TraceContextFilter(service))
     if json_logs:
-        handler.setFormatter(
-            JsonFormatter(
-                "%(asctime)s %(levelname)s %(name)s %(message)s %(service)s %(trace_id)s %(span_id)s",
-                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            )
+        formatter: logging.Formatter = JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s %(service)s %(trace_id)s %(span_id)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         )
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(trace_id)s] %(message)s")
-        )
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(trace_id)s] %(message)s")
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -115,10 +112,8 @@ def setup_tracing(
         return None
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    attributes: dict[str, str] = {"service.name": service, "process.pid": str(os.getpid())}
-    for pair in config.resource_attributes:
-        key, _, value = pair.partition("=")
-        attributes[key] = value
+    attributes = {"service.name": service, "process.pid": str(os.getpid())}
+    attributes.update(pair.partition("=")[::2] for pair in config.resource_attributes)  # k=v
     provider = TracerProvider(
         resource=Resource.create(attributes),
         sampler=ParentBased(sampler or AdjustableRatioSampler(config.trace_sample_ratio)),
@@ -161,9 +156,8 @@ class Telemetry:
 
     def server_tracer(self) -> trace.Tracer | None:
         """The tracer of the server spans (`libs.interceptors`); None when tracing is off."""
-        if self.tracer_provider is None:
-            return None
-        return self.tracer_provider.get_tracer("libs.interceptors")
+        provider = self.tracer_provider
+        return None if provider is None else provider.get_tracer("libs.interceptors")
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """OpenTelemetry's gRPC client interceptors: child spans plus traceparent propagation."""

@@ -378,10 +378,9 @@ class LogPipeline:
 
     def _dead_letter(self, message: Message, original: list[tuple[str, bytes | None]], reason: str) -> None:
         source = f"{message.topic()}/{message.partition()}/{message.offset()}"
-        headers = [*original, (DLQ_REASON_HEADER, reason.encode()), (DLQ_SOURCE_HEADER, source.encode())]
-        log.warning(
-            "dead-lettering %s/%d/%d: %s", message.topic(), message.partition(), message.offset(), reason
-        )
+        headers: list[tuple[str, str | bytes | None]] = [*original, (DLQ_REASON_HEADER, reason.encode())]
+        headers.append((DLQ_SOURCE_HEADER, source.encode()))
+        log.warning("dead-lettering %s: %s", source, reason)
         while True:
             try:
                 self._dlq.produce(
