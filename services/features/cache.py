@@ -76,9 +76,7 @@ def cache_key(prefix: bytes, view: str, entity_key: bytes) -> bytes:
 @contextlib.contextmanager
 def _span(name: str, keys: int, seconds: Histogram) -> Iterator[None]:
     """A Redis command's span and its duration in `seconds`."""
-    with _tracer.start_as_current_span(name) as span:
-        span.set_attribute("db.system", "redis")
-        span.set_attribute("infergrid.keys", keys)
+    with _tracer.start_as_current_span(name, attributes={"db.system": "redis", "infergrid.keys": keys}):
         started = time.perf_counter()
         try:
             yield

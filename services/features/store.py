@@ -119,6 +119,11 @@ async def _unavailable_on_driver_error(op: str, call: Awaitable[T]) -> T:
         db_duration("cassandra", op).observe(elapsed)
 
 
+def _attributes(view: View, entities: int) -> dict[str, str | int]:
+    """A read's or a write's span attributes."""
+    return {"db.system": "cassandra", "infergrid.feature_view": view.name, "infergrid.entities": entities}
+
+
 def _cassandra_reason(exc: InvalidRequest) -> str:
     """Cassandra's own words, without the driver's wrapping (`Error from server: code=2200 ...`)."""
     text = str(exc)
@@ -152,10 +157,7 @@ class CassandraOnlineStore:
 
     async def read(self, view: View, keys: Sequence[bytes]) -> dict[bytes, Record]:
         chunks = [list(keys[i : i + self._chunk]) for i in range(0, len(keys), self._chunk)]
-        with _tracer.start_as_current_span("cassandra read") as span:
-            span.set_attribute("db.system", "cassandra")
-            span.set_attribute("infergrid.feature_view", view.name)
-            span.set_attribute("infergrid.entities", len(keys))
+        with _tracer.start_as_current_span("cassandra read", attributes=_attributes(view, len(keys))):
             results = await _unavailable_on_driver_error(
                 "read", asyncio.gather(*(self._db.execute(self._read, (view.name, c)) for c in chunks))
             )
@@ -180,10 +182,7 @@ class CassandraOnlineStore:
             )
             for row in rows
         ]
-        with _tracer.start_as_current_span("cassandra write") as span:
-            span.set_attribute("db.system", "cassandra")
-            span.set_attribute("infergrid.feature_view", view.name)
-            span.set_attribute("infergrid.entities", len(rows))
+        with _tracer.start_as_current_span("cassandra write", attributes=_attributes(view, len(rows))):
             await _unavailable_on_driver_error("write", self._db.execute_many(self._write, params))
         ROWS_WRITTEN.labels(view.name).inc(len(rows))
 
