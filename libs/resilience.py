@@ -133,6 +133,9 @@ def grpc_service_config(service: str, policy: DependencyPolicy) -> str:
     # (grpc/grpc#34547, #40633). Callers pass `timeout=` per call instead, which also
     # lets them pass on what is left of the inbound deadline.
     method: dict[str, Any] = {"name": [{"service": service}]}
+    # round_robin spreads calls over every address a name resolves to (e.g. a headless
+    # Service's pods); the default pick_first would pin all calls to one replica.
+    config: dict[str, Any] = {"methodConfig": [method], "loadBalancingConfig": [{"round_robin": {}}]}
     if retry.max_attempts > 1:
         method["retryPolicy"] = {
             "maxAttempts": min(retry.max_attempts, 5),  # gRPC caps attempts at 5
@@ -143,10 +146,6 @@ def grpc_service_config(service: str, policy: DependencyPolicy) -> str:
             "backoffMultiplier": retry.multiplier,
             "retryableStatusCodes": list(retry.retryable_codes),
         }
-    # round_robin spreads calls over every address a name resolves to (e.g. a headless
-    # Service's pods); the default pick_first would pin all calls to one replica.
-    config: dict[str, Any] = {"methodConfig": [method], "loadBalancingConfig": [{"round_robin": {}}]}
-    if retry.max_attempts > 1:
         config["retryThrottling"] = {
             "maxTokens": int(policy.budget_max_tokens),  # gRPC wants an integer here
             "tokenRatio": policy.budget_token_ratio,
@@ -200,9 +199,7 @@ class Dependency:
     def is_retryable(self, exc: BaseException) -> bool:
         """True for failures a retry may fix: a retryable status, a timeout or a lost connection."""
         code = status_code_of(exc)
-        if code is not None:
-            return code in self._codes
-        return isinstance(exc, ConnectionError | OSError)
+        return isinstance(exc, ConnectionError | OSError) if code is None else code in self._codes
 
     async def _attempt(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], timeout: float) -> T:
         try:
