@@ -87,10 +87,7 @@ def parse_host_port(text: str) -> HostPort:
         TargetError: Not a host and a port in 1..65535.
     """
     raw = text.strip()
-    for prefix in DNS_PREFIXES:
-        if raw.startswith(prefix):
-            raw = raw[len(prefix) :]
-            break
+    raw = next((raw[len(prefix) :] for prefix in DNS_PREFIXES if raw.startswith(prefix)), raw)
     host, sep, port = raw.rpartition(":")
     host = host.strip("[]") if host.startswith("[") else host
     valid_port = port.isdigit() and 0 < int(port) < 65536
@@ -250,8 +247,7 @@ class EndpointWatcher:
         endpoints = await self._resolver.resolve(self.targets)
         if endpoints == self.current:
             return False
-        before = self.current
-        self.current = endpoints
+        before, self.current = self.current, endpoints
         log.info(
             "endpoints of %s: %s (were %s)",
             self.name,
