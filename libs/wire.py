@@ -42,9 +42,7 @@ _SMALL_VARINTS = tuple(_encode_varint(i) for i in range(1 << 14))
 
 def varint(n: int) -> bytes:
     """Base-128 varint of an int64 or uint64 (a negative number takes ten bytes, as protobuf writes it)."""
-    if 0 <= n < 16384:
-        return _SMALL_VARINTS[n]
-    return _encode_varint(n)
+    return _SMALL_VARINTS[n] if 0 <= n < 16384 else _encode_varint(n)
 
 
 def tag(field: FieldDescriptor) -> bytes:
@@ -82,10 +80,8 @@ def length_delimited(data: bytes) -> Iterator[tuple[int, int, int]]:
         wire_type = key & 7
         if wire_type == _VARINT:
             _, pos = read_varint(data, pos)
-        elif wire_type == _I64:
-            pos += 8
-        elif wire_type == _I32:
-            pos += 4
+        elif wire_type in (_I64, _I32):
+            pos += 8 if wire_type == _I64 else 4
         elif wire_type == _LEN:
             size, pos = read_varint(data, pos)
             yield key >> 3, pos, pos + size
@@ -142,16 +138,15 @@ def wire_problem(descriptor: Descriptor, data: bytes, prefix: str = "", depth: i
         name = _field_name(descriptor, field, prefix) if field is not None else f"{prefix}#{number}"
         if number == 0:
             return f"{where}: field number 0 is not valid"
+        payload = b""
         try:
             if wire_type == _VARINT:
                 _, pos = read_varint(data, pos)
-                payload = b""
             elif wire_type in (_I64, _I32):
                 size = 8 if wire_type == _I64 else 4
                 if pos + size > len(data):
                     raise _Truncated
                 pos += size
-                payload = b""
             elif wire_type == _LEN:
                 size, pos = read_varint(data, pos)
                 if pos + size > len(data):
