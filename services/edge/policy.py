@@ -62,8 +62,7 @@ def read_grpc_body(body: bytes) -> tuple[str, int] | None:
     message = body[5 : 5 + length]
     if len(message) != length:
         return None
-    model = ""
-    rows = 0
+    model, rows = "", 0
     try:
         for number, start, end in length_delimited(message):
             if number == 1:

@@ -51,12 +51,8 @@ def decode_token(token: str, fingerprint: str) -> Cursor:
         body = json.loads(raw)
         if not isinstance(body, dict) or body.get("v") != _VERSION:
             raise ValueError("unknown version")
-        hour = body["h"]
-        after_time = body.get("t")
-        after_id = body.get("r", "")
-        if not isinstance(hour, int) or not isinstance(after_id, str):
-            raise ValueError("bad field types")
-        if after_time is not None and not isinstance(after_time, int):
+        hour, after_time, after_id = body["h"], body.get("t"), body.get("r", "")
+        if not (isinstance(hour, int) and isinstance(after_id, str) and isinstance(after_time, int | None)):
             raise ValueError("bad field types")
     except (ValueError, KeyError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument("page_token: malformed; pass the next_page_token of a previous reply") from None
