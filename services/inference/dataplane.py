@@ -146,8 +146,25 @@ class DataPlane:
         """
         return self.repository.get(name, version)
 
-    def versions(self, name: str) -> list[str]:
-        return [str(v) for v in self.repository.ready_versions(name)]
+    def metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        """Triton's model metadata as a JSON object (the gRPC answer is parsed from it).
+
+        Raises:
+            ModelNotFound: Unknown model or version; names both.
+        """
+        serving = self.repository.get(name, version)
+        spec = serving.spec
+        inputs, outputs = (
+            [{"name": t.name, "datatype": t.datatype.name, "shape": t.shape(spec.batched)} for t in tensors]
+            for tensors in (spec.inputs, spec.outputs)
+        )
+        return {
+            "name": serving.model,
+            "versions": [str(v) for v in self.repository.ready_versions(serving.model)],
+            "platform": spec.platform,
+            "inputs": inputs,
+            "outputs": outputs,
+        }
 
     def statistics(self, name: str = "", version: str = "") -> list[ServingVersion]:
         """The versions ModelStatistics reports: one, every version of a model, or everything served.

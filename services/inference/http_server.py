@@ -36,7 +36,6 @@ from services.inference.dataplane import (
     statistics_json,
 )
 from services.inference.errors import NotSupported
-from services.inference.repository import ServingVersion
 from services.inference.runtime_settings import trace_changes
 from services.inference.shared_memory import SharedMemoryRef
 
@@ -306,12 +305,6 @@ def infer_response(result: InferResult, binary_output: bool) -> web.Response:
     )
 
 
-def _tensor_metadata(serving: ServingVersion, outputs: bool) -> list[dict[str, Any]]:
-    spec = serving.spec
-    tensors = spec.outputs if outputs else spec.inputs
-    return [{"name": t.name, "datatype": t.datatype.name, "shape": t.shape(spec.batched)} for t in tensors]
-
-
 def _trace_json(values: dict[str, list[str]]) -> dict[str, Any]:
     """Triton's JSON form: trace_level a list, every other setting one string."""
     return {k: (v if k == "trace_level" else (v[0] if v else "")) for k, v in values.items()}
@@ -420,16 +413,7 @@ class HttpFrontDoor:
         return _error(f"{label} is not ready", 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        serving = self._plane.model(request.match_info["model"], request.match_info.get("version", ""))
-        return _json(
-            {
-                "name": serving.model,
-                "versions": self._plane.versions(serving.model),
-                "platform": serving.spec.platform,
-                "inputs": _tensor_metadata(serving, outputs=False),
-                "outputs": _tensor_metadata(serving, outputs=True),
-            }
-        )
+        return _json(self._plane.metadata(request.match_info["model"], request.match_info.get("version", "")))
 
     async def model_config(self, request: web.Request) -> web.Response:
         serving = self._plane.model(request.match_info["model"], request.match_info.get("version", ""))

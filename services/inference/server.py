@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from google.protobuf import json_format
 from opentelemetry import propagate, trace
 
 from inference import grpc_service_pb2 as pb
@@ -31,10 +32,10 @@ from services.inference.dataplane import (
     SERVER_VERSION,
     DataPlane,
     InferResult,
+    statistics_json,
 )
 from services.inference.errors import InvalidInput, NotSupported
 from services.inference.http_server import HttpFrontDoor
-from services.inference.metrics import Duration, VersionStatistics
 from services.inference.repository import ModelRepository, ServingVersion
 from services.inference.runtime_settings import LogSettings, TraceSettings
 from services.inference.shared_memory import SharedMemoryRef
@@ -54,36 +55,13 @@ def _metadata(context: Any) -> dict[str, str]:
     return {k: v if isinstance(v, str) else "" for k, v in (context.invocation_metadata() or ())}
 
 
-def _duration(d: Duration) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=d.count, ns=d.ns)
-
-
 def _statistics(serving: ServingVersion) -> pb.ModelStatistics:
-    s: VersionStatistics = serving.metrics.stats
-    return pb.ModelStatistics(
-        name=serving.model,
-        version=serving.version_str,
-        last_inference=s.last_inference_ms,
-        inference_count=s.inference_count,
-        execution_count=s.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=_duration(s.success),
-            fail=_duration(s.fail),
-            queue=_duration(s.queue),
-            compute_input=_duration(s.compute_input),
-            compute_infer=_duration(s.compute_infer),
-            compute_output=_duration(s.compute_output),
-        ),
-        batch_stats=[
-            pb.InferBatchStatistics(
-                batch_size=size,
-                compute_input=_duration(b.compute_input),
-                compute_infer=_duration(b.compute_infer),
-                compute_output=_duration(b.compute_output),
-            )
-            for size, b in sorted(s.batches.items())
-        ],
-    )
+    """The statistics the HTTP API reports, as the proto; without the response cache's (zeros over HTTP,
+    unset here)."""
+    stats = json_format.ParseDict(statistics_json(serving), pb.ModelStatistics())
+    stats.inference_stats.ClearField("cache_hit")
+    stats.inference_stats.ClearField("cache_miss")
+    return stats
 
 
 def _shm_ref(parameters: Mapping[str, pb.InferParameter], what: str) -> SharedMemoryRef | None:
@@ -259,20 +237,8 @@ class GRPCInferenceServiceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceSer
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:  # noqa: N802
-        serving = self._plane.model(request.name, request.version)
-        spec = serving.spec
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        inputs, outputs = (
-            [tensor(name=t.name, datatype=t.datatype.name, shape=t.shape(spec.batched)) for t in tensors]
-            for tensors in (spec.inputs, spec.outputs)
-        )
-        return pb.ModelMetadataResponse(
-            name=serving.model,
-            versions=self._plane.versions(serving.model),
-            platform=spec.platform,
-            inputs=inputs,
-            outputs=outputs,
-        )
+        metadata = self._plane.metadata(request.name, request.version)
+        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:  # noqa: N802
         serving = self._plane.model(request.name, request.version)
