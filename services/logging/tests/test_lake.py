@@ -37,8 +37,7 @@ def test_flush_writes_one_file_per_date_model_and_partition(tmp_path: Path) -> N
     offset = 0
     for model, day, partition in [("fraud", 0, 0), ("fraud", 1, 0), ("churn", 0, 0), ("fraud", 0, 1)]:
         for _ in range(5):
-            record, payload = _record(offset, model=model, day=day)
-            lake.add(partition, offset, record, payload)
+            lake.add(partition, offset, *_record(offset, model=model, day=day))
             offset += 1
     result = lake.flush()
     names = sorted(str(p.relative_to(tmp_path)) for p in result.files)
@@ -115,8 +114,7 @@ def _of(
 ) -> tuple[logging_pb2.InferenceLogRecord, bytes]:
     copy = logging_pb2.InferenceLogRecord()
     copy.CopyFrom(record)
-    copy.tenant = tenant
-    for name, value in changes.items():
+    for name, value in {"tenant": tenant, **changes}.items():
         setattr(copy, name, value)
     return copy, copy.SerializeToString()
 
@@ -165,8 +163,7 @@ def test_rolls_by_size_and_by_age(tmp_path: Path) -> None:
     by_size = _lake(tmp_path / "b", roll_bytes=len(payload) * 3, roll_seconds=3600)
     for i in range(3):
         assert not by_size.due()
-        record, payload = _record(i)
-        by_size.add(0, i, record, payload)
+        by_size.add(0, i, *_record(i))
     assert by_size.due()
 
 

@@ -33,16 +33,10 @@ def _record(
         model=model,
         model_version=version,
     )
-    proto.request_time.FromMicroseconds(time_us if time_us is not None else BASE_US + i * 600_000_000)
+    time_us = BASE_US + i * 600_000_000 if time_us is None else time_us
+    proto.request_time.FromMicroseconds(time_us)
     proto.outputs["score"].float_value = 0.25
-    return StoredRecord(
-        tenant,
-        proto.request_id,
-        model,
-        version,
-        proto.request_time.ToMicroseconds(),
-        proto.SerializeToString(),
-    )
+    return StoredRecord(tenant, proto.request_id, model, version, time_us, proto.SerializeToString())
 
 
 @pytest.fixture
