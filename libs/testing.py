@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -55,15 +56,7 @@ def spawn_module(module: str, env: Mapping[str, str], log: Path | None = None) -
 
     Its output is piped, or appended to `log` when given.
     """
-    if log is None:
-        return subprocess.Popen(
-            [sys.executable, "-m", module],
-            cwd=REPO_ROOT,
-            env=checkout_env(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    with log.open("ab") as out:
+    with log.open("ab") if log is not None else contextlib.nullcontext(subprocess.PIPE) as out:
         return subprocess.Popen(
             [sys.executable, "-m", module], cwd=REPO_ROOT, env=checkout_env(env), stdout=out, stderr=out
         )
@@ -91,10 +84,8 @@ async def wait_serving(
             raise AssertionError(f"server exited early with {proc.returncode}: {err}")
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                if (
-                    await health_status(channel, service, timeout=0.5)
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
+                status = await health_status(channel, service, timeout=0.5)
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
         except grpc.aio.AioRpcError:
             pass
