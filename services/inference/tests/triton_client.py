@@ -184,25 +184,20 @@ def every_datatype_round_trips(url: str, repo: Path, metrics: str) -> None:
     _check_types(client.infer("types", inputs), binary=True)
 
 
-@scenario
-def errors_have_the_right_status_and_message(url: str, repo: Path, metrics: str) -> None:
-    client = grpcclient.InferenceServerClient(url)
+def _error_cases(client: Any, module: Any, short: Any, not_found: str, invalid: str) -> list[Any]:
+    """The failures both protocols report alike (`short`: an input with fewer bytes than its shape says)."""
     x = np.ones((1, 32), np.float32)
-    wrong_type = grpcclient.InferInput("features", [1, 32], "FP64")
+    wrong_type = module.InferInput("features", [1, 32], "FP64")
     wrong_type.set_data_from_numpy(x.astype(np.float64))
-    wrong_shape = grpcclient.InferInput("features", [1, 16], "FP32")
+    wrong_shape = module.InferInput("features", [1, 16], "FP32")
     wrong_shape.set_data_from_numpy(np.ones((1, 16), np.float32))
-    short = grpcclient.InferInput("features", [1, 32], "FP32")
-    short.set_data_from_numpy(x)
-    short._raw_content = x.tobytes()[:-4]  # a client that sends fewer bytes than its shape says
-    other = grpcclient.InferInput("in_fp32", [1, 3], "FP32")
-    other.set_data_from_numpy(np.ones((1, 3), np.float32))
-    nope = [grpcclient.InferRequestedOutput("nope")]
-    not_found, invalid = "StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT"
-    cases: list[tuple[Callable[[], Any], str, str]] = [
-        (lambda: client.infer("nope", _features(x)), not_found, "model 'nope' is not found"),
+    features = module.InferInput("features", [1, 32], "FP32")
+    features.set_data_from_numpy(x)
+    nope = [module.InferRequestedOutput("nope")]
+    return [
+        (lambda: client.infer("nope", [features]), not_found, "model 'nope' is not found"),
         (
-            lambda: client.infer("fraud", _features(x), model_version="7"),
+            lambda: client.infer("fraud", [features], model_version="7"),
             not_found,
             "model 'fraud' version '7' is not found",
         ),
@@ -223,14 +218,29 @@ def errors_have_the_right_status_and_message(url: str, repo: Path, metrics: str)
             invalid,
             "input 'features' of model 'fraud': 124 bytes of raw data given, expected 128",
         ),
-        (lambda: client.infer("types", [other]), invalid, "missing input(s) ['in_fp16'"),
+        (lambda: client.infer("fraud", [features], outputs=nope), invalid, "unexpected output 'nope'"),
+    ]
+
+
+@scenario
+def errors_have_the_right_status_and_message(url: str, repo: Path, metrics: str) -> None:
+    client = grpcclient.InferenceServerClient(url)
+    x = np.ones((1, 32), np.float32)
+    short = grpcclient.InferInput("features", [1, 32], "FP32")
+    short.set_data_from_numpy(x)
+    short._raw_content = x.tobytes()[:-4]  # a client that sends fewer bytes than its shape says
+    other = grpcclient.InferInput("in_fp32", [1, 3], "FP32")
+    other.set_data_from_numpy(np.ones((1, 3), np.float32))
+    invalid = "StatusCode.INVALID_ARGUMENT"
+    cases = _error_cases(client, grpcclient, short, "StatusCode.NOT_FOUND", invalid)
+    cases.append((lambda: client.infer("types", [other]), invalid, "missing input(s) ['in_fp16'"))
+    cases.append(
         (
             lambda: client.infer("fraud", [other]),
             invalid,
             "unexpected input 'in_fp32' for model 'fraud'; expected inputs: ['features']",
-        ),
-        (lambda: client.infer("fraud", _features(x), outputs=nope), invalid, "unexpected output 'nope'"),
-    ]
+        )
+    )
     _check_errors(cases)
     assert client.is_server_live()
 
@@ -494,47 +504,10 @@ def http_every_datatype_round_trips(url: str, grpc_url: str, repo: Path) -> None
 @http_scenario
 def http_errors_are_statuses_with_a_json_error(url: str, grpc_url: str, repo: Path) -> None:
     client = httpclient.InferenceServerClient(url)
-    x = np.ones((1, 32), np.float32)
-    wrong_type = httpclient.InferInput("features", [1, 32], "FP64")
-    wrong_type.set_data_from_numpy(x.astype(np.float64))
-    wrong_shape = httpclient.InferInput("features", [1, 16], "FP32")
-    wrong_shape.set_data_from_numpy(np.ones((1, 16), np.float32))
     short = httpclient.InferInput("features", [1, 31], "FP32")
     short.set_data_from_numpy(np.ones((1, 31), np.float32))
     short.set_shape([1, 32])  # fewer bytes than the shape says
-    cases: list[tuple[Callable[[], Any], str, str]] = [
-        (lambda: client.infer("nope", _http_features(x)), "404", "model 'nope' is not found"),
-        (
-            lambda: client.infer("fraud", _http_features(x), model_version="7"),
-            "404",
-            "version '7' is not found",
-        ),
-        (lambda: client.get_model_metadata("nope"), "404", "model 'nope' is not found"),
-        (lambda: client.get_model_config("fraud", "9"), "404", "version '9'"),
-        (
-            lambda: client.infer("fraud", [wrong_type]),
-            "400",
-            "input 'features' of model 'fraud': datatype FP64 given, expected FP32",
-        ),
-        (
-            lambda: client.infer("fraud", [wrong_shape]),
-            "400",
-            "input 'features' of model 'fraud': shape [1, 16] given, expected [-1, 32]",
-        ),
-        (
-            lambda: client.infer("fraud", [short]),
-            "400",
-            "input 'features' of model 'fraud': 124 bytes of raw data given, expected 128",
-        ),
-        (
-            lambda: client.infer(
-                "fraud", _http_features(x), outputs=[httpclient.InferRequestedOutput("nope")]
-            ),
-            "400",
-            "unexpected output 'nope'",
-        ),
-    ]
-    _check_errors(cases)
+    _check_errors(_error_cases(client, httpclient, short, "404", "400"))
 
     # The wire itself: every error is {"error": "..."} with the status.
     infer = "/v2/models/fraud/infer"
