@@ -84,42 +84,12 @@ def infergrid_deploy_targets(name):
         deps = ["//deploy/k8s:kustomize"],
     )
 
-def service_tools(name, tools, deps = []):
-    """Declares :tools (py_library) and one py_binary per module in `tools`, all outside the image.
-
-    Command-line tools (`python -m services.<name>.<tool>`) run from a checkout or with
-    `bazel run //services/<name>:<tool>`; the service library leaves them out, so the :server
-    binary (and the image built from its runfiles) does not carry them. Demo data generators live in
-    //stack:demo, benchmarks in bench/.
-
-    Args:
-      name: the service package name (its library is :<name>).
-      tools: module files of the package, e.g. ["check.py"].
-      deps: what the tools need beyond :<name>, e.g. ["//stack:demo"].
-    """
-    native.py_library(
-        name = "tools",
-        srcs = tools,
-        visibility = ["//visibility:public"],
-        deps = [":" + name] + deps,
-    )
-    for tool in tools:
-        # bazel run //services/<name>:<tool> -- ARGS
-        native.py_binary(
-            name = tool[:-len(".py")],
-            srcs = [tool],
-            main = tool,
-            deps = [":tools"],
-        )
-
-def infergrid_service(name, deps = [], tools = [], test_size = "medium", test_tags = [], **kwargs):
+def infergrid_service(name, deps = [], test_size = "medium", test_tags = [], **kwargs):
     """Declares :<name> (py_library), :server (py_binary), :tests (py_pytest), :image_tar and :manifests.
 
     Args:
       name: the service package name, e.g. "features".
       deps: extra py_library deps beyond //libs and //protos:protos_py.
-      tools: command-line tools kept out of the library and the image (see `service_tools`); the
-        tests get them.
       test_size: Bazel size of the tests ("large" for tests that start real servers).
       test_tags: tags for the tests, e.g. ["exclusive"].
       **kwargs: passed to py_pytest (env, data, args, ...).
@@ -127,12 +97,10 @@ def infergrid_service(name, deps = [], tools = [], test_size = "medium", test_ta
     native.py_library(
         name = name,
         # __main__.py is included so tests can start the service as `python -m services.<name>`.
-        srcs = native.glob(["*.py"], exclude = ["tests/**"] + tools) + ["//services:__init__.py"],
+        srcs = native.glob(["*.py"], exclude = ["tests/**"]) + ["//services:__init__.py"],
         visibility = ["//visibility:public"],
         deps = ["//libs", "//protos:protos_py"] + deps,
     )
-    if tools:
-        service_tools(name, tools)
 
     # bazel run //services/<name>:server
     native.py_binary(
@@ -146,7 +114,7 @@ def infergrid_service(name, deps = [], tools = [], test_size = "medium", test_ta
         name = "tests",
         size = test_size,
         srcs = native.glob(["tests/*.py"]),
-        deps = [":" + name, "//libs:testing"] + ([":tools"] if tools else []),
+        deps = [":" + name, "//libs:testing"],
         tags = test_tags,
         **kwargs
     )
