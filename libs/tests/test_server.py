@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from infergrid.features.v1 import features_pb2, features_pb2_grpc
@@ -103,10 +103,8 @@ async def test_metrics_count_calls_by_code(echo: tuple[Server, features_pb2_grpc
 async def test_health_and_reflection(echo: tuple[Server, features_pb2_grpc.FeatureServiceStub]) -> None:
     server, _ = echo
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
         for name in ("", SERVICE):
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert await health_status(channel, name) == health_pb2.HealthCheckResponse.SERVING
         names = await reflected_services(channel)
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
@@ -122,14 +120,11 @@ async def test_readiness_gates_serving(transport: str) -> None:
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
             await asyncio.sleep(0.2)
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
-            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
             ready.set()
             await asyncio.sleep(0.2)
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert await health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(0, 0.5)
 
@@ -183,10 +178,7 @@ async def test_sigterm_drains_not_serving_while_in_flight_call_completes(transpo
             await asyncio.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE)
-            )
-            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
             view = await in_flight
             assert view.name == "slow:2.5"
         assert proc.wait(timeout=15) == 0
