@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -97,8 +98,6 @@ async def test_breaker_half_opens_after_reset_timeout() -> None:
     with pytest.raises(Unavailable):
         await dep.call(_Flaky(0, ConnectionError("x")))
     assert dep.breaker_open
-    import asyncio
-
     await asyncio.sleep(0.1)
     assert not dep.breaker_open  # a probe is due: callers may try it (failover prefers it again)
     assert await dep.call(_Flaky(0, ConnectionError("x"))) == "ok"
@@ -106,8 +105,6 @@ async def test_breaker_half_opens_after_reset_timeout() -> None:
 
 
 async def test_timeout_becomes_deadline_exceeded() -> None:
-    import asyncio
-
     async def slow() -> None:
         await asyncio.sleep(1)
 
@@ -159,19 +156,12 @@ async def test_grpc_channel_retries_natively() -> None:
                 raise Unavailable("warming up")
             return features_pb2.FeatureView(name=request.name)
 
-    servicer = Servicer()
-    server = build_server(
-        ServerConfig(port=0),
-        [
-            GrpcService(
-                "infergrid.features.v1.FeatureService",
-                lambda s: features_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, s),
-            )
-        ],
-    )
+    service = "infergrid.features.v1.FeatureService"
+    add = features_pb2_grpc.add_FeatureServiceServicer_to_server
+    server = build_server(ServerConfig(port=0), [GrpcService.of(service, add, Servicer())])
     await server.start()
     try:
-        channel = dial(f"127.0.0.1:{server.port}", "infergrid.features.v1.FeatureService", _policy())
+        channel = dial(f"127.0.0.1:{server.port}", service, _policy())
         async with channel:
             view = await features_pb2_grpc.FeatureServiceStub(channel).GetFeatureView(
                 features_pb2.GetFeatureViewRequest(name="v"), timeout=2
