@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,52 +68,31 @@ class BatcherSettings:
     priority_levels: int = 0
 
 
+@dataclass(slots=True, eq=False)
 class _Job:
-    __slots__ = (
-        "deadline_ns",
-        "enqueued_ns",
-        "future",
-        "inputs",
-        "priority",
-        "rows",
-        "shape_key",
-        "trace_ctx",
-        "wall_ns",
-    )
-
-    def __init__(
-        self,
-        inputs: dict[str, np.ndarray],
-        rows: int,
-        future: asyncio.Future[list[np.ndarray]] | concurrent.futures.Future[list[np.ndarray]],
-        deadline_ns: int,
-        shape_key: object,
-    ) -> None:
-        self.inputs = inputs
-        self.rows = rows
-        self.future = future
-        self.enqueued_ns = _perf_ns()
-        self.deadline_ns = deadline_ns
-        self.shape_key = shape_key
-        self.priority = 0
-        self.trace_ctx: otel_context.Context | None = None
-        self.wall_ns = 0
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[list[np.ndarray]] | concurrent.futures.Future[list[np.ndarray]]
+    deadline_ns: int
+    shape_key: object
+    enqueued_ns: int = field(default_factory=_perf_ns)
+    priority: int = 0
+    trace_ctx: otel_context.Context | None = None
+    wall_ns: int = 0
 
 
+@dataclass(slots=True, eq=False)
 class _Batch:
     """One executed batch and what happened to it (filled on the scheduler thread)."""
 
-    __slots__ = ("errors", "expired", "jobs", "outputs", "start_ns", "start_wall", "timings")
-
-    def __init__(self, jobs: list[_Job], expired: list[_Job]) -> None:
-        self.jobs = jobs
-        self.expired = expired
-        self.outputs: list[list[np.ndarray]] = []
-        # Per job when the batch failed: its own error, or None if it succeeded when run alone.
-        self.errors: list[BaseException | None] | None = None
-        self.start_ns = _perf_ns()
-        self.start_wall = time.time_ns()
-        self.timings = (0, 0, 0)
+    jobs: list[_Job]
+    expired: list[_Job]
+    outputs: list[list[np.ndarray]] = field(default_factory=list)
+    # Per job when the batch failed: its own error, or None if it succeeded when run alone.
+    errors: list[BaseException | None] | None = None
+    start_ns: int = field(default_factory=_perf_ns)
+    start_wall: int = field(default_factory=time.time_ns)
+    timings: tuple[int, int, int] = (0, 0, 0)
 
 
 class DynamicBatcher:
