@@ -20,13 +20,10 @@ from services.logging.store import RecordPage, RecordQuery, StoredRecord, hour_o
 class MemoryLogStore:
     """Records by (tenant, request id); queries walk one tenant's (hour, time, request id) like the by-model table."""
 
-    def __init__(self, *, max_reads: int = 200) -> None:
+    def __init__(self) -> None:
         self.records: dict[tuple[str, str], StoredRecord] = {}
-        self.writes = 0
-        self.max_reads = max_reads
 
     async def write(self, records: Sequence[StoredRecord]) -> None:
-        self.writes += 1
         for r in records:
             known = self.records.get((r.tenant, r.request_id))
             if known is None or r.request_time_us >= known.request_time_us:  # the later request time wins
