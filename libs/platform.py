@@ -195,14 +195,9 @@ def _section_schema(cls: type) -> dict[str, Any]:
             properties[f.name] = _section_schema(type(default))
         elif isinstance(default, tuple):
             properties[f.name] = {"type": "array", "items": {"type": "string"}}
-        elif isinstance(default, bool):
-            properties[f.name] = {"type": "boolean"}
-        elif isinstance(default, float):
-            properties[f.name] = {"type": "number"}
-        elif isinstance(default, int):
-            properties[f.name] = {"type": "integer"}
-        else:
-            properties[f.name] = {"type": "string"}
+        else:  # bool before int: a bool is an int
+            kinds = ((bool, "boolean"), (float, "number"), (int, "integer"))
+            properties[f.name] = {"type": next((t for k, t in kinds if isinstance(default, k)), "string")}
     # A section left empty in YAML (`listener:`) is null: its defaults.
     return {"type": ["object", "null"], "additionalProperties": False, "properties": properties}
 
