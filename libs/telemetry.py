@@ -113,7 +113,9 @@ def setup_tracing(
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     attributes = {"service.name": service, "process.pid": str(os.getpid())}
-    attributes.update(pair.partition("=")[::2] for pair in config.resource_attributes)  # k=v
+    for pair in config.resource_attributes:  # key=value
+        key, _, value = pair.partition("=")
+        attributes[key] = value
     provider = TracerProvider(
         resource=Resource.create(attributes),
         sampler=ParentBased(sampler or AdjustableRatioSampler(config.trace_sample_ratio)),

@@ -156,7 +156,7 @@ def _matrix(stack: Stack, placement: str, *, served: bool = True, label: str = "
             for _ in range(3):
                 if got != "UNAVAILABLE" and not got.startswith("HTTP 503"):
                     break
-                _CODES[f"{got[:8]} (asked again)"] += 1
+                _CODES[f"{got.split(':')[0]} (asked again)"] += 1
                 time.sleep(0.5)
                 got = _call(stack, route, model, headers)
             if not served and got in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
