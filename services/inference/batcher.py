@@ -5,7 +5,8 @@ scheduler thread per model instance waits until the queue holds a full (or prefe
 request has waited `max_queue_delay`, takes requests in arrival order up to
 `max_batch_size` rows, runs the batch (so the event loop never blocks on the
 model), splits the outputs back per request in order, and hands them to the
-loop with one callback per batch. The queue is bounded (a full queue sheds with
+loop with one callback per batch (a batch whose requests all came from server threads
+is resolved on the scheduler thread itself: no loop wake-up at all). The queue is bounded (a full queue sheds with
 RESOURCE_EXHAUSTED and a retry hint: overload, which callers must not count as an
 outage) and requests past their timeout fail with DEADLINE_EXCEEDED before they
 use the model. With batching off, each request is executed alone but
@@ -110,6 +111,7 @@ class DynamicBatcher:
         self._output_names = list(output_names)
         self._metrics = metrics
         self._cond = threading.Condition(threading.Lock())
+        self._completing = threading.Lock()  # batch completions: metrics, statistics, the controller
         self._queue: collections.deque[_Job] = collections.deque()  # guarded by _cond
         self._queued_rows = 0  # guarded by _cond
         self._delay_ns = settings.max_queue_delay_us * 1000 if settings.dynamic else 0
@@ -263,6 +265,10 @@ class DynamicBatcher:
                     batch.outputs, batch.timings = self._compute(batch.jobs)
                 except Exception as exc:  # the thread must outlive any one bad batch
                     self._isolate(batch, exc)
+            if all(type(job.future) is concurrent.futures.Future for job in (*batch.jobs, *batch.expired)):
+                # Every waiter is a thread (the threaded transport): resolved here, without waking the loop.
+                self._complete(batch)
+                continue
             loop = self._loop
             assert loop is not None
             try:
@@ -351,10 +357,15 @@ class DynamicBatcher:
                 offset = end
         return split, (t1 - t0, t2 - t1, _perf_ns() - t2)
 
-    # --- back on the event loop ---
+    # --- back on the event loop (or on the scheduler thread: `_run`) ---
 
     def _complete(self, batch: _Batch) -> None:
-        """Resolves the batch's futures and records metrics (event loop thread)."""
+        """Resolves the batch's futures and records metrics: on the event loop, or on the scheduler thread
+        when only threads wait (one at a time either way: `_completing`)."""
+        with self._completing:
+            self._complete_locked(batch)
+
+    def _complete_locked(self, batch: _Batch) -> None:
         metrics = self._metrics
         stats = metrics.stats
         now = _perf_ns()
