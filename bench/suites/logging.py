@@ -12,6 +12,12 @@ side by side (their own topic, consumer group and keyspace; an idle consumer cos
 their repetitions alternate, so both see the same Kafka, the same Cassandra and the same machine load.
 Point `pipeline` is this checkout, `pipeline-baseline` the other.
 
+A second point per service, `backlog`, measures the consumer alone, as Kafka's own consumer-perf tool does:
+COUNT records are published while its service is stopped, then it starts and drains them. The publisher is
+idle by then, so CPU 0 holds only the logging service and Kafka serving fetches; the rate and the CPU per
+record are taken over the drain itself (from the first stored record to the last, GetStats polled every
+20 ms), not over the start-up.
+
 With INFERGRID_BENCH_LOGGING_FLAME=1 (or in a full run), py-spy records a flame graph of each service
 (`flame-logging.svg`, `flame-logging-baseline.svg`) in an extra, unmeasured repetition.
 """
@@ -155,13 +161,7 @@ def body(run: Run, suite: Suite) -> None:
         cpu0 = server.cpu_seconds()
         parts0 = {"logging": group_cpu_seconds(server.pid),
                   **{k: pids_cpu_seconds([v]) for k, v in pids.items()}}  # fmt: skip
-        command = [sys.executable, "-m", "bench.logpub", kafka.bootstrap_servers, system.topic,
-                   str(run.work_dir / f"spool-{system.key}-{tag}"), f"{system.key}-{tag}", str(n)]  # fmt: skip
-        out = subprocess.run(pinned(command, PIPELINE_CPUS), check=False, capture_output=True, text=True,
-                             timeout=600, env=repo_env(kafka_env(kafka)))  # fmt: skip
-        if out.returncode != 0:
-            raise RuntimeError(f"publisher failed: {out.stderr[-2000:]}")
-        pub = json.loads(out.stdout.strip().splitlines()[-1])
+        pub = _publish(run, kafka, system.topic, n, f"{system.key}-{tag}")
         target = system.done_before + n
         deadline = time.monotonic() + 180
         total = system.done_before
@@ -233,3 +233,91 @@ def body(run: Run, suite: Suite) -> None:
         run.save()
     for system in systems:
         run.procs.stop(system.server)
+    for system in systems:
+        suite.points.append(_backlog_point(run, system, kafka=kafka, cassandra=cassandra, pids=pids))
+        run.save()
+
+
+def _publish(run: Run, kafka: Any, topic: str, n: int, tag: str) -> dict[str, Any]:
+    """Publishes `n` records to `topic` with bench.logpub on the pipeline CPU; its JSON summary."""
+    command = [sys.executable, "-m", "bench.logpub", kafka.bootstrap_servers, topic,
+               str(run.work_dir / f"spool-{tag}"), tag, str(n)]  # fmt: skip
+    out = subprocess.run(pinned(command, PIPELINE_CPUS), check=False, capture_output=True, text=True,
+                         timeout=600, env=repo_env(kafka_env(kafka)))  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"publisher failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _backlog_point(
+    run: Run, system: _System, *, kafka: Any, cassandra: Any, pids: dict[str, int]
+) -> dict[str, Any]:
+    """The consumer draining a backlog of COUNT records per repetition (module docstring)."""
+    count = run.settings.log_records
+    key = f"{system.key}-backlog"
+    point: dict[str, Any] = {
+        "system": f"Kafka backlog → logging service ({system.label}) → Cassandra (consumer alone)",
+        "key": key, "protocol": "Kafka", "tool": "bench.logpub, then drain", "params": {"records": count},
+        "reps": [], "load_1m": round(os.getloadavg()[0], 2),
+    }  # fmt: skip
+    # The first start creates the topics, the keyspace and the consumer group (nothing to consume yet).
+    drain = _start(run, key, system.label, system.root, kafka=kafka, cassandra=cassandra)
+    run.procs.stop(drain.server)
+    try:
+        for i in range(run.settings.reps + 1):  # the first repetition warms Cassandra's tables: not kept
+            tag = f"{key}-r{i}"
+            _publish(run, kafka, drain.topic, count, tag)
+            drain = _start(run, key, system.label, system.root, kafka=kafka, cassandra=cassandra)
+            samples = _drain(drain, count, pids)
+            run.procs.stop(drain.server)
+            (t0, n0, c0), (t1, n1, c1) = samples[0], samples[-1]
+            if n1 < count:
+                raise RuntimeError(f"only {n1} of {count} backlog records reached the sink in 180 s")
+            records, elapsed = n1 - n0, t1 - t0
+            rep = {
+                "rps": records / elapsed, "requests": float(records), "errors": 0.0, "duration_s": elapsed,
+                "server_cpu": sum(c1[k] - c0[k] for k in c1) / elapsed, "load_1m": round(os.getloadavg()[0], 2),
+                "cpu_us_per_record": {k: round((c1[k] - c0[k]) / records * 1e6, 1) for k in c1},
+            }  # fmt: skip
+            if i:
+                point["reps"].append(rep)
+    except Exception as exc:
+        point["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        say(f"logging backlog: FAILED {exc}")
+        run.procs.stop(drain.server)
+    reps = point["reps"]
+    if reps:
+        point["median"] = stats.median_of_reps(reps)
+        point["spread"] = round(stats.spread(reps), 4)
+        cpu = {
+            k: statistics.median(r["cpu_us_per_record"][k] for r in reps)
+            for k in reps[0]["cpu_us_per_record"]
+        }
+        point["pipeline_cpu_us_per_record"] = cpu
+        say(f"logging/{key}: {point['median']['rps']:,.0f} records/s; CPU µs per record {cpu}")
+    return point
+
+
+def _drain(system: _System, count: int, pids: dict[str, int]) -> list[tuple[float, int, dict[str, float]]]:
+    """(time, records stored, CPU seconds by process) from the first stored record until all `count` are."""
+
+    def cpu() -> dict[str, float]:
+        return {
+            "logging": group_cpu_seconds(system.server.pid),
+            **{k: pids_cpu_seconds([v]) for k, v in pids.items()},
+        }
+
+    samples: list[tuple[float, int, dict[str, float]]] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        total = asyncio.run(records_total(system.port))
+        if total:
+            samples.append((time.monotonic(), total, cpu()))
+            if total >= count:
+                break
+        if not system.server.alive():
+            raise RuntimeError(f"logging service died:\n{system.server.log_tail()}")
+        time.sleep(0.02)
+    if len(samples) < 2:
+        raise RuntimeError(f"the backlog drained between two polls or not at all ({samples[-1:]})")
+    return samples
