@@ -16,7 +16,7 @@ A second point per service, `backlog`, measures the consumer alone, as Kafka's o
 COUNT records are published while its service is stopped, then it starts and drains them. The publisher is
 idle by then, so CPU 0 holds only the logging service and Kafka serving fetches; the rate and the CPU per
 record are taken over the drain itself (from the first stored record to the last, GetStats polled every
-20 ms), not over the start-up.
+100 ms: each poll is a call the service answers, so it polls rarely), not over the start-up.
 
 With INFERGRID_BENCH_LOGGING_FLAME=1 (or in a full run), py-spy records a flame graph of each service
 (`flame-logging.svg`, `flame-logging-baseline.svg`) in an extra, unmeasured repetition.
@@ -317,7 +317,7 @@ def _drain(system: _System, count: int, pids: dict[str, int]) -> list[tuple[floa
                 break
         if not system.server.alive():
             raise RuntimeError(f"logging service died:\n{system.server.log_tail()}")
-        time.sleep(0.02)
+        time.sleep(0.1)
     if len(samples) < 2:
         raise RuntimeError(f"the backlog drained between two polls or not at all ({samples[-1:]})")
     return samples
