@@ -9,8 +9,9 @@ Per batch: every message is validated (invalid ones go to the dead-letter topic
 with the reason in the `infergrid-dlq-reason` header); valid records are
 deduplicated by (tenant, request_id) and upserted into Cassandra (retried until it
 succeeds or the service stops) and, once Cassandra has them, buffered for the
-lake. The Cassandra write of one batch overlaps the fetching and validation of
-the next; batches complete in order, so offsets only ever advance over records
+lake. The Cassandra writes of up to `batch_writes_in_flight` batches overlap the
+fetching and validation of the next (so Cassandra is not idle while this process
+validates); batches complete in order, so offsets only ever advance over records
 the store holds. When the lake is due
 (size or age) it writes its files, the dead-letter producer is flushed, and only
 then are the offsets committed. A crash anywhere before the commit means
@@ -26,6 +27,7 @@ offsets are committed, and the consumer leaves the group.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -196,29 +198,34 @@ class LogPipeline:
     async def _run(self) -> None:
         self._consumer = await self._call(self._create_consumer)
         self.running = True
-        in_flight: _Batch | None = None
+        # Batches whose store write is under way, oldest first: they complete in this order.
+        in_flight: collections.deque[_Batch] = collections.deque()
+        depth = self.config.batch_writes_in_flight
         try:
             while not self._stopping.is_set():
-                # Batch k's store write proceeds while batch k+1 is fetched and validated.
+                # The store writes of the batches in flight proceed while the next is fetched and validated.
                 messages = await self._call(
                     self._consumer.consume, self.config.batch_max_records, self.config.batch_wait_seconds
                 )
                 batch = self._prepare(messages) if messages else None
-                if in_flight is not None:
-                    await self._complete(in_flight)
-                    in_flight = None
+                # Completes the oldest batches first: enough to make room for this batch's write, or all
+                # of them when there is none (nothing came: idle; or only dead letters, whose offsets
+                # must not pass theirs).
+                keep = depth - 1 if batch is not None and batch.items else 0
+                while len(in_flight) > keep:
+                    await self._complete(in_flight.popleft())
                 if batch is not None:
                     if batch.items:
                         self._begin(batch)
-                        in_flight = batch
+                        in_flight.append(batch)
                     else:
                         self._apply_offsets(batch)
                 if self._lake.due() or self._only_offsets_due():
                     await self._flush_and_commit()
                 if time.monotonic() - self._last_lag >= _LAG_EVERY_S:
                     await self._call(self._update_lag)
-            if in_flight is not None:
-                await self._complete(in_flight)
+            while in_flight:
+                await self._complete(in_flight.popleft())
             await self._flush_and_commit()
         except Exception:
             log.exception("logging pipeline failed")
