@@ -288,10 +288,20 @@ async def test_a_preferred_pool_slower_than_the_deadline_is_skipped_for_its_queu
         assert sum(failed.values()) <= MAX_CONCURRENT_BATCHES
         assert set(failed) <= {"DEADLINE_EXCEEDED"}
         await asyncio.sleep(BREAKER_RESET_S + 0.5)  # the breaker its timed-out batches opened lets a probe by
-        before = failovers_by_reason(REGISTRY.collect())
-        served, failed = await _round(30)
-        after = failovers_by_reason(REGISTRY.collect())
-        print(f"slow gpu pool, second round: served by {dict(served)}, failed {dict(failed)}")
+        # From now on every batch skips the slow pool. A call may still miss its 250 ms on the cpu pool
+        # itself when the machine is loaded (CI at load ~20 did once): such a round is counted and run
+        # again, up to three times; no round may ever be served by the slow pool.
+        for attempt in range(1, 4):
+            before = failovers_by_reason(REGISTRY.collect())
+            served, failed = await _round(30)
+            after = failovers_by_reason(REGISTRY.collect())
+            print(
+                f"slow gpu pool, second round (try {attempt}): served by {dict(served)}, failed {dict(failed)}"
+            )
+            assert "gpu" not in served
+            assert set(failed) <= {"DEADLINE_EXCEEDED"}
+            if not failed:
+                break
         assert not failed
         assert served == {"cpu": 30 * MAX_CONCURRENT_BATCHES}
         assert after["queue_delay"] - before["queue_delay"] == 30 * MAX_CONCURRENT_BATCHES
