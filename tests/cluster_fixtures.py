@@ -63,13 +63,14 @@ class RunningCluster:
         return admin_auth(self.config)
 
 
-def free_cluster_ports(host: str = "127.0.0.1") -> dict[str, int]:
+def free_cluster_ports(host: str = "127.0.0.1", exclude: set[int] | None = None) -> dict[str, int]:
     """A port for every name of DEFAULT_PORTS, free where the cluster binds it (every node address for
-    the servers, base + 10·k for k < 4 for the service replicas), below the ephemeral range."""
+    the servers, base + 10·k for k < 4 for the service replicas), below the ephemeral range, and none of
+    `exclude` (the session stack's ports: its servers start lazily, so a port of theirs may still be free)."""
     low, _ = _ephemeral_range()
     first = 20000 if low > 21000 else 1024
     nodes = [node_address(host, n) for n in range(1, cluster.NODES + 1)]
-    taken: set[int] = set()
+    taken: set[int] = set(exclude or ())
     chosen: dict[str, int] = {}
     candidate = first + secrets.randbelow(max(1, low - first - 2000))
     for name in DEFAULT_PORTS:
@@ -89,14 +90,16 @@ def free_cluster_ports(host: str = "127.0.0.1") -> dict[str, int]:
     return chosen
 
 
-def cluster_session_config(env: dict[str, str] | os._Environ[str]) -> StackConfig:
-    """The session's cluster: free ports, state in `.state/test/session-<pid>/cluster`."""
+def cluster_session_config(
+    env: dict[str, str] | os._Environ[str], exclude: set[int] | None = None
+) -> StackConfig:
+    """The session's cluster: free ports (none of `exclude`), state in `.state/test/session-<pid>/cluster`."""
     base = cluster.cluster_config(env)
     state_dir = session_state_dir() / "cluster"
     return dataclasses.replace(
         base,
         state_dir=state_dir,
-        ports=free_cluster_ports(base.host),
+        ports=free_cluster_ports(base.host, exclude),
         platform_file=state_dir / "platform.yaml",
     )
 
@@ -104,7 +107,10 @@ def cluster_session_config(env: dict[str, str] | os._Environ[str]) -> StackConfi
 @pytest.fixture(scope="session")
 def stack_cluster(stack_config: StackConfig, request: pytest.FixtureRequest) -> Iterator[RunningCluster]:
     """The cluster profile, started once per session and stopped at its end (see the module docstring)."""
-    del stack_config  # requested for its clean-up of stale sessions' servers
+    # Requested for its clean-up of stale sessions' servers, and for its ports, which the session's own
+    # servers take only when first asked for: the cluster must not take them meanwhile (CI saw its Envoy
+    # on the session Jaeger's port).
+    session_ports = set(stack_config.ports.values())
     if _truthy(os.environ.get(REUSE_VARIABLE)):
         config = cluster.cluster_config()
         components = cluster.components(config)
@@ -112,7 +118,7 @@ def stack_cluster(stack_config: StackConfig, request: pytest.FixtureRequest) -> 
             pytest.fail("INFERGRID_REUSE_STACK=1 but no cluster runs: `make up PROFILE=cluster` first")
         yield RunningCluster(config, components, os.environ.get(DEMO_KEY_VARIABLE, ""))
         return
-    config = cluster_session_config(os.environ)
+    config = cluster_session_config(os.environ, session_ports)
     demo_key = os.environ.get(DEMO_KEY_VARIABLE) or f"ig_test_{secrets.token_urlsafe(24)}"
     previous = os.environ.get(DEMO_KEY_VARIABLE)
     os.environ[DEMO_KEY_VARIABLE] = demo_key  # read by the edge's start (`keys ensure --key-from-env`)
