@@ -39,7 +39,7 @@ class PipelineConfig(Bounded):
     batch_wait_seconds: float = 0.2
     # Batches whose Cassandra write may be under way at once while the next is fetched and validated; they
     # complete in order either way, so offsets still only advance over records the store holds.
-    batch_writes_in_flight: int = setting(4, minimum=1, maximum=16)
+    batch_writes_in_flight: int = setting(1, minimum=1, maximum=16)
     lake_dir: Path = Path(".state/logging/lake")
     # The lake's buffer is written to files (and offsets committed) at this size or age.
     lake_roll_bytes: int = 64 * 1024 * 1024

@@ -9,7 +9,7 @@ Per batch: every message is validated (invalid ones go to the dead-letter topic
 with the reason in the `infergrid-dlq-reason` header); valid records are
 deduplicated by (tenant, request_id) and upserted into Cassandra (retried until it
 succeeds or the service stops) and, once Cassandra has them, buffered for the
-lake. The Cassandra writes of up to `batch_writes_in_flight` batches (default 4) overlap the
+lake. The Cassandra writes of up to `batch_writes_in_flight` batches (default 1) overlap the
 fetching and validation of the next (so Cassandra is not idle while this process
 validates); batches complete in order, so offsets only ever advance over records
 the store holds. When the lake is due
