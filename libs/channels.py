@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import grpc
 
+from libs.inproc import LocalChannel, is_local
 from libs.resilience import DependencyPolicy, grpc_service_config
 from libs.telemetry import Telemetry
 
@@ -16,12 +19,15 @@ def dial(
     telemetry: Telemetry | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
 ) -> grpc.aio.Channel:
-    """Opens an insecure aio channel to `target` for `service` (a full gRPC service name).
+    """Opens an insecure aio channel to `target` for `service` (a full gRPC service name); for an
+    `inproc:<name>` target, a `libs.inproc.LocalChannel` to that server in this process.
 
     The channel carries the dependency's retry policy and retry budget as a gRPC
     service config (pass `timeout=` on each call: what is left of the inbound deadline), keepalives, and OpenTelemetry's client interceptors when
     tracing is on (they propagate `traceparent`).
     """
+    if is_local(target):  # a server in this process (libs.inproc): no network, no gRPC channel
+        return cast(grpc.aio.Channel, LocalChannel(target))
     options = [
         ("grpc.service_config", grpc_service_config(service, policy)),
         ("grpc.enable_retries", 1),

@@ -8,6 +8,8 @@ Target syntax (a comma-separated list of any of these; the union is served):
 - `file:/abs/endpoints.json` (or `file:relative.json`, against the caller's base folder): a JSON file
   `{"endpoints": ["127.0.0.1:50051", ...]}` that a supervisor rewrites atomically with the READY
   replicas. A missing file is no endpoints (logged once); a malformed one keeps the last good list.
+- `inproc:features`: the server published under that name in this process (`libs.inproc`), called
+  without a network hop; it is its own endpoint.
 
 `EndpointWatcher` re-resolves its targets every interval in a background task and calls `on_change`
 only when the set changes. A name that does not exist (NXDOMAIN) resolves to nothing; any other DNS
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DNS_PREFIXES = ("dns:///", "dns:")
 FILE_PREFIX = "file:"
+LOCAL_PREFIX = "inproc:"  # libs.inproc.PREFIX
 # getaddrinfo's answers for a name that does not exist (as opposed to a resolver that failed).
 _NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
@@ -68,7 +71,17 @@ class FileTarget:
         return f"{FILE_PREFIX}{self.path}"
 
 
-Target = HostPort | FileTarget
+@dataclass(frozen=True)
+class LocalTarget:
+    """A server in this process (`libs.inproc`): its address is the target itself."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"{LOCAL_PREFIX}{self.name}"
+
+
+Target = HostPort | FileTarget | LocalTarget
 
 
 def is_ip_literal(host: str) -> bool:
@@ -119,6 +132,11 @@ def parse_targets(spec: str, base_dir: Path | None = None) -> tuple[Target, ...]
             if not path.is_absolute():
                 path = (base_dir or Path.cwd()) / path
             targets.append(FileTarget(path))
+        elif entry.startswith(LOCAL_PREFIX):
+            name = entry[len(LOCAL_PREFIX) :]
+            if not name:
+                raise TargetError(f"expected {LOCAL_PREFIX}<name>, got {entry!r}")
+            targets.append(LocalTarget(name))
         else:
             targets.append(parse_host_port(entry))
     if not targets:
@@ -140,6 +158,8 @@ class Resolver:
         for target in targets:
             if isinstance(target, FileTarget):
                 out.update(await self._file(target.path))
+            elif isinstance(target, LocalTarget):
+                out.add(str(target))
             elif target.is_ip:
                 out.add(target.address())
             else:

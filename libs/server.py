@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from libs import inproc
 from libs.config import Bounded, ConfigError, load_config_or_exit, redacted, setting
 from libs.interceptors import ServerInterceptor
 from libs.telemetry import PROMETHEUS_MULTIPROC_ENV, Telemetry, TelemetryConfig, setup_telemetry
@@ -127,12 +128,27 @@ class Server:
     service_names: tuple[str, ...]
     readiness: ReadinessCheck | None = None
     readiness_interval: float = 2.0
+    # Every method handler as wrapped (errors, metrics, spans), by "/package.Service/Method": what
+    # `libs.inproc.publish` serves to callers in this process.
+    handlers: dict[str, grpc.RpcMethodHandler] = field(default_factory=dict)
+    transport: str = "aio"
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Run after the gRPC server started (e.g. a second front door of the same service).
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _readiness_task: asyncio.Task[None] | None = None
     _stopping: bool = False
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def publish(self, name: str) -> None:
+        """Serves this server's methods to callers in this process as `inproc:<name>` (`libs.inproc`),
+        beside its port.
+
+        Raises:
+            ValueError: The server is on the threaded transport (its handlers would block the caller's loop).
+        """
+        if self.transport != "aio":
+            raise ValueError(f"in-process calls to {name} need the aio transport, not {self.transport!r}")
+        inproc.publish(name, self.handlers)
 
     def run_in_background(self, work: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
         """Runs `work` for the server's lifetime: `stop` cancels it (and waits) before the on_stop hooks."""
@@ -220,6 +236,8 @@ class _Registrar:
 
     def __init__(self, server: grpc.aio.Server | grpc.Server, wrapper: ServerInterceptor) -> None:
         self._server, self._wrapper = server, wrapper
+        # The wrapped handlers by "/package.Service/Method": what `libs.inproc` calls in process.
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers(tuple(self._wrapper.generic(h) for h in handlers))
@@ -228,9 +246,9 @@ class _Registrar:
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
     ) -> None:
         wrap = self._wrapper.wrap
-        self._server.add_registered_method_handlers(
-            service, {name: wrap(h, f"/{service}/{name}") for name, h in handlers.items()}
-        )
+        wrapped = {name: wrap(h, f"/{service}/{name}") for name, h in handlers.items()}
+        self.handlers.update({f"/{service}/{name}": h for name, h in wrapped.items()})
+        self._server.add_registered_method_handlers(service, wrapped)
 
 
 def build_server(
@@ -279,7 +297,8 @@ def build_server(
     else:
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limit)
         health = health_aio.HealthServicer()
-    registrar = cast(grpc.aio.Server, _Registrar(server, wrapper))
+    recorder = _Registrar(server, wrapper)
+    registrar = cast(grpc.aio.Server, recorder)
     for service in services:
         service.register(registrar)
     health_pb2_grpc.add_HealthServicer_to_server(
@@ -309,6 +328,8 @@ def build_server(
         service_names=names,
         readiness=readiness,
         readiness_interval=config.readiness_interval_seconds,
+        handlers=recorder.handlers,
+        transport=config.transport,
     )
 
 
