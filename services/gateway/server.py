@@ -27,6 +27,7 @@ from libs.admission import RateLimits
 from libs.channels import dial
 from libs.discovery import EndpointWatcher
 from libs.errors import InvalidArgument, ServiceError
+from libs.inproc import is_local
 from libs.platform import PlatformConfig, PlatformWatcher
 from libs.pool import ChannelPool
 from libs.ratelimit import LeasedLimiter
@@ -221,6 +222,10 @@ async def create_server(
         features_policy,
     )
 
+    # A server in this process (libs.inproc, services.node) answers unary calls only; a stream buys
+    # nothing without a network.
+    streaming = up.inference_streaming and not is_local(up.inference_target)
+
     def _inference(name: str) -> tuple[ChannelPool, Dependency, GrpcModelClient | StreamingModelClient]:
         # The default target ("inference") or a named pool of the platform file (e.g. gpu, cpu): its own
         # channels, breaker and metrics.
@@ -232,7 +237,7 @@ async def create_server(
             inference_policy,
         )
         dependency = Dependency(name, _single_attempt(inference_policy))
-        client = pool_client(channels, dependency, up.inference_streaming, up.inference_hang_margin_s)
+        client = pool_client(channels, dependency, streaming, up.inference_hang_margin_s)
         return channels, dependency, client
 
     inference_pool, _, models = _inference("inference")

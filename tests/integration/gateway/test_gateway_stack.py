@@ -325,16 +325,17 @@ async def test_a_changed_split_applies_without_a_restart(env: Env) -> None:
         env.platform.write_text(_split((90, 10), shadow="2"))
 
 
-@pytest.mark.parametrize(
-    ("mutate", "code", "text"),
-    [
-        (lambda r: setattr(r, "model", "no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
-        (lambda r: setattr(r, "model", ""), grpc.StatusCode.INVALID_ARGUMENT, "model"),
-        (lambda r: r.features["amount"].__setattr__("string_value", "lots"), grpc.StatusCode.INVALID_ARGUMENT, "features.amount"),
-        (lambda r: r.entities.pop("device_id"), grpc.StatusCode.INVALID_ARGUMENT, "entities.device_id"),
-        (lambda r: setattr(r, "version", "99"), grpc.StatusCode.NOT_FOUND, "99"),
-    ],
-)  # fmt: skip
+# Bad requests and the status each must get, naming the problem; the node's test (test_node.py) shares them.
+BAD_INPUT = [
+    (lambda r: setattr(r, "model", "no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+    (lambda r: setattr(r, "model", ""), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    (lambda r: r.features["amount"].__setattr__("string_value", "lots"), grpc.StatusCode.INVALID_ARGUMENT, "features.amount"),
+    (lambda r: r.entities.pop("device_id"), grpc.StatusCode.INVALID_ARGUMENT, "entities.device_id"),
+    (lambda r: setattr(r, "version", "99"), grpc.StatusCode.NOT_FOUND, "99"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mutate", "code", "text"), BAD_INPUT)
 async def test_bad_input_gets_a_status_naming_the_problem_and_never_crashes(
     env: Env, mutate: object, code: grpc.StatusCode, text: str
 ) -> None:
