@@ -140,42 +140,13 @@ def targets(doc: Doc) -> list[tuple[str, str, str]]:
             _verdict(None if r is None else r >= need),
         ))  # fmt: skip
     e2e = doc.get("suites", {}).get("e2e") or {}
-    ours_e2e = _best(doc, "e2e", "e2e-grpc")
-    ours_any = _max_rps(doc, "e2e", "e2e-grpc")
-    ours_note = (
-        "" if ours_e2e or ours_any is None else " (never met p99 \u2264 25 ms; its best at any latency)"
-    )
-    ours_e2e_or_any = ours_e2e or ours_any
-    tri_redis = _best(doc, "e2e", "pytriton-redis")
     if e2e.get("points"):
-        r = stats.ratio(_med(ours_e2e, "rps") or 0.0, _med(tri_redis, "rps")) if ours_any else None
-        rows.append((
-            "End to end through Envoy (auth, rate limit, features, model, log record), p99 \u2264 25 ms: "
-            "\u2265 PyTriton doing only the Redis lookup and the model",
-            f"ours (gRPC) {_describe(ours_e2e_or_any)}{ours_note} vs PyTriton + Redis {_describe(tri_redis)}: "
-            f"{_x(stats.ratio(_med(ours_e2e_or_any, 'rps'), _med(tri_redis, 'rps')))}",
-            _verdict(None if r is None else r >= 1.0),
-        ))  # fmt: skip
+        rows += _e2e_rows(doc, "e2e-grpc", "ours (gRPC)", "")
+        if points(doc, "e2e", "e2e-grpc-node"):
+            rows += _e2e_rows(doc, "e2e-grpc-node", "the node (gRPC)", ", the node (one process)")
     else:
         rows.append(("End to end through Envoy: \u2265 PyTriton (Redis + model) at p99 \u2264 25 ms",
                      f"not measured: {e2e.get('note') or e2e.get('status') or 'not run'}", _verdict(None)))  # fmt: skip
-    peer_label, peer, measured = best_peer(doc)
-    each = "; ".join(f"{label} {_describe(p) if p else 'never met it'}" for label, p in measured)
-    if peer is not None:
-        r = stats.ratio(_med(ours_e2e, "rps") or 0.0, _med(peer, "rps")) if ours_any else None
-        text = (f"ours (gRPC) {_describe(ours_e2e_or_any)}{ours_note} vs the best peer, {peer_label} "
-                f"{_describe(peer)}: {_x(stats.ratio(_med(ours_e2e_or_any, 'rps'), _med(peer, 'rps')))}")  # fmt: skip
-        ok = None if r is None else r >= 5.0
-    elif measured:  # no peer met p99 <= 25 ms: their throughput under the objective is 0
-        text = f"ours (gRPC) {_describe(ours_e2e_or_any)}{ours_note}; no peer met p99 \u2264 25 ms at any concurrency"
-        ok = None if not ours_any else ours_e2e is not None
-    else:
-        text, ok = "no peer measured in this run", None
-    rows.append((
-        "End to end: \u2265 5\u00d7 the best of Ray Serve, BentoML, LitServe at p99 \u2264 25 ms",
-        text + (f". Each peer's best at p99 \u2264 25 ms: {each}" if measured else ""),
-        _verdict(ok),
-    ))  # fmt: skip
     log = (points(doc, "logging", "pipeline") or [None])[0]
     rows.append(("Logging: \u2265 20,000 records/s publish → sink",
                  f"{_f(_med(log, 'rps'))} records/s" if log else "not measured",
@@ -194,6 +165,46 @@ def targets(doc: Doc) -> list[tuple[str, str, str]]:
                  f"publish() p50 {_f(prod.get('publish_us_p50'))} \u00b5s, p99 {_f(prod.get('publish_us_p99'))} \u00b5s; "
                  f"process CPU {_f(cost)} \u00b5s/record incl. librdkafka's threads" if prod else "not measured",
                  _verdict(None if cost is None else cost < 20)))  # fmt: skip
+    return rows
+
+
+def _e2e_rows(doc: dict[str, Any], key: str, who: str, title: str) -> list[tuple[str, str, str]]:
+    """The end-to-end target rows of the e2e points `key` (ours, or the node), `who` naming them."""
+    rows = []
+    ours_e2e = _best(doc, "e2e", key)
+    ours_any = _max_rps(doc, "e2e", key)
+    ours_note = (
+        "" if ours_e2e or ours_any is None else " (never met p99 \u2264 25 ms; its best at any latency)"
+    )
+    ours_e2e_or_any = ours_e2e or ours_any
+    tri_redis = _best(doc, "e2e", "pytriton-redis")
+    r = stats.ratio(_med(ours_e2e, "rps") or 0.0, _med(tri_redis, "rps")) if ours_any else None
+    rows.append((
+        "End to end through Envoy (auth, rate limit, features, model, log record), p99 \u2264 25 ms: "
+        f"\u2265 PyTriton doing only the Redis lookup and the model{title}",
+        f"{who} {_describe(ours_e2e_or_any)}{ours_note} vs PyTriton + Redis {_describe(tri_redis)}: "
+        f"{_x(stats.ratio(_med(ours_e2e_or_any, 'rps'), _med(tri_redis, 'rps')))}",
+        _verdict(None if r is None else r >= 1.0),
+    ))  # fmt: skip
+    peer_label, peer, measured = best_peer(doc)
+    each = "; ".join(f"{label} {_describe(p) if p else 'never met it'}" for label, p in measured)
+    if peer is not None:
+        r = stats.ratio(_med(ours_e2e, "rps") or 0.0, _med(peer, "rps")) if ours_any else None
+        text = (f"{who} {_describe(ours_e2e_or_any)}{ours_note} vs the best peer, {peer_label} "
+                f"{_describe(peer)}: {_x(stats.ratio(_med(ours_e2e_or_any, 'rps'), _med(peer, 'rps')))}")  # fmt: skip
+        ok = None if r is None else r >= 5.0
+    elif measured:  # no peer met p99 <= 25 ms: their throughput under the objective is 0
+        text = (
+            f"{who} {_describe(ours_e2e_or_any)}{ours_note}; no peer met p99 \u2264 25 ms at any concurrency"
+        )
+        ok = None if not ours_any else ours_e2e is not None
+    else:
+        text, ok = "no peer measured in this run", None
+    rows.append((
+        f"End to end: \u2265 5\u00d7 the best of Ray Serve, BentoML, LitServe at p99 \u2264 25 ms{title}",
+        text + (f". Each peer's best at p99 \u2264 25 ms: {each}" if measured else ""),
+        _verdict(ok),
+    ))  # fmt: skip
     return rows
 
 
@@ -265,7 +276,7 @@ def ratios(doc: Doc) -> list[str]:
         rows = []
         for c in sorted({(p.get("params") or {}).get("concurrency") for p in [*points(doc, "e2e"), *points(doc, "peers")]} - {None}):  # fmt: skip
             cells = {k: stats.at_param(points(doc, "e2e", k), concurrency=c)
-                     for k in ("e2e-grpc", "e2e-json", "envoy-echo-grpc", "envoy-echo-json", "pytriton-redis", "litserve-redis")}  # fmt: skip
+                     for k in ("e2e-grpc", "e2e-json", "e2e-grpc-node", "envoy-echo-grpc", "envoy-echo-json", "pytriton-redis", "litserve-redis")}  # fmt: skip
             cells.update({k: stats.at_param(points(doc, "peers", k), concurrency=c)
                           for k in ("ray-redis", "ray-direct-redis", "bentoml-redis")})  # fmt: skip
             rows.append([str(c)] + [f"{_f(_med(p, 'rps'), 0)} / {_f(_med(p, 'p99_ms'))}" for p in cells.values()] + [
@@ -275,7 +286,7 @@ def ratios(doc: Doc) -> list[str]:
             "### End to end: ours / Envoy + echo, ours / PyTriton + Redis (req/s / p99 ms, same concurrency)",
             "",
         ]
-        out += _table(["c", "ours gRPC", "ours JSON", "Envoy\u2192echo gRPC", "Envoy\u2192echo JSON", "PyTriton + Redis",
+        out += _table(["c", "ours gRPC", "ours JSON", "node gRPC", "Envoy\u2192echo gRPC", "Envoy\u2192echo JSON", "PyTriton + Redis",
                        "LitServe + Redis", "Ray Serve (proxy) + Redis", "Ray Serve (direct ingress) + Redis",
                        "BentoML + Redis", "ours / limit (gRPC)", "ours / PyTriton+Redis"], rows)  # fmt: skip
         out.append("")

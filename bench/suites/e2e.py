@@ -21,7 +21,9 @@ with its own `build/gen`), each checkout's gateway runs beside this one (own por
 backends, features and inference), and each Predict point is measured for every gateway in turn: Envoy is
 pointed at one gateway, then at the next (an idle one costs next to nothing), the first one rotating from
 point to point. Keys `e2e-grpc`/`e2e-json` are this checkout; one other checkout is `...-baseline`, several
-are `...-<commit>`. With INFERGRID_BENCH_E2E_FLAME=1 (or in a full run) py-spy records each gateway's
+are `...-<commit>`. The node (`services.node`: features, inference and the gateway in one process, the
+gateway calling the other two in process) is measured the same way, keys `e2e-grpc-node`/`e2e-json-node`.
+With INFERGRID_BENCH_E2E_FLAME=1 (or in a full run) py-spy records each gateway's
 flame graph (`flame-gateway.svg`, `flame-gateway-baseline.svg` or `flame-gateway-<commit>.svg`).
 """
 
@@ -345,6 +347,20 @@ def body(run: Run, suite: Suite) -> None:
         chain.servers.append(base)
         gateways.append((suffix, base_port, base_metrics, base))
         suite.extra[f"gateway{suffix}"] = f"{root} at {commit}"
+
+    # The node (services/node): features, inference and the gateway in one process, on the same backends,
+    # the same demo views (the same keyspace and cache) and the same model; measured in turn like a baseline.
+    node_port, node_metrics = free_port(), free_port()
+    node_env = {**features_suite.ours_env(run, free_port(), cache=True, redis_url=redis.url,
+                                          cassandra_port=cassandra.port),
+                **inference_suite.ours_env(free_port(), batch_repo),
+                **env, "INFERGRID_GATEWAY_PORT": str(node_port), "INFERGRID_GATEWAY_METRICS_PORT": str(node_metrics),
+                "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(work / "spool-node")}  # fmt: skip
+    node = run.procs.start("e2e-node", [sys.executable, "-m", "services.node"], env=node_env, cpus=cpus)
+    wait_grpc_serving(node, node_port, timeout=120)
+    chain.servers.append(node)
+    gateways.append(("-node", node_port, node_metrics, node))
+    suite.extra["gateway-node"] = "services.node: features, inference and the gateway in one process"
 
     cp_port = run.backends.config.port("controlplane")
     controlplane = run.procs.start("e2e-controlplane", [sys.executable, "-m", "services.controlplane"], cpus=cpus,

@@ -115,7 +115,19 @@ def read_all(port: int, data: np.ndarray, *, check: bool) -> None:
 def start_ours(run: Run, name: str, *, cache: bool, redis_url: str, cassandra_port: int, workers: int = 1,
                cpus: str | None = "pin") -> tuple[Server, int]:  # fmt: skip
     port = free_port()
-    env = service_env("INFERGRID_FEATURES_", port, {
+    env = ours_env(
+        run, port, cache=cache, redis_url=redis_url, cassandra_port=cassandra_port, workers=workers
+    )
+    server = run.procs.start(name, [sys.executable, "-m", "services.features"], env=env,
+                             cpus=server_cpus() if cpus == "pin" else cpus)  # fmt: skip
+    wait_grpc_serving(server, port, timeout=120)
+    return server, port
+
+
+def ours_env(run: Run, port: int, *, cache: bool, redis_url: str, cassandra_port: int, workers: int = 1
+             ) -> dict[str, str]:  # fmt: skip
+    """The variables of our features service on `port` (the bench keyspace, Redis as its cache or not)."""
+    return service_env("INFERGRID_FEATURES_", port, {
         "INFERGRID_FEATURES_CASSANDRA_PORT": str(cassandra_port),
         "INFERGRID_FEATURES_CASSANDRA_KEYSPACE": "bench",
         **admin_env(run.backends.config, "INFERGRID_FEATURES_CASSANDRA"),  # a keyspace of its own
@@ -125,10 +137,6 @@ def start_ours(run: Run, name: str, *, cache: bool, redis_url: str, cassandra_po
         "INFERGRID_FEATURES_CACHE_TTL_S": "3600",
         "INFERGRID_FEATURES_WORKERS": str(workers),
     })  # fmt: skip
-    server = run.procs.start(name, [sys.executable, "-m", "services.features"], env=env,
-                             cpus=server_cpus() if cpus == "pin" else cpus)  # fmt: skip
-    wait_grpc_serving(server, port, timeout=120)
-    return server, port
 
 
 FEAST_KEYSPACE = "feast_bench"

@@ -104,16 +104,21 @@ def start_ours(
 ) -> tuple[Server, int]:
     """Our server on `repo`; returns (server, gRPC port). `http_port` 0: no REST API."""
     port = free_port()
-    env = service_env("INFERGRID_INFERENCE_", port, {
-        "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
-        "INFERGRID_INFERENCE_WORKERS": str(workers),
-        "INFERGRID_INFERENCE_HTTP_PORT": str(http_port),
-    })  # fmt: skip
+    env = ours_env(port, repo, workers=workers, http_port=http_port)
     server = run.procs.start(name, [sys.executable, "-m", "services.inference"], env=env,
                              cpus=server_cpus() if cpus == "pin" else cpus)  # fmt: skip
     wait_grpc_serving(server, port, timeout=90)
     wait_model_ready(server, port)
     return server, port
+
+
+def ours_env(port: int, repo: Path, *, workers: int = 1, http_port: int = 0) -> dict[str, str]:
+    """The variables of our inference server on `port` serving `repo`."""
+    return service_env("INFERGRID_INFERENCE_", port, {
+        "INFERGRID_INFERENCE_MODEL_REPOSITORY": str(repo),
+        "INFERGRID_INFERENCE_WORKERS": str(workers),
+        "INFERGRID_INFERENCE_HTTP_PORT": str(http_port),
+    })  # fmt: skip
 
 
 def start_pytriton(
