@@ -144,6 +144,10 @@ def targets(doc: Doc) -> list[tuple[str, str, str]]:
         rows += _e2e_rows(doc, "e2e-grpc", "ours (gRPC)", "")
         if points(doc, "e2e", "e2e-grpc-node"):
             rows += _e2e_rows(doc, "e2e-grpc-node", "the node (gRPC)", ", the node (one process)")
+        if points(doc, "e2e", "direct-grpc-node"):
+            rows += _e2e_rows(doc, "direct-grpc-node", "the node direct (gRPC)",
+                              ", the node without Envoy (as the peers run)",
+                              via="straight to the node, no Envoy (the gateway checks the key and rate limit)")  # fmt: skip
     else:
         rows.append(("End to end through Envoy: \u2265 PyTriton (Redis + model) at p99 \u2264 25 ms",
                      f"not measured: {e2e.get('note') or e2e.get('status') or 'not run'}", _verdict(None)))  # fmt: skip
@@ -168,7 +172,9 @@ def targets(doc: Doc) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _e2e_rows(doc: dict[str, Any], key: str, who: str, title: str) -> list[tuple[str, str, str]]:
+def _e2e_rows(
+    doc: dict[str, Any], key: str, who: str, title: str, via: str = "through Envoy"
+) -> list[tuple[str, str, str]]:
     """The end-to-end target rows of the e2e points `key` (ours, or the node), `who` naming them."""
     rows = []
     ours_e2e = _best(doc, "e2e", key)
@@ -180,7 +186,7 @@ def _e2e_rows(doc: dict[str, Any], key: str, who: str, title: str) -> list[tuple
     tri_redis = _best(doc, "e2e", "pytriton-redis")
     r = stats.ratio(_med(ours_e2e, "rps") or 0.0, _med(tri_redis, "rps")) if ours_any else None
     rows.append((
-        "End to end through Envoy (auth, rate limit, features, model, log record), p99 \u2264 25 ms: "
+        f"End to end {via} (auth, rate limit, features, model, log record), p99 \u2264 25 ms: "
         f"\u2265 PyTriton doing only the Redis lookup and the model{title}",
         f"{who} {_describe(ours_e2e_or_any)}{ours_note} vs PyTriton + Redis {_describe(tri_redis)}: "
         f"{_x(stats.ratio(_med(ours_e2e_or_any, 'rps'), _med(tri_redis, 'rps')))}",
@@ -276,7 +282,7 @@ def ratios(doc: Doc) -> list[str]:
         rows = []
         for c in sorted({(p.get("params") or {}).get("concurrency") for p in [*points(doc, "e2e"), *points(doc, "peers")]} - {None}):  # fmt: skip
             cells = {k: stats.at_param(points(doc, "e2e", k), concurrency=c)
-                     for k in ("e2e-grpc", "e2e-json", "e2e-grpc-node", "envoy-echo-grpc", "envoy-echo-json", "pytriton-redis", "litserve-redis")}  # fmt: skip
+                     for k in ("e2e-grpc", "e2e-json", "e2e-grpc-node", "direct-grpc-node", "envoy-echo-grpc", "envoy-echo-json", "pytriton-redis", "litserve-redis")}  # fmt: skip
             cells.update({k: stats.at_param(points(doc, "peers", k), concurrency=c)
                           for k in ("ray-redis", "ray-direct-redis", "bentoml-redis")})  # fmt: skip
             rows.append([str(c)] + [f"{_f(_med(p, 'rps'), 0)} / {_f(_med(p, 'p99_ms'))}" for p in cells.values()] + [
@@ -286,7 +292,7 @@ def ratios(doc: Doc) -> list[str]:
             "### End to end: ours / Envoy + echo, ours / PyTriton + Redis (req/s / p99 ms, same concurrency)",
             "",
         ]
-        out += _table(["c", "ours gRPC", "ours JSON", "node gRPC", "Envoy\u2192echo gRPC", "Envoy\u2192echo JSON", "PyTriton + Redis",
+        out += _table(["c", "ours gRPC", "ours JSON", "node gRPC", "node direct gRPC", "Envoy\u2192echo gRPC", "Envoy\u2192echo JSON", "PyTriton + Redis",
                        "LitServe + Redis", "Ray Serve (proxy) + Redis", "Ray Serve (direct ingress) + Redis",
                        "BentoML + Redis", "ours / limit (gRPC)", "ours / PyTriton+Redis"], rows)  # fmt: skip
         out.append("")

@@ -72,6 +72,7 @@ from stack.services import INPUT_LAYOUTS
 
 PREDICT = "infergrid.gateway.v1.PredictionService/Predict"
 BASELINE_ENV = "INFERGRID_BENCH_E2E_BASELINE"
+NODE_TRANSPORTS_ENV = "INFERGRID_BENCH_E2E_NODE_TRANSPORTS"
 FLAME_ENV = "INFERGRID_BENCH_E2E_FLAME"
 TRACE_PERCENT = 1.0  # production-like: Envoy's random_sampling in deploy/k8s
 REQUEST_FEATURES = {"amount": 250.0, "hour_of_day": 3.0, "is_weekend": 1.0, "channel_online": 1.0,
@@ -350,17 +351,27 @@ def body(run: Run, suite: Suite) -> None:
 
     # The node (services/node): features, inference and the gateway in one process, on the same backends,
     # the same demo views (the same keyspace and cache) and the same model; measured in turn like a baseline.
-    node_port, node_metrics = free_port(), free_port()
-    node_env = {**features_suite.ours_env(run, free_port(), cache=True, redis_url=redis.url,
-                                          cassandra_port=cassandra.port),
-                **inference_suite.ours_env(free_port(), batch_repo),
-                **env, "INFERGRID_GATEWAY_PORT": str(node_port), "INFERGRID_GATEWAY_METRICS_PORT": str(node_metrics),
-                "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(work / "spool-node")}  # fmt: skip
-    node = run.procs.start("e2e-node", [sys.executable, "-m", "services.node"], env=node_env, cpus=cpus)
-    wait_grpc_serving(node, node_port, timeout=120)
-    chain.servers.append(node)
-    gateways.append(("-node", node_port, node_metrics, node))
-    suite.extra["gateway-node"] = "services.node: features, inference and the gateway in one process"
+    # INFERGRID_BENCH_E2E_NODE_TRANSPORTS (e.g. "aio,threaded"): one node per gateway transport, keys
+    # `...-node-<transport>`; unset, one node on its default transport, keys `...-node`.
+    transports = [t.strip() for t in os.environ.get(NODE_TRANSPORTS_ENV, "").split(",") if t.strip()] or [""]
+    node_envs: dict[str, dict[str, str]] = {}
+    for transport in transports:
+        suffix = f"-node-{transport}" if transport else "-node"
+        node_port, node_metrics = free_port(), free_port()
+        node_env = {**features_suite.ours_env(run, free_port(), cache=True, redis_url=redis.url,
+                                              cassandra_port=cassandra.port),
+                    **inference_suite.ours_env(free_port(), batch_repo),
+                    **env, "INFERGRID_GATEWAY_PORT": str(node_port), "INFERGRID_GATEWAY_METRICS_PORT": str(node_metrics),
+                    "INFERGRID_GATEWAY_INFERENCE_LOG_SPOOL_DIR": str(work / f"spool{suffix}"),
+                    **({"INFERGRID_GATEWAY_TRANSPORT": transport} if transport else {})}  # fmt: skip
+        node = run.procs.start(
+            f"e2e{suffix}", [sys.executable, "-m", "services.node"], env=node_env, cpus=cpus
+        )
+        wait_grpc_serving(node, node_port, timeout=120)
+        chain.servers.append(node)
+        gateways.append((suffix, node_port, node_metrics, node))
+        node_envs[suffix] = node_env
+        suite.extra[f"gateway{suffix}"] = "services.node: features, inference and the gateway in one process"
 
     cp_port = run.backends.config.port("controlplane")
     controlplane = run.procs.start("e2e-controlplane", [sys.executable, "-m", "services.controlplane"], cpus=cpus,
@@ -485,6 +496,26 @@ def body(run: Run, suite: Suite) -> None:
             svg = flame_graph(server, run.out_dir / f"flame-gateway{suffix}.svg", load)
             if svg:
                 suite.extra[f"flame_graph{suffix}"] = svg.name
+    # The node without Envoy, as the peers are measured: h2load straight at its gateway port, which checks
+    # the API key and rate limits itself (admission in the gateway), on the same core.
+    for suffix, port, *_ in gateways:
+        if suffix.startswith("-node"):
+            direct = f"http://127.0.0.1:{port}/{PREDICT}"
+            direct_frame = h2.response_bytes(
+                url=direct, body_file=body_file, extra_headers=[f"x-api-key: {key}"]
+            )
+            for c in s.e2e_concurrency:
+
+                def direct_rep(duration: float, i: int, c: int = c, direct: str = direct,
+                               direct_frame: int = direct_frame) -> dict[str, Any]:  # fmt: skip
+                    return with_breakdown(chain, lambda: h2.run(
+                        url=direct, body_file=body_file, concurrency=c, duration_s=duration,
+                        response_frame_bytes=direct_frame, log_file=work / "h2load.log", server_cpu=chain.cpu,
+                        extra_headers=[f"x-api-key: {key}"]))  # fmt: skip
+
+                run.measure(suite, system=f"InferGrid Predict, {suffix[1:]} direct (gRPC, no Envoy)",
+                            key=f"direct-grpc{suffix}", protocol="gRPC", tool="h2load", params={"concurrency": c},
+                            rep=direct_rep)  # fmt: skip
     if routed != gateway_port:
         route_to(platform, envoy_port, (gateway_port, gateway_metrics), target, key)
     for *_, server in gateways[1:]:  # the baseline is done: free the core
@@ -538,6 +569,28 @@ def body(run: Run, suite: Suite) -> None:
                         rep=lambda d, i, rep=rep: with_breakdown(chain, lambda: rep(d, i)))  # fmt: skip
         run.procs.stop(gw)
         chain.servers.remove(gw)
+    # The node on both cores: two node workers, one pinned per CPU (each a whole node), behind the same Envoy.
+    for suffix, single_env in node_envs.items():
+        both_env = {**single_env, "INFERGRID_GATEWAY_PORT": str(gateway_port),
+                    "INFERGRID_GATEWAY_METRICS_PORT": str(gateway_metrics), "INFERGRID_GATEWAY_WORKERS": "2",
+                    "INFERGRID_GATEWAY_PIN_WORKERS": "true"}  # fmt: skip
+        node = run.procs.start(f"e2e{suffix}-w2", [sys.executable, "-m", "services.node"], env=both_env)
+        wait_grpc_serving(node, gateway_port, timeout=120)
+        chain.servers.append(node)
+        wait_predict(target, key)
+        for c in s.scaling_concurrency:
+
+            def node_rep(duration: float, i: int, c: int = c) -> dict[str, Any]:
+                return h2.run(url=url, body_file=body_file, concurrency=c, duration_s=duration, response_frame_bytes=frame,
+                              log_file=work / "h2load.log", server_cpu=chain.cpu, extra_headers=[f"x-api-key: {key}"],
+                              pin=False, connections=8)  # fmt: skip
+
+            run.measure(scaling, system=f"Predict via Envoy, {suffix[1:]}: 2 workers, one per CPU",
+                        key=f"e2e{suffix}2-pinned", protocol="gRPC", tool="h2load",
+                        params={"concurrency": c, "workers": 2},
+                        rep=lambda d, i, rep=node_rep: with_breakdown(chain, lambda: rep(d, i)))  # fmt: skip
+        run.procs.stop(node)
+        chain.servers.remove(node)
     repin(cpus)
     for pid in run.backends.pids("cassandra", "kafka"):
         set_affinity(pid, backend_cpus)
