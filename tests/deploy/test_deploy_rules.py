@@ -70,6 +70,9 @@ NOT_DEPLOYED = {
     # A page of the local stack over Prometheus' and Jaeger's APIs (HTTP, not gRPC: none of the gRPC
     # probe, HPA and PodMonitor rules fit it); in a cluster the same queries back the operators' dashboards.
     "console": "local-stack operator page",
+    # Features, inference and the gateway in one process: the single-machine profile. In a cluster the three
+    # are deployed apart so that each scales on its own nodes (services/node/README.md, "When to run it").
+    "node": "single-machine profile of features + inference + gateway",
 }
 
 
