@@ -28,11 +28,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from libs.inproc import PREFIX as LOCAL_PREFIX
+
 log = logging.getLogger(__name__)
 
 DNS_PREFIXES = ("dns:///", "dns:")
 FILE_PREFIX = "file:"
-LOCAL_PREFIX = "inproc:"  # libs.inproc.PREFIX
 # getaddrinfo's answers for a name that does not exist (as opposed to a resolver that failed).
 _NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 

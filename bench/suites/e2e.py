@@ -536,8 +536,20 @@ def body(run: Run, suite: Suite) -> None:
     run.procs.stop(gateway)
     chain.servers.remove(gateway)
     repin("0-1")
+
     # Layouts: everything floating over both cores; and each Python process on one core (a threaded
     # worker that floats hands its GIL across cores, which costs CPU: the scaling suite's echo rows).
+    def scaling_rep(c: int) -> Any:
+        """One repetition of a scaling point: h2load over 8 connections, unpinned, with the CPU breakdown."""
+
+        def rep(duration: float, i: int) -> dict[str, Any]:
+            return with_breakdown(chain, lambda: h2.run(
+                url=url, body_file=body_file, concurrency=c, duration_s=duration, response_frame_bytes=frame,
+                log_file=work / "h2load.log", server_cpu=chain.cpu, extra_headers=[f"x-api-key: {key}"], pin=False,
+                connections=8))  # fmt: skip
+
+        return rep
+
     layouts = (
         (1, False, "1 gateway worker (unpinned)", ""),
         (2, False, "2 gateway workers (unpinned)", ""),
@@ -558,15 +570,9 @@ def body(run: Run, suite: Suite) -> None:
                 set_affinity(pid, cpu if pinned else "0-1")
         wait_predict(target, key)
         for c in s.scaling_concurrency:
-
-            def rep(duration: float, i: int, c: int = c) -> dict[str, Any]:
-                return h2.run(url=url, body_file=body_file, concurrency=c, duration_s=duration, response_frame_bytes=frame,
-                              log_file=work / "h2load.log", server_cpu=chain.cpu, extra_headers=[f"x-api-key: {key}"],
-                              pin=False, connections=8)  # fmt: skip
-
             run.measure(scaling, system=f"Predict via Envoy, {label}", key=f"e2e-gw{workers}{suffix}",
                         protocol="gRPC", tool="h2load", params={"concurrency": c, "workers": workers},
-                        rep=lambda d, i, rep=rep: with_breakdown(chain, lambda: rep(d, i)))  # fmt: skip
+                        rep=scaling_rep(c))  # fmt: skip
         run.procs.stop(gw)
         chain.servers.remove(gw)
     # The node on both cores: two node workers, one pinned per CPU (each a whole node), behind the same Envoy.
@@ -579,16 +585,9 @@ def body(run: Run, suite: Suite) -> None:
         chain.servers.append(node)
         wait_predict(target, key)
         for c in s.scaling_concurrency:
-
-            def node_rep(duration: float, i: int, c: int = c) -> dict[str, Any]:
-                return h2.run(url=url, body_file=body_file, concurrency=c, duration_s=duration, response_frame_bytes=frame,
-                              log_file=work / "h2load.log", server_cpu=chain.cpu, extra_headers=[f"x-api-key: {key}"],
-                              pin=False, connections=8)  # fmt: skip
-
             run.measure(scaling, system=f"Predict via Envoy, {suffix[1:]}: 2 workers, one per CPU",
                         key=f"e2e{suffix}2-pinned", protocol="gRPC", tool="h2load",
-                        params={"concurrency": c, "workers": 2},
-                        rep=lambda d, i, rep=node_rep: with_breakdown(chain, lambda: rep(d, i)))  # fmt: skip
+                        params={"concurrency": c, "workers": 2}, rep=scaling_rep(c))  # fmt: skip
         run.procs.stop(node)
         chain.servers.remove(node)
     repin(cpus)

@@ -19,6 +19,13 @@ from libs.server import GrpcService, Server, ServerConfig, build_server, serve
 from libs.telemetry import Telemetry, TelemetryConfig
 
 SERVICE = features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+# The names GetFeatureView fails for, each with the status and details a caller must get.
+FAILURES = [
+    ("invalid", grpc.StatusCode.INVALID_ARGUMENT, "name: must not be 'invalid'"),
+    ("missing", grpc.StatusCode.NOT_FOUND, "feature view 'missing' not found"),
+    ("down", grpc.StatusCode.UNAVAILABLE, "backend down"),
+    ("boom", grpc.StatusCode.INTERNAL, "internal error"),
+]
 
 
 class EchoServicer(features_pb2_grpc.FeatureServiceServicer):

@@ -21,7 +21,7 @@ from libs.errors import status_code_of
 from libs.pool import ChannelPool
 from libs.resilience import DependencyPolicy
 from libs.server import Server, ServerConfig
-from libs.tests.echo_service import SERVICE, build
+from libs.tests.echo_service import FAILURES, SERVICE, build
 
 NAME = "echo-under-test"
 
@@ -65,15 +65,7 @@ async def test_health_is_served_in_process_too(server: Server) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.parametrize(
-    ("name", "code", "details"),
-    [
-        ("invalid", grpc.StatusCode.INVALID_ARGUMENT, "name: must not be 'invalid'"),
-        ("missing", grpc.StatusCode.NOT_FOUND, "feature view 'missing' not found"),
-        ("down", grpc.StatusCode.UNAVAILABLE, "backend down"),
-        ("boom", grpc.StatusCode.INTERNAL, "internal error"),
-    ],
-)
+@pytest.mark.parametrize(("name", "code", "details"), FAILURES)
 async def test_a_failure_reaches_the_caller_as_the_status_a_network_call_gets(
     server: Server, name: str, code: grpc.StatusCode, details: str
 ) -> None:

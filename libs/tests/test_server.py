@@ -28,7 +28,7 @@ from libs.testing import (
     stop_process,
     wait_serving,
 )
-from libs.tests.echo_service import SERVICE, build
+from libs.tests.echo_service import FAILURES, SERVICE, build
 
 
 @pytest.fixture(params=["aio", "threaded"])
@@ -51,15 +51,7 @@ async def _code_of(stub: features_pb2_grpc.FeatureServiceStub, name: str) -> tup
     return err.value.code(), err.value.details() or ""
 
 
-@pytest.mark.parametrize(
-    ("name", "code", "message"),
-    [
-        ("invalid", grpc.StatusCode.INVALID_ARGUMENT, "name: must not be 'invalid'"),
-        ("missing", grpc.StatusCode.NOT_FOUND, "feature view 'missing' not found"),
-        ("down", grpc.StatusCode.UNAVAILABLE, "backend down"),
-        ("boom", grpc.StatusCode.INTERNAL, "internal error"),
-    ],
-)
+@pytest.mark.parametrize(("name", "code", "message"), FAILURES)
 async def test_typed_errors_become_statuses(echo: tuple[Server, object], name: str, code, message) -> None:  # type: ignore[no-untyped-def]
     _, stub = echo
     got_code, details = await _code_of(stub, name)  # type: ignore[arg-type]

@@ -335,16 +335,23 @@ BAD_INPUT = [
 ]  # fmt: skip
 
 
+async def check_bad_input(
+    gateway: gateway_pb2_grpc.PredictionServiceStub, mutate: object, code: grpc.StatusCode, text: str
+) -> None:
+    """A `BAD_INPUT` request gets `code` with details naming `text`, and the next good one is answered."""
+    request = _request(1)
+    mutate(request)  # type: ignore[operator]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gateway.Predict(request, timeout=10)
+    assert info.value.code() == code and text in (info.value.details() or ""), info.value.details()
+    assert (await gateway.Predict(_request(1), timeout=10)).outputs
+
+
 @pytest.mark.parametrize(("mutate", "code", "text"), BAD_INPUT)
 async def test_bad_input_gets_a_status_naming_the_problem_and_never_crashes(
     env: Env, mutate: object, code: grpc.StatusCode, text: str
 ) -> None:
-    request = _request(1)
-    mutate(request)  # type: ignore[operator]
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await env.gateway.Predict(request, timeout=10)
-    assert info.value.code() == code and text in (info.value.details() or ""), info.value.details()
-    assert (await env.gateway.Predict(_request(1), timeout=10)).outputs
+    await check_bad_input(env.gateway, mutate, code, text)
 
 
 async def test_the_response_cache_on_real_redis_answers_repeats(env: Env, redis_server: Redis) -> None:

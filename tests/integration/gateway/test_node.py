@@ -33,7 +33,14 @@ from stack.cassandra import admin_env as cassandra_admin_env
 from stack.kafka import Kafka, credential_env
 from stack.redis import Redis
 from stack.services import INPUT_LAYOUTS
-from tests.integration.gateway.test_gateway_stack import BAD_INPUT, COUNTS, Process, _consume, _request
+from tests.integration.gateway.test_gateway_stack import (
+    BAD_INPUT,
+    COUNTS,
+    Process,
+    _consume,
+    _request,
+    check_bad_input,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -166,12 +173,7 @@ def _metrics(port: int) -> str:
 async def test_bad_input_gets_a_status_naming_the_problem_and_never_crashes_the_node(
     node: Node, mutate: object, code: grpc.StatusCode, text: str
 ) -> None:
-    request = _request(1)
-    mutate(request)  # type: ignore[operator]
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await node.gateway.Predict(request, timeout=10)
-    assert info.value.code() == code and text in (info.value.details() or ""), info.value.details()
-    assert (await node.gateway.Predict(_request(1), timeout=10)).outputs
+    await check_bad_input(node.gateway, mutate, code, text)
 
 
 async def test_every_answered_prediction_has_its_record_on_kafka(node: Node) -> None:
